@@ -1,0 +1,24 @@
+# The Cython layer over ggml, shared by the extension modules of llama_dsv4 (graph builders cimport it).
+cimport ggml as g
+
+
+cdef class Backends:
+    cdef g.ggml_backend_t * backends
+    cdef g.ggml_backend_dev_t * devs
+    cdef int n
+    cdef int n_threads
+    cdef g.ggml_backend_dev_t primary_dev(self)
+
+
+cdef class WeightMap:
+    cdef g.ggml_context * ctx
+    cdef g.ggml_backend_buffer_t * bufs
+    cdef int n_bufs
+    cdef list _views
+    cdef dict _index
+    cdef list _names
+    cdef g.ggml_tensor ** _tensors
+    cdef readonly bint zero_copy
+    cdef readonly str device
+    cdef g.ggml_tensor * get(self, str name) except NULL
+    cdef _place(self, tensors, Backends backends)

@@ -1,0 +1,534 @@
+# cython: language_level=3, boundscheck=False, cdivision=True
+"""The Cython layer over ggml: devices and backends (through ggml's registry, so the same extension runs on
+CPU, CUDA and Metal builds of libggml), model weights mapped zero-copy from GGUF files, quantization, and a
+small op-graph runner used to check our kernels against numpy.
+
+Everything that comes from a file is checked here again before ggml sees it (ggml asserts abort the process).
+"""
+import os
+
+import numpy as np
+
+cimport ggml as g
+cimport dsv4_ops as k
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
+from libc.stdio cimport fflush, fputs, stderr
+from libc.stdlib cimport calloc, free
+
+# ---------------------------------------------------------------------------------------------- logging
+
+cdef int _log_threshold = g.GGML_LOG_LEVEL_WARN
+cdef int _log_last = g.GGML_LOG_LEVEL_NONE
+
+cdef void _log_cb(g.ggml_log_level level, const char * text, void * user_data) noexcept nogil:
+    global _log_last
+    cdef int lvl = <int> level
+    if lvl == g.GGML_LOG_LEVEL_CONT:
+        lvl = _log_last
+    else:
+        _log_last = lvl
+    if lvl >= _log_threshold and text != NULL:
+        fputs(text, stderr)
+        fflush(stderr)
+
+_LEVELS = {"debug": g.GGML_LOG_LEVEL_DEBUG, "info": g.GGML_LOG_LEVEL_INFO, "warn": g.GGML_LOG_LEVEL_WARN,
+           "error": g.GGML_LOG_LEVEL_ERROR, "none": 99}
+
+
+def set_log_level(str level):
+    """ggml's own messages at or above `level` (debug, info, warn, error, none) go to stderr."""
+    global _log_threshold
+    if level not in _LEVELS:
+        raise ValueError(f"unknown log level {level!r}; expected one of {sorted(_LEVELS)}")
+    _log_threshold = _LEVELS[level]
+
+
+g.ggml_log_set(_log_cb, NULL)
+set_log_level(os.environ.get("LLAMA_DSV4_GGML_LOG", "warn"))
+
+# ---------------------------------------------------------------------------------------------- types
+
+GGML_TYPE_COUNT = g.GGML_TYPE_COUNT
+
+
+def type_traits(int type_id):
+    """(name, block size, bytes per block, is_quantized) of a ggml type, or None for an unknown/removed id."""
+    if type_id < 0 or type_id >= g.GGML_TYPE_COUNT:
+        return None
+    cdef const g.ggml_type_traits * tr = g.ggml_get_type_traits(<g.ggml_type> type_id)
+    if tr == NULL or tr.blck_size <= 0 or tr.type_size == 0 or tr.type_name == NULL:
+        return None
+    return (tr.type_name.decode(), int(tr.blck_size), int(tr.type_size), bool(tr.is_quantized))
+
+
+cdef const g.ggml_type_traits * _traits(int type_id) except NULL:
+    if type_traits(type_id) is None:
+        raise ValueError(f"unknown ggml type id {type_id}")
+    return g.ggml_get_type_traits(<g.ggml_type> type_id)
+
+
+def quantize(rows, int type_id):
+    """Quantize a 2-D float32 array (rows x n_per_row) to `type_id` with ggml; returns uint8 [rows, row_bytes]."""
+    cdef const g.ggml_type_traits * tr = _traits(type_id)
+    arr = np.ascontiguousarray(rows, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"quantize expects a non-empty 2-D array, got shape {arr.shape}")
+    cdef int64_t nrows = arr.shape[0], n_per_row = arr.shape[1]
+    if n_per_row % tr.blck_size != 0:
+        raise ValueError(f"{tr.type_name.decode()} needs rows that are a multiple of {tr.blck_size}, "
+                         f"got {n_per_row}")
+    if g.ggml_quantize_requires_imatrix(<g.ggml_type> type_id):
+        raise ValueError(f"{tr.type_name.decode()} needs an importance matrix")
+    cdef size_t row_bytes = g.ggml_row_size(<g.ggml_type> type_id, n_per_row)
+    out = np.empty((nrows, row_bytes), dtype=np.uint8)
+    cdef const float[:, ::1] src = arr
+    cdef uint8_t[:, ::1] dst = out
+    cdef size_t written
+    with nogil:
+        written = g.ggml_quantize_chunk(<g.ggml_type> type_id, &src[0, 0], &dst[0, 0], 0, nrows, n_per_row, NULL)
+    if written != nrows * row_bytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {nrows * row_bytes}")
+    return out
+
+
+def dequantize(raw, int type_id, int64_t n):
+    """Convert `n` elements of type `type_id` stored in `raw` (bytes-like) to a float32 vector."""
+    cdef const g.ggml_type_traits * tr = _traits(type_id)
+    if n < 0 or n % tr.blck_size != 0:
+        raise ValueError(f"{n} elements is not a whole number of {tr.type_name.decode()} blocks")
+    cdef const uint8_t[::1] src = np.frombuffer(raw, dtype=np.uint8)
+    cdef size_t need = g.ggml_row_size(<g.ggml_type> type_id, n)
+    if <size_t> src.shape[0] != need:
+        raise ValueError(f"{n} elements of {tr.type_name.decode()} take {need} bytes, got {src.shape[0]}")
+    out = np.empty(n, dtype=np.float32)
+    if n == 0:
+        return out
+    cdef float[::1] dst = out
+    if type_id == g.GGML_TYPE_F32:
+        out[:] = np.frombuffer(raw, dtype=np.float32)
+        return out
+    if tr.to_float == NULL:
+        raise ValueError(f"ggml cannot convert {tr.type_name.decode()} to float")
+    with nogil:
+        tr.to_float(&src[0], &dst[0], n)
+    return out
+
+# ---------------------------------------------------------------------------------------------- devices
+
+
+_DEV_TYPES = {g.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", g.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+              g.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu", g.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel"}
+
+
+def devices():
+    """The devices of this libggml build, from ggml's backend registry."""
+    cdef g.ggml_backend_dev_props props
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        g.ggml_backend_dev_get_props(dev, &props)
+        out.append({
+            "name": props.name.decode() if props.name else "",
+            "description": props.description.decode() if props.description else "",
+            "type": _DEV_TYPES.get(props.type, str(props.type)),
+            "memory_free": int(props.memory_free),
+            "memory_total": int(props.memory_total),
+            "buffer_from_host_ptr": bool(props.caps.buffer_from_host_ptr),
+        })
+    return out
+
+
+cdef g.ggml_backend_dev_t _dev_by_type(g.ggml_backend_dev_type t) noexcept:
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        if g.ggml_backend_dev_kind(dev) == t:
+            return dev
+    return NULL
+
+
+cdef class Backends:
+    """The compute backends of one engine: the chosen device first, the CPU last (the scheduler's fallback).
+
+    device: "auto" (the first GPU if the build has one, else the CPU), "cpu", or a device name from devices().
+    """
+
+    def __cinit__(self, str device="auto", int n_threads=0):
+        cdef g.ggml_backend_dev_t cpu = _dev_by_type(g.GGML_BACKEND_DEVICE_TYPE_CPU)
+        cdef g.ggml_backend_dev_t main = NULL
+        if cpu == NULL:
+            raise RuntimeError("this libggml build has no CPU device")
+        if device == "auto":
+            main = _dev_by_type(g.GGML_BACKEND_DEVICE_TYPE_GPU)
+            if main == NULL:
+                main = _dev_by_type(g.GGML_BACKEND_DEVICE_TYPE_IGPU)
+        elif device != "cpu":
+            names = [d["name"] for d in devices()]
+            if device not in names:
+                raise ValueError(f"unknown device {device!r}; this build has {names}")
+            main = g.ggml_backend_dev_get(names.index(device))
+            if main == cpu:
+                main = NULL
+        self.n = 2 if main != NULL else 1
+        self.backends = <g.ggml_backend_t *> calloc(self.n, sizeof(g.ggml_backend_t))
+        self.devs = <g.ggml_backend_dev_t *> calloc(self.n, sizeof(g.ggml_backend_dev_t))
+        if self.backends == NULL or self.devs == NULL:
+            raise MemoryError()
+        if main != NULL:
+            self.devs[0] = main
+        self.devs[self.n - 1] = cpu
+        for i in range(self.n):
+            self.backends[i] = g.ggml_backend_dev_init(self.devs[i], NULL)
+            if self.backends[i] == NULL:
+                raise RuntimeError(f"ggml could not start the backend of device "
+                                   f"{g.ggml_backend_dev_name(self.devs[i]).decode()}")
+        self.set_threads(n_threads if n_threads > 0 else (os.cpu_count() or 1))
+
+    def __dealloc__(self):
+        if self.backends != NULL:
+            for i in range(self.n):
+                if self.backends[i] != NULL:
+                    g.ggml_backend_free(self.backends[i])
+            free(self.backends)
+        free(self.devs)
+
+    def set_threads(self, int n_threads):
+        """Set the thread count of every backend that has one (CPU, BLAS), through the registry."""
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        cdef g.ggml_backend_set_n_threads_t fn
+        for i in range(self.n):
+            reg = g.ggml_backend_dev_backend_reg(self.devs[i])
+            fn = <g.ggml_backend_set_n_threads_t> g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
+            if fn != NULL:
+                fn(self.backends[i], n_threads)
+        self.n_threads = n_threads
+
+    cdef g.ggml_backend_dev_t primary_dev(self):
+        return self.devs[0]
+
+    @property
+    def names(self):
+        return [g.ggml_backend_name(self.backends[i]).decode() for i in range(self.n)]
+
+    @property
+    def threads(self):
+        return self.n_threads
+
+
+_default_backends = None
+
+
+def default_backends():
+    """A process-wide CPU Backends object for small computations (tests, tools)."""
+    global _default_backends
+    if _default_backends is None:
+        _default_backends = Backends("cpu")
+    return _default_backends
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+cdef class WeightMap:
+    """Model tensors as ggml tensors whose data are the bytes of memory-mapped GGUF shards.
+
+    shards:  one object per file exporting a read-only buffer of the whole file (an mmap.mmap).
+    tensors: (name, ggml type id, ne tuple in ggml order, shard index, absolute byte offset, nbytes).
+
+    On the CPU (and on devices that can wrap host memory) the tensors point into the mapping: nothing is
+    copied, pages are read on first use. Other devices get a device buffer and a copy of each tensor.
+    """
+
+    def __cinit__(self, shards, tensors, Backends backends=None):
+        self._views = []
+        self._index = {}
+        self._names = []
+        cdef const uint8_t[::1] mv
+        for s in shards:
+            mv = s
+            if mv.shape[0] == 0:
+                raise ValueError("cannot map an empty file")
+            self._views.append(mv)
+        cdef size_t n_t = len(tensors)
+        self._tensors = <g.ggml_tensor **> calloc(max(n_t, 1), sizeof(g.ggml_tensor *))
+        if self._tensors == NULL:
+            raise MemoryError()
+        cdef g.ggml_init_params ip
+        ip.mem_size = (n_t + 1) * g.ggml_tensor_overhead()
+        ip.mem_buffer = NULL
+        ip.no_alloc = True
+        self.ctx = g.ggml_init(ip)
+        if self.ctx == NULL:
+            raise MemoryError("ggml_init failed")
+        cdef int64_t ne[4]
+        cdef const g.ggml_type_traits * tr
+        cdef g.ggml_tensor * t
+        for i, (name, type_id, shape, shard, offset, nbytes) in enumerate(tensors):
+            bname = name.encode()
+            if not 0 < len(bname) < g.GGML_MAX_NAME:
+                raise ValueError(f"tensor name {name!r} is empty or longer than {g.GGML_MAX_NAME - 1} bytes")
+            if name in self._index:
+                raise ValueError(f"duplicate tensor {name!r}")
+            tr = _traits(type_id)
+            if not 1 <= len(shape) <= 4 or any(d <= 0 for d in shape):
+                raise ValueError(f"tensor {name!r}: bad shape {shape}")
+            if shape[0] % tr.blck_size:
+                raise ValueError(f"tensor {name!r}: ne0={shape[0]} is not a multiple of {tr.blck_size}")
+            if not 0 <= shard < len(self._views):
+                raise ValueError(f"tensor {name!r}: shard {shard} does not exist")
+            for d in range(4):
+                ne[d] = shape[d] if d < len(shape) else 1
+            t = g.ggml_new_tensor(self.ctx, <g.ggml_type> type_id, len(shape), ne)
+            if t == NULL:
+                raise MemoryError()
+            g.ggml_set_name(t, bname)
+            if g.ggml_nbytes(t) != <size_t> nbytes:
+                raise ValueError(f"tensor {name!r}: {nbytes} bytes given, its shape and type need {g.ggml_nbytes(t)}")
+            if offset < 0 or offset + nbytes > self._views[shard].shape[0]:
+                raise ValueError(f"tensor {name!r}: data [{offset}, {offset + nbytes}) lies outside its file")
+            self._tensors[i] = t
+            self._index[name] = i
+            self._names.append(name)
+        self._place(tensors, backends or default_backends())
+
+    cdef _place(self, tensors, Backends backends):
+        cdef g.ggml_backend_dev_t dev = backends.primary_dev()
+        cdef g.ggml_backend_dev_props props
+        g.ggml_backend_dev_get_props(dev, &props)
+        self.device = g.ggml_backend_dev_name(dev).decode()
+        cdef const uint8_t[::1] mv
+        cdef const uint8_t * base
+        cdef size_t max_t
+        cdef size_t total = 0
+        cdef size_t off
+        cdef g.ggml_backend_buffer_type_t buft
+        self.zero_copy = props.type == g.GGML_BACKEND_DEVICE_TYPE_CPU or props.caps.buffer_from_host_ptr
+        if self.zero_copy:
+            self.n_bufs = len(self._views)
+            self.bufs = <g.ggml_backend_buffer_t *> calloc(self.n_bufs, sizeof(g.ggml_backend_buffer_t))
+            if self.bufs == NULL:
+                raise MemoryError()
+            for s in range(self.n_bufs):
+                mv = self._views[s]
+                base = &mv[0]
+                max_t = max([nb for (_, _, _, sh, _, nb) in tensors if sh == s], default=1)
+                self.bufs[s] = g.ggml_backend_dev_buffer_from_host_ptr(dev, <void *> base, mv.shape[0], max_t)
+                if self.bufs[s] == NULL:
+                    raise RuntimeError(f"{self.device} could not map the model file into a buffer")
+                g.ggml_backend_buffer_set_usage(self.bufs[s], g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            for i, (_, _, _, shard, offset, _) in enumerate(tensors):
+                mv = self._views[shard]
+                if g.ggml_backend_tensor_alloc(self.bufs[shard], self._tensors[i], <void *> (&mv[0] + <size_t> offset)) != g.GGML_STATUS_SUCCESS:
+                    raise RuntimeError(f"ggml could not place tensor {self._names[i]!r}")
+            return
+        # a device that cannot read host memory: one device buffer, tensors copied in (untested here: no GPU)
+        buft = g.ggml_backend_dev_buffer_type(dev)
+        for (_, _, _, _, _, nb) in tensors:
+            total += (nb + 255) // 256 * 256
+        self.n_bufs = 1
+        self.bufs = <g.ggml_backend_buffer_t *> calloc(1, sizeof(g.ggml_backend_buffer_t))
+        if self.bufs == NULL:
+            raise MemoryError()
+        self.bufs[0] = g.ggml_backend_buft_alloc_buffer(buft, max(total, 1))
+        if self.bufs[0] == NULL:
+            raise MemoryError(f"{self.device} could not allocate {total} bytes for the model weights")
+        g.ggml_backend_buffer_set_usage(self.bufs[0], g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        base = <const uint8_t *> g.ggml_backend_buffer_get_base(self.bufs[0])
+        off = 0
+        for i, (_, _, _, shard, offset, nb) in enumerate(tensors):
+            if g.ggml_backend_tensor_alloc(self.bufs[0], self._tensors[i], <void *> (base + off)) != g.GGML_STATUS_SUCCESS:
+                raise RuntimeError(f"ggml could not place tensor {self._names[i]!r}")
+            mv = self._views[shard]
+            g.ggml_backend_tensor_set(self._tensors[i], &mv[<size_t> offset], 0, <size_t> nb)
+            off += (nb + 255) // 256 * 256
+
+    def __dealloc__(self):
+        if self.bufs != NULL:
+            for i in range(self.n_bufs):
+                if self.bufs[i] != NULL:
+                    g.ggml_backend_buffer_free(self.bufs[i])
+            free(self.bufs)
+        if self.ctx != NULL:
+            g.ggml_free(self.ctx)
+        free(self._tensors)
+
+    def close(self):
+        """Release the ggml tensors and the mapped views (the mmaps can be closed after this)."""
+        if self.bufs != NULL:
+            for i in range(self.n_bufs):
+                if self.bufs[i] != NULL:
+                    g.ggml_backend_buffer_free(self.bufs[i])
+            free(self.bufs)
+            self.bufs = NULL
+        if self.ctx != NULL:
+            g.ggml_free(self.ctx)
+            self.ctx = NULL
+        self._index = {}
+        self._names = []
+        self._views = []
+
+    cdef g.ggml_tensor * get(self, str name) except NULL:
+        i = self._index.get(name)
+        if i is None:
+            raise KeyError(f"no tensor {name!r} in the model")
+        return self._tensors[<int> i]
+
+    def __contains__(self, name):
+        return name in self._index
+
+    def __len__(self):
+        return len(self._names)
+
+    def names(self):
+        return list(self._names)
+
+    def info(self, str name):
+        """(ggml type id, ne tuple, nbytes, data address) of a tensor."""
+        cdef g.ggml_tensor * t = self.get(name)
+        return (<int> t.type, tuple(t.ne[d] for d in range(4)), g.ggml_nbytes(t), <uintptr_t> t.data)
+
+    def raw(self, str name):
+        """The stored bytes of a tensor (a copy)."""
+        cdef g.ggml_tensor * t = self.get(name)
+        out = np.empty(g.ggml_nbytes(t), dtype=np.uint8)
+        cdef uint8_t[::1] dst = out
+        if dst.shape[0]:
+            g.ggml_backend_tensor_get(t, &dst[0], 0, dst.shape[0])
+        return out
+
+    def numpy(self, str name):
+        """A tensor as a numpy array in numpy order (reversed ne): float32 (dequantized) or int32."""
+        cdef g.ggml_tensor * t = self.get(name)
+        shape = tuple(t.ne[d] for d in range(4))
+        while len(shape) > 1 and shape[-1] == 1:
+            shape = shape[:-1]
+        raw = self.raw(name)
+        if t.type == g.GGML_TYPE_I32:
+            return raw.view(np.int32).reshape(shape[::-1])
+        return dequantize(raw, t.type, g.ggml_nelements(t)).reshape(shape[::-1])
+
+# ---------------------------------------------------------------------------------------------- op graphs
+
+
+cdef enum:
+    _MAX_NODES = 256
+
+
+cdef class OpGraph:
+    """A small ggml graph built op by op from Python and computed through the backend scheduler.
+
+    For checking kernels and blocks against numpy; the model's own graphs are built in Cython/C without
+    Python per op.
+    """
+    cdef g.ggml_context * ctx
+    cdef g.ggml_tensor * t[_MAX_NODES]
+    cdef int n_t
+    cdef list inputs
+    cdef Backends be
+
+    def __cinit__(self, Backends backends=None):
+        cdef g.ggml_init_params ip
+        ip.mem_size = _MAX_NODES * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(4 * _MAX_NODES, False)
+        ip.mem_buffer = NULL
+        ip.no_alloc = True
+        self.ctx = g.ggml_init(ip)
+        if self.ctx == NULL:
+            raise MemoryError()
+        self.n_t = 0
+        self.inputs = []
+        self.be = backends or default_backends()
+
+    def __dealloc__(self):
+        if self.ctx != NULL:
+            g.ggml_free(self.ctx)
+
+    cdef int _add(self, g.ggml_tensor * t) except -1:
+        if t == NULL:
+            raise ValueError("ggml rejected the shapes of this op")
+        if self.n_t >= _MAX_NODES:
+            raise ValueError("too many nodes in an OpGraph")
+        self.t[self.n_t] = t
+        self.n_t += 1
+        return self.n_t - 1
+
+    cdef g.ggml_tensor * _get(self, int h) except NULL:
+        if not 0 <= h < self.n_t:
+            raise IndexError(f"no tensor handle {h}")
+        return self.t[h]
+
+    def input(self, arr):
+        """A graph input holding `arr` (float32 or int32, up to 4-D, numpy order); returns its handle."""
+        a = np.ascontiguousarray(arr)
+        if a.dtype == np.float32:
+            typ = g.GGML_TYPE_F32
+        elif a.dtype == np.int32:
+            typ = g.GGML_TYPE_I32
+        else:
+            raise TypeError(f"OpGraph inputs are float32 or int32, got {a.dtype}")
+        if not 1 <= a.ndim <= 4 or a.size == 0:
+            raise ValueError(f"OpGraph inputs are 1-D to 4-D and non-empty, got shape {a.shape}")
+        cdef int64_t ne[4]
+        for d in range(4):
+            ne[d] = a.shape[a.ndim - 1 - d] if d < a.ndim else 1
+        h = self._add(g.ggml_new_tensor(self.ctx, <g.ggml_type> typ, a.ndim, ne))
+        g.ggml_set_input(self.t[h])
+        self.inputs.append((h, a))
+        return h
+
+    def swiglu_clamp(self, int gate, int up, float limit):
+        return self._add(k.dsv4_swiglu_clamp(self.ctx, self._get(gate), self._get(up), limit))
+
+    def rope_tail(self, int x, int pos, int n_rot, *, int n_ctx_orig=0, float freq_base=10000.0,
+                  float freq_scale=1.0, float ext_factor=0.0, float attn_factor=1.0, float beta_fast=32.0,
+                  float beta_slow=1.0, bint inverse=False):
+        cdef k.dsv4_rope_params p
+        p.n_ctx_orig = n_ctx_orig
+        p.freq_base = freq_base
+        p.freq_scale = freq_scale
+        p.ext_factor = ext_factor
+        p.attn_factor = attn_factor
+        p.beta_fast = beta_fast
+        p.beta_slow = beta_slow
+        if inverse:
+            return self._add(k.dsv4_rope_tail_back(self.ctx, self._get(x), self._get(pos), n_rot, &p))
+        return self._add(k.dsv4_rope_tail(self.ctx, self._get(x), self._get(pos), n_rot, &p))
+
+    def compute(self, outputs):
+        """Compute the graph and return the listed handles as float32/int32 numpy arrays (numpy order)."""
+        cdef g.ggml_cgraph * gf = g.ggml_new_graph_custom(self.ctx, 4 * _MAX_NODES, False)
+        cdef g.ggml_tensor * t
+        for h in outputs:
+            t = self._get(h)
+            g.ggml_set_output(t)
+            g.ggml_build_forward_expand(gf, t)
+        cdef g.ggml_backend_sched_t sched = g.ggml_backend_sched_new(
+            self.be.backends, NULL, self.be.n, 4 * _MAX_NODES, False, True)
+        if sched == NULL:
+            raise RuntimeError("ggml_backend_sched_new failed")
+        cdef const uint8_t[::1] src
+        cdef uint8_t[::1] dst
+        cdef g.ggml_status st
+        try:
+            if not g.ggml_backend_sched_alloc_graph(sched, gf):
+                raise MemoryError("ggml could not allocate the graph")
+            for h, a in self.inputs:
+                src = a.view(np.uint8).reshape(-1)
+                g.ggml_backend_tensor_set(self.t[h], &src[0], 0, src.shape[0])
+            with nogil:
+                st = g.ggml_backend_sched_graph_compute(sched, gf)
+            if st != g.GGML_STATUS_SUCCESS:
+                raise RuntimeError(f"graph compute failed with status {<int> st}")
+            res = []
+            for h in outputs:
+                t = self.t[h]
+                if t.type not in (g.GGML_TYPE_F32, g.GGML_TYPE_I32):
+                    raise TypeError("OpGraph outputs must be F32 or I32")
+                shape = [t.ne[d] for d in range(4)]
+                out = np.empty(shape[::-1], dtype=np.float32 if t.type == g.GGML_TYPE_F32 else np.int32)
+                dst = out.view(np.uint8).reshape(-1)
+                g.ggml_backend_tensor_get(t, &dst[0], 0, dst.shape[0])
+                while out.ndim > 1 and out.shape[0] == 1:
+                    out = out[0]
+                res.append(out)
+            return res
+        finally:
+            g.ggml_backend_sched_free(sched)

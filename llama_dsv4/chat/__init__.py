@@ -1,0 +1,1 @@
+"""Chat formats for DeepSeek V4 (templates live in chat/templates/)."""

@@ -1,0 +1,47 @@
+"""Build of the Cython layer over ggml.
+
+The extension links the ggml shipped by the pinned PyPI package libggml-python (a build and run dependency)
+and finds it at run time through an rpath relative to itself, so it imports with no environment variables.
+"""
+
+import importlib.util
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+
+def libggml_dirs() -> tuple[str, list[str]]:
+    spec = importlib.util.find_spec("libggml")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("libggml-python is not installed in the build environment (see pyproject.toml)")
+    root = next(iter(spec.submodule_search_locations))
+    libs = [d for d in (os.path.join(root, "lib64"), os.path.join(root, "lib")) if os.path.isdir(d)]
+    if not libs:
+        raise RuntimeError(f"no lib64/ or lib/ in {root}")
+    return os.path.join(root, "include"), libs
+
+
+inc, lib_dirs = libggml_dirs()
+here = os.path.dirname(os.path.abspath(__file__))
+# Installed: site-packages/llama_dsv4/_ggml*.so -> site-packages/libggml/{lib64,lib}. The absolute build-time
+# directories come last, for in-place (editable) builds.
+rpaths = ["$ORIGIN/../libggml/lib64", "$ORIGIN/../libggml/lib", *lib_dirs]
+
+ext = Extension(
+    "llama_dsv4._ggml",
+    sources=["llama_dsv4/_ggml.pyx", "kernels/dsv4_ops.c"],
+    include_dirs=[inc, os.path.join(here, "kernels")],
+    library_dirs=lib_dirs,
+    libraries=["ggml", "ggml-base", "ggml-cpu"],
+    runtime_library_dirs=rpaths,
+    extra_compile_args=["-O3", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"],
+)
+
+setup(
+    ext_modules=cythonize(
+        [ext],
+        include_path=[os.path.join(here, "vendor"), os.path.join(here, "kernels"), here],
+        compiler_directives={"language_level": "3"},
+    ),
+)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny deepseek4 files written once per session by our own writer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from llama_dsv4.model.params import DSV4Params
+from llama_dsv4.model.writer import write_model
+
+# A model smaller than the spec's tiny one (every layer kind, hash and biased routing, G = 2), for tests that
+# only need a valid file quickly.
+MICRO = DSV4Params(
+    n_embd=64,
+    n_head=2,
+    head_dim=64,
+    rope_dim=16,
+    q_lora_rank=32,
+    o_group_count=2,
+    o_lora_rank=16,
+    indexer_n_head=1,
+    indexer_head_dim=64,
+    n_expert=4,
+    n_expert_used=2,
+    expert_ff=64,
+)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def micro_path(model_dir: str) -> str:
+    return write_model(os.path.join(model_dir, "micro-f32.gguf"), MICRO, dtype="f32")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(model_dir: str) -> dict[str, str]:
+    """The spec §7.2 tiny model in each dtype variant, small vocabulary."""
+    return {dt: write_model(os.path.join(model_dir, f"tiny-{dt}.gguf"), dtype=dt)[0] for dt in ("f32", "f16", "q8xq5")}

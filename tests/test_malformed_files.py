@@ -1,0 +1,371 @@
+"""Broken and hostile model files: each is rejected before use with a ValueError naming the file and the key or
+tensor at fault (never a crash, never a half-loaded model)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from conftest import MICRO
+
+from llama_dsv4.model.gguf_format import GGMLType, ValueType
+from llama_dsv4.model.gguf_read import read_header
+from llama_dsv4.model.gguf_write import KV, TensorEntry, write_gguf
+from llama_dsv4.model.loader import load_model
+from llama_dsv4.model.writer import write_model
+
+
+def rewrite(
+    src: str,
+    dst: str,
+    *,
+    kv: Callable[[list[KV]], list[KV]] = lambda k: k,
+    tensors: Callable[[list[TensorEntry]], list[TensorEntry]] = lambda t: t,
+    data: Callable[[TensorEntry, np.ndarray], np.ndarray] = lambda e, d: d,
+) -> str:
+    """Copy a valid single-file model with its metadata and/or tensor table edited."""
+    with open(src, "rb") as f:
+        buf = f.read()
+    h = read_header(buf, src)
+    kvs = []
+    for key, value in h.kv.items():
+        t = h.kv_types[key]
+        kvs.append(KV(key, t.type, value, t.elem))
+    entries = tensors([TensorEntry(t.name, t.ne, t.type) for t in h.tensors])
+    infos = {t.name: t for t in h.tensors}
+
+    def payload(e: TensorEntry) -> np.ndarray:
+        t = infos.get(e.name)
+        raw = np.frombuffer(buf, np.uint8, t.nbytes, t.offset) if t else np.zeros(e.nbytes, np.uint8)
+        return data(e, raw)
+
+    write_gguf(dst, kv(kvs), entries, payload)
+    return dst
+
+
+def set_kv(key: str, vtype: ValueType, value: object, elem: ValueType | None = None) -> Callable[[list[KV]], list[KV]]:
+    return lambda kvs: [KV(key, vtype, value, elem) if k.key == key else k for k in kvs]
+
+
+def drop_kv(key: str) -> Callable[[list[KV]], list[KV]]:
+    return lambda kvs: [k for k in kvs if k.key != key]
+
+
+def patch(src: str, dst: str, edit: Callable[[bytearray], None]) -> str:
+    with open(src, "rb") as f:
+        b = bytearray(f.read())
+    edit(b)
+    with open(dst, "wb") as f:
+        f.write(b)
+    return dst
+
+
+def info_pos(b: bytes | bytearray, name: str) -> int:
+    """Byte offset of the n_dims field of tensor `name`'s info record."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    i = bytes(b).index(key)
+    return i + len(key)
+
+
+def field_after_ne(b: bytes | bytearray, name: str) -> int:
+    """Byte offset of the type field of tensor `name` (the offset field follows it)."""
+    p = info_pos(b, name)
+    (n_dims,) = struct.unpack_from("<I", b, p)
+    return p + 4 + 8 * n_dims
+
+
+def bad_cases(micro: str, tmp: str) -> list[tuple[str, str, str]]:
+    """(case id, broken file, a fragment the error message must contain)."""
+    out = []
+    P = lambda name: os.path.join(tmp, name + ".gguf")  # noqa: E731
+    A = "deepseek4."
+
+    def add(case: str, path: str, expect: str) -> None:
+        out.append((case, path, expect))
+
+    # --- container structure (byte patches)
+    add("bad magic", patch(micro, P("magic"), lambda b: b.__setitem__(slice(0, 4), b"GGML")), "not a GGUF file")
+    add("version 1", patch(micro, P("v1"), lambda b: struct.pack_into("<I", b, 4, 1)), "unsupported GGUF version 1")
+    add("big-endian", patch(micro, P("be"), lambda b: struct.pack_into(">I", b, 4, 3)), "big-endian")
+    size = os.path.getsize(micro)
+    add("truncated header", patch(micro, P("trunc_head"), lambda b: b.__delitem__(slice(12000, None))), "truncated")
+    add(
+        "truncated data",
+        patch(micro, P("trunc_data"), lambda b: b.__delitem__(slice(size - 4096, None))),
+        "extends past the end of the file",
+    )
+    add("huge kv count", patch(micro, P("nkv"), lambda b: struct.pack_into("<Q", b, 16, 1 << 40)), "implausible counts")
+    add(
+        "huge string length",
+        patch(micro, P("strlen"), lambda b: struct.pack_into("<Q", b, 24, 1 << 60)),
+        "truncated: key 0",
+    )
+    add(
+        "too many dims",
+        patch(micro, P("ndims"), lambda b: struct.pack_into("<I", b, info_pos(b, "output.weight"), 5)),
+        "'output.weight': 5 dimensions",
+    )
+    add(
+        "unknown ggml type",
+        patch(micro, P("gtype"), lambda b: struct.pack_into("<I", b, field_after_ne(b, "output.weight"), 4)),
+        "'output.weight' has unknown ggml type 4",
+    )
+    add(
+        "misaligned offset",
+        patch(
+            micro,
+            P("misalign"),
+            lambda b: struct.pack_into(
+                "<Q",
+                b,
+                field_after_ne(b, "output.weight") + 4,
+                struct.unpack_from("<Q", b, field_after_ne(b, "output.weight") + 4)[0] + 4,
+            ),
+        ),
+        "not aligned",
+    )
+
+    def overlap(b: bytearray) -> None:
+        off = struct.unpack_from("<Q", b, field_after_ne(b, "blk.0.attn_norm.weight") + 4)[0]
+        struct.pack_into("<Q", b, field_after_ne(b, "blk.1.attn_norm.weight") + 4, off)
+
+    add("overlapping tensors", patch(micro, P("overlap"), overlap), "overlap")
+
+    def dup_name(b: bytearray) -> None:
+        i = bytes(b).index(b"blk.1.attn_norm.weight")
+        b[i : i + 5] = b"blk.0"
+
+    add("duplicate tensor", patch(micro, P("dupname"), dup_name), "duplicate tensor 'blk.0.attn_norm.weight'")
+    add("duplicate key", rewrite(micro, P("dupkey"), kv=lambda k: [*k, k[0]]), "duplicate key 'general.architecture'")
+
+    # --- metadata (rewritten files)
+    add(
+        "wrong architecture",
+        rewrite(micro, P("arch"), kv=set_kv("general.architecture", ValueType.STRING, "llama")),
+        "general.architecture is 'llama'",
+    )
+    add(
+        "missing required key",
+        rewrite(micro, P("nokey"), kv=drop_kv(A + "attention.q_lora_rank")),
+        "'deepseek4.attention.q_lora_rank': required key is missing",
+    )
+    add(
+        "wrong key type",
+        rewrite(micro, P("ktype"), kv=set_kv(A + "expert_count", ValueType.FLOAT32, 4.0)),
+        "'deepseek4.expert_count': expected u32, found float32",
+    )
+    add(
+        "gating func",
+        rewrite(micro, P("gating"), kv=set_kv(A + "expert_gating_func", ValueType.UINT32, 2)),
+        "expert_gating_func: must be 4",
+    )
+    add(
+        "bad compress ratio",
+        rewrite(
+            micro,
+            P("ratio"),
+            kv=set_kv(A + "attention.compress_ratios", ValueType.ARRAY, [0, 4, 64, 4, 128, 0], ValueType.INT32),
+        ),
+        "layer 2 has ratio 64",
+    )
+    add(
+        "short compress ratios",
+        rewrite(
+            micro,
+            P("ratio_len"),
+            kv=set_kv(A + "attention.compress_ratios", ValueType.ARRAY, [0, 4, 128], ValueType.INT32),
+        ),
+        "compress_ratios: has 3 entries, block_count is 6",
+    )
+    add(
+        "hc count",
+        rewrite(micro, P("hc"), kv=set_kv(A + "hyper_connection.count", ValueType.UINT32, 3)),
+        "hyper_connection.count: must be 4",
+    )
+    add(
+        "head_count_kv",
+        rewrite(micro, P("hkv"), kv=set_kv(A + "attention.head_count_kv", ValueType.UINT32, 2)),
+        "head_count_kv': must be 1",
+    )
+    add(
+        "clamp length",
+        rewrite(micro, P("clamp"), kv=set_kv(A + "swiglu_clamp_exp", ValueType.ARRAY, [1.0, 1.0], ValueType.FLOAT32)),
+        "swiglu_clamp_exp': has 2 values",
+    )
+    add(
+        "bos out of vocab",
+        rewrite(micro, P("bos"), kv=set_kv("tokenizer.ggml.bos_token_id", ValueType.UINT32, 9999)),
+        "'tokenizer.ggml.bos_token_id': token id 9999 is outside",
+    )
+    add(
+        "tokenizer model",
+        rewrite(micro, P("tokmodel"), kv=set_kv("tokenizer.ggml.model", ValueType.STRING, "bert")),
+        "'bert' is not supported",
+    )
+    add(
+        "token types length",
+        rewrite(
+            micro, P("toktype"), kv=set_kv("tokenizer.ggml.token_type", ValueType.ARRAY, [1, 1, 1], ValueType.INT32)
+        ),
+        "has 3 entries for 512 tokens",
+    )
+    add(
+        "chat template type",
+        rewrite(micro, P("tmpl"), kv=set_kv("tokenizer.chat_template", ValueType.UINT32, 7)),
+        "'tokenizer.chat_template' must be a string",
+    )
+
+    # --- tensor table
+    add(
+        "missing tensor",
+        rewrite(micro, P("notensor"), tensors=lambda ts: [t for t in ts if t.name != "blk.3.ffn_norm.weight"]),
+        "tensor 'blk.3.ffn_norm.weight' is missing",
+    )
+    add(
+        "extra tensor",
+        rewrite(micro, P("extra"), tensors=lambda ts: [*ts, TensorEntry("blk.0.exp_probs_b.bias", (4,), 0)]),
+        "unexpected tensor 'blk.0.exp_probs_b.bias'",
+    )
+    add(
+        "wrong shape",
+        rewrite(
+            micro,
+            P("shape"),
+            tensors=lambda ts: [
+                TensorEntry(t.name, (32, 64), t.type) if t.name == "blk.2.attn_q_a.weight" else t for t in ts
+            ],
+        ),
+        "'blk.2.attn_q_a.weight' has shape [32, 64], the parameters need [64, 32]",
+    )
+    add(
+        "norm stored as f16",
+        rewrite(
+            micro,
+            P("normf16"),
+            tensors=lambda ts: [
+                TensorEntry(t.name, t.ne, GGMLType.F16) if t.name == "output_norm.weight" else t for t in ts
+            ],
+            data=lambda e, d: d.view(np.float32).astype(np.float16) if e.name == "output_norm.weight" else d,
+        ),
+        "'output_norm.weight' has type f16, not valid",
+    )
+    add(
+        "tid2eid out of range",
+        rewrite(micro, P("tid2eid"), data=lambda e, d: np.full(d.size // 4, 7, np.int32) if "tid2eid" in e.name else d),
+        "'blk.0.ffn_gate_tid2eid.weight' holds expert id 7 outside [0, 4)",
+    )
+    add(
+        "tid2eid as float",
+        rewrite(
+            micro,
+            P("tid2eid_f"),
+            tensors=lambda ts: [TensorEntry(t.name, t.ne, GGMLType.F32) if "tid2eid" in t.name else t for t in ts],
+        ),
+        "'blk.0.ffn_gate_tid2eid.weight' has type f32",
+    )
+    add("empty file", patch(micro, P("empty"), lambda b: b.clear()), "the file is empty")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases(micro_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    tmp = str(tmp_path_factory.mktemp("bad"))
+    return {c: (p, e) for c, p, e in bad_cases(micro_path, tmp)}
+
+
+def test_there_are_many_distinct_cases(cases: dict[str, tuple[str, str]]) -> None:
+    assert len(cases) >= 30
+
+
+def test_the_valid_file_loads(micro_path: str) -> None:
+    with load_model(micro_path) as m:
+        assert len(m.tensors) == 178
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad magic",
+        "version 1",
+        "big-endian",
+        "truncated header",
+        "truncated data",
+        "huge kv count",
+        "huge string length",
+        "too many dims",
+        "unknown ggml type",
+        "misaligned offset",
+        "overlapping tensors",
+        "duplicate tensor",
+        "duplicate key",
+        "wrong architecture",
+        "missing required key",
+        "wrong key type",
+        "gating func",
+        "bad compress ratio",
+        "short compress ratios",
+        "hc count",
+        "head_count_kv",
+        "clamp length",
+        "bos out of vocab",
+        "tokenizer model",
+        "token types length",
+        "chat template type",
+        "missing tensor",
+        "extra tensor",
+        "wrong shape",
+        "norm stored as f16",
+        "tid2eid out of range",
+        "tid2eid as float",
+        "empty file",
+    ],
+)
+def test_rejected_with_a_clear_error(cases: dict[str, tuple[str, str]], case: str) -> None:
+    path, expect = cases[case]
+    with pytest.raises(ValueError) as e:
+        load_model(path)
+    msg = str(e.value)
+    assert path in msg, msg  # names the file
+    assert expect in msg, msg  # and what is wrong with it
+
+
+def test_missing_file_and_directory(tmp_path: os.PathLike[str]) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(os.path.join(tmp_path, "nope.gguf"))
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_model(tmp_path)
+
+
+def test_split_sets(model_dir: str, tmp_path: os.PathLike[str]) -> None:
+    paths = write_model(os.path.join(model_dir, "micro-split.gguf"), MICRO, n_shards=3)
+    d = str(tmp_path)
+    # a missing shard
+    for p in paths[:2]:
+        shutil.copy(p, d)
+    with pytest.raises(ValueError, match=r"split set incomplete, shard .*-00003-of-00003.gguf is missing"):
+        load_model(os.path.join(d, os.path.basename(paths[0])))
+    # a shard of another set in its place: its split keys disagree with its name
+    other = write_model(os.path.join(d, "other.gguf"), MICRO, n_shards=2)
+    shutil.copy(other[1], os.path.join(d, os.path.basename(paths[2])))
+    with pytest.raises(ValueError, match=r"split keys say shard 1 of 2, but the file name says shard 2 of 3"):
+        load_model(os.path.join(d, os.path.basename(paths[0])))
+    # a shard renamed to a plain name
+    plain = os.path.join(d, "plain.gguf")
+    shutil.copy(paths[1], plain)
+    with pytest.raises(ValueError, match="this file is shard 1 of a 3-file split set"):
+        load_model(plain)
+    # an impossible shard name
+    with pytest.raises(ValueError, match="impossible"):
+        load_model(os.path.join(d, "x-00004-of-00003.gguf"))
+
+
+def test_failed_load_leaves_nothing_open(cases: dict[str, tuple[str, str]]) -> None:
+    """A rejected file's mappings are closed: the file can be removed and replaced at once."""
+    path, _ = cases["tid2eid out of range"]
+    with pytest.raises(ValueError):
+        load_model(path)
+    os.remove(path)
