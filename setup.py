@@ -28,19 +28,30 @@ here = os.path.dirname(os.path.abspath(__file__))
 # directories come last, for in-place (editable) builds.
 rpaths = ["$ORIGIN/../libggml/lib64", "$ORIGIN/../libggml/lib", *lib_dirs]
 
-ext = Extension(
-    "llama_dsv4._ggml",
-    sources=["llama_dsv4/_ggml.pyx", "kernels/dsv4_ops.c"],
-    include_dirs=[inc, os.path.join(here, "kernels")],
-    library_dirs=lib_dirs,
-    libraries=["ggml", "ggml-base", "ggml-cpu"],
-    runtime_library_dirs=rpaths,
-    extra_compile_args=["-O3", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"],
-)
+KERNELS = ["kernels/dsv4_ops.c", "kernels/dsv4_topk.c"]
+
+
+def extension(name: str, pyx: str) -> Extension:
+    return Extension(
+        name,
+        sources=[pyx, *KERNELS],
+        include_dirs=[inc, os.path.join(here, "kernels")],
+        library_dirs=lib_dirs,
+        libraries=["ggml", "ggml-base", "ggml-cpu"],
+        runtime_library_dirs=rpaths,
+        extra_compile_args=["-O3", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"],
+    )
+
+
+exts = [
+    extension("llama_dsv4._ggml", "llama_dsv4/_ggml.pyx"),
+    extension("llama_dsv4.engine.graph", "llama_dsv4/engine/graph.pyx"),
+    extension("llama_dsv4.engine.context", "llama_dsv4/engine/context.pyx"),
+]
 
 setup(
     ext_modules=cythonize(
-        [ext],
+        exts,
         include_path=[os.path.join(here, "vendor"), os.path.join(here, "kernels"), here],
         compiler_directives={"language_level": "3"},
     ),

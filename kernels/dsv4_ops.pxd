@@ -16,3 +16,7 @@ cdef extern from "dsv4_ops.h" nogil:
                                  const dsv4_rope_params * p)
     ggml_tensor * dsv4_rope_tail_back(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, int n_rot,
                                       const dsv4_rope_params * p)
+
+cdef extern from "dsv4_topk.h" nogil:
+    ggml_tensor * dsv4_top_k(ggml_context * ctx, ggml_tensor * a, int k)
+    void dsv4_top_k_row(const float * x, int n, int k, int * out)

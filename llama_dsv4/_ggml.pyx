@@ -492,6 +492,10 @@ cdef class OpGraph:
             return self._add(k.dsv4_rope_tail_back(self.ctx, self._get(x), self._get(pos), n_rot, &p))
         return self._add(k.dsv4_rope_tail(self.ctx, self._get(x), self._get(pos), n_rot, &p))
 
+    def top_k(self, int a, int n_top):
+        """Indices [n_top, rows] of the largest entries of each row (ties broken as the reference's CPU top-k)."""
+        return self._add(k.dsv4_top_k(self.ctx, self._get(a), n_top))
+
     def compute(self, outputs):
         """Compute the graph and return the listed handles as float32/int32 numpy arrays (numpy order)."""
         cdef g.ggml_cgraph * gf = g.ggml_new_graph_custom(self.ctx, 4 * _MAX_NODES, False)

@@ -1,7 +1,7 @@
 """`llama-dsv4`: the command-line entry point.
 
-Today it opens a model (the embedded demo model when none is given), validates and maps it, and prints what it
-holds; text generation arrives with the forward pass.
+Today it opens a model (the embedded demo model when none is given), validates and maps it, prints what it holds,
+and decodes a few tokens greedily from the BOS token (ids; text needs the tokenizer, which comes with the API).
 """
 
 from __future__ import annotations
@@ -13,10 +13,27 @@ import time
 
 from . import __version__, _ggml
 from .demo import DEMO_NAME, demo_model_path
-from .model.loader import load_model
+from .engine.context import Context
+from .model.loader import ModelFile, load_model
 
 
-def _summary(path: str, device: str, threads: int) -> str:
+def _decode(model: ModelFile, backends: _ggml.Backends, n: int) -> str:
+    v = model.vocab
+    start = v.bos_id if v is not None and v.bos_id is not None else 0
+    ctx = Context(model, n + 1, n_ubatch=64, backends=backends)
+    last = ctx.eval([start])[0]
+    ids = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        ids.append(int(last.argmax()))
+        last = ctx.eval([ids[-1]])[0]
+    dt = time.perf_counter() - t0
+    state = ctx.state_bytes
+    del ctx
+    return f"greedy      {ids} ({n / dt:.1f} tokens/s; context state {state / 2**10:.0f} KiB)"
+
+
+def _summary(path: str, device: str, threads: int, n_predict: int) -> str:
     t0 = time.perf_counter()
     model = load_model(path)
     backends = _ggml.Backends(device, threads)
@@ -47,6 +64,9 @@ def _summary(path: str, device: str, threads: int) -> str:
     ]
     if name == DEMO_NAME:
         lines.insert(0, "NOTE: the embedded demo model has RANDOM weights; pass -m MODEL.gguf for a real model.")
+    if n_predict > 0:
+        lines.append(_decode(model, backends, n_predict))
+    del weights
     model.close()
     return "\n".join(lines)
 
@@ -56,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-m", "--model", help="a GGUF file or any shard of a split set (default: the embedded demo model)")
     ap.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all cores)")
     ap.add_argument("--device", default="auto", help="ggml device: auto, cpu, or a name from --list-devices")
+    ap.add_argument("-n", "--n-predict", type=int, default=16, help="tokens to decode greedily (0: only load)")
     ap.add_argument("--list-devices", action="store_true", help="list the devices of this libggml build and exit")
     ap.add_argument("--version", action="version", version=f"llama-dsv4 {__version__}")
     args = ap.parse_args(argv)
@@ -65,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         path = args.model or demo_model_path()
-        print(_summary(path, args.device, args.threads))
+        print(_summary(path, args.device, args.threads, args.n_predict))
     except ValueError as e:
         print(f"llama-dsv4: error: {e}", file=sys.stderr)
         return 1

@@ -161,3 +161,27 @@ def test_rope_tail_rejects_bad_shapes() -> None:
         g.rope_tail(x, g.input(np.zeros(3, np.int32)), 16)  # wrong position count
     with pytest.raises(ValueError, match="rejected"):
         g.rope_tail(x, g.input(np.zeros(2, np.int32)), 128)  # more than the head
+
+
+def test_top_k_selects_the_largest_and_breaks_ties_like_the_reference() -> None:
+    from numpy_dsv4 import heap_top_k
+
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((40, 300)).astype(np.float32)
+    rows[::3] = np.maximum(rows[::3], 0)  # relu-like rows: many exact ties at zero
+    rows[1::5, 7:] = -np.inf  # masked entries, as the indexer's invisible blocks
+    for k in (1, 4, 7, 64):
+        g = _ggml.OpGraph()
+        (idx,) = g.compute([g.top_k(g.input(rows), k)])
+        idx = idx.reshape(40, k)
+        for r, row in enumerate(rows):
+            got = set(idx[r].tolist())
+            assert len(got) == k
+            assert got == set(heap_top_k(row.astype(np.float64), k)), (k, r)
+            # every kept value is at least as large as every dropped one
+            kept = row[list(got)]
+            dropped = np.delete(row, list(got))
+            assert kept.min() >= dropped.max()
+    with pytest.raises(ValueError, match="rejected"):
+        g = _ggml.OpGraph()
+        g.top_k(g.input(rows), 301)

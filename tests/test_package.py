@@ -74,6 +74,7 @@ def test_cli_main_job_on_the_demo_model(
     assert cli_main([]) == 0
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "129280 tokens" in out and "178 (" in out and "zero-copy" in out
+    assert "greedy      [" in out and "tokens/s" in out
     assert cli_main(["-m", os.path.join(str(tmp_path), "missing.gguf")]) == 1
     assert "does not exist" in capsys.readouterr().err
 

@@ -103,6 +103,7 @@ cdef extern from "ggml.h" nogil:
                                int64_t nrows, int64_t n_per_row, const float * imatrix)
     bint ggml_quantize_requires_imatrix(ggml_type type)
 
+    size_t ggml_element_size(const ggml_tensor * tensor)
     size_t ggml_tensor_overhead()
     size_t ggml_graph_overhead_custom(size_t size, bint grads)
     ggml_context * ggml_init(ggml_init_params params)
@@ -120,6 +121,7 @@ cdef extern from "ggml.h" nogil:
                                      int64_t ne2, int64_t ne3)
     ggml_tensor * ggml_get_tensor(ggml_context * ctx, const char * name)
     ggml_tensor * ggml_set_name(ggml_tensor * tensor, const char * name)
+    ggml_tensor * ggml_format_name(ggml_tensor * tensor, const char * fmt, ...)
     void ggml_set_input(ggml_tensor * tensor)
     void ggml_set_output(ggml_tensor * tensor)
 
@@ -134,6 +136,14 @@ cdef extern from "ggml.h" nogil:
     ggml_tensor * ggml_mul(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b)
     ggml_tensor * ggml_div(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b)
     ggml_tensor * ggml_scale(ggml_context * ctx, ggml_tensor * a, float s)
+    ggml_tensor * ggml_scale_bias(ggml_context * ctx, ggml_tensor * a, float s, float b)
+    ggml_tensor * ggml_fill(ggml_context * ctx, ggml_tensor * a, float c)
+    ggml_tensor * ggml_cast(ggml_context * ctx, ggml_tensor * a, ggml_type type)
+    ggml_tensor * ggml_soft_max(ggml_context * ctx, ggml_tensor * a)
+    ggml_tensor * ggml_argsort_top_k(ggml_context * ctx, ggml_tensor * a, int k)
+    ggml_tensor * ggml_reshape_4d(ggml_context * ctx, ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
+                                  int64_t ne3)
+    ggml_tensor * ggml_cont_2d(ggml_context * ctx, ggml_tensor * a, int64_t ne0, int64_t ne1)
     ggml_tensor * ggml_sqrt(ggml_context * ctx, ggml_tensor * a)
     ggml_tensor * ggml_softplus(ggml_context * ctx, ggml_tensor * a)
     ggml_tensor * ggml_sigmoid(ggml_context * ctx, ggml_tensor * a)
@@ -143,6 +153,8 @@ cdef extern from "ggml.h" nogil:
     ggml_tensor * ggml_swiglu_split(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b)
     ggml_tensor * ggml_sum_rows(ggml_context * ctx, ggml_tensor * a)
     ggml_tensor * ggml_repeat(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b)
+    ggml_tensor * ggml_repeat_4d(ggml_context * ctx, ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
+                                 int64_t ne3)
     ggml_tensor * ggml_concat(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b, int dim)
     ggml_tensor * ggml_rms_norm(ggml_context * ctx, ggml_tensor * a, float eps)
     ggml_tensor * ggml_mul_mat(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b)
@@ -150,6 +162,7 @@ cdef extern from "ggml.h" nogil:
     ggml_tensor * ggml_mul_mat_id(ggml_context * ctx, ggml_tensor * as_, ggml_tensor * b, ggml_tensor * ids)
     ggml_tensor * ggml_cpy(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b)
     ggml_tensor * ggml_cont(ggml_context * ctx, ggml_tensor * a)
+    ggml_tensor * ggml_reshape_1d(ggml_context * ctx, ggml_tensor * a, int64_t ne0)
     ggml_tensor * ggml_reshape_2d(ggml_context * ctx, ggml_tensor * a, int64_t ne0, int64_t ne1)
     ggml_tensor * ggml_reshape_3d(ggml_context * ctx, ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2)
     ggml_tensor * ggml_view_1d(ggml_context * ctx, ggml_tensor * a, int64_t ne0, size_t offset)
@@ -240,6 +253,7 @@ cdef extern from "ggml-backend.h" nogil:
     size_t ggml_backend_buffer_get_size(ggml_backend_buffer_t buffer)
     bint ggml_backend_buffer_is_host(ggml_backend_buffer_t buffer)
     void ggml_backend_buffer_set_usage(ggml_backend_buffer_t buffer, ggml_backend_buffer_usage usage)
+    void ggml_backend_buffer_clear(ggml_backend_buffer_t buffer, uint8_t value)
     ggml_status ggml_backend_tensor_alloc(ggml_backend_buffer_t buffer, ggml_tensor * tensor, void * addr)
 
     # backends
@@ -275,7 +289,15 @@ cdef extern from "ggml-backend.h" nogil:
     bint ggml_backend_sched_alloc_graph(ggml_backend_sched_t sched, ggml_cgraph * graph)
     ggml_status ggml_backend_sched_graph_compute(ggml_backend_sched_t sched, ggml_cgraph * graph)
     void ggml_backend_sched_reset(ggml_backend_sched_t sched)
+    ctypedef bint (*ggml_backend_sched_eval_callback)(ggml_tensor * t, bint ask, void * user_data)
+    void ggml_backend_sched_set_eval_callback(ggml_backend_sched_t sched, ggml_backend_sched_eval_callback callback,
+                                              void * user_data)
     size_t ggml_backend_sched_get_buffer_size(ggml_backend_sched_t sched, ggml_backend_t backend)
+
+
+cdef extern from "ggml-alloc.h" nogil:
+    ggml_backend_buffer_t ggml_backend_alloc_ctx_tensors_from_buft(ggml_context * ctx,
+                                                                    ggml_backend_buffer_type_t buft)
 
 
 # the entry point registered by every backend that has a thread count (CPU, BLAS, ...)

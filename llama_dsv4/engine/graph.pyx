@@ -1,0 +1,289 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The DeepSeek V4 graph for one ubatch of one sequence (shared/specs/deepseek4.md §3), block by block.
+
+Graph building only: the context fills the structs (weights, state tensors, the ubatch plan) and the inputs.
+Cache and state writes are expanded into the graph as soon as they are built, so they run before the nodes that
+read the same memory later in the graph.
+"""
+cimport ggml as g
+from dsv4_ops cimport dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back, dsv4_swiglu_clamp, dsv4_top_k
+from libc.math cimport INFINITY, sqrtf
+from libc.stdint cimport int64_t
+
+from .graph cimport CompPlan, GlobalW, Hparams, Inputs, LayerState, LayerW, UBatch
+
+ctypedef g.ggml_tensor T
+ctypedef g.ggml_context C
+
+
+cdef inline T * input_1d(C * ctx, g.ggml_type t, int64_t n) noexcept nogil:
+    cdef T * x = g.ggml_new_tensor_1d(ctx, t, n)
+    g.ggml_set_input(x)
+    return x
+
+
+cdef inline T * input_2d(C * ctx, g.ggml_type t, int64_t n0, int64_t n1) noexcept nogil:
+    cdef T * x = g.ggml_new_tensor_2d(ctx, t, n0, n1)
+    g.ggml_set_input(x)
+    return x
+
+
+cdef inline T * named(T * t, const char * name, int il) noexcept nogil:
+    """Name a node as llama.cpp does ("name-il", or "name" for il < 0), for debugging captures."""
+    if il >= 0:
+        g.ggml_format_name(t, "%s-%d", name, il)
+    else:
+        g.ggml_set_name(t, name)
+    return t
+
+
+cdef inline T * norm(C * ctx, T * x, T * w, float eps) noexcept nogil:
+    return g.ggml_mul(ctx, g.ggml_rms_norm(ctx, x, eps), w)
+
+
+cdef inline T * rows(C * ctx, T * t, int64_t n, int64_t first) noexcept nogil:
+    """Rows [first, first + n) of a 2-D tensor."""
+    return g.ggml_view_2d(ctx, t, t.ne[0], n, t.nb[1], first * t.nb[1])
+
+
+# ------------------------------------------------------------------------------------------ hyper-connections
+
+cdef T * hc_pre(C * ctx, const Hparams * hp, T * S, T * fn, T * scale, T * base, T ** post,
+                T ** comb, int il) noexcept nogil:
+    """Mix the HC streams S [D, hc, n] into one [D, n]; also the post weights [hc, n] and the Sinkhorn-normalised
+    combination [hc(dst), hc(src), n] that hc_post needs (spec 3.4)."""
+    cdef int64_t n = S.ne[2], hc = hp.hc
+    cdef T * mix = g.ggml_mul_mat(ctx, fn, g.ggml_rms_norm(ctx, g.ggml_reshape_2d(ctx, S, hc * hp.n_embd, n), hp.eps))
+    named(mix, "hc_mixes", il)
+    cdef T * pre = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], 0)
+    pre = g.ggml_add(ctx, g.ggml_mul(ctx, pre, g.ggml_view_1d(ctx, scale, 1, 0)), g.ggml_view_1d(ctx, base, hc, 0))
+    pre = named(g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps), "hc_pre", il)
+    cdef T * p = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], hc * sizeof(float))
+    p = g.ggml_add(ctx, g.ggml_mul(ctx, p, g.ggml_view_1d(ctx, scale, 1, sizeof(float))),
+                   g.ggml_view_1d(ctx, base, hc, hc * sizeof(float)))
+    post[0] = named(g.ggml_scale(ctx, g.ggml_sigmoid(ctx, p), 2.0), "hc_post", il)
+    comb[0] = named(g.ggml_dsv4_hc_comb(ctx, mix, scale, base, hp.hc_eps, hp.hc_iters), "hc_comb", il)
+    return g.ggml_dsv4_hc_pre(ctx, S, pre)
+
+
+cdef T * hc_head(C * ctx, const Hparams * hp, const GlobalW * gw, T * S) noexcept nogil:
+    """The final collapse of the streams (spec 3.6)."""
+    cdef T * mix = g.ggml_mul_mat(ctx, gw.hc_fn, g.ggml_rms_norm(
+        ctx, g.ggml_reshape_2d(ctx, S, hp.hc * hp.n_embd, S.ne[2]), hp.eps))
+    cdef T * pre = g.ggml_add(ctx, g.ggml_mul(ctx, mix, g.ggml_view_1d(ctx, gw.hc_scale, 1, 0)), gw.hc_base)
+    pre = g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps)
+    return g.ggml_dsv4_hc_pre(ctx, S, pre)
+
+# ------------------------------------------------------------------------------------------ compressors
+
+
+cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPlan * cp, T * x, T * w_kv,
+                   T * w_gate, T * ape, T * w_norm, T * st_kv, T * st_sc, T * cache, T * ape_idx, T * blk_pos,
+                   int width, const dsv4_rope_params * rope) noexcept nogil:
+    """Feed this ubatch's rows to a compressor (spec 3.7.3): pool every block that completes into a cache entry
+    (normed, roped at the block start) and keep the rows that later blocks still need in the state."""
+    cdef T * ckv = g.ggml_mul_mat(ctx, w_kv, x)
+    cdef T * csc = g.ggml_add(ctx, g.ggml_mul_mat(ctx, w_gate, x), g.ggml_get_rows(ctx, ape, ape_idx))
+    cdef T * xk = ckv
+    cdef T * xs = csc
+    if cp.l0 > 0:  # [state rows ; this ubatch's rows], in position order
+        xk = g.ggml_concat(ctx, rows(ctx, st_kv, cp.l0, 0), ckv, 1)
+        xs = g.ggml_concat(ctx, rows(ctx, st_sc, cp.l0, 0), csc, 1)
+    cdef int64_t R = cp.ratio, nb = cp.nb
+    cdef size_t blk = R * xk.nb[1]
+    cdef T * vk
+    cdef T * vs
+    cdef T * e
+    if nb > 0:
+        if cp.overlap:
+            # entry m pools the first half of block m-1's channels and the second half of block m's: 2R slots
+            vk = g.ggml_concat(ctx, g.ggml_cont(ctx, g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk, 0)),
+                               g.ggml_cont(ctx, g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk,
+                                                               blk + width * sizeof(float))), 1)
+            vs = g.ggml_concat(ctx, g.ggml_cont(ctx, g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk, 0)),
+                               g.ggml_cont(ctx, g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk,
+                                                               blk + width * sizeof(float))), 1)
+        else:
+            vk = g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk, 0)
+            vs = g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk, 0)
+        # softmax over the slots of each channel: slots to ne0
+        vk = g.ggml_cont(ctx, g.ggml_permute(ctx, vk, 1, 0, 2, 3))
+        vs = g.ggml_cont(ctx, g.ggml_permute(ctx, vs, 1, 0, 2, 3))
+        e = g.ggml_sum_rows(ctx, g.ggml_mul(ctx, vk, g.ggml_soft_max(ctx, vs)))  # [1, width, nb]
+        e = norm(ctx, g.ggml_reshape_2d(ctx, e, width, nb), w_norm, hp.eps)
+        e = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, e, width, 1, nb), blk_pos, hp.rope_dim, rope)
+        g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, g.ggml_reshape_2d(ctx, e, width, nb),
+                                                   rows(ctx, cache, nb, cp.b0)))
+    if cp.l1 > 0:
+        g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xk, cp.l1, cp.keep_from), rows(ctx, st_kv, cp.l1, 0)))
+        g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xs, cp.l1, cp.keep_from), rows(ctx, st_sc, cp.l1, 0)))
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+cdef T * indexer_top(C * ctx, const Hparams * hp, const LayerW * L, const LayerState * st, const CompPlan * cp,
+                     Inputs * inp, T * x, T * qr) noexcept nogil:
+    """The lightning indexer (spec 3.7.6): for each token, the indices [kk, n] of the top-k visible CSA entries
+    by indexer score (k = min(top_k, entries visible to the ubatch's last token))."""
+    cdef int64_t n = x.ne[1], nv = cp.n_vis, di = hp.idx_dim, Hi = hp.idx_heads
+    cdef T * iq = g.ggml_reshape_3d(ctx, g.ggml_mul_mat(ctx, L.i_q_b, qr), di, Hi, n)
+    iq = dsv4_rope_tail(ctx, iq, inp.pos, hp.rope_dim, &L.rope)
+    cdef T * iw = g.ggml_scale(ctx, g.ggml_mul_mat(ctx, L.i_proj, x), 1.0 / sqrtf(<float> (di * Hi)))
+    cdef T * keys = g.ggml_view_3d(ctx, st.lid, di, 1, nv, st.lid.nb[1], st.lid.nb[1], 0)
+    cdef T * score = g.ggml_lightning_indexer(ctx, iq, keys, iw, g.ggml_cast(ctx, inp.vis4, g.GGML_TYPE_F16))
+    return dsv4_top_k(ctx, score, hp.idx_topk if hp.idx_topk < nv else <int> nv)
+
+
+cdef T * selection_mask(C * ctx, T * top, Inputs * inp, int64_t nv) noexcept nogil:
+    """[nv, n]: 0 where entry b is among token t's selected entries and visible to it, -inf elsewhere."""
+    cdef int64_t kk = top.ne[0], n = top.ne[1]
+    cdef T * sel = g.ggml_fill(ctx, g.ggml_new_tensor_3d(ctx, g.GGML_TYPE_F32, 1, nv, n), -INFINITY)
+    cdef T * zero = g.ggml_fill(ctx, g.ggml_new_tensor_3d(ctx, g.GGML_TYPE_F32, 1, kk, n), 0.0)
+    sel = g.ggml_set_rows(ctx, sel, zero, top)
+    return g.ggml_add(ctx, g.ggml_reshape_2d(ctx, sel, nv, n), inp.vis4)
+
+
+cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * L, const LayerState * st,
+                   const UBatch * ub, Inputs * inp, T * x, int il) noexcept nogil:
+    """Spec 3.7: q low-rank path, the single latent K=V, the compressed keys, attention with sinks over the
+    sliding window and the visible compressed entries, de-rope, grouped output projection."""
+    cdef int64_t n = x.ne[1], d = hp.head_dim, H = hp.n_head, G = hp.o_groups
+    cdef T * qr = norm(ctx, g.ggml_mul_mat(ctx, L.q_a, x), L.q_a_norm, hp.eps)
+    cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, g.ggml_mul_mat(ctx, L.q_b, qr), d, H, n), hp.eps)
+    q = named(dsv4_rope_tail(ctx, q, inp.pos, hp.rope_dim, &L.rope), "q", il)
+    cdef T * kv = norm(ctx, g.ggml_mul_mat(ctx, L.kv, x), L.kv_norm, hp.eps)
+    kv = named(dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, kv, d, 1, n), inp.pos, hp.rope_dim, &L.rope), "kv", il)
+    g.ggml_build_forward_expand(gf, g.ggml_set_rows(ctx, st.raw, g.ggml_reshape_2d(ctx, kv, d, n), inp.raw_slot))
+
+    cdef T * keys = st.raw
+    cdef T * mask = inp.raw_mask
+    cdef T * top
+    cdef T * sel
+    cdef const CompPlan * cp
+    if L.ratio != 0:
+        cp = &ub.c4 if L.ratio == 4 else &ub.c128
+        compress(ctx, gf, hp, cp, x, L.c_kv, L.c_gate, L.c_ape, L.c_norm, st.st_kv, st.st_sc, st.comp,
+                 inp.ape4 if L.ratio == 4 else inp.ape128, inp.blk4 if L.ratio == 4 else inp.blk128, <int> d,
+                 &L.rope)
+        if L.ratio == 4:
+            compress(ctx, gf, hp, cp, x, L.i_kv, L.i_gate, L.i_ape, L.i_norm, st.ist_kv, st.ist_sc, st.lid,
+                     inp.ape4, inp.blk4, hp.idx_dim, &L.rope)
+        if cp.n_vis > 0 and L.ratio == 128:
+            keys = g.ggml_concat(ctx, keys, rows(ctx, st.comp, cp.n_vis, 0), 1)
+            mask = g.ggml_concat(ctx, mask, inp.vis128, 0)
+        elif cp.n_vis > 0:
+            top = indexer_top(ctx, hp, L, st, cp, inp, x, qr)
+            if n == 1:  # decode: gather the selected entries (all visible to the one token), O(top_k) per token
+                sel = g.ggml_get_rows(ctx, rows(ctx, st.comp, cp.n_vis, 0), g.ggml_reshape_1d(ctx, top, top.ne[0]))
+                if keys.type != g.GGML_TYPE_F32:
+                    keys = g.ggml_cast(ctx, keys, g.GGML_TYPE_F32)
+                keys = g.ggml_concat(ctx, keys, sel, 1)
+                mask = g.ggml_concat(ctx, mask, g.ggml_fill(ctx, g.ggml_new_tensor_2d(
+                    ctx, g.GGML_TYPE_F32, top.ne[0], 1), 0.0), 0)
+            else:  # a batch: every visible entry, masked to each token's selection
+                keys = g.ggml_concat(ctx, keys, rows(ctx, st.comp, cp.n_vis, 0), 1)
+                mask = g.ggml_concat(ctx, mask, selection_mask(ctx, top, inp, cp.n_vis), 0)
+
+    # With attn_f16, exactly llama.cpp's flash-attention path: keys and values as one f16 tensor whatever the cache
+    # type, so the same CPU kernels run (values accumulated in f16 for small batches, in f32 tiles for large ones).
+    # Without attn_f16: everything in f32.
+    if hp.attn_f16 and keys.type != g.GGML_TYPE_F16:
+        keys = g.ggml_cast(ctx, keys, g.GGML_TYPE_F16)
+    elif not hp.attn_f16 and keys.type != g.GGML_TYPE_F32:
+        keys = g.ggml_cast(ctx, keys, g.GGML_TYPE_F32)
+    cdef T * k3 = g.ggml_reshape_3d(ctx, keys, d, keys.ne[1], 1)
+    cdef T * out = g.ggml_flash_attn_ext(ctx, g.ggml_permute(ctx, q, 0, 2, 1, 3), k3, k3,
+                                         g.ggml_cast(ctx, mask, g.GGML_TYPE_F16), 1.0 / sqrtf(<float> d), 0.0, 0.0)
+    g.ggml_flash_attn_ext_add_sinks(out, L.sinks)
+    g.ggml_flash_attn_ext_set_prec(out, g.GGML_PREC_F32)
+    named(out, "attn_raw", il)
+    out = named(dsv4_rope_tail_back(ctx, out, inp.pos, hp.rope_dim, &L.rope), "attn_derope", il)  # [d, H, n]
+
+    # grouped output LoRA: group g = heads g*H/G .. (g+1)*H/G - 1, each with its own Ro rows of o_a
+    out = g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, out, d * H // G, G, n), 0, 2, 1, 3)  # [d*H/G, n, G]
+    cdef T * oa = g.ggml_mul_mat(ctx, g.ggml_reshape_3d(ctx, L.o_a, d * H // G, hp.o_lora, G), out)  # [Ro, n, G]
+    oa = g.ggml_cont_2d(ctx, g.ggml_permute(ctx, oa, 0, 2, 1, 3), hp.o_lora * G, n)
+    return named(g.ggml_mul_mat(ctx, L.o_b, oa), "attn_out", il)
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+
+
+cdef T * moe(C * ctx, const Hparams * hp, const LayerW * L, Inputs * inp, T * f) noexcept nogil:
+    """Spec 3.8: sqrt-softplus scores, biased top-k (or the token's hash row), normalised and scaled weights,
+    clamped SwiGLU experts, plus the shared expert."""
+    cdef int64_t n = f.ne[1], k = hp.n_used, D = hp.n_embd, i
+    cdef T * logits = g.ggml_mul_mat(ctx, L.gate_inp, f)
+    g.ggml_mul_mat_set_prec(logits, g.GGML_PREC_F32)
+    cdef T * probs = g.ggml_sqrt(ctx, g.ggml_softplus(ctx, logits))  # [E, n]
+    cdef T * sel
+    if L.hash:
+        sel = g.ggml_get_rows(ctx, L.tid2eid, inp.tokens)  # the token's row of the hash table
+    else:
+        sel = g.ggml_argsort_top_k(ctx, g.ggml_add(ctx, probs, L.probs_b), <int> k)  # bias for selection only
+    cdef T * w = g.ggml_get_rows(ctx, g.ggml_reshape_3d(ctx, probs, 1, hp.n_expert, n), sel)  # [1, k, n]
+    cdef T * wsum
+    if hp.w_norm:
+        w = g.ggml_reshape_2d(ctx, w, k, n)
+        wsum = g.ggml_clamp(ctx, g.ggml_sum_rows(ctx, w), 6.103515625e-5, INFINITY)
+        w = g.ggml_reshape_3d(ctx, g.ggml_div(ctx, w, wsum), 1, k, n)
+    if hp.w_scale != 1.0:
+        w = g.ggml_scale(ctx, w, hp.w_scale)
+    cdef T * xe = g.ggml_reshape_3d(ctx, f, D, 1, n)
+    cdef T * h = dsv4_swiglu_clamp(ctx, g.ggml_mul_mat_id(ctx, L.gate_exps, xe, sel),
+                                   g.ggml_mul_mat_id(ctx, L.up_exps, xe, sel), L.clamp_exp)
+    cdef T * down = g.ggml_mul(ctx, g.ggml_mul_mat_id(ctx, L.down_exps, h, sel), w)  # [D, k, n]
+    cdef T * y = g.ggml_view_2d(ctx, down, D, n, down.nb[2], 0)
+    for i in range(1, k):  # in selection order, as the reference sums
+        y = g.ggml_add(ctx, y, g.ggml_view_2d(ctx, down, D, n, down.nb[2], i * down.nb[1]))
+    cdef T * sh = dsv4_swiglu_clamp(ctx, g.ggml_mul_mat(ctx, L.gate_sh, f), g.ggml_mul_mat(ctx, L.up_sh, f), L.clamp_sh)
+    return g.ggml_add(ctx, y, g.ggml_mul_mat(ctx, L.down_sh, sh))
+
+# ------------------------------------------------------------------------------------------ the whole model
+
+
+cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const GlobalW * gw, const LayerW * lw,
+                     const LayerState * st, const UBatch * ub, Inputs * inp) noexcept nogil:
+    """Spec 3.1 for one ubatch; returns the logits [n_vocab, n_out] of its last n_out tokens."""
+    cdef int64_t n = ub.n, D = hp.n_embd, hc = hp.hc
+    cdef int il
+    cdef bint has4 = False, has128 = False
+    for il in range(hp.n_layer):
+        has4 = has4 or lw[il].ratio == 4
+        has128 = has128 or lw[il].ratio == 128
+    inp.tokens = input_1d(ctx, g.GGML_TYPE_I32, n)
+    inp.pos = input_1d(ctx, g.GGML_TYPE_I32, n)
+    inp.raw_slot = input_1d(ctx, g.GGML_TYPE_I64, n)
+    inp.raw_mask = input_2d(ctx, g.GGML_TYPE_F32, ub.ring, n)
+    inp.ape4 = input_1d(ctx, g.GGML_TYPE_I32, n) if has4 else NULL
+    inp.ape128 = input_1d(ctx, g.GGML_TYPE_I32, n) if has128 else NULL
+    inp.blk4 = input_1d(ctx, g.GGML_TYPE_I32, ub.c4.nb) if has4 and ub.c4.nb > 0 else NULL
+    inp.blk128 = input_1d(ctx, g.GGML_TYPE_I32, ub.c128.nb) if has128 and ub.c128.nb > 0 else NULL
+    inp.vis4 = input_2d(ctx, g.GGML_TYPE_F32, ub.c4.n_vis, n) if has4 and ub.c4.n_vis > 0 else NULL
+    inp.vis128 = input_2d(ctx, g.GGML_TYPE_F32, ub.c128.n_vis, n) if has128 and ub.c128.n_vis > 0 else NULL
+
+    cdef T * x = g.ggml_get_rows(ctx, gw.tok_embd, inp.tokens)  # [D, n]
+    cdef T * S = g.ggml_repeat_4d(ctx, g.ggml_reshape_3d(ctx, x, D, 1, n), D, hc, n, 1)  # hc identical streams
+    cdef T * res
+    cdef T * a
+    cdef T * post
+    cdef T * comb
+    cdef const LayerW * L
+    for il in range(hp.n_layer):
+        L = &lw[il]
+        res = S
+        a = norm(ctx, named(hc_pre(ctx, hp, S, L.hc_attn_fn, L.hc_attn_scale, L.hc_attn_base, &post, &comb, il),
+                            "hc_attn_pre", il), L.attn_norm, hp.eps)
+        a = attention(ctx, gf, hp, L, &st[il], ub, inp, named(a, "attn_norm", il), il)
+        S = named(g.ggml_dsv4_hc_post(ctx, a, res, post, comb), "hc_attn_post", il)
+        res = S
+        a = norm(ctx, named(hc_pre(ctx, hp, S, L.hc_ffn_fn, L.hc_ffn_scale, L.hc_ffn_base, &post, &comb, il),
+                            "hc_ffn_pre", il), L.ffn_norm, hp.eps)
+        a = named(moe(ctx, hp, L, inp, named(a, "ffn_norm", il)), "ffn_out", il)
+        S = named(g.ggml_dsv4_hc_post(ctx, a, res, post, comb), "l_out", il)
+    if ub.n_out < n:
+        S = g.ggml_cont(ctx, g.ggml_view_3d(ctx, S, D, hc, ub.n_out, S.nb[1], S.nb[2], (n - ub.n_out) * S.nb[2]))
+    cdef T * y = named(norm(ctx, hc_head(ctx, hp, gw, S), gw.out_norm, hp.eps), "result_norm", -1)
+    cdef T * logits = named(g.ggml_mul_mat(ctx, gw.output, y), "result_output", -1)
+    g.ggml_set_output(logits)
+    g.ggml_build_forward_expand(gf, logits)
+    return logits

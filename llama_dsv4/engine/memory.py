@@ -1,0 +1,61 @@
+"""The per-sequence state of a deepseek4 context: every tensor, its type and shape (shared/specs/deepseek4.md §4).
+
+The context allocates exactly this list, so the figures below are what a context really takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..model.params import DSV4Params
+
+CACHE_BYTES = {"f32": 4, "f16": 2}
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    layer: int
+    name: str  # raw, comp, lid, st_kv, st_sc, ist_kv, ist_sc
+    dtype: str  # "f32" or "f16"
+    ne: tuple[int, int]  # ggml order: (row width, rows)
+
+    @property
+    def nbytes(self) -> int:
+        return self.ne[0] * self.ne[1] * CACHE_BYTES[self.dtype]
+
+
+def ring_rows(p: DSV4Params, n_ubatch: int) -> int:
+    """Rows of the sliding-window ring: the window of the last token plus the rest of a ubatch."""
+    return p.sliding_window - 1 + n_ubatch
+
+
+def state_tensors(p: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str) -> list[StateTensor]:
+    if type_k not in CACHE_BYTES:
+        raise ValueError(f"type_k must be one of {sorted(CACHE_BYTES)}, got {type_k!r}")
+    d, di = p.head_dim, p.indexer_head_dim
+    out = []
+    for il in range(p.n_layer):
+        r = p.ratio(il)
+        out.append(StateTensor(il, "raw", type_k, (d, ring_rows(p, n_ubatch))))
+        if r:
+            coff = 2 if r == 4 else 1
+            out.append(StateTensor(il, "comp", type_k, (d, -(-n_ctx // r))))
+            out.append(StateTensor(il, "st_kv", "f32", (coff * d, coff * r)))
+            out.append(StateTensor(il, "st_sc", "f32", (coff * d, coff * r)))
+        if r == 4:
+            out.append(StateTensor(il, "lid", type_k, (di, -(-n_ctx // 4))))
+            out.append(StateTensor(il, "ist_kv", "f32", (2 * di, 8)))
+            out.append(StateTensor(il, "ist_sc", "f32", (2 * di, 8)))
+    return out
+
+
+def state_bytes(p: DSV4Params, n_ctx: int, n_ubatch: int = 512, type_k: str = "f16") -> int:
+    """Bytes of one sequence's state at this context length (before the allocator's alignment padding)."""
+    return sum(t.nbytes for t in state_tensors(p, n_ctx, n_ubatch, type_k))
+
+
+def bytes_per_token(p: DSV4Params, type_k: str = "f16") -> float:
+    """The state bytes that grow with the context, per token: the compressed caches (CSA, indexer, HCA)."""
+    n = 1 << 20
+    grow = [t for t in state_tensors(p, n, 1, type_k) if t.name in ("comp", "lid")]
+    return sum(t.nbytes for t in grow) / n
