@@ -129,6 +129,7 @@ cdef extern from "ggml.h" nogil:
     ggml_cgraph * ggml_new_graph_custom(ggml_context * ctx, size_t size, bint grads)
     void ggml_build_forward_expand(ggml_cgraph * cgraph, ggml_tensor * tensor)
     int ggml_graph_n_nodes(ggml_cgraph * cgraph)
+    size_t ggml_used_mem(const ggml_context * ctx)
 
     # ops used by the graph builders and kernels/
     ggml_tensor * ggml_add(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b)

@@ -84,6 +84,8 @@ cdef class Context:
     cdef size_t arena_size
     cdef size_t graph_size
     cdef readonly int n_ctx, n_ubatch, ring, n_past
+    cdef readonly int last_graph_nodes
+    cdef readonly size_t last_graph_mem
     cdef readonly str type_k
     cdef object slot_pos
     cdef object overlap_init
@@ -319,6 +321,8 @@ cdef class Context:
             gf = g.ggml_new_graph_custom(ctx, self.graph_size, False)
             with nogil:
                 logits = build_graph(ctx, gf, &self.hp, &self.gw, self.lw, self.st, &ub, &inp)
+            self.last_graph_nodes = g.ggml_graph_n_nodes(gf)
+            self.last_graph_mem = g.ggml_used_mem(ctx)
             g.ggml_backend_sched_reset(self.sched)
             if not g.ggml_backend_sched_alloc_graph(self.sched, gf):
                 raise MemoryError("ggml could not allocate the compute graph")
