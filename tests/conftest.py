@@ -41,3 +41,9 @@ def micro_path(model_dir: str) -> str:
 def tiny_paths(model_dir: str) -> dict[str, str]:
     """The spec §7.2 tiny model in each dtype variant, small vocabulary."""
     return {dt: write_model(os.path.join(model_dir, f"tiny-{dt}.gguf"), dtype=dt)[0] for dt in ("f32", "f16", "q8xq5")}
+
+
+@pytest.fixture(scope="session")
+def real_vocab_path(model_dir: str) -> str:
+    """The micro model with the real DeepSeek V4 vocabulary (129280 tokens) and our chat template."""
+    return write_model(os.path.join(model_dir, "micro-realvocab.gguf"), MICRO, vocab="real", dtype="f16")[0]

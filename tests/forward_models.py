@@ -110,3 +110,34 @@ def margin_tokens(
         net = trial
         toks.append(t)
     return np.array(toks, np.int32)
+
+
+# greedy decoding through the Llama API: the decisive model with the small vocabulary (so there is text)
+GREEDY = (TINY.with_(indexer_top_k=256), DECISIVE_INIT)
+GREEDY_PROMPT, GREEDY_STEPS = 40, 32
+
+
+def margin_greedy_prompt(
+    net, n_prompt: int, n_steps: int, seed: int, tries: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt (chosen position by position with margins, see margin_tokens) whose greedy continuation of
+    n_steps is decided by margins too. Returns (prompt ids, greedy ids)."""
+    for k in range(tries):
+        prompt = margin_tokens(net, n_prompt, net.p.n_vocab, seed=seed + k, logit_gap=0.0)
+        trial = net.clone()
+        for t in prompt:
+            logits = trial.step(int(t))
+        out: list[int] = []
+        ok = True
+        while ok and len(out) < n_steps:
+            top2 = np.sort(logits)[-2:]
+            if top2[1] - top2[0] < 5e-3 * np.abs(logits).max():
+                ok = False
+                break
+            out.append(int(np.argmax(logits)))
+            trial.trace = []
+            logits = trial.step(out[-1])
+            ok = decided(trial.trace, logits, trial.p, logit_gap=0.0)
+        if ok:
+            return prompt, np.array(out, np.int32)
+    raise RuntimeError("no prompt with margins found")

@@ -73,6 +73,7 @@ cdef class Context:
     cdef Backends be
     cdef WeightMap wm
     cdef object model
+    cdef readonly object params
     cdef Hparams hp
     cdef GlobalW gw
     cdef LayerW * lw
@@ -92,8 +93,8 @@ cdef class Context:
     cdef dict _capture
 
     def __cinit__(self, model, int n_ctx, int n_ubatch=512, str type_k="f16", Backends backends=None,
-                  bint flash_attn=True):
-        p = model.params
+                  bint flash_attn=True, params=None):
+        p = params if params is not None else model.params
         if n_ctx <= 0:
             raise ValueError(f"n_ctx must be positive, got {n_ctx}")
         if n_ubatch <= 0:
@@ -101,6 +102,7 @@ cdef class Context:
         if type_k not in _CACHE_TYPES:
             raise ValueError(f"type_k must be one of {sorted(_CACHE_TYPES)}, got {type_k!r}")
         self.model = model
+        self.params = p
         self.n_ctx, self.n_ubatch, self.type_k = n_ctx, min(n_ubatch, n_ctx), type_k
         self.be = backends if backends is not None else Backends("auto")
         self.wm = model.weights(self.be)
@@ -249,7 +251,11 @@ cdef class Context:
 
     def bytes_per_token(self) -> float:
         """The state bytes that grow with n_ctx, per token of context (the compressed caches)."""
-        return bytes_per_token(self.model.params, self.type_k)
+        return bytes_per_token(self.params, self.type_k)
+
+    @property
+    def backends(self):
+        return self.be
 
     def reset(self):
         """Forget the sequence: position 0, empty window, the compressors' virtual block before position 0."""
@@ -264,6 +270,51 @@ cdef class Context:
                 sc = np.zeros((8, width), np.float32)
                 sc[:4] = -np.inf
                 set_input(<g.ggml_tensor *> sc_t, sc)
+
+    _STATE_MAGIC = b"DSV4CTX1"
+
+    def save_state(self) -> bytes:
+        """The whole sequence state (position, window slots, every cache and compressor row) as bytes."""
+        parts = [self._STATE_MAGIC, np.array([self.n_past, self.ring, self.hp.n_layer], np.int64).tobytes(),
+                 np.asarray(self.slot_pos, np.int64).tobytes()]
+        cdef g.ggml_tensor * t
+        for t_addr in self._state_tensors():
+            t = <g.ggml_tensor *> <size_t> t_addr
+            buf = np.empty(g.ggml_nbytes(t), np.uint8)
+            g.ggml_backend_tensor_get(t, <void *> (<size_t> buf.ctypes.data), 0, buf.nbytes)
+            parts.append(buf.tobytes())
+        return b"".join(parts)
+
+    def load_state(self, data) -> None:
+        """Restore a state from save_state() of a context with the same model, n_ctx, n_ubatch and type_k."""
+        data = bytes(data)
+        cdef size_t off = len(self._STATE_MAGIC) + 24 + 8 * self.ring
+        cdef g.ggml_tensor * t
+        sizes = [g.ggml_nbytes(<g.ggml_tensor *> <size_t> a) for a in self._state_tensors()]
+        if data[: len(self._STATE_MAGIC)] != self._STATE_MAGIC or len(data) != off + sum(sizes):
+            raise ValueError("not a state of this context (different model, n_ctx, n_ubatch or cache type)")
+        n_past, ring, n_layer = np.frombuffer(data, np.int64, 3, len(self._STATE_MAGIC)).tolist()
+        if ring != self.ring or n_layer != self.hp.n_layer or not 0 <= n_past <= self.n_ctx:
+            raise ValueError("not a state of this context (different model, n_ctx, n_ubatch or cache type)")
+        slot_pos = np.frombuffer(data, np.int64, self.ring, len(self._STATE_MAGIC) + 24).copy()
+        cdef const uint8_t[::1] view = np.frombuffer(data, np.uint8)
+        for t_addr, size in zip(self._state_tensors(), sizes):
+            t = <g.ggml_tensor *> <size_t> t_addr
+            g.ggml_backend_tensor_set(t, &view[off], 0, size)
+            off += size
+        self.n_past = n_past
+        self.slot_pos = slot_pos
+
+    def _state_tensors(self):
+        out = []
+        cdef LayerState * s
+        for il in range(self.hp.n_layer):
+            s = &self.st[il]
+            for t in (<size_t> s.raw, <size_t> s.comp, <size_t> s.lid, <size_t> s.st_kv, <size_t> s.st_sc,
+                      <size_t> s.ist_kv, <size_t> s.ist_sc):
+                if t:
+                    out.append(t)
+        return out
 
     # ---------------------------------------------------------------------------------------------- compute
 

@@ -1,0 +1,320 @@
+"""Text completion with llama-cpp-python's semantics and shapes (`Llama.create_completion`).
+
+Prompt handling, context checks, the seed chain and prompt caches follow llama-cpp-python; generated text is
+emitted only as complete UTF-8 and never includes a stop string or text that may still become one (also across
+token boundaries). Where llama-cpp-python is sloppy (the stream's tail drops bytes of a character split across
+tokens; the non-stream cut uses the first stop string in list order rather than the earliest in the text) this
+module does the careful thing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .cache import longest_token_prefix
+from .sampling import LogitsProcessorList, StoppingCriteriaList, logit_bias_processor
+
+if TYPE_CHECKING:
+    from .llama import Llama
+
+
+def grammar_state(llama: Llama, grammar: Any) -> Any:
+    """The constrained-decoding state for a LlamaGrammar (None without one)."""
+    if grammar is None:
+        return None
+    from .chat import constrained
+
+    return constrained.grammar_state(llama, grammar)
+
+
+def _incomplete_tail(b: bytes) -> int:
+    """How many bytes at the end of `b` are the start of a UTF-8 character that is not complete yet."""
+    for k in range(1, min(4, len(b)) + 1):
+        c = b[-k]
+        if c & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
+            continue
+        need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4 if c & 0xF8 == 0xF0 else 1
+        return k if need > k else 0
+    return 0
+
+
+def _stop_holdback(b: bytes, stops: list[bytes]) -> int:
+    """The longest suffix of `b` that is a proper prefix of a stop string (it may still become the stop)."""
+    hold = 0
+    for s in stops:
+        for i in range(min(len(s) - 1, len(b)), hold, -1):
+            if b.endswith(s[:i]):
+                hold = i
+                break
+    return hold
+
+
+def _first_stop(b: bytes, stops: list[bytes]) -> int:
+    """Byte index of the earliest stop string in `b`, or -1."""
+    found = [i for i in (b.find(s) for s in stops) if i >= 0]
+    return min(found) if found else -1
+
+
+def _prompt_tokens(llama: Llama, prompt: str | list[int], suffix: str | None) -> list[int]:
+    if isinstance(prompt, (list, tuple, np.ndarray)) and suffix is None:
+        return [int(t) for t in prompt]
+    if not isinstance(prompt, (str, list, tuple, np.ndarray)):
+        raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    tok = llama._require_vocab()
+    v = tok.vocab
+    if suffix is None:
+        ids = tok.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
+        if v.add_bos and v.bos_id is not None:
+            ids = [v.bos_id, *ids]
+        if v.add_eos and v.eos_id is not None:
+            ids = [*ids, v.eos_id]
+        if not ids and v.bos_id is not None:  # an empty prompt starts from the BOS token
+            ids = [v.bos_id]
+        return ids
+    fim = [v.id_of(t) for t in ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")]
+    if None in fim:
+        raise ValueError("suffix needs fill-in-the-middle tokens, which this model's vocabulary lacks")
+    pre, suf, mid = fim
+    head = prompt if isinstance(prompt, str) else llama.detokenize(list(prompt)).decode("utf-8", errors="ignore")
+    p_ids = tok.tokenize(head.encode("utf-8"), add_bos=False, special=False)
+    s_ids = tok.tokenize(suffix.encode("utf-8"), add_bos=False, special=False) if suffix else []
+    if llama.spm_infill:
+        return [suf, *s_ids, pre, *p_ids, mid]
+    return [pre, *p_ids, suf, *s_ids, mid]
+
+
+def _logprobs_entry(llama: Llama, logits: np.ndarray, token: int, n: int) -> tuple[str, float, dict[str, float]]:
+    lp = llama.logits_to_logprobs(logits)
+    text = llama.detokenize([token]).decode("utf-8", errors="ignore")
+    top = {}
+    for i in np.argsort(-lp, kind="stable")[:n]:
+        top[llama.detokenize([int(i)]).decode("utf-8", errors="ignore")] = float(lp[i])
+    top[text] = float(lp[token])
+    return text, float(lp[token]), top
+
+
+def create_completion(llama: Llama, prompt: str | list[int], **kw: Any) -> Iterator[Any]:
+    """Yield the response (stream=False: one item) or its chunks (stream=True), holding the Llama exclusively."""
+    with llama._exclusive():
+        yield from _create_completion(llama, prompt, **kw)
+
+
+def _create_completion(
+    llama: Llama,
+    prompt: str | list[int],
+    *,
+    suffix: str | None,
+    max_tokens: int | None,
+    temperature: float,
+    top_p: float,
+    min_p: float,
+    typical_p: float,
+    logprobs: int | None,
+    echo: bool,
+    stop: str | list[str] | None,
+    frequency_penalty: float,
+    presence_penalty: float,
+    repeat_penalty: float,
+    top_k: int,
+    stream: bool,
+    seed: int | None,
+    mirostat_mode: int,
+    mirostat_tau: float,
+    mirostat_eta: float,
+    model: str | None,
+    stopping_criteria: StoppingCriteriaList | None,
+    logits_processor: LogitsProcessorList | None,
+    grammar: Any,
+    logit_bias: dict[int, float] | None,
+    tfs_z: float = 1.0,
+) -> Iterator[Any]:
+    llama._context()
+    if suffix is not None and not isinstance(suffix, str):
+        raise TypeError(f"suffix must be a string, got {type(suffix).__name__}")
+    if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool)):
+        raise TypeError(f"max_tokens must be an integer or None, got {type(max_tokens).__name__}")
+    if logprobs is not None and (not isinstance(logprobs, (int, np.integer)) or logprobs < 0):
+        raise ValueError(f"logprobs must be a non-negative integer, got {logprobs!r}")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    else:
+        stops = list(stop)
+    if not all(isinstance(s, str) for s in stops):
+        raise TypeError("stop must be a string or a list of strings")
+    stop_bytes = [s.encode("utf-8") for s in stops if s]
+
+    completion_id = f"cmpl-{uuid.uuid4()}"
+    created = int(time.time())
+    model_name = model if model is not None else llama.model_path
+    prompt_tokens = _prompt_tokens(llama, prompt, suffix)
+    n_ctx = llama.n_ctx()
+    if len(prompt_tokens) >= n_ctx:
+        raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {n_ctx}")
+    bad = [t for t in prompt_tokens if not 0 <= t < llama.n_vocab()]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {llama.n_vocab()})")
+    if max_tokens is None or max_tokens <= 0:
+        max_tokens = n_ctx - len(prompt_tokens)
+    max_tokens = min(int(max_tokens), n_ctx - len(prompt_tokens))
+    if logprobs is not None and not llama._logits_all:
+        raise ValueError("logprobs is not supported for models created with logits_all=False")
+    if logit_bias:
+        for k in logit_bias:
+            if not 0 <= int(k) < llama.n_vocab():
+                raise ValueError(f"logit_bias token id {k} is outside the vocabulary [0, {llama.n_vocab()})")
+        extra = LogitsProcessorList([logit_bias_processor(logit_bias)])
+        logits_processor = LogitsProcessorList([*(logits_processor or []), *extra])
+
+    if llama.cache is not None:
+        try:
+            item = llama.cache[prompt_tokens]
+            cached = longest_token_prefix(item.input_ids[: item.n_tokens].tolist(), prompt_tokens)
+            if cached > longest_token_prefix(llama._input_ids.tolist(), prompt_tokens):
+                llama.load_state(item)
+        except KeyError:
+            pass
+
+    llama.set_seed(seed if seed is not None else random.Random(llama._seed).randint(0, 2**32))
+
+    def chunk(text: str, lp: Any, finish: str | None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
+        }
+
+    tokens: list[int] = []
+    text = b""
+    emitted = 0  # bytes of `text` already streamed
+    stream_tokens = 0  # tokens whose logprobs were streamed
+    finish = "length"
+    cut = -1
+    gen = llama.generate(
+        prompt_tokens,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        typical_p=typical_p,
+        temp=temperature,
+        tfs_z=tfs_z,
+        mirostat_mode=mirostat_mode,
+        mirostat_tau=mirostat_tau,
+        mirostat_eta=mirostat_eta,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        repeat_penalty=repeat_penalty,
+        stopping_criteria=stopping_criteria,
+        logits_processor=logits_processor,
+        grammar=grammar,
+    )
+    for token in gen:
+        if llama._is_eog(token):
+            finish = "stop"
+            break
+        tokens.append(token)
+        text += llama.detokenize([token])
+        cut = _first_stop(text, stop_bytes)
+        if cut >= 0:
+            finish = "stop"
+            break
+        if stream:
+            safe = len(text) - max(_incomplete_tail(text), _stop_holdback(text, stop_bytes))
+            if safe > emitted:
+                lp = None
+                if logprobs is not None:
+                    lp = _stream_logprobs(llama, prompt_tokens, tokens, stream_tokens, logprobs, prompt, emitted, text)
+                    stream_tokens = len(tokens)
+                yield chunk(text[emitted:safe].decode("utf-8", errors="replace"), lp, None)
+                emitted = safe
+        if len(tokens) >= max_tokens:
+            break
+    else:  # generate() only returns when a stopping criterion says so
+        finish = "stop"
+    gen.close()
+    end = cut if cut >= 0 else len(text)
+
+    if llama.cache is not None:
+        llama.cache[prompt_tokens + tokens] = llama.save_state()
+
+    if stream:
+        if end > emitted:
+            yield chunk(text[emitted:end].decode("utf-8", errors="replace"), None, None)
+        yield chunk("", None, finish)
+        return
+
+    text_str = text[:end].decode("utf-8", errors="replace")
+    prompt_text = prompt if isinstance(prompt, str) else llama.detokenize(prompt_tokens).decode("utf-8", "replace")
+    if echo:
+        text_str = prompt_text + text_str
+    lp_out = None
+    if logprobs is not None:
+        lp_out = _logprobs(llama, prompt_tokens, tokens, logprobs, echo, prompt_text)
+    response = chunk(text_str, lp_out, finish)
+    response["usage"] = {
+        "prompt_tokens": len(prompt_tokens),
+        "completion_tokens": len(tokens),
+        "total_tokens": len(prompt_tokens) + len(tokens),
+    }
+    yield response
+
+
+def _logprobs(
+    llama: Llama, prompt_tokens: list[int], tokens: list[int], n: int, echo: bool, prompt_text: str
+) -> dict[str, Any]:
+    """OpenAI completion logprobs of the generated tokens (and the prompt's, with echo; the first has none)."""
+    scores = llama.scores
+    start = 0 if echo else len(prompt_tokens)
+    all_tokens = prompt_tokens + tokens
+    offset = 0 if echo else len(prompt_text)
+    out: dict[str, list[Any]] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+    consumed = b""
+    for pos in range(start, len(all_tokens)):
+        tok = all_tokens[pos]
+        if pos == 0:
+            text = llama.detokenize([tok]).decode("utf-8", errors="ignore")
+            lp, top = None, None
+        else:
+            text, lp, top = _logprobs_entry(llama, scores[pos - 1], tok, n)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset + len(consumed.decode("utf-8", errors="ignore")))
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append(top)
+        consumed += llama.detokenize([tok])
+    if echo and out["tokens"]:
+        out["token_logprobs"][0] = None
+        out["top_logprobs"][0] = None
+    return out
+
+
+def _stream_logprobs(
+    llama: Llama,
+    prompt_tokens: list[int],
+    tokens: list[int],
+    first: int,
+    n: int,
+    prompt: Any,
+    emitted: int,
+    text: bytes,
+) -> dict[str, Any]:
+    out: dict[str, list[Any]] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+    base = len(prompt) if isinstance(prompt, str) else 0
+    consumed = len(llama.detokenize(tokens[:first]).decode("utf-8", errors="ignore"))
+    for i in range(first, len(tokens)):
+        pos = len(prompt_tokens) + i
+        t, lp, top = _logprobs_entry(llama, llama.scores[pos - 1], tokens[i], n)
+        out["tokens"].append(t)
+        out["text_offset"].append(base + consumed)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append(top)
+        consumed += len(t)
+    return out

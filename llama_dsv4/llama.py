@@ -1,0 +1,853 @@
+"""`Llama`: llama-cpp-python's `llama_cpp.Llama` surface over the deepseek4 engine.
+
+This module owns the API (arguments, defaults, return shapes, errors) and the per-instance token bookkeeping
+(input_ids, scores, seeds, caches); it delegates loading to model/, computing to engine/, text to tokenizer.py,
+sampling to sampling.py, completions to completion.py and chat to chat/. It does not import ggml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import warnings
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import completion as _completion
+from .cache import BaseLlamaCache, longest_token_prefix
+from .engine import runtime
+from .grammar import LlamaGrammar
+from .llama_types import CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse
+from .model.loader import load_model
+from .sampling import LogitsProcessorList, Sampler, SamplerParams, StoppingCriteriaList
+from .tokenizer import BaseLlamaTokenizer, DSV4Tokenizer, LlamaTokenizer
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+_CACHE_TYPE_NAMES = {0: "f32", 1: "f16"}  # GGML_TYPE_F32, GGML_TYPE_F16
+# keywords of llama-cpp-python's constructor that the engine does not use (accepted, as upstream accepts them)
+_ACCEPTED = (
+    "n_gpu_layers",
+    "split_mode",
+    "main_gpu",
+    "tensor_split",
+    "use_mmap",
+    "use_mlock",
+    "kv_overrides",
+    "rope_scaling_type",
+    "pooling_type",
+    "attention_type",
+    "yarn_ext_factor",
+    "yarn_attn_factor",
+    "yarn_beta_fast",
+    "yarn_beta_slow",
+    "yarn_orig_ctx",
+    "offload_kqv",
+    "op_offload",
+    "swa_full",
+    "no_perf",
+    "lora_base",
+    "lora_scale",
+    "lora_path",
+    "numa",
+    "spm_infill",
+)
+
+
+class LlamaState:
+    """A snapshot of a Llama's evaluation state (save_state / load_state, prompt caches)."""
+
+    def __init__(
+        self,
+        input_ids: npt.NDArray[np.intc],
+        scores: npt.NDArray[np.single],
+        n_tokens: int,
+        llama_state: bytes,
+        llama_state_size: int,
+        seed: int,
+    ) -> None:
+        self.input_ids = input_ids
+        self.scores = scores
+        self.n_tokens = n_tokens
+        self.llama_state = llama_state
+        self.llama_state_size = llama_state_size
+        self.seed = seed
+
+
+class _Params:
+    """The constructor's view that third parties read (`llm.context_params.n_ctx`, `llm.model_params`)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.__dict__})"
+
+
+class Llama:
+    """Load a deepseek4 GGUF and run it, with llama-cpp-python's API."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        n_gpu_layers: int = 0,
+        split_mode: int = 1,
+        main_gpu: int = 0,
+        tensor_split: list[float] | None = None,
+        vocab_only: bool = False,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        kv_overrides: dict[str, bool | int | float | str] | None = None,
+        seed: int = LLAMA_DEFAULT_SEED,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        rope_scaling_type: int | None = -1,
+        pooling_type: int = -1,
+        attention_type: int = -1,
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
+        yarn_ext_factor: float = -1.0,
+        yarn_attn_factor: float = 1.0,
+        yarn_beta_fast: float = 32.0,
+        yarn_beta_slow: float = 1.0,
+        yarn_orig_ctx: int = 0,
+        logits_all: bool = False,
+        embedding: bool = False,
+        offload_kqv: bool = True,
+        flash_attn: bool = False,
+        op_offload: bool | None = None,
+        swa_full: bool | None = None,
+        no_perf: bool = False,
+        last_n_tokens_size: int = 64,
+        lora_base: str | None = None,
+        lora_scale: float = 1.0,
+        lora_path: str | None = None,
+        numa: bool | int = False,
+        chat_format: str | None = None,
+        chat_handler: Any = None,
+        draft_model: Any = None,
+        tokenizer: BaseLlamaTokenizer | None = None,
+        type_k: int | None = None,
+        type_v: int | None = None,
+        spm_infill: bool = False,
+        verbose: bool = True,
+        device: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        self.verbose = verbose
+        self.model_path = os.fspath(model_path) if model_path is not None else model_path
+        self._closed = True
+        if self.model_path is None or not os.path.exists(self.model_path):
+            raise ValueError(f"Model path does not exist: {model_path}")
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        if n_ctx < 0:
+            raise ValueError(f"n_ctx must be >= 0 (0: the model's training context), got {n_ctx}")
+        if n_batch <= 0 or n_ubatch <= 0:
+            raise ValueError(f"n_batch and n_ubatch must be positive, got {n_batch} and {n_ubatch}")
+        if type_k not in (None, *_CACHE_TYPE_NAMES):
+            raise ValueError(f"type_k {type_k} is not supported; use GGML_TYPE_F16 (1) or GGML_TYPE_F32 (0)")
+        if kwargs and verbose:
+            print(f"llama-dsv4: ignoring unknown arguments {sorted(kwargs)}", file=sys.stderr)
+
+        try:
+            self._model = load_model(self.model_path)
+        except ValueError as e:
+            raise ValueError(f"Failed to load model from file: {self.model_path}: {e}") from e
+        self._closed = False
+        params = self._model.params
+        if rope_freq_base and rope_freq_base != params.rope_freq_base:
+            warnings.warn(
+                f"rope_freq_base={rope_freq_base} overrides the model's {params.rope_freq_base} (sliding-window "
+                "layers only; compressed layers keep their own base)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            params = params.with_(rope_freq_base=float(rope_freq_base))
+        self._params = params
+        self.metadata: dict[str, str] = _metadata_strings(self._model.metadata)
+        self._vocab = self._model.vocab
+        self._dsv4_tokenizer = DSV4Tokenizer(self._vocab) if self._vocab is not None else None
+        self.tokenizer_ = tokenizer if tokenizer is not None else LlamaTokenizer(self)
+
+        self._n_vocab = params.n_vocab
+        self._n_ctx = params.n_ctx_train if n_ctx == 0 else int(n_ctx)
+        self.n_batch = min(self._n_ctx, int(n_batch))
+        self.n_ubatch = min(self.n_batch, int(n_ubatch))
+        self.n_threads = n_threads or max((os.cpu_count() or 1) // 2, 1)
+        self.n_threads_batch = n_threads_batch or (os.cpu_count() or 1)
+        self.last_n_tokens_size = last_n_tokens_size
+        self._seed = seed or LLAMA_DEFAULT_SEED
+        self._logits_all = bool(logits_all) or draft_model is not None
+        self._embedding = embedding
+        self.cache: BaseLlamaCache | None = None
+        self.lora_base, self.lora_scale, self.lora_path = lora_base, lora_scale, lora_path
+        self.spm_infill = spm_infill
+        self.tensor_split = tensor_split
+        self.kv_overrides = kv_overrides
+        self.numa = numa
+        self.draft_model = draft_model
+        self.chat_format = chat_format
+        self.chat_handler = chat_handler
+        self._chat_handlers: dict[str, Any] = {}
+        self._is_recurrent = False
+        self._is_hybrid = False
+        type_k_name = _CACHE_TYPE_NAMES.get(type_k, "f16") if type_k is not None else "f16"
+        self.model_params = _Params(
+            n_gpu_layers=n_gpu_layers,
+            split_mode=split_mode,
+            main_gpu=main_gpu,
+            vocab_only=vocab_only,
+            use_mmap=use_mmap,
+            use_mlock=use_mlock,
+        )
+        self.context_params = _Params(
+            n_ctx=self._n_ctx,
+            n_batch=self.n_batch,
+            n_ubatch=self.n_ubatch,
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads_batch,
+            flash_attn=flash_attn,
+            type_k=type_k_name,
+            embeddings=embedding,
+            seed=self._seed,
+            rope_freq_base=rope_freq_base,
+            rope_freq_scale=rope_freq_scale,
+        )
+        self._init_kwargs = dict(
+            model_path=self.model_path,
+            vocab_only=vocab_only,
+            seed=seed,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            n_threads=n_threads,
+            n_threads_batch=n_threads_batch,
+            rope_freq_base=rope_freq_base,
+            rope_freq_scale=rope_freq_scale,
+            logits_all=logits_all,
+            embedding=embedding,
+            flash_attn=flash_attn,
+            last_n_tokens_size=last_n_tokens_size,
+            chat_format=chat_format,
+            type_k=type_k,
+            verbose=verbose,
+            device=device,
+        )
+
+        self._ctx = None
+        if not vocab_only:
+            self._ctx = runtime.create_context(
+                self._model, params, self._n_ctx, self.n_ubatch, type_k_name, bool(flash_attn), device, self.n_threads
+            )
+        self.n_tokens = 0
+        self.input_ids: npt.NDArray[np.intc] = np.ndarray((self._n_ctx,), dtype=np.intc)
+        self.scores: npt.NDArray[np.single] = np.zeros(
+            (self._n_ctx if self._logits_all else self.n_batch, self._n_vocab), dtype=np.single
+        )
+        self._last_logits: npt.NDArray[np.single] | None = None
+        self._requires_eval = False
+        self._sampler: Sampler | None = None
+        self._mirostat_mu = 2.0 * 5.0
+        self._chat_init(chat_format, chat_handler)
+        self._busy = threading.Lock()
+        self._busy_owner: int | None = None
+        if self.n_batch < 32 and not vocab_only:
+            warnings.warn(
+                f"n_batch={self.n_batch} evaluates prompts {self.n_batch} tokens at a time, which is slow "
+                "(LangChain's default is 8); n_batch=512 is llama-cpp-python's",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if verbose:
+            print(
+                f"llama-dsv4: loaded {self.model_path} ({params.n_layer} layers, {self._n_vocab} tokens), "
+                f"n_ctx={self._n_ctx}, n_batch={self.n_batch}, cache {type_k_name}",
+                file=sys.stderr,
+            )
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Release the context and unmap the model file."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._ctx = None
+        self._model.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __enter__(self) -> Llama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self._init_kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this Llama has been closed")
+
+    # ---------------------------------------------------------------------------------------------- properties
+    @property
+    def _input_ids(self) -> npt.NDArray[np.intc]:
+        return self.input_ids[: self.n_tokens]
+
+    @property
+    def _scores(self) -> npt.NDArray[np.single]:
+        return self.scores[: self.n_tokens, :] if self._logits_all else self.scores[:0]
+
+    @property
+    def eval_tokens(self) -> deque[int]:
+        return deque(self.input_ids[: self.n_tokens].tolist(), maxlen=self._n_ctx)
+
+    @property
+    def eval_logits(self) -> deque[list[float]]:
+        rows = self.scores[: self.n_tokens] if self._logits_all else np.zeros((0, self._n_vocab))
+        return deque(rows.tolist(), maxlen=self._n_ctx if self._logits_all else 1)
+
+    @property
+    def ctx(self) -> Any:
+        return self._ctx
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def _n_threads(self) -> int:
+        return self.n_threads
+
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def n_embd(self) -> int:
+        return self._params.n_embd
+
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    def pooling_type(self) -> str:
+        return -1  # type: ignore[return-value]
+
+    def token_bos(self) -> int:
+        v = self._vocab
+        return v.bos_id if v is not None and v.bos_id is not None else -1
+
+    def token_eos(self) -> int:
+        v = self._vocab
+        return v.eos_id if v is not None and v.eos_id is not None else -1
+
+    def token_nl(self) -> int:
+        if self._dsv4_tokenizer is None:
+            return -1
+        ids = self._dsv4_tokenizer.tokenize(b"\n", add_bos=False)
+        return ids[0] if ids else -1
+
+    def _is_eog(self, token: int) -> bool:
+        return token == self.token_eos()
+
+    def tokenizer(self) -> LlamaTokenizer:
+        return LlamaTokenizer(self)
+
+    # ---------------------------------------------------------------------------------------------- text
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of `text` (bytes). As llama.cpp, `add_bos` adds a BOS only if the vocabulary asks for one."""
+        self._check_open()
+        return self.tokenizer_.tokenize(text, add_bos, special)
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        """The bytes of `tokens`; control tokens only with `special`."""
+        self._check_open()
+        return self.tokenizer_.detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    def _require_vocab(self) -> DSV4Tokenizer:
+        if self._dsv4_tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer (tokenizer.ggml.model = no_vocab); pass token ids")
+        return self._dsv4_tokenizer
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    def set_cache(self, cache: BaseLlamaCache | None) -> None:
+        self.cache = cache
+
+    def set_seed(self, seed: int) -> None:
+        self._seed = seed
+
+    def reset(self) -> None:
+        self.n_tokens = 0
+
+    def _context(self) -> Any:
+        self._check_open()
+        if self._ctx is None:
+            raise ValueError("this Llama was created with vocab_only=True: it cannot evaluate tokens")
+        return self._ctx
+
+    def _sync_context(self) -> None:
+        """Make the engine's sequence equal input_ids[:n_tokens] (it may be longer after a truncation)."""
+        ctx = self._context()
+        if ctx.n_past == self.n_tokens:
+            return
+        if ctx.n_past > self.n_tokens:
+            runtime.truncate(ctx, self.input_ids[: self.n_tokens], self.n_batch)
+            return
+        raise RuntimeError("internal: the context is behind input_ids")
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Evaluate tokens after the first n_tokens (anything evaluated beyond n_tokens is discarded first)."""
+        ctx = self._context()
+        tokens = list(tokens)
+        if not tokens:
+            return
+        if self.n_tokens + len(tokens) > self._n_ctx:
+            raise ValueError(f"Requested tokens ({self.n_tokens + len(tokens)}) exceed context window of {self._n_ctx}")
+        bad = [t for t in tokens if not 0 <= int(t) < self._n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self._n_vocab})")
+        self._sync_context()
+        for i in range(0, len(tokens), self.n_batch):
+            batch = tokens[i : i + self.n_batch]
+            n_past = self.n_tokens
+            runtime.set_threads(ctx, self.n_threads_batch if len(batch) > 1 else self.n_threads)
+            logits = ctx.eval(np.asarray(batch, np.int64), all_logits=self._logits_all)
+            self.input_ids[n_past : n_past + len(batch)] = batch
+            if self._logits_all:
+                self.scores[n_past : n_past + len(batch), :] = logits
+            self._last_logits = logits[-1]
+            self.n_tokens += len(batch)
+        self._requires_eval = False
+
+    def _logits_at(self, idx: int | None) -> npt.NDArray[np.single]:
+        if idx is None or idx == self.n_tokens - 1:
+            if self._last_logits is None:
+                raise ValueError("no logits: evaluate tokens first")
+            return self._last_logits
+        if not self._logits_all:
+            raise ValueError("logits of earlier positions need logits_all=True")
+        return self.scores[idx]
+
+    def _init_sampler(
+        self,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_eta: float = 0.1,
+        mirostat_tau: float = 5.0,
+        penalize_nl: bool = True,
+        logits_processor: LogitsProcessorList | None = None,
+        grammar: LlamaGrammar | None = None,
+    ) -> Sampler:
+        params = SamplerParams(
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            temp=temp,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            penalty_last_n=self.last_n_tokens_size,
+        )
+        return Sampler(
+            params, seed=self._seed, logits_processor=logits_processor, grammar=_completion.grammar_state(self, grammar)
+        )
+
+    def sample(
+        self,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_eta: float = 0.1,
+        mirostat_tau: float = 5.0,
+        penalize_nl: bool = True,
+        logits_processor: LogitsProcessorList | None = None,
+        grammar: LlamaGrammar | None = None,
+        idx: int | None = None,
+    ) -> int:
+        """Sample a token from the logits of position `idx` (default: the last evaluated)."""
+        assert self.n_tokens > 0
+        sampler = self._sampler or self._init_sampler(
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            temp=temp,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            mirostat_mode=mirostat_mode,
+            mirostat_eta=mirostat_eta,
+            mirostat_tau=mirostat_tau,
+            logits_processor=logits_processor,
+            grammar=grammar,
+        )
+        return sampler.sample(self._logits_at(idx), self._input_ids)
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        reset: bool = True,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        penalize_nl: bool = True,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        grammar: LlamaGrammar | None = None,
+    ) -> Generator[int, Sequence[int] | None, None]:
+        """Yield sampled tokens forever (the caller stops). A prompt that extends what was evaluated reuses it;
+        a sampled token is evaluated when the generator is resumed; `.send(tokens)` appends more tokens."""
+        self._context()
+        self._sampler = self._init_sampler(
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            temp=temp,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            logits_processor=logits_processor,
+            grammar=grammar,
+        )
+        tokens = list(tokens)
+        if reset and self.n_tokens > 0:
+            prefix = longest_token_prefix(self._input_ids.tolist(), tokens)
+            consumed = prefix == len(tokens)
+            if self.n_tokens == len(tokens) and consumed and not self._requires_eval:
+                reset, tokens = False, []  # the whole prompt is already evaluated: sample right away
+            else:
+                keep = prefix - 1 if consumed else prefix  # re-evaluate at least one token for fresh logits
+                if keep > 0:
+                    reset = False
+                    tokens = tokens[keep:]
+                    self.n_tokens = keep
+                    self._requires_eval = True
+        if reset:
+            self.reset()
+        sample_idx = self.n_tokens + len(tokens) - 1
+        try:
+            while True:
+                self.eval(tokens)
+                while sample_idx < self.n_tokens:
+                    token = self.sample(idx=sample_idx)
+                    sample_idx += 1
+                    if stopping_criteria is not None and stopping_criteria(
+                        self._input_ids[:sample_idx], self._logits_at(sample_idx - 1)
+                    ):
+                        return
+                    more = yield token
+                    tokens = [token, *(more or [])]
+                    if sample_idx < self.n_tokens and token != self.input_ids[sample_idx]:
+                        self.n_tokens = sample_idx
+                        self._requires_eval = True
+                        break
+                if self.draft_model is not None:
+                    self.input_ids[self.n_tokens : self.n_tokens + len(tokens)] = tokens
+                    draft = self.draft_model(self.input_ids[: self.n_tokens + len(tokens)])
+                    tokens.extend(np.asarray(draft).astype(int)[: self._n_ctx - self.n_tokens - len(tokens)].tolist())
+        finally:
+            self._sampler = None
+
+    # ---------------------------------------------------------------------------------------------- state
+    def save_state(self) -> LlamaState:
+        ctx = self._context()
+        self._sync_context()
+        blob = ctx.save_state()
+        scores = (
+            self.scores[: self.n_tokens].copy()
+            if self._logits_all
+            else (
+                self._last_logits[None, :].copy()
+                if self._last_logits is not None
+                else np.zeros((0, self._n_vocab), np.single)
+            )
+        )
+        return LlamaState(
+            input_ids=self.input_ids.copy(),
+            scores=scores,
+            n_tokens=self.n_tokens,
+            llama_state=blob,
+            llama_state_size=len(blob),
+            seed=self._seed,
+        )
+
+    def load_state(self, state: LlamaState) -> None:
+        ctx = self._context()
+        ctx.load_state(state.llama_state)
+        n = int(state.n_tokens)
+        self.input_ids[:n] = np.asarray(state.input_ids)[:n]
+        self.n_tokens = n
+        if self._logits_all:
+            self.scores[:n] = state.scores[:n]
+            self._last_logits = self.scores[n - 1].copy() if n else None
+        else:
+            self._last_logits = state.scores[-1].copy() if len(state.scores) else None
+        self._seed = state.seed
+        self._requires_eval = True  # a restored state must be re-evaluated before an exact-match sample
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One completion at a time per Llama: other threads wait; the same thread starting a second one while
+        the first is unfinished (two interleaved streams) gets an error instead of corrupted state."""
+        me = threading.get_ident()
+        if self._busy_owner == me:
+            raise RuntimeError(
+                "another completion on this Llama is still running in this thread (finish or close its stream first)"
+            )
+        with self._busy:
+            self._busy_owner = me
+            try:
+                yield
+            finally:
+                self._busy_owner = None
+
+    # ---------------------------------------------------------------------------------------------- completion
+    def create_completion(
+        self,
+        prompt: str | list[int],
+        suffix: str | None = None,
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        logprobs: int | None = None,
+        echo: bool = False,
+        stop: str | list[str] | None = [],  # noqa: B006 - llama-cpp-python's default, never mutated
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: int | None = None,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: str | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        grammar: LlamaGrammar | None = None,
+        logit_bias: dict[int, float] | None = None,
+    ) -> CreateCompletionResponse | Iterator[CreateCompletionStreamResponse]:
+        """Complete `prompt` (text, or token ids used as given). Returns the response, or an iterator of chunks
+        with `stream=True`."""
+        chunks = _completion.create_completion(
+            self,
+            prompt,
+            suffix=suffix,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            logprobs=logprobs,
+            echo=echo,
+            stop=stop,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty,
+            top_k=top_k,
+            stream=stream,
+            seed=seed,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            model=model,
+            stopping_criteria=stopping_criteria,
+            logits_processor=logits_processor,
+            grammar=grammar,
+            logit_bias=logit_bias,
+        )
+        if stream:
+            return chunks
+        try:
+            return next(chunks)
+        finally:
+            chunks.close()
+
+    def __call__(
+        self,
+        prompt: str | list[int],
+        suffix: str | None = None,
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        logprobs: int | None = None,
+        echo: bool = False,
+        stop: str | list[str] | None = [],  # noqa: B006
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: int | None = None,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: str | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        grammar: LlamaGrammar | None = None,
+        logit_bias: dict[int, float] | None = None,
+    ) -> CreateCompletionResponse | Iterator[CreateCompletionStreamResponse]:
+        return self.create_completion(
+            prompt,
+            suffix=suffix,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            logprobs=logprobs,
+            echo=echo,
+            stop=stop,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty,
+            top_k=top_k,
+            stream=stream,
+            seed=seed,
+            tfs_z=tfs_z,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            model=model,
+            stopping_criteria=stopping_criteria,
+            logits_processor=logits_processor,
+            grammar=grammar,
+            logit_bias=logit_bias,
+        )
+
+    # ---------------------------------------------------------------------------------------------- chat
+    def _chat_init(self, chat_format: str | None, chat_handler: Any) -> None:
+        from .chat import handlers
+
+        handlers.install(self, chat_format, chat_handler)
+
+    def create_chat_completion(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """Chat with the model (OpenAI message format); see llama_dsv4.chat."""
+        from .chat import handlers
+
+        return handlers.create_chat_completion(self, messages, **kwargs)
+
+    def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any) -> Any:
+        from .chat import handlers
+
+        return handlers.create_chat_completion_openai_v1(self, *args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------- embeddings
+    def create_embedding(self, input: str | list[str], model: str | None = None) -> CreateEmbeddingResponse:
+        self.embed(input)
+        raise AssertionError  # embed raises
+
+    def embed(
+        self, input: str | list[str], normalize: bool = False, truncate: bool = True, return_count: bool = False
+    ) -> Any:
+        if not self._embedding:
+            raise RuntimeError("Llama model must be created with embedding=True to call this method")
+        raise NotImplementedError("embeddings are not implemented for deepseek4 models")
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def logits_to_logprobs(logits: npt.NDArray[np.single] | list, axis: int = -1) -> npt.NDArray[np.single]:
+        x = np.asarray(logits, dtype=np.single)
+        m = np.max(x, axis=axis, keepdims=True)
+        with np.errstate(invalid="ignore"):
+            s = x - m
+            return s - np.log(np.sum(np.exp(s), axis=axis, keepdims=True))
+
+    @staticmethod
+    def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+        return longest_token_prefix(a, b)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        filename: str | None,
+        additional_files: list[str] | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
+        local_dir_use_symlinks: bool | str = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> Llama:
+        """Download a GGUF (and the other shards of a split set) from the Hugging Face Hub and load it."""
+        from .hub import download
+
+        path = download(
+            repo_id,
+            filename,
+            additional_files=additional_files,
+            local_dir=local_dir,
+            cache_dir=cache_dir,
+            revision=revision,
+            token=token,
+        )
+        return cls(model_path=path, **kwargs)
+
+
+def _metadata_strings(kv: dict[str, Any]) -> dict[str, str]:
+    """GGUF metadata as llama.cpp reports it: strings, booleans as true/false, floats with six decimals, no arrays."""
+    out = {}
+    for k, v in kv.items():
+        if isinstance(v, (list, tuple, np.ndarray)):
+            continue
+        if isinstance(v, (bool, np.bool_)):
+            out[k] = "true" if v else "false"
+        elif isinstance(v, (float, np.floating)):
+            out[k] = f"{float(v):f}"
+        else:
+            out[k] = str(v)
+    return out

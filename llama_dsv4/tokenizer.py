@@ -1,0 +1,203 @@
+"""DeepSeek V4's byte-level BPE tokenizer, built from a GGUF vocabulary, with llama.cpp's semantics.
+
+Encoding runs on HF `tokenizers` (Rust): the GGUF's tokens and merges as a BPE model, the `deepseek-v3` /
+`joyai-llm` pre-tokenizer (three regexes applied in sequence, spec §5.1) and GPT-2's byte-level alphabet.
+Special tokens behave as in llama.cpp: user-defined tokens (e.g. `<think>`) are always matched in the text,
+control tokens (e.g. `<｜User｜>`) only when `special=True`. Decoding is a table lookup per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from .model.vocab import CONTROL, NORMAL, USER_DEFINED, Vocab, bytes_to_unicode
+
+# the three splits of llama.cpp's deepseek-v3 pre-tokenizer, applied in sequence (spec §5.1)
+_SPLITS = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"
+    r" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+PRE_TOKENIZERS = ("deepseek-v3", "joyai-llm")
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def decode_utf8(b: bytes) -> str:
+    """Text of `b` as llama.cpp reads it: well-formed UTF-8 as usual; each byte that does not start a complete
+    sequence becomes U+FFFD on its own (Python's "replace" would merge a truncated sequence into one U+FFFD)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    out, i, n = [], 0, len(b)
+    while i < n:
+        c = b[i]
+        if c < 0x80:
+            out.append(chr(c))
+            i += 1
+            continue
+        length = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4 if c & 0xF8 == 0xF0 else 0
+        if length and i + length <= n and all(b[i + k] & 0xC0 == 0x80 for k in range(1, length)):
+            cp = c & (0x7F >> length)
+            for k in range(1, length):
+                cp = (cp << 6) | (b[i + k] & 0x3F)
+            # llama.cpp accepts overlong forms too; code points a Python/Rust string cannot hold become U+FFFD
+            out.append("\ufffd" if 0xD800 <= cp <= 0xDFFF or cp > 0x10FFFF else chr(cp))
+            i += length
+        else:
+            out.append("\ufffd")
+            i += 1
+    return "".join(out)
+
+
+def _bpe(vocab: Vocab, specials: Iterable[int]) -> Tokenizer:
+    ids = {t: i for i, t in enumerate(vocab.tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+    tk = Tokenizer(models.BPE(vocab=ids, merges=merges, fuse_unk=False, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _SPLITS]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(vocab.tokens[i], special=True, normalized=False) for i in specials])
+    return tk
+
+
+class DSV4Tokenizer:
+    """tokenize(bytes) -> ids and detokenize(ids) -> bytes for one vocabulary."""
+
+    def __init__(self, vocab: Vocab) -> None:
+        if vocab.model != "gpt2":
+            raise TokenizerError(f"tokenizer model {vocab.model!r} is not supported (deepseek4 uses 'gpt2')")
+        if vocab.pre is not None and vocab.pre not in PRE_TOKENIZERS:
+            raise TokenizerError(f"pre-tokenizer {vocab.pre!r} is not supported; expected one of {PRE_TOKENIZERS}")
+        self.vocab = vocab
+        types = vocab.token_types
+        user = [i for i in range(vocab.n_tokens) if types[i] == USER_DEFINED]
+        control = [i for i in range(vocab.n_tokens) if types[i] == CONTROL]
+        self._plain = _bpe(vocab, user)  # user-defined tokens are always recognised
+        self._special = _bpe(vocab, user + control)
+        # the bytes of every token: byte-level symbols decoded; user-defined as written; control as written
+        # (emitted only when special=True)
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        self._pieces: list[bytes] = []
+        for t, ty in zip(vocab.tokens, types, strict=True):
+            if ty == NORMAL:
+                try:
+                    self._pieces.append(bytes(byte_of[c] for c in t))
+                except KeyError:  # a symbol outside the byte alphabet: keep its UTF-8
+                    self._pieces.append(t.encode("utf-8"))
+            else:
+                self._pieces.append(t.encode("utf-8"))
+        self._control = frozenset(control)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.vocab.n_tokens
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of `text` (bytes, read as UTF-8 the way llama.cpp reads it). A BOS token is prepended only if
+        `add_bos` and the vocabulary asks for one (DeepSeek V4 files do not), as in llama.cpp."""
+        s = decode_utf8(bytes(text)) if isinstance(text, (bytes, bytearray, memoryview)) else str(text)
+        ids = (self._special if special else self._plain).encode(s, add_special_tokens=False).ids
+        if add_bos and self.vocab.add_bos and self.vocab.bos_id is not None:
+            ids = [self.vocab.bos_id, *ids]
+        if add_bos and self.vocab.add_eos and self.vocab.eos_id is not None:
+            ids = [*ids, self.vocab.eos_id]
+        return ids
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        if not 0 <= token < len(self._pieces):
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {len(self._pieces)})")
+        if not special and token in self._control:
+            return b""
+        return self._pieces[token]
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """The bytes of `tokens` (control tokens only with `special`); a leading space after a BOS is dropped,
+        as llama-cpp-python does."""
+        pieces, control, n = self._pieces, self._control, len(self._pieces)
+        out = []
+        for t in tokens:
+            t = int(t)
+            if not 0 <= t < n:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {n})")
+            if special or t not in control:
+                out.append(pieces[t])
+        b = b"".join(out)
+        if tokens and int(tokens[0]) == self.vocab.bos_id and b[:1] == b" ":
+            b = b[1:]
+        return b
+
+
+# ------------------------------------------------------------------------------------------ llama-cpp-python API
+
+
+class BaseLlamaTokenizer:
+    """llama-cpp-python's tokenizer interface (`llama_cpp.llama_tokenizer.BaseLlamaTokenizer`)."""
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        raise NotImplementedError
+
+
+class LlamaTokenizer(BaseLlamaTokenizer):
+    """The model's own tokenizer, as `Llama.tokenizer()` returns it."""
+
+    def __init__(self, llama: object) -> None:
+        self._llama = llama
+
+    def _tok(self) -> DSV4Tokenizer:
+        return self._llama._require_vocab()  # type: ignore[attr-defined]
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self._tok().tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        return self._tok().detokenize(tokens, special=special)
+
+    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.tokenize(text.encode("utf-8", errors="ignore"), add_bos=add_bos, special=special)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.detokenize(tokens).decode("utf-8", errors="ignore")
+
+    @classmethod
+    def from_ggml_file(cls, path: str) -> LlamaTokenizer:
+        from .llama import Llama
+
+        return cls(Llama(model_path=path, vocab_only=True, verbose=False))
+
+
+class LlamaHFTokenizer(BaseLlamaTokenizer):
+    """A Hugging Face tokenizer (anything with encode/decode) in the llama-cpp-python interface."""
+
+    def __init__(self, hf_tokenizer: object) -> None:
+        self.hf_tokenizer = hf_tokenizer
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.hf_tokenizer.encode(text.decode("utf-8", errors="ignore"), add_special_tokens=special)
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        skip = not special
+        if prev_tokens is not None:
+            text = self.hf_tokenizer.decode(prev_tokens + tokens, skip_special_tokens=skip).encode("utf-8", "ignore")
+            prev = self.hf_tokenizer.decode(prev_tokens, skip_special_tokens=skip).encode("utf-8", "ignore")
+            return text[len(prev) :]
+        return self.hf_tokenizer.decode(tokens, skip_special_tokens=skip).encode("utf-8", errors="ignore")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str) -> LlamaHFTokenizer:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:
+            raise ImportError("LlamaHFTokenizer.from_pretrained needs transformers (pip install transformers)") from e
+        return cls(AutoTokenizer.from_pretrained(pretrained_model_name_or_path))
