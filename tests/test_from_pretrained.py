@@ -66,7 +66,9 @@ def test_model_card_snippet_with_empty_filename_downloads_the_split_set(
             "print(llm('Hello', max_tokens=2, temperature=0)['usage']['completion_tokens'])\n"
         )
         env = {**os.environ, "HF_ENDPOINT": h.url, "HF_HOME": str(tmp_path), "HF_HUB_DISABLE_TELEMETRY": "1"}
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path)
+        )  # not the source tree: the installed package
         assert r.returncode == 0, r.stderr[-3000:]
         path, n = r.stdout.split()
         assert path.endswith("DeepSeek-V4-Flash-Q8xQ5-00001-of-00011.gguf") and n == "2"
