@@ -70,6 +70,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def top_order(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, largest first, ties by lower index (what a stable sort of -x gives), in
+    O(n + k log k) instead of a full sort of the vocabulary."""
+    n = x.size
+    if k >= n:
+        return np.argsort(-x, kind="stable")
+    thr = np.partition(x, n - k)[n - k]
+    above = np.flatnonzero(x > thr)
+    cand = np.concatenate([above, np.flatnonzero(x == thr)[: k - above.size]])
+    if cand.size < k:  # NaN logits: fall back to the full sort
+        return np.argsort(-x, kind="stable")[:k]
+    cand.sort()
+    return cand[np.argsort(-x[cand], kind="stable")]
+
+
 @dataclass
 class SamplerParams:
     top_k: int = 40
@@ -149,9 +164,7 @@ class Sampler:
             token = self._mirostat_v2(x)
         else:
             keep = self._truncate(x)
-            y = np.full_like(x, -np.inf)
-            y[keep] = x[keep] / p.temp
-            token = self._draw(y)
+            token = int(keep[self._draw(x[keep] / p.temp)]) if len(keep) > 1 else int(keep[0])
         self.accept(token)
         return token
 
@@ -169,9 +182,18 @@ class Sampler:
     def _truncate(self, x: np.ndarray) -> np.ndarray:
         """Indices that survive top-k, typical-p, top-p and min-p (probabilities at temperature 1)."""
         p = self.params
-        order = np.argsort(-x, kind="stable")
         if p.top_k > 0:
-            order = order[: p.top_k]
+            order = top_order(x, p.top_k)
+        elif p.top_p < 1.0:  # only the prefix that reaches top_p matters: widen a partial sort until it does
+            probs = softmax(x)
+            k = 256
+            while True:
+                order = top_order(x, k)
+                if k >= x.size or probs[order].sum() >= p.top_p:
+                    break
+                k *= 8
+        else:
+            order = top_order(x, x.size)
         order = order[np.isfinite(x[order])] if np.isfinite(x[order[0]]) else order[:1]
         if p.typical_p < 1.0 and len(order) > 1:
             probs = softmax(x[order])

@@ -1,9 +1,147 @@
-"""Constrained decoding (grammars, JSON schemas): the chat/structured-output work (issue 5) implements it."""
+"""Constrained decoding on llguidance (PyPI `llguidance`): GBNF grammars, JSON schemas, and the DSML tool-call
+grammar of chat, applied token by token as a mask on the logits.
+
+The model's vocabulary is handed to llguidance once per tokenizer (byte strings of every token; control tokens are
+special and never match text). A `GrammarState` is the sampler's hook: `mask(logits)` removes every token the
+grammar forbids (the end-of-sequence token only where the grammar may end), `accept(token)` advances it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..llama import Llama
+    from ..tokenizer import DSV4Tokenizer
 
 
-def grammar_state(llama: Any, grammar: Any) -> Any:
-    raise NotImplementedError("grammar-constrained decoding is not implemented yet in llama-dsv4")
+class GrammarError(ValueError):
+    """A grammar or schema that cannot be compiled."""
+
+
+def _llg() -> Any:
+    try:
+        import llguidance
+    except ImportError as e:  # a dependency; only a broken install lacks it
+        raise ImportError("constrained decoding needs llguidance (pip install llguidance)") from e
+    return llguidance
+
+
+class _Wrapper:
+    """What llguidance's LLTokenizer reads from a tokenizer."""
+
+    def __init__(self, tok: DSV4Tokenizer) -> None:
+        v = tok.vocab
+        self.eos_token_id = v.eos_id if v.eos_id is not None else 0
+        self.bos_token_id = v.bos_id
+        self.tokens = [tok.piece(i, special=True) for i in range(tok.n_tokens)]
+        self.special_token_ids = sorted(tok._control)
+        self._tok = tok
+        self.is_tokenizer_wrapper = True
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        b = text if isinstance(text, bytes) else text.encode("utf-8")
+        return self._tok.tokenize(b, add_bos=False, special=False)
+
+
+_cache: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def llg_tokenizer(tok: DSV4Tokenizer) -> Any:
+    """llguidance's view of a vocabulary, built once per tokenizer (a second or so for 129k tokens)."""
+    with _lock:
+        t = _cache.get(tok)
+        if t is None:
+            llg = _llg()
+            t = llg.LLTokenizer(_Wrapper(tok), n_vocab=tok.n_tokens)
+            _cache[tok] = t
+        return t
+
+
+def check(grammar: str) -> str:
+    """Validate an llguidance grammar (from grammar_from_*); raises GrammarError with llguidance's message."""
+    llg = _llg()
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise GrammarError(f"invalid grammar: {messages[0] if messages else 'unknown error'}")
+    return grammar
+
+
+def from_gbnf(gbnf: str) -> str:
+    llg = _llg()
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    try:
+        lark = gbnf_to_lark(gbnf)
+    except Exception as e:  # the converter raises plain exceptions on bad input
+        raise GrammarError(f"invalid GBNF grammar: {e}") from None
+    return check(llg.LLMatcher.grammar_from_lark(lark))
+
+
+def from_json_schema(schema: Any) -> str:
+    llg = _llg()
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise GrammarError(f"the JSON schema is not JSON: {e.msg}") from None
+    if not isinstance(schema, dict):
+        raise GrammarError("a JSON schema must be an object")
+    try:
+        g = llg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    except ValueError as e:
+        raise GrammarError(f"invalid JSON schema: {e}") from None
+    return check(g)
+
+
+def from_lark(lark: str) -> str:
+    return check(_llg().LLMatcher.grammar_from_lark(lark))
+
+
+class GrammarState:
+    """One generation's grammar: masks logits, follows sampled tokens."""
+
+    def __init__(self, tok: DSV4Tokenizer, grammar: str) -> None:
+        llg = _llg()
+        self.matcher = llg.LLMatcher(llg_tokenizer(tok), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(f"invalid grammar: {self.matcher.get_error()}")
+        self.n_vocab = tok.n_tokens
+        self.eos = tok.vocab.eos_id
+        self._mask = np.zeros((self.n_vocab + 31) // 32, np.int32)
+
+    def allowed(self) -> np.ndarray:
+        """Boolean [n_vocab]: the tokens the grammar allows next."""
+        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        return np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        if self.matcher.is_error():
+            raise GrammarError(f"constrained decoding failed: {self.matcher.get_error()}")
+        ok = self.allowed()
+        if not ok.any():
+            raise GrammarError("the grammar allows no token here")
+        out = np.where(ok, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+        if not np.isfinite(out).any():  # every allowed token had -inf logits: keep the grammar's choice possible
+            out = np.where(ok, 0.0, -np.inf).astype(np.float32)
+        return out
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(int(token)) and token != self.eos:
+            raise GrammarError(f"token {token} was not allowed by the grammar: {self.matcher.get_error()}")
+
+    def done(self) -> bool:
+        return self.matcher.is_stopped() or self.matcher.is_accepting()
+
+
+def grammar_state(llama: Llama, grammar: Any) -> GrammarState:
+    """The state for a LlamaGrammar (or a compiled llguidance grammar string)."""
+    tok = llama._require_vocab()
+    source = grammar if isinstance(grammar, str) else grammar._llguidance()
+    return GrammarState(tok, source)

@@ -1,99 +1,250 @@
-"""`create_chat_completion`: resolve the chat format, render the prompt, complete, shape the answer.
+"""`create_chat_completion`: resolve the chat format, render the prompt, complete (constrained where asked), and
+shape the answer: reasoning, content and tool calls, whole or streamed.
 
 Resolution as llama-cpp-python: `chat_handler` first, then `chat_format` ("chat_template.default" and
 "chat_template.<name>" are the GGUF's own templates, "deepseek-v4" ours); by default the GGUF's template, else
-ours. Templates render in the sandbox of chat/template.py.
+ours. Templates render in the sandbox of chat/template.py. Beyond llama-cpp-python (spec §3.6): tool calls are
+parsed out of the model's DSML markup for tool_choice auto/required/named, a required or named choice and
+`response_format` constrain decoding (llguidance), the thinking text is returned as `reasoning_content`, and
+thinking mode, effort and other template variables are reachable as keyword arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..grammar import LlamaGrammar
 from ..model.writer import default_chat_template
+from . import constrained, dsml
 from . import template as tmpl
+from .parser import OutputParser
 
 if TYPE_CHECKING:
     from ..llama import Llama
+
+ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 
 
 class LlamaChatCompletionHandlerNotFoundException(Exception):
     pass
 
 
-def _check_messages(messages: Any) -> list[dict[str, Any]]:
-    if not isinstance(messages, list) or not messages:
+# ---------------------------------------------------------------------------------------------- requests
+
+
+def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check the OpenAI-format messages; text parts joined; tool-call arguments given as JSON strings (as OpenAI
+    clients and LangChain send them) turned into objects, as llama.cpp does, so every template can render them."""
+    if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"message {i} must be an object with a 'role'")
-        if m["role"] not in ("system", "user", "assistant", "tool", "developer", "function"):
+        if m["role"] not in ROLES:
             raise ValueError(f"message {i} has an unknown role {m['role']!r}")
+        m = dict(m)
         content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text parts
-            m = dict(m)
+        if isinstance(content, list):
             m["content"] = "".join(
                 p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
             )
-            messages[i] = m
         elif content is not None and not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string, a list of parts or null")
-    return messages
+        calls = m.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise ValueError(f"message {i}: tool_calls must be a list")
+            fixed = []
+            for c in calls:
+                if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
+                    raise ValueError(f"message {i}: every tool call needs a 'function' object")
+                f = dict(c["function"])
+                args = f.get("arguments")
+                if isinstance(args, str):
+                    try:
+                        f["arguments"] = json.loads(args) if args.strip() else {}
+                    except json.JSONDecodeError:
+                        raise ValueError(f"message {i}: tool call arguments are not JSON: {args[:80]!r}") from None
+                fixed.append({**c, "function": f})
+            m["tool_calls"] = fixed
+        out.append(m)
+    return out
+
+
+def _tool_choice(tools: Any, tool_choice: Any, functions: Any, function_call: Any) -> tuple[Any, Any]:
+    """Legacy `functions`/`function_call` as tools; returns (tools, choice) with choice "none" | "auto" |
+    "required" | a function name."""
+    if functions and not tools:
+        tools = [{"type": "function", "function": f} for f in functions]
+    if tool_choice is None and function_call is not None:
+        tool_choice = (
+            function_call if isinstance(function_call, str) else {"type": "function", "function": function_call}
+        )
+    if not tools:
+        return None, "none"
+    if tool_choice is None:
+        return tools, "auto"
+    if isinstance(tool_choice, str):
+        if tool_choice not in ("none", "auto", "required"):
+            raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a function, got {tool_choice!r}")
+        return tools, tool_choice
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") if "function" in tool_choice else tool_choice.get("name")
+        if isinstance(name, str):
+            return tools, name
+    raise ValueError(f"invalid tool_choice {tool_choice!r}")
+
+
+def _schema_of(response_format: Any) -> tuple[bool, Any]:
+    """(constrained?, schema or None) of an OpenAI response_format."""
+    if not response_format:
+        return False, None
+    if not isinstance(response_format, dict) or "type" not in response_format:
+        raise ValueError("response_format must be an object with a 'type'")
+    kind = response_format["type"]
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, response_format.get("schema")
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+        return True, spec["schema"]
+    raise ValueError(f"unknown response_format type {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------- the handler
 
 
 class TemplateChatHandler:
-    """A chat format made from a Jinja template (the GGUF's or ours)."""
+    """A chat format made from a Jinja template (the GGUF's or ours) with DeepSeek V4's output conventions."""
 
     def __init__(self, source: str, name: str) -> None:
         self.source = source
         self.name = name
         tmpl.compile_template(source)
 
-    def render(
-        self,
-        llama: Llama,
-        messages: list[dict[str, Any]],
-        tools: Any,
-        response_format: Any,
-        template_kwargs: dict[str, Any],
-    ) -> str:
+    def render(self, llama: Llama, messages: list[dict[str, Any]], variables: dict[str, Any]) -> str:
         v = llama._require_vocab().vocab
-        variables: dict[str, Any] = dict(
+        return tmpl.render(
+            self.source,
             messages=messages,
             add_generation_prompt=True,
             bos_token=v.tokens[v.bos_id] if v.bos_id is not None else "",
             eos_token=v.tokens[v.eos_id] if v.eos_id is not None else "",
+            **variables,
         )
-        if tools:
-            variables["tools"] = tools
-        if response_format and response_format.get("type") == "json_object" and response_format.get("schema"):
-            variables["response_format"] = response_format["schema"]
-        variables.update(template_kwargs)
-        return tmpl.render(self.source, **variables)
 
     def __call__(
         self,
         *,
         llama: Llama,
-        messages: list[dict[str, Any]],
+        messages: Any,
+        functions: Any = None,
+        function_call: Any = None,
         tools: Any = None,
+        tool_choice: Any = None,
         response_format: Any = None,
+        grammar: Any = None,
         stream: bool = False,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        reasoning_format: str = "deepseek",
+        chat_template_kwargs: dict[str, Any] | None = None,
         template_kwargs: dict[str, Any] | None = None,
         **completion: Any,
     ) -> Any:
-        prompt = self.render(llama, messages, tools, response_format, template_kwargs or {})
+        messages = _normalize_messages(messages)
+        if reasoning_format not in ("deepseek", "none"):
+            raise ValueError(f"reasoning_format must be 'deepseek' or 'none', got {reasoning_format!r}")
+        variables = {**(chat_template_kwargs or {}), **(template_kwargs or {})}
+        tools, choice = _tool_choice(tools, tool_choice, functions, function_call)
+        constrained_json, schema = _schema_of(response_format)
+        source = None  # the grammar decoding follows, if any
+        if choice in ("none", "auto"):
+            pass
+        else:  # a required or named call: the answer is a DSML block over these tools
+            source = constrained.from_lark(dsml.tools_grammar(tools, None if choice == "required" else choice))
+        if constrained_json:
+            if source is not None:
+                raise ValueError("response_format cannot be combined with a required or named tool_choice")
+            source = constrained.from_json_schema(schema if schema is not None else {"type": "object"})
+            if schema is not None:
+                variables.setdefault("response_format", schema)
+        if grammar is not None:
+            if source is not None:
+                raise ValueError("grammar cannot be combined with response_format or a forced tool_choice")
+            source = grammar._llguidance() if isinstance(grammar, LlamaGrammar) else grammar
+        if tools and choice != "none":
+            variables["tools"] = tools
+        thinking = bool(variables.get("thinking", variables.get("enable_thinking", False)))
+        if source is not None and thinking:  # constrained output starts right away: no thinking block
+            variables["thinking"] = variables["enable_thinking"] = thinking = False
+        prompt = self.render(llama, messages, variables)
         tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        result = llama.create_completion(prompt=tokens, stream=stream, **completion)
+        n_logprobs = (top_logprobs or 0) if logprobs else None
+        result = llama.create_completion(
+            prompt=tokens, stream=stream, grammar=source, logprobs=n_logprobs, **completion
+        )
+        parse_tools = choice != "none"
+        raw = reasoning_format == "none"
+        named = choice not in ("none", "auto", "required")
         if stream:
-            return _chat_chunks(result)
-        return _chat_response(result)
+            return _stream(llama, result, thinking, parse_tools, raw, named)
+        return _response(llama, result, thinking, parse_tools, raw, named)
 
 
-def _chat_response(c: dict[str, Any]) -> dict[str, Any]:
+def _call_objects(calls: list[tuple[str, dict[str, Any]]], completion_id: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"call_{i}_{name}_{completion_id}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
+        }
+        for i, (name, args) in enumerate(calls)
+    ]
+
+
+def _chat_logprobs(llama: Llama, lp: Any) -> Any:
+    if not lp:
+        return None
+    content = []
+    for tok, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        if logprob is None:
+            continue
+        content.append(
+            {
+                "token": tok,
+                "bytes": None,
+                "logprob": logprob,
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in (top or {}).items()],
+            }
+        )
+    return {"content": content, "refusal": None}
+
+
+def _response(llama: Llama, c: dict[str, Any], thinking: bool, tools: bool, raw: bool, named: bool) -> dict[str, Any]:
     choice = c["choices"][0]
+    p = OutputParser(thinking, tools, raw)
+    events = p.feed(choice["text"]) + p.finish()
+    reasoning = "".join(v for k, v in events if k == "reasoning")
+    content = "".join(v for k, v in events if k == "content")
+    calls = [v for k, v in events if k == "tool_call"]
+    message: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    finish = choice["finish_reason"]
+    if calls:
+        message["tool_calls"] = _call_objects(calls, c["id"])
+        if named:
+            message["function_call"] = dict(message["tool_calls"][0]["function"])
+        finish = "tool_calls"
     return {
         "id": "chat" + c["id"],
         "object": "chat.completion",
@@ -102,38 +253,61 @@ def _chat_response(c: dict[str, Any]) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": choice["text"]},
-                "logprobs": None,
-                "finish_reason": choice["finish_reason"],
+                "message": message,
+                "logprobs": _chat_logprobs(llama, choice.get("logprobs")),
+                "finish_reason": finish,
             }
         ],
         "usage": c["usage"],
     }
 
 
-def _chat_chunks(chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    first = True
+def _stream(
+    llama: Llama, chunks: Iterator[dict[str, Any]], thinking: bool, tools: bool, raw: bool, named: bool
+) -> Iterator[dict[str, Any]]:
+    p = OutputParser(thinking, tools, raw)
+    n_calls = 0
+    started = False
+    base: dict[str, Any] = {}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+    def deltas(events: list[tuple[str, Any]]) -> Iterator[dict[str, Any]]:
+        nonlocal n_calls
+        for kind, value in events:
+            if kind == "tool_call":
+                name, args = value
+                call = {
+                    "index": n_calls,
+                    "id": f"call_{n_calls}_{name}_{base['id'][4:]}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
+                }
+                n_calls += 1
+                yield chunk({"tool_calls": [call]})
+            elif value:
+                yield chunk({"reasoning_content" if kind == "reasoning" else "content": value})
+
     for c in chunks:
-        choice = c["choices"][0]
-        base = {"id": "chat" + c["id"], "model": c["model"], "created": c["created"], "object": "chat.completion.chunk"}
-        if first:
-            yield {
-                **base,
-                "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}],
+        if not started:
+            base = {
+                "id": "chat" + c["id"],
+                "model": c["model"],
+                "created": c["created"],
+                "object": "chat.completion.chunk",
             }
-            first = False
-        if choice["finish_reason"] is not None:
-            yield {
-                **base,
-                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}],
-            }
-        elif choice["text"]:
-            yield {
-                **base,
-                "choices": [
-                    {"index": 0, "delta": {"content": choice["text"]}, "logprobs": None, "finish_reason": None}
-                ],
-            }
+            yield chunk({"role": "assistant"})
+            started = True
+        ch = c["choices"][0]
+        if ch["finish_reason"] is not None:
+            yield from deltas(p.finish())
+            yield chunk({}, "tool_calls" if n_calls else ch["finish_reason"])
+        elif ch["text"]:
+            yield from deltas(p.feed(ch["text"]))
+
+
+# ---------------------------------------------------------------------------------------------- registry
 
 
 def install(llama: Llama, chat_format: str | None, chat_handler: Any) -> None:
@@ -156,6 +330,14 @@ def install(llama: Llama, chat_format: str | None, chat_handler: Any) -> None:
     llama._chat_handlers = handlers
     if chat_format is None and chat_handler is None:
         llama.chat_format = "chat_template.default" if "chat_template.default" in handlers else "deepseek-v4"
+
+
+def template_from_file(llama: Llama, path: str) -> None:
+    """Use a Jinja template file (llama-server's --chat-template-file) as this Llama's chat format."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    llama._chat_handlers["chat_template.file"] = TemplateChatHandler(source, "chat_template.file")
+    llama.chat_format = "chat_template.file"
 
 
 def _resolve(llama: Llama) -> Callable[..., Any]:
@@ -199,56 +381,29 @@ def create_chat_completion(
     logit_bias: dict[int, float] | None = None,
     logprobs: bool | None = None,
     top_logprobs: int | None = None,
+    reasoning_format: str = "deepseek",
+    chat_template_kwargs: dict[str, Any] | None = None,
     **template_kwargs: Any,
 ) -> Any:
-    messages = _check_messages(list(messages) if isinstance(messages, (list, tuple)) else messages)
+    """llama-cpp-python's create_chat_completion; extra keyword arguments (thinking=True, reasoning_effort="max",
+    drop_thinking=False, ...) and `chat_template_kwargs` become template variables."""
     handler = _resolve(llama)
-    if not isinstance(handler, TemplateChatHandler):  # a llama-cpp-python style handler
-        return handler(
-            llama=llama,
-            messages=messages,
-            functions=functions,
-            function_call=function_call,
-            tools=tools,
-            tool_choice=tool_choice,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            typical_p=typical_p,
-            stream=stream,
-            stop=stop or [],
-            seed=seed,
-            response_format=response_format,
-            max_tokens=max_tokens,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            repeat_penalty=repeat_penalty,
-            tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            model=model,
-            logits_processor=logits_processor,
-            grammar=grammar,
-            logit_bias=logit_bias,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-        )
-    return handler(
+    common = dict(
         llama=llama,
         messages=messages,
+        functions=functions,
+        function_call=function_call,
         tools=tools,
-        response_format=response_format,
-        stream=stream,
-        template_kwargs=template_kwargs,
+        tool_choice=tool_choice,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
         min_p=min_p,
         typical_p=typical_p,
+        stream=stream,
         stop=stop or [],
         seed=seed,
+        response_format=response_format,
         max_tokens=max_tokens,
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
@@ -261,6 +416,16 @@ def create_chat_completion(
         logits_processor=logits_processor,
         grammar=grammar,
         logit_bias=logit_bias,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    if not isinstance(handler, TemplateChatHandler):  # a llama-cpp-python style handler: its protocol exactly
+        return handler(**common)
+    return handler(
+        **common,
+        reasoning_format=reasoning_format,
+        chat_template_kwargs=chat_template_kwargs,
+        template_kwargs=template_kwargs,
     )
 
 

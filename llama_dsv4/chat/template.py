@@ -11,6 +11,8 @@ import json
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -22,8 +24,21 @@ def _raise(message: str) -> None:
     raise TemplateError(f"the chat template raised: {message}")
 
 
-def _tojson(value: Any, indent: int | None = None, **kw: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=bool(kw.get("sort_keys", False)))
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationTags(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (HF assistant masks): the body is rendered as is."""
+
+    tags = frozenset({"generation"})
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
 
 
 def _from_json(value: Any) -> Any:
@@ -35,9 +50,33 @@ def _from_json(value: Any) -> Any:
         raise TemplateError(f"from_json: not JSON: {value[:80]!r} ({e.msg})") from None
 
 
+MAX_REPEAT = 1 << 20  # the largest string or list a template may build by multiplication
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus bounds on `*` and `**` so a template cannot exhaust memory or CPU with
+    "x" * 10**10 or 10**10**10 (ranges are already bounded by the sandbox)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
+                    raise jinja2.exceptions.SecurityError(f"repetition beyond {MAX_REPEAT} items")
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+            raise jinja2.exceptions.SecurityError("exponent too large")
+        return super().call_binop(context, operator, left, right)
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _Sandbox(
+        loader=jinja2.BaseLoader(),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTags, "jinja2.ext.loopcontrols"],
+    )
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     env.filters["tojson"] = _tojson
@@ -60,5 +99,5 @@ def render(source: str, **variables: Any) -> str:
         raise
     except jinja2.exceptions.SecurityError as e:
         raise TemplateError(f"the chat template tried something unsafe: {e}") from None
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
+    except Exception as e:  # whatever an untrusted template makes happen is its failure, reported as such
         raise TemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None

@@ -1,0 +1,448 @@
+"""Chat for DeepSeek V4: prompts as the official encoding renders them, reasoning and tool-call parsing (whole and
+streamed, malformed markup kept as content), constrained decoding that always parses and validates, the template
+sandbox, handler resolution, and LangChain's ChatLlamaCpp with tools and structured output."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+from conftest import MICRO
+
+from llama_dsv4 import Llama, LlamaGrammar, LogitsProcessorList
+from llama_dsv4.chat import handlers
+from llama_dsv4.chat.parser import OutputParser, parse
+from llama_dsv4.model.writer import write_model
+
+jsonschema = pytest.importorskip("jsonschema")
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+CALL_TEXT = (
+    '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
+    '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+    '<｜DSML｜parameter name="days" string="false">2</｜DSML｜parameter>\n'
+    "</｜DSML｜invoke>\n</｜DSML｜tool_calls>"
+)
+
+
+@pytest.fixture(scope="module")
+def llm(real_vocab_path: str) -> Llama:
+    return Llama(real_vocab_path, n_ctx=2048, verbose=False, seed=11)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Llama:
+    """The micro model with the 512-token vocabulary: fast enough for many constrained generations."""
+    path = write_model(os.path.join(tmp_path_factory.mktemp("chat"), "small.gguf"), MICRO, dtype="f32", seed=3)[0]
+    return Llama(path, n_ctx=4096, verbose=False, seed=5)
+
+
+def prompt_of(llm: Llama, monkeypatch: pytest.MonkeyPatch, **kw: object) -> str:
+    """The prompt create_chat_completion renders (its tokens, decoded with special tokens)."""
+    seen = {}
+    orig = llm.create_completion
+
+    def spy(prompt: list[int], **k: object) -> object:
+        seen["prompt"] = llm.detokenize(prompt, special=True).decode()
+        return orig(prompt, **{**k, "max_tokens": 1})
+
+    monkeypatch.setattr(llm, "create_completion", spy)
+    llm.create_chat_completion(**kw)
+    monkeypatch.undo()
+    return seen["prompt"]
+
+
+def say(llm: Llama, text: str) -> LogitsProcessorList:
+    """Make greedy decoding write `text`, then stop."""
+    ids = [*llm.tokenize(text.encode(), special=False), llm.token_eos()]
+    state = {"i": 0}
+
+    def proc(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        out = np.full_like(scores, -1e9)
+        out[ids[min(state["i"], len(ids) - 1)]] = 0
+        state["i"] += 1
+        return out
+
+    return LogitsProcessorList([proc])
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def test_prompts_follow_the_official_encoding(llm: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    u = [{"role": "user", "content": "Hi"}]
+    assert prompt_of(llm, monkeypatch, messages=u) == f"{BOS}<｜User｜>Hi<｜Assistant｜></think>"
+    assert prompt_of(llm, monkeypatch, messages=u, thinking=True) == f"{BOS}<｜User｜>Hi<｜Assistant｜><think>"
+    assert prompt_of(llm, monkeypatch, messages=u, chat_template_kwargs={"enable_thinking": True}).endswith("<think>")
+    sys2 = [{"role": "system", "content": "A."}, {"role": "system", "content": "B."}, *u]
+    assert prompt_of(llm, monkeypatch, messages=sys2) == f"{BOS}A.\n\nB.<｜User｜>Hi<｜Assistant｜></think>"
+    multi = [
+        *u,
+        {"role": "assistant", "content": "Hello!", "reasoning_content": "greet"},
+        {"role": "user", "content": "And?"},
+    ]
+    assert prompt_of(llm, monkeypatch, messages=multi) == (
+        f"{BOS}<｜User｜>Hi<｜Assistant｜></think>Hello!{EOS}<｜User｜>And?<｜Assistant｜></think>"
+    )
+    # thinking on: earlier turns' reasoning is dropped, as the official encoder does by default
+    assert prompt_of(llm, monkeypatch, messages=multi, thinking=True) == (
+        f"{BOS}<｜User｜>Hi<｜Assistant｜></think>Hello!{EOS}<｜User｜>And?<｜Assistant｜><think>"
+    )
+    effort = prompt_of(llm, monkeypatch, messages=u, thinking=True, reasoning_effort="max")
+    assert effort.startswith(f"{BOS}Reasoning Effort: Absolute maximum")
+
+
+def test_tool_definitions_calls_and_results_render(llm: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'},
+                }
+            ],
+        },  # a JSON string, as OpenAI sends
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    p = prompt_of(llm, monkeypatch, messages=history, tools=TOOLS)
+    assert p.startswith(f"{BOS}## Tools\n\n") and json.dumps(TOOLS[0]["function"], ensure_ascii=False) in p
+    assert p.endswith(
+        f"<｜User｜>Weather in Paris?<｜Assistant｜></think>\n\n{CALL_TEXT}{EOS}"
+        "<｜User｜><tool_result>sunny</tool_result><｜Assistant｜></think>"
+    )
+    none = prompt_of(llm, monkeypatch, messages=history[:1], tools=TOOLS, tool_choice="none")
+    assert "## Tools" not in none
+
+
+def test_response_format_is_announced_in_the_prompt(llm: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    p = prompt_of(
+        llm,
+        monkeypatch,
+        messages=[{"role": "user", "content": "x"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert "## Response Format:" in p and json.dumps(schema) in p
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 11, 10_000])
+def test_parser_splits_reasoning_content_and_calls_in_any_chunking(step: int) -> None:
+    text = "Let me see.</think>Checking.\n\n" + CALL_TEXT
+    p = OutputParser(thinking=True, tools=True)
+    events = []
+    for i in range(0, len(text), step):
+        events += p.feed(text[i : i + step])
+    events += p.finish()
+    assert "".join(v for k, v in events if k == "reasoning") == "Let me see."
+    assert "".join(v for k, v in events if k == "content") == "Checking."
+    assert [v for k, v in events if k == "tool_call"] == [("get_weather", {"city": "Paris", "days": 2})]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        CALL_TEXT.replace('string="false">2', 'string="false">{2'),  # invalid JSON value
+        CALL_TEXT.replace("</｜DSML｜invoke>", ""),  # unterminated invoke
+        CALL_TEXT[:60],  # cut off
+        CALL_TEXT.replace('string="true"', 'string="maybe"'),  # unknown attribute value
+        "<｜DSML｜tool_calls>\nnot markup\n</｜DSML｜tool_calls>",
+    ],
+)
+def test_malformed_markup_is_content(bad: str) -> None:
+    reasoning, content, calls = parse("Answer: " + bad, thinking=False, tools=True)
+    assert calls == [] and content == "Answer: " + bad and reasoning is None
+
+
+def test_reasoning_format_none_keeps_raw_text() -> None:
+    assert parse("why</think>because", thinking=True, tools=False, raw=True) == (None, "why</think>because", [])
+    assert parse("<think>why</think>because", thinking=False, tools=False) == ("why", "because", [])
+
+
+def test_tool_calls_from_model_text(llm: Llama) -> None:
+    text = "Thinking hard.</think>Sure.\n\n" + CALL_TEXT
+    r = llm.create_chat_completion(
+        [{"role": "user", "content": "Weather?"}],
+        tools=TOOLS,
+        thinking=True,
+        logits_processor=say(llm, text),
+        temperature=0.0,
+    )
+    (choice,) = r["choices"]
+    msg = choice["message"]
+    assert choice["finish_reason"] == "tool_calls" and msg["content"] == "Sure."
+    assert msg["reasoning_content"] == "Thinking hard."
+    (call,) = msg["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {
+        "city": "Paris",
+        "days": 2,
+    }
+    chunks = list(
+        llm.create_chat_completion(
+            [{"role": "user", "content": "Weather?"}],
+            tools=TOOLS,
+            thinking=True,
+            logits_processor=say(llm, text),
+            temperature=0.0,
+            stream=True,
+        )
+    )
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "Thinking hard."
+    assert "".join(d.get("content", "") or "" for d in deltas) == "Sure."
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert [c["index"] for c in calls] == [0] and calls[0]["function"]["name"] == "get_weather"
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"].startswith("chatcmpl-") for c in chunks)
+
+
+def test_plain_chat_shapes(llm: Llama) -> None:
+    r = llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+    assert set(r["choices"][0]) == {"index", "message", "logprobs", "finish_reason"}
+    assert r["choices"][0]["message"]["role"] == "assistant" and isinstance(r["choices"][0]["message"]["content"], str)
+    assert r["usage"]["completion_tokens"] <= 4
+
+
+# ---------------------------------------------------------------------------------------------- constrained
+
+
+def test_required_and_named_tool_choice_always_parse(small: Llama) -> None:
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {
+                            "city": {"type": "string", "enum": ["Paris", "Oslo"]},
+                            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                        },
+                        "required": ["city", "days"],
+                    },
+                },
+            }
+        ]
+        for seed in range(3):
+            r = small.create_chat_completion(
+                [{"role": "user", "content": "?"}], tools=tools, tool_choice=choice, temperature=1.0, seed=seed
+            )
+            msg = r["choices"][0]["message"]
+            assert r["choices"][0]["finish_reason"] == "tool_calls", msg
+            for call in msg["tool_calls"]:
+                jsonschema.validate(json.loads(call["function"]["arguments"]), tools[0]["function"]["parameters"])
+
+
+def random_schema(rng: random.Random, depth: int = 0) -> dict:
+    kinds = ["integer", "boolean", "enum", "string", "null_or_int", "array"] + (["object"] if depth < 2 else [])
+    kind = rng.choice(kinds)
+    if kind == "integer":
+        lo = rng.randint(-50, 50)
+        return {"type": "integer", "minimum": lo, "maximum": lo + rng.randint(0, 100)}
+    if kind == "boolean":
+        return {"type": "boolean"}
+    if kind == "enum":
+        return {"enum": rng.sample(["red", "green", "blue", "x y", "ünï", "Ω"], rng.randint(1, 4))}
+    if kind == "string":
+        return {"type": "string", "maxLength": rng.randint(0, 6)}
+    if kind == "null_or_int":
+        return {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 0, "maximum": 9}]}
+    if kind == "array":
+        return {"type": "array", "items": random_schema(rng, depth + 1), "maxItems": rng.randint(0, 3)}
+    n = rng.randint(1, 4)
+    props = {f"k{i}_{rng.choice('abcxyz')}": random_schema(rng, depth + 1) for i in range(n)}
+    return {
+        "type": "object",
+        "properties": props,
+        "required": rng.sample(sorted(props), rng.randint(0, n)),
+        "additionalProperties": False,
+    }
+
+
+def test_fifty_random_schemas_always_parse_and_validate(small: Llama) -> None:
+    rng = random.Random(2026)
+    for i in range(50):
+        schema = random_schema(rng)
+        if schema.get("type") != "object":
+            schema = {"type": "object", "properties": {"v": schema}, "required": ["v"], "additionalProperties": False}
+        fmt = (
+            {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
+            if i % 2
+            else {"type": "json_object", "schema": schema}
+        )
+        r = small.create_chat_completion(
+            [{"role": "user", "content": "Answer in JSON."}], response_format=fmt, temperature=1.0, seed=i
+        )
+        assert r["choices"][0]["finish_reason"] == "stop", (schema, r)
+        jsonschema.validate(json.loads(r["choices"][0]["message"]["content"]), schema)
+
+
+def test_json_object_and_grammars(small: Llama) -> None:
+    r = small.create_chat_completion(
+        [{"role": "user", "content": "{}"}],
+        response_format={"type": "json_object"},
+        temperature=1.0,
+        seed=1,
+        max_tokens=None,
+    )
+    assert isinstance(json.loads(r["choices"][0]["message"]["content"]), dict)
+    g = LlamaGrammar.from_string('root ::= "yes" | "no" | "maybe"')
+    out = small("Answer:", grammar=g, temperature=1.0, max_tokens=10)
+    assert out["choices"][0]["text"] in ("yes", "no", "maybe")
+    js = LlamaGrammar.from_json_schema(
+        json.dumps({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 3}, "maxItems": 4})
+    )
+    out = small("List:", grammar=js, temperature=1.0, max_tokens=50)
+    arr = json.loads(out["choices"][0]["text"])
+    assert isinstance(arr, list) and len(arr) <= 4 and all(0 <= x <= 3 for x in arr)
+    with pytest.raises(ValueError, match="invalid GBNF"):
+        LlamaGrammar.from_string("root ::= (")
+    with pytest.raises(ValueError, match="json_schema needs"):
+        small.create_chat_completion([{"role": "user", "content": "x"}], response_format={"type": "json_schema"})
+
+
+# ---------------------------------------------------------------------------------------------- sandbox, handlers
+
+
+PAYLOADS = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ joiner.__init__.__globals__ }}",
+    "{{ namespace.__init__.__globals__['os'] }}",
+    "{{ lipsum.__globals__['os'].system('touch /tmp/pwned') }}",
+    "{{ self._TemplateReference__context.cycler.__init__.__globals__ }}",
+    "{% for x in range(10**9) %}{% endfor %}",
+    "{{ 'a' * 10**10 }}",
+    "{% set l = [] %}{{ l.append(1) }}",
+    "{{ messages.__class__.__base__.__subclasses__() }}",
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_template_injection_cannot_reach_python(payload: str, tmp_path: os.PathLike[str]) -> None:
+    path = write_model(os.path.join(tmp_path, "evil.gguf"), MICRO, chat_template=payload + "{{ messages[0].content }}")[
+        0
+    ]
+    with pytest.warns(RuntimeWarning) if False else open(os.devnull) as _:
+        evil = Llama(path, n_ctx=64, verbose=False)
+    with pytest.raises(ValueError, match="chat template"):
+        evil.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1)
+    assert not os.path.exists("/tmp/pwned")
+
+
+def test_handler_resolution(llm: Llama, real_vocab_path: str) -> None:
+    seen = {}
+
+    def handler(**kw: object) -> dict:
+        seen.update(kw)
+        return {"ok": True}
+
+    custom = Llama(real_vocab_path, n_ctx=64, verbose=False, chat_handler=handler)
+    assert custom.create_chat_completion([{"role": "user", "content": "x"}]) == {"ok": True}
+    for key in (
+        "llama",
+        "messages",
+        "functions",
+        "function_call",
+        "tools",
+        "tool_choice",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "typical_p",
+        "stream",
+        "stop",
+        "seed",
+        "response_format",
+        "max_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "repeat_penalty",
+        "tfs_z",
+        "mirostat_mode",
+        "mirostat_tau",
+        "mirostat_eta",
+        "model",
+        "logits_processor",
+        "grammar",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+    ):
+        assert key in seen
+    assert llm.chat_format == "chat_template.default" and "deepseek-v4" in llm._chat_handlers
+    wrong = Llama(real_vocab_path, n_ctx=64, verbose=False, chat_format="llama-2")
+    with pytest.raises(handlers.LlamaChatCompletionHandlerNotFoundException):
+        wrong.create_chat_completion([{"role": "user", "content": "x"}])
+    with pytest.raises(ValueError, match="unknown role"):
+        llm.create_chat_completion([{"role": "wizard", "content": "x"}])
+    with pytest.raises(ValueError, match="tool call arguments are not JSON"):
+        llm.create_chat_completion(
+            [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]
+        )
+
+
+# ---------------------------------------------------------------------------------------------- LangChain
+
+
+def test_langchain_bind_tools_and_structured_output(small: Llama) -> None:
+    pytest.importorskip("langchain_community")
+    from langchain_community.chat_models import ChatLlamaCpp
+    from pydantic import BaseModel, Field
+
+    from llama_dsv4 import compat
+
+    compat.install()
+    try:
+        chat = ChatLlamaCpp(
+            model_path=small.model_path, n_ctx=4096, temperature=1.0, max_tokens=512, verbose=False, seed=3
+        )
+
+        class Weather(BaseModel):
+            """Weather in a city."""
+
+            city: str = Field(max_length=8)
+            days: int = Field(ge=1, le=7)
+
+        bound = chat.bind_tools([Weather], tool_choice={"type": "function", "function": {"name": "Weather"}})
+        msg = bound.invoke("Weather in Paris for 2 days?")
+        (call,) = msg.tool_calls
+        assert call["name"] == "Weather" and 1 <= call["args"]["days"] <= 7
+        structured = chat.with_structured_output(Weather)
+        w = structured.invoke("Weather in Oslo?")
+        assert isinstance(w, Weather) and len(w.city) <= 8
+    finally:
+        compat.uninstall()
+
+
+def test_openai_message_format_with_content_parts(llm: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    msgs = [{"role": "developer", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    assert prompt_of(llm, monkeypatch, messages=msgs) == f"{BOS}<｜User｜>Hi there<｜Assistant｜></think>"
