@@ -372,6 +372,17 @@ cdef class WeightMap:
             raise KeyError(f"no tensor {name!r} in the model")
         return self._tensors[<int> i]
 
+    def host_range(self, str name):
+        """(address, nbytes) of a tensor's data in this process's memory when it lies in the host mapping of the
+        model file (zero-copy placement), else None (a device copy). For residency control (mlock, madvise)."""
+        i = self._index.get(name)
+        if i is None:
+            raise KeyError(f"no tensor {name!r} in the model")
+        if not self.zero_copy:
+            return None
+        cdef g.ggml_tensor * t = self._tensors[<int> i]
+        return (<size_t> t.data, g.ggml_nbytes(t))
+
     def __contains__(self, name):
         return name in self._index
 

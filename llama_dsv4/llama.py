@@ -25,6 +25,7 @@ from .engine import runtime
 from .grammar import LlamaGrammar
 from .llama_types import CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse
 from .model.loader import load_model
+from .moe import ExpertResidency, MoEConfig, lock_all, parse_hot_count
 from .sampling import LogitsProcessorList, Sampler, SamplerParams, StoppingCriteriaList
 from .tokenizer import BaseLlamaTokenizer, DSV4Tokenizer, LlamaTokenizer
 
@@ -37,7 +38,6 @@ _ACCEPTED = (
     "main_gpu",
     "tensor_split",
     "use_mmap",
-    "use_mlock",
     "kv_overrides",
     "rope_scaling_type",
     "pooling_type",
@@ -141,6 +141,9 @@ class Llama:
         spm_infill: bool = False,
         verbose: bool = True,
         device: str = "auto",
+        moe_hot_count: int | str | list[int] | None = None,
+        moe_hot_budget_mib: float | None = None,
+        moe_stats_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.verbose = verbose
@@ -157,6 +160,14 @@ class Llama:
             raise ValueError(f"n_batch and n_ubatch must be positive, got {n_batch} and {n_ubatch}")
         if type_k not in (None, *_CACHE_TYPE_NAMES):
             raise ValueError(f"type_k {type_k} is not supported; use GGML_TYPE_F16 (1) or GGML_TYPE_F32 (0)")
+        hot_count = parse_hot_count(moe_hot_count)  # a ValueError before anything is loaded
+        moe_config = (
+            MoEConfig(hot_count, budget_mib=moe_hot_budget_mib, stats_path=moe_stats_path)
+            if hot_count is not None
+            else None
+        )
+        if moe_config is None and (moe_hot_budget_mib is not None or moe_stats_path is not None) and verbose:
+            print("llama-dsv4: moe_hot_budget_mib / moe_stats_path apply only with moe_hot_count", file=sys.stderr)
         if kwargs and verbose:
             print(f"llama-dsv4: ignoring unknown arguments {sorted(kwargs)}", file=sys.stderr)
 
@@ -250,6 +261,13 @@ class Llama:
             self._ctx = runtime.create_context(
                 self._model, params, self._n_ctx, self.n_ubatch, type_k_name, bool(flash_attn), device, self.n_threads
             )
+        self._moe: ExpertResidency | None = None
+        self._mlock = None
+        if self._ctx is not None and moe_config is not None:
+            self._moe = ExpertResidency(self._model, self._ctx.weight_range, moe_config, use_mlock=use_mlock)
+            self._ctx.route_sink = self._moe.on_routes
+        elif self._ctx is not None and use_mlock:
+            self._mlock = lock_all(self._ctx.weight_range, list(self._model.tensors))
         self.n_tokens = 0
         self.input_ids: npt.NDArray[np.intc] = np.ndarray((self._n_ctx,), dtype=np.intc)
         self.scores: npt.NDArray[np.single] = np.zeros(
@@ -282,6 +300,12 @@ class Llama:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        moe, mlock = getattr(self, "_moe", None), getattr(self, "_mlock", None)
+        self._moe = self._mlock = None
+        if moe is not None:
+            moe.close()
+        if mlock is not None:
+            mlock.unlock_all()
         self._ctx = None
         self._model.close()
 
@@ -377,6 +401,16 @@ class Llama:
         """The bytes of `tokens`; control tokens only with `special`."""
         self._check_open()
         return self.tokenizer_.detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    def moe_stats(self) -> dict[str, Any] | None:
+        """MoE expert residency figures (None when moe_hot_count is off): locked and resident bytes as the kernel
+        reports them, online hit rate, per-layer hot counts, updates and their time (docs/moe-residency.md)."""
+        moe = getattr(self, "_moe", None)
+        return moe.stats() if moe is not None else None
+
+    def moe_save_stats(self) -> bool:
+        """Merge the routing statistics into their file now (also done periodically and at close)."""
+        return self._moe.save() if self._moe is not None else False
 
     def _require_vocab(self) -> DSV4Tokenizer:
         if self._dsv4_tokenizer is None:

@@ -91,6 +91,8 @@ cdef class Context:
     cdef object slot_pos
     cdef object overlap_init
     cdef dict _capture
+    cdef g.ggml_tensor ** routes
+    cdef public object route_sink
 
     def __cinit__(self, model, int n_ctx, int n_ubatch=512, str type_k="f16", Backends backends=None,
                   bint flash_attn=True, params=None):
@@ -110,6 +112,10 @@ cdef class Context:
         self._fill_params(p)
         self.hp.attn_f16 = flash_attn
         self._alloc_state(p)
+        self.routes = <g.ggml_tensor **> calloc(p.n_layer, sizeof(g.ggml_tensor *))
+        if self.routes == NULL:
+            raise MemoryError()
+        self.route_sink = None
         self.graph_size = 512 * p.n_layer + 1024
         self.arena_size = self.graph_size * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(self.graph_size, False)
         self.arena = malloc(self.arena_size)
@@ -129,6 +135,7 @@ cdef class Context:
             g.ggml_free(self.st_ctx)
         free(self.lw)
         free(self.st)
+        free(self.routes)
         free(self.arena)
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -253,6 +260,10 @@ cdef class Context:
         """The state bytes that grow with n_ctx, per token of context (the compressed caches)."""
         return bytes_per_token(self.params, self.type_k)
 
+    def weight_range(self, str name):
+        """(address, nbytes) of a weight tensor's data in host memory (the mapped file), or None on a device."""
+        return self.wm.host_range(name)
+
     @property
     def backends(self):
         return self.be
@@ -355,6 +366,8 @@ cdef class Context:
         cdef int n = toks.shape[0], p0 = self.n_past
         ub.n, ub.p0, ub.ring = n, p0, self.ring
         ub.n_out = n_out if n_out > 0 else 1
+        sink = self.route_sink
+        ub.want_routes = sink is not None
         plan_compressor(&ub.c4, 4, p0, n)
         plan_compressor(&ub.c128, 128, p0, n)
         cdef g.ggml_init_params ip
@@ -365,6 +378,7 @@ cdef class Context:
         if ctx == NULL:
             raise MemoryError()
         cdef Inputs inp
+        inp.routes = self.routes
         cdef g.ggml_cgraph * gf
         cdef g.ggml_tensor * logits
         cdef g.ggml_status status
@@ -383,6 +397,8 @@ cdef class Context:
             if status != g.GGML_STATUS_SUCCESS:
                 raise RuntimeError(f"graph compute failed (status {<int> status})")
             self.n_past += n
+            if ub.want_routes:
+                sink(self._routes(n), toks)
             if n_out == 0:
                 return None
             res = np.empty((ub.n_out, self.hp.n_vocab), np.float32)
@@ -390,6 +406,19 @@ cdef class Context:
             return res
         finally:
             g.ggml_free(ctx)
+
+    cdef _routes(self, int n):
+        """The experts of every (layer, token) of the ubatch just computed: int32 [n_layer, n, n_expert_used]."""
+        cdef int k = self.hp.n_used
+        out = np.empty((self.hp.n_layer, n, k), np.int32)
+        cdef size_t row = <size_t> n * k * sizeof(int)
+        cdef size_t base = out.ctypes.data
+        cdef int il
+        for il in range(self.hp.n_layer):
+            if self.routes[il] == NULL or g.ggml_nbytes(self.routes[il]) != row:
+                raise RuntimeError(f"layer {il}: no routing output in the graph")
+            g.ggml_backend_tensor_get(self.routes[il], <void *> (base + il * row), 0, row)
+        return out
 
     cdef _set_inputs(self, const UBatch * ub, Inputs * inp, toks):
         cdef int n = ub.n, p0 = ub.p0

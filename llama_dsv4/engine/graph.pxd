@@ -108,6 +108,7 @@ cdef struct UBatch:
     int p0           # position of the first
     int n_out        # logits rows wanted (the last n_out tokens)
     int ring         # rows of the raw ring
+    int want_routes  # 1: expose every layer's selected experts (inp.routes) for MoE statistics
     CompPlan c4
     CompPlan c128
 
@@ -124,6 +125,7 @@ cdef struct Inputs:
     g.ggml_tensor * blk128
     g.ggml_tensor * vis4       # F32 [n_vis, n]: entry b visible to token t (b < (p+1)/ratio)
     g.ggml_tensor * vis128
+    g.ggml_tensor ** routes    # [n_layer] I32 [k, n] outputs: the experts each token was routed to (want_routes)
 
 
 cdef g.ggml_tensor * build_graph(g.ggml_context * ctx, g.ggml_cgraph * gf, const Hparams * hp,

@@ -208,7 +208,8 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW
 # ------------------------------------------------------------------------------------------ mixture of experts
 
 
-cdef T * moe(C * ctx, const Hparams * hp, const LayerW * L, Inputs * inp, T * f) noexcept nogil:
+cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * L, const UBatch * ub, Inputs * inp,
+           T * f, int il) noexcept nogil:
     """Spec 3.8: sqrt-softplus scores, biased top-k (or the token's hash row), normalised and scaled weights,
     clamped SwiGLU experts, plus the shared expert."""
     cdef int64_t n = f.ne[1], k = hp.n_used, D = hp.n_embd, i
@@ -220,6 +221,12 @@ cdef T * moe(C * ctx, const Hparams * hp, const LayerW * L, Inputs * inp, T * f)
         sel = g.ggml_get_rows(ctx, L.tid2eid, inp.tokens)  # the token's row of the hash table
     else:
         sel = g.ggml_argsort_top_k(ctx, g.ggml_add(ctx, probs, L.probs_b), <int> k)  # bias for selection only
+    cdef T * r
+    if ub.want_routes:  # a contiguous copy marked as an output: argsort_top_k's result is a strided view
+        r = g.ggml_cont(ctx, sel)
+        g.ggml_set_output(r)
+        g.ggml_build_forward_expand(gf, r)
+        inp.routes[il] = r
     cdef T * w = g.ggml_get_rows(ctx, g.ggml_reshape_3d(ctx, probs, 1, hp.n_expert, n), sel)  # [1, k, n]
     cdef T * wsum
     if hp.w_norm:
@@ -278,7 +285,7 @@ cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const Glob
         res = S
         a = norm(ctx, named(hc_pre(ctx, hp, S, L.hc_ffn_fn, L.hc_ffn_scale, L.hc_ffn_base, &post, &comb, il),
                             "hc_ffn_pre", il), L.ffn_norm, hp.eps)
-        a = named(moe(ctx, hp, L, inp, named(a, "ffn_norm", il)), "ffn_out", il)
+        a = named(moe(ctx, gf, hp, L, ub, inp, named(a, "ffn_norm", il), il), "ffn_out", il)
         S = named(g.ggml_dsv4_hc_post(ctx, a, res, post, comb), "l_out", il)
     if ub.n_out < n:
         S = g.ggml_cont(ctx, g.ggml_view_3d(ctx, S, D, hc, ub.n_out, S.nb[1], S.nb[2], (n - ub.n_out) * S.nb[2]))
