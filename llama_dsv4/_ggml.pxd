@@ -5,6 +5,7 @@ cimport ggml as g
 cdef class Backends:
     cdef g.ggml_backend_t * backends
     cdef g.ggml_backend_dev_t * devs
+    cdef g.ggml_threadpool * pool
     cdef int n
     cdef int n_threads
     cdef g.ggml_backend_dev_t primary_dev(self)

@@ -190,6 +190,8 @@ cdef class Backends:
                     g.ggml_backend_free(self.backends[i])
             free(self.backends)
         free(self.devs)
+        if self.pool != NULL:
+            g.ggml_threadpool_free(self.pool)
 
     def set_threads(self, int n_threads):
         """Set the thread count of every backend that has one (CPU, BLAS), through the registry."""
@@ -201,6 +203,15 @@ cdef class Backends:
             fn = <g.ggml_backend_set_n_threads_t> g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
             if fn != NULL:
                 fn(self.backends[i], n_threads)
+        # a persistent pool for the CPU backend: its threads live across graph computes (ggml otherwise starts
+        # and joins them on every compute), polling briefly before they sleep
+        cdef g.ggml_threadpool_params tpp = g.ggml_threadpool_params_default(n_threads)
+        cdef g.ggml_threadpool * pool = g.ggml_threadpool_new(&tpp)
+        if pool != NULL:
+            g.ggml_backend_cpu_set_threadpool(self.backends[self.n - 1], pool)
+            if self.pool != NULL:
+                g.ggml_threadpool_free(self.pool)
+            self.pool = pool
         self.n_threads = n_threads
 
     cdef g.ggml_backend_dev_t primary_dev(self):

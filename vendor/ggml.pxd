@@ -130,6 +130,8 @@ cdef extern from "ggml.h" nogil:
     void ggml_build_forward_expand(ggml_cgraph * cgraph, ggml_tensor * tensor)
     int ggml_graph_n_nodes(ggml_cgraph * cgraph)
     size_t ggml_used_mem(const ggml_context * ctx)
+    void ggml_time_init()
+    int64_t ggml_time_us()
 
     # ops used by the graph builders and kernels/
     ggml_tensor * ggml_add(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b)
@@ -303,3 +305,18 @@ cdef extern from "ggml-alloc.h" nogil:
 
 # the entry point registered by every backend that has a thread count (CPU, BLAS, ...)
 ctypedef void (*ggml_backend_set_n_threads_t)(ggml_backend_t backend, int n_threads)
+
+
+cdef extern from "ggml.h" nogil:
+    struct ggml_threadpool
+    ctypedef ggml_threadpool * ggml_threadpool_t
+    struct ggml_threadpool_params:
+        int n_threads
+        uint32_t poll
+    ggml_threadpool_params ggml_threadpool_params_default(int n_threads)
+
+
+cdef extern from "ggml-cpu.h" nogil:
+    ggml_threadpool * ggml_threadpool_new(ggml_threadpool_params * params)
+    void ggml_threadpool_free(ggml_threadpool * threadpool)
+    void ggml_backend_cpu_set_threadpool(ggml_backend_t backend_cpu, ggml_threadpool_t threadpool)

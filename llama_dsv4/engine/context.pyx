@@ -23,6 +23,10 @@ from .memory import bytes_per_token, ring_rows, state_bytes, state_tensors
 _CACHE_TYPES = {"f32": g.GGML_TYPE_F32, "f16": g.GGML_TYPE_F16}
 
 
+cdef inline double _now() noexcept:
+    return g.ggml_time_us() * 1e-6
+
+
 cdef bint _capture_cb(g.ggml_tensor * t, bint ask, void * user_data) noexcept with gil:
     """Debug captures: copy the F32 nodes whose names were asked for (see Context.capture)."""
     wanted = <dict> user_data
@@ -93,6 +97,7 @@ cdef class Context:
     cdef dict _capture
     cdef g.ggml_tensor ** routes
     cdef public object route_sink
+    cdef public double t_graph, t_inputs, t_compute  # seconds: graph build + allocation (C), inputs, compute
 
     def __cinit__(self, model, int n_ctx, int n_ubatch=512, str type_k="f16", Backends backends=None,
                   bint flash_attn=True, params=None):
@@ -382,6 +387,7 @@ cdef class Context:
         cdef g.ggml_cgraph * gf
         cdef g.ggml_tensor * logits
         cdef g.ggml_status status
+        cdef double t0 = _now()
         try:
             gf = g.ggml_new_graph_custom(ctx, self.graph_size, False)
             with nogil:
@@ -391,9 +397,14 @@ cdef class Context:
             g.ggml_backend_sched_reset(self.sched)
             if not g.ggml_backend_sched_alloc_graph(self.sched, gf):
                 raise MemoryError("ggml could not allocate the compute graph")
+            ti = _now()
             self._set_inputs(&ub, &inp, toks)
+            t1 = _now()
+            self.t_graph += ti - t0
+            self.t_inputs += t1 - ti
             with nogil:
                 status = g.ggml_backend_sched_graph_compute(self.sched, gf)
+            self.t_compute += _now() - t1
             if status != g.GGML_STATUS_SUCCESS:
                 raise RuntimeError(f"graph compute failed (status {<int> status})")
             self.n_past += n
