@@ -9,7 +9,10 @@ module does the careful thing.
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ import numpy as np
 
 from .cache import longest_token_prefix
 from .sampling import LogitsProcessorList, StoppingCriteriaList, logit_bias_processor
+from .tokenizer import check_token_ids
 
 if TYPE_CHECKING:
     from .llama import Llama
@@ -63,7 +67,7 @@ def _first_stop(b: bytes, stops: list[bytes]) -> int:
 
 def _prompt_tokens(llama: Llama, prompt: str | list[int], suffix: str | None) -> list[int]:
     if isinstance(prompt, (list, tuple, np.ndarray)) and suffix is None:
-        return [int(t) for t in prompt]
+        return check_token_ids(prompt, llama.n_vocab())
     if not isinstance(prompt, (str, list, tuple, np.ndarray)):
         raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     tok = llama._require_vocab()
@@ -102,7 +106,13 @@ def _logprobs_entry(llama: Llama, logits: np.ndarray, token: int, n: int) -> tup
 def create_completion(llama: Llama, prompt: str | list[int], **kw: Any) -> Iterator[Any]:
     """Yield the response (stream=False: one item) or its chunks (stream=True), holding the Llama exclusively."""
     with llama._exclusive():
-        yield from _create_completion(llama, prompt, **kw)
+        chunks = _create_completion(llama, prompt, **kw)
+        try:
+            for chunk in chunks:
+                yield chunk
+                llama._busy_owner = threading.get_ident()  # resumed, perhaps by another thread
+        finally:
+            chunks.close()
 
 
 def _create_completion(
@@ -145,8 +155,10 @@ def _create_completion(
         stops: list[str] = []
     elif isinstance(stop, str):
         stops = [stop]
-    else:
+    elif isinstance(stop, (list, tuple)):
         stops = list(stop)
+    else:
+        raise TypeError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
     if not all(isinstance(s, str) for s in stops):
         raise TypeError("stop must be a string or a list of strings")
     stop_bytes = [s.encode("utf-8") for s in stops if s]
@@ -167,9 +179,11 @@ def _create_completion(
     if logprobs is not None and not llama._logits_all:
         raise ValueError("logprobs is not supported for models created with logits_all=False")
     if logit_bias:
-        for k in logit_bias:
+        for k, v in logit_bias.items():
             if not 0 <= int(k) < llama.n_vocab():
                 raise ValueError(f"logit_bias token id {k} is outside the vocabulary [0, {llama.n_vocab()})")
+            if not isinstance(v, numbers.Real) or math.isnan(v):  # -inf bans a token, +inf forces it; NaN is nothing
+                raise ValueError(f"logit_bias for token {k} must be a number, got {v!r}")
         extra = LogitsProcessorList([logit_bias_processor(logit_bias)])
         logits_processor = LogitsProcessorList([*(logits_processor or []), *extra])
 
@@ -199,7 +213,7 @@ def _create_completion(
     stream_tokens = 0  # tokens whose logprobs were streamed
     finish = "length"
     cut = -1
-    gen = llama.generate(
+    gen = llama._generate(
         prompt_tokens,
         top_k=top_k,
         top_p=top_p,

@@ -27,7 +27,7 @@ from .llama_types import CreateCompletionResponse, CreateCompletionStreamRespons
 from .model.loader import load_model
 from .moe import ExpertResidency, MoEConfig, lock_all, parse_hot_count
 from .sampling import LogitsProcessorList, Sampler, SamplerParams, StoppingCriteriaList
-from .tokenizer import BaseLlamaTokenizer, DSV4Tokenizer, LlamaTokenizer
+from .tokenizer import BaseLlamaTokenizer, DSV4Tokenizer, LlamaTokenizer, check_token_ids
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 _CACHE_TYPE_NAMES = {0: "f32", 1: "f16"}  # GGML_TYPE_F32, GGML_TYPE_F16
@@ -144,6 +144,7 @@ class Llama:
         moe_hot_count: int | str | list[int] | None = None,
         moe_hot_budget_mib: float | None = None,
         moe_stats_path: str | None = None,
+        moe_release_cold: bool = False,
         **kwargs: Any,
     ) -> None:
         self.verbose = verbose
@@ -158,11 +159,16 @@ class Llama:
             raise ValueError(f"n_ctx must be >= 0 (0: the model's training context), got {n_ctx}")
         if n_batch <= 0 or n_ubatch <= 0:
             raise ValueError(f"n_batch and n_ubatch must be positive, got {n_batch} and {n_ubatch}")
+        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be a positive integer (0 or None: the default), got {value!r}")
         if type_k not in (None, *_CACHE_TYPE_NAMES):
             raise ValueError(f"type_k {type_k} is not supported; use GGML_TYPE_F16 (1) or GGML_TYPE_F32 (0)")
         hot_count = parse_hot_count(moe_hot_count)  # a ValueError before anything is loaded
         moe_config = (
-            MoEConfig(hot_count, budget_mib=moe_hot_budget_mib, stats_path=moe_stats_path)
+            MoEConfig(
+                hot_count, budget_mib=moe_hot_budget_mib, stats_path=moe_stats_path, release_cold=bool(moe_release_cold)
+            )
             if hot_count is not None
             else None
         )
@@ -258,8 +264,17 @@ class Llama:
 
         self._ctx = None
         if not vocab_only:
+            rows = self._n_ctx if self._logits_all else self.n_batch  # input_ids and scores, allocated below
             self._ctx = runtime.create_context(
-                self._model, params, self._n_ctx, self.n_ubatch, type_k_name, bool(flash_attn), device, self.n_threads
+                self._model,
+                params,
+                self._n_ctx,
+                self.n_ubatch,
+                type_k_name,
+                bool(flash_attn),
+                device,
+                self.n_threads,
+                host_bytes=4 * self._n_ctx + 4 * rows * self._n_vocab,
             )
         self._moe: ExpertResidency | None = None
         self._mlock = None
@@ -278,8 +293,9 @@ class Llama:
         self._sampler: Sampler | None = None
         self._mirostat_mu = 2.0 * 5.0
         self._chat_init(chat_format, chat_handler)
-        self._busy = threading.Lock()
+        self._busy = threading.Lock()  # one completion / generation / engine call at a time (see _serial)
         self._busy_owner: int | None = None
+        self._engine_lock = threading.RLock()  # held while the engine computes or copies state; close() takes it
         if self.n_batch < 32 and not vocab_only:
             warnings.warn(
                 f"n_batch={self.n_batch} evaluates prompts {self.n_batch} tokens at a time, which is slow "
@@ -296,18 +312,22 @@ class Llama:
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Release the context and unmap the model file."""
+        """Release the context and unmap the model file. A computation running in another thread finishes first;
+        a stream left open fails with "closed" when it resumes."""
         if getattr(self, "_closed", True):
             return
-        self._closed = True
-        moe, mlock = getattr(self, "_moe", None), getattr(self, "_mlock", None)
-        self._moe = self._mlock = None
-        if moe is not None:
-            moe.close()
-        if mlock is not None:
-            mlock.unlock_all()
-        self._ctx = None
-        self._model.close()
+        with getattr(self, "_engine_lock", None) or contextlib.nullcontext():
+            if self._closed:
+                return
+            self._closed = True
+            moe, mlock = getattr(self, "_moe", None), getattr(self, "_mlock", None)
+            self._moe = self._mlock = None
+            if moe is not None:
+                moe.close()
+            if mlock is not None:
+                mlock.unlock_all()
+            self._ctx = None
+            self._model.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -413,6 +433,7 @@ class Llama:
         return self._moe.save() if self._moe is not None else False
 
     def _require_vocab(self) -> DSV4Tokenizer:
+        self._check_open()
         if self._dsv4_tokenizer is None:
             raise ValueError(f"{self.model_path} has no tokenizer (tokenizer.ggml.model = no_vocab); pass token ids")
         return self._dsv4_tokenizer
@@ -425,7 +446,8 @@ class Llama:
         self._seed = seed
 
     def reset(self) -> None:
-        self.n_tokens = 0
+        with self._serial():
+            self.n_tokens = 0
 
     def _context(self) -> Any:
         self._check_open()
@@ -445,27 +467,27 @@ class Llama:
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens after the first n_tokens (anything evaluated beyond n_tokens is discarded first)."""
-        ctx = self._context()
-        tokens = list(tokens)
-        if not tokens:
-            return
-        if self.n_tokens + len(tokens) > self._n_ctx:
-            raise ValueError(f"Requested tokens ({self.n_tokens + len(tokens)}) exceed context window of {self._n_ctx}")
-        bad = [t for t in tokens if not 0 <= int(t) < self._n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self._n_vocab})")
-        self._sync_context()
-        for i in range(0, len(tokens), self.n_batch):
-            batch = tokens[i : i + self.n_batch]
-            n_past = self.n_tokens
-            runtime.set_threads(ctx, self.n_threads_batch if len(batch) > 1 else self.n_threads)
-            logits = ctx.eval(np.asarray(batch, np.int64), all_logits=self._logits_all)
-            self.input_ids[n_past : n_past + len(batch)] = batch
-            if self._logits_all:
-                self.scores[n_past : n_past + len(batch), :] = logits
-            self._last_logits = logits[-1]
-            self.n_tokens += len(batch)
-        self._requires_eval = False
+        with self._serial(), self._engine_lock:
+            ctx = self._context()
+            tokens = check_token_ids(tokens, self._n_vocab)
+            if not tokens:
+                return
+            if self.n_tokens + len(tokens) > self._n_ctx:
+                raise ValueError(
+                    f"Requested tokens ({self.n_tokens + len(tokens)}) exceed context window of {self._n_ctx}"
+                )
+            self._sync_context()
+            for i in range(0, len(tokens), self.n_batch):
+                batch = tokens[i : i + self.n_batch]
+                n_past = self.n_tokens
+                runtime.set_threads(ctx, self.n_threads_batch if len(batch) > 1 else self.n_threads)
+                logits = ctx.eval(np.asarray(batch, np.int64), all_logits=self._logits_all)
+                self.input_ids[n_past : n_past + len(batch)] = batch
+                if self._logits_all:
+                    self.scores[n_past : n_past + len(batch), :] = logits
+                self._last_logits = logits[-1]
+                self.n_tokens += len(batch)
+            self._requires_eval = False
 
     def _logits_at(self, idx: int | None) -> npt.NDArray[np.single]:
         if idx is None or idx == self.n_tokens - 1:
@@ -532,7 +554,9 @@ class Llama:
         idx: int | None = None,
     ) -> int:
         """Sample a token from the logits of position `idx` (default: the last evaluated)."""
-        assert self.n_tokens > 0
+        self._check_open()
+        if self.n_tokens <= 0:
+            raise ValueError("sample needs evaluated tokens: call eval first")
         sampler = self._sampler or self._init_sampler(
             top_k=top_k,
             top_p=top_p,
@@ -573,6 +597,59 @@ class Llama:
     ) -> Generator[int, Sequence[int] | None, None]:
         """Yield sampled tokens forever (the caller stops). A prompt that extends what was evaluated reuses it;
         a sampled token is evaluated when the generator is resumed; `.send(tokens)` appends more tokens."""
+        with self._exclusive():  # other threads wait until this generator is finished or closed
+            inner = self._generate(
+                tokens,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                typical_p=typical_p,
+                temp=temp,
+                repeat_penalty=repeat_penalty,
+                reset=reset,
+                frequency_penalty=frequency_penalty,
+                presence_penalty=presence_penalty,
+                mirostat_mode=mirostat_mode,
+                mirostat_tau=mirostat_tau,
+                mirostat_eta=mirostat_eta,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                grammar=grammar,
+            )
+            try:
+                sent: Sequence[int] | None = None
+                while True:
+                    try:
+                        token = inner.send(sent)
+                    except StopIteration:
+                        return
+                    sent = yield token
+                    self._busy_owner = threading.get_ident()  # resumed, perhaps by another thread
+            finally:
+                inner.close()
+
+    def _generate(
+        self,
+        tokens: Sequence[int],
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        reset: bool = True,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        penalize_nl: bool = True,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        grammar: LlamaGrammar | None = None,
+    ) -> Generator[int, Sequence[int] | None, None]:
+        """generate() without taking the Llama (a completion holds it already)."""
         self._context()
         self._sampler = self._init_sampler(
             top_k=top_k,
@@ -630,9 +707,10 @@ class Llama:
 
     # ---------------------------------------------------------------------------------------------- state
     def save_state(self) -> LlamaState:
-        ctx = self._context()
-        self._sync_context()
-        blob = ctx.save_state()
+        with self._serial(), self._engine_lock:
+            ctx = self._context()
+            self._sync_context()
+            blob = ctx.save_state()
         scores = (
             self.scores[: self.n_tokens].copy()
             if self._logits_all
@@ -652,23 +730,31 @@ class Llama:
         )
 
     def load_state(self, state: LlamaState) -> None:
-        ctx = self._context()
-        ctx.load_state(state.llama_state)
-        n = int(state.n_tokens)
-        self.input_ids[:n] = np.asarray(state.input_ids)[:n]
-        self.n_tokens = n
-        if self._logits_all:
-            self.scores[:n] = state.scores[:n]
-            self._last_logits = self.scores[n - 1].copy() if n else None
-        else:
-            self._last_logits = state.scores[-1].copy() if len(state.scores) else None
-        self._seed = state.seed
-        self._requires_eval = True  # a restored state must be re-evaluated before an exact-match sample
+        with self._serial(), self._engine_lock:
+            ctx = self._context()
+            n = int(state.n_tokens)
+            ids = np.asarray(state.input_ids)
+            if not 0 <= n <= min(self._n_ctx, len(ids)):
+                raise ValueError(f"not a state of this Llama: {n} tokens for a context of {self._n_ctx}")
+            ctx.load_state(state.llama_state)
+            if ctx.n_past != n:  # the engine's part says otherwise: forget both rather than mix them
+                ctx.reset()
+                self.n_tokens = 0
+                raise ValueError(f"not a state of this Llama: {n} tokens, but its engine state holds {ctx.n_past}")
+            self.input_ids[:n] = ids[:n]
+            self.n_tokens = n
+            if self._logits_all:
+                self.scores[:n] = state.scores[:n]
+                self._last_logits = self.scores[n - 1].copy() if n else None
+            else:
+                self._last_logits = state.scores[-1].copy() if len(state.scores) else None
+            self._seed = state.seed
+            self._requires_eval = True  # a restored state must be re-evaluated before an exact-match sample
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """One completion at a time per Llama: other threads wait; the same thread starting a second one while
-        the first is unfinished (two interleaved streams) gets an error instead of corrupted state."""
+        """One completion (or generate()) at a time per Llama: other threads wait; the same thread starting a second
+        one while the first is unfinished (two interleaved streams) gets an error instead of corrupted state."""
         me = threading.get_ident()
         if self._busy_owner == me:
             raise RuntimeError(
@@ -676,6 +762,20 @@ class Llama:
             )
         with self._busy:
             self._busy_owner = me
+            try:
+                yield
+            finally:
+                self._busy_owner = None
+
+    @contextlib.contextmanager
+    def _serial(self) -> Iterator[None]:
+        """eval, reset, save_state, load_state: other threads' completions and calls finish first; the thread that
+        holds this Llama (a completion or generation in progress, calling these itself) goes on."""
+        if self._busy_owner == threading.get_ident():
+            yield
+            return
+        with self._busy:
+            self._busy_owner = threading.get_ident()
             try:
                 yield
             finally:

@@ -9,6 +9,7 @@ generator seeded per call (the same seed gives the same tokens here, not llama.c
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,8 +114,12 @@ class SamplerParams:
             "mirostat_eta",
         ):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
+            if not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"sampling parameter {name} must be a finite number, got {v!r}")
+        for name in ("top_k", "mirostat_mode", "penalty_last_n"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral):
+                raise TypeError(f"sampling parameter {name} must be an integer, got {type(v).__name__} {v!r}")
         if self.mirostat_mode not in (0, 1, 2):
             raise ValueError(f"mirostat_mode must be 0, 1 or 2, got {self.mirostat_mode}")
         if self.repeat_penalty <= 0:
@@ -211,7 +216,8 @@ class Sampler:
             order = order[: max(min(n, len(order)), 1)]
         if p.min_p > 0.0 and len(order) > 1:
             probs = softmax(x[order])
-            order = order[probs >= p.min_p * probs.max()]
+            kept = order[probs >= p.min_p * probs.max()]
+            order = kept if len(kept) else order[:1]  # min_p > 1 keeps the top token, as llama.cpp's min_keep = 1
         return order
 
     def _draw(self, x: np.ndarray) -> int:

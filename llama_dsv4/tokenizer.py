@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from .model.vocab import CONTROL, NORMAL, USER_DEFINED, Vocab, bytes_to_unicode
@@ -26,6 +27,20 @@ PRE_TOKENIZERS = ("deepseek-v3", "joyai-llm")
 
 class TokenizerError(ValueError):
     pass
+
+
+def check_token_ids(tokens: Iterable[object], n_vocab: int) -> list[int]:
+    """`tokens` as a list of ints: TypeError for anything that is not an integer (a float, a string: llama.cpp's
+    C API would not take them either), ValueError naming the first id outside [0, n_vocab)."""
+    out = []
+    for t in tokens:
+        if not isinstance(t, (int, np.integer)):
+            raise TypeError(f"token ids must be integers, got {type(t).__name__} {t!r}")
+        t = int(t)
+        if not 0 <= t < n_vocab:
+            raise ValueError(f"token id {t} is outside the vocabulary [0, {n_vocab})")
+        out.append(t)
+    return out
 
 
 def decode_utf8(b: bytes) -> str:
@@ -81,8 +96,15 @@ class DSV4Tokenizer:
         types = vocab.token_types
         user = [i for i in range(vocab.n_tokens) if types[i] == USER_DEFINED]
         control = [i for i in range(vocab.n_tokens) if types[i] == CONTROL]
-        self._plain = _bpe(vocab, user)  # user-defined tokens are always recognised
-        self._special = _bpe(vocab, user + control)
+        try:
+            self._plain = _bpe(vocab, user)  # user-defined tokens are always recognised
+            self._special = _bpe(vocab, user + control)
+        except BaseException as e:
+            # the tokenizer library reports a vocabulary it cannot build with Exception, or with a Rust panic
+            # (pyo3's PanicException, a BaseException); the loader's checks should leave neither possible
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"the vocabulary does not make a BPE tokenizer: {type(e).__name__}: {e}") from None
         # the bytes of every token: byte-level symbols decoded; user-defined as written; control as written
         # (emitted only when special=True)
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
@@ -113,8 +135,7 @@ class DSV4Tokenizer:
         return ids
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        if not 0 <= token < len(self._pieces):
-            raise ValueError(f"token id {token} is outside the vocabulary [0, {len(self._pieces)})")
+        (token,) = check_token_ids((token,), len(self._pieces))
         if not special and token in self._control:
             return b""
         return self._pieces[token]
@@ -122,12 +143,10 @@ class DSV4Tokenizer:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         """The bytes of `tokens` (control tokens only with `special`); a leading space after a BOS is dropped,
         as llama-cpp-python does."""
-        pieces, control, n = self._pieces, self._control, len(self._pieces)
+        pieces, control = self._pieces, self._control
+        tokens = check_token_ids(tokens, len(pieces))
         out = []
         for t in tokens:
-            t = int(t)
-            if not 0 <= t < n:
-                raise ValueError(f"token id {t} is outside the vocabulary [0, {n})")
             if special or t not in control:
                 out.append(pieces[t])
         b = b"".join(out)

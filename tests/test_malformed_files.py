@@ -268,6 +268,47 @@ def bad_cases(micro: str, tmp: str) -> list[tuple[str, str, str]]:
         "'blk.0.ffn_gate_tid2eid.weight' has type f32",
     )
     add("empty file", patch(micro, P("empty"), lambda b: b.clear()), "the file is empty")
+
+    # --- found by the fuzzer (tests/test_fuzz.py): each raised something other than a ValueError
+    add(
+        "ggml type beyond C int",  # was OverflowError from the type lookup
+        patch(
+            micro, P("gtype_big"), lambda b: struct.pack_into("<I", b, field_after_ne(b, "output.weight"), 2**32 - 1)
+        ),
+        "'output.weight' has unknown ggml type 4294967295",
+    )
+    for key, value in (
+        # values that shape no tensor went unchecked into the engine's C ints (OverflowError at Llama(), or a
+        # graph that never finishes)
+        ("rope.scaling.original_context_length", 2**31),
+        ("context_length", 2**31),
+        ("attention.sliding_window", 2**31),
+        ("attention.indexer.top_k", 2**32 - 1),
+        ("hyper_connection.sinkhorn_iterations", 2**31),
+    ):
+        add(
+            f"huge {key}",
+            rewrite(micro, P("huge_" + key), kv=set_kv(A + key, ValueType.UINT32, value)),
+            f"{A}{key}: {value} is implausibly large",
+        )
+
+    def merges(edit: Callable[[list[str]], list[str]]) -> Callable[[list[KV]], list[KV]]:
+        return lambda kvs: [
+            KV(k.key, k.type, edit(list(k.value)), k.elem) if k.key == "tokenizer.ggml.merges" else k for k in kvs
+        ]
+
+    # a merge the BPE library cannot build: was a bare Exception, or a Rust panic (pyo3 PanicException, which is
+    # not even an Exception) when the merged token is missing
+    add(
+        "merge of an unknown token",
+        rewrite(micro, P("merge_part"), kv=merges(lambda m: ["zzzq Ġ", *m[1:]])),
+        "merge 0 'zzzq Ġ' needs token 'zzzq', not in the vocabulary",
+    )
+    add(
+        "merge into an unknown token",
+        rewrite(micro, P("merge_product"), kv=merges(lambda m: ["q z", *m[1:]])),
+        "merge 0 'q z' needs token 'qz', not in the vocabulary",
+    )
     return out
 
 
@@ -278,7 +319,7 @@ def cases(micro_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def test_there_are_many_distinct_cases(cases: dict[str, tuple[str, str]]) -> None:
-    assert len(cases) >= 30
+    assert len(cases) >= 41
 
 
 def test_the_valid_file_loads(micro_path: str) -> None:
@@ -322,6 +363,14 @@ def test_the_valid_file_loads(micro_path: str) -> None:
         "tid2eid out of range",
         "tid2eid as float",
         "empty file",
+        "ggml type beyond C int",
+        "huge rope.scaling.original_context_length",
+        "huge context_length",
+        "huge attention.sliding_window",
+        "huge attention.indexer.top_k",
+        "huge hyper_connection.sinkhorn_iterations",
+        "merge of an unknown token",
+        "merge into an unknown token",
     ],
 )
 def test_rejected_with_a_clear_error(cases: dict[str, tuple[str, str]], case: str) -> None:
@@ -353,6 +402,19 @@ def test_split_sets(model_dir: str, tmp_path: os.PathLike[str]) -> None:
     shutil.copy(other[1], os.path.join(d, os.path.basename(paths[2])))
     with pytest.raises(ValueError, match=r"split keys say shard 1 of 2, but the file name says shard 2 of 3"):
         load_model(os.path.join(d, os.path.basename(paths[0])))
+    # a later shard whose split.tensors.count disagrees with the set (only the first shard's was checked)
+    shard3 = os.path.join(d, os.path.basename(paths[2]))
+    rewrite(paths[2], shard3, kv=set_kv("split.tensors.count", ValueType.INT32, 999))
+    with pytest.raises(
+        ValueError, match=r"-00003-of-00003.gguf: split.tensors.count says 999 tensors, the shards hold"
+    ):
+        load_model(os.path.join(d, os.path.basename(paths[0])))
+    rewrite(paths[2], shard3, kv=set_kv("split.tensors.count", ValueType.STRING, "178"))
+    with pytest.raises(ValueError, match=r"key 'split.tensors.count' has type string, expected an integer"):
+        load_model(os.path.join(d, os.path.basename(paths[0])))
+    shutil.copy(paths[2], shard3)
+    with load_model(os.path.join(d, os.path.basename(paths[0]))) as m:
+        assert len(m.tensors) == 178
     # a shard renamed to a plain name
     plain = os.path.join(d, "plain.gguf")
     shutil.copy(paths[1], plain)
@@ -361,6 +423,22 @@ def test_split_sets(model_dir: str, tmp_path: os.PathLike[str]) -> None:
     # an impossible shard name
     with pytest.raises(ValueError, match="impossible"):
         load_model(os.path.join(d, "x-00004-of-00003.gguf"))
+
+
+def test_tokenizer_library_failures_are_value_errors(micro_path: str) -> None:
+    """Should a vocabulary the tokenizer library cannot build get past the loader, Llama still gets a ValueError
+    (the library raises Exception, or panics with a BaseException, for a merge of unknown tokens)."""
+    import dataclasses
+
+    from llama_dsv4.tokenizer import DSV4Tokenizer, TokenizerError
+
+    with load_model(micro_path) as m:
+        vocab = m.vocab
+    assert vocab is not None
+    for bad in ("zzzq Ġ", "q z"):
+        broken = dataclasses.replace(vocab, merges=(bad, *vocab.merges[1:]))
+        with pytest.raises(TokenizerError, match="does not make a BPE tokenizer"):
+            DSV4Tokenizer(broken)
 
 
 def test_failed_load_leaves_nothing_open(cases: dict[str, tuple[str, str]]) -> None:

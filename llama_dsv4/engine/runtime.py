@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,72 @@ from .. import _ggml
 from ..model.loader import ModelFile
 from ..model.params import DSV4Params
 from .context import Context
+from .memory import state_bytes
+
+MAX_CTX = 1 << 30  # positions (kept in C ints and int32 graph inputs by the engine)
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory this process can still take: the kernel's MemAvailable, within the cgroup's limit if
+    there is one (a container), else the physical memory; None if the system does not say."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    for limit_path, usage_path in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            with open(limit_path) as f:
+                limit = f.read().strip()
+            with open(usage_path) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            room = max(int(limit) - usage, 0)
+            avail = room if avail is None else min(avail, room)
+        break
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return avail
+
+
+def check_memory(
+    params: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str, backends: Any, host_bytes: int = 0
+) -> None:
+    """ValueError, before anything is allocated, if a context of n_ctx positions cannot fit: its state (on the
+    backend's device) and `host_bytes` of the caller's token buffers (on the host)."""
+    if n_ctx > MAX_CTX:
+        raise ValueError(f"n_ctx={n_ctx} is beyond this engine's limit of {MAX_CTX} positions")
+    state = state_bytes(params, n_ctx, min(n_ubatch, n_ctx), type_k)
+    dev = next((d for d in _ggml.devices() if d["name"] == backends.names[0]), None)
+    on_host = dev is None or dev["type"] == "cpu"
+    if not on_host and dev is not None and state > dev["memory_free"]:
+        raise ValueError(
+            f"n_ctx={n_ctx} needs {_gib(state)} GiB of context state on {dev['name']}, which has "
+            f"{_gib(dev['memory_free'])} GiB free; use a smaller n_ctx"
+        )
+    need = host_bytes + (state if on_host else 0)
+    avail = available_host_memory()
+    if avail is not None and need > 0.95 * avail:
+        raise ValueError(
+            f"n_ctx={n_ctx} needs {_gib(need)} GiB of memory for the context state and token buffers, "
+            f"and {_gib(avail)} GiB is available; use a smaller n_ctx"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f}"
 
 
 def create_context(
@@ -21,8 +88,11 @@ def create_context(
     flash_attn: bool,
     device: str,
     n_threads: int,
+    host_bytes: int = 0,
 ) -> Context:
+    """A Context, after checking that its state (and `host_bytes` more on the host) fits in memory."""
     backends = _ggml.Backends(device, n_threads)
+    check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes)
     return Context(
         model, n_ctx, n_ubatch=n_ubatch, type_k=type_k, backends=backends, flash_attn=flash_attn, params=params
     )

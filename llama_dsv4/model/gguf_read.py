@@ -81,6 +81,8 @@ class GGUFHeader:
 
 def type_sizes(type_id: int) -> tuple[str, int, int] | None:
     """(name, block size, bytes per block) of a ggml type id, or None if ggml does not know it."""
+    if not 0 <= type_id < _ggml.GGML_TYPE_COUNT:  # a u32 from the file: C's int cannot even hold every value
+        return None
     tr = _ggml.type_traits(type_id)
     return None if tr is None else (tr[0], tr[1], tr[2])
 

@@ -164,10 +164,18 @@ def _validate(paths: list[str], headers: list[GGUFHeader], maps: list[mmap.mmap]
     first = headers[0]
     where = first.path
     if len(headers) > 1:
-        total = first.kv.get("split.tensors.count")
         n = sum(len(h.tensors) for h in headers)
-        if total is not None and int(total) != n:
-            raise GGUFError(f"{where}: split.tensors.count says {total} tensors, the shards hold {n}")
+        for h in headers:  # every shard states the set's tensor count: all must agree with what the shards hold
+            if "split.tensors.count" not in h.kv:
+                continue
+            if h.kv_types["split.tensors.count"].type not in (ValueType.UINT16, ValueType.INT32, ValueType.UINT32):
+                raise GGUFError(
+                    f"{h.path}: key 'split.tensors.count' has type {h.kv_types['split.tensors.count']}, "
+                    "expected an integer"
+                )
+            total = int(h.kv["split.tensors.count"])
+            if total != n:
+                raise GGUFError(f"{h.path}: split.tensors.count says {total} tensors, the shards hold {n}")
     tensors: dict[str, TensorInfo] = {}
     for i, h in enumerate(headers):
         for t in h.tensors:

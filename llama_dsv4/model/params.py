@@ -151,6 +151,23 @@ class DSV4Params:
             raise bad("embedding_length", "dimensions are implausibly large")
         if self.n_expert > 1 << 14 or self.block_count > 1 << 12 or self.expert_ff > 1 << 18:
             raise bad("expert_count", "expert or layer counts are implausibly large")
+        # values that shape no tensor (so the file's size does not bound them) but size the state, the graph or
+        # the work per token, and go into C ints: bounded here, far above any real model (V4: 1M context,
+        # window 128, top-k 512, 20 Sinkhorn iterations)
+        for key, v, limit in (
+            ("context_length", self.n_ctx_train, 1 << 24),
+            ("rope.scaling.original_context_length", self.rope_orig_ctx, 1 << 24),
+            ("attention.sliding_window", self.sliding_window, 1 << 20),
+            ("attention.indexer.top_k", self.indexer_top_k, 1 << 20),
+            ("hyper_connection.sinkhorn_iterations", self.hc_sinkhorn_iters, 1 << 10),
+            ("attention.q_lora_rank", self.q_lora_rank, 1 << 16),
+            ("attention.output_lora_rank", self.o_lora_rank, 1 << 16),
+            ("attention.indexer.head_count", self.indexer_n_head, 1 << 12),
+            ("attention.indexer.key_length", self.indexer_head_dim, 1 << 14),
+            ("expert_shared_count", self.n_expert_shared, 1 << 8),
+        ):
+            if v > limit:
+                raise bad(key, f"{v} is implausibly large (this engine accepts at most {limit})")
         if self.n_nextn < 0:
             raise bad("nextn_predict_layers", f"must be >= 0, got {self.n_nextn}")
         if self.n_expert_used > self.n_expert:

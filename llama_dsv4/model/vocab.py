@@ -104,9 +104,18 @@ def vocab_from_kv(kv: dict[str, Any], kv_types: dict[str, Any], where: str) -> V
         raise bad("tokenizer.ggml.token_type", f"has {len(types)} entries for {len(tokens)} tokens")
     types = np.asarray(types).astype(np.int32)
     merges = typed("tokenizer.ggml.merges", ValueType.ARRAY, ValueType.STRING, required=False) or []
+    index = {t: i for i, t in enumerate(tokens)}
     for i, m in enumerate(merges):
         if m.count(" ") < 1 or m.startswith(" ") or m.endswith(" "):
             raise bad("tokenizer.ggml.merges", f"merge {i} {m[:40]!r} is not two space-separated tokens")
+        # a BPE merge joins two tokens into a third: all three must be in the vocabulary (the tokenizer library
+        # fails, or panics, on a merge that is not)
+        a, b = m.split(" ", 1)
+        for part in (a, b, a + b):
+            if part not in index:
+                raise bad(
+                    "tokenizer.ggml.merges", f"merge {i} {m[:40]!r} needs token {part[:40]!r}, not in the vocabulary"
+                )
     ids = {}
     for key in ("bos", "eos", "padding"):
         full = f"tokenizer.ggml.{key}_token_id"
@@ -116,7 +125,7 @@ def vocab_from_kv(kv: dict[str, Any], kv_types: dict[str, Any], where: str) -> V
         ids[key] = None if v is None else int(v)
     add_bos = typed("tokenizer.ggml.add_bos_token", ValueType.BOOL, required=False)
     add_eos = typed("tokenizer.ggml.add_eos_token", ValueType.BOOL, required=False)
-    return Vocab(
+    vocab = Vocab(
         model,
         pre,
         tuple(tokens),
@@ -128,6 +137,8 @@ def vocab_from_kv(kv: dict[str, Any], kv_types: dict[str, Any], where: str) -> V
         bool(add_bos) if add_bos is not None else False,
         bool(add_eos) if add_eos is not None else False,
     )
+    vocab.__dict__["_index"] = index  # the cached text -> id map, already built
+    return vocab
 
 
 # ------------------------------------------------------------------------------------------ writer vocabularies
