@@ -1,0 +1,23 @@
+"""`llama-dsv4-server`: an OpenAI-compatible HTTP server (FastAPI + uvicorn + sse-starlette) over `Llama`, with
+llama-server's command-line flags.
+
+Modules: settings.py (flags -> Settings), slots.py (slots, queue, stoppable jobs), app.py (routes), schemas.py
+(request bodies), errors.py (OpenAI error bodies), metrics.py (Prometheus text), serve.py (the command).
+"""
+
+from .settings import Settings, SettingsError, parse_args
+
+__all__ = ["Settings", "SettingsError", "create_app", "main", "parse_args"]
+
+
+def create_app(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """`app.create_app` (imported lazily: FastAPI is only needed when serving)."""
+    from .app import create_app as _create_app
+
+    return _create_app(*args, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .serve import main as _main
+
+    return _main(argv)

@@ -1,0 +1,525 @@
+"""The OpenAI-compatible HTTP API (FastAPI): routes, request checking, streaming, API keys, request counting.
+
+Every completion runs as a job on a slot (slots.py). A client that goes away while its request waits for a slot,
+while it runs, or in the middle of a stream stops it at the next token and frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ValidationError
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from . import schemas
+from .errors import APIError, from_exception, from_validation
+from .metrics import CONTENT_TYPE, Metrics
+from .settings import Settings
+from .slots import Controller, Job, SlotPool
+
+log = logging.getLogger("llama_dsv4.server")
+M = TypeVar("M", bound=BaseModel)
+
+ROUTES = (
+    "/health",
+    "/v1/health",
+    "/v1/models",
+    "/models",
+    "/v1/chat/completions",
+    "/chat/completions",
+    "/v1/completions",
+    "/completions",
+    "/v1/embeddings",
+    "/embeddings",
+    "/tokenize",
+    "/extras/tokenize",
+    "/extras/tokenize/count",
+    "/detokenize",
+    "/extras/detokenize",
+    "/metrics",
+    "/props",
+)
+PUBLIC = {"/health", "/v1/health"}
+
+
+class ClientGone(Exception):
+    pass
+
+
+class _Watcher:
+    """Watches the connection for the client going away (the request body must have been read already)."""
+
+    def __init__(self, request: Request) -> None:
+        self._receive = request.receive
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            msg = await self._receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    async def race(self, aw: Awaitable[Any]) -> Any:
+        task = asyncio.ensure_future(aw)
+        try:
+            await asyncio.wait({task, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientGone
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+class _Counting:
+    """ASGI middleware: counts responses by route and status for /metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope.get("path", "")
+        route = route if route in ROUTES else "other"
+        status = {"code": 500}
+
+        async def send_counted(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.request(route, status["code"])
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = None) -> FastAPI:
+    """The ASGI app over a pool of loaded slots (the caller owns loading; the app closes the pool at shutdown)."""
+    metrics = metrics or Metrics()
+    model_name = settings.model_name
+    max_body = int(settings.max_body_mib * 2**20)
+    keys = [k.encode() for k in settings.api_keys]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if not await run_in_threadpool(pool.close):
+            log.warning("a generation is still running (a long prompt cannot be interrupted): exiting anyway")
+            app.state.unfinished = True
+
+    app = FastAPI(title="llama-dsv4", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.pool, app.state.metrics, app.state.settings = pool, metrics, settings
+    app.state.unfinished = False
+
+    def record(job: Job) -> None:
+        if job.stats is not None:
+            st = job.stats
+            metrics.job(st.n_prompt, st.n_predicted, st.t_prompt, st.t_predict, st.cancelled)
+
+    pool.on_job_end = record
+
+    # ------------------------------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 404:
+            err = APIError(404, f"no route {request.url.path}", code="not_found")
+        else:
+            err = APIError(e.status_code, str(e.detail), code=None)
+        return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(e.errors()[:1])).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception) -> JSONResponse:
+        err = from_exception(e)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    async def check_key(request: Request) -> None:
+        if not keys:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+        if not any(hmac.compare_digest(given.encode(), k) for k in keys):
+            raise APIError(
+                401,
+                "Invalid API key (send it as 'Authorization: Bearer KEY')",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def read_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any]]:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            raise APIError(
+                413,
+                f"request body of {length} bytes is over the limit of {max_body} (--max-body-mib)",
+                code="request_too_large",
+            )
+        data = bytearray()
+        try:
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > max_body:
+                    raise APIError(
+                        413,
+                        f"request body is over the limit of {max_body} bytes (--max-body-mib)",
+                        code="request_too_large",
+                    )
+        except ClientDisconnect:
+            raise APIError(400, "the client went away while sending the request", code="client_disconnected") from None
+        try:
+            raw = json.loads(bytes(data), parse_constant=_json_constant)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(raw, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            return model.model_validate(raw), raw
+        except ValidationError as e:
+            raise from_validation(e) from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+
+    def max_tokens(value: int | None, default: int | None) -> int | None:
+        cap = settings.n_predict if settings.n_predict > 0 else None
+        v = default if value is None else (value or None)  # 0: until the end of the text or of the context
+        if cap is not None:
+            v = cap if v is None else min(v, cap)
+        return v
+
+    def sampling(req: schemas._Sampling) -> dict[str, Any]:
+        def pick(v: Any, d: Any) -> Any:
+            return d if v is None else v
+
+        bias = None
+        if req.logit_bias:
+            try:
+                bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+            except ValueError:
+                raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+        if settings.n_predict == 0:
+            raise APIError(400, "this server was started with --n-predict 0")
+        return dict(
+            temperature=pick(req.temperature, settings.temperature),
+            top_p=pick(req.top_p, settings.top_p),
+            min_p=pick(req.min_p, settings.min_p),
+            typical_p=pick(req.typical_p, 1.0),
+            top_k=pick(req.top_k, settings.top_k),
+            repeat_penalty=pick(req.repeat_penalty, settings.repeat_penalty),
+            presence_penalty=pick(req.presence_penalty, settings.presence_penalty),
+            frequency_penalty=pick(req.frequency_penalty, settings.frequency_penalty),
+            mirostat_mode=req.mirostat_mode,
+            mirostat_tau=req.mirostat_tau,
+            mirostat_eta=req.mirostat_eta,
+            seed=req.seed,
+            stop=req.stop,
+            logit_bias=bias,
+            model=model_name,
+        )
+
+    async def run(
+        request: Request,
+        fn: Callable[[Any, Controller], Any],
+        stream: bool,
+        usage_chunk: dict[str, Any] | None,
+        prompt_param: str,
+    ) -> Response:
+        """Queue for a slot, run `fn` there, and answer (JSON, or an SSE stream)."""
+        watcher = _Watcher(request)
+        job: Job | None = None
+        try:
+            slot = await watcher.race(pool.acquire())
+            job = pool.start(slot, fn, stream)
+            kind, value = await watcher.race(job.next_event())
+            if kind == "error":
+                raise from_exception(value, prompt_param)
+            if kind == "result":
+                return JSONResponse(value)
+            if kind != "chunk":  # cancelled (shutdown) or a stream without any chunk
+                raise APIError(503, "the request was stopped before it produced anything", "server_error")
+        except ClientGone:
+            if job is not None:
+                job.cancel()
+            return Response(status_code=499)
+        except asyncio.CancelledError:
+            if job is not None:
+                job.cancel()
+            raise
+        finally:
+            watcher.stop()
+        return EventSourceResponse(
+            _events(job, value, usage_chunk),
+            ping=15,
+            send_timeout=settings.timeout or None,
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def _events(job: Job, first: Any, usage_chunk: dict[str, Any] | None) -> AsyncIterator[dict[str, str]]:
+        finished = False
+        last = first
+        try:
+            yield {"data": json.dumps(first, ensure_ascii=False)}
+            while True:
+                kind, value = await job.next_event()
+                if kind == "chunk":
+                    last = value
+                    yield {"data": json.dumps(value, ensure_ascii=False)}
+                elif kind == "error":
+                    yield {"data": json.dumps(from_exception(value).body(), ensure_ascii=False)}
+                elif kind == "end":
+                    finished = True
+                    if usage_chunk is not None and job.stats is not None:
+                        st = job.stats
+                        tail = {
+                            **usage_chunk,
+                            "id": last.get("id"),
+                            "created": last.get("created"),
+                            "model": last.get("model"),
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": st.n_prompt,
+                                "completion_tokens": st.n_predicted,
+                                "total_tokens": st.n_prompt + st.n_predicted,
+                            },
+                        }
+                        yield {"data": json.dumps(tail)}
+                    yield {"data": "[DONE]"}
+                    return
+        finally:
+            if not finished:
+                job.cancel()  # the client went away: stop at the next token
+
+    # ------------------------------------------------------------------------------------------ routes
+    public = APIRouter()
+    api = APIRouter(dependencies=[Depends(check_key)])
+
+    @public.get("/health")
+    @public.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "slots_idle": len(pool.slots) - pool.busy, "slots_processing": pool.busy}
+
+    @api.get("/v1/models")
+    @api.get("/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": int(metrics.started),
+                    "owned_by": "llama-dsv4",
+                    "permissions": [],
+                    "meta": {"n_ctx": pool.slots[0].n_ctx, "slots": len(pool.slots)},
+                }
+            ],
+        }
+
+    @api.get("/props")
+    async def props() -> dict[str, Any]:
+        llm = pool.slots[0].llm
+        return {
+            "model": model_name,
+            "model_path": getattr(llm, "model_path", None),
+            "n_ctx": pool.slots[0].n_ctx,
+            "total_slots": len(pool.slots),
+            "chat_format": getattr(llm, "chat_format", None),
+            "build_info": f"llama-dsv4 {__version__}",
+        }
+
+    @api.get("/metrics")
+    async def get_metrics() -> PlainTextResponse:
+        text = await run_in_threadpool(metrics.render, pool.slots, pool.waiting)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+
+    @api.post("/v1/chat/completions")
+    @api.post("/chat/completions")
+    async def chat(request: Request) -> Response:
+        req, raw = await read_body(request, schemas.ChatRequest)
+        if req.logprobs and not settings.logits_all:
+            raise APIError(400, "logprobs need the server started with --logits-all", param="logprobs")
+        tk = {**settings.chat_template_kwargs, **(req.chat_template_kwargs or {})}
+        if req.thinking is not None:
+            tk["thinking"] = (
+                req.thinking if isinstance(req.thinking, bool) else req.thinking.get("type") in ("enabled", True)
+            )
+        if req.reasoning_effort is not None:
+            tk["reasoning_effort"] = req.reasoning_effort
+        fmt = req.reasoning_format or settings.reasoning_format
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        kwargs = dict(
+            sampling(req),
+            messages=raw["messages"],
+            tools=raw.get("tools"),
+            tool_choice=raw.get("tool_choice"),
+            functions=raw.get("functions"),
+            function_call=raw.get("function_call"),
+            response_format=_response_format(raw.get("response_format")),
+            max_tokens=max_tokens(limit, None),
+            logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs,
+            reasoning_format="none" if fmt == "none" else "deepseek",
+            chat_template_kwargs=tk,
+            stream=req.stream,
+        )
+        grammar = req.grammar
+
+        def fn(llm: Any, ctl: Controller) -> Any:
+            return llm.create_chat_completion(**kwargs, grammar=_grammar(grammar), logits_processor=ctl.processors())
+
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        usage = {"object": "chat.completion.chunk"} if include_usage else None
+        return await run(request, fn, req.stream, usage, "messages")
+
+    @api.post("/v1/completions")
+    @api.post("/completions")
+    async def completions(request: Request) -> Response:
+        req, _ = await read_body(request, schemas.CompletionRequest)
+        if req.logprobs is not None and not settings.logits_all:
+            raise APIError(400, "logprobs need the server started with --logits-all", param="logprobs")
+        prompt: Any = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        kwargs = dict(
+            sampling(req),
+            prompt=prompt,
+            suffix=req.suffix,
+            max_tokens=max_tokens(req.max_tokens, 16),
+            echo=req.echo,
+            logprobs=req.logprobs,
+            stream=req.stream,
+        )
+        grammar = req.grammar
+
+        def fn(llm: Any, ctl: Controller) -> Any:
+            return llm.create_completion(**kwargs, grammar=_grammar(grammar), logits_processor=ctl.processors())
+
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        return await run(request, fn, req.stream, {"object": "text_completion"} if include_usage else None, "prompt")
+
+    @api.post("/v1/embeddings")
+    @api.post("/embeddings")
+    async def embeddings(request: Request) -> Response:
+        await read_body(request, schemas.EmbeddingRequest)
+        raise APIError(
+            501,
+            "embeddings are not available: DeepSeek V4 is a generative model without an embedding output",
+            "not_implemented_error",
+            param="model",
+            code="embeddings_not_supported",
+        )
+
+    async def _tokenize(request: Request, default_special: bool) -> list[Any]:
+        req, _ = await read_body(request, schemas.TokenizeRequest)
+        text = req.content if req.content is not None else req.input
+        if text is None:
+            raise APIError(400, "give the text to tokenize as 'content'", param="content")
+        add = default_special if req.add_special is None else req.add_special
+        llm = pool.slots[0].llm
+        ids = await run_in_threadpool(llm.tokenize, text.encode("utf-8"), add, req.parse_special)
+        if not req.with_pieces:
+            return ids
+        pieces = []
+        for i in ids:
+            b = llm.detokenize([i], special=True)
+            try:
+                pieces.append({"id": i, "piece": b.decode("utf-8")})
+            except UnicodeDecodeError:
+                pieces.append({"id": i, "piece": list(b)})
+        return pieces
+
+    @api.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return {"tokens": await _tokenize(request, False)}
+
+    @api.post("/extras/tokenize")
+    async def extras_tokenize(request: Request) -> dict[str, Any]:
+        return {"tokens": await _tokenize(request, True)}
+
+    @api.post("/extras/tokenize/count")
+    async def extras_tokenize_count(request: Request) -> dict[str, Any]:
+        return {"count": len(await _tokenize(request, True))}
+
+    async def _detokenize(request: Request) -> str:
+        req, _ = await read_body(request, schemas.DetokenizeRequest)
+        llm = pool.slots[0].llm
+        n_vocab = llm.n_vocab()
+        bad = [t for t in req.tokens if t >= n_vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {n_vocab})", param="tokens")
+        data = await run_in_threadpool(llm.detokenize, req.tokens, None, True)
+        return data.decode("utf-8", errors="replace")
+
+    @api.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return {"content": await _detokenize(request)}
+
+    @api.post("/extras/detokenize")
+    async def extras_detokenize(request: Request) -> dict[str, Any]:
+        return {"text": await _detokenize(request)}
+
+    app.include_router(public)
+    app.include_router(api)
+    # browsers may call the API from any page, as llama-server allows (the API key still applies)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(_Counting, metrics=metrics)
+    return app
+
+
+def _response_format(rf: Any) -> Any:
+    """OpenAI's response_format as the chat layer takes it (llama-cpp-python's json_object + schema too)."""
+    if not isinstance(rf, dict) or rf.get("type") == "text":
+        return None
+    return rf
+
+
+def _grammar(gbnf: str | None) -> Any:
+    if gbnf is None:
+        return None
+    from ..grammar import LlamaGrammar
+
+    return LlamaGrammar.from_string(gbnf, verbose=False)
+
+
+def started_banner(settings: Settings) -> str:
+    scheme = "https" if settings.ssl_certfile else "http"
+    host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+    return f"listening on {scheme}://{host}:{settings.port} (model {settings.model_name!r}, {time.strftime('%X')})"

@@ -1,0 +1,175 @@
+"""Server metrics in the Prometheus text format (version 0.0.4), named like llama-server's with our prefix.
+
+Counters: HTTP requests by route and status, completions, cancelled completions, prompt and generated tokens and
+the seconds spent on each. Gauges: tokens/s (prompt and generation, over the server's life and over the last
+completion), slots busy, requests waiting for a slot (the queue depth), context size. MoE expert residency
+figures, from `Llama.moe_stats()` of each slot, labelled by slot.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+PREFIX = "llamadsv4:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# moe_stats() key -> (metric name, type, help); hot_per_layer is a series per layer
+_MOE = {
+    "enabled": ("moe_enabled", "gauge", "1 when MoE expert residency is on"),
+    "locked_bytes": ("moe_hot_locked_bytes", "gauge", "bytes of hot experts locked in RAM"),
+    "lock_failed_bytes": ("moe_lock_failed_bytes", "gauge", "bytes of hot experts that could not be locked"),
+    "resident_bytes": ("moe_resident_bytes", "gauge", "bytes of expert weights resident in RAM"),
+    "hot_bytes": ("moe_hot_bytes", "gauge", "bytes of the experts classified hot"),
+    "budget_configured_bytes": ("moe_budget_configured_bytes", "gauge", "configured budget for hot experts"),
+    "budget_effective_bytes": ("moe_budget_effective_bytes", "gauge", "budget for hot experts in effect"),
+    "hit_rate": ("moe_hit_rate", "gauge", "share of routed experts that were hot"),
+    "hits": ("moe_hits_total", "counter", "routed experts that were hot"),
+    "routed": ("moe_routed_total", "counter", "experts routed"),
+    "reclassify_total": ("moe_reclassify_total", "counter", "hot-set updates"),
+    "reclassify_seconds_total": ("moe_reclassify_seconds_total", "counter", "seconds spent updating the hot set"),
+}
+
+
+def _num(v: Any) -> str:
+    f = float(v)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "+Inf" if f > 0 else "-Inf"
+    return repr(int(f)) if f.is_integer() and abs(f) < 2**53 else repr(f)
+
+
+def _labels(labels: dict[str, Any]) -> str:
+    if not labels:
+        return ""
+    esc = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in labels.values())
+    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, esc, strict=True)) + "}"
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._seen: set[str] = set()
+
+    def add(self, name: str, kind: str, help_: str, samples: list[tuple[dict[str, Any], Any]]) -> None:
+        full = PREFIX + name
+        if full not in self._seen:
+            self._seen.add(full)
+            self.lines.append(f"# HELP {full} {help_}")
+            self.lines.append(f"# TYPE {full} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{full}{_labels(labels)} {_num(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class Metrics:
+    """Thread-safe counters fed by the app (requests) and by finished jobs (tokens, times)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.completions = 0
+        self.cancelled = 0
+        self.prompt_tokens = 0
+        self.predicted_tokens = 0
+        self.prompt_seconds = 0.0
+        self.predict_seconds = 0.0
+        self.last_prompt_tps = 0.0
+        self.last_predict_tps = 0.0
+
+    def request(self, route: str, status: int) -> None:
+        with self._lock:
+            self.requests[(route, status)] += 1
+
+    def job(self, n_prompt: int, n_predicted: int, t_prompt: float, t_predict: float, cancelled: bool) -> None:
+        with self._lock:
+            self.completions += 1
+            self.cancelled += int(cancelled)
+            self.prompt_tokens += n_prompt
+            self.predicted_tokens += n_predicted
+            self.prompt_seconds += t_prompt
+            self.predict_seconds += t_predict
+            if n_prompt and t_prompt > 0:
+                self.last_prompt_tps = n_prompt / t_prompt
+            if n_predicted and t_predict > 0:
+                self.last_predict_tps = n_predicted / t_predict
+
+    def render(self, slots: list[Any], waiting: int) -> str:
+        """The exposition text; `slots` are the pool's slots (llm, n_ctx, job), `waiting` the queue depth."""
+        w = _Writer()
+        with self._lock:
+            w.add(
+                "requests_total",
+                "counter",
+                "HTTP requests by route and status code",
+                [({"route": r, "status": s}, n) for (r, s), n in sorted(self.requests.items())] or [({}, 0)],
+            )
+            w.add("completions_total", "counter", "completions run", [({}, self.completions)])
+            w.add(
+                "completions_cancelled_total",
+                "counter",
+                "completions stopped because their client went away",
+                [({}, self.cancelled)],
+            )
+            w.add("prompt_tokens_total", "counter", "prompt tokens processed", [({}, self.prompt_tokens)])
+            w.add("prompt_seconds_total", "counter", "seconds spent on prompts", [({}, self.prompt_seconds)])
+            w.add("tokens_predicted_total", "counter", "tokens generated", [({}, self.predicted_tokens)])
+            w.add("tokens_predicted_seconds_total", "counter", "seconds spent generating", [({}, self.predict_seconds)])
+            avg_p = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+            avg_g = self.predicted_tokens / self.predict_seconds if self.predict_seconds > 0 else 0.0
+            w.add("prompt_tokens_seconds", "gauge", "average prompt throughput, tokens/s", [({}, avg_p)])
+            w.add("predicted_tokens_seconds", "gauge", "average generation throughput, tokens/s", [({}, avg_g)])
+            w.add(
+                "last_prompt_tokens_seconds",
+                "gauge",
+                "prompt throughput of the last completion, tokens/s",
+                [({}, self.last_prompt_tps)],
+            )
+            w.add(
+                "last_predicted_tokens_seconds",
+                "gauge",
+                "generation throughput of the last completion, tokens/s",
+                [({}, self.last_predict_tps)],
+            )
+        busy = sum(1 for s in slots if s.job is not None)
+        w.add("requests_processing", "gauge", "slots busy with a request", [({}, busy)])
+        w.add("requests_deferred", "gauge", "requests waiting for a free slot (queue depth)", [({}, waiting)])
+        w.add("slots_total", "gauge", "slots (--parallel)", [({}, len(slots))])
+        w.add("n_ctx", "gauge", "context size of each slot, tokens", [({"slot": s.id}, s.n_ctx) for s in slots])
+        w.add("uptime_seconds", "gauge", "seconds since the server started", [({}, time.time() - self.started)])
+        _moe(w, slots)
+        return w.text()
+
+
+def _moe(w: _Writer, slots: list[Any]) -> None:
+    samples: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+    per_layer: list[tuple[dict[str, Any], Any]] = []
+    for s in slots:
+        get = getattr(s.llm, "moe_stats", None)
+        if not callable(get):
+            continue
+        try:
+            st = get()
+        except Exception:  # a residency that cannot report must not break /metrics
+            continue
+        if not isinstance(st, dict):
+            continue
+        for key in _MOE:
+            v = st.get(key)
+            if isinstance(v, (bool, int, float)):
+                samples.setdefault(key, []).append(({"slot": s.id}, int(v) if isinstance(v, bool) else v))
+        layers = st.get("hot_per_layer")
+        if isinstance(layers, (list, tuple)):
+            per_layer += [({"slot": s.id, "layer": i}, n) for i, n in enumerate(layers) if isinstance(n, (int, float))]
+    for key, (name, kind, help_) in _MOE.items():
+        if key in samples:
+            w.add(name, kind, help_, samples[key])
+    if per_layer:
+        w.add("moe_hot_experts_per_layer", "gauge", "hot experts per layer", per_layer)

@@ -1,0 +1,132 @@
+"""Request bodies, checked with pydantic: types and ranges of every field we use. Fields we do not know are
+ignored, as llama-cpp-python's server and OpenAI-compatible servers generally do (clients send many)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+INT32 = 2**31 - 1
+_cfg = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _Body(BaseModel):
+    model_config = _cfg
+
+
+class _Open(BaseModel):  # nested objects whose other fields travel on unchanged
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Body):
+    model: StrictStr | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=INT32)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0.0, le=100.0)] | None = None
+    top_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
+    min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
+    typical_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0, le=INT32)] | None = None
+    repeat_penalty: Annotated[StrictFloat, Field(gt=0.0, le=100.0)] | None = None
+    presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
+    mirostat_mode: Annotated[StrictInt, Field(ge=0, le=2)] = 0
+    mirostat_tau: Annotated[StrictFloat, Field(ge=0.0, le=100.0)] = 5.0
+    mirostat_eta: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] = 0.1
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    logit_bias: dict[str, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1  # one choice per request
+    user: StrictStr | None = None
+    grammar: StrictStr | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+        | Annotated[list[StrictInt], Field(min_length=1)]
+        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    ) = ""
+    suffix: StrictStr | None = None
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
+
+
+class FunctionDef(_Open):
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: StrictStr
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaSpec(_Open):
+    name: StrictStr | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class Message(_Open):
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    content: StrictStr | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0, le=INT32)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    functions: list[FunctionDef] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    reasoning_format: Literal["deepseek", "none", "auto", "deepseek-legacy"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking: StrictBool | dict[str, Any] | None = None
+    reasoning_effort: StrictStr | None = None
+
+
+class TokenizeRequest(_Body):
+    content: StrictStr | None = None
+    input: StrictStr | None = None  # llama-cpp-python's /extras/tokenize
+    add_special: StrictBool | None = None
+    parse_special: StrictBool = True
+    with_pieces: StrictBool = False
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[Annotated[StrictInt, Field(ge=0, le=INT32)]]
+
+
+class EmbeddingRequest(_Body):
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    model: StrictStr | None = None

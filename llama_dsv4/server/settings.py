@@ -1,0 +1,516 @@
+"""Command-line flags -> typed settings for `llama-dsv4-server`.
+
+The flags are llama-server's (short and long spellings), so the model card's command line works with our
+executable's name. Every flag is either honoured (mapped to a `Llama` keyword or a server setting) or accepted
+with a note saying why it does not apply on this build (`Settings.notes`, logged at startup). Unknown flags and
+bad values are a `SettingsError` naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+DEFAULT_PORT = 8080  # llama-server's
+DEFAULT_CTX = 4096  # llama-server's default --ctx-size
+CACHE_TYPES = {"f16": 1, "f32": 0}  # GGML_TYPE_F16, GGML_TYPE_F32: what the engine supports for its caches
+REASONING_FORMATS = ("deepseek", "none", "auto", "deepseek-legacy")
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """llama.cpp's default thread count: the physical cores this process may use (hyperthreads do not help)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        cores = set()
+        for cpu in allowed:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        return max(1, len(cores))
+    except (AttributeError, OSError):
+        return usable_cpus()
+
+
+def gpu_layers_device(n_gpu_layers: int, device: str) -> tuple[str, str | None]:
+    """llama.cpp's -ngl on an engine that runs the whole model on one device: 0 means the CPU (no offload), all /
+    auto / N >= the layer count the device; a partial offload is not supported (noted)."""
+    if n_gpu_layers == 0 and device == "auto":
+        return "cpu", "--n-gpu-layers 0: running on the CPU"
+    if n_gpu_layers > 0:
+        return device, f"--n-gpu-layers {n_gpu_layers}: the whole model runs on --device {device} (no partial offload)"
+    return device, None
+
+
+def fit_threads(flag: str, n: int | None, notes: list[str]) -> int | None:
+    """A thread count as given (None or <= 0: the default), at most the CPUs this process may use: ggml's
+    threads wait for each other spinning, so more threads than CPUs make every token many times slower."""
+    if n is None or n <= 0:
+        return None
+    cpus = usable_cpus()
+    if n > cpus:
+        notes.append(f"{flag} {n}: more than the {cpus} CPUs this process may use: using {cpus}")
+        return cpus
+    return n
+
+
+class SettingsError(ValueError):
+    """A command line that cannot be honoured: unknown flag, bad value, missing model."""
+
+
+@dataclass
+class Settings:
+    # the model
+    model: str | None = None
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    hf_token: str | None = None
+    n_ctx: int = DEFAULT_CTX  # total over the slots, as llama-server's --ctx-size (0: the model's trained context)
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_gpu_layers: int = -1  # -1: all
+    flash_attn: bool = True
+    use_mlock: bool = False
+    use_mmap: bool = True
+    seed: int | None = None
+    type_k: int | None = None
+    device: str = "auto"
+    moe_hot_count: int | str | list[int] | None = None
+    moe_hot_budget_mib: float | None = None
+    moe_stats_path: str | None = None
+    logits_all: bool = False
+    # chat
+    chat_template: str | None = None  # a template name of the model ("deepseek-v4", "chat_template.default") or Jinja
+    chat_template_file: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    reasoning_format: str = "deepseek"
+    # the server
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_keys: list[str] = field(default_factory=list)
+    alias: str | None = None
+    parallel: int = 1
+    timeout: float = 600.0
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    max_body_mib: float = 32.0
+    verbose: bool = False
+    # request defaults (llama-server's sampling flags)
+    n_predict: int = -1
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # what was accepted without effect, and why
+    notes: list[str] = field(default_factory=list)
+
+    def llama_kwargs(self) -> dict[str, Any]:
+        """The `Llama(...)` keywords of one slot, before the context is fitted to the model (see slots.py)."""
+        kw: dict[str, Any] = dict(
+            n_ctx=self.n_ctx,
+            n_batch=self.n_batch,
+            n_ubatch=self.n_ubatch,
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads_batch if self.n_threads_batch is not None else self.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            flash_attn=self.flash_attn,
+            use_mlock=self.use_mlock,
+            use_mmap=self.use_mmap,
+            device=self.device,
+            logits_all=self.logits_all,
+            verbose=self.verbose,
+        )
+        if self.seed is not None:
+            kw["seed"] = self.seed
+        if self.type_k is not None:
+            kw["type_k"] = self.type_k
+        # MoE expert residency: passed only when asked for
+        if self.moe_hot_count is not None:
+            kw["moe_hot_count"] = self.moe_hot_count
+        if self.moe_hot_budget_mib is not None:
+            kw["moe_hot_budget_mib"] = self.moe_hot_budget_mib
+        if self.moe_stats_path is not None:
+            kw["moe_stats_path"] = self.moe_stats_path
+        return kw
+
+    @property
+    def model_name(self) -> str:
+        """The id served in /v1/models and in responses."""
+        if self.alias:
+            return self.alias
+        if self.model:
+            return os.path.basename(self.model)
+        return f"{self.hf_repo}:{self.hf_file}" if self.hf_file else str(self.hf_repo)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SettingsError(message.replace("unrecognized arguments", "unknown argument(s)"))
+
+
+def _int(flag: str, lo: int | None = None, hi: int | None = None) -> Any:
+    def conv(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes an integer, got {s!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"{flag} must be {rng}, got {v}")
+        return v
+
+    return conv
+
+
+def _float(flag: str, lo: float | None = None) -> Any:
+    def conv(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a number, got {s!r}") from None
+        if lo is not None and not v >= lo:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {lo}, got {s}")
+        return v
+
+    return conv
+
+
+def _gpu_layers(s: str) -> int:
+    if s.lower() in ("all", "auto"):
+        return -1
+    v = _int("--n-gpu-layers")(s)
+    return -1 if v < 0 else v
+
+
+def _on_off(flag: str) -> Any:
+    def conv(s: str) -> str:
+        v = s.lower()
+        if v in ("on", "true", "1", "enabled"):
+            return "on"
+        if v in ("off", "false", "0", "disabled"):
+            return "off"
+        if v == "auto":
+            return "auto"
+        raise argparse.ArgumentTypeError(f"{flag} takes on, off or auto, got {s!r}")
+
+    return conv
+
+
+def parse_hot_count(s: str) -> int | str | list[int] | None:
+    """`--moe-hot-count`: N, auto, off/0, or a comma list of N per layer."""
+    v = s.strip().lower()
+    if v in ("off", "none", "0"):
+        return None
+    if v == "auto":
+        return "auto"
+    try:
+        nums = [int(x) for x in v.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--moe-hot-count takes N, auto or a comma list of N per layer, got {s!r}"
+        ) from None
+    if any(n < 0 for n in nums):
+        raise argparse.ArgumentTypeError(f"--moe-hot-count values must be >= 0, got {s!r}")
+    return nums if len(nums) > 1 else nums[0]
+
+
+def _json_object(s: str) -> dict[str, Any]:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--chat-template-kwargs is not JSON: {e.msg}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError("--chat-template-kwargs must be a JSON object")
+    return v
+
+
+# flags of llama-server that are accepted but have no effect here, with the reason (value-taking, then switches)
+_NOTE_VALUE_FLAGS: dict[tuple[str, ...], str] = {
+    ("-sm", "--split-mode"): "one device per process on this build",
+    ("-mg", "--main-gpu"): "one device per process on this build; pick it with --device",
+    ("-ts", "--tensor-split"): "one device per process on this build",
+    ("-ctv", "--cache-type-v"): "DeepSeek V4's attention has no separate value cache (keys are values)",
+    ("--threads-http",): "HTTP is served by one asyncio loop; generation runs on one thread per slot",
+    ("--numa",): "NUMA placement is left to the OS",
+    ("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale"): "the GGUF's rope settings are used",
+    ("--yarn-orig-ctx", "--yarn-ext-factor", "--yarn-attn-factor", "--yarn-beta-slow", "--yarn-beta-fast"): (
+        "the GGUF's rope settings are used"
+    ),
+    ("--cache-reuse",): "prompt prefixes are reused automatically per slot",
+    ("--keep",): "context shifting is not supported (a prompt longer than the context is an error)",
+    ("--reasoning-budget",): "thinking is switched by the chat template variables (chat_template_kwargs)",
+    ("-lv", "--verbosity", "--log-verbosity"): "use -v / --verbose",
+    ("--path",): "this server has no web UI",
+    ("--api-prefix",): "routes are served at their usual paths",
+    ("--slot-save-path",): "slot saving is not supported",
+    ("-C", "--cpu-mask", "-Cr", "--cpu-range", "--prio", "--poll"): "thread placement is left to ggml and the OS",
+    ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"): "not needed: this engine keeps its own state per slot",
+    ("-sps", "--slot-prompt-similarity"): "slots are handed out first come, first served",
+    ("--model-alias",): "use --alias",
+    ("--draft", "--draft-max", "--draft-min", "-md", "--model-draft"): "speculative decoding is not supported",
+    ("--lora", "--lora-scaled", "--control-vector"): "adapters are not supported",
+    ("-ot", "--override-tensor", "--override-kv"): "tensor and metadata overrides are not supported",
+}
+_NOTE_SWITCHES: dict[tuple[str, ...], str] = {
+    ("--jinja",): "chat templates are always rendered with Jinja (sandboxed)",
+    ("--no-jinja",): "chat templates are always rendered with Jinja (sandboxed)",
+    ("--metrics",): "/metrics is always served",
+    ("--slots", "--props", "--no-slots"): "/props is always served; /slots is not",
+    ("-cb", "--cont-batching", "-nocb", "--no-cont-batching"): "each slot runs one sequence; --parallel N serves N",
+    ("-kvu", "--kv-unified", "--no-kv-unified"): "each slot has its own context of --ctx-size / --parallel tokens",
+    ("--no-webui", "--webui"): "this server has no web UI",
+    ("--swa-full",): "the sliding-window state is exact without it",
+    ("--no-warmup", "--warmup"): "there is no warm-up run",
+    ("-nkvo", "--no-kv-offload", "--kv-offload"): "the context lives on the device that computes",
+    ("--no-op-offload",): "one device per process on this build",
+    ("--log-disable", "--log-colors", "--log-prefix", "--log-timestamps"): "logging goes to stderr",
+    ("--embedding", "--embeddings"): "DeepSeek V4 has no embeddings; /v1/embeddings answers 501",
+    ("--check-tensors",): "tensors are always validated when the model is opened",
+    ("--no-context-shift", "--context-shift"): "context shifting is not supported",
+    ("--no-escape", "-e", "--escape"): "not applicable to a server",
+}
+
+
+def _build() -> _Parser:
+    p = _Parser(
+        prog="llama-dsv4-server",
+        description="OpenAI-compatible server for DeepSeek V4 GGUF models (llama-server's flags).",
+        epilog="Also accepted, with a logged note that they do not apply: "
+        + ", ".join(f[-1] for f in (*_NOTE_VALUE_FLAGS, *_NOTE_SWITCHES))
+        + ".",
+        allow_abbrev=False,
+    )
+    a = p.add_argument
+    a("-m", "--model", help="GGUF file, or any shard of a split set")
+    a("-hf", "-hfr", "--hf-repo", dest="hf_repo", help="Hugging Face repo[:file or quant tag] (from_pretrained)")
+    a("-hff", "--hf-file", dest="hf_file", help="file (or glob) in --hf-repo")
+    a("-hft", "--hf-token", dest="hf_token", help="Hugging Face token (default: $HF_TOKEN)")
+    a("-a", "--alias", help="model name served in /v1/models and responses (default: the file name)")
+    a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    a("--port", type=_int("--port", 0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    a(
+        "-c",
+        "--ctx-size",
+        dest="n_ctx",
+        type=_int("--ctx-size", 0),
+        default=DEFAULT_CTX,
+        help=f"context size in tokens, shared by the slots (0: the model's; default {DEFAULT_CTX}; larger than the "
+        "model's trained context is clamped to it)",
+    )
+    a("-b", "--batch-size", dest="n_batch", type=_int("--batch-size", 1), default=2048, help="logical batch size")
+    a(
+        "-ub",
+        "--ubatch-size",
+        dest="n_ubatch",
+        type=_int("--ubatch-size", 1),
+        default=512,
+        help="physical batch size (tokens per graph)",
+    )
+    a("-t", "--threads", dest="n_threads", type=_int("--threads"), help="threads for generation (default: all)")
+    a(
+        "-tb",
+        "--threads-batch",
+        dest="n_threads_batch",
+        type=_int("--threads-batch"),
+        help="threads for prompt processing (default: --threads)",
+    )
+    a(
+        "-ngl",
+        "--gpu-layers",
+        "--n-gpu-layers",
+        dest="n_gpu_layers",
+        type=_gpu_layers,
+        default=-1,
+        help="layers on the device: N, auto or all (the whole model runs on --device)",
+    )
+    a("-dev", "--device", default="auto", help="ggml device: auto, cpu, or a device name (llama-dsv4 --list-devices)")
+    a(
+        "-fa",
+        "--flash-attn",
+        dest="flash_attn",
+        nargs="?",
+        const="on",
+        default="auto",
+        type=_on_off("--flash-attn"),
+        help="on, off or auto (default auto = on): attention in f16 as llama.cpp's flash-attention path",
+    )
+    a("--mlock", action="store_true", help="lock the model's weights in RAM")
+    a("--no-mmap", dest="no_mmap", action="store_true", help="accepted: weights are always memory-mapped")
+    a("--mmap", dest="no_mmap", action="store_false", help="memory-map the weights (always)")
+    a("-s", "--seed", type=_int("--seed"), help="RNG seed (-1: random)")
+    a("-ctk", "--cache-type-k", dest="cache_type_k", choices=sorted(CACHE_TYPES), help="cache type: f16 or f32")
+    a("--moe-hot-count", type=parse_hot_count, help="MoE experts kept resident per layer: N, auto, or a,b,c per layer")
+    a("--moe-hot-budget-mib", type=_float("--moe-hot-budget-mib", 0), help="memory budget for resident experts")
+    a("--moe-stats-path", help="file where expert-use statistics persist between runs")
+    a("--logits-all", action="store_true", help="keep every position's logits (needed for logprobs in requests)")
+    a("--chat-template", help="a chat format of the model (deepseek-v4, chat_template.default) or a Jinja template")
+    a("--chat-template-file", help="a Jinja chat template file")
+    a(
+        "--chat-template-kwargs",
+        type=_json_object,
+        default={},
+        help="JSON object of template variables for every request, e.g. '{\"thinking\": true}'",
+    )
+    a(
+        "--reasoning-format",
+        choices=REASONING_FORMATS,
+        default="deepseek",
+        help="deepseek (default): thinking in reasoning_content; none: raw text",
+    )
+    a(
+        "-np",
+        "--parallel",
+        type=_int("--parallel", 1, 256),
+        default=1,
+        help="slots: requests served at once, each with its own context of --ctx-size / N tokens (default 1)",
+    )
+    a("--api-key", help="API key(s), comma-separated, required on every endpoint but /health (or $LLAMA_API_KEY)")
+    a("--api-key-file", help="file with one API key per line")
+    a(
+        "-to",
+        "--timeout",
+        type=_float("--timeout", 0),
+        default=600.0,
+        help="seconds a connection may stay idle or a client may stall a stream (default 600)",
+    )
+    a("--ssl-key-file", dest="ssl_keyfile", help="PEM private key for HTTPS")
+    a("--ssl-cert-file", dest="ssl_certfile", help="PEM certificate for HTTPS")
+    a("--max-body-mib", type=_float("--max-body-mib", 0.001), default=32.0, help="largest request body (default 32)")
+    a(
+        "-n",
+        "--predict",
+        "--n-predict",
+        dest="n_predict",
+        type=_int("--n-predict"),
+        default=-1,
+        help="most tokens a request may generate (-1: until the end or the context is full)",
+    )
+    a("--temp", dest="temperature", type=_float("--temp"), default=0.8, help="default temperature (0.8)")
+    a("--top-k", type=_int("--top-k", 0), default=40, help="default top-k (40)")
+    a("--top-p", type=_float("--top-p", 0), default=0.95, help="default top-p (0.95)")
+    a("--min-p", type=_float("--min-p", 0), default=0.05, help="default min-p (0.05)")
+    a("--repeat-penalty", type=_float("--repeat-penalty", 0), default=1.0, help="default repeat penalty (1.0)")
+    a("--presence-penalty", type=_float("--presence-penalty"), default=0.0, help="default presence penalty")
+    a("--frequency-penalty", type=_float("--frequency-penalty"), default=0.0, help="default frequency penalty")
+    a("-v", "--verbose", action="store_true", help="log more (the engine's own messages too)")
+    for flags, why in _NOTE_VALUE_FLAGS.items():
+        a(
+            *flags,
+            dest="_note_" + flags[-1].lstrip("-").replace("-", "_"),
+            action=_Note,
+            note=why,
+            nargs=1,
+            help=argparse.SUPPRESS,
+        )
+    for flags, why in _NOTE_SWITCHES.items():
+        a(
+            *flags,
+            dest="_note_" + flags[-1].lstrip("-").replace("-", "_"),
+            action=_Note,
+            note=why,
+            nargs=0,
+            help=argparse.SUPPRESS,
+        )
+    return p
+
+
+class _Note(argparse.Action):
+    """A llama-server flag accepted with a note (value checked for presence only)."""
+
+    def __init__(self, *args: Any, note: str, **kwargs: Any) -> None:
+        self.note = note
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: str | None = None):
+        shown = f"{opt} {values[0]}" if values else str(opt)
+        ns.__dict__.setdefault("_notes", []).append(f"{shown}: accepted, no effect ({self.note})")
+
+
+def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Parse llama-server style flags. Raises SettingsError (with the flag's name) on anything it cannot honour;
+    `--help` prints the usage and exits (SystemExit)."""
+    env = dict(os.environ) if env is None else env
+    ns = _build().parse_args(argv)
+    s = Settings()
+    notes: list[str] = list(getattr(ns, "_notes", []))
+
+    s.model, s.hf_file, s.hf_token = ns.model, ns.hf_file, ns.hf_token or env.get("HF_TOKEN")
+    if ns.hf_repo:
+        repo, _, tag = ns.hf_repo.partition(":")
+        if not repo or repo.count("/") != 1:
+            raise SettingsError(f"--hf-repo takes user/model[:file or quant], got {ns.hf_repo!r}")
+        s.hf_repo = repo
+        if tag and not s.hf_file:
+            s.hf_file = tag if tag.endswith(".gguf") or any(c in tag for c in "*?[") else f"*{tag}*.gguf"
+    if s.model and s.hf_repo:
+        raise SettingsError("give either --model or --hf-repo, not both")
+    if not s.model and not s.hf_repo:
+        raise SettingsError("no model: pass --model FILE.gguf (or --hf-repo user/model)")
+    if s.model and not os.path.exists(s.model):
+        raise SettingsError(f"--model {s.model}: no such file")
+
+    s.n_ctx, s.n_batch, s.n_ubatch = ns.n_ctx, ns.n_batch, ns.n_ubatch
+    if s.n_ubatch > s.n_batch:
+        notes.append(f"--ubatch-size {s.n_ubatch} > --batch-size {s.n_batch}: using {s.n_batch}")
+        s.n_ubatch = s.n_batch
+    s.n_threads = fit_threads("--threads", ns.n_threads, notes) or default_threads()
+    s.n_threads_batch = fit_threads("--threads-batch", ns.n_threads_batch, notes)
+    s.n_gpu_layers, s.device = ns.n_gpu_layers, ns.device
+    s.device, note = gpu_layers_device(ns.n_gpu_layers, ns.device)
+    if note:
+        notes.append(note)
+    s.flash_attn = ns.flash_attn != "off"
+    s.use_mlock = ns.mlock
+    if ns.no_mmap:
+        notes.append("--no-mmap: accepted, no effect (weights are always memory-mapped; use --mlock to pin them)")
+    s.seed = None if ns.seed is None or ns.seed < 0 else ns.seed
+    s.type_k = CACHE_TYPES[ns.cache_type_k] if ns.cache_type_k else None
+    s.moe_hot_count, s.moe_hot_budget_mib, s.moe_stats_path = ns.moe_hot_count, ns.moe_hot_budget_mib, ns.moe_stats_path
+    s.logits_all = ns.logits_all
+
+    s.chat_template = ns.chat_template
+    s.chat_template_file = ns.chat_template_file
+    if s.chat_template_file and not os.path.isfile(s.chat_template_file):
+        raise SettingsError(f"--chat-template-file {s.chat_template_file}: no such file")
+    if s.chat_template and s.chat_template_file:
+        raise SettingsError("give either --chat-template or --chat-template-file, not both")
+    s.chat_template_kwargs = ns.chat_template_kwargs
+    s.reasoning_format = "none" if ns.reasoning_format == "none" else "deepseek"
+
+    s.host, s.port, s.alias, s.parallel, s.timeout = ns.host, ns.port, ns.alias, ns.parallel, ns.timeout
+    keys = [k.strip() for k in (ns.api_key or env.get("LLAMA_API_KEY") or "").split(",") if k.strip()]
+    if ns.api_key_file:
+        try:
+            with open(ns.api_key_file, encoding="utf-8") as f:
+                keys += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise SettingsError(f"--api-key-file {ns.api_key_file}: {e.strerror}") from None
+    s.api_keys = keys
+    s.ssl_keyfile, s.ssl_certfile = ns.ssl_keyfile, ns.ssl_certfile
+    if bool(s.ssl_keyfile) != bool(s.ssl_certfile):
+        raise SettingsError("HTTPS needs both --ssl-key-file and --ssl-cert-file")
+    s.max_body_mib = ns.max_body_mib
+    s.verbose = ns.verbose
+    s.n_predict = ns.n_predict
+    s.temperature, s.top_k, s.top_p, s.min_p = ns.temperature, ns.top_k, ns.top_p, ns.min_p
+    s.repeat_penalty, s.presence_penalty, s.frequency_penalty = (
+        ns.repeat_penalty,
+        ns.presence_penalty,
+        ns.frequency_penalty,
+    )
+    s.notes = notes
+    return s
+
+
+def usage() -> str:
+    return _build().format_help()

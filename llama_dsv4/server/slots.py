@@ -1,0 +1,333 @@
+"""Concurrency: slots, the queue in front of them, and jobs that can be stopped.
+
+A slot is one `Llama` (its own context; the weights are the same memory-mapped file, so N slots share their
+pages) with one worker thread: everything that touches that Llama runs on that thread, one job at a time.
+Requests wait for a free slot in arrival order (the queue whose depth /metrics reports). A job runs a completion
+on the slot's thread and hands its chunks to the event loop; it is stopped at the next token when its client goes
+away (`Job.cancel`), and the slot is free again as soon as the worker returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..sampling import LogitsProcessorList
+from .settings import Settings
+
+log = logging.getLogger("llama_dsv4.server")
+
+
+class Cancelled(Exception):
+    """Raised inside generation (from the job's logits processor) to stop it at the next token."""
+
+
+class Controller:
+    """The job's hook into generation, as a logits processor: stops it when cancelled, and counts and times the
+    prompt (its length at the first sampled token) and the sampled tokens."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.t_start = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.n_prompt = 0
+        self.n_sampled = 0
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if self.cancelled.is_set():
+            raise Cancelled
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first, self.n_prompt = now, len(input_ids)
+        self.t_last = now
+        self.n_sampled += 1
+        return scores
+
+    def processors(self) -> LogitsProcessorList:
+        return LogitsProcessorList([self])
+
+
+@dataclass
+class Slot:
+    id: int
+    llm: Any  # a Llama, or a stand-in with the same methods
+    n_ctx: int
+    executor: ThreadPoolExecutor = field(repr=False)
+    job: Job | None = None
+    n_jobs: int = 0
+
+
+@dataclass
+class JobStats:
+    n_prompt: int
+    n_predicted: int
+    t_prompt: float
+    t_predict: float
+    cancelled: bool
+
+
+class Job:
+    """One completion on one slot. `fn(llm, controller)` returns the response (a dict) or, for streams, an
+    iterator of chunks; events reach the loop as ("chunk" | "result" | "error" | "cancelled" | "end", value)."""
+
+    def __init__(self, slot: Slot, fn: Callable[[Any, Controller], Any], stream: bool) -> None:
+        self.slot = slot
+        self.fn = fn
+        self.stream = stream
+        self.ctl = Controller()
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+        self.finished = threading.Event()  # set by the worker when it returns
+        self.stats: JobStats | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def cancel(self) -> None:
+        self.ctl.cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.ctl.cancelled.is_set()
+
+    def _put(self, kind: str, value: Any = None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is listening
+            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def run(self) -> None:
+        """The worker: runs on the slot's thread."""
+        cancelled = False
+        try:
+            result = self.fn(self.slot.llm, self.ctl)
+            if not self.stream:
+                self._note_finish(result)
+                self._put("result", result)
+            else:
+                try:
+                    for chunk in result:
+                        self._note_finish(chunk)
+                        self._put("chunk", chunk)
+                        if self.ctl.cancelled.is_set():
+                            cancelled = True
+                            break
+                finally:
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
+        except Cancelled:
+            cancelled = True
+            self._put("cancelled")
+        except Exception as e:
+            self._put("error", e)
+        finally:
+            c = self.ctl
+            t_end = time.perf_counter()
+            n_pred, n_prompt = c.n_sampled, c.n_prompt
+            if self.usage is not None:
+                n_pred, n_prompt = self.usage["completion_tokens"], self.usage["prompt_tokens"]
+            elif self.finish_reason in ("stop", "tool_calls") and n_pred:
+                n_pred -= 1  # the end-of-text token is not counted (after a stop string this is one short)
+            self.stats = JobStats(
+                n_prompt=n_prompt,
+                n_predicted=n_pred,
+                t_prompt=(c.t_first or t_end) - c.t_start,
+                t_predict=t_end - (c.t_first or t_end),
+                cancelled=cancelled,
+            )
+            self._put("end")
+            self.finished.set()
+
+    def _note_finish(self, item: Any) -> None:
+        with contextlib.suppress(Exception):
+            reason = item["choices"][0]["finish_reason"]
+            if reason is not None:
+                self.finish_reason = reason
+        with contextlib.suppress(Exception):
+            u = item["usage"]
+            self.usage = {"prompt_tokens": int(u["prompt_tokens"]), "completion_tokens": int(u["completion_tokens"])}
+
+    async def next_event(self) -> tuple[str, Any]:
+        return await self.events.get()
+
+
+class SlotPool:
+    """Slots handed out first come, first served; `waiting` is the queue depth."""
+
+    def __init__(self, llamas: list[tuple[Any, int]], on_job_end: Callable[[Job], None] | None = None) -> None:
+        self.slots = [
+            Slot(i, llm, n_ctx, ThreadPoolExecutor(1, thread_name_prefix=f"slot{i}"))
+            for i, (llm, n_ctx) in enumerate(llamas)
+        ]
+        self._free: deque[Slot] = deque(self.slots)
+        self._waiters: deque[asyncio.Future[Slot]] = deque()
+        self.on_job_end = on_job_end
+        self.closed = False
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiters if not w.done())
+
+    @property
+    def busy(self) -> int:
+        return len(self.slots) - len(self._free)
+
+    async def acquire(self) -> Slot:
+        if self.closed:
+            raise RuntimeError("the server is shutting down")
+        if self._free and not self.waiting:
+            return self._free.popleft()
+        fut: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed a slot just as the waiter gave up: pass it on
+                self.release(fut.result())
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def release(self, slot: Slot) -> None:
+        slot.job = None
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(slot)
+                return
+        self._free.append(slot)
+
+    def start(self, slot: Slot, fn: Callable[[Any, Controller], Any], stream: bool) -> Job:
+        """Run `fn` on the slot's thread; the slot is released when it returns (not before)."""
+        job = Job(slot, fn, stream)
+        slot.job = job
+        slot.n_jobs += 1
+        fut = asyncio.get_running_loop().run_in_executor(slot.executor, job.run)
+
+        def done(_: Any) -> None:
+            if self.on_job_end is not None:
+                try:
+                    self.on_job_end(job)
+                except Exception:  # metrics must never take a slot down
+                    log.exception("recording a job's metrics failed")
+            self.release(slot)
+
+        fut.add_done_callback(done)
+        return job
+
+    def close(self, wait_s: float = 5.0) -> bool:
+        """At shutdown: stop running jobs (at their next token), wait up to `wait_s` for them, and release the
+        models of the idle slots. Returns False if a job is still running (a long prompt cannot be interrupted)."""
+        self.closed = True
+        for w in self._waiters:
+            if not w.done():
+                w.cancel()
+        for s in self.slots:
+            if s.job is not None:
+                s.job.cancel()
+        deadline = time.monotonic() + wait_s
+        idle = True
+        for s in self.slots:
+            s.executor.shutdown(wait=False, cancel_futures=True)
+            job = s.job
+            if job is not None and not job.finished.wait(max(0.0, deadline - time.monotonic())):
+                idle = False
+                continue
+            close = getattr(s.llm, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+        return idle
+
+
+def fit_context(settings: Settings, n_ctx_train: int) -> tuple[int, list[str]]:
+    """Each slot's context: --ctx-size (0: the model's) clamped to the trained context, shared by the slots as
+    llama-server shares it. Returns (tokens per slot, notes)."""
+    notes = []
+    total = settings.n_ctx or n_ctx_train
+    if total > n_ctx_train:
+        notes.append(f"--ctx-size {total} is more than the model's trained context: using {n_ctx_train}")
+        total = n_ctx_train
+    per_slot = total // settings.parallel
+    if settings.parallel > 1:
+        notes.append(f"--parallel {settings.parallel}: each slot has a context of {per_slot} tokens")
+    if per_slot < 16:
+        raise ValueError(f"a context of {per_slot} tokens per slot is too small (--ctx-size / --parallel)")
+    return per_slot, notes
+
+
+def resolve_model(settings: Settings) -> str:
+    """The local path of the model: --model, or --hf-repo downloaded (all shards) as Llama.from_pretrained does."""
+    if settings.model:
+        return settings.model
+    from ..hub import download
+
+    return download(settings.hf_repo or "", settings.hf_file or "", token=settings.hf_token)
+
+
+def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
+    """Open the model once per slot (the weights are mapped, not copied, where the device can read host memory)."""
+    from ..chat import handlers
+    from ..llama import Llama
+    from ..model.loader import load_model
+
+    path = resolve_model(settings)
+    model = load_model(path)
+    try:
+        n_ctx_train = model.params.n_ctx_train
+    finally:
+        model.close()
+    n_ctx, notes = fit_context(settings, n_ctx_train)
+    kwargs = settings.llama_kwargs()
+    kwargs["n_ctx"] = n_ctx
+    if settings.parallel > 1:
+        notes.append(
+            "slots share the mapped weights on CPU and Metal; a device that cannot read host memory holds one copy "
+            "per slot"
+        )
+    out = []
+    for i in range(settings.parallel):
+        llm = Llama(model_path=path, **kwargs)
+        try:
+            apply_chat_template(llm, settings, handlers)
+        except Exception:
+            llm.close()
+            for other, _ in out:
+                other.close()
+            raise
+        out.append((llm, n_ctx))
+        log.info("slot %d: %s, n_ctx %d, chat format %s", i, os.path.basename(path), n_ctx, llm.chat_format)
+    return out, notes
+
+
+def apply_chat_template(llm: Any, settings: Settings, handlers: Any) -> None:
+    if settings.chat_template_file:
+        handlers.template_from_file(llm, settings.chat_template_file)
+        return
+    name = settings.chat_template
+    if not name:
+        return
+    aliases = {"deepseek", "deepseek3", "deepseek4", "deepseek-v4", "deepseek_v4"}
+    if name in llm._chat_handlers:
+        llm.chat_format = name
+    elif name in aliases:
+        llm.chat_format = "deepseek-v4"
+    elif "{{" in name or "{%" in name:
+        llm._chat_handlers["chat_template.cli"] = handlers.TemplateChatHandler(name, "chat_template.cli")
+        llm.chat_format = "chat_template.cli"
+    else:
+        raise ValueError(
+            f"--chat-template {name!r}: not a template of this model ({', '.join(sorted(llm._chat_handlers))}) "
+            "nor a Jinja template"
+        )

@@ -1,0 +1,141 @@
+"""`llama-dsv4`, the command line: README's main-job command on a fresh cache (the embedded demo model, labelled as
+random weights, no download, no stdin), a prompt completed exactly as Llama completes it, chat on stdin, -hf
+through the hub download, --info, and bad arguments."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from llama_dsv4 import Llama
+from llama_dsv4.cli import DEFAULT_PROMPT
+from llama_dsv4.cli import main as cli_main
+
+GENERATED = re.compile(r"generated (\d+) tokens in [\d.]+ s \(([\d.]+|-) tokens/s\)")
+
+
+def command() -> list[str]:
+    """The installed `llama-dsv4` script (README's command), or the module when the script is not installed."""
+    script = os.path.join(os.path.dirname(sys.executable), "llama-dsv4")
+    if os.path.exists(script):
+        return [script]
+    found = shutil.which("llama-dsv4")
+    return [found] if found else [sys.executable, "-m", "llama_dsv4"]
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("demo-cache"))
+
+
+def test_readme_main_job_runs_the_demo_model(demo_cache: str) -> None:
+    env = {**os.environ, "LLAMA_DSV4_CACHE": demo_cache}
+    r = subprocess.run(command(), capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first, rest = r.stdout.split("\n", 1)
+    assert "RANDOM WEIGHTS" in first and "demo model" in first
+    assert rest.startswith(DEFAULT_PROMPT) and len(rest.strip()) > len(DEFAULT_PROMPT)
+    assert "loading [" in r.stderr and "100%" in r.stderr  # the progress bar (one line when not a terminal)
+    m = GENERATED.search(r.stderr)
+    assert m, r.stderr
+    assert 1 <= int(m.group(1)) <= 48 and m.group(2) != "-"
+    assert os.path.exists(os.path.join(demo_cache, "demo-v1-q8xq5.gguf"))  # written on first use, no download
+
+
+def test_prompt_is_completed_as_llama_completes_it(real_vocab_path: str) -> None:
+    llm = Llama(real_vocab_path, n_ctx=4096, verbose=False, n_threads=1)
+    expected = llm("Once upon a time,", max_tokens=8, temperature=0)["choices"][0]["text"]
+    llm.close()
+    r = subprocess.run(
+        [*command(), "-m", real_vocab_path, "-p", "Once upon a time,", "-n", "8", "-t", "1", "--temp", "0"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Once upon a time," + expected + "\n"
+    m = GENERATED.search(r.stderr)
+    assert m and 1 <= int(m.group(1)) <= 8, r.stderr
+    assert "RANDOM" not in r.stdout
+
+
+def test_chat_mode_reads_turns_from_stdin(
+    real_vocab_path: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nAnd again\n/exit\nnot read\n"))
+    args = ["-m", real_vocab_path, "-cnv", "-n", "3", "-t", "1", "--temp", "0", "-sys", "Be brief.", "--no-preload"]
+    assert cli_main(args) == 0
+    out, err = capsys.readouterr()
+    turns = out.split("\n> ")  # a prompt for each line read: two turns, an empty line (skipped), /exit
+    assert len(turns) == 5 and [bool(t.strip()) for t in turns] == [False, True, False, True, False], turns
+    assert len(GENERATED.findall(err)) == 2 and "chat mode" in err
+
+
+def test_hf_goes_through_the_hub_download(
+    real_vocab_path: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import llama_dsv4.hub
+
+    calls = []
+
+    def download(repo_id: str, filename: str | None, **kw: Any) -> str:
+        calls.append((repo_id, filename))
+        return real_vocab_path
+
+    monkeypatch.setattr(llama_dsv4.hub, "download", download)
+    args = ["-hf", "someone/DeepSeek-V4-GGUF:Q8xQ5", "-p", "Hi", "-n", "2", "-t", "1", "--no-preload"]
+    assert cli_main(args) == 0
+    assert calls == [("someone/DeepSeek-V4-GGUF", "*Q8xQ5*.gguf")]
+    assert capsys.readouterr().out.startswith("Hi")
+    assert cli_main(["-hf", "someone/repo", "-hff", "x-00001-of-00002.gguf", "-p", "Hi", "-n", "1", "-t", "1"]) == 0
+    assert calls[-1] == ("someone/repo", "x-00001-of-00002.gguf")
+    capsys.readouterr()
+    assert cli_main(["-hf", "someone/repo", "--info", "-n", "0", "-t", "1"]) == 0
+    assert calls[-1] == ("someone/repo", "") and "129280 tokens" in capsys.readouterr().out
+
+
+def test_info_keeps_the_model_summary(
+    demo_cache: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LLAMA_DSV4_CACHE", demo_cache)
+    assert cli_main(["--info", "-t", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "129280 tokens" in out and "178 (" in out and "zero-copy" in out
+    assert "greedy      [" in out and "tokens/s" in out
+
+
+def test_bad_arguments(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--bogus"])
+    assert e.value.code == 2 and "unknown argument(s): --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main(["-n", "many"])
+    assert e.value.code == 2 and "--n-predict takes an integer" in capsys.readouterr().err
+    assert cli_main(["-m", os.path.join(str(tmp_path), "missing.gguf")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["-m", "x.gguf", "-hf", "a/b"]) == 2
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    assert cli_main(["-m", str(bad), "--no-preload"]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_console_scripts_resolve() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    import importlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert set(scripts) == {"llama-dsv4", "llama-dsv4-server"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func))
