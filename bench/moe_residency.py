@@ -49,6 +49,7 @@ MODES = {
     "uniform 32": {"moe_hot_count": 32},
     "auto": {"moe_hot_count": "auto"},
     "auto, 400 MiB": {"moe_hot_count": "auto", "moe_hot_budget_mib": 400},
+    "auto, drop cold": {"moe_hot_count": "auto", "moe_hot_budget_mib": 400, "moe_release_cold": True},
 }
 
 

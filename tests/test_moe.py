@@ -30,7 +30,12 @@ PROMPT = [int(x) for x in np.random.default_rng(7).integers(3, 500, 150)]
 
 @pytest.fixture(scope="module")
 def moe_path(model_dir: str) -> str:
-    return write_model(os.path.join(model_dir, "moe16.gguf"), MOE, dtype="f32", name="Deep Seek/V4*")[0]
+    path = write_model(os.path.join(model_dir, "moe16.gguf"), MOE, dtype="f32", name="Deep Seek/V4*")[0]
+    fd = os.open(path, os.O_RDONLY)  # as a model on a user's disk: written back and not in the page cache
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    return path
 
 
 @pytest.fixture()
@@ -61,7 +66,7 @@ class FakeSys(Syscalls):
         self.held -= n
         return 0
 
-    def release(self, addr: int, n: int) -> int:
+    def release(self, addr: int, n: int, fd: int = -1, offset: int = 0) -> int:
         self.calls.append(("release", addr, n))
         return 0
 
@@ -445,4 +450,17 @@ def test_updates_follow_the_token_cadence(moe_path: str, home: str) -> None:
     assert m.updates == 0
     llm.eval(PROMPT[64:128])  # 128 counted tokens: one update, prefill included
     assert m.updates == 1 and m.stats()["reclassify_seconds_total"] > 0
+    llm.close()
+
+
+def test_dropping_cold_experts_lowers_their_resident_bytes(moe_path: str, home: str) -> None:
+    llm = llama(moe_path, moe_hot_count=2, moe_release_cold=True)
+    st = llm.moe_stats()
+    slack = 2 * 3 * MOE.n_layer * PAGE
+    if st["resident_bytes"] < 0:
+        pytest.skip("mincore is not available here")
+    # only the hot experts' pages (locked) stay in memory; the cold ones were dropped from the page cache
+    assert st["resident_bytes"] <= st["locked_bytes"] + slack < st["expert_bytes"] // 2
+    llm.eval(PROMPT[:64])  # routing to cold experts brings their pages back: residency, not correctness
+    assert llm.moe_stats()["resident_bytes"] > st["resident_bytes"]
     llm.close()

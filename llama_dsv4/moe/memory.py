@@ -105,10 +105,20 @@ class Syscalls:
     def munlock(self, addr: int, n: int) -> int:
         return self._call("munlock", addr, n)
 
-    def release(self, addr: int, n: int) -> int:
-        if self.pageout and self._call("madvise", addr, n, MADV_PAGEOUT) == 0:
-            return 0
-        return self._call("madvise", addr, n, MADV_DONTNEED)
+    def release(self, addr: int, n: int, fd: int = -1, offset: int = 0) -> int:
+        """Give pages of a file mapping back: reclaim those this process maps (MADV_PAGEOUT, else unmap them with
+        MADV_DONTNEED), then drop the file's cached pages of that range (posix_fadvise), which also covers pages
+        that sit in the page cache without ever having been touched through this mapping."""
+        if not (self.pageout and self._call("madvise", addr, n, MADV_PAGEOUT) == 0):
+            err = self._call("madvise", addr, n, MADV_DONTNEED)
+            if err:
+                return err
+        if fd >= 0 and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+            except OSError as e:
+                return e.errno or errno.EINVAL
+        return 0
 
     def resident(self, addr: int, n: int) -> int:
         """Bytes of [addr, addr+n) (page-aligned) in memory, by mincore."""
@@ -134,8 +144,15 @@ class Syscalls:
 class Residency:
     """The locked page set of the expert tensors (plus, with use_mlock, every other weight)."""
 
-    def __init__(self, tensors: list[ExpertTensor], pinned: Intervals = EMPTY, sys_: Syscalls | None = None):
+    def __init__(
+        self,
+        tensors: list[ExpertTensor],
+        pinned: Intervals = EMPTY,
+        sys_: Syscalls | None = None,
+        files: list[tuple[int, int, int]] | None = None,
+    ):
         self.tensors = tensors
+        self.files = sorted(files or [])  # (mapping base address, length, fd) of the model's shards
         self.pinned = pinned  # pages that stay locked whatever the hot set (use_mlock's other weights)
         self.sys = sys_ or Syscalls()
         self.locked = EMPTY
@@ -176,10 +193,11 @@ class Residency:
             ok_e.append(e)
             got += (e - s) * PAGE
         released = 0
-        if release:  # pages no longer locked and owned by no hot slice: hand them back (expert pages only)
-            drop = subtract(_intersect(gone, self.expert_pages), want)
+        if release:  # every expert page no hot slice touches goes back to the kernel (cold experts read since the
+            # last update included: the miss rate decides how many come back)
+            drop = subtract(self.expert_pages, want)
             for s, e in zip(drop[0].tolist(), drop[1].tolist(), strict=True):
-                if self.sys.release(s * PAGE, (e - s) * PAGE) == 0:
+                if self._release(s * PAGE, (e - s) * PAGE) == 0:
                     released += (e - s) * PAGE
         self.locked = union(np.r_[kept[0], np.array(ok_s, np.int64)], np.r_[kept[1], np.array(ok_e, np.int64)])
         return got, released
@@ -189,9 +207,15 @@ class Residency:
         cold = subtract(self.expert_pages, self.hot_pages(hot_sets))
         n = 0
         for s, e in zip(cold[0].tolist(), cold[1].tolist(), strict=True):
-            if self.sys.release(s * PAGE, (e - s) * PAGE) == 0:
+            if self._release(s * PAGE, (e - s) * PAGE) == 0:
                 n += (e - s) * PAGE
         return n
+
+    def _release(self, addr: int, n: int) -> int:
+        for base, length, fd in self.files:
+            if base <= addr and addr + n <= base + length:
+                return self.sys.release(addr, n, fd, addr - base)
+        return self.sys.release(addr, n)
 
     def unlock_all(self) -> None:
         for s, e in zip(self.locked[0].tolist(), self.locked[1].tolist(), strict=True):
@@ -211,7 +235,3 @@ class Residency:
                 return -1
             n += r
         return n
-
-
-def _intersect(a: Intervals, b: Intervals) -> Intervals:
-    return subtract(a, subtract(a, b))

@@ -68,7 +68,7 @@ class MoEConfig:
     interval: int = 1024  # counted tokens between hot-set updates
     save_every: int = 10  # updates between saves (and at close)
     half_life: float = DEFAULT_HALF_LIFE
-    release_cold: bool = True  # hand cold experts' pages back to the kernel (madvise)
+    release_cold: bool = False  # drop cold experts' pages at each update (else the kernel evicts them first)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,7 +111,16 @@ class ExpertResidency:
                 np.array([a // PAGE for a, _ in other], np.int64),
                 np.array([(a + n + PAGE - 1) // PAGE for a, n in other], np.int64),
             )
-        self.memory = Residency(tensors, pinned, syscalls)
+        self._fds: list[int] = []
+        files = []
+        for shard, path in enumerate(model.paths):  # where each shard is mapped, for dropping cached pages
+            name = next((n for n, t in model.tensors.items() if t.shard == shard), None)
+            r = weight_range(name) if name is not None else None
+            if r is not None:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds.append(fd)
+                files.append((int(r[0]) - model.tensors[name].offset, os.fstat(fd).st_size, fd))
+        self.memory = Residency(tensors, pinned, syscalls, files)
         self.counts = ExpertCounts(self.L, self.E, self.k, config.half_life)
         self.fingerprint = statsfile.fingerprint(model)
         ours, seed = statsfile.default_paths(model)
@@ -279,6 +288,9 @@ class ExpertResidency:
     def close(self) -> None:
         self.save()
         self.memory.unlock_all()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     # ------------------------------------------------------------------------------------------ metrics
     def stats(self) -> dict[str, Any]:
