@@ -27,6 +27,17 @@ MICRO = DSV4Params(
 )
 
 
+# Child Python processes must import the installed package, not the source tree (which has no compiled
+# extension in a fresh clone): never put the working directory first on their sys.path (Python 3.11+) ...
+os.environ["PYTHONSAFEPATH"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cwd_outside_the_source_tree(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """... and run the whole session from a scratch directory (children inherit it; Python 3.10 too)."""
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("models"))
