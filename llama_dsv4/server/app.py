@@ -151,7 +151,9 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     # ------------------------------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = (
+            {"WWW-Authenticate": "Bearer"} if e.status == 401 else {"Retry-After": "1"} if e.status == 503 else None
+        )
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -194,17 +196,25 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
                 code="request_too_large",
             )
         data = bytearray()
-        try:
+
+        async def receive() -> None:
             async for chunk in request.stream():
-                data += chunk
+                data.extend(chunk)
                 if len(data) > max_body:
                     raise APIError(
                         413,
                         f"request body is over the limit of {max_body} bytes (--max-body-mib)",
                         code="request_too_large",
                     )
+
+        try:
+            await asyncio.wait_for(receive(), settings.timeout or None)
         except ClientDisconnect:
             raise APIError(400, "the client went away while sending the request", code="client_disconnected") from None
+        except asyncio.TimeoutError:
+            raise APIError(
+                408, f"the request body took over {settings.timeout:g} s to arrive (--timeout)", code="request_timeout"
+            ) from None
         try:
             raw = json.loads(bytes(data), parse_constant=_json_constant)
         except (ValueError, RecursionError) as e:
@@ -263,10 +273,18 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
         prompt_param: str,
     ) -> Response:
         """Queue for a slot, run `fn` there, and answer (JSON, or an SSE stream)."""
+        if pool.busy >= len(pool.slots) and pool.waiting >= settings.max_queue:
+            raise APIError(
+                503,
+                f"all slots are busy and {pool.waiting} requests are waiting (--max-queue): try again later",
+                "server_error",
+                code="server_busy",
+            )
+        place = pool.enqueue()  # in the queue before anything awaits: the --max-queue check sees every request
         watcher = _Watcher(request)
         job: Job | None = None
         try:
-            slot = await watcher.race(pool.acquire())
+            slot = await watcher.race(pool.wait(place))
             job = pool.start(slot, fn, stream)
             kind, value = await watcher.race(job.next_event())
             if kind == "error":
@@ -285,6 +303,8 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             raise
         finally:
             watcher.stop()
+            if job is None:  # the slot was never put to work: leave the queue, or hand the slot on
+                pool.abandon(place)
         return EventSourceResponse(
             _events(job, value, usage_chunk),
             ping=15,

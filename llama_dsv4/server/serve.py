@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from .app import create_app, started_banner
         from .metrics import Metrics
+        from .protocol import protocol_class
         from .slots import SlotPool, load_slots
     except ImportError as e:  # a broken install: the server's dependencies are regular dependencies
         print(
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         ssl_keyfile=settings.ssl_keyfile,
         ssl_certfile=settings.ssl_certfile,
         timeout_graceful_shutdown=5,
+        http=protocol_class(settings),  # h11 with a header deadline and a connection limit (protocol.py)
     )
     server = uvicorn.Server(config)
     log.info(started_banner(settings))

@@ -101,6 +101,10 @@ class Settings:
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
     max_body_mib: float = 32.0
+    header_timeout: float = 10.0  # seconds to send a request's headers (from connecting or the previous answer)
+    max_queue: int = 128  # requests waiting for a slot; more are answered 503
+    limit_concurrency: int = 1000  # connections open at once; requests on more are answered 503
+    send_buffer_kib: int = 256  # the kernel's send buffer per connection (0: the system's, autotuned up to MiBs)
     verbose: bool = False
     # request defaults (llama-server's sampling flags)
     n_predict: int = -1
@@ -381,7 +385,33 @@ def _build() -> _Parser:
         "--timeout",
         type=_float("--timeout", 0),
         default=600.0,
-        help="seconds a connection may stay idle or a client may stall a stream (default 600)",
+        help="seconds a client may take to send a request body or stall a stream (default 600)",
+    )
+    a(
+        "--header-timeout",
+        type=_float("--header-timeout", 0),
+        default=10.0,
+        help="seconds a connection may take to send a request's headers, from connecting or from the previous "
+        "answer; then it is closed (default 10, 0: no limit)",
+    )
+    a(
+        "--max-queue",
+        type=_int("--max-queue", 0),
+        default=128,
+        help="requests that may wait for a busy slot; more are answered 503 at once (default 128)",
+    )
+    a(
+        "--limit-concurrency",
+        type=_int("--limit-concurrency", 1),
+        default=1000,
+        help="connections open at once; a request on a connection beyond it is answered 503 (default 1000)",
+    )
+    a(
+        "--send-buffer-kib",
+        type=_int("--send-buffer-kib", 0),
+        default=256,
+        help="kernel send buffer per connection: what a client that stops reading can park in the kernel "
+        "(default 256, 0: the system's autotuned size, up to MiBs)",
     )
     a("--ssl-key-file", dest="ssl_keyfile", help="PEM private key for HTTPS")
     a("--ssl-cert-file", dest="ssl_certfile", help="PEM certificate for HTTPS")
@@ -500,6 +530,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     if bool(s.ssl_keyfile) != bool(s.ssl_certfile):
         raise SettingsError("HTTPS needs both --ssl-key-file and --ssl-cert-file")
     s.max_body_mib = ns.max_body_mib
+    s.header_timeout, s.max_queue, s.limit_concurrency = ns.header_timeout, ns.max_queue, ns.limit_concurrency
+    s.send_buffer_kib = ns.send_buffer_kib
     s.verbose = ns.verbose
     s.n_predict = ns.n_predict
     s.temperature, s.top_k, s.top_p, s.min_p = ns.temperature, ns.top_k, ns.top_p, ns.min_p

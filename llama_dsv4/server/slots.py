@@ -82,12 +82,15 @@ class Job:
     """One completion on one slot. `fn(llm, controller)` returns the response (a dict) or, for streams, an
     iterator of chunks; events reach the loop as ("chunk" | "result" | "error" | "cancelled" | "end", value)."""
 
+    AHEAD = 32
+
     def __init__(self, slot: Slot, fn: Callable[[Any, Controller], Any], stream: bool) -> None:
         self.slot = slot
         self.fn = fn
         self.stream = stream
         self.ctl = Controller()
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._room = threading.Semaphore(self.AHEAD)  # chunks the worker may be ahead of the loop
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
         self.finished = threading.Event()  # set by the worker when it returns
@@ -117,6 +120,9 @@ class Job:
                 try:
                     for chunk in result:
                         self._note_finish(chunk)
+                        if not self._wait_for_room():
+                            cancelled = True
+                            break
                         self._put("chunk", chunk)
                         if self.ctl.cancelled.is_set():
                             cancelled = True
@@ -157,8 +163,19 @@ class Job:
             u = item["usage"]
             self.usage = {"prompt_tokens": int(u["prompt_tokens"]), "completion_tokens": int(u["completion_tokens"])}
 
+    def _wait_for_room(self) -> bool:
+        """Backpressure: wait while AHEAD chunks are not yet taken by the loop (a client that stops reading a
+        stream pauses its generation instead of piling up chunks). False if the job was cancelled meanwhile."""
+        while not self._room.acquire(timeout=0.1):
+            if self.ctl.cancelled.is_set():
+                return False
+        return True
+
     async def next_event(self) -> tuple[str, Any]:
-        return await self.events.get()
+        kind, value = await self.events.get()
+        if kind == "chunk":
+            self._room.release()
+        return kind, value
 
 
 class SlotPool:
@@ -182,22 +199,38 @@ class SlotPool:
     def busy(self) -> int:
         return len(self.slots) - len(self._free)
 
-    async def acquire(self) -> Slot:
+    def enqueue(self) -> asyncio.Future[Slot]:
+        """Take a place in the queue now (synchronously, so the queue depth counts this request at once); the
+        future is done when a slot is handed over. Await it through `wait`."""
         if self.closed:
             raise RuntimeError("the server is shutting down")
-        if self._free and not self.waiting:
-            return self._free.popleft()
         fut: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        if self._free and not self.waiting:
+            fut.set_result(self._free.popleft())
+        else:
+            self._waiters.append(fut)
+        return fut
+
+    async def acquire(self) -> Slot:
+        fut = self.enqueue()
         try:
-            return await fut
+            return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():  # handed a slot just as the waiter gave up: pass it on
-                self.release(fut.result())
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
+            self.abandon(fut)
             raise
+
+    @staticmethod
+    async def wait(fut: asyncio.Future[Slot]) -> Slot:
+        return await asyncio.shield(fut)  # cancelling the waiter leaves the place to `abandon`
+
+    def abandon(self, fut: asyncio.Future[Slot]) -> None:
+        """Give up a place whose slot was never put to work: out of the queue, or the slot handed on."""
+        if fut.done() and not fut.cancelled():
+            self.release(fut.result())
+        else:
+            fut.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
 
     def release(self, slot: Slot) -> None:
         slot.job = None
