@@ -23,26 +23,13 @@ import sys
 import time
 
 import numpy as np
+from speed import MEDIUM  # bench/ is the script's directory
 
 from llama_dsv4.model.loader import load_model
 from llama_dsv4.model.params import DSV4Params
 from llama_dsv4.model.writer import Init, write_model
 
-PARAMS = DSV4Params(
-    n_embd=1024,
-    n_layer=8,
-    compress_ratios=(0, 4, 128, 4, 128, 4, 128, 0),
-    hash_layer_count=2,
-    n_expert=128,
-    n_expert_used=6,
-    expert_ff=512,
-    n_head=8,
-    head_dim=128,
-    rope_dim=64,
-    q_lora_rank=256,
-    o_group_count=2,
-    o_lora_rank=128,
-)
+PARAMS = DSV4Params(**MEDIUM)  # the speed benchmark's medium shape, with the small vocabulary
 BIAS_SCALE = 0.25  # router bias = BIAS_SCALE * log(popularity): a long tail, not a handful of experts
 MODES = {
     "off": {},

@@ -24,8 +24,7 @@ import numpy as np
 from . import __version__, _ggml
 from .demo import _DEMO_FILE, DEMO_NAME, cache_dir, demo_model_path
 from .engine.context import Context
-from .model.loader import ModelFile, load_model
-from .server.settings import (
+from .flags import (
     _float,
     _gpu_layers,
     _int,
@@ -35,6 +34,7 @@ from .server.settings import (
     gpu_layers_device,
     parse_hot_count,
 )
+from .model.loader import ModelFile, load_model
 
 DEFAULT_PROMPT = "Once upon a time,"
 DEMO_N_PREDICT = 48

@@ -631,41 +631,13 @@ class Llama:
     def _generate(
         self,
         tokens: Sequence[int],
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        temp: float = 0.80,
-        repeat_penalty: float = 1.0,
         reset: bool = True,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        tfs_z: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        penalize_nl: bool = True,
-        logits_processor: LogitsProcessorList | None = None,
         stopping_criteria: StoppingCriteriaList | None = None,
-        grammar: LlamaGrammar | None = None,
+        **sampling: Any,
     ) -> Generator[int, Sequence[int] | None, None]:
         """generate() without taking the Llama (a completion holds it already)."""
         self._context()
-        self._sampler = self._init_sampler(
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            temp=temp,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            logits_processor=logits_processor,
-            grammar=grammar,
-        )
+        self._sampler = self._init_sampler(**sampling)  # the sampling keywords of generate()
         tokens = list(tokens)
         if reset and self.n_tokens > 0:
             prefix = longest_token_prefix(self._input_ids.tolist(), tokens)

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from llama_dsv4.server import settings as settings_mod
-from llama_dsv4.server.settings import SettingsError, parse_args
+from llama_dsv4 import flags as flags_mod
+from llama_dsv4.server.settings import Settings, SettingsError, parse_args
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -729,7 +729,7 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
     monkeypatch.chdir(tmp_path)
     for name in ("DeepSeek-V4-Flash-Q8xQ5-00001-of-00011.gguf", "deepseek-ai-DeepSeek-V4.jinja"):
         (tmp_path / name).write_text("")
-    monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 32)
+    monkeypatch.setattr(flags_mod, "usable_cpus", lambda: 32)
     s = parse_args(CARD, env={})
     assert (s.host, s.port, s.parallel, s.model_name) == (
         "0.0.0.0",
@@ -761,7 +761,7 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
     assert n_ctx == 4096 and "more than the model's trained context" in notes[0]
 
     # llama-server's other spellings
-    monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(flags_mod, "usable_cpus", lambda: 2)
     s = parse_args(
         [
             "-m",
@@ -953,7 +953,7 @@ def test_chat_template_flag() -> None:
 
     def applied(value: str) -> Stub:
         llm = Stub()
-        apply_chat_template(llm, settings_mod.Settings(chat_template=value), handlers)
+        apply_chat_template(llm, Settings(chat_template=value), handlers)
         return llm
 
     assert applied("deepseek-v4").chat_format == "deepseek-v4"

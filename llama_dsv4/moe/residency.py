@@ -13,14 +13,14 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import policy, statsfile
 from .counts import DEFAULT_HALF_LIFE, ExpertCounts
-from .memory import EMPTY, PAGE, ExpertTensor, Intervals, Residency, Syscalls, union
+from .memory import EMPTY, PAGE, ExpertTensor, Intervals, Residency, Syscalls, total, union
 
 if TYPE_CHECKING:
     from ..model.loader import ModelFile
@@ -69,7 +69,6 @@ class MoEConfig:
     save_every: int = 10  # updates between saves (and at close)
     half_life: float = DEFAULT_HALF_LIFE
     release_cold: bool = False  # drop cold experts' pages at each update (else the kernel evicts them first)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.budget_mib is not None and (not np.isfinite(self.budget_mib) or self.budget_mib < 0):
@@ -92,7 +91,6 @@ class ExpertResidency:
         p = model.params
         self.model, self.config = model, config
         self.L, self.E, self.k = p.n_layer, p.n_expert, p.n_expert_used
-        self.hash_layers = p.hash_layer_count
         tensors: list[ExpertTensor] = []
         for li in range(self.L):
             for kind in ("gate", "up", "down"):
@@ -259,7 +257,7 @@ class ExpertResidency:
             self.released_bytes += released
             if not self.memory.lock_failed_bytes:
                 break
-            new_cap = max(PAGE, int(0.95 * max(self.memory.locked_bytes - total_pinned(self.memory), 0)))
+            new_cap = max(PAGE, int(0.95 * max(self.memory.locked_bytes - total(self.memory.pinned) * PAGE, 0)))
             self._warn(
                 f"MoE hot residency: locking failed ({os.strerror(self.memory.lock_errno)}) after "
                 f"{self.memory.locked_bytes / 2**20:.1f} MiB; capping the hot budget at {new_cap / 2**20:.1f} MiB"
@@ -319,12 +317,6 @@ class ExpertResidency:
             "stats_path": self.path,
             "loaded_from": self.loaded_from,
         }
-
-
-def total_pinned(m: Residency) -> int:
-    from .memory import total
-
-    return total(m.pinned) * PAGE
 
 
 def lock_all(weight_range: Any, names: list[str], syscalls: Syscalls | None = None) -> Residency:

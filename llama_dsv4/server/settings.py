@@ -14,49 +14,21 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from ..flags import (
+    _float,
+    _gpu_layers,
+    _int,
+    _on_off,
+    default_threads,
+    fit_threads,
+    gpu_layers_device,
+    parse_hot_count,
+)
+
 DEFAULT_PORT = 8080  # llama-server's
 DEFAULT_CTX = 4096  # llama-server's default --ctx-size
 CACHE_TYPES = {"f16": 1, "f32": 0}  # GGML_TYPE_F16, GGML_TYPE_F32: what the engine supports for its caches
 REASONING_FORMATS = ("deepseek", "none", "auto", "deepseek-legacy")
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_threads() -> int:
-    """llama.cpp's default thread count: the physical cores this process may use (hyperthreads do not help)."""
-    try:
-        allowed = os.sched_getaffinity(0)
-        cores = set()
-        for cpu in allowed:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
-                cores.add(f.read().strip())
-        return max(1, len(cores))
-    except (AttributeError, OSError):
-        return usable_cpus()
-
-
-def gpu_layers_device(n_gpu_layers: int, device: str) -> tuple[str, str | None]:
-    """llama.cpp's -ngl on an engine that runs the whole model on one device: 0 means the CPU (no offload), all /
-    auto / N >= the layer count the device; a partial offload is not supported (noted)."""
-    if n_gpu_layers == 0 and device == "auto":
-        return "cpu", "--n-gpu-layers 0: running on the CPU"
-    if n_gpu_layers > 0:
-        return device, f"--n-gpu-layers {n_gpu_layers}: the whole model runs on --device {device} (no partial offload)"
-    return device, None
-
-
-def fit_threads(flag: str, n: int | None, notes: list[str]) -> int | None:
-    """A thread count as given (None or <= 0: the default), at most the CPUs this process may use: ggml's
-    threads wait for each other spinning, so more threads than CPUs make every token many times slower."""
-    if n is None or n <= 0:
-        return None
-    cpus = usable_cpus()
-    if n > cpus:
-        notes.append(f"{flag} {n}: more than the {cpus} CPUs this process may use: using {cpus}")
-        return cpus
-    return n
 
 
 class SettingsError(ValueError):
@@ -160,72 +132,6 @@ class Settings:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise SettingsError(message.replace("unrecognized arguments", "unknown argument(s)"))
-
-
-def _int(flag: str, lo: int | None = None, hi: int | None = None) -> Any:
-    def conv(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes an integer, got {s!r}") from None
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"{flag} must be {rng}, got {v}")
-        return v
-
-    return conv
-
-
-def _float(flag: str, lo: float | None = None) -> Any:
-    def conv(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes a number, got {s!r}") from None
-        if lo is not None and not v >= lo:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= {lo}, got {s}")
-        return v
-
-    return conv
-
-
-def _gpu_layers(s: str) -> int:
-    if s.lower() in ("all", "auto"):
-        return -1
-    v = _int("--n-gpu-layers")(s)
-    return -1 if v < 0 else v
-
-
-def _on_off(flag: str) -> Any:
-    def conv(s: str) -> str:
-        v = s.lower()
-        if v in ("on", "true", "1", "enabled"):
-            return "on"
-        if v in ("off", "false", "0", "disabled"):
-            return "off"
-        if v == "auto":
-            return "auto"
-        raise argparse.ArgumentTypeError(f"{flag} takes on, off or auto, got {s!r}")
-
-    return conv
-
-
-def parse_hot_count(s: str) -> int | str | list[int] | None:
-    """`--moe-hot-count`: N, auto, off/0, or a comma list of N per layer."""
-    v = s.strip().lower()
-    if v in ("off", "none", "0"):
-        return None
-    if v == "auto":
-        return "auto"
-    try:
-        nums = [int(x) for x in v.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--moe-hot-count takes N, auto or a comma list of N per layer, got {s!r}"
-        ) from None
-    if any(n < 0 for n in nums):
-        raise argparse.ArgumentTypeError(f"--moe-hot-count values must be >= 0, got {s!r}")
-    return nums if len(nums) > 1 else nums[0]
 
 
 def _json_object(s: str) -> dict[str, Any]:

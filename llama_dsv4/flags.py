@@ -1,0 +1,105 @@
+"""Command-line values shared by `llama-dsv4` (cli.py) and `llama-dsv4-server` (server/settings.py): argparse
+converters with messages that name the flag, thread counts, and what -ngl means on this engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from .moe import parse_hot_count as _parse_hot_count
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """llama.cpp's default thread count: the physical cores this process may use (hyperthreads do not help)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        cores = set()
+        for cpu in allowed:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        return max(1, len(cores))
+    except (AttributeError, OSError):
+        return usable_cpus()
+
+
+def gpu_layers_device(n_gpu_layers: int, device: str) -> tuple[str, str | None]:
+    """llama.cpp's -ngl on an engine that runs the whole model on one device: 0 means the CPU (no offload), all /
+    auto / N >= the layer count the device; a partial offload is not supported (noted)."""
+    if n_gpu_layers == 0 and device == "auto":
+        return "cpu", "--n-gpu-layers 0: running on the CPU"
+    if n_gpu_layers > 0:
+        return device, f"--n-gpu-layers {n_gpu_layers}: the whole model runs on --device {device} (no partial offload)"
+    return device, None
+
+
+def fit_threads(flag: str, n: int | None, notes: list[str]) -> int | None:
+    """A thread count as given (None or <= 0: the default), at most the CPUs this process may use: ggml's
+    threads wait for each other spinning, so more threads than CPUs make every token many times slower."""
+    if n is None or n <= 0:
+        return None
+    cpus = usable_cpus()
+    if n > cpus:
+        notes.append(f"{flag} {n}: more than the {cpus} CPUs this process may use: using {cpus}")
+        return cpus
+    return n
+
+
+def _int(flag: str, lo: int | None = None, hi: int | None = None) -> Any:
+    def conv(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes an integer, got {s!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"{flag} must be {rng}, got {v}")
+        return v
+
+    return conv
+
+
+def _float(flag: str, lo: float | None = None) -> Any:
+    def conv(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a number, got {s!r}") from None
+        if lo is not None and not v >= lo:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {lo}, got {s}")
+        return v
+
+    return conv
+
+
+def _gpu_layers(s: str) -> int:
+    if s.lower() in ("all", "auto"):
+        return -1
+    v = _int("--n-gpu-layers")(s)
+    return -1 if v < 0 else v
+
+
+def _on_off(flag: str) -> Any:
+    def conv(s: str) -> str:
+        v = s.lower()
+        if v in ("on", "true", "1", "enabled"):
+            return "on"
+        if v in ("off", "false", "0", "disabled"):
+            return "off"
+        if v == "auto":
+            return "auto"
+        raise argparse.ArgumentTypeError(f"{flag} takes on, off or auto, got {s!r}")
+
+    return conv
+
+
+def parse_hot_count(s: str) -> int | str | list[int] | None:
+    """`--moe-hot-count`: N, auto, off/0, or a comma list of N per layer (moe.parse_hot_count's rules)."""
+    try:
+        return _parse_hot_count(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("moe_hot_count", "--moe-hot-count")) from None
