@@ -67,6 +67,23 @@ cdef const g.ggml_type_traits * _traits(int type_id) except NULL:
     return g.ggml_get_type_traits(<g.ggml_type> type_id)
 
 
+GEMM_ISAS = {"off": k.DSV4_GEMM_OFF, "scalar": k.DSV4_GEMM_SCALAR, "avx2": k.DSV4_GEMM_AVX2,
+             "avx512": k.DSV4_GEMM_AVX512}
+
+
+def gemm_isa(str name="auto"):
+    """The instruction set of our expert GEMM (kernels/dsv4_moe_gemm.c): "auto" = the best this CPU runs;
+    "off" (0) = ggml's mul_mat_id. ValueError for an unknown name or one this CPU cannot run."""
+    if name == "auto":
+        return k.dsv4_gemm_isa_best()
+    if name not in GEMM_ISAS:
+        raise ValueError(f"unknown GEMM instruction set {name!r}; expected auto or one of {sorted(GEMM_ISAS)}")
+    isa = GEMM_ISAS[name]
+    if isa != k.DSV4_GEMM_OFF and not k.dsv4_gemm_isa_supported(isa):
+        raise ValueError(f"this CPU cannot run the {name} GEMM kernels")
+    return isa
+
+
 def quantize(rows, int type_id):
     """Quantize a 2-D float32 array (rows x n_per_row) to `type_id` with ggml; returns uint8 [rows, row_bytes]."""
     cdef const g.ggml_type_traits * tr = _traits(type_id)
@@ -495,6 +512,34 @@ cdef class OpGraph:
         g.ggml_set_input(self.t[h])
         self.inputs.append((h, a))
         return h
+
+    def input_raw(self, raw, int type_id, ne):
+        """A graph input of ggml type `type_id` and shape `ne` (ggml order) holding the bytes `raw`."""
+        a = np.ascontiguousarray(np.frombuffer(raw, dtype=np.uint8))
+        if not 1 <= len(ne) <= 4 or any(d <= 0 for d in ne):
+            raise ValueError(f"bad shape {ne}")
+        cdef int64_t c_ne[4]
+        for d in range(4):
+            c_ne[d] = ne[d] if d < len(ne) else 1
+        cdef size_t need = g.ggml_row_size(<g.ggml_type> type_id, c_ne[0]) * c_ne[1] * c_ne[2] * c_ne[3]
+        if a.shape[0] != need:
+            raise ValueError(f"{a.shape[0]} bytes for a tensor of {need}")
+        h = self._add(g.ggml_new_tensor(self.ctx, <g.ggml_type> type_id, len(ne), c_ne))
+        g.ggml_set_input(self.t[h])
+        self.inputs.append((h, a))
+        return h
+
+    def mul_mat_id(self, int a, int b, int ids):
+        """ggml's mul_mat_id: out[:, s, t] = a[:, :, ids[t, s]]^T b[:, s or 0, t]."""
+        return self._add(g.ggml_mul_mat_id(self.ctx, self._get(a), self._get(b), self._get(ids)))
+
+    def moe_gemm(self, int a, int b, int ids, int isa):
+        """mul_mat_id through our Q5_K x Q8_K kernels (kernels/dsv4_moe_gemm.c) with instruction set `isa`."""
+        cdef g.ggml_tensor * prep = k.dsv4_q8k_prep(self.ctx, self._get(b))
+        if prep == NULL:
+            raise ValueError("dsv4_q8k_prep rejected the activations")
+        self._add(prep)
+        return self._add(k.dsv4_mul_mat_id_q5k(self.ctx, self._get(a), prep, self._get(ids), isa))
 
     def swiglu_clamp(self, int gate, int up, float limit):
         return self._add(k.dsv4_swiglu_clamp(self.ctx, self._get(gate), self._get(up), limit))

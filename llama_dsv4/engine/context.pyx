@@ -100,7 +100,7 @@ cdef class Context:
     cdef public double t_graph, t_inputs, t_compute  # seconds: graph build + allocation (C), inputs, compute
 
     def __cinit__(self, model, int n_ctx, int n_ubatch=512, str type_k="f16", Backends backends=None,
-                  bint flash_attn=True, params=None):
+                  bint flash_attn=True, params=None, str gemm="auto", int gemm_min_tokens=8):
         p = params if params is not None else model.params
         if n_ctx <= 0:
             raise ValueError(f"n_ctx must be positive, got {n_ctx}")
@@ -116,6 +116,9 @@ cdef class Context:
         self.ring = ring_rows(p, self.n_ubatch)
         self._fill_params(p)
         self.hp.attn_f16 = flash_attn
+        # our expert GEMM reads the weights and activations in host memory: CPU-only backend sets
+        self.hp.gemm_isa = _ggml.gemm_isa(gemm) if self.be.n == 1 else 0
+        self.hp.gemm_min_tokens = max(gemm_min_tokens, 1)
         self._alloc_state(p)
         self.routes = <g.ggml_tensor **> calloc(p.n_layer, sizeof(g.ggml_tensor *))
         if self.routes == NULL:

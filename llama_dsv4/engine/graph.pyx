@@ -6,7 +6,8 @@ Cache and state writes are expanded into the graph as soon as they are built, so
 read the same memory later in the graph.
 """
 cimport ggml as g
-from dsv4_ops cimport dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back, dsv4_swiglu_clamp, dsv4_top_k
+from dsv4_ops cimport (dsv4_moe_gemm_ok, dsv4_mul_mat_id_q5k, dsv4_q8k_prep, dsv4_rope_params, dsv4_rope_tail,
+                       dsv4_rope_tail_back, dsv4_swiglu_clamp, dsv4_top_k)
 from libc.math cimport INFINITY, sqrtf
 from libc.stdint cimport int64_t
 
@@ -236,9 +237,24 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * L, 
     if hp.w_scale != 1.0:
         w = g.ggml_scale(ctx, w, hp.w_scale)
     cdef T * xe = g.ggml_reshape_3d(ctx, f, D, 1, n)
-    cdef T * h = dsv4_swiglu_clamp(ctx, g.ggml_mul_mat_id(ctx, L.gate_exps, xe, sel),
-                                   g.ggml_mul_mat_id(ctx, L.up_exps, xe, sel), L.clamp_exp)
-    cdef T * down = g.ggml_mul(ctx, g.ggml_mul_mat_id(ctx, L.down_exps, h, sel), w)  # [D, k, n]
+    cdef bint ours = hp.gemm_isa != 0 and n >= hp.gemm_min_tokens  # prompt processing on the CPU
+    cdef T * gate
+    cdef T * up
+    cdef T * prep
+    if ours and dsv4_moe_gemm_ok(L.gate_exps, xe, sel) and dsv4_moe_gemm_ok(L.up_exps, xe, sel):
+        prep = dsv4_q8k_prep(ctx, xe)  # one quantization of the activations for both products
+        gate = dsv4_mul_mat_id_q5k(ctx, L.gate_exps, prep, sel, hp.gemm_isa)
+        up = dsv4_mul_mat_id_q5k(ctx, L.up_exps, prep, sel, hp.gemm_isa)
+    else:
+        gate = g.ggml_mul_mat_id(ctx, L.gate_exps, xe, sel)
+        up = g.ggml_mul_mat_id(ctx, L.up_exps, xe, sel)
+    cdef T * h = dsv4_swiglu_clamp(ctx, gate, up, L.clamp_exp)
+    cdef T * down
+    if ours and dsv4_moe_gemm_ok(L.down_exps, h, sel):
+        down = dsv4_mul_mat_id_q5k(ctx, L.down_exps, dsv4_q8k_prep(ctx, h), sel, hp.gemm_isa)
+    else:
+        down = g.ggml_mul_mat_id(ctx, L.down_exps, h, sel)
+    down = g.ggml_mul(ctx, down, w)  # [D, k, n]
     cdef T * y = g.ggml_view_2d(ctx, down, D, n, down.nb[2], 0)
     for i in range(1, k):  # in selection order, as the reference sums
         y = g.ggml_add(ctx, y, g.ggml_view_2d(ctx, down, D, n, down.nb[2], i * down.nb[1]))

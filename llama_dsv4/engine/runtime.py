@@ -93,8 +93,19 @@ def create_context(
     """A Context, after checking that its state (and `host_bytes` more on the host) fits in memory."""
     backends = _ggml.Backends(device, n_threads)
     check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes)
+    # A/B switch for benchmarks: LLAMA_DSV4_GEMM=off uses ggml's mul_mat_id for the routed experts everywhere
+    gemm = os.environ.get("LLAMA_DSV4_GEMM", "auto")
+    gemm_min = int(os.environ.get("LLAMA_DSV4_GEMM_MIN_TOKENS", "8"))
     return Context(
-        model, n_ctx, n_ubatch=n_ubatch, type_k=type_k, backends=backends, flash_attn=flash_attn, params=params
+        model,
+        n_ctx,
+        n_ubatch=n_ubatch,
+        type_k=type_k,
+        backends=backends,
+        flash_attn=flash_attn,
+        params=params,
+        gemm=gemm,
+        gemm_min_tokens=gemm_min,
     )
 
 

@@ -1,0 +1,517 @@
+/* See dsv4_moe_gemm.h.
+ *
+ * Formats (ggml's): a Q5_K super-block holds 256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins
+ * for 8 sub-blocks of 32, 32 bytes of high bits, 128 bytes of low nibbles; w = d*sc_j*q - dmin*m_j, q in 0..31.
+ * A Q8_K activation block holds 256 int8 quants with one float scale; its quants are made exactly as ggml's
+ * quantize_row_q8_K_ref makes them, so the integer products below are ggml's.
+ *
+ * Per (weight row, activation row) pair and super-block:  d_w*d_a * sum_j sc_j * sum_32(q*a)  -  sum_j mf_j*bf_j
+ * with mf_j = dmin*m_j (per weight row) and bf_j = d_a * sum_32(a) (per activation row, made in the prep op).
+ */
+#include "dsv4_moe_gemm.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define DSV4_X86 1
+#include <immintrin.h>
+#endif
+
+#define QK 256
+#define Q5K_BYTES 176
+#define ROWS 4     /* weight rows unpacked together */
+#define UNIT 16    /* weight rows per work unit */
+#define COLS 256   /* activation rows gathered per pass */
+
+/* ---------------------------------------------------------------------------------------------- formats */
+
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t) (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        const float f = (float) man * 5.9604644775390625e-8f; /* subnormal (or zero): man * 2^-24 */
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* ggml's nearest_int: round half to even through the float mantissa (no float->int conversion, so no UB on
+ * NaN); the result is clamped to the int8 range. */
+static int nearest_int8(float v) {
+    float t = v + 12582912.f;
+    int32_t i;
+    memcpy(&i, &t, sizeof i);
+    i = (i & 0x007fffff) - 0x00400000;
+    return i > 127 ? 127 : (i < -127 ? -127 : i);
+}
+
+size_t dsv4_q8k_row_bytes(int64_t K) {
+    const size_t b = (size_t) K + 4 * (size_t) (K / QK) + 4 * (size_t) (K / 32);
+    return (b + 63) & ~(size_t) 63;
+}
+
+static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
+    int8_t * qs = (int8_t *) row;
+    float * d = (float *) (row + K);
+    float * bf = d + K / QK;
+    for (int64_t sb = 0; sb < K / QK; sb++) {
+        const float * xs = x + sb * QK;
+        int8_t * q = qs + sb * QK;
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < QK; j++) {
+            const float ax = fabsf(xs[j]);
+            if (ax > amax) {
+                amax = ax;
+                max = xs[j];
+            }
+        }
+        if (amax == 0.0f) {
+            d[sb] = 0.0f;
+            memset(q, 0, QK);
+            for (int j = 0; j < QK / 32; j++) {
+                bf[sb * 8 + j] = 0.0f;
+            }
+            continue;
+        }
+        const float iscale = -127.f / max;
+        for (int j = 0; j < QK; j++) {
+            q[j] = (int8_t) nearest_int8(iscale * xs[j]);
+        }
+        d[sb] = 1.0f / iscale;
+        for (int j = 0; j < QK / 32; j++) {
+            int s = 0;
+            for (int l = 0; l < 32; l++) {
+                s += q[j * 32 + l];
+            }
+            bf[sb * 8 + j] = d[sb] * (float) s;
+        }
+    }
+}
+
+/* Weight rows unpacked: quants as bytes, each sub-block's scale as 16 int16 lanes (the multiplier vector of
+ * one 32-byte chunk after a byte-pair multiply-add), super-block scales and dmin*m per sub-block. */
+struct unpacked {
+    uint8_t q[ROWS][DSV4_GEMM_MAX_K];
+    int16_t sc[ROWS][DSV4_GEMM_MAX_K / 32][16];
+    float dw[ROWS][DSV4_GEMM_MAX_K / QK];
+    float mf[ROWS][DSV4_GEMM_MAX_K / 32];
+};
+
+static inline void scale_min(int j, const uint8_t * s, int * sc, int * m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+static inline void unpack_row(const uint8_t * blocks, int64_t K, struct unpacked * u, int r) {
+    for (int64_t sb = 0; sb < K / QK; sb++) {
+        const uint8_t * b = blocks + sb * Q5K_BYTES;
+        uint16_t hd, hm;
+        memcpy(&hd, b, 2);
+        memcpy(&hm, b + 2, 2);
+        const float dmin = half_to_float(hm);
+        const uint8_t *scales = b + 4, *qh = b + 16, *ql = b + 48;
+        u->dw[r][sb] = half_to_float(hd);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            scale_min(j, scales, &sc, &m);
+            for (int l = 0; l < 16; l++) {
+                u->sc[r][sb * 8 + j][l] = (int16_t) sc;
+            }
+            u->mf[r][sb * 8 + j] = dmin * (float) m;
+        }
+        uint8_t * q = u->q[r] + sb * QK;
+        for (int g = 0; g < 4; g++) {
+            for (int l = 0; l < 32; l++) {
+                q[64 * g + l] = (uint8_t) ((ql[32 * g + l] & 0xF) | (((qh[l] >> (2 * g)) & 1) << 4));
+            }
+            for (int l = 0; l < 32; l++) {
+                q[64 * g + 32 + l] = (uint8_t) ((ql[32 * g + l] >> 4) | (((qh[l] >> (2 * g + 1)) & 1) << 4));
+            }
+        }
+    }
+}
+
+#ifdef DSV4_X86
+/* unpack_row with AVX2 for the quants and the scale vectors */
+__attribute__((target("avx2,fma"))) static void unpack_row_avx2(const uint8_t * blocks, int64_t K, struct unpacked * u,
+                                                                 int r) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    for (int64_t sb = 0; sb < K / QK; sb++) {
+        const uint8_t * b = blocks + sb * Q5K_BYTES;
+        uint16_t hd, hm;
+        memcpy(&hd, b, 2);
+        memcpy(&hm, b + 2, 2);
+        const float dmin = half_to_float(hm);
+        const uint8_t *scales = b + 4, *ql = b + 48;
+        u->dw[r][sb] = half_to_float(hd);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            scale_min(j, scales, &sc, &m);
+            _mm256_storeu_si256((__m256i *) u->sc[r][sb * 8 + j], _mm256_set1_epi16((int16_t) sc));
+            u->mf[r][sb * 8 + j] = dmin * (float) m;
+        }
+        const __m256i qh = _mm256_loadu_si256((const __m256i *) (b + 16));
+        uint8_t * q = u->q[r] + sb * QK;
+        for (int g = 0; g < 4; g++) {
+            const __m256i l = _mm256_loadu_si256((const __m256i *) (ql + 32 * g));
+            const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), one);
+            const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + 1), one);
+            _mm256_storeu_si256((__m256i *) (q + 64 * g),
+                                _mm256_or_si256(_mm256_and_si256(l, m4), _mm256_slli_epi16(h0, 4)));
+            _mm256_storeu_si256((__m256i *) (q + 64 * g + 32),
+                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 4), m4), _mm256_slli_epi16(h1, 4)));
+        }
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------- kernels */
+
+/* out[r][c] for the ROWS unpacked rows and nc (1 or 2) prepared activation rows a[c]. */
+typedef void (*kernel_fn)(const struct unpacked * u, int64_t K, const uint8_t * const * a, int nc,
+                          float out[ROWS][2]);
+
+static void kernel_scalar(const struct unpacked * u, int64_t K, const uint8_t * const * a, int nc,
+                          float out[ROWS][2]) {
+    for (int c = 0; c < nc; c++) {
+        const int8_t * qa = (const int8_t *) a[c];
+        const float * da = (const float *) (a[c] + K);
+        const float * bf = da + K / QK;
+        for (int r = 0; r < ROWS; r++) {
+            float sum = 0.0f, mins = 0.0f;
+            for (int64_t sb = 0; sb < K / QK; sb++) {
+                int32_t isum = 0;
+                for (int j = 0; j < 8; j++) {
+                    int32_t s = 0;
+                    for (int l = 0; l < 32; l++) {
+                        s += (int32_t) u->q[r][sb * QK + j * 32 + l] * qa[sb * QK + j * 32 + l];
+                    }
+                    isum += u->sc[r][sb * 8 + j][0] * s;
+                }
+                sum += u->dw[r][sb] * da[sb] * (float) isum;
+            }
+            for (int64_t j = 0; j < K / 32; j++) {
+                mins += u->mf[r][j] * bf[j];
+            }
+            out[r][c] = sum - mins;
+        }
+    }
+}
+
+#ifdef DSV4_X86
+
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* sum_j mf[r][j] * bf[j] over K/32 (a multiple of 8) */
+__attribute__((target("avx2,fma"))) static inline float mins_avx2(const float * mf, const float * bf, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(mf + j), _mm256_loadu_ps(bf + j), acc);
+    }
+    return hsum256(acc);
+}
+
+/* AVX2: two weight rows x NC activation rows; one 32-byte chunk is one sub-block. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void avx2_2xN(
+    const struct unpacked * u, int r0, int64_t K, const uint8_t * const * a, const int NC, float out[ROWS][2]) {
+    const int64_t nsb = K / QK;
+    __m256 facc[2][2];
+    for (int r = 0; r < 2; r++) {
+        for (int c = 0; c < NC; c++) {
+            facc[r][c] = _mm256_setzero_ps();
+        }
+    }
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m256i iacc[2][2];
+        for (int r = 0; r < 2; r++) {
+            for (int c = 0; c < NC; c++) {
+                iacc[r][c] = _mm256_setzero_si256();
+            }
+        }
+        for (int j = 0; j < 8; j++) {
+            __m256i av[2];
+            for (int c = 0; c < NC; c++) {
+                av[c] = _mm256_loadu_si256((const __m256i *) (a[c] + sb * QK + j * 32));
+            }
+            for (int r = 0; r < 2; r++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *) (u->q[r0 + r] + sb * QK + j * 32));
+                const __m256i s = _mm256_loadu_si256((const __m256i *) u->sc[r0 + r][sb * 8 + j]);
+                for (int c = 0; c < NC; c++) {
+                    iacc[r][c] = _mm256_add_epi32(iacc[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(w, av[c]), s));
+                }
+            }
+        }
+        for (int r = 0; r < 2; r++) {
+            for (int c = 0; c < NC; c++) {
+                const float da = ((const float *) (a[c] + K))[sb];
+                facc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][c]),
+                                             _mm256_set1_ps(u->dw[r0 + r][sb] * da), facc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < 2; r++) {
+        for (int c = 0; c < NC; c++) {
+            const float * bf = (const float *) (a[c] + K) + nsb;
+            out[r0 + r][c] = hsum256(facc[r][c]) - mins_avx2(u->mf[r0 + r], bf, K / 32);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void kernel_avx2(const struct unpacked * u, int64_t K,
+                                                             const uint8_t * const * a, int nc, float out[ROWS][2]) {
+    for (int r0 = 0; r0 < ROWS; r0 += 2) {
+        if (nc == 2) {
+            avx2_2xN(u, r0, K, a, 2, out);
+        } else {
+            avx2_2xN(u, r0, K, a, 1, out);
+        }
+    }
+}
+
+/* AVX-512: four weight rows x NC activation rows; one 64-byte chunk is two sub-blocks, and the two sub-blocks'
+ * 16-lane scale vectors lie next to each other. */
+__attribute__((target("avx512f,avx512bw,avx2,fma"), always_inline)) static inline void avx512_4xN(
+    const struct unpacked * u, int64_t K, const uint8_t * const * a, const int NC, float out[ROWS][2]) {
+    const int64_t nsb = K / QK;
+    __m512 facc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) {
+        for (int c = 0; c < NC; c++) {
+            facc[r][c] = _mm512_setzero_ps();
+        }
+    }
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m512i iacc[ROWS][2];
+        for (int r = 0; r < ROWS; r++) {
+            for (int c = 0; c < NC; c++) {
+                iacc[r][c] = _mm512_setzero_si512();
+            }
+        }
+        for (int ch = 0; ch < 4; ch++) {
+            __m512i av[2];
+            for (int c = 0; c < NC; c++) {
+                av[c] = _mm512_loadu_si512((const void *) (a[c] + sb * QK + ch * 64));
+            }
+            for (int r = 0; r < ROWS; r++) {
+                const __m512i w = _mm512_loadu_si512((const void *) (u->q[r] + sb * QK + ch * 64));
+                const __m512i s = _mm512_loadu_si512((const void *) u->sc[r][sb * 8 + 2 * ch]);
+                for (int c = 0; c < NC; c++) {
+                    iacc[r][c] = _mm512_add_epi32(iacc[r][c], _mm512_madd_epi16(_mm512_maddubs_epi16(w, av[c]), s));
+                }
+            }
+        }
+        for (int r = 0; r < ROWS; r++) {
+            for (int c = 0; c < NC; c++) {
+                const float da = ((const float *) (a[c] + K))[sb];
+                facc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][c]), _mm512_set1_ps(u->dw[r][sb] * da),
+                                             facc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        for (int c = 0; c < NC; c++) {
+            const float * bf = (const float *) (a[c] + K) + nsb;
+            out[r][c] = _mm512_reduce_add_ps(facc[r][c]) - mins_avx2(u->mf[r], bf, K / 32);
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) static void kernel_avx512(
+    const struct unpacked * u, int64_t K, const uint8_t * const * a, int nc, float out[ROWS][2]) {
+    if (nc == 2) {
+        avx512_4xN(u, K, a, 2, out);
+    } else {
+        avx512_4xN(u, K, a, 1, out);
+    }
+}
+
+#endif /* DSV4_X86 */
+
+int dsv4_gemm_isa_supported(int isa) {
+    switch (isa) {
+    case DSV4_GEMM_SCALAR:
+        return 1;
+#ifdef DSV4_X86
+    case DSV4_GEMM_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case DSV4_GEMM_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               dsv4_gemm_isa_supported(DSV4_GEMM_AVX2);
+#endif
+    default:
+        return 0;
+    }
+}
+
+int dsv4_gemm_isa_best(void) {
+    if (dsv4_gemm_isa_supported(DSV4_GEMM_AVX512)) {
+        return DSV4_GEMM_AVX512;
+    }
+    if (dsv4_gemm_isa_supported(DSV4_GEMM_AVX2)) {
+        return DSV4_GEMM_AVX2;
+    }
+    return DSV4_GEMM_OFF;
+}
+
+static kernel_fn kernel_for(int isa) {
+#ifdef DSV4_X86
+    if (isa == DSV4_GEMM_AVX512) {
+        return kernel_avx512;
+    }
+    if (isa == DSV4_GEMM_AVX2) {
+        return kernel_avx2;
+    }
+#endif
+    return isa == DSV4_GEMM_SCALAR ? kernel_scalar : NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------- ops */
+
+static void prep_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    const struct ggml_tensor * b = dst->src[0];
+    const int64_t K = b->ne[0], n1 = b->ne[1], rows = b->ne[1] * b->ne[2];
+    for (int64_t i = ith; i < rows; i += nth) {
+        const int64_t i1 = i % n1, i2 = i / n1;
+        quantize_row_q8k((const float *) ((const char *) b->data + i1 * b->nb[1] + i2 * b->nb[2]), K,
+                         (uint8_t *) dst->data + i1 * dst->nb[1] + i2 * dst->nb[2]);
+    }
+}
+
+struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor * b) {
+    if (b->type != GGML_TYPE_F32 || b->nb[0] != sizeof(float) || b->ne[0] % QK != 0 || b->ne[3] != 1) {
+        return NULL;
+    }
+    struct ggml_tensor * args[1] = {b};
+    return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_q8k_row_bytes(b->ne[0]), b->ne[1], b->ne[2], 1, args, 1,
+                          prep_op, GGML_N_TASKS_MAX, NULL);
+}
+
+int dsv4_moe_gemm_ok(const struct ggml_tensor * as, const struct ggml_tensor * b, const struct ggml_tensor * ids) {
+    const int64_t K = as->ne[0], M = as->ne[1], E = as->ne[2];
+    return as->type == GGML_TYPE_Q5_K && K % QK == 0 && K > 0 && K <= DSV4_GEMM_MAX_K && M % ROWS == 0 && M > 0 &&
+           E > 0 && E <= DSV4_GEMM_MAX_EXPERTS && as->ne[3] == 1 && as->nb[1] == (size_t) (K / QK) * Q5K_BYTES &&
+           b->type == GGML_TYPE_F32 && b->ne[0] == K && b->nb[0] == sizeof(float) && b->ne[3] == 1 &&
+           ids->type == GGML_TYPE_I32 && ids->ne[2] == 1 && ids->ne[3] == 1 && b->ne[2] == ids->ne[1] &&
+           (b->ne[1] == 1 || b->ne[1] == ids->ne[0]);
+}
+
+static inline int32_t id_at(const struct ggml_tensor * ids, int64_t s, int64_t t) {
+    int32_t e;
+    memcpy(&e, (const char *) ids->data + s * ids->nb[0] + t * ids->nb[1], sizeof e);
+    return e;
+}
+
+static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const int isa = (int) (intptr_t) userdata;
+    const kernel_fn kernel = kernel_for(isa);
+    const struct ggml_tensor *as = dst->src[0], *prep = dst->src[1], *ids = dst->src[2];
+    const int64_t K = as->ne[0], M = as->ne[1], E = as->ne[2], k = ids->ne[0], n = ids->ne[1], n1 = prep->ne[1];
+    const int64_t n_units = (M + UNIT - 1) / UNIT;
+    int64_t counts[DSV4_GEMM_MAX_EXPERTS] = {0};
+    int64_t total = 0;
+    for (int64_t t = 0; t < n; t++) {
+        for (int64_t s = 0; s < k; s++) {
+            const int32_t e = id_at(ids, s, t);
+            if (e >= 0 && e < E) {
+                counts[e]++;
+                total++;
+            } else if (ith == 0) { /* an id out of range (ggml would abort): that slot's output is zero */
+                memset((char *) dst->data + s * dst->nb[1] + t * dst->nb[2], 0, (size_t) M * sizeof(float));
+            }
+        }
+    }
+    /* Work = (expert, 16-row unit) pairs costed by the expert's token count; thread ith takes the units that
+     * start in its share [ith, ith+1) * total_cost / nth of the running cost. */
+    const int64_t cost = total * n_units;
+    struct unpacked u;
+    const uint8_t * arow[COLS];
+    float * orow[COLS];
+    int64_t run = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t c_e = counts[e];
+        if (c_e == 0) {
+            continue;
+        }
+        int64_t u0 = -1, u1 = -1; /* my units of this expert: [u0, u1) */
+        for (int64_t un = 0; un < n_units; un++) {
+            if ((run + un * c_e) * nth / cost == ith) {
+                if (u0 < 0) {
+                    u0 = un;
+                }
+                u1 = un + 1;
+            }
+        }
+        run += n_units * c_e;
+        if (u0 < 0) {
+            continue;
+        }
+        const uint8_t * w = (const uint8_t *) as->data + e * as->nb[2];
+        int64_t t = 0, s = 0; /* scan position in ids */
+        while (t < n) {
+            int nc = 0;
+            for (; t < n && nc < COLS; s = (s + 1 == k) ? 0 : s + 1, t += (s == 0)) {
+                if (id_at(ids, s, t) == e) {
+                    arow[nc] = (const uint8_t *) prep->data + (n1 == 1 ? 0 : s) * prep->nb[1] + t * prep->nb[2];
+                    orow[nc] = (float *) ((char *) dst->data + s * dst->nb[1] + t * dst->nb[2]);
+                    nc++;
+                }
+            }
+            for (int64_t m0 = u0 * UNIT; m0 < u1 * UNIT && m0 < M; m0 += ROWS) {
+                for (int r = 0; r < ROWS; r++) {
+#ifdef DSV4_X86
+                    if (isa >= DSV4_GEMM_AVX2) {
+                        unpack_row_avx2(w + (m0 + r) * as->nb[1], K, &u, r);
+                        continue;
+                    }
+#endif
+                    unpack_row(w + (m0 + r) * as->nb[1], K, &u, r);
+                }
+                for (int c = 0; c < nc; c += 2) {
+                    float out[ROWS][2];
+                    const int cc = nc - c >= 2 ? 2 : 1;
+                    kernel(&u, K, arow + c, cc, out);
+                    for (int j = 0; j < cc; j++) {
+                        for (int r = 0; r < ROWS; r++) {
+                            orow[c + j][m0 + r] = out[r][j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct ggml_tensor * dsv4_mul_mat_id_q5k(struct ggml_context * ctx, struct ggml_tensor * as, struct ggml_tensor * prep,
+                                         struct ggml_tensor * ids, int isa) {
+    const kernel_fn kernel = dsv4_gemm_isa_supported(isa) ? kernel_for(isa) : NULL;
+    const int64_t K = as->ne[0];
+    if (kernel == NULL || prep->type != GGML_TYPE_I8 || prep->ne[0] != (int64_t) dsv4_q8k_row_bytes(K)) {
+        return NULL;
+    }
+    /* the shape checks of dsv4_moe_gemm_ok, on a stand-in for the F32 activations */
+    struct ggml_tensor b = *prep;
+    b.type = GGML_TYPE_F32;
+    b.ne[0] = K;
+    b.nb[0] = sizeof(float);
+    if (!dsv4_moe_gemm_ok(as, &b, ids)) {
+        return NULL;
+    }
+    struct ggml_tensor * args[3] = {as, prep, ids};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, as->ne[1], ids->ne[0], ids->ne[1], 1, args, 3, gemm_op,
+                          GGML_N_TASKS_MAX, (void *) (intptr_t) isa);
+}

@@ -1,0 +1,55 @@
+/* Routed-expert matrix products for prompt processing on the CPU: Q5_K experts x Q8_K activations.
+ *
+ * ggml 0.20.2's mul_mat_id computes each (weight row, token) pair with one vec_dot, unpacking the 5-bit
+ * weights again for every token. Here each 4-row group of an expert is unpacked once into bytes and scale
+ * vectors, then multiplied with all the tokens routed to that expert, 1-2 tokens at a time in registers.
+ * Integer sums are exact and the same as ggml's; only the float accumulation order differs.
+ *
+ *   prep = dsv4_q8k_prep(ctx, b)                   b [K, n1, n] F32 -> one Q8_K row per activation row
+ *   out  = dsv4_mul_mat_id_q5k(ctx, as, prep, ids, isa)   = ggml_mul_mat_id(ctx, as, b, ids): [M, k, n] F32
+ *
+ * as [K, M, E] Q5_K; ids [k, n] I32 (strided views allowed); n1 is 1 (one row for all k slots) or k.
+ * Both are CPU custom ops: use them only when the tensors live in host memory (a CPU-only backend set).
+ */
+#ifndef LLAMA_DSV4_MOE_GEMM_H
+#define LLAMA_DSV4_MOE_GEMM_H
+
+#include "ggml.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum dsv4_gemm_isa {
+    DSV4_GEMM_OFF = 0,    /* not available: use ggml_mul_mat_id */
+    DSV4_GEMM_SCALAR = 1, /* portable C (tests; slower than ggml's SIMD vec_dot) */
+    DSV4_GEMM_AVX2 = 2,   /* AVX2 + FMA */
+    DSV4_GEMM_AVX512 = 3, /* AVX-512 F + BW */
+};
+
+/* The fastest path this CPU runs (DSV4_GEMM_OFF where there is no SIMD path). */
+int dsv4_gemm_isa_best(void);
+
+/* Whether this CPU can run `isa` (DSV4_GEMM_SCALAR always can). */
+int dsv4_gemm_isa_supported(int isa);
+
+/* Whether dsv4_mul_mat_id_q5k accepts these operands (types, shapes, limits below). */
+int dsv4_moe_gemm_ok(const struct ggml_tensor * as, const struct ggml_tensor * b, const struct ggml_tensor * ids);
+
+#define DSV4_GEMM_MAX_K 8192      /* unpacked rows live on the worker's stack */
+#define DSV4_GEMM_MAX_EXPERTS 1024
+
+/* Bytes of one prepared row: K int8 quants, K/256 float scales, K/32 float scaled sums; 64-byte multiple. */
+size_t dsv4_q8k_row_bytes(int64_t K);
+
+struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor * b);
+
+/* NULL when the operands are not accepted or isa is not supported. */
+struct ggml_tensor * dsv4_mul_mat_id_q5k(struct ggml_context * ctx, struct ggml_tensor * as, struct ggml_tensor * prep,
+                                         struct ggml_tensor * ids, int isa);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

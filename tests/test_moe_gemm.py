@@ -1,0 +1,131 @@
+"""Our routed-expert GEMM (kernels/dsv4_moe_gemm.c) against ggml's mul_mat_id, on every instruction set this CPU
+runs, and the whole model with and without it.
+
+The integer products are ggml's own (same Q8_K quantization of the activations, same Q5_K unpacking); only the
+float accumulation order differs, so the bound is a few float32 roundings.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from forward_models import MODELS, SEED
+from llama_dsv4.engine.context import Context
+
+from llama_dsv4 import _ggml
+from llama_dsv4.model.loader import load_model
+from llama_dsv4.model.writer import write_model
+
+Q5_K = 13
+
+
+def supported(name: str) -> bool:
+    try:
+        _ggml.gemm_isa(name)
+    except ValueError:
+        return False
+    return True
+
+
+ISAS = [name for name in ("scalar", "avx2", "avx512") if supported(name)]
+
+
+def products(raw: np.ndarray, shape: tuple[int, int, int], b: np.ndarray, ids: np.ndarray, isa: str) -> np.ndarray:
+    g = _ggml.OpGraph()
+    a = g.input_raw(raw, Q5_K, shape)
+    bh, ih = g.input(b), g.input(ids)
+    h = g.mul_mat_id(a, bh, ih) if isa == "off" else g.moe_gemm(a, bh, ih, _ggml.gemm_isa(isa))
+    (out,) = g.compute([h])
+    return out.reshape(ids.shape[0], ids.shape[1], shape[1])
+
+
+def routed(rng: np.random.Generator, n: int, k: int, n_expert: int, hot: int | None = None) -> np.ndarray:
+    ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(n)]).astype(np.int32)
+    if hot is not None:  # one expert in every token's selection
+        for t in range(n):
+            if hot not in ids[t]:
+                ids[t, 0] = hot
+    return ids
+
+
+@pytest.mark.skipif(not ISAS, reason="no GEMM instruction set")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("K", "M", "E", "k", "n", "shared"),
+    [
+        (256, 4, 3, 1, 1, True),  # the smallest shapes: one super-block, one row group, one token
+        (512, 36, 8, 3, 37, True),  # gate/up: one activation row for all k slots; odd token counts per expert
+        (512, 36, 8, 3, 37, False),  # down: one activation row per slot
+        (1024, 20, 16, 6, 300, True),  # an expert with more tokens than one gathering pass (256)
+    ],
+)
+def test_gemm_matches_ggml_mul_mat_id(isa: str, K: int, M: int, E: int, k: int, n: int, shared: bool) -> None:
+    rng = np.random.default_rng([K, M, E, n])
+    w = (rng.standard_normal((E, M, K)) * 0.05).astype(np.float32)
+    w[0, 0, :256] = 0.0  # an all-zero super-block
+    raw = _ggml.quantize(w.reshape(-1, K), Q5_K).reshape(-1)
+    b = rng.standard_normal((n, 1 if shared else k, K)).astype(np.float32)
+    b[0, 0, :256] = 0.0  # an all-zero activation block (scale 0)
+    b[-1, 0, :] *= 1e3  # large values
+    ids = routed(rng, n, k, E, hot=E - 1 if n > 256 else None)
+    ref = products(raw, (K, M, E), b, ids, "off")
+    got = products(raw, (K, M, E), b, ids, isa)
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 2e-6 * scale, (np.abs(got - ref).max(), scale)
+
+
+@pytest.mark.skipif(not ISAS, reason="no GEMM instruction set")
+def test_gemm_takes_a_strided_id_view() -> None:
+    """The graph's selections are a strided view (argsort_top_k's first k of E columns)."""
+    rng = np.random.default_rng(7)
+    K, M, E, k, n = 256, 8, 6, 2, 9
+    raw = _ggml.quantize((rng.standard_normal((E * M, K)) * 0.1).astype(np.float32), Q5_K).reshape(-1)
+    b = rng.standard_normal((n, 1, K)).astype(np.float32)
+    scores = rng.standard_normal((n, E)).astype(np.float32)
+    g = _ggml.OpGraph()
+    a, bh, sh = g.input_raw(raw, Q5_K, (K, M, E)), g.input(b), g.input(scores)
+    sel = g.top_k(sh, k)
+    (ref, got, ids) = g.compute([g.mul_mat_id(a, bh, sel), g.moe_gemm(a, bh, sel, _ggml.gemm_isa(ISAS[-1])), sel])
+    assert ids.shape == (n, k)
+    assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max()
+
+
+def test_gemm_refuses_what_it_cannot_compute() -> None:
+    g = _ggml.OpGraph()
+    f32 = g.input(np.zeros((4, 2, 256), np.float32))  # F32 experts: not ours
+    b = g.input(np.zeros((3, 1, 256), np.float32))
+    ids = g.input(np.zeros((3, 1), np.int32))
+    with pytest.raises(ValueError):
+        g.moe_gemm(f32, b, ids, _ggml.gemm_isa("scalar"))
+    with pytest.raises(ValueError, match="unknown GEMM"):
+        _ggml.gemm_isa("sse9")
+
+
+@pytest.mark.skipif(not ISAS, reason="no GEMM instruction set")
+def test_model_with_and_without_our_gemm(tmp_path: os.PathLike[str]) -> None:
+    """The decisive q8xq5 model of the forward tests over a 128-token prompt, ggml's mul_mat_id vs ours.
+
+    The first layer's routed-expert output (identical inputs) agrees to float32 rounding. After it, the Q8_0
+    quantization of activations in every later product turns rounding differences into quantization-step
+    differences, so the logits agree as closely as ggml's own results for two ubatch schedules do (measured:
+    mean 1.6e-2 ours vs ggml, 2.2e-2 ggml with ubatches of 7 vs 128), within issue 3's bounds for this variant.
+    """
+    params, init, dtype = MODELS["decisive-q8xq5"]
+    path = write_model(os.path.join(tmp_path, "m.gguf"), params, dtype=dtype, vocab="none", init=init, seed=SEED)[0]
+    toks = np.random.default_rng(0).integers(0, params.n_vocab, 128)
+    be = _ggml.Backends("cpu", 2)
+    logits, first = {}, {}
+    with load_model(path) as m:
+        for gemm in ("off", ISAS[-1]):
+            ctx = Context(m, 256, n_ubatch=128, backends=be, gemm=gemm)
+            cap = ctx.capture(["ffn_out-0"])
+            logits[gemm] = ctx.eval(toks, all_logits=True)
+            first[gemm] = cap["ffn_out-0"].reshape(128, -1)
+            del ctx
+    ref, got = first["off"], first[ISAS[-1]]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    ref, got = logits["off"], logits[ISAS[-1]]
+    rel = np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)
+    assert rel.mean() <= 2e-2 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.95, (rel.mean(), rel.max())
