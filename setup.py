@@ -28,7 +28,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 # directories come last, for in-place (editable) builds.
 rpaths = ["$ORIGIN/../libggml/lib64", "$ORIGIN/../libggml/lib", *lib_dirs]
 
-KERNELS = ["kernels/dsv4_ops.c", "kernels/dsv4_topk.c", "kernels/dsv4_moe_gemm.c"]
+KERNELS = ["kernels/dsv4_ops.c", "kernels/dsv4_topk.c", "kernels/dsv4_moe_gemm.c", "kernels/dsv4_gemm_vnni.c"]
 
 
 def extension(name: str, pyx: str) -> Extension:
@@ -39,7 +39,7 @@ def extension(name: str, pyx: str) -> Extension:
         library_dirs=lib_dirs,
         libraries=["ggml", "ggml-base", "ggml-cpu"],
         runtime_library_dirs=rpaths,
-        extra_compile_args=["-O3", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"],
+        extra_compile_args=["-O3", "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"],
     )
 
 

@@ -1,4 +1,4 @@
-/* See dsv4_moe_gemm.h.
+/* See dsv4_gemm.h (1).
  *
  * Formats (ggml's): a Q5_K super-block holds 256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins
  * for 8 sub-blocks of 32, 32 bytes of high bits, 128 bytes of low nibbles; w = d*sc_j*q - dmin*m_j, q in 0..31.
@@ -8,57 +8,32 @@
  * Per (weight row, activation row) pair and super-block:  d_w*d_a * sum_j sc_j * sum_32(q*a)  -  sum_j mf_j*bf_j
  * with mf_j = dmin*m_j (per weight row) and bf_j = d_a * sum_32(a) (per activation row, made in the prep op).
  */
-#include "dsv4_moe_gemm.h"
+#include "dsv4_gemm.h"
+#include "dsv4_gemm_impl.h"
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define DSV4_X86 1
+#ifdef DSV4_X86
 #include <immintrin.h>
 #endif
 
-#define QK 256
-#define Q5K_BYTES 176
 #define ROWS 4     /* weight rows unpacked together */
 #define UNIT 16    /* weight rows per work unit */
 #define COLS 256   /* activation rows gathered per pass */
 
 /* ---------------------------------------------------------------------------------------------- formats */
 
-static float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t) (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0) {
-        const float f = (float) man * 5.9604644775390625e-8f; /* subnormal (or zero): man * 2^-24 */
-        return sign ? -f : f;
-    }
-    bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* ggml's nearest_int: round half to even through the float mantissa (no float->int conversion, so no UB on
- * NaN); the result is clamped to the int8 range. */
-static int nearest_int8(float v) {
-    float t = v + 12582912.f;
-    int32_t i;
-    memcpy(&i, &t, sizeof i);
-    i = (i & 0x007fffff) - 0x00400000;
-    return i > 127 ? 127 : (i < -127 ? -127 : i);
-}
-
-size_t dsv4_q8k_row_bytes(int64_t K) {
-    const size_t b = (size_t) K + 4 * (size_t) (K / QK) + 4 * (size_t) (K / 32);
+size_t dsv4_act_row_bytes(int64_t K) {
+    const size_t b = (size_t) K + 8 * (size_t) (K / 32);
     return (b + 63) & ~(size_t) 63;
 }
 
 static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
     int8_t * qs = (int8_t *) row;
     float * d = (float *) (row + K);
-    float * bf = d + K / QK;
+    float * bf = d + K / 32;
     for (int64_t sb = 0; sb < K / QK; sb++) {
         const float * xs = x + sb * QK;
         int8_t * q = qs + sb * QK;
@@ -71,24 +46,25 @@ static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
             }
         }
         if (amax == 0.0f) {
-            d[sb] = 0.0f;
             memset(q, 0, QK);
             for (int j = 0; j < QK / 32; j++) {
+                d[sb * 8 + j] = 0.0f;
                 bf[sb * 8 + j] = 0.0f;
             }
             continue;
         }
         const float iscale = -127.f / max;
         for (int j = 0; j < QK; j++) {
-            q[j] = (int8_t) nearest_int8(iscale * xs[j]);
+            q[j] = (int8_t) dsv4_nearest_int8(iscale * xs[j]);
         }
-        d[sb] = 1.0f / iscale;
+        const float dsb = 1.0f / iscale;
         for (int j = 0; j < QK / 32; j++) {
             int s = 0;
             for (int l = 0; l < 32; l++) {
                 s += q[j * 32 + l];
             }
-            bf[sb * 8 + j] = d[sb] * (float) s;
+            d[sb * 8 + j] = dsb;
+            bf[sb * 8 + j] = dsb * (float) s;
         }
     }
 }
@@ -118,9 +94,9 @@ static inline void unpack_row(const uint8_t * blocks, int64_t K, struct unpacked
         uint16_t hd, hm;
         memcpy(&hd, b, 2);
         memcpy(&hm, b + 2, 2);
-        const float dmin = half_to_float(hm);
+        const float dmin = dsv4_half_to_float(hm);
         const uint8_t *scales = b + 4, *qh = b + 16, *ql = b + 48;
-        u->dw[r][sb] = half_to_float(hd);
+        u->dw[r][sb] = dsv4_half_to_float(hd);
         for (int j = 0; j < 8; j++) {
             int sc, m;
             scale_min(j, scales, &sc, &m);
@@ -151,9 +127,9 @@ __attribute__((target("avx2,fma"))) static void unpack_row_avx2(const uint8_t * 
         uint16_t hd, hm;
         memcpy(&hd, b, 2);
         memcpy(&hm, b + 2, 2);
-        const float dmin = half_to_float(hm);
+        const float dmin = dsv4_half_to_float(hm);
         const uint8_t *scales = b + 4, *ql = b + 48;
-        u->dw[r][sb] = half_to_float(hd);
+        u->dw[r][sb] = dsv4_half_to_float(hd);
         for (int j = 0; j < 8; j++) {
             int sc, m;
             scale_min(j, scales, &sc, &m);
@@ -186,7 +162,7 @@ static void kernel_scalar(const struct unpacked * u, int64_t K, const uint8_t * 
     for (int c = 0; c < nc; c++) {
         const int8_t * qa = (const int8_t *) a[c];
         const float * da = (const float *) (a[c] + K);
-        const float * bf = da + K / QK;
+        const float * bf = da + K / 32;
         for (int r = 0; r < ROWS; r++) {
             float sum = 0.0f, mins = 0.0f;
             for (int64_t sb = 0; sb < K / QK; sb++) {
@@ -198,7 +174,7 @@ static void kernel_scalar(const struct unpacked * u, int64_t K, const uint8_t * 
                     }
                     isum += u->sc[r][sb * 8 + j][0] * s;
                 }
-                sum += u->dw[r][sb] * da[sb] * (float) isum;
+                sum += u->dw[r][sb] * da[sb * 8] * (float) isum;
             }
             for (int64_t j = 0; j < K / 32; j++) {
                 mins += u->mf[r][j] * bf[j];
@@ -258,7 +234,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void avx2_2xN(
         }
         for (int r = 0; r < 2; r++) {
             for (int c = 0; c < NC; c++) {
-                const float da = ((const float *) (a[c] + K))[sb];
+                const float da = ((const float *) (a[c] + K))[sb * 8];
                 facc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][c]),
                                              _mm256_set1_ps(u->dw[r0 + r][sb] * da), facc[r][c]);
             }
@@ -266,7 +242,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void avx2_2xN(
     }
     for (int r = 0; r < 2; r++) {
         for (int c = 0; c < NC; c++) {
-            const float * bf = (const float *) (a[c] + K) + nsb;
+            const float * bf = (const float *) (a[c] + K) + K / 32;
             out[r0 + r][c] = hsum256(facc[r][c]) - mins_avx2(u->mf[r0 + r], bf, K / 32);
         }
     }
@@ -316,7 +292,7 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"), always_inline)) static inlin
         }
         for (int r = 0; r < ROWS; r++) {
             for (int c = 0; c < NC; c++) {
-                const float da = ((const float *) (a[c] + K))[sb];
+                const float da = ((const float *) (a[c] + K))[sb * 8];
                 facc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][c]), _mm512_set1_ps(u->dw[r][sb] * da),
                                              facc[r][c]);
             }
@@ -324,7 +300,7 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"), always_inline)) static inlin
     }
     for (int r = 0; r < ROWS; r++) {
         for (int c = 0; c < NC; c++) {
-            const float * bf = (const float *) (a[c] + K) + nsb;
+            const float * bf = (const float *) (a[c] + K) + K / 32;
             out[r][c] = _mm512_reduce_add_ps(facc[r][c]) - mins_avx2(u->mf[r], bf, K / 32);
         }
     }
@@ -351,6 +327,8 @@ int dsv4_gemm_isa_supported(int isa) {
     case DSV4_GEMM_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                dsv4_gemm_isa_supported(DSV4_GEMM_AVX2);
+    case DSV4_GEMM_VNNI:
+        return dsv4_vnni_supported() && dsv4_gemm_isa_supported(DSV4_GEMM_AVX512);
 #endif
     default:
         return 0;
@@ -358,6 +336,9 @@ int dsv4_gemm_isa_supported(int isa) {
 }
 
 int dsv4_gemm_isa_best(void) {
+    if (dsv4_gemm_isa_supported(DSV4_GEMM_VNNI)) {
+        return DSV4_GEMM_VNNI;
+    }
     if (dsv4_gemm_isa_supported(DSV4_GEMM_AVX512)) {
         return DSV4_GEMM_AVX512;
     }
@@ -369,7 +350,7 @@ int dsv4_gemm_isa_best(void) {
 
 static kernel_fn kernel_for(int isa) {
 #ifdef DSV4_X86
-    if (isa == DSV4_GEMM_AVX512) {
+    if (isa == DSV4_GEMM_AVX512 || isa == DSV4_GEMM_VNNI) { /* VNNI: for row counts not a multiple of 16 */
         return kernel_avx512;
     }
     if (isa == DSV4_GEMM_AVX2) {
@@ -397,7 +378,7 @@ struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor
         return NULL;
     }
     struct ggml_tensor * args[1] = {b};
-    return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_q8k_row_bytes(b->ne[0]), b->ne[1], b->ne[2], 1, args, 1,
+    return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_act_row_bytes(b->ne[0]), b->ne[1], b->ne[2], 1, args, 1,
                           prep_op, GGML_N_TASKS_MAX, NULL);
 }
 
@@ -416,9 +397,29 @@ static inline int32_t id_at(const struct ggml_tensor * ids, int64_t s, int64_t t
     return e;
 }
 
+/* Rows [m0, m1) (multiples of 16) of one expert times its nc gathered activation rows, lanes-are-rows. */
+static void vnni_units(const uint8_t * w, size_t stride, int64_t K, int64_t m0, int64_t m1, const uint8_t * const * arow,
+                       float * const * orow, int nc) {
+    struct dsv4_slab slab;
+    float acc[COLS][SLAB_ROWS];
+    for (int64_t m = m0; m < m1; m += SLAB_ROWS) {
+        memset(acc, 0, sizeof(float) * SLAB_ROWS * (size_t) nc);
+        for (int64_t sb = 0; sb < K / QK; sb++) {
+            dsv4_vnni_slab_q5k(w + m * stride, stride, sb, &slab);
+            for (int c = 0; c < nc; c += 8) {
+                dsv4_vnni_columns(&slab, arow + c, nc - c < 8 ? nc - c : 8, K, sb, acc + c);
+            }
+        }
+        for (int c = 0; c < nc; c++) {
+            memcpy(orow[c] + m, acc[c], sizeof(float) * SLAB_ROWS);
+        }
+    }
+}
+
 static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int isa = (int) (intptr_t) userdata;
     const kernel_fn kernel = kernel_for(isa);
+    const int vnni = isa == DSV4_GEMM_VNNI && dst->src[0]->ne[1] % SLAB_ROWS == 0;
     const struct ggml_tensor *as = dst->src[0], *prep = dst->src[1], *ids = dst->src[2];
     const int64_t K = as->ne[0], M = as->ne[1], E = as->ne[2], k = ids->ne[0], n = ids->ne[1], n1 = prep->ne[1];
     const int64_t n_units = (M + UNIT - 1) / UNIT;
@@ -471,6 +472,10 @@ static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata)
                     nc++;
                 }
             }
+            if (vnni) {
+                vnni_units(w, as->nb[1], K, u0 * UNIT, u1 * UNIT < M ? u1 * UNIT : M, arow, orow, nc);
+                continue;
+            }
             for (int64_t m0 = u0 * UNIT; m0 < u1 * UNIT && m0 < M; m0 += ROWS) {
                 for (int r = 0; r < ROWS; r++) {
 #ifdef DSV4_X86
@@ -500,7 +505,7 @@ struct ggml_tensor * dsv4_mul_mat_id_q5k(struct ggml_context * ctx, struct ggml_
                                          struct ggml_tensor * ids, int isa) {
     const kernel_fn kernel = dsv4_gemm_isa_supported(isa) ? kernel_for(isa) : NULL;
     const int64_t K = as->ne[0];
-    if (kernel == NULL || prep->type != GGML_TYPE_I8 || prep->ne[0] != (int64_t) dsv4_q8k_row_bytes(K)) {
+    if (kernel == NULL || prep->type != GGML_TYPE_I8 || prep->ne[0] != (int64_t) dsv4_act_row_bytes(K)) {
         return NULL;
     }
     /* the shape checks of dsv4_moe_gemm_ok, on a stand-in for the F32 activations */

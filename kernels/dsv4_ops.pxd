@@ -21,15 +21,19 @@ cdef extern from "dsv4_topk.h" nogil:
     ggml_tensor * dsv4_top_k(ggml_context * ctx, ggml_tensor * a, int k)
     void dsv4_top_k_row(const float * x, int n, int k, int * out)
 
-cdef extern from "dsv4_moe_gemm.h" nogil:
+cdef extern from "dsv4_gemm.h" nogil:
     enum:
         DSV4_GEMM_OFF
         DSV4_GEMM_SCALAR
         DSV4_GEMM_AVX2
         DSV4_GEMM_AVX512
+        DSV4_GEMM_VNNI
     int dsv4_gemm_isa_best()
     int dsv4_gemm_isa_supported(int isa)
     int dsv4_moe_gemm_ok(const ggml_tensor * a, const ggml_tensor * b, const ggml_tensor * ids)
     ggml_tensor * dsv4_q8k_prep(ggml_context * ctx, ggml_tensor * b)
     ggml_tensor * dsv4_mul_mat_id_q5k(ggml_context * ctx, ggml_tensor * a, ggml_tensor * prep, ggml_tensor * ids,
                                       int isa)
+    int dsv4_dense_gemm_ok(const ggml_tensor * w, const ggml_tensor * x)
+    ggml_tensor * dsv4_q80_prep(ggml_context * ctx, ggml_tensor * x)
+    ggml_tensor * dsv4_mul_mat_q80(ggml_context * ctx, ggml_tensor * w, ggml_tensor * prep)

@@ -68,12 +68,13 @@ cdef const g.ggml_type_traits * _traits(int type_id) except NULL:
 
 
 GEMM_ISAS = {"off": k.DSV4_GEMM_OFF, "scalar": k.DSV4_GEMM_SCALAR, "avx2": k.DSV4_GEMM_AVX2,
-             "avx512": k.DSV4_GEMM_AVX512}
+             "avx512": k.DSV4_GEMM_AVX512, "vnni": k.DSV4_GEMM_VNNI}
 
 
 def gemm_isa(str name="auto"):
-    """The instruction set of our expert GEMM (kernels/dsv4_moe_gemm.c): "auto" = the best this CPU runs;
-    "off" (0) = ggml's mul_mat_id. ValueError for an unknown name or one this CPU cannot run."""
+    """The instruction set of our prompt-processing products (kernels/dsv4_gemm.h): "auto" = the best this CPU
+    runs; "off" (0) = ggml's. "vnni" also replaces ggml's dense Q8_0 products. ValueError for an unknown name or
+    one this CPU cannot run."""
     if name == "auto":
         return k.dsv4_gemm_isa_best()
     if name not in GEMM_ISAS:
@@ -540,6 +541,18 @@ cdef class OpGraph:
             raise ValueError("dsv4_q8k_prep rejected the activations")
         self._add(prep)
         return self._add(k.dsv4_mul_mat_id_q5k(self.ctx, self._get(a), prep, self._get(ids), isa))
+
+    def dense_q80(self, int w, int x):
+        """mul_mat of Q8_0 weights through our AVX-512 VNNI kernel (kernels/dsv4_gemm_vnni.c)."""
+        cdef g.ggml_tensor * prep = k.dsv4_q80_prep(self.ctx, self._get(x))
+        if prep == NULL:
+            raise ValueError("dsv4_q80_prep rejected the activations")
+        self._add(prep)
+        return self._add(k.dsv4_mul_mat_q80(self.ctx, self._get(w), prep))
+
+    def mul_mat(self, int w, int x):
+        """ggml's mul_mat: out[b, n, m] = sum_k w[b, m, k] x[b, n, k]."""
+        return self._add(g.ggml_mul_mat(self.ctx, self._get(w), self._get(x)))
 
     def swiglu_clamp(self, int gate, int up, float limit):
         return self._add(k.dsv4_swiglu_clamp(self.ctx, self._get(gate), self._get(up), limit))

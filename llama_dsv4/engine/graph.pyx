@@ -6,8 +6,9 @@ Cache and state writes are expanded into the graph as soon as they are built, so
 read the same memory later in the graph.
 """
 cimport ggml as g
-from dsv4_ops cimport (dsv4_moe_gemm_ok, dsv4_mul_mat_id_q5k, dsv4_q8k_prep, dsv4_rope_params, dsv4_rope_tail,
-                       dsv4_rope_tail_back, dsv4_swiglu_clamp, dsv4_top_k)
+from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_moe_gemm_ok, dsv4_mul_mat_id_q5k, dsv4_mul_mat_q80,
+                       dsv4_q8k_prep, dsv4_q80_prep, dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back,
+                       dsv4_swiglu_clamp, dsv4_top_k)
 from libc.math cimport INFINITY, sqrtf
 from libc.stdint cimport int64_t
 
@@ -40,6 +41,18 @@ cdef inline T * named(T * t, const char * name, int il) noexcept nogil:
 
 cdef inline T * norm(C * ctx, T * x, T * w, float eps) noexcept nogil:
     return g.ggml_mul(ctx, g.ggml_rms_norm(ctx, x, eps), w)
+
+
+cdef T * mm(C * ctx, const Hparams * hp, T * w, T * x, T ** prep) noexcept nogil:
+    """ggml_mul_mat(w, x), or for prompt processing our Q8_0 product (kernels/dsv4_gemm_vnni.c); *prep keeps x's
+    quantization for the next product of the same x (prep may be NULL)."""
+    cdef T * p
+    if hp.gemm_isa == DSV4_GEMM_VNNI and x.ne[1] >= hp.gemm_min_tokens and dsv4_dense_gemm_ok(w, x):
+        p = prep[0] if prep != NULL and prep[0] != NULL else dsv4_q80_prep(ctx, x)
+        if prep != NULL:
+            prep[0] = p
+        return dsv4_mul_mat_q80(ctx, w, p)
+    return g.ggml_mul_mat(ctx, w, x)
 
 
 cdef inline T * rows(C * ctx, T * t, int64_t n, int64_t first) noexcept nogil:
@@ -149,10 +162,11 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW
     """Spec 3.7: q low-rank path, the single latent K=V, the compressed keys, attention with sinks over the
     sliding window and the visible compressed entries, de-rope, grouped output projection."""
     cdef int64_t n = x.ne[1], d = hp.head_dim, H = hp.n_head, G = hp.o_groups
-    cdef T * qr = norm(ctx, g.ggml_mul_mat(ctx, L.q_a, x), L.q_a_norm, hp.eps)
-    cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, g.ggml_mul_mat(ctx, L.q_b, qr), d, H, n), hp.eps)
+    cdef T * px = NULL
+    cdef T * qr = norm(ctx, mm(ctx, hp, L.q_a, x, &px), L.q_a_norm, hp.eps)
+    cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, L.q_b, qr, NULL), d, H, n), hp.eps)
     q = named(dsv4_rope_tail(ctx, q, inp.pos, hp.rope_dim, &L.rope), "q", il)
-    cdef T * kv = norm(ctx, g.ggml_mul_mat(ctx, L.kv, x), L.kv_norm, hp.eps)
+    cdef T * kv = norm(ctx, mm(ctx, hp, L.kv, x, &px), L.kv_norm, hp.eps)
     kv = named(dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, kv, d, 1, n), inp.pos, hp.rope_dim, &L.rope), "kv", il)
     g.ggml_build_forward_expand(gf, g.ggml_set_rows(ctx, st.raw, g.ggml_reshape_2d(ctx, kv, d, n), inp.raw_slot))
 
@@ -202,9 +216,9 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW
 
     # grouped output LoRA: group g = heads g*H/G .. (g+1)*H/G - 1, each with its own Ro rows of o_a
     out = g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, out, d * H // G, G, n), 0, 2, 1, 3)  # [d*H/G, n, G]
-    cdef T * oa = g.ggml_mul_mat(ctx, g.ggml_reshape_3d(ctx, L.o_a, d * H // G, hp.o_lora, G), out)  # [Ro, n, G]
+    cdef T * oa = mm(ctx, hp, g.ggml_reshape_3d(ctx, L.o_a, d * H // G, hp.o_lora, G), out, NULL)  # [Ro, n, G]
     oa = g.ggml_cont_2d(ctx, g.ggml_permute(ctx, oa, 0, 2, 1, 3), hp.o_lora * G, n)
-    return named(g.ggml_mul_mat(ctx, L.o_b, oa), "attn_out", il)
+    return named(mm(ctx, hp, L.o_b, oa, NULL), "attn_out", il)
 
 # ------------------------------------------------------------------------------------------ mixture of experts
 
@@ -214,8 +228,10 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * L, 
     """Spec 3.8: sqrt-softplus scores, biased top-k (or the token's hash row), normalised and scaled weights,
     clamped SwiGLU experts, plus the shared expert."""
     cdef int64_t n = f.ne[1], k = hp.n_used, D = hp.n_embd, i
-    cdef T * logits = g.ggml_mul_mat(ctx, L.gate_inp, f)
-    g.ggml_mul_mat_set_prec(logits, g.GGML_PREC_F32)
+    cdef T * pf = NULL
+    cdef T * logits = mm(ctx, hp, L.gate_inp, f, &pf)
+    if pf == NULL:  # ggml's product (ours, which set pf, computes in f32)
+        g.ggml_mul_mat_set_prec(logits, g.GGML_PREC_F32)
     cdef T * probs = g.ggml_sqrt(ctx, g.ggml_softplus(ctx, logits))  # [E, n]
     cdef T * sel
     if L.hash:
@@ -258,8 +274,8 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * L, 
     cdef T * y = g.ggml_view_2d(ctx, down, D, n, down.nb[2], 0)
     for i in range(1, k):  # in selection order, as the reference sums
         y = g.ggml_add(ctx, y, g.ggml_view_2d(ctx, down, D, n, down.nb[2], i * down.nb[1]))
-    cdef T * sh = dsv4_swiglu_clamp(ctx, g.ggml_mul_mat(ctx, L.gate_sh, f), g.ggml_mul_mat(ctx, L.up_sh, f), L.clamp_sh)
-    return g.ggml_add(ctx, y, g.ggml_mul_mat(ctx, L.down_sh, sh))
+    cdef T * sh = dsv4_swiglu_clamp(ctx, mm(ctx, hp, L.gate_sh, f, &pf), mm(ctx, hp, L.up_sh, f, &pf), L.clamp_sh)
+    return g.ggml_add(ctx, y, mm(ctx, hp, L.down_sh, sh, NULL))
 
 # ------------------------------------------------------------------------------------------ the whole model
 

@@ -1,4 +1,6 @@
-/* Routed-expert matrix products for prompt processing on the CPU: Q5_K experts x Q8_K activations.
+/* Matrix products for prompt processing on the CPU, where ggml 0.20.2 has no tiled kernel for our types.
+ *
+ * 1. Routed experts: Q5_K experts x Q8_K activations (mul_mat_id), kernels/dsv4_moe_gemm.c.
  *
  * ggml 0.20.2's mul_mat_id computes each (weight row, token) pair with one vec_dot, unpacking the 5-bit
  * weights again for every token. Here each 4-row group of an expert is unpacked once into bytes and scale
@@ -9,10 +11,18 @@
  *   out  = dsv4_mul_mat_id_q5k(ctx, as, prep, ids, isa)   = ggml_mul_mat_id(ctx, as, b, ids): [M, k, n] F32
  *
  * as [K, M, E] Q5_K; ids [k, n] I32 (strided views allowed); n1 is 1 (one row for all k slots) or k.
- * Both are CPU custom ops: use them only when the tensors live in host memory (a CPU-only backend set).
+ * 2. Dense Q8_0 weights (attention, shared expert, router) x Q8_0 activations (mul_mat), AVX-512 VNNI only,
+ *    kernels/dsv4_gemm_vnni.c:
+ *
+ *   prep = dsv4_q80_prep(ctx, x)                   x [K, N, B] F32 -> one Q8_0 row per activation row
+ *   out  = dsv4_mul_mat_q80(ctx, w, prep)          = ggml_mul_mat(ctx, w, x): [M, N, B] F32, w [K, M, B] Q8_0
+ *
+ * With VNNI, the expert product uses the same lanes-are-rows kernel (dsv4_gemm_vnni.c); without it, 4 rows x
+ * 2 tokens with a horizontal sum (AVX-512 BW, AVX2) or portable C.
+ * All are CPU custom ops: use them only when the tensors live in host memory (a CPU-only backend set).
  */
-#ifndef LLAMA_DSV4_MOE_GEMM_H
-#define LLAMA_DSV4_MOE_GEMM_H
+#ifndef LLAMA_DSV4_GEMM_H
+#define LLAMA_DSV4_GEMM_H
 
 #include "ggml.h"
 
@@ -25,6 +35,7 @@ enum dsv4_gemm_isa {
     DSV4_GEMM_SCALAR = 1, /* portable C (tests; slower than ggml's SIMD vec_dot) */
     DSV4_GEMM_AVX2 = 2,   /* AVX2 + FMA */
     DSV4_GEMM_AVX512 = 3, /* AVX-512 F + BW */
+    DSV4_GEMM_VNNI = 4,   /* AVX-512 F + BW + VNNI (+ F16C, FMA): also the dense Q8_0 product */
 };
 
 /* The fastest path this CPU runs (DSV4_GEMM_OFF where there is no SIMD path). */
@@ -39,14 +50,23 @@ int dsv4_moe_gemm_ok(const struct ggml_tensor * as, const struct ggml_tensor * b
 #define DSV4_GEMM_MAX_K 8192      /* unpacked rows live on the worker's stack */
 #define DSV4_GEMM_MAX_EXPERTS 1024
 
-/* Bytes of one prepared row: K int8 quants, K/256 float scales, K/32 float scaled sums; 64-byte multiple. */
-size_t dsv4_q8k_row_bytes(int64_t K);
+/* Bytes of one prepared activation row: K int8 quants, then per block of 32 the float scale of its quants and
+ * a float correction (Q8_K: scale * sum of the block's quants); a 64-byte multiple. */
+size_t dsv4_act_row_bytes(int64_t K);
 
 struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor * b);
 
 /* NULL when the operands are not accepted or isa is not supported. */
 struct ggml_tensor * dsv4_mul_mat_id_q5k(struct ggml_context * ctx, struct ggml_tensor * as, struct ggml_tensor * prep,
                                          struct ggml_tensor * ids, int isa);
+
+/* Whether dsv4_mul_mat_q80 accepts these operands (this CPU has AVX-512 VNNI, K % 256 == 0, M % 16 == 0). */
+int dsv4_dense_gemm_ok(const struct ggml_tensor * w, const struct ggml_tensor * x);
+
+struct ggml_tensor * dsv4_q80_prep(struct ggml_context * ctx, struct ggml_tensor * x);
+
+/* NULL when the operands are not accepted. */
+struct ggml_tensor * dsv4_mul_mat_q80(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * prep);
 
 #ifdef __cplusplus
 }

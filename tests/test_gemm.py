@@ -1,8 +1,10 @@
-"""Our routed-expert GEMM (kernels/dsv4_moe_gemm.c) against ggml's mul_mat_id, on every instruction set this CPU
-runs, and the whole model with and without it.
+"""Our prompt-processing products (kernels/dsv4_gemm.h) against ggml's, on every instruction set this CPU runs:
+routed experts (Q5_K x Q8_K, mul_mat_id) and dense Q8_0 weights (Q8_0 x Q8_0, mul_mat, AVX-512 VNNI); and the
+whole model with and without them.
 
-The integer products are ggml's own (same Q8_K quantization of the activations, same Q5_K unpacking); only the
-float accumulation order differs, so the bound is a few float32 roundings.
+The integer products are ggml's own (the activations quantized exactly as ggml quantizes them, ties included;
+the weights unpacked as ggml unpacks them); only the float accumulation order differs, so the bound is a few
+float32 roundings.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from llama_dsv4 import _ggml
 from llama_dsv4.model.loader import load_model
 from llama_dsv4.model.writer import write_model
 
-Q5_K = 13
+Q8_0, Q5_K = 8, 13
 
 
 def supported(name: str) -> bool:
@@ -29,7 +31,7 @@ def supported(name: str) -> bool:
     return True
 
 
-ISAS = [name for name in ("scalar", "avx2", "avx512") if supported(name)]
+ISAS = [name for name in ("scalar", "avx2", "avx512", "vnni") if supported(name)]
 
 
 def products(raw: np.ndarray, shape: tuple[int, int, int], b: np.ndarray, ids: np.ndarray, isa: str) -> np.ndarray:
@@ -59,6 +61,8 @@ def routed(rng: np.random.Generator, n: int, k: int, n_expert: int, hot: int | N
         (512, 36, 8, 3, 37, True),  # gate/up: one activation row for all k slots; odd token counts per expert
         (512, 36, 8, 3, 37, False),  # down: one activation row per slot
         (1024, 20, 16, 6, 300, True),  # an expert with more tokens than one gathering pass (256)
+        (512, 48, 8, 3, 37, True),  # rows a multiple of 16: the VNNI path's slabs (the others fall back)
+        (256, 32, 4, 2, 300, False),
     ],
 )
 def test_gemm_matches_ggml_mul_mat_id(isa: str, K: int, M: int, E: int, k: int, n: int, shared: bool) -> None:
@@ -92,6 +96,25 @@ def test_gemm_takes_a_strided_id_view() -> None:
     assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max()
 
 
+@pytest.mark.skipif("vnni" not in ISAS, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize(
+    ("K", "M", "N", "B"),
+    [(256, 16, 1, 1), (512, 48, 37, 1), (1024, 32, 300, 2), (256, 16, 9, 3)],  # one row; odd; two passes; batches
+)
+def test_dense_q80_matches_ggml_mul_mat(K: int, M: int, N: int, B: int) -> None:
+    rng = np.random.default_rng([K, M, N, B])
+    w = (rng.standard_normal((B, M, K)) * 0.05).astype(np.float32)
+    raw = _ggml.quantize(w.reshape(-1, K), Q8_0).reshape(-1)
+    x = rng.standard_normal((B, N, K)).astype(np.float32)
+    x[0, 0, :32] = 0.0  # an all-zero block
+    x[-1, -1, :32] = np.arange(32) - 0.5 * 127  # max|x| = 63.5: x * 127/63.5 = 2x, every odd entry a tie
+    x[-1, -1, 32:64] = np.float32(127.0) * (np.arange(32) % 5 - 2.5) / 2.5  # ties at 63.5 after scaling
+    g = _ggml.OpGraph(_ggml.Backends("cpu", 2))
+    a, xh = g.input_raw(raw, Q8_0, (K, M, B)), g.input(x)
+    ref, got = g.compute([g.mul_mat(a, xh), g.dense_q80(a, xh)])
+    assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max(), np.abs(got - ref).max() / np.abs(ref).max()
+
+
 def test_gemm_refuses_what_it_cannot_compute() -> None:
     g = _ggml.OpGraph()
     f32 = g.input(np.zeros((4, 2, 256), np.float32))  # F32 experts: not ours
@@ -101,13 +124,19 @@ def test_gemm_refuses_what_it_cannot_compute() -> None:
         g.moe_gemm(f32, b, ids, _ggml.gemm_isa("scalar"))
     with pytest.raises(ValueError, match="unknown GEMM"):
         _ggml.gemm_isa("sse9")
+    rows = _ggml.quantize(np.zeros((8, 256), np.float32), Q8_0).reshape(-1)
+    g = _ggml.OpGraph()
+    w8 = g.input_raw(rows, Q8_0, (256, 8))  # 8 rows: not a whole 16-row slab
+    with pytest.raises(ValueError):
+        g.dense_q80(w8, g.input(np.zeros((3, 256), np.float32)))
 
 
 @pytest.mark.skipif(not ISAS, reason="no GEMM instruction set")
 def test_model_with_and_without_our_gemm(tmp_path: os.PathLike[str]) -> None:
-    """The decisive q8xq5 model of the forward tests over a 128-token prompt, ggml's mul_mat_id vs ours.
+    """The decisive q8xq5 model of the forward tests over a 128-token prompt, ggml's products vs ours.
 
-    The first layer's routed-expert output (identical inputs) agrees to float32 rounding. After it, the Q8_0
+    A product whose inputs are identical agrees to float32 rounding: the first layer's routed experts (with
+    our expert kernel only) and its first dense Q8_0 product (kv-0, with VNNI). After that, the Q8_0
     quantization of activations in every later product turns rounding differences into quantization-step
     differences, so the logits agree as closely as ggml's own results for two ubatch schedules do (measured:
     mean 1.6e-2 ours vs ggml, 2.2e-2 ggml with ubatches of 7 vs 128), within issue 3's bounds for this variant.
@@ -116,16 +145,24 @@ def test_model_with_and_without_our_gemm(tmp_path: os.PathLike[str]) -> None:
     path = write_model(os.path.join(tmp_path, "m.gguf"), params, dtype=dtype, vocab="none", init=init, seed=SEED)[0]
     toks = np.random.default_rng(0).integers(0, params.n_vocab, 128)
     be = _ggml.Backends("cpu", 2)
-    logits, first = {}, {}
+    experts_only = [i for i in ISAS if i != "vnni"][-1]
+    runs = ["off", experts_only] + (["vnni"] if "vnni" in ISAS else [])
+    logits, cap = {}, {}
     with load_model(path) as m:
-        for gemm in ("off", ISAS[-1]):
+        for gemm in runs:
             ctx = Context(m, 256, n_ubatch=128, backends=be, gemm=gemm)
-            cap = ctx.capture(["ffn_out-0"])
+            cap[gemm] = ctx.capture(["ffn_out-0", "kv-0"])
             logits[gemm] = ctx.eval(toks, all_logits=True)
-            first[gemm] = cap["ffn_out-0"].reshape(128, -1)
             del ctx
-    ref, got = first["off"], first[ISAS[-1]]
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
-    ref, got = logits["off"], logits[ISAS[-1]]
-    rel = np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)
-    assert rel.mean() <= 2e-2 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.95, (rel.mean(), rel.max())
+
+    def close(a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(np.abs(a - b).max() <= 1e-5 * np.abs(b).max())
+
+    assert close(cap[experts_only]["ffn_out-0"], cap["off"]["ffn_out-0"])
+    if "vnni" in runs:
+        assert close(cap["vnni"]["kv-0"], cap["off"]["kv-0"])
+    ref = logits["off"]
+    for gemm in runs[1:]:
+        got = logits[gemm]
+        rel = np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)
+        assert rel.mean() <= 2e-2 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.95, (gemm, rel.mean())

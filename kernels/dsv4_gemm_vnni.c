@@ -1,0 +1,294 @@
+/* AVX-512 VNNI products for prompt processing: weight rows in the lanes.
+ *
+ * 16 weight rows are unpacked to unsigned bytes and transposed so that one 64-byte vector holds 4 consecutive
+ * columns of each of the 16 rows; vpdpbusd with 4 activation bytes broadcast then adds 64 products into 16
+ * per-row sums, and every block of 32 columns is scaled once, in float, per row (a vector) and activation
+ * (a scalar). No horizontal sums: a column of 16 outputs is one vector. The integer sums are ggml's.
+ *
+ * Q5_K rows (quants 0..31) go in as they are; Q8_0 rows (int8) go in offset by 128, and the offset's products
+ * (128 * the activation block's sum) come off through the correction term.
+ */
+#include "dsv4_gemm.h"
+#include "dsv4_gemm_impl.h"
+
+#include <math.h>
+
+#define COLS 256 /* activation rows per pass (their 16 running sums live on the stack) */
+
+#ifdef DSV4_X86
+#include <immintrin.h>
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+
+int dsv4_vnni_supported(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+}
+
+/* 16 rows of 16 dwords (x) -> 16 vectors, vector c holding dword c of every row (row r in lane r). */
+VNNI static inline void transpose16(__m512i x[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(x[2 * i], x[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(x[2 * i], x[2 * i + 1]);
+    }
+    /* u[4i + m], 128-bit lane L: dword 4L + m of rows 4i .. 4i+3 */
+    for (int i = 0; i < 4; i++) {
+        u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        const __m512i p = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), q = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44);
+        const __m512i p2 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xEE), q2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xEE);
+        x[m] = _mm512_shuffle_i32x4(p, q, 0x88);
+        x[4 + m] = _mm512_shuffle_i32x4(p, q, 0xDD);
+        x[8 + m] = _mm512_shuffle_i32x4(p2, q2, 0x88);
+        x[12 + m] = _mm512_shuffle_i32x4(p2, q2, 0xDD);
+    }
+}
+
+/* tmp: 16 rows of 256 unsigned bytes -> slab->w */
+VNNI static void interleave(const uint8_t tmp[SLAB_ROWS][QK], struct dsv4_slab * slab) {
+    for (int q = 0; q < 4; q++) {
+        __m512i x[16];
+        for (int r = 0; r < 16; r++) {
+            x[r] = _mm512_loadu_si512((const void *) (tmp[r] + 64 * q));
+        }
+        transpose16(x);
+        for (int c = 0; c < 16; c++) {
+            _mm512_storeu_si512((void *) slab->w[16 * q + c], x[c]);
+        }
+    }
+}
+
+static inline void scale_min(int j, const uint8_t * s, int * sc, int * m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+VNNI void dsv4_vnni_slab_q5k(const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
+    uint8_t tmp[SLAB_ROWS][QK];
+    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    for (int r = 0; r < SLAB_ROWS; r++) {
+        const uint8_t * b = rows + r * stride + sb * Q5K_BYTES;
+        uint16_t hd, hm;
+        memcpy(&hd, b, 2);
+        memcpy(&hm, b + 2, 2);
+        const float d = dsv4_half_to_float(hd), dmin = dsv4_half_to_float(hm);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            scale_min(j, b + 4, &sc, &m);
+            slab->s[j][r] = d * (float) sc;
+            slab->mn[j][r] = dmin * (float) m;
+        }
+        const __m256i qh = _mm256_loadu_si256((const __m256i *) (b + 16));
+        for (int g = 0; g < 4; g++) {
+            const __m256i l = _mm256_loadu_si256((const __m256i *) (b + 48 + 32 * g));
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), one), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + 1), one), 4);
+            _mm256_storeu_si256((__m256i *) (tmp[r] + 64 * g), _mm256_or_si256(_mm256_and_si256(l, m4), h0));
+            _mm256_storeu_si256((__m256i *) (tmp[r] + 64 * g + 32),
+                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 4), m4), h1));
+        }
+    }
+    interleave((const uint8_t(*)[QK]) tmp, slab);
+}
+
+VNNI static void slab_q80(const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
+    uint8_t tmp[SLAB_ROWS][QK];
+    const __m256i bias = _mm256_set1_epi8((char) 0x80);
+    for (int r = 0; r < SLAB_ROWS; r++) {
+        for (int j = 0; j < 8; j++) {
+            const uint8_t * b = rows + r * stride + (sb * 8 + j) * Q80_BYTES;
+            uint16_t hd;
+            memcpy(&hd, b, 2);
+            slab->s[j][r] = slab->mn[j][r] = dsv4_half_to_float(hd);
+            _mm256_storeu_si256((__m256i *) (tmp[r] + 32 * j),
+                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *) (b + 2)), bias));
+        }
+    }
+    interleave((const uint8_t(*)[QK]) tmp, slab);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inline)) static inline void columns_n(
+    const struct dsv4_slab * slab, const uint8_t * const * a, int64_t K, int64_t sb, float (*acc)[SLAB_ROWS],
+    const int NC) {
+    __m512 f[8];
+    for (int c = 0; c < NC; c++) {
+        f[c] = _mm512_loadu_ps(acc[c]);
+    }
+    for (int j = 0; j < 8; j++) {
+        __m512i ia[8];
+        for (int c = 0; c < NC; c++) {
+            ia[c] = _mm512_setzero_si512();
+        }
+        for (int i = 0; i < 8; i++) {
+            const __m512i w = _mm512_loadu_si512((const void *) slab->w[j * 8 + i]);
+            for (int c = 0; c < NC; c++) {
+                int32_t a4;
+                memcpy(&a4, a[c] + sb * QK + j * 32 + i * 4, 4);
+                ia[c] = _mm512_dpbusd_epi32(ia[c], w, _mm512_set1_epi32(a4));
+            }
+        }
+        const __m512 s = _mm512_loadu_ps(slab->s[j]), mn = _mm512_loadu_ps(slab->mn[j]);
+        for (int c = 0; c < NC; c++) {
+            const float * ds = (const float *) (a[c] + K) + sb * 8 + j;
+            const float * bf = ds + K / 32;
+            f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[c]), _mm512_mul_ps(s, _mm512_set1_ps(*ds)), f[c]);
+            f[c] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(*bf), f[c]);
+        }
+    }
+    for (int c = 0; c < NC; c++) {
+        _mm512_storeu_ps(acc[c], f[c]);
+    }
+}
+
+VNNI void dsv4_vnni_columns(const struct dsv4_slab * slab, const uint8_t * const * a, int nc, int64_t K, int64_t sb,
+                            float (*acc)[SLAB_ROWS]) {
+    switch (nc) {
+    case 1: columns_n(slab, a, K, sb, acc, 1); break;
+    case 2: columns_n(slab, a, K, sb, acc, 2); break;
+    case 3: columns_n(slab, a, K, sb, acc, 3); break;
+    case 4: columns_n(slab, a, K, sb, acc, 4); break;
+    case 5: columns_n(slab, a, K, sb, acc, 5); break;
+    case 6: columns_n(slab, a, K, sb, acc, 6); break;
+    case 7: columns_n(slab, a, K, sb, acc, 7); break;
+    default: columns_n(slab, a, K, sb, acc, 8); break;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- Q8_0 dense */
+
+/* One activation row as ggml's x86 quantize_row_q8_0 makes it (scale max|x|/127 stored in fp16, quants
+ * round-half-even(x * 127/max|x|)), in the prepared-row layout, with correction 128 * scale * sum(quants). */
+VNNI static void quantize_row_q80(const float * x, int64_t K, uint8_t * row) {
+    int8_t * qs = (int8_t *) row;
+    float * ds = (float *) (row + K);
+    float * bf = ds + K / 32;
+    for (int64_t j = 0; j < K / 32; j++) {
+        const float * xb = x + j * 32;
+        float amax = 0.0f;
+        for (int l = 0; l < 32; l++) {
+            amax = fmaxf(amax, fabsf(xb[l]));
+        }
+        const float d = _cvtsh_ss(_cvtss_sh(amax / 127.f, _MM_FROUND_TO_NEAREST_INT));
+        const float id = amax != 0.0f ? 127.f / amax : 0.0f;
+        int s = 0;
+        for (int l = 0; l < 32; l++) {
+            const int q = dsv4_nearest_int8(xb[l] * id);
+            qs[j * 32 + l] = (int8_t) q;
+            s += q;
+        }
+        ds[j] = d;
+        bf[j] = 128.0f * d * (float) s;
+    }
+}
+
+static void q80_prep_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    const struct ggml_tensor * x = dst->src[0];
+    const int64_t K = x->ne[0], n1 = x->ne[1], rows = x->ne[1] * x->ne[2];
+    for (int64_t i = ith; i < rows; i += nth) {
+        const int64_t i1 = i % n1, i2 = i / n1;
+        quantize_row_q80((const float *) ((const char *) x->data + i1 * x->nb[1] + i2 * x->nb[2]), K,
+                         (uint8_t *) dst->data + i1 * dst->nb[1] + i2 * dst->nb[2]);
+    }
+}
+
+static void q80_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    const struct ggml_tensor *w = dst->src[0], *prep = dst->src[1];
+    const int64_t K = w->ne[0], M = w->ne[1], N = prep->ne[1], B = prep->ne[2];
+    const int64_t groups = M / SLAB_ROWS, units = groups * B;
+    const int64_t u0 = units * ith / nth, u1 = units * (ith + 1) / nth;
+    struct dsv4_slab slab;
+    float acc[COLS][SLAB_ROWS];
+    const uint8_t * arow[COLS];
+    for (int64_t un = u0; un < u1; un++) {
+        const int64_t b = un / groups, m0 = (un % groups) * SLAB_ROWS;
+        const uint8_t * rows = (const uint8_t *) w->data + b * w->nb[2] + m0 * w->nb[1];
+        for (int64_t c0 = 0; c0 < N; c0 += COLS) {
+            const int nc = (int) (N - c0 < COLS ? N - c0 : COLS);
+            for (int c = 0; c < nc; c++) {
+                arow[c] = (const uint8_t *) prep->data + (c0 + c) * prep->nb[1] + b * prep->nb[2];
+            }
+            memset(acc, 0, sizeof(float) * SLAB_ROWS * (size_t) nc);
+            for (int64_t sb = 0; sb < K / QK; sb++) {
+                slab_q80(rows, w->nb[1], sb, &slab);
+                for (int c = 0; c < nc; c += 8) {
+                    dsv4_vnni_columns(&slab, arow + c, nc - c < 8 ? nc - c : 8, K, sb, acc + c);
+                }
+            }
+            for (int c = 0; c < nc; c++) {
+                memcpy((char *) dst->data + (c0 + c) * dst->nb[1] + b * dst->nb[2] + m0 * sizeof(float), acc[c],
+                       sizeof(float) * SLAB_ROWS);
+            }
+        }
+    }
+}
+
+#else /* no x86: the callers never build these ops */
+
+int dsv4_vnni_supported(void) {
+    return 0;
+}
+
+void dsv4_vnni_slab_q5k(const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
+    (void) rows, (void) stride, (void) sb, (void) slab;
+}
+
+void dsv4_vnni_columns(const struct dsv4_slab * slab, const uint8_t * const * a, int nc, int64_t K, int64_t sb,
+                       float (*acc)[SLAB_ROWS]) {
+    (void) slab, (void) a, (void) nc, (void) K, (void) sb, (void) acc;
+}
+
+static void q80_prep_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) dst, (void) ith, (void) nth, (void) userdata;
+}
+
+static void q80_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) dst, (void) ith, (void) nth, (void) userdata;
+}
+
+#endif
+
+int dsv4_dense_gemm_ok(const struct ggml_tensor * w, const struct ggml_tensor * x) {
+    const int64_t K = w->ne[0], M = w->ne[1];
+    return dsv4_vnni_supported() && w->type == GGML_TYPE_Q8_0 && K > 0 && K % QK == 0 && M > 0 &&
+           M % SLAB_ROWS == 0 && w->ne[3] == 1 && w->nb[1] == (size_t) (K / 32) * Q80_BYTES &&
+           x->type == GGML_TYPE_F32 && x->ne[0] == K && x->nb[0] == sizeof(float) && x->ne[2] == w->ne[2] &&
+           x->ne[3] == 1;
+}
+
+struct ggml_tensor * dsv4_q80_prep(struct ggml_context * ctx, struct ggml_tensor * x) {
+    if (!dsv4_vnni_supported() || x->type != GGML_TYPE_F32 || x->nb[0] != sizeof(float) || x->ne[0] % QK != 0 ||
+        x->ne[3] != 1) {
+        return NULL;
+    }
+    struct ggml_tensor * args[1] = {x};
+    return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_act_row_bytes(x->ne[0]), x->ne[1], x->ne[2], 1, args, 1,
+                          q80_prep_op, GGML_N_TASKS_MAX, NULL);
+}
+
+struct ggml_tensor * dsv4_mul_mat_q80(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * prep) {
+    if (prep->type != GGML_TYPE_I8 || prep->ne[0] != (int64_t) dsv4_act_row_bytes(w->ne[0])) {
+        return NULL;
+    }
+    struct ggml_tensor x = *prep; /* the shape checks, on a stand-in for the F32 activations */
+    x.type = GGML_TYPE_F32;
+    x.ne[0] = w->ne[0];
+    x.nb[0] = sizeof(float);
+    if (!dsv4_dense_gemm_ok(w, &x)) {
+        return NULL;
+    }
+    struct ggml_tensor * args[2] = {w, prep};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], prep->ne[1], prep->ne[2], 1, args, 2, q80_gemm_op,
+                          GGML_N_TASKS_MAX, NULL);
+}
