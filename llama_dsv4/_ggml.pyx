@@ -11,6 +11,7 @@ import numpy as np
 
 cimport ggml as g
 cimport dsv4_ops as k
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdio cimport fflush, fputs, stderr
 from libc.stdlib cimport calloc, free
@@ -83,6 +84,35 @@ def gemm_isa(str name="auto"):
     if isa != k.DSV4_GEMM_OFF and not k.dsv4_gemm_isa_supported(isa):
         raise ValueError(f"this CPU cannot run the {name} GEMM kernels")
     return isa
+
+
+def read_strings(buf, size_t pos, size_t n):
+    """GGUF string array: n strings (u64 little-endian length, UTF-8 bytes) from byte `pos` of `buf`.
+
+    Returns (strings, end, None) or, at the first bad string, (None, i, reason) with reason "truncated" (no room for
+    its length), ("claims", length) (longer than the rest of the buffer) or "utf-8"."""
+    cdef const uint8_t[::1] b = memoryview(buf).cast("B")
+    cdef size_t size = b.shape[0], i, ln
+    cdef int k
+    out = []
+    for i in range(n):
+        if pos > size or size - pos < 8:
+            return None, i, "truncated"
+        ln = 0
+        for k in range(8):
+            ln |= (<size_t> b[pos + k]) << (8 * k)
+        pos += 8
+        if ln > size - pos:
+            return None, i, ("claims", ln)
+        if ln == 0:
+            out.append("")
+            continue
+        try:
+            out.append(PyUnicode_DecodeUTF8(<const char *> &b[pos], ln, "strict"))
+        except UnicodeDecodeError:
+            return None, i, "utf-8"
+        pos += ln
+    return out, pos, None
 
 
 def quantize(rows, int type_id):

@@ -8,6 +8,7 @@ control tokens (e.g. `<｜User｜>`) only when `special=True`. Decoding is a tab
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -72,9 +73,8 @@ def decode_utf8(b: bytes) -> str:
 
 
 def _bpe(vocab: Vocab, specials: Iterable[int]) -> Tokenizer:
-    ids = {t: i for i, t in enumerate(vocab.tokens)}
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
-    tk = Tokenizer(models.BPE(vocab=ids, merges=merges, fuse_unk=False, byte_fallback=False))
+    tk = Tokenizer(models.BPE(vocab=vocab.token_index, merges=merges, fuse_unk=False, byte_fallback=False))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _SPLITS]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -96,28 +96,41 @@ class DSV4Tokenizer:
         types = vocab.token_types
         user = [i for i in range(vocab.n_tokens) if types[i] == USER_DEFINED]
         control = [i for i in range(vocab.n_tokens) if types[i] == CONTROL]
+        self._user = user
+        # special=True (how llama-cpp-python tokenizes prompts) is built now; special=False on first use
+        self._special = self._build(user + control)
+        self._plain: Tokenizer | None = None  # user-defined tokens are always recognised
+        self._plain_lock = threading.Lock()
+        # the bytes of every token: byte-level symbols decoded; user-defined as written; control as written
+        # (emitted only when special=True). A symbol outside the byte alphabet keeps the token's UTF-8.
+        to_byte = {ord(c): chr(b) for b, c in bytes_to_unicode().items()}
+        to_byte.update({i: "\uffff" for i in range(256) if i not in to_byte})  # (not latin-1: flags the token)
+        self._pieces: list[bytes] = []
+        for t, ty in zip(vocab.tokens, types, strict=True):
+            if ty == NORMAL:
+                try:
+                    self._pieces.append(t.translate(to_byte).encode("latin-1"))
+                except UnicodeEncodeError:
+                    self._pieces.append(t.encode("utf-8"))
+            else:
+                self._pieces.append(t.encode("utf-8"))
+        self._control = frozenset(control)
+
+    def _build(self, specials: list[int]) -> Tokenizer:
         try:
-            self._plain = _bpe(vocab, user)  # user-defined tokens are always recognised
-            self._special = _bpe(vocab, user + control)
+            return _bpe(self.vocab, specials)
         except BaseException as e:
             # the tokenizer library reports a vocabulary it cannot build with Exception, or with a Rust panic
             # (pyo3's PanicException, a BaseException); the loader's checks should leave neither possible
             if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
                 raise
             raise TokenizerError(f"the vocabulary does not make a BPE tokenizer: {type(e).__name__}: {e}") from None
-        # the bytes of every token: byte-level symbols decoded; user-defined as written; control as written
-        # (emitted only when special=True)
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        self._pieces: list[bytes] = []
-        for t, ty in zip(vocab.tokens, types, strict=True):
-            if ty == NORMAL:
-                try:
-                    self._pieces.append(bytes(byte_of[c] for c in t))
-                except KeyError:  # a symbol outside the byte alphabet: keep its UTF-8
-                    self._pieces.append(t.encode("utf-8"))
-            else:
-                self._pieces.append(t.encode("utf-8"))
-        self._control = frozenset(control)
+
+    def _plain_tokenizer(self) -> Tokenizer:
+        with self._plain_lock:
+            if self._plain is None:
+                self._plain = self._build(self._user)
+            return self._plain
 
     @property
     def n_tokens(self) -> int:
@@ -127,7 +140,7 @@ class DSV4Tokenizer:
         """Token ids of `text` (bytes, read as UTF-8 the way llama.cpp reads it). A BOS token is prepended only if
         `add_bos` and the vocabulary asks for one (DeepSeek V4 files do not), as in llama.cpp."""
         s = decode_utf8(bytes(text)) if isinstance(text, (bytes, bytearray, memoryview)) else str(text)
-        ids = (self._special if special else self._plain).encode(s, add_special_tokens=False).ids
+        ids = (self._special if special else self._plain_tokenizer()).encode(s, add_special_tokens=False).ids
         if add_bos and self.vocab.add_bos and self.vocab.bos_id is not None:
             ids = [self.vocab.bos_id, *ids]
         if add_bos and self.vocab.add_eos and self.vocab.eos_id is not None:

@@ -46,6 +46,11 @@ class Vocab:
     def id_of(self, text: str) -> int | None:
         return self._index.get(text)
 
+    @property
+    def token_index(self) -> dict[str, int]:
+        """text -> id (built once; do not modify)."""
+        return self._index
+
     @functools.cached_property
     def _index(self) -> dict[str, int]:
         return {t: i for i, t in enumerate(self.tokens)}
