@@ -28,7 +28,13 @@ here = os.path.dirname(os.path.abspath(__file__))
 # directories come last, for in-place (editable) builds.
 rpaths = ["$ORIGIN/../libggml/lib64", "$ORIGIN/../libggml/lib", *lib_dirs]
 
-KERNELS = ["kernels/dsv4_ops.c", "kernels/dsv4_topk.c", "kernels/dsv4_moe_gemm.c", "kernels/dsv4_gemm_vnni.c"]
+KERNELS = [
+    "kernels/dsv4_ops.c",
+    "kernels/dsv4_topk.c",
+    "kernels/dsv4_moe_gemm.c",
+    "kernels/dsv4_gemm_vnni.c",
+    "kernels/dsv4_hc.c",
+]
 
 
 def extension(name: str, pyx: str) -> Extension:

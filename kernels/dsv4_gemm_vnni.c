@@ -176,7 +176,8 @@ VNNI static void quantize_row_q80(const float * x, int64_t K, uint8_t * row) {
         const float * xb = x + j * 32;
         float amax = 0.0f;
         for (int l = 0; l < 32; l++) {
-            amax = fmaxf(amax, fabsf(xb[l]));
+            const float ax = fabsf(xb[l]);
+            amax = ax > amax ? ax : amax;
         }
         const float d = _cvtsh_ss(_cvtss_sh(amax / 127.f, _MM_FROUND_TO_NEAREST_INT));
         const float id = amax != 0.0f ? 127.f / amax : 0.0f;

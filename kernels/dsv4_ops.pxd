@@ -37,3 +37,7 @@ cdef extern from "dsv4_gemm.h" nogil:
     int dsv4_dense_gemm_ok(const ggml_tensor * w, const ggml_tensor * x)
     ggml_tensor * dsv4_q80_prep(ggml_context * ctx, ggml_tensor * x)
     ggml_tensor * dsv4_mul_mat_q80(ggml_context * ctx, ggml_tensor * w, ggml_tensor * prep)
+
+cdef extern from "dsv4_hc.h" nogil:
+    ggml_tensor * dsv4_hc_post_cpu(ggml_context * ctx, ggml_tensor * x, ggml_tensor * residual, ggml_tensor * post,
+                                   ggml_tensor * comb)

@@ -584,6 +584,11 @@ cdef class OpGraph:
         """ggml's mul_mat: out[b, n, m] = sum_k w[b, m, k] x[b, n, k]."""
         return self._add(g.ggml_mul_mat(self.ctx, self._get(w), self._get(x)))
 
+    def hc_post(self, int x, int res, int post, int comb, bint ours=True):
+        """The hyper-connection post mix: ours (kernels/dsv4_hc.c) or ggml's ggml_dsv4_hc_post."""
+        a, r, p, c = self._get(x), self._get(res), self._get(post), self._get(comb)
+        return self._add(k.dsv4_hc_post_cpu(self.ctx, a, r, p, c) if ours else g.ggml_dsv4_hc_post(self.ctx, a, r, p, c))
+
     def swiglu_clamp(self, int gate, int up, float limit):
         return self._add(k.dsv4_swiglu_clamp(self.ctx, self._get(gate), self._get(up), limit))
 

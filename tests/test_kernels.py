@@ -185,3 +185,22 @@ def test_top_k_selects_the_largest_and_breaks_ties_like_the_reference() -> None:
     with pytest.raises(ValueError, match="rejected"):
         g = _ggml.OpGraph()
         g.top_k(g.input(rows), 301)
+
+
+@pytest.mark.parametrize(("D", "hc", "n"), [(256, 4, 1), (1024, 4, 37), (64, 3, 2)])
+def test_hc_post_matches_numpy_and_ggml(D: int, hc: int, n: int) -> None:
+    """kernels/dsv4_hc.c: out[t, dst, i] = x[t, i] post[t, dst] + sum_src res[t, src, i] comb[t, src, dst], on
+    both threads (decode splits rows, prompt processing splits tokens)."""
+    rng = np.random.default_rng([D, hc, n])
+    x = rng.standard_normal((n, D)).astype(np.float32)
+    res = rng.standard_normal((n, hc, D)).astype(np.float32)
+    post = rng.standard_normal((n, hc)).astype(np.float32)
+    comb = rng.standard_normal((n, hc, hc)).astype(np.float32)  # numpy [t, src, dst]: ggml [dst, src, t]
+    g = _ggml.OpGraph(_ggml.Backends("cpu", 2))
+    h = [g.input(a) for a in (x, res, post, comb)]
+    ours, ggml = g.compute([g.hc_post(*h), g.hc_post(*h, ours=False)])
+    want = x[:, None, :] * post[:, :, None] + np.einsum("tsi,tsd->tdi", res.astype(np.float64), comb)
+    assert np.abs(ours.reshape(want.shape) - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(ours - ggml).max() <= 1e-6 * np.abs(want).max()
+    with pytest.raises(ValueError, match="rejected"):
+        g.hc_post(h[0], h[1], h[3], h[3])  # comb where post goes

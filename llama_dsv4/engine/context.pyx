@@ -117,7 +117,8 @@ cdef class Context:
         self._fill_params(p)
         self.hp.attn_f16 = flash_attn
         # our expert GEMM reads the weights and activations in host memory: CPU-only backend sets
-        self.hp.gemm_isa = _ggml.gemm_isa(gemm) if self.be.n == 1 else 0
+        self.hp.cpu_only = self.be.n == 1
+        self.hp.gemm_isa = _ggml.gemm_isa(gemm) if self.hp.cpu_only else 0
         self.hp.gemm_min_tokens = max(gemm_min_tokens, 1)
         self._alloc_state(p)
         self.routes = <g.ggml_tensor **> calloc(p.n_layer, sizeof(g.ggml_tensor *))

@@ -6,7 +6,7 @@ Cache and state writes are expanded into the graph as soon as they are built, so
 read the same memory later in the graph.
 """
 cimport ggml as g
-from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_moe_gemm_ok, dsv4_mul_mat_id_q5k, dsv4_mul_mat_q80,
+from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_hc_post_cpu, dsv4_moe_gemm_ok, dsv4_mul_mat_id_q5k, dsv4_mul_mat_q80,
                        dsv4_q8k_prep, dsv4_q80_prep, dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back,
                        dsv4_swiglu_clamp, dsv4_top_k)
 from libc.math cimport INFINITY, sqrtf
@@ -53,6 +53,12 @@ cdef T * mm(C * ctx, const Hparams * hp, T * w, T * x, T ** prep) noexcept nogil
             prep[0] = p
         return dsv4_mul_mat_q80(ctx, w, p)
     return g.ggml_mul_mat(ctx, w, x)
+
+
+cdef T * hc_post(C * ctx, const Hparams * hp, T * x, T * res, T * post, T * comb) noexcept nogil:
+    """Spec 3.4's post mix: ggml's op, or on the CPU our kernel (kernels/dsv4_hc.c, several times faster)."""
+    cdef T * out = dsv4_hc_post_cpu(ctx, x, res, post, comb) if hp.cpu_only else NULL
+    return out if out != NULL else g.ggml_dsv4_hc_post(ctx, x, res, post, comb)
 
 
 cdef inline T * rows(C * ctx, T * t, int64_t n, int64_t first) noexcept nogil:
@@ -313,12 +319,12 @@ cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const Glob
         a = norm(ctx, named(hc_pre(ctx, hp, S, L.hc_attn_fn, L.hc_attn_scale, L.hc_attn_base, &post, &comb, il),
                             "hc_attn_pre", il), L.attn_norm, hp.eps)
         a = attention(ctx, gf, hp, L, &st[il], ub, inp, named(a, "attn_norm", il), il)
-        S = named(g.ggml_dsv4_hc_post(ctx, a, res, post, comb), "hc_attn_post", il)
+        S = named(hc_post(ctx, hp, a, res, post, comb), "hc_attn_post", il)
         res = S
         a = norm(ctx, named(hc_pre(ctx, hp, S, L.hc_ffn_fn, L.hc_ffn_scale, L.hc_ffn_base, &post, &comb, il),
                             "hc_ffn_pre", il), L.ffn_norm, hp.eps)
         a = named(moe(ctx, gf, hp, L, ub, inp, named(a, "ffn_norm", il), il), "ffn_out", il)
-        S = named(g.ggml_dsv4_hc_post(ctx, a, res, post, comb), "l_out", il)
+        S = named(hc_post(ctx, hp, a, res, post, comb), "l_out", il)
     if ub.n_out < n:
         S = g.ggml_cont(ctx, g.ggml_view_3d(ctx, S, D, hc, ub.n_out, S.nb[1], S.nb[2], (n - ub.n_out) * S.nb[2]))
     cdef T * y = named(norm(ctx, hc_head(ctx, hp, gw, S), gw.out_norm, hp.eps), "result_norm", -1)
