@@ -464,3 +464,22 @@ def test_dropping_cold_experts_lowers_their_resident_bytes(moe_path: str, home: 
     llm.eval(PROMPT[:64])  # routing to cold experts brings their pages back: residency, not correctness
     assert llm.moe_stats()["resident_bytes"] > st["resident_bytes"]
     llm.close()
+
+
+def test_resident_bytes_reads_pages_a_chunk_at_a_time() -> None:
+    """mincore over a bounded vector (the real model's 45M pages would be a 45 MB vector per /metrics scrape):
+    the count is the same for any chunk size."""
+    import mmap
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("anonymous-page residency is checked on Linux")
+    m = mmap.mmap(-1, 40 * PAGE)
+    for p in range(0, 40, 3):  # touch 14 pages
+        m[p * PAGE] = 1
+    addr = np.frombuffer(m, np.uint8).ctypes.data
+    s = Syscalls()
+    whole = s.resident(addr, 40 * PAGE)
+    s.RESIDENT_CHUNK = 3
+    chunked = s.resident(addr, 40 * PAGE)
+    assert whole == chunked == 14 * PAGE
+    del addr

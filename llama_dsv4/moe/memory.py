@@ -120,13 +120,20 @@ class Syscalls:
                 return e.errno or errno.EINVAL
         return 0
 
+    RESIDENT_CHUNK = 1 << 18  # pages per mincore call: a 256 KiB vector, whatever the model's size
+
     def resident(self, addr: int, n: int) -> int:
-        """Bytes of [addr, addr+n) (page-aligned) in memory, by mincore."""
+        """Bytes of [addr, addr+n) (page-aligned) in memory, by mincore, a chunk at a time (the 184 GB model has
+        45M pages: one vector for all of them would be a 45 MB allocation on every /metrics scrape)."""
         pages = (n + PAGE - 1) // PAGE
-        vec = np.zeros(pages, np.uint8)
-        if self.libc.mincore(addr, n, vec.ctypes.data) != 0:
-            return -1
-        return int((vec & 1).sum()) * PAGE
+        vec = np.zeros(min(pages, self.RESIDENT_CHUNK), np.uint8)
+        total = 0
+        for p0 in range(0, pages, self.RESIDENT_CHUNK):
+            k = min(self.RESIDENT_CHUNK, pages - p0)
+            if self.libc.mincore(addr + p0 * PAGE, k * PAGE, vec.ctypes.data) != 0:
+                return -1
+            total += int(np.count_nonzero(vec[:k] & 1))
+        return total * PAGE
 
     @staticmethod
     def locked_bytes() -> int | None:
