@@ -26,13 +26,11 @@ from .demo import _DEMO_FILE, DEMO_NAME, cache_dir, demo_model_path
 from .engine.context import Context
 from .flags import (
     _float,
-    _gpu_layers,
     _int,
-    _on_off,
+    add_model_flags,
     default_threads,
     fit_threads,
     gpu_layers_device,
-    parse_hot_count,
 )
 from .model.loader import ModelFile, load_model
 
@@ -58,9 +56,7 @@ def _parser() -> _Parser:
         allow_abbrev=False,
     )
     a = p.add_argument
-    a("-m", "--model", help="GGUF file or any shard of a split set (default: the embedded demo model)")
-    a("-hf", "-hfr", "--hf-repo", dest="hf_repo", help="Hugging Face user/repo[:file or quant tag] (from_pretrained)")
-    a("-hff", "--hf-file", dest="hf_file", help="file (or glob) in --hf-repo")
+    add_model_flags(p, "GGUF file or any shard of a split set (default: the embedded demo model)")
     a("-p", "--prompt", help=f"prompt to complete (default {DEFAULT_PROMPT!r})")
     a("-f", "--file", help="read the prompt from a file")
     a(
@@ -72,36 +68,6 @@ def _parser() -> _Parser:
         help=f"tokens to generate (-1: until the end of the text or the context; default -1, {DEMO_N_PREDICT} for "
         "the demo model)",
     )
-    a(
-        "-c",
-        "--ctx-size",
-        dest="n_ctx",
-        type=_int("--ctx-size", 0),
-        default=4096,
-        help="context size (0: the model's; default 4096, at most the model's)",
-    )
-    a("-b", "--batch-size", dest="n_batch", type=_int("--batch-size", 1), default=2048)
-    a("-ub", "--ubatch-size", dest="n_ubatch", type=_int("--ubatch-size", 1), default=512)
-    a("-t", "--threads", dest="n_threads", type=_int("--threads", 1), help="threads (default: the physical cores)")
-    a(
-        "-tb",
-        "--threads-batch",
-        dest="n_threads_batch",
-        type=_int("--threads-batch", 1),
-        help="threads for the prompt (default: --threads)",
-    )
-    a(
-        "-ngl",
-        "--gpu-layers",
-        "--n-gpu-layers",
-        dest="n_gpu_layers",
-        type=_gpu_layers,
-        default=-1,
-        help="0: run on the CPU; N, auto or all: the whole model runs on --device (no partial offload)",
-    )
-    a("-dev", "--device", default="auto", help="ggml device: auto, cpu, or a name from --list-devices")
-    a("-fa", "--flash-attn", nargs="?", const="on", default="auto", type=_on_off("--flash-attn"))
-    a("--mlock", action="store_true", help="lock the model's weights in RAM")
     a("--temp", dest="temperature", type=_float("--temp"), default=0.8, help="temperature (0: greedy; default 0.8)")
     a("--top-k", type=_int("--top-k", 0), default=40)
     a("--top-p", type=_float("--top-p", 0), default=0.95)
@@ -116,9 +82,6 @@ def _parser() -> _Parser:
     a("--chat-template-file", help="Jinja chat template file")
     a("--jinja", action="store_true", help="accepted: templates are always Jinja")
     a("--no-display-prompt", action="store_true", help="do not print the prompt before the completion")
-    a("--moe-hot-count", type=parse_hot_count, help="MoE experts kept resident per layer: N, auto or a,b,c")
-    a("--moe-hot-budget-mib", type=_float("--moe-hot-budget-mib", 0))
-    a("--moe-stats-path")
     a("--no-preload", action="store_true", help="do not read the weights into the page cache before starting")
     a("--info", action="store_true", help="print what the model file holds and a greedy check, then exit")
     a("--list-devices", action="store_true", help="list the devices of this libggml build and exit")
@@ -449,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.info:
             path = demo_model_path() if demo else _model_path(args)
             n = 16 if args.n_predict is None else max(args.n_predict, 0)
-            out.write(_summary(path, args.device, args.n_threads or default_threads(), n) + "\n")
+            out.write(
+                _summary(path, args.device, (args.n_threads if (args.n_threads or 0) > 0 else default_threads()), n)
+                + "\n"
+            )
             return 0
         if demo:
             out.write(DEMO_NOTE + "\n")

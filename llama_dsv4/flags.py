@@ -1,5 +1,6 @@
-"""Command-line values shared by `llama-dsv4` (cli.py) and `llama-dsv4-server` (server/settings.py): argparse
-converters with messages that name the flag, thread counts, and what -ngl means on this engine."""
+"""Command-line values shared by `llama-dsv4` (cli.py) and `llama-dsv4-server` (server/settings.py): the model and
+engine flags both take (llama.cpp's spellings), argparse converters with messages that name the flag, thread
+counts, and what -ngl means on this engine."""
 
 from __future__ import annotations
 
@@ -103,3 +104,65 @@ def parse_hot_count(s: str) -> int | str | list[int] | None:
         return _parse_hot_count(s)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).replace("moe_hot_count", "--moe-hot-count")) from None
+
+
+DEFAULT_CTX = 4096  # llama.cpp's default --ctx-size
+
+
+def add_model_flags(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The flags that choose the model and how it runs: -m/-hf/-hff, context and batch sizes, threads, device,
+    flash attention, --mlock and the MoE residency flags."""
+    a = p.add_argument
+    a("-m", "--model", help=model_help)
+    a("-hf", "-hfr", "--hf-repo", dest="hf_repo", help="Hugging Face user/repo[:file or quant tag] (from_pretrained)")
+    a("-hff", "--hf-file", dest="hf_file", help="file (or glob) in --hf-repo")
+    a(
+        "-c",
+        "--ctx-size",
+        dest="n_ctx",
+        type=_int("--ctx-size", 0),
+        default=DEFAULT_CTX,
+        help=f"context size in tokens (0: the model's; default {DEFAULT_CTX}; more than the model's trained context "
+        "is clamped to it)",
+    )
+    a("-b", "--batch-size", dest="n_batch", type=_int("--batch-size", 1), default=2048, help="logical batch size")
+    a(
+        "-ub",
+        "--ubatch-size",
+        dest="n_ubatch",
+        type=_int("--ubatch-size", 1),
+        default=512,
+        help="physical batch size (tokens per graph)",
+    )
+    a("-t", "--threads", dest="n_threads", type=_int("--threads"), help="threads (<= 0 or default: the physical cores)")
+    a(
+        "-tb",
+        "--threads-batch",
+        dest="n_threads_batch",
+        type=_int("--threads-batch"),
+        help="threads for prompt processing (default: --threads)",
+    )
+    a(
+        "-ngl",
+        "--gpu-layers",
+        "--n-gpu-layers",
+        dest="n_gpu_layers",
+        type=_gpu_layers,
+        default=-1,
+        help="0: run on the CPU; N, auto or all: the whole model runs on --device (no partial offload)",
+    )
+    a("-dev", "--device", default="auto", help="ggml device: auto, cpu, or a device name (llama-dsv4 --list-devices)")
+    a(
+        "-fa",
+        "--flash-attn",
+        dest="flash_attn",
+        nargs="?",
+        const="on",
+        default="auto",
+        type=_on_off("--flash-attn"),
+        help="on, off or auto (default auto = on): attention in f16 as llama.cpp's flash-attention path",
+    )
+    a("--mlock", action="store_true", help="lock the model's weights in RAM")
+    a("--moe-hot-count", type=parse_hot_count, help="MoE experts kept resident per layer: N, auto, or a,b,c per layer")
+    a("--moe-hot-budget-mib", type=_float("--moe-hot-budget-mib", 0), help="memory budget for resident experts")
+    a("--moe-stats-path", help="file where expert-use statistics persist between runs")

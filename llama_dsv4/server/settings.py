@@ -14,19 +14,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from ..flags import DEFAULT_CTX as DEFAULT_CTX
 from ..flags import (
     _float,
-    _gpu_layers,
     _int,
-    _on_off,
+    add_model_flags,
     default_threads,
     fit_threads,
     gpu_layers_device,
-    parse_hot_count,
 )
 
 DEFAULT_PORT = 8080  # llama-server's
-DEFAULT_CTX = 4096  # llama-server's default --ctx-size
 CACHE_TYPES = {"f16": 1, "f32": 0}  # GGML_TYPE_F16, GGML_TYPE_F32: what the engine supports for its caches
 REASONING_FORMATS = ("deepseek", "none", "auto", "deepseek-legacy")
 
@@ -201,67 +199,15 @@ def _build() -> _Parser:
         allow_abbrev=False,
     )
     a = p.add_argument
-    a("-m", "--model", help="GGUF file, or any shard of a split set")
-    a("-hf", "-hfr", "--hf-repo", dest="hf_repo", help="Hugging Face repo[:file or quant tag] (from_pretrained)")
-    a("-hff", "--hf-file", dest="hf_file", help="file (or glob) in --hf-repo")
+    add_model_flags(p, "GGUF file, or any shard of a split set")
     a("-hft", "--hf-token", dest="hf_token", help="Hugging Face token (default: $HF_TOKEN)")
     a("-a", "--alias", help="model name served in /v1/models and responses (default: the file name)")
     a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     a("--port", type=_int("--port", 0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    a(
-        "-c",
-        "--ctx-size",
-        dest="n_ctx",
-        type=_int("--ctx-size", 0),
-        default=DEFAULT_CTX,
-        help=f"context size in tokens, shared by the slots (0: the model's; default {DEFAULT_CTX}; larger than the "
-        "model's trained context is clamped to it)",
-    )
-    a("-b", "--batch-size", dest="n_batch", type=_int("--batch-size", 1), default=2048, help="logical batch size")
-    a(
-        "-ub",
-        "--ubatch-size",
-        dest="n_ubatch",
-        type=_int("--ubatch-size", 1),
-        default=512,
-        help="physical batch size (tokens per graph)",
-    )
-    a("-t", "--threads", dest="n_threads", type=_int("--threads"), help="threads for generation (default: all)")
-    a(
-        "-tb",
-        "--threads-batch",
-        dest="n_threads_batch",
-        type=_int("--threads-batch"),
-        help="threads for prompt processing (default: --threads)",
-    )
-    a(
-        "-ngl",
-        "--gpu-layers",
-        "--n-gpu-layers",
-        dest="n_gpu_layers",
-        type=_gpu_layers,
-        default=-1,
-        help="layers on the device: N, auto or all (the whole model runs on --device)",
-    )
-    a("-dev", "--device", default="auto", help="ggml device: auto, cpu, or a device name (llama-dsv4 --list-devices)")
-    a(
-        "-fa",
-        "--flash-attn",
-        dest="flash_attn",
-        nargs="?",
-        const="on",
-        default="auto",
-        type=_on_off("--flash-attn"),
-        help="on, off or auto (default auto = on): attention in f16 as llama.cpp's flash-attention path",
-    )
-    a("--mlock", action="store_true", help="lock the model's weights in RAM")
     a("--no-mmap", dest="no_mmap", action="store_true", help="accepted: weights are always memory-mapped")
     a("--mmap", dest="no_mmap", action="store_false", help="memory-map the weights (always)")
     a("-s", "--seed", type=_int("--seed"), help="RNG seed (-1: random)")
     a("-ctk", "--cache-type-k", dest="cache_type_k", choices=sorted(CACHE_TYPES), help="cache type: f16 or f32")
-    a("--moe-hot-count", type=parse_hot_count, help="MoE experts kept resident per layer: N, auto, or a,b,c per layer")
-    a("--moe-hot-budget-mib", type=_float("--moe-hot-budget-mib", 0), help="memory budget for resident experts")
-    a("--moe-stats-path", help="file where expert-use statistics persist between runs")
     a("--logits-all", action="store_true", help="keep every position's logits (needed for logprobs in requests)")
     a("--chat-template", help="a chat format of the model (deepseek-v4, chat_template.default) or a Jinja template")
     a("--chat-template-file", help="a Jinja chat template file")
