@@ -73,8 +73,7 @@ def decode_utf8(b: bytes) -> str:
 
 
 def _bpe(vocab: Vocab, specials: Iterable[int]) -> Tokenizer:
-    merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
-    tk = Tokenizer(models.BPE(vocab=vocab.token_index, merges=merges, fuse_unk=False, byte_fallback=False))
+    tk = Tokenizer(models.BPE(vocab=vocab.token_index, merges=vocab.merge_pairs, fuse_unk=False, byte_fallback=False))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _SPLITS]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]

@@ -52,6 +52,11 @@ class Vocab:
         return self._index
 
     @functools.cached_property
+    def merge_pairs(self) -> list[tuple[str, str]]:
+        """The merges as (left, right) pairs (built once; do not modify)."""
+        return [tuple(m.split(" ", 1)) for m in self.merges]  # type: ignore[misc]
+
+    @functools.cached_property
     def _index(self) -> dict[str, int]:
         return {t: i for i, t in enumerate(self.tokens)}
 
@@ -110,17 +115,17 @@ def vocab_from_kv(kv: dict[str, Any], kv_types: dict[str, Any], where: str) -> V
     types = np.asarray(types).astype(np.int32)
     merges = typed("tokenizer.ggml.merges", ValueType.ARRAY, ValueType.STRING, required=False) or []
     index = {t: i for i, t in enumerate(tokens)}
+    pairs = []
     for i, m in enumerate(merges):
         if m.count(" ") < 1 or m.startswith(" ") or m.endswith(" "):
             raise bad("tokenizer.ggml.merges", f"merge {i} {m[:40]!r} is not two space-separated tokens")
         # a BPE merge joins two tokens into a third: all three must be in the vocabulary (the tokenizer library
         # fails, or panics, on a merge that is not)
-        a, b = m.split(" ", 1)
-        for part in (a, b, a + b):
-            if part not in index:
-                raise bad(
-                    "tokenizer.ggml.merges", f"merge {i} {m[:40]!r} needs token {part[:40]!r}, not in the vocabulary"
-                )
+        a, b = pair = m.split(" ", 1)
+        if a not in index or b not in index or a + b not in index:
+            part = next(x for x in (a, b, a + b) if x not in index)
+            raise bad("tokenizer.ggml.merges", f"merge {i} {m[:40]!r} needs token {part[:40]!r}, not in the vocabulary")
+        pairs.append(tuple(pair))
     ids = {}
     for key in ("bos", "eos", "padding"):
         full = f"tokenizer.ggml.{key}_token_id"
@@ -143,6 +148,7 @@ def vocab_from_kv(kv: dict[str, Any], kv_types: dict[str, Any], where: str) -> V
         bool(add_eos) if add_eos is not None else False,
     )
     vocab.__dict__["_index"] = index  # the cached text -> id map, already built
+    vocab.__dict__["merge_pairs"] = pairs  # and the merges, already split
     return vocab
 
 
