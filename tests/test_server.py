@@ -114,29 +114,17 @@ class Server:
         return self.proc.returncode
 
 
+def start_server(model: str, log: str, *extra: str) -> Server:
+    """A server on the model with the test suite's common flags (4096 positions, 2 slots, 1 thread, KEY), ready."""
+    srv = Server(["-m", model, "-c", "4096", "-np", "2", "-t", "1", "--api-key", KEY, *extra], log)
+    srv.wait_ready()
+    return srv
+
+
 @pytest.fixture(scope="module")
 def server(real_vocab_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = str(tmp_path_factory.mktemp("server") / "server.log")
-    srv = Server(
-        [
-            "-m",
-            real_vocab_path,
-            "-c",
-            "4096",
-            "-np",
-            "2",
-            "-t",
-            "1",
-            "--api-key",
-            KEY,
-            "--alias",
-            ALIAS,
-            "--max-body-mib",
-            "1",
-        ],
-        log,
-    )
-    srv.wait_ready()
+    srv = start_server(real_vocab_path, log, "--alias", ALIAS, "--max-body-mib", "1")
     yield srv
     code = srv.stop()
     assert code == 0, srv.log()  # a clean shutdown on SIGINT

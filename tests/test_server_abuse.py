@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from test_server import AUTH, KEY, Server, metrics_of
+from test_server import AUTH, KEY, Server, metrics_of, start_server
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -36,32 +36,12 @@ SNDBUF_KIB = 16  # --send-buffer-kib
 @pytest.fixture(scope="module")
 def server(real_vocab_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = str(tmp_path_factory.mktemp("abuse") / "server.log")
-    srv = Server(
-        [
-            "-m",
-            real_vocab_path,
-            "-c",
-            "4096",
-            "-np",
-            "2",
-            "-t",
-            "1",
-            "--api-key",
-            KEY,
-            "--header-timeout",
-            str(HEADER_TIMEOUT),
-            "--timeout",
-            str(TIMEOUT),
-            "--max-queue",
-            str(MAX_QUEUE),
-            "--limit-concurrency",
-            str(LIMIT),
-            "--send-buffer-kib",
-            str(SNDBUF_KIB),
-        ],
+    srv = start_server(
+        real_vocab_path,
         log,
+        *("--header-timeout", str(HEADER_TIMEOUT), "--timeout", str(TIMEOUT), "--max-queue", str(MAX_QUEUE)),
+        *("--limit-concurrency", str(LIMIT), "--send-buffer-kib", str(SNDBUF_KIB)),
     )
-    srv.wait_ready()
     yield srv
     alive = srv.proc.poll() is None
     code = srv.stop()
