@@ -39,6 +39,28 @@ static inline int dsv4_nearest_int8(float v) {
     return i > 127 ? 127 : (i < -127 ? -127 : i);
 }
 
+/* Q5_K sub-block j's 6-bit scale and min from the block's 12 packed bytes (ggml's get_scale_min_k4). */
+static inline void dsv4_q5k_scale_min(int j, const uint8_t * s, int * sc, int * m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* The 256 quants (0..31) of the Q5_K super-block at b, in order: low nibbles of 32 bytes then their high nibbles,
+ * four times, each with its bit of the 32 high-bit bytes. */
+void dsv4_q5k_quants(const uint8_t * b, uint8_t * q);
+#ifdef DSV4_X86
+void dsv4_q5k_quants_avx2(const uint8_t * b, uint8_t * q); /* the same with AVX2 */
+#endif
+
+struct ggml_tensor;
+/* A prep op's body: quantize the rows of dst->src[0] (F32 [K, n1, n2]) into dst's rows, rows across threads. */
+void dsv4_prep_rows(struct ggml_tensor * dst, int ith, int nth, void (*quantize_row)(const float *, int64_t, uint8_t *));
+
 /* 16 weight rows x 256 columns of K, laid out for vpdpbusd: w[g] holds columns 4g..4g+3 of the 16 rows (row r
  * in bytes 4r..4r+3) as unsigned bytes; per block j of 32 columns, the rows' scale s[j] and correction mn[j]:
  * row r's product with an activation row is sum_j s[j][r]*ds_j*dot_j(w, a) - mn[j][r]*bf_j. */

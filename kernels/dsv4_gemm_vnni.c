@@ -63,19 +63,8 @@ VNNI static void interleave(const uint8_t tmp[SLAB_ROWS][QK], struct dsv4_slab *
     }
 }
 
-static inline void scale_min(int j, const uint8_t * s, int * sc, int * m) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *m = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
 VNNI void dsv4_vnni_slab_q5k(const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
     uint8_t tmp[SLAB_ROWS][QK];
-    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     for (int r = 0; r < SLAB_ROWS; r++) {
         const uint8_t * b = rows + r * stride + sb * Q5K_BYTES;
         uint16_t hd, hm;
@@ -84,19 +73,11 @@ VNNI void dsv4_vnni_slab_q5k(const uint8_t * rows, size_t stride, int64_t sb, st
         const float d = dsv4_half_to_float(hd), dmin = dsv4_half_to_float(hm);
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            scale_min(j, b + 4, &sc, &m);
+            dsv4_q5k_scale_min(j, b + 4, &sc, &m);
             slab->s[j][r] = d * (float) sc;
             slab->mn[j][r] = dmin * (float) m;
         }
-        const __m256i qh = _mm256_loadu_si256((const __m256i *) (b + 16));
-        for (int g = 0; g < 4; g++) {
-            const __m256i l = _mm256_loadu_si256((const __m256i *) (b + 48 + 32 * g));
-            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), one), 4);
-            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + 1), one), 4);
-            _mm256_storeu_si256((__m256i *) (tmp[r] + 64 * g), _mm256_or_si256(_mm256_and_si256(l, m4), h0));
-            _mm256_storeu_si256((__m256i *) (tmp[r] + 64 * g + 32),
-                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 4), m4), h1));
-        }
+        dsv4_q5k_quants_avx2(b, tmp[r]);
     }
     interleave((const uint8_t(*)[QK]) tmp, slab);
 }
@@ -194,13 +175,7 @@ VNNI static void quantize_row_q80(const float * x, int64_t K, uint8_t * row) {
 
 static void q80_prep_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
-    const struct ggml_tensor * x = dst->src[0];
-    const int64_t K = x->ne[0], n1 = x->ne[1], rows = x->ne[1] * x->ne[2];
-    for (int64_t i = ith; i < rows; i += nth) {
-        const int64_t i1 = i % n1, i2 = i / n1;
-        quantize_row_q80((const float *) ((const char *) x->data + i1 * x->nb[1] + i2 * x->nb[2]), K,
-                         (uint8_t *) dst->data + i1 * dst->nb[1] + i2 * dst->nb[2]);
-    }
+    dsv4_prep_rows(dst, ith, nth, quantize_row_q80);
 }
 
 static void q80_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {

@@ -78,78 +78,58 @@ struct unpacked {
     float mf[ROWS][DSV4_GEMM_MAX_K / 32];
 };
 
-static inline void scale_min(int j, const uint8_t * s, int * sc, int * m) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *m = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
-static inline void unpack_row(const uint8_t * blocks, int64_t K, struct unpacked * u, int r) {
-    for (int64_t sb = 0; sb < K / QK; sb++) {
-        const uint8_t * b = blocks + sb * Q5K_BYTES;
-        uint16_t hd, hm;
-        memcpy(&hd, b, 2);
-        memcpy(&hm, b + 2, 2);
-        const float dmin = dsv4_half_to_float(hm);
-        const uint8_t *scales = b + 4, *qh = b + 16, *ql = b + 48;
-        u->dw[r][sb] = dsv4_half_to_float(hd);
-        for (int j = 0; j < 8; j++) {
-            int sc, m;
-            scale_min(j, scales, &sc, &m);
-            for (int l = 0; l < 16; l++) {
-                u->sc[r][sb * 8 + j][l] = (int16_t) sc;
-            }
-            u->mf[r][sb * 8 + j] = dmin * (float) m;
-        }
-        uint8_t * q = u->q[r] + sb * QK;
-        for (int g = 0; g < 4; g++) {
-            for (int l = 0; l < 32; l++) {
-                q[64 * g + l] = (uint8_t) ((ql[32 * g + l] & 0xF) | (((qh[l] >> (2 * g)) & 1) << 4));
-            }
-            for (int l = 0; l < 32; l++) {
-                q[64 * g + 32 + l] = (uint8_t) ((ql[32 * g + l] >> 4) | (((qh[l] >> (2 * g + 1)) & 1) << 4));
-            }
+void dsv4_q5k_quants(const uint8_t * b, uint8_t * q) {
+    const uint8_t *qh = b + 16, *ql = b + 48;
+    for (int g = 0; g < 4; g++) {
+        for (int l = 0; l < 32; l++) {
+            q[64 * g + l] = (uint8_t) ((ql[32 * g + l] & 0xF) | (((qh[l] >> (2 * g)) & 1) << 4));
+            q[64 * g + 32 + l] = (uint8_t) ((ql[32 * g + l] >> 4) | (((qh[l] >> (2 * g + 1)) & 1) << 4));
         }
     }
 }
 
 #ifdef DSV4_X86
-/* unpack_row with AVX2 for the quants and the scale vectors */
-__attribute__((target("avx2,fma"))) static void unpack_row_avx2(const uint8_t * blocks, int64_t K, struct unpacked * u,
-                                                                 int r) {
+__attribute__((target("avx2"))) void dsv4_q5k_quants_avx2(const uint8_t * b, uint8_t * q) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    const __m256i qh = _mm256_loadu_si256((const __m256i *) (b + 16));
+    for (int g = 0; g < 4; g++) {
+        const __m256i l = _mm256_loadu_si256((const __m256i *) (b + 48 + 32 * g));
+        const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), one), 4);
+        const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + 1), one), 4);
+        _mm256_storeu_si256((__m256i *) (q + 64 * g), _mm256_or_si256(_mm256_and_si256(l, m4), h0));
+        _mm256_storeu_si256((__m256i *) (q + 64 * g + 32),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 4), m4), h1));
+    }
+}
+#endif
+
+/* Row r of `u` from the K/256 Q5_K super-blocks at `blocks`. */
+static void unpack_row(const uint8_t * blocks, int64_t K, struct unpacked * u, int r, int avx2) {
     for (int64_t sb = 0; sb < K / QK; sb++) {
         const uint8_t * b = blocks + sb * Q5K_BYTES;
         uint16_t hd, hm;
         memcpy(&hd, b, 2);
         memcpy(&hm, b + 2, 2);
         const float dmin = dsv4_half_to_float(hm);
-        const uint8_t *scales = b + 4, *ql = b + 48;
         u->dw[r][sb] = dsv4_half_to_float(hd);
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            scale_min(j, scales, &sc, &m);
-            _mm256_storeu_si256((__m256i *) u->sc[r][sb * 8 + j], _mm256_set1_epi16((int16_t) sc));
+            dsv4_q5k_scale_min(j, b + 4, &sc, &m);
+            for (int l = 0; l < 16; l++) {
+                u->sc[r][sb * 8 + j][l] = (int16_t) sc;
+            }
             u->mf[r][sb * 8 + j] = dmin * (float) m;
         }
-        const __m256i qh = _mm256_loadu_si256((const __m256i *) (b + 16));
-        uint8_t * q = u->q[r] + sb * QK;
-        for (int g = 0; g < 4; g++) {
-            const __m256i l = _mm256_loadu_si256((const __m256i *) (ql + 32 * g));
-            const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), one);
-            const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + 1), one);
-            _mm256_storeu_si256((__m256i *) (q + 64 * g),
-                                _mm256_or_si256(_mm256_and_si256(l, m4), _mm256_slli_epi16(h0, 4)));
-            _mm256_storeu_si256((__m256i *) (q + 64 * g + 32),
-                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 4), m4), _mm256_slli_epi16(h1, 4)));
+#ifdef DSV4_X86
+        if (avx2) {
+            dsv4_q5k_quants_avx2(b, u->q[r] + sb * QK);
+            continue;
         }
+#endif
+        (void) avx2;
+        dsv4_q5k_quants(b, u->q[r] + sb * QK);
     }
 }
-#endif
 
 /* ---------------------------------------------------------------------------------------------- kernels */
 
@@ -362,15 +342,19 @@ static kernel_fn kernel_for(int isa) {
 
 /* ---------------------------------------------------------------------------------------------- ops */
 
-static void prep_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) userdata;
+void dsv4_prep_rows(struct ggml_tensor * dst, int ith, int nth, void (*quantize_row)(const float *, int64_t, uint8_t *)) {
     const struct ggml_tensor * b = dst->src[0];
     const int64_t K = b->ne[0], n1 = b->ne[1], rows = b->ne[1] * b->ne[2];
     for (int64_t i = ith; i < rows; i += nth) {
         const int64_t i1 = i % n1, i2 = i / n1;
-        quantize_row_q8k((const float *) ((const char *) b->data + i1 * b->nb[1] + i2 * b->nb[2]), K,
-                         (uint8_t *) dst->data + i1 * dst->nb[1] + i2 * dst->nb[2]);
+        quantize_row((const float *) ((const char *) b->data + i1 * b->nb[1] + i2 * b->nb[2]), K,
+                     (uint8_t *) dst->data + i1 * dst->nb[1] + i2 * dst->nb[2]);
     }
+}
+
+static void prep_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    dsv4_prep_rows(dst, ith, nth, quantize_row_q8k);
 }
 
 struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor * b) {
@@ -478,13 +462,7 @@ static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata)
             }
             for (int64_t m0 = u0 * UNIT; m0 < u1 * UNIT && m0 < M; m0 += ROWS) {
                 for (int r = 0; r < ROWS; r++) {
-#ifdef DSV4_X86
-                    if (isa >= DSV4_GEMM_AVX2) {
-                        unpack_row_avx2(w + (m0 + r) * as->nb[1], K, &u, r);
-                        continue;
-                    }
-#endif
-                    unpack_row(w + (m0 + r) * as->nb[1], K, &u, r);
+                    unpack_row(w + (m0 + r) * as->nb[1], K, &u, r, isa >= DSV4_GEMM_AVX2);
                 }
                 for (int c = 0; c < nc; c += 2) {
                     float out[ROWS][2];
