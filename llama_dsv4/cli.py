@@ -412,10 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.info:
             path = demo_model_path() if demo else _model_path(args)
             n = 16 if args.n_predict is None else max(args.n_predict, 0)
-            out.write(
-                _summary(path, args.device, (args.n_threads if (args.n_threads or 0) > 0 else default_threads()), n)
-                + "\n"
-            )
+            threads = fit_threads("--threads", args.n_threads, []) or default_threads()
+            out.write(_summary(path, args.device, threads, n) + "\n")
             return 0
         if demo:
             out.write(DEMO_NOTE + "\n")

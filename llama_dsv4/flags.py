@@ -109,9 +109,9 @@ def parse_hot_count(s: str) -> int | str | list[int] | None:
 DEFAULT_CTX = 4096  # llama.cpp's default --ctx-size
 
 
-def add_model_flags(p: argparse.ArgumentParser, model_help: str) -> None:
+def add_model_flags(p: argparse.ArgumentParser, model_help: str, ctx_note: str = "") -> None:
     """The flags that choose the model and how it runs: -m/-hf/-hff, context and batch sizes, threads, device,
-    flash attention, --mlock and the MoE residency flags."""
+    flash attention, --mlock and the MoE residency flags. `ctx_note` is added to --ctx-size's help."""
     a = p.add_argument
     a("-m", "--model", help=model_help)
     a("-hf", "-hfr", "--hf-repo", dest="hf_repo", help="Hugging Face user/repo[:file or quant tag] (from_pretrained)")
@@ -122,8 +122,8 @@ def add_model_flags(p: argparse.ArgumentParser, model_help: str) -> None:
         dest="n_ctx",
         type=_int("--ctx-size", 0),
         default=DEFAULT_CTX,
-        help=f"context size in tokens (0: the model's; default {DEFAULT_CTX}; more than the model's trained context "
-        "is clamped to it)",
+        help=f"context size in tokens{ctx_note} (0: the model's; default {DEFAULT_CTX}; more than the model's "
+        "trained context is clamped to it)",
     )
     a("-b", "--batch-size", dest="n_batch", type=_int("--batch-size", 1), default=2048, help="logical batch size")
     a(

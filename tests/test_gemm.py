@@ -166,3 +166,23 @@ def test_model_with_and_without_our_gemm(tmp_path: os.PathLike[str]) -> None:
         got = logits[gemm]
         rel = np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)
         assert rel.mean() <= 2e-2 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.95, (gemm, rel.mean())
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "match"),
+    [
+        ("LLAMA_DSV4_GEMM", "sse9", "LLAMA_DSV4_GEMM='sse9': unknown GEMM"),
+        ("LLAMA_DSV4_GEMM_MIN_TOKENS", "lots", "LLAMA_DSV4_GEMM_MIN_TOKENS must be a positive integer"),
+        ("LLAMA_DSV4_GEMM_MIN_TOKENS", "0", "LLAMA_DSV4_GEMM_MIN_TOKENS must be a positive integer"),
+    ],
+)
+def test_bad_gemm_switches_are_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, match: str
+) -> None:
+    from llama_dsv4.engine.runtime import gemm_settings
+
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=match):
+        gemm_settings()
+    monkeypatch.delenv(var)
+    assert gemm_settings() == ("auto", 8)

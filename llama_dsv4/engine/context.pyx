@@ -116,7 +116,7 @@ cdef class Context:
         self.ring = ring_rows(p, self.n_ubatch)
         self._fill_params(p)
         self.hp.attn_f16 = flash_attn
-        # our expert GEMM reads the weights and activations in host memory: CPU-only backend sets
+        # our CPU custom ops (kernels/dsv4_gemm.h, dsv4_hc.h) read every tensor in host memory: CPU-only backend sets
         self.hp.cpu_only = self.be.n == 1
         self.hp.gemm_isa = _ggml.gemm_isa(gemm) if self.hp.cpu_only else 0
         self.hp.gemm_min_tokens = max(gemm_min_tokens, 1)

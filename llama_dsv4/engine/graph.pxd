@@ -27,7 +27,7 @@ cdef struct Hparams:
     int n_vocab
     bint attn_f16        # attention as llama.cpp's flash-attention path (f16 keys/values); else all f32
     bint cpu_only        # every tensor in host memory (CPU-only backend set): our CPU custom ops may be used
-    int gemm_isa         # routed experts through kernels/dsv4_moe_gemm.c with this instruction set; 0: ggml's
+    int gemm_isa         # prompt-processing products through kernels/dsv4_gemm.h with this instruction set; 0: ggml's
     int gemm_min_tokens  # ... for ubatches of at least this many tokens
 
 

@@ -91,11 +91,9 @@ def create_context(
     host_bytes: int = 0,
 ) -> Context:
     """A Context, after checking that its state (and `host_bytes` more on the host) fits in memory."""
+    gemm, gemm_min = gemm_settings()  # a bad switch fails before anything is allocated
     backends = _ggml.Backends(device, n_threads)
     check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes)
-    # A/B switch for benchmarks: LLAMA_DSV4_GEMM=off uses ggml's mul_mat_id for the routed experts everywhere
-    gemm = os.environ.get("LLAMA_DSV4_GEMM", "auto")
-    gemm_min = int(os.environ.get("LLAMA_DSV4_GEMM_MIN_TOKENS", "8"))
     return Context(
         model,
         n_ctx,
@@ -107,6 +105,25 @@ def create_context(
         gemm=gemm,
         gemm_min_tokens=gemm_min,
     )
+
+
+def gemm_settings() -> tuple[str, int]:
+    """The benchmark switches of our prompt-processing products (kernels/README.md): LLAMA_DSV4_GEMM (auto, off,
+    scalar, avx2, avx512, vnni; off = ggml's products everywhere) and LLAMA_DSV4_GEMM_MIN_TOKENS (the smallest
+    ubatch that uses them, default 8). ValueError naming the variable for a value that cannot be used."""
+    gemm = os.environ.get("LLAMA_DSV4_GEMM", "auto")
+    try:
+        _ggml.gemm_isa(gemm)
+    except ValueError as e:
+        raise ValueError(f"LLAMA_DSV4_GEMM={gemm!r}: {e}") from None
+    raw = os.environ.get("LLAMA_DSV4_GEMM_MIN_TOKENS", "8")
+    try:
+        gemm_min = int(raw)
+    except ValueError:
+        gemm_min = 0
+    if gemm_min < 1:
+        raise ValueError(f"LLAMA_DSV4_GEMM_MIN_TOKENS must be a positive integer, got {raw!r}")
+    return gemm, gemm_min
 
 
 def set_threads(ctx: Context, n_threads: int) -> None:

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from ..flags import DEFAULT_CTX as DEFAULT_CTX
 from ..flags import (
+    DEFAULT_CTX,
     _float,
     _int,
     add_model_flags,
@@ -199,7 +199,7 @@ def _build() -> _Parser:
         allow_abbrev=False,
     )
     a = p.add_argument
-    add_model_flags(p, "GGUF file, or any shard of a split set")
+    add_model_flags(p, "GGUF file, or any shard of a split set", ctx_note=", shared by the slots")
     a("-hft", "--hf-token", dest="hf_token", help="Hugging Face token (default: $HF_TOKEN)")
     a("-a", "--alias", help="model name served in /v1/models and responses (default: the file name)")
     a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
