@@ -774,7 +774,7 @@ class Llama:
         that changes the sequence while one of its streams waits for the caller is refused: the stream would go on
         from another sequence."""
         if self._busy_owner == threading.get_ident():
-            if changes_sequence and self._stream_paused:
+            if changes_sequence and self._stream_paused and not self._closed:  # (closed: the call says so)
                 raise RuntimeError(
                     "a stream (generate() or create_completion(stream=True)) of this Llama is open in this thread: "
                     "finish or close it before eval(), reset() or load_state()"
