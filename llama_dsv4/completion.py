@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import numbers
 import random
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -105,14 +104,7 @@ def _logprobs_entry(llama: Llama, logits: np.ndarray, token: int, n: int) -> tup
 
 def create_completion(llama: Llama, prompt: str | list[int], **kw: Any) -> Iterator[Any]:
     """Yield the response (stream=False: one item) or its chunks (stream=True), holding the Llama exclusively."""
-    with llama._exclusive():
-        chunks = _create_completion(llama, prompt, **kw)
-        try:
-            for chunk in chunks:
-                yield chunk
-                llama._busy_owner = threading.get_ident()  # resumed, perhaps by another thread
-        finally:
-            chunks.close()
+    return llama._relay(_create_completion(llama, prompt, **kw))
 
 
 def _create_completion(

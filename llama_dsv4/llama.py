@@ -8,13 +8,14 @@ sampling to sampling.py, completions to completion.py and chat to chat/. It does
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import sys
 import threading
 import warnings
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +31,7 @@ from .sampling import LogitsProcessorList, Sampler, SamplerParams, StoppingCrite
 from .tokenizer import BaseLlamaTokenizer, DSV4Tokenizer, LlamaTokenizer, check_token_ids
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+_T = TypeVar("_T")
 _CACHE_TYPE_NAMES = {0: "f32", 1: "f16"}  # GGML_TYPE_F32, GGML_TYPE_F16
 # keywords of llama-cpp-python's constructor that the engine does not use (accepted, as upstream accepts them)
 _ACCEPTED = (
@@ -195,7 +197,7 @@ class Llama:
         self.metadata: dict[str, str] = _metadata_strings(self._model.metadata)
         self._vocab = self._model.vocab
         self._dsv4_tokenizer = DSV4Tokenizer(self._vocab) if self._vocab is not None else None
-        self.tokenizer_ = tokenizer if tokenizer is not None else LlamaTokenizer(self)
+        self.tokenizer_ = tokenizer if tokenizer is not None else LlamaTokenizer(self, weak=True)  # no cycle
 
         self._n_vocab = params.n_vocab
         self._n_ctx = params.n_ctx_train if n_ctx == 0 else int(n_ctx)
@@ -295,6 +297,7 @@ class Llama:
         self._chat_init(chat_format, chat_handler)
         self._busy = threading.Lock()  # one completion / generation / engine call at a time (see _serial)
         self._busy_owner: int | None = None
+        self._stream_paused = False  # a stream of _busy_owner's waits for its caller (see _serial)
         self._engine_lock = threading.RLock()  # held while the engine computes or copies state; close() takes it
         if self.n_batch < 32 and not vocab_only:
             warnings.warn(
@@ -312,8 +315,9 @@ class Llama:
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Release the context and unmap the model file. A computation running in another thread finishes first;
-        a stream left open fails with "closed" when it resumes."""
+        """Release the context, the token buffers and the logits, and unmap the model file (even if saving the MoE
+        statistics fails: that is a warning). A computation running in another thread finishes first; a stream left
+        open fails with "closed" when it resumes."""
         if getattr(self, "_closed", True):
             return
         with getattr(self, "_engine_lock", None) or contextlib.nullcontext():
@@ -322,12 +326,18 @@ class Llama:
             self._closed = True
             moe, mlock = getattr(self, "_moe", None), getattr(self, "_mlock", None)
             self._moe = self._mlock = None
-            if moe is not None:
-                moe.close()
-            if mlock is not None:
-                mlock.unlock_all()
-            self._ctx = None
-            self._model.close()
+            try:
+                if moe is not None:
+                    moe.close()
+                if mlock is not None:
+                    mlock.unlock_all()
+            finally:
+                self._ctx = None
+                self.n_tokens = 0
+                self.input_ids = np.zeros(0, np.intc)  # scores: n_ctx x n_vocab floats with logits_all
+                self.scores = np.zeros((0, self._n_vocab), np.single)
+                self._last_logits = self._sampler = None
+                self._model.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -446,6 +456,7 @@ class Llama:
         self._seed = seed
 
     def reset(self) -> None:
+        """Forget the evaluated sequence (the next eval starts at position 0)."""
         with self._serial():
             self.n_tokens = 0
 
@@ -597,8 +608,8 @@ class Llama:
     ) -> Generator[int, Sequence[int] | None, None]:
         """Yield sampled tokens forever (the caller stops). A prompt that extends what was evaluated reuses it;
         a sampled token is evaluated when the generator is resumed; `.send(tokens)` appends more tokens."""
-        with self._exclusive():  # other threads wait until this generator is finished or closed
-            inner = self._generate(
+        return self._relay(  # other threads wait until this generator is finished or closed
+            self._generate(
                 tokens,
                 top_k=top_k,
                 top_p=top_p,
@@ -616,17 +627,7 @@ class Llama:
                 stopping_criteria=stopping_criteria,
                 grammar=grammar,
             )
-            try:
-                sent: Sequence[int] | None = None
-                while True:
-                    try:
-                        token = inner.send(sent)
-                    except StopIteration:
-                        return
-                    sent = yield token
-                    self._busy_owner = threading.get_ident()  # resumed, perhaps by another thread
-            finally:
-                inner.close()
+        )
 
     def _generate(
         self,
@@ -679,49 +680,76 @@ class Llama:
 
     # ---------------------------------------------------------------------------------------------- state
     def save_state(self) -> LlamaState:
-        with self._serial(), self._engine_lock:
+        """A snapshot of the evaluation state: every field is read while the engine is held, so a state saved while
+        another thread evaluates is one moment of the sequence."""
+        with self._serial(changes_sequence=False), self._engine_lock:
             ctx = self._context()
             self._sync_context()
+            n = self.n_tokens
             blob = ctx.save_state()
-        scores = (
-            self.scores[: self.n_tokens].copy()
-            if self._logits_all
-            else (
-                self._last_logits[None, :].copy()
-                if self._last_logits is not None
-                else np.zeros((0, self._n_vocab), np.single)
+            if self._logits_all:
+                scores = self.scores[:n].copy()
+            elif n and self._last_logits is not None:
+                scores = self._last_logits[None, :].copy()
+            else:
+                scores = np.zeros((0, self._n_vocab), np.single)
+            return LlamaState(
+                input_ids=self.input_ids.copy(),
+                scores=scores,
+                n_tokens=n,
+                llama_state=blob,
+                llama_state_size=len(blob),
+                seed=self._seed,
             )
-        )
-        return LlamaState(
-            input_ids=self.input_ids.copy(),
-            scores=scores,
-            n_tokens=self.n_tokens,
-            llama_state=blob,
-            llama_state_size=len(blob),
-            seed=self._seed,
-        )
 
     def load_state(self, state: LlamaState) -> None:
+        """Restore a state from save_state(). It is checked whole first: a state of another Llama (model, n_ctx,
+        n_ubatch, cache type, logits_all) or a damaged one is a ValueError naming the mismatch, and changes nothing."""
         with self._serial(), self._engine_lock:
             ctx = self._context()
-            n = int(state.n_tokens)
-            ids = np.asarray(state.input_ids)
-            if not 0 <= n <= min(self._n_ctx, len(ids)):
-                raise ValueError(f"not a state of this Llama: {n} tokens for a context of {self._n_ctx}")
+            n, ids, scores, seed = self._check_state(state)
+            held = ctx.check_state(state.llama_state)
+            if held != n:
+                raise ValueError(f"not a state of this Llama: it says {n} tokens, but its engine state holds {held}")
             ctx.load_state(state.llama_state)
-            if ctx.n_past != n:  # the engine's part says otherwise: forget both rather than mix them
-                ctx.reset()
-                self.n_tokens = 0
-                raise ValueError(f"not a state of this Llama: {n} tokens, but its engine state holds {ctx.n_past}")
             self.input_ids[:n] = ids[:n]
             self.n_tokens = n
             if self._logits_all:
-                self.scores[:n] = state.scores[:n]
-                self._last_logits = self.scores[n - 1].copy() if n else None
-            else:
-                self._last_logits = state.scores[-1].copy() if len(state.scores) else None
-            self._seed = state.seed
+                self.scores[:n] = scores[:n]
+            self._last_logits = (scores[n - 1] if len(scores) >= n else scores[-1]).copy() if n else None
+            self._seed = seed
             self._requires_eval = True  # a restored state must be re-evaluated before an exact-match sample
+
+    def _check_state(self, state: Any) -> tuple[int, npt.NDArray[Any], npt.NDArray[Any], int]:
+        """(n_tokens, input_ids, scores, seed) of a LlamaState, checked against this Llama; ValueError if unfit."""
+        if not all(hasattr(state, f) for f in ("input_ids", "scores", "n_tokens", "llama_state", "seed")):
+            raise ValueError(f"not a LlamaState: a {type(state).__name__}")
+        try:
+            n = operator.index(state.n_tokens)
+            seed = operator.index(state.seed)
+        except TypeError:
+            raise ValueError(
+                f"not a state of this Llama: n_tokens {state.n_tokens!r} and seed {state.seed!r} must be integers"
+            ) from None
+        if not isinstance(state.llama_state, (bytes, bytearray, memoryview)):
+            kind = type(state.llama_state).__name__
+            raise ValueError(f"not a state of this Llama: llama_state is a {kind}, not bytes")
+        if not 0 <= n <= self._n_ctx:
+            raise ValueError(f"not a state of this Llama: {n} tokens for a context of {self._n_ctx}")
+        ids = np.asarray(state.input_ids)
+        if ids.ndim != 1 or len(ids) < n or (n and ids.dtype.kind not in "iu"):
+            raise ValueError(f"not a state of this Llama: {n} tokens, but {ids.size} token ids of type {ids.dtype}")
+        if n and not ((ids[:n] >= 0) & (ids[:n] < self._n_vocab)).all():
+            raise ValueError(f"not a state of this Llama: token ids outside the vocabulary [0, {self._n_vocab})")
+        scores = np.asarray(state.scores)
+        rows = n if self._logits_all else min(n, 1)
+        if scores.ndim != 2 or scores.shape[1] != self._n_vocab or scores.dtype.kind != "f" or len(scores) < rows:
+            have = len(scores) if scores.ndim == 2 else 0
+            raise ValueError(
+                f"not a state of this Llama: logits for {have} of {n} positions (shape {scores.shape}); this Llama "
+                f"(n_vocab {self._n_vocab}, logits_all={self._logits_all}) needs {rows}"
+            )
+        return n, ids, scores, seed
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -740,10 +768,17 @@ class Llama:
                 self._busy_owner = None
 
     @contextlib.contextmanager
-    def _serial(self) -> Iterator[None]:
+    def _serial(self, changes_sequence: bool = True) -> Iterator[None]:
         """eval, reset, save_state, load_state: other threads' completions and calls finish first; the thread that
-        holds this Llama (a completion or generation in progress, calling these itself) goes on."""
+        holds this Llama (a completion or generation in progress, calling these itself) goes on, except that a call
+        that changes the sequence while one of its streams waits for the caller is refused: the stream would go on
+        from another sequence."""
         if self._busy_owner == threading.get_ident():
+            if changes_sequence and self._stream_paused and not self._closed:  # (closed: the call says so)
+                raise RuntimeError(
+                    "a stream (generate() or create_completion(stream=True)) of this Llama is open in this thread: "
+                    "finish or close it before eval(), reset() or load_state()"
+                )
             yield
             return
         with self._busy:
@@ -752,6 +787,26 @@ class Llama:
                 yield
             finally:
                 self._busy_owner = None
+
+    def _relay(self, inner: Generator[_T, Any, None]) -> Generator[_T, Any, None]:
+        """Hand `inner`'s items (and what the caller sends back) through, holding this Llama exclusively until it
+        ends or is closed. While the caller has an item, the stream is paused (see _serial)."""
+        with self._exclusive():
+            try:
+                sent = None
+                while True:
+                    try:
+                        item = inner.send(sent)
+                    except StopIteration:
+                        return
+                    self._stream_paused = True
+                    try:
+                        sent = yield item
+                    finally:
+                        self._busy_owner = threading.get_ident()  # resumed, perhaps by another thread
+                        self._stream_paused = False
+            finally:
+                inner.close()
 
     # ---------------------------------------------------------------------------------------------- completion
     def create_completion(

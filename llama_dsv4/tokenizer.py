@@ -9,6 +9,7 @@ control tokens (e.g. `<｜User｜>`) only when `special=True`. Decoding is a tab
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -183,11 +184,17 @@ class BaseLlamaTokenizer:
 class LlamaTokenizer(BaseLlamaTokenizer):
     """The model's own tokenizer, as `Llama.tokenizer()` returns it."""
 
-    def __init__(self, llama: object) -> None:
-        self._llama = llama
+    def __init__(self, llama: object, weak: bool = False) -> None:
+        """weak: refer to `llama` without keeping it alive (its own `tokenizer_`: no reference cycle, so a Llama
+        and its buffers are freed as soon as the last reference to it goes)."""
+        self._strong = None if weak else llama
+        self._llama = weakref.ref(llama)
 
     def _tok(self) -> DSV4Tokenizer:
-        return self._llama._require_vocab()  # type: ignore[attr-defined]
+        llama = self._llama()
+        if llama is None:
+            raise ValueError("the Llama of this tokenizer has been closed")
+        return llama._require_vocab()  # type: ignore[attr-defined]
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
         return self._tok().tokenize(text, add_bos=add_bos, special=special)

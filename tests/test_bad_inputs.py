@@ -5,9 +5,12 @@ results as sequential calls, never in a crash or a corrupted state."""
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -352,3 +355,130 @@ def test_close_while_another_thread_computes(micro_path: str) -> None:
         t.join(120)
         assert not t.is_alive()
         assert outcome and (outcome[0] == "finished" or "closed" in outcome[0]), outcome
+
+
+# ---------------------------------------------------------------------------------------------- states and streams
+
+
+def test_save_state_while_another_thread_evaluates_is_a_snapshot(micro_path: str) -> None:
+    """Every state saved while another thread evaluates holds one moment: its tokens, its logits and its engine
+    state agree (n_tokens used to be read after the lock was released)."""
+    tokens = [int(x) for x in np.random.default_rng(3).integers(3, 250, 200)]
+    with Llama(micro_path, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False) as m:
+        logits: dict[int, np.ndarray] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                for t in tokens:
+                    m.eval([t])
+                    logits[m.n_tokens] = m._last_logits.copy()  # type: ignore[union-attr]  # the only writer
+            finally:
+                done.set()
+
+        states = []
+        worker = threading.Thread(target=run)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads as often as possible: any window between reads shows
+        try:
+            worker.start()
+            while not done.is_set():
+                states.append(m.save_state())
+            worker.join()
+        finally:
+            sys.setswitchinterval(interval)
+        assert len(states) >= 20 and len({s.n_tokens for s in states}) >= 5, len(states)
+        for s in states:
+            n = s.n_tokens
+            assert s.input_ids[:n].tolist() == tokens[:n]
+            if n:
+                np.testing.assert_array_equal(s.scores[-1], logits[n])
+        for s in states[:: max(len(states) // 100, 1)]:  # and each one loads as what it says it is
+            m.load_state(s)
+            assert m.n_tokens == s.n_tokens == m.ctx.n_past
+            if s.n_tokens < len(tokens):
+                m.eval([tokens[s.n_tokens]])
+                np.testing.assert_array_equal(m._last_logits, logits[s.n_tokens + 1])
+
+
+def test_a_refused_state_leaves_the_context_as_it_was(micro_path: str) -> None:
+    with Llama(micro_path, n_ctx=64, n_threads=1, verbose=False) as a:
+        a.eval(PROMPT)
+        good = a.save_state()
+        a.eval([3])
+        want = a._last_logits.copy()  # type: ignore[union-attr]
+        n = len(PROMPT)
+        for broken, match in (
+            (LlamaState(good.input_ids, good.scores, n - 1, good.llama_state, 0, 0), f"says {n - 1} tokens.*holds {n}"),
+            (LlamaState(good.input_ids, good.scores, n, good.llama_state[:-7], 0, 0), r"bytes, a state of this"),
+            (LlamaState(good.input_ids[:3], good.scores, n, good.llama_state, 0, 0), "3 token ids"),
+            (LlamaState(good.input_ids * 0 + 10**6, good.scores, n, good.llama_state, 0, 0), "outside the vocab"),
+            (LlamaState(good.input_ids, good.scores[:, :5], n, good.llama_state, 0, 0), "logits"),
+            (LlamaState(good.input_ids, good.scores[:0], n, good.llama_state, 0, 0), "logits"),
+            (LlamaState(good.input_ids, good.scores, n, "text", 0, 0), "bytes"),
+            (LlamaState(good.input_ids, good.scores, "8", good.llama_state, 0, 0), "n_tokens"),
+            (LlamaState(good.input_ids, good.scores, n, good.llama_state, 0, "seed"), "seed"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                a.load_state(broken)
+            assert a.n_tokens == n + 1 and a.ctx.n_past == n + 1  # untouched
+        with pytest.raises(ValueError, match="not a LlamaState"):
+            a.load_state(object())  # type: ignore[arg-type]
+        a.eval([4])
+        a.load_state(good)
+        a.eval([3])
+        np.testing.assert_array_equal(a._last_logits, want)
+    with (
+        Llama(micro_path, n_ctx=64, n_threads=1, verbose=False) as b,
+        Llama(micro_path, n_ctx=64, n_threads=1, verbose=False, logits_all=True) as c,
+    ):
+        c.eval(PROMPT)
+        c.load_state(c.save_state())
+        b.load_state(c.save_state())  # all the logits: the last one is what a plain Llama keeps
+        np.testing.assert_array_equal(b._last_logits, c.scores[n - 1])
+        b.eval(PROMPT[:2])
+        with pytest.raises(ValueError, match=f"logits for 1 of {n + 2} positions"):
+            c.load_state(b.save_state())  # one row cannot stand for every position
+        assert c.n_tokens == n
+
+
+def test_changing_the_sequence_under_an_open_stream_is_refused(micro_path: str) -> None:
+    with Llama(micro_path, n_ctx=128, n_threads=1, verbose=False) as m:
+        whole = m(PROMPT, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+        m.eval([1, 2, 3])
+        other = m.save_state()
+        for name in ("completion", "generate"):
+            if name == "completion":
+                stream = m(PROMPT, max_tokens=8, temperature=0.0, stream=True)
+                first = next(stream)["choices"][0]["text"]
+            else:
+                stream = m.generate(PROMPT, temp=0.0)
+                next(stream)
+            for call in (m.reset, lambda: m.load_state(other), lambda: m.eval([5])):
+                with pytest.raises(RuntimeError, match=r"stream .* is open in this thread"):
+                    call()
+            snapshot = m.save_state()  # reading is fine
+            if name == "completion":
+                assert first + "".join(c["choices"][0]["text"] for c in stream) == whole  # went on unchanged
+            else:
+                stream.close()
+            m.load_state(snapshot)  # once the stream is over, everything is allowed again
+            m.reset()
+
+
+def test_close_frees_the_buffers_at_once(micro_path: str) -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        m = Llama(micro_path, n_ctx=256, n_threads=1, verbose=False, logits_all=True)
+        m.eval(PROMPT)
+        scores, ids = weakref.ref(m.scores), weakref.ref(m.input_ids)
+        m.close()
+        assert scores() is None and ids() is None  # no collection needed
+        m = Llama(micro_path, n_ctx=256, n_threads=1, verbose=False, logits_all=True)
+        m.eval(PROMPT)
+        whole, scores = weakref.ref(m), weakref.ref(m.scores)
+        del m  # no reference cycle: the Llama and its buffers go when the last reference does
+        assert whole() is None and scores() is None
+    finally:
+        gc.enable()

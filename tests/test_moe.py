@@ -4,14 +4,17 @@ EST1), residency seen by the kernel, back-off, and logits that never change."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -313,7 +316,9 @@ def _stats_file(path: str, home: str) -> tuple[str, bytes]:
         return p, f.read()
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "pad", "magic", "version", "shape", "fingerprint", "nan"])
+@pytest.mark.parametrize(
+    "damage", ["flip", "truncate", "pad", "magic", "newer", "version0", "shape", "fingerprint", "nan"]
+)
 def test_corrupt_file_is_ignored_without_touching_live_state(moe_path: str, home: str, damage: str) -> None:
     p, good = _stats_file(moe_path, home)
     b = bytearray(good)
@@ -326,8 +331,10 @@ def test_corrupt_file_is_ignored_without_touching_live_state(moe_path: str, home
         b += b"\0" * 8
     elif damage == "magic":
         b[0:8] = b"NOTMOE\0\0"
-    elif damage == "version":
+    elif damage == "newer":
         b[8:12] = struct.pack("<I", 99)
+    elif damage == "version0":
+        b[8:12] = struct.pack("<I", 0)
     elif damage == "shape":
         b[16:20] = struct.pack("<I", 17)
     elif damage == "fingerprint":
@@ -335,7 +342,7 @@ def test_corrupt_file_is_ignored_without_touching_live_state(moe_path: str, home
     elif damage == "nan":
         off = head + 8 * MOE.n_layer * MOE.n_expert
         b[off : off + 8] = struct.pack("<d", float("nan"))
-    if damage in ("shape", "fingerprint", "nan", "version"):  # keep the checksum valid: only the content is wrong
+    if damage in ("shape", "fingerprint", "nan", "newer", "version0"):  # a valid checksum: only the content is wrong
         b[-32:] = statsfile.hashlib.sha256(bytes(b[:-32])).digest()
     with open(p, "wb") as f:
         f.write(bytes(b))
@@ -345,9 +352,9 @@ def test_corrupt_file_is_ignored_without_touching_live_state(moe_path: str, home
     assert any("ignoring MoE statistics" in str(x.message) for x in w), [str(x.message) for x in w]
     assert llm._moe.counts.lifetime.sum() == 0 and llm._moe.counts.tokens == 0  # nothing partial
     llm.eval(PROMPT[:10])
-    llm.close()  # the next save replaces a damaged file with a valid one, but never another model's valid file
+    llm.close()  # the next save replaces a damaged file of ours with a valid one ...
     data = statsfile.read_bytes(p)
-    if damage == "fingerprint":  # a whole file of another model
+    if damage in ("fingerprint", "magic", "newer"):  # ... never another model's, another program's or a newer one
         assert data == bytes(b)
         return
     s = statsfile.decode(data, MOE.n_layer, MOE.n_expert, MOE.n_expert_used, llm_fp(moe_path))
@@ -439,7 +446,155 @@ def test_a_kill_during_save_never_leaves_a_partial_file(moe_path: str, home: str
             valid += 1
     assert valid >= 10  # the file existed (and was whole) after nearly every kill
     leftovers = [f for f in os.listdir(home) if f.endswith(".tmp")]
-    assert len(leftovers) <= 12  # a killed writer may leave its temp file; never the real one half-written
+    assert len(leftovers) <= 1  # each save removes what killed writers left; only the last kill's may remain
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """A call that blocks (opening a FIFO) fails the test instead of hanging it."""
+
+    def fail(*_: object) -> None:
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devnull", "symlink", "directory", "socket", "lock-fifo", "lock-devnull"])
+def test_only_a_file_of_ours_is_ever_replaced(moe_path: str, home: str, kind: str) -> None:
+    """A FIFO, a device (here through a symbolic link to /dev/null: as root, /dev/null itself used to be replaced by
+    a regular file), a link to another file, a directory or a socket at the statistics path, or at its lock file, is
+    left as it is: a warning, no block, no statistics saved there."""
+    path = os.path.join(home, "stats.bin")
+    elsewhere = os.path.join(home, "elsewhere.bin")
+    with open(elsewhere, "wb") as f:
+        f.write(b"someone else's data")
+    sock = None
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "devnull":
+        os.symlink(os.devnull, path)
+    elif kind == "symlink":
+        os.symlink(elsewhere, path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+    elif kind == "lock-fifo":
+        os.mkfifo(path + ".lock")
+    else:
+        os.symlink(os.devnull, path + ".lock")
+    watched = path + ".lock" if kind.startswith("lock") else path
+    before = os.lstat(watched)
+    try:
+        with deadline(60), warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            llm = llama(moe_path, moe_hot_count=4, moe_stats_path=path)
+            llm.eval(PROMPT[:20])
+            assert llm.moe_save_stats() is False
+            llm.close()
+    finally:
+        if sock is not None:
+            sock.close()
+    after = os.lstat(watched)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert any("left as it is" in str(x.message) or "lock file" in str(x.message) for x in w), [
+        str(x.message) for x in w
+    ]
+    with open(elsewhere, "rb") as f:
+        assert f.read() == b"someone else's data"
+    assert not [f for f in os.listdir(home) if f.endswith(".tmp")]
+    if kind.startswith("lock"):
+        assert not os.path.exists(path)
+
+
+def _write_stats(moe_path: str, path: str, lifetime: np.ndarray, tokens: int) -> None:
+    s = statsfile.Stats(
+        MOE.n_layer, MOE.n_expert, MOE.n_expert_used, llm_fp(moe_path), tokens, 16384.0, lifetime, lifetime * 1.0
+    )
+    with open(path, "wb") as f:
+        f.write(statsfile.encode(s))
+
+
+def test_counts_saturate_instead_of_wrapping(moe_path: str, home: str) -> None:
+    """Counts and tokens near 2**64 (a long life, or a crafted file) stop at the largest u64 instead of wrapping
+    back to small numbers, in memory and in the merged file; saves inside eval() and close() never raise."""
+    top = (1 << 64) - 1
+    c = ExpertCounts(2, 4, 2)
+    c.load(np.full((2, 4), top - 1, np.uint64), np.zeros((2, 4)), top - 3)
+    c.hits[:] = c.routed[:] = top - 1
+    c.add(np.array([[[0, 1]] * 5, [[2, 3]] * 5]), np.ones((2, 4), bool))
+    assert c.lifetime.min() == top - 1 and c.lifetime.max() == top and c.tokens == top
+    assert (c.hits == top).all() and (c.routed == top).all() and c.hit_rate() == 1.0
+
+    path = os.path.join(home, "stats.bin")
+    life = np.full((MOE.n_layer, MOE.n_expert), top - 2, np.uint64)
+    life[0, 0] = 5
+    _write_stats(moe_path, path, life, top - 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even a warning: these are valid statistics
+        llm = llama(moe_path, moe_hot_count=4, moe_stats_path=path)
+        llm._moe.config.interval, llm._moe.config.save_every = 16, 1  # saves inside eval()
+        llm.eval(PROMPT[:100])
+        assert llm.moe_stats()["tokens_counted"] == top
+        llm.close()
+    s = statsfile.decode(statsfile.read_bytes(path), MOE.n_layer, MOE.n_expert, MOE.n_expert_used, llm_fp(moe_path))
+    assert s.tokens == top and (s.lifetime >= life).all() and s.lifetime.max() == top
+
+
+def test_a_failing_save_is_a_warning_and_close_still_releases(
+    moe_path: str, home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm = llama(moe_path, moe_hot_count=4)
+    llm._moe.config.interval, llm._moe.config.save_every = 16, 1
+    moe = llm._moe
+
+    def broken(_: object) -> bytes:
+        raise struct.error("argument out of range")
+
+    monkeypatch.setattr(statsfile, "encode", broken)
+    with pytest.warns(RuntimeWarning, match="could not save MoE statistics.*out of range"):
+        llm.eval(PROMPT[:40])  # saves inside eval(): a warning, the evaluation goes on
+    assert llm.n_tokens == 40
+    llm.close()  # its save fails the same way (warned once): the context, pages and files are released all the same
+    assert llm._ctx is None and moe._fds == [] and moe.memory.locked_bytes == 0
+    with pytest.raises(ValueError, match="closed"):
+        llm.eval([1])
+
+
+def test_stale_temporaries_are_removed(moe_path: str, home: str) -> None:
+    path = os.path.join(home, "stats.bin")
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid that is gone
+    names = {
+        f".stats.bin.{p.pid}-abcdefgh.tmp": False,  # its writer is gone
+        f".stats.bin.{os.getpid()}-abcdefgh.tmp": True,  # a live writer's, fresh
+        f".stats.bin.{os.getpid()}-oldoldol.tmp": False,  # ... but an hour old: a reused pid
+        ".expert-abcdefgh.tmp": False,  # earlier versions' naming, an hour old
+        ".expert-freshfre.tmp": True,  # ... fresh: perhaps a live writer of another file
+        ".other.bin.1-abcdefgh.tmp": True,  # another file's
+        "stats.bin.tmp": True,  # not our naming
+    }
+    old = time.time() - 3600
+    for name in names:
+        with open(os.path.join(home, name), "wb") as f:
+            f.write(b"x")
+        if "old" in name or name == ".expert-abcdefgh.tmp":
+            os.utime(os.path.join(home, name), (old, old))
+    os.symlink(os.devnull, os.path.join(home, f".stats.bin.{p.pid}-linklink.tmp"))  # not a regular file: kept
+    llm = llama(moe_path, moe_hot_count=4, moe_stats_path=path)
+    llm.eval(PROMPT[:10])
+    assert llm.moe_save_stats()
+    llm.close()
+    left = set(os.listdir(home))
+    assert {n for n, keep in names.items() if keep} | {f".stats.bin.{p.pid}-linklink.tmp"} <= left
+    assert not {n for n, keep in names.items() if not keep} & left
 
 
 def test_updates_follow_the_token_cadence(moe_path: str, home: str) -> None:

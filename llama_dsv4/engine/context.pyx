@@ -305,21 +305,35 @@ cdef class Context:
             parts.append(buf.tobytes())
         return b"".join(parts)
 
+    def check_state(self, data) -> int:
+        """The number of positions a save_state() blob holds; ValueError, naming the sizes, unless it is a state of
+        a context like this one (same model, n_ctx, n_ubatch and type_k). Reads the blob, changes nothing."""
+        want = len(self._STATE_MAGIC) + 24 + 8 * self.ring
+        for t_addr in self._state_tensors():
+            want += g.ggml_nbytes(<g.ggml_tensor *> <size_t> t_addr)
+        view = memoryview(data).cast("B")
+        if len(view) != want or bytes(view[: len(self._STATE_MAGIC)]) != self._STATE_MAGIC:
+            raise ValueError(
+                f"not a state of this context: {len(view)} bytes, a state of this context has {want} (different "
+                "model, n_ctx, n_ubatch or cache type)")
+        n_past, ring, n_layer = np.frombuffer(view, np.int64, 3, len(self._STATE_MAGIC)).tolist()
+        if ring != self.ring or n_layer != self.hp.n_layer or not 0 <= n_past <= self.n_ctx:
+            raise ValueError(
+                f"not a state of this context: {n_past} positions, window of {ring}, {n_layer} layers; this context "
+                f"has {self.n_ctx} positions, a window of {self.ring}, {self.hp.n_layer} layers")
+        return n_past
+
     def load_state(self, data) -> None:
-        """Restore a state from save_state() of a context with the same model, n_ctx, n_ubatch and type_k."""
-        data = bytes(data)
+        """Restore a state from save_state() of a context with the same model, n_ctx, n_ubatch and type_k; nothing
+        changes when `data` is not one (check_state)."""
+        n_past = self.check_state(data)
+        cdef const uint8_t[::1] view = memoryview(data).cast("B")
         cdef size_t off = len(self._STATE_MAGIC) + 24 + 8 * self.ring
         cdef g.ggml_tensor * t
-        sizes = [g.ggml_nbytes(<g.ggml_tensor *> <size_t> a) for a in self._state_tensors()]
-        if data[: len(self._STATE_MAGIC)] != self._STATE_MAGIC or len(data) != off + sum(sizes):
-            raise ValueError("not a state of this context (different model, n_ctx, n_ubatch or cache type)")
-        n_past, ring, n_layer = np.frombuffer(data, np.int64, 3, len(self._STATE_MAGIC)).tolist()
-        if ring != self.ring or n_layer != self.hp.n_layer or not 0 <= n_past <= self.n_ctx:
-            raise ValueError("not a state of this context (different model, n_ctx, n_ubatch or cache type)")
-        slot_pos = np.frombuffer(data, np.int64, self.ring, len(self._STATE_MAGIC) + 24).copy()
-        cdef const uint8_t[::1] view = np.frombuffer(data, np.uint8)
-        for t_addr, size in zip(self._state_tensors(), sizes):
+        slot_pos = np.frombuffer(view, np.int64, self.ring, len(self._STATE_MAGIC) + 24).copy()
+        for t_addr in self._state_tensors():
             t = <g.ggml_tensor *> <size_t> t_addr
+            size = g.ggml_nbytes(t)
             g.ggml_backend_tensor_set(t, &view[off], 0, size)
             off += size
         self.n_past = n_past

@@ -2,7 +2,8 @@
 
 Two matrices [n_layer, n_expert]: lifetime counts (u64, never decay) and decayed counts (f64, halved every
 `half_life` counted tokens), which rank the experts so that the hot set follows what the model is doing now.
-The online hit rate is measured at routing time against the hot set in force then.
+The online hit rate is measured at routing time against the hot set in force then. Every count saturates at the
+largest value its file field holds (u64, the largest finite f64) instead of wrapping.
 """
 
 from __future__ import annotations
@@ -10,6 +11,30 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_HALF_LIFE = 16384  # tokens
+U64_MAX = (1 << 64) - 1
+_U64_MAX = np.uint64(U64_MAX)
+F64_MAX = float(np.finfo(np.float64).max)
+
+
+def add_u64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b for u64 arrays (b >= 0), saturating at U64_MAX instead of wrapping."""
+    b = np.asarray(b, np.uint64)
+    return np.minimum(np.asarray(a, np.uint64), _U64_MAX - b) + b
+
+
+def add_tokens(a: int, b: int) -> int:
+    """a + b tokens (b >= 0), saturating at U64_MAX (the file's u64)."""
+    return min(a + max(b, 0), U64_MAX)
+
+
+def total_u64(a: np.ndarray) -> int:
+    """The exact sum of a u64 array (numpy's own sum wraps)."""
+    return int(np.asarray(a, np.uint64).sum(dtype=object))
+
+
+def clamp_decayed(d: np.ndarray) -> np.ndarray:
+    """Decayed counts kept finite (a sum of huge counts from a file would become inf)."""
+    return np.minimum(d, F64_MAX)
 
 
 class ExpertCounts:
@@ -40,16 +65,15 @@ class ExpertCounts:
         flat = (np.arange(L, dtype=np.int64)[:, None, None] * self.n_expert + r)[ok]
         batch = np.bincount(flat, minlength=L * self.n_expert).reshape(L, self.n_expert)
         if hot is not None:
-            self.hits += (batch * hot).sum(axis=1).astype(np.uint64)
-        self.routed += ok.sum(axis=(1, 2)).astype(np.uint64)
-        self.decayed *= 0.5 ** (n / self.half_life)
-        self.decayed += batch
-        self.lifetime += batch.astype(np.uint64)
-        self.tokens += n
+            self.hits = add_u64(self.hits, (batch * hot).sum(axis=1))
+        self.routed = add_u64(self.routed, ok.sum(axis=(1, 2)))
+        self.decayed = clamp_decayed(self.decayed * 0.5 ** (n / self.half_life) + batch)
+        self.lifetime = add_u64(self.lifetime, batch)
+        self.tokens = add_tokens(self.tokens, n)
 
     def hit_rate(self) -> float | None:
-        total = int(self.routed.sum())
-        return int(self.hits.sum()) / total if total else None
+        total = total_u64(self.routed)
+        return total_u64(self.hits) / total if total else None
 
     def load(self, lifetime: np.ndarray, decayed: np.ndarray, tokens: int) -> None:
         """Replace the statistics (from a validated file); the online hit counters are kept."""

@@ -9,6 +9,7 @@ into the file (statsfile.py). Routing and logits never depend on any of this.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import policy, statsfile
-from .counts import DEFAULT_HALF_LIFE, ExpertCounts
+from .counts import DEFAULT_HALF_LIFE, ExpertCounts, add_tokens, add_u64, clamp_decayed, total_u64
 from .memory import EMPTY, PAGE, ExpertTensor, Intervals, Residency, Syscalls, total, union
 
 if TYPE_CHECKING:
@@ -159,32 +160,27 @@ class ExpertResidency:
 
     # ------------------------------------------------------------------------------------------ statistics
     def _warn(self, msg: str) -> None:
+        if msg in self.warnings:  # each save would repeat it
+            return
         self.warnings.append(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _read(self, path: str) -> statsfile.Stats | None:
-        """Our file at `path`, validated; None when absent. StatsFileError when unusable."""
-        data = statsfile.read_bytes(path)
-        if data is None:
-            return None
-        return statsfile.decode(data, self.L, self.E, self.k, self.fingerprint)
+    def _read(self) -> statsfile.Stats | None:
+        """The statistics file, validated; None when absent or empty. StatsFileError when unusable."""
+        return statsfile.load(self.path, self.L, self.E, self.k, self.fingerprint, self.counts.half_life)
 
     def _load(self) -> None:
         try:
-            data = statsfile.read_bytes(self.path)
-            if data is not None and data[:4] == b"EST1":
-                life = statsfile.decode_est1(data, self.L, self.E)
-                self.counts.load(life, life.astype(np.float64), 0)
-                self.loaded_from = self.path
-                return  # the sync point stays at zero: the first save writes everything in our format
-            if data is not None:
-                s = statsfile.decode(data, self.L, self.E, self.k, self.fingerprint)
-                self.counts.load(s.lifetime, s.decayed, s.tokens)
-                self._sync()
-                self.loaded_from = self.path
-                return
+            s = self._read()
         except statsfile.StatsFileError as e:
-            self._warn(f"ignoring MoE statistics {self.path}: {e}")
+            kept = "; statistics are not saved there (set moe_stats_path)" if e.keep else ""
+            self._warn(f"ignoring MoE statistics {self.path}: {e}{kept}")
+            return
+        if s is not None:
+            self.counts.load(s.lifetime, s.decayed, s.tokens)
+            if not s.est1:  # an EST1 file: the sync point stays at zero, the first save writes all in our format
+                self._sync()
+            self.loaded_from = self.path
             return
         if self.config.stats_path is None:  # first start with our format: import the seed's file if present
             try:
@@ -202,30 +198,41 @@ class ExpertResidency:
         self._sync_tokens = self.counts.tokens
 
     def save(self) -> bool:
-        """Merge what this process counted since its last sync into the file (atomically, under a lock)."""
-        c = self.counts
-        f = 0.5 ** ((c.tokens - self._sync_tokens) / c.half_life)
-        d_life = c.lifetime - self._sync_lifetime
-        d_dec = np.maximum(c.decayed - self._sync_decayed * f, 0.0)
-        d_tok = c.tokens - self._sync_tokens
+        """Merge what this process counted since its last sync into the file (atomically, under a lock). Never
+        raises: the statistics only steer residency, so any failure is a warning and the file stays as it was."""
         try:
+            return self._save()
+        except Exception as e:  # a save runs inside eval() and close(): it must not fail them
+            self._warn(f"could not save MoE statistics to {self.path}: {type(e).__name__}: {e}")
+            return False
+
+    def _save(self) -> bool:
+        c = self.counts
+        d_tok = max(c.tokens - self._sync_tokens, 0)
+        f = 0.5 ** (d_tok / c.half_life)
+        d_life = np.maximum(c.lifetime, self._sync_lifetime) - self._sync_lifetime
+        d_dec = np.maximum(c.decayed - self._sync_decayed * f, 0.0)
+        try:
+            statsfile.check_target(self.path)  # before a lock file is created beside it
             with statsfile.locked(self.path):
+                statsfile.remove_stale_temporaries(self.path)
                 try:
-                    cur = self._read(self.path)
+                    cur = self._read()
                 except statsfile.StatsFileError as e:
-                    if e.foreign:
-                        self._warn(f"not saving MoE statistics over {self.path}: {e}; set moe_stats_path")
-                        return False
+                    if e.keep:
+                        raise
                     self._warn(f"replacing unusable MoE statistics {self.path}: {e}")
                     cur = None
-                if cur is None:  # no file (or an unusable one): this process's statistics, all of them
+                if cur is None or cur.est1:  # this process's statistics, all of them (an EST1 file's were loaded)
                     life, dec, tok = c.lifetime.copy(), c.decayed.copy(), c.tokens
                 else:
-                    life, dec, tok = cur.lifetime + d_life, cur.decayed * f + d_dec, cur.tokens + d_tok
+                    life = add_u64(cur.lifetime, d_life)
+                    dec = clamp_decayed(cur.decayed * f + d_dec)
+                    tok = add_tokens(cur.tokens, d_tok)
                 s = statsfile.Stats(self.L, self.E, self.k, self.fingerprint, tok, c.half_life, life, dec)
                 statsfile.write_atomic(self.path, statsfile.encode(s))
-        except OSError as e:
-            self._warn(f"could not save MoE statistics to {self.path}: {e}")
+        except statsfile.StatsFileError as e:  # keep: not ours to replace
+            self._warn(f"not saving MoE statistics to {self.path}: {e}; set moe_stats_path")
             return False
         c.load(life, dec, tok)
         self._sync()
@@ -284,11 +291,17 @@ class ExpertResidency:
                 self.save()
 
     def close(self) -> None:
-        self.save()
-        self.memory.unlock_all()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        """Save the statistics (a failure is a warning), then unlock the pages and close the files, always."""
+        try:
+            self.save()
+        finally:
+            fds, self._fds = self._fds, []
+            try:
+                self.memory.unlock_all()
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     # ------------------------------------------------------------------------------------------ metrics
     def stats(self) -> dict[str, Any]:
@@ -307,8 +320,8 @@ class ExpertResidency:
             "budget_configured_bytes": self.budget or 0,
             "budget_effective_bytes": self._effective_budget() or 0,
             "hit_rate": c.hit_rate(),
-            "hits": int(c.hits.sum()),
-            "routed": int(c.routed.sum()),
+            "hits": total_u64(c.hits),
+            "routed": total_u64(c.routed),
             "hit_rate_per_layer": [(int(h) / int(r) if r else None) for h, r in zip(c.hits, c.routed, strict=True)],
             "tokens_counted": c.tokens,
             "reclassify_total": self.updates,
