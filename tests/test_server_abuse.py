@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from test_server import AUTH, KEY, Server, metrics_of, start_server
 
-from llama_dsv4.server.app import TOKENIZE_MAX_PIECES, TOKENIZE_MAX_TOKENS
+from llama_dsv4.server.app import TOKENIZE_MAX_CHARS, TOKENIZE_MAX_PIECES, TOKENIZE_MAX_TOKENS
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -377,8 +377,9 @@ def test_prompts_that_cannot_fit_are_refused_at_once(server: Server) -> None:
 
 def test_tokenize_is_bounded_and_health_answers_meanwhile(server: Server) -> None:
     """/tokenize answers up to TOKENIZE_MAX_TOKENS tokens (TOKENIZE_MAX_PIECES with_pieces) and 413 past them,
-    stopping there; while it tokenizes 2 MB (540k tokens, on its own threads and off the GIL), /health keeps
-    answering (it waited for the whole tokenization)."""
+    stopping there, or at once past TOKENIZE_MAX_CHARS characters (an 8 MB word took 8 s and 650 MB to tokenize);
+    while it tokenizes 2 MB (540k tokens, on its own threads and off the GIL), /health keeps answering (it waited
+    for the whole tokenization)."""
     latencies: list[float] = []
     stop = False
 
@@ -407,24 +408,30 @@ def test_tokenize_is_bounded_and_health_answers_meanwhile(server: Server) -> Non
         and f"at most {TOKENIZE_MAX_TOKENS}" in err["message"]
     ), err
     assert dt < 10, dt
+    print(f"/tokenize 6 MB: 413 in {dt:.2f} s")
+    r, dt = post(server, "/tokenize", {"content": "a" * (TOKENIZE_MAX_CHARS + 1)})
+    err = openai_error(r.content)
+    assert r.status_code == 413 and f"at most {TOKENIZE_MAX_CHARS}" in err["message"] and dt < 2, (err, dt)
+    print(f"/tokenize of an 8 MiB word: 413 in {dt:.2f} s")
     r, _ = post(server, "/tokenize", {"content": lines(1), "with_pieces": True})
     assert r.status_code == 413 and f"at most {TOKENIZE_MAX_PIECES} with_pieces" in openai_error(r.content)["message"]
     r, _ = post(server, "/extras/tokenize/count", {"input": lines(0.5)})
     assert r.status_code == 200 and r.json()["count"] == int(0.5 * 2**20 / len(LINE)) * 15
-    print(f"/tokenize 6 MB: 413 in {dt:.2f} s")
 
 
 def test_memory_comes_back_after_big_texts(server: Server) -> None:
-    """Three 16 MB /tokenize requests, a 3.5 MB one answered and a 16 MB chat prompt: the server's RSS comes back
-    to within 32 MiB of what it was (it kept GBs; without handing freed memory back, 50-130 MiB)."""
+    """Three 7 MB /tokenize requests (413 after a million tokens), a 3.5 MB one answered and a 16 MB chat prompt:
+    the server's RSS comes back to within 32 MiB of what it was (it kept GBs; without handing freed memory back,
+    50-130 MiB)."""
     post(server, "/tokenize", {"content": "first use of the path"})
     time.sleep(1.5)
     baseline = server.rss()
     for _ in range(3):
-        assert post(server, "/tokenize", {"content": lines(16)})[0].status_code == 413
+        assert post(server, "/tokenize", {"content": lines(7)})[0].status_code == 413
     assert post(server, "/tokenize", {"content": lines(3.5)})[0].status_code == 200
     body = {"messages": [{"role": "user", "content": lines(16)}], "max_tokens": 1}
     assert post(server, "/v1/chat/completions", body)[0].status_code == 400
+    time.sleep(1.5)  # (memory is handed back 0.5 s after the last big request)
     deadline = time.monotonic() + 10
     while (after := server.rss()) - baseline >= 32 << 20 and time.monotonic() < deadline:
         time.sleep(0.25)

@@ -3,7 +3,8 @@
 Every completion runs as a job on a slot (slots.py). A client that goes away while its request waits for a slot,
 while it runs, or in the middle of a stream stops it at the next token and frees the slot. /tokenize and
 /detokenize run on a small pool of their own threads (tokenizing releases the GIL, so the loop keeps answering),
-and are bounded: at most TOKENIZE_MAX_TOKENS tokens (TOKENIZE_MAX_PIECES with_pieces), else 413.
+and are bounded: at most TOKENIZE_MAX_CHARS characters of text and TOKENIZE_MAX_TOKENS tokens (TOKENIZE_MAX_PIECES
+with_pieces), else 413.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ ROUTES = (
 )
 PUBLIC = {"/health", "/v1/health"}
 TOKENIZE_MAX_TOKENS = 1 << 20  # the most /tokenize answers (DeepSeek V4's whole training context)
+# ... of at most this many characters (more than 8 per token is no text; a text without a place to cut it, one
+# long word, takes some 100 bytes of memory per byte to tokenize)
+TOKENIZE_MAX_CHARS = 8 << 20
 TOKENIZE_MAX_PIECES = 1 << 17  # ... with_pieces (an object per token)
 TOKENIZE_THREADS = 2  # /tokenize and /detokenize requests worked on at once (more wait)
 
@@ -510,6 +514,13 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
         text = req.content if req.content is not None else req.input
         if text is None:
             raise APIError(400, "give the text to tokenize as 'content'", param="content")
+        if len(text) > TOKENIZE_MAX_CHARS:
+            raise APIError(
+                413,
+                f"the content is {len(text)} characters; /tokenize takes at most {TOKENIZE_MAX_CHARS}",
+                param="content",
+                code="request_too_large",
+            )
         add = default_special if req.add_special is None else req.add_special
         llm = pool.slots[0].llm
         limit = TOKENIZE_MAX_PIECES if req.with_pieces else TOKENIZE_MAX_TOKENS
