@@ -21,7 +21,7 @@ import numpy as np
 
 from .cache import longest_token_prefix
 from .sampling import LogitsProcessorList, StoppingCriteriaList, logit_bias_processor
-from .tokenizer import check_token_ids
+from .tokenizer import DSV4Tokenizer, TooManyTokens, check_token_ids
 
 if TYPE_CHECKING:
     from .llama import Llama
@@ -64,6 +64,25 @@ def _first_stop(b: bytes, stops: list[bytes]) -> int:
     return min(found) if found else -1
 
 
+def context_exceeded(n: int, n_ctx: int, exact: bool = True) -> ValueError:
+    """llama-cpp-python's error for a prompt of `n` tokens (`exact`, else at least that many) that does not fit."""
+    return ValueError(f"Requested tokens ({n if exact else f'at least {n}'}) exceed context window of {n_ctx}")
+
+
+def text_tokens(
+    llama: Llama, text: str, special: bool, n_other: int = 0, more: bool = False, tok: DSV4Tokenizer | None = None
+) -> list[int]:
+    """The tokens of prompt text (no BOS) in the model's vocabulary. A text that cannot fit the context (with
+    `n_other` more tokens in its prompt, and others not counted yet if `more`) raises the context error before it
+    is tokenized whole: its bytes bound its token count from below, and tokenizing stops once the count is over."""
+    tok = tok or llama._require_vocab()
+    n_ctx = llama.n_ctx()
+    try:
+        return tok.tokenize(text.encode("utf-8"), add_bos=False, special=special, limit=n_ctx - 1 - n_other)
+    except TooManyTokens as e:
+        raise context_exceeded(e.at_least + n_other, n_ctx, e.exact and not more) from None
+
+
 def _prompt_tokens(llama: Llama, prompt: str | list[int], suffix: str | None) -> list[int]:
     if isinstance(prompt, (list, tuple, np.ndarray)) and suffix is None:
         return check_token_ids(prompt, llama.n_vocab())
@@ -72,11 +91,9 @@ def _prompt_tokens(llama: Llama, prompt: str | list[int], suffix: str | None) ->
     tok = llama._require_vocab()
     v = tok.vocab
     if suffix is None:
-        ids = tok.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
-        if v.add_bos and v.bos_id is not None:
-            ids = [v.bos_id, *ids]
-        if v.add_eos and v.eos_id is not None:
-            ids = [*ids, v.eos_id]
+        head = [v.bos_id] if v.add_bos and v.bos_id is not None else []
+        tail = [v.eos_id] if v.add_eos and v.eos_id is not None else []
+        ids = [*head, *text_tokens(llama, prompt, True, len(head) + len(tail), tok=tok), *tail] if prompt else []
         if not ids and v.bos_id is not None:  # an empty prompt starts from the BOS token
             ids = [v.bos_id]
         return ids
@@ -85,8 +102,8 @@ def _prompt_tokens(llama: Llama, prompt: str | list[int], suffix: str | None) ->
         raise ValueError("suffix needs fill-in-the-middle tokens, which this model's vocabulary lacks")
     pre, suf, mid = fim
     head = prompt if isinstance(prompt, str) else llama.detokenize(list(prompt)).decode("utf-8", errors="ignore")
-    p_ids = tok.tokenize(head.encode("utf-8"), add_bos=False, special=False)
-    s_ids = tok.tokenize(suffix.encode("utf-8"), add_bos=False, special=False) if suffix else []
+    p_ids = text_tokens(llama, head, False, len(fim), more=bool(suffix), tok=tok)
+    s_ids = text_tokens(llama, suffix, False, len(fim) + len(p_ids), tok=tok) if suffix else []
     if llama.spm_infill:
         return [suf, *s_ids, pre, *p_ids, mid]
     return [pre, *p_ids, suf, *s_ids, mid]
@@ -161,7 +178,7 @@ def _create_completion(
     prompt_tokens = _prompt_tokens(llama, prompt, suffix)
     n_ctx = llama.n_ctx()
     if len(prompt_tokens) >= n_ctx:
-        raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {n_ctx}")
+        raise context_exceeded(len(prompt_tokens), n_ctx)
     bad = [t for t in prompt_tokens if not 0 <= t < llama.n_vocab()]
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {llama.n_vocab()})")

@@ -4,13 +4,22 @@ Encoding runs on HF `tokenizers` (Rust): the GGUF's tokens and merges as a BPE m
 `joyai-llm` pre-tokenizer (three regexes applied in sequence, spec §5.1) and GPT-2's byte-level alphabet.
 Special tokens behave as in llama.cpp: user-defined tokens (e.g. `<think>`) are always matched in the text,
 control tokens (e.g. `<｜User｜>`) only when `special=True`. Decoding is a table lookup per token.
+
+Long texts are encoded in pieces of about `CHUNK_CHARS` characters, cut only where no token and no pre-token can
+cross (after a letter, before white space or punctuation, not inside an added token: `_CUT`), so the ids are those
+of the whole text at once; each piece goes through `encode_batch`, which releases the GIL (`encode` holds it), so
+other threads (the server's event loop) run meanwhile, and the library's working memory (some 150 bytes per byte of
+text) is that of one piece. A text with no such place (one 4 MB "word") is encoded at once. A `limit` on the token
+count is checked before anything is encoded (no token covers more than `max_token_bytes` bytes of text, so the
+text's length bounds its token count from below) and after each piece.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -25,10 +34,28 @@ _SPLITS = (
     r" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
 PRE_TOKENIZERS = ("deepseek-v3", "joyai-llm")
+CHUNK_CHARS = 1 << 16  # characters encoded per call, about (the next safe cut after it)
+# Places no pre-token crosses (a match starts at one): after a letter or a non-decimal number ([^\W\d_]: a run of
+# letters or of numbers ends there) and before white space, an ASCII punctuation mark or symbol, or common CJK and
+# fullwidth punctuation (none of them a letter, mark, number or part of a CJK run, so the run ends; punctuation
+# cannot be glued backwards onto a letter), in every split of _SPLITS: their regexes look ahead, never behind.
+_CUT = re.compile(r"(?<=[^\W\d_])[\s!-/:-@\[-`{-~\u3001-\u3003\u3008-\u3011\uff01-\uff0f\uff1a-\uff20]")
 
 
 class TokenizerError(ValueError):
     pass
+
+
+class TooManyTokens(ValueError):
+    """The text needs more tokens than the `limit` it was tokenized against: at least `at_least`, exactly that
+    many when `exact` (it was tokenized whole)."""
+
+    def __init__(self, at_least: int, limit: int, exact: bool) -> None:
+        n = at_least if exact else f"at least {at_least}"
+        super().__init__(f"the text is {n} tokens, over the limit of {limit}")
+        self.at_least = at_least
+        self.limit = limit
+        self.exact = exact
 
 
 def check_token_ids(tokens: Iterable[object], n_vocab: int) -> list[int]:
@@ -115,6 +142,12 @@ class DSV4Tokenizer:
             else:
                 self._pieces.append(t.encode("utf-8"))
         self._control = frozenset(control)
+        # no token covers more bytes of text than its piece: a text of n bytes is at least n / this many tokens
+        self.max_token_bytes = max(1, max(map(len, self._pieces)))
+        # a cut between two characters that follow each other in an added token could split one: not there
+        self._in_added = {
+            t[i : i + 2] for t, ty in zip(vocab.tokens, types, strict=True) if ty != NORMAL for i in range(len(t) - 1)
+        }
 
     def _build(self, specials: list[int]) -> Tokenizer:
         try:
@@ -136,16 +169,53 @@ class DSV4Tokenizer:
     def n_tokens(self) -> int:
         return self.vocab.n_tokens
 
-    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+    def min_tokens(self, n_bytes: int) -> int:
+        """A lower bound on the token count of any text of `n_bytes` bytes (of UTF-8; characters also do)."""
+        return -(-n_bytes // self.max_token_bytes)
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False, limit: int | None = None) -> list[int]:
         """Token ids of `text` (bytes, read as UTF-8 the way llama.cpp reads it). A BOS token is prepended only if
-        `add_bos` and the vocabulary asks for one (DeepSeek V4 files do not), as in llama.cpp."""
-        s = decode_utf8(bytes(text)) if isinstance(text, (bytes, bytearray, memoryview)) else str(text)
-        ids = (self._special if special else self._plain_tokenizer()).encode(s, add_special_tokens=False).ids
-        if add_bos and self.vocab.add_bos and self.vocab.bos_id is not None:
-            ids = [self.vocab.bos_id, *ids]
-        if add_bos and self.vocab.add_eos and self.vocab.eos_id is not None:
-            ids = [*ids, self.vocab.eos_id]
-        return ids
+        `add_bos` and the vocabulary asks for one (DeepSeek V4 files do not), as in llama.cpp. With `limit`, a text
+        that needs more tokens raises TooManyTokens: before any encoding when its length shows it, else as soon as
+        the count is over."""
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            n_bytes, s = len(text), decode_utf8(bytes(text))
+        else:
+            s = str(text)
+            n_bytes = len(s)
+        v = self.vocab
+        head = [v.bos_id] if add_bos and v.add_bos and v.bos_id is not None else []
+        tail = [v.eos_id] if add_bos and v.add_eos and v.eos_id is not None else []
+        if limit is not None and len(head) + len(tail) + self.min_tokens(n_bytes) > limit:
+            raise TooManyTokens(len(head) + len(tail) + self.min_tokens(n_bytes), limit, exact=False)
+        enc = self._special if special else self._plain_tokenizer()
+        ids = head
+        for a, z in self._pieces_of(s):
+            ids += enc.encode_batch([s[a:z]], add_special_tokens=False)[0].ids  # (releases the GIL)
+            at_least = len(ids) + len(tail) + self.min_tokens(len(s) - z)
+            if limit is not None and at_least > limit:
+                raise TooManyTokens(at_least, limit, exact=z == len(s))
+        return ids + tail if tail else ids
+
+    def _pieces_of(self, s: str) -> Iterator[tuple[int, int]]:
+        """(start, end) of the pieces `s` is encoded in: about CHUNK_CHARS long, cut where no token can cross."""
+        start, n = 0, len(s)
+        while n - start > CHUNK_CHARS:
+            cut = self._cut_after(s, start + CHUNK_CHARS)
+            if cut is None:
+                break
+            yield start, cut
+            start = cut
+        yield start, n
+
+    def _cut_after(self, s: str, pos: int) -> int | None:
+        """The first place at or after `pos` where `s` can be cut without changing its tokens, or None."""
+        while (m := _CUT.search(s, pos)) is not None:
+            cut = m.start()
+            if s[cut - 1 : cut + 1] not in self._in_added:
+                return cut
+            pos = cut + 1
+        return None
 
     def piece(self, token: int, special: bool = False) -> bytes:
         (token,) = check_token_ids((token,), len(self._pieces))

@@ -13,6 +13,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -170,6 +171,33 @@ def test_prompts_longer_than_the_context(micro_path: str) -> None:
         with pytest.raises(ValueError, match=r"Requested tokens \(33\) exceed context window of 32"):
             m.eval([1, 2, 3])
         assert m.n_tokens == 30
+
+
+def test_prompts_far_over_the_context_are_refused_before_tokenizing(real_vocab_path: str, monkeypatch: Any) -> None:
+    """A 4 MB prompt cannot fit 64 positions, and its length shows it (no token covers more than 128 bytes): text
+    completions, fill-in-the-middle and chat completions refuse it with the context error at once, encoding none
+    of it (tokenizing it all took seconds and GBs)."""
+    from test_tokenizer import EncodeSpy
+
+    big = "word " * 800_000
+    with Llama(real_vocab_path, n_ctx=64, n_threads=1, verbose=False) as m:
+        tok = m._require_vocab()
+        spies = EncodeSpy(tok._special), EncodeSpy(tok._plain_tokenizer())
+        monkeypatch.setattr(tok, "_special", spies[0])
+        monkeypatch.setattr(tok, "_plain", spies[1])
+        for call in (
+            lambda: m(big, max_tokens=1),
+            lambda: m(big, suffix="x", max_tokens=1),
+            lambda: m("x", suffix=big, max_tokens=1),
+            lambda: m.create_chat_completion([{"role": "user", "content": big}], max_tokens=1),
+        ):
+            t0 = time.perf_counter()
+            with pytest.raises(ValueError, match=r"Requested tokens \(at least \d{5}\) exceed context window of 64"):
+                call()
+            assert time.perf_counter() - t0 < 3
+        assert spies[0].chars == 0 and spies[1].chars < 10  # (the FIM prefix "x")
+        fits = "word " * 10  # and prompts that fit still run
+        assert m(fits, max_tokens=1)["usage"]["prompt_tokens"] == len(m.tokenize(fits.encode(), special=True)) > 10
 
 
 # ---------------------------------------------------------------------------------------------- token ids

@@ -1,8 +1,9 @@
 """llama-dsv4-server against abusive clients (issue 9, part 4), on 127.0.0.1 only: slowloris connections that
-dribble their headers or body or send nothing, a stream whose client stops reading, and a flood of hundreds of
-connections at once. Every request gets 200 or an OpenAI-style 4xx/503, other clients are served meanwhile, the
-server drops the abusers within its bounds (--header-timeout, --timeout, --max-queue, --limit-concurrency), never
-crashes, and its memory comes back to its baseline.
+dribble their headers or body or send nothing, a stream whose client stops reading, a flood of hundreds of
+connections at once, and texts of many MB to complete or tokenize. Every request gets 200 or an OpenAI-style
+4xx/503, other clients are served meanwhile, the server drops the abusers within its bounds (--header-timeout,
+--timeout, --max-queue, --limit-concurrency, the context, /tokenize's bound), never crashes, and its memory comes
+back to its baseline.
 
 Malformed, mistyped and oversize requests are in test_server.py.
 """
@@ -21,6 +22,8 @@ from typing import Any
 
 import pytest
 from test_server import AUTH, KEY, Server, metrics_of, start_server
+
+from llama_dsv4.server.app import TOKENIZE_MAX_CHARS, TOKENIZE_MAX_PIECES, TOKENIZE_MAX_TOKENS
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -339,3 +342,98 @@ def test_requests_beyond_max_queue_get_503_at_once(server: Server, word: int) ->
             err = openai_error(r.content)
             assert err["code"] == "server_busy" and "--max-queue" in err["message"]
             assert r.headers.get("retry-after") == "1" and dt < 5, dt
+
+
+# ---------------------------------------------------------------------------------------------- big texts
+
+LINE = "The quick brown fox jumps over the lazy dog 12345, again!\n"  # 58 bytes, 15 tokens
+
+
+def lines(mib: float) -> str:
+    return LINE * int(mib * 2**20 / len(LINE))
+
+
+def post(server: Server, path: str, body: dict[str, Any]) -> tuple[httpx.Response, float]:
+    t0 = time.monotonic()
+    r = httpx.post(server.url + path, json=body, headers=AUTH, timeout=120)
+    return r, time.monotonic() - t0
+
+
+def test_prompts_that_cannot_fit_are_refused_at_once(server: Server) -> None:
+    """16 MB prompts (a slot has 2048 positions): their length shows that they cannot fit, so chat and text
+    completions answer 400 context_length_exceeded at once, without tokenizing them (that took 20 s and GBs)."""
+    text = lines(16)
+    for path, body, param in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}], "max_tokens": 1}, "messages"),
+        ("/v1/completions", {"prompt": text, "max_tokens": 1}, "prompt"),
+    ):
+        r, dt = post(server, path, body)
+        err = openai_error(r.content)
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param, err
+        assert "at least" in err["message"] and "2048 tokens" in err["message"], err
+        assert dt < 5, dt
+        print(f"{path} with a 16 MB prompt: 400 in {dt:.2f} s")
+
+
+def test_tokenize_is_bounded_and_health_answers_meanwhile(server: Server) -> None:
+    """/tokenize answers up to TOKENIZE_MAX_TOKENS tokens (TOKENIZE_MAX_PIECES with_pieces) and 413 past them,
+    stopping there, or at once past TOKENIZE_MAX_CHARS characters (an 8 MB word took 8 s and 650 MB to tokenize);
+    while it tokenizes 2 MB (540k tokens, on its own threads and off the GIL), /health keeps answering (it waited
+    for the whole tokenization)."""
+    latencies: list[float] = []
+    stop = False
+
+    def probe() -> None:
+        while not stop:
+            t0 = time.monotonic()
+            assert httpx.get(server.url + "/health", timeout=60).status_code == 200
+            latencies.append(time.monotonic() - t0)
+            time.sleep(0.02)
+
+    with ThreadPoolExecutor(1) as ex:
+        prober = ex.submit(probe)
+        time.sleep(0.2)
+        r, dt = post(server, "/tokenize", {"content": lines(2)})
+        stop = True
+        prober.result()
+    assert r.status_code == 200 and len(r.json()["tokens"]) == int(2 * 2**20 / len(LINE)) * 15
+    print(f"/tokenize 2 MB: 200 in {dt:.2f} s; /health meanwhile at most {max(latencies):.3f} s")
+    assert len(latencies) >= 3 and max(latencies) < min(1.0, dt / 2), (latencies, dt)
+
+    r, dt = post(server, "/tokenize", {"content": lines(6)})  # 1.6M tokens
+    err = openai_error(r.content)
+    assert (
+        r.status_code == 413
+        and err["code"] == "request_too_large"
+        and f"at most {TOKENIZE_MAX_TOKENS}" in err["message"]
+    ), err
+    assert dt < 10, dt
+    print(f"/tokenize 6 MB: 413 in {dt:.2f} s")
+    r, dt = post(server, "/tokenize", {"content": "a" * (TOKENIZE_MAX_CHARS + 1)})
+    err = openai_error(r.content)
+    assert r.status_code == 413 and f"at most {TOKENIZE_MAX_CHARS}" in err["message"] and dt < 2, (err, dt)
+    print(f"/tokenize of an 8 MiB word: 413 in {dt:.2f} s")
+    r, _ = post(server, "/tokenize", {"content": lines(1), "with_pieces": True})
+    assert r.status_code == 413 and f"at most {TOKENIZE_MAX_PIECES} with_pieces" in openai_error(r.content)["message"]
+    r, _ = post(server, "/extras/tokenize/count", {"input": lines(0.5)})
+    assert r.status_code == 200 and r.json()["count"] == int(0.5 * 2**20 / len(LINE)) * 15
+
+
+def test_memory_comes_back_after_big_texts(server: Server) -> None:
+    """Three 7 MB /tokenize requests (413 after a million tokens), a 3.5 MB one answered and a 16 MB chat prompt:
+    the server's RSS comes back to within 32 MiB of what it was (it kept GBs; without handing freed memory back,
+    50-130 MiB)."""
+    post(server, "/tokenize", {"content": "first use of the path"})
+    time.sleep(1.5)
+    baseline = server.rss()
+    for _ in range(3):
+        assert post(server, "/tokenize", {"content": lines(7)})[0].status_code == 413
+    assert post(server, "/tokenize", {"content": lines(3.5)})[0].status_code == 200
+    body = {"messages": [{"role": "user", "content": lines(16)}], "max_tokens": 1}
+    assert post(server, "/v1/chat/completions", body)[0].status_code == 400
+    time.sleep(1.5)  # (memory is handed back 0.5 s after the last big request)
+    deadline = time.monotonic() + 10
+    while (after := server.rss()) - baseline >= 32 << 20 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    print(f"big texts: RSS {baseline >> 20} -> {after >> 20} MiB")
+    assert after - baseline < 32 << 20, (baseline >> 20, after >> 20)

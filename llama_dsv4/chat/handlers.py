@@ -17,8 +17,10 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..completion import text_tokens
 from ..grammar import LlamaGrammar
 from ..model.writer import default_chat_template
+from ..tokenizer import LlamaTokenizer
 from . import constrained, dsml
 from . import template as tmpl
 from .parser import OutputParser
@@ -187,7 +189,10 @@ class TemplateChatHandler:
         if source is not None and thinking:  # constrained output starts right away: no thinking block
             variables["thinking"] = variables["enable_thinking"] = thinking = False
         prompt = self.render(llama, messages, variables)
-        tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        if isinstance(llama.tokenizer_, LlamaTokenizer):  # refused early if it cannot fit the context
+            tokens = text_tokens(llama, prompt, special=True)
+        else:  # the tokenizer the caller gave the Llama
+            tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         n_logprobs = (top_logprobs or 0) if logprobs else None
         result = llama.create_completion(
             prompt=tokens, stream=stream, grammar=source, logprobs=n_logprobs, **completion

@@ -1,18 +1,23 @@
 """The OpenAI-compatible HTTP API (FastAPI): routes, request checking, streaming, API keys, request counting.
 
 Every completion runs as a job on a slot (slots.py). A client that goes away while its request waits for a slot,
-while it runs, or in the middle of a stream stops it at the next token and frees the slot.
+while it runs, or in the middle of a stream stops it at the next token and frees the slot. /tokenize and
+/detokenize run on a small pool of their own threads (tokenizing releases the GIL, so the loop keeps answering),
+and are bounded: at most TOKENIZE_MAX_CHARS characters of text and TOKENIZE_MAX_TOKENS tokens (TOKENIZE_MAX_PIECES
+with_pieces), else 413.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -27,7 +32,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from . import schemas
+from ..tokenizer import TooManyTokens
+from . import heap, schemas
 from .errors import APIError, from_exception, from_validation
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
@@ -56,6 +62,12 @@ ROUTES = (
     "/props",
 )
 PUBLIC = {"/health", "/v1/health"}
+TOKENIZE_MAX_TOKENS = 1 << 20  # the most /tokenize answers (DeepSeek V4's whole training context)
+# ... of at most this many characters (more than 8 per token is no text; a text without a place to cut it, one
+# long word, takes some 100 bytes of memory per byte to tokenize)
+TOKENIZE_MAX_CHARS = 8 << 20
+TOKENIZE_MAX_PIECES = 1 << 17  # ... with_pieces (an object per token)
+TOKENIZE_THREADS = 2  # /tokenize and /detokenize requests worked on at once (more wait)
 
 
 class ClientGone(Exception):
@@ -119,6 +131,27 @@ class _Counting:
             self.metrics.request(route, status["code"])
 
 
+class _GiveBackMemory:
+    """ASGI middleware: soon after a request with a large body is answered, the memory it freed goes back to the
+    OS (heap.give_back on a thread, at most once per heap.DELAY_S)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.scheduled = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope.get("state", {}).get("big_body") and not self.scheduled:  # (set by read_body)
+                self.scheduled = True
+                asyncio.get_running_loop().call_later(heap.DELAY_S, self._give_back)
+
+    def _give_back(self) -> None:
+        self.scheduled = False
+        asyncio.get_running_loop().run_in_executor(None, heap.give_back)
+
+
 def _json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -130,9 +163,12 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     max_body = int(settings.max_body_mib * 2**20)
     keys = [k.encode() for k in settings.api_keys]
 
+    text_work = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        text_work.shutdown(wait=False, cancel_futures=True)
         if not await run_in_threadpool(pool.close):
             log.warning("a generation is still running (a long prompt cannot be interrupted): exiting anyway")
             app.state.unfinished = True
@@ -200,6 +236,8 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
         async def receive() -> None:
             async for chunk in request.stream():
                 data.extend(chunk)
+                if len(data) >= heap.BIG_BODY:
+                    request.state.big_body = True
                 if len(data) > max_body:
                     raise APIError(
                         413,
@@ -216,7 +254,7 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
                 408, f"the request body took over {settings.timeout:g} s to arrive (--timeout)", code="request_timeout"
             ) from None
         try:
-            raw = json.loads(bytes(data), parse_constant=_json_constant)
+            raw = json.loads(data, parse_constant=_json_constant)
         except (ValueError, RecursionError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(raw, dict):
@@ -467,36 +505,51 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             code="embeddings_not_supported",
         )
 
-    async def _tokenize(request: Request, default_special: bool) -> list[Any]:
+    async def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(text_work, functools.partial(fn, *args, **kwargs))
+
+    async def _tokenize(request: Request, default_special: bool, key: str) -> Response:
+        """The answer {key: ids or pieces} ("count": their number), made and encoded off the loop."""
         req, _ = await read_body(request, schemas.TokenizeRequest)
         text = req.content if req.content is not None else req.input
         if text is None:
             raise APIError(400, "give the text to tokenize as 'content'", param="content")
+        if len(text) > TOKENIZE_MAX_CHARS:
+            raise APIError(
+                413,
+                f"the content is {len(text)} characters; /tokenize takes at most {TOKENIZE_MAX_CHARS}",
+                param="content",
+                code="request_too_large",
+            )
         add = default_special if req.add_special is None else req.add_special
         llm = pool.slots[0].llm
-        ids = await run_in_threadpool(llm.tokenize, text.encode("utf-8"), add, req.parse_special)
-        if not req.with_pieces:
-            return ids
-        pieces = []
-        for i in ids:
-            b = llm.detokenize([i], special=True)
-            try:
-                pieces.append({"id": i, "piece": b.decode("utf-8")})
-            except UnicodeDecodeError:
-                pieces.append({"id": i, "piece": list(b)})
-        return pieces
+        limit = TOKENIZE_MAX_PIECES if req.with_pieces else TOKENIZE_MAX_TOKENS
+        try:
+            body = await off_loop(_tokens, llm, text, add, req.parse_special, limit, req.with_pieces, key)
+        except TooManyTokens as e:
+            at_least = e.at_least
+        else:
+            return Response(body, media_type="application/json")
+        # (raised here, not in the except clause: its context would keep the text alive)
+        raise APIError(
+            413,
+            f"the content is at least {at_least} tokens; /tokenize answers at most {limit}"
+            + (" with_pieces" if req.with_pieces else ""),
+            param="content",
+            code="request_too_large",
+        )
 
     @api.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
-        return {"tokens": await _tokenize(request, False)}
+    async def tokenize(request: Request) -> Response:
+        return await _tokenize(request, False, "tokens")
 
     @api.post("/extras/tokenize")
-    async def extras_tokenize(request: Request) -> dict[str, Any]:
-        return {"tokens": await _tokenize(request, True)}
+    async def extras_tokenize(request: Request) -> Response:
+        return await _tokenize(request, True, "tokens")
 
     @api.post("/extras/tokenize/count")
-    async def extras_tokenize_count(request: Request) -> dict[str, Any]:
-        return {"count": len(await _tokenize(request, True))}
+    async def extras_tokenize_count(request: Request) -> Response:
+        return await _tokenize(request, True, "count")
 
     async def _detokenize(request: Request) -> str:
         req, _ = await read_body(request, schemas.DetokenizeRequest)
@@ -505,7 +558,7 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
         bad = [t for t in req.tokens if t >= n_vocab]
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {n_vocab})", param="tokens")
-        data = await run_in_threadpool(llm.detokenize, req.tokens, None, True)
+        data = await off_loop(llm.detokenize, req.tokens, None, True)
         return data.decode("utf-8", errors="replace")
 
     @api.post("/detokenize")
@@ -521,7 +574,28 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     # browsers may call the API from any page, as llama-server allows (the API key still applies)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(_Counting, metrics=metrics)
+    app.add_middleware(_GiveBackMemory)
     return app
+
+
+def _tokens(llm: Any, text: str, add_bos: bool, special: bool, limit: int, with_pieces: bool, key: str) -> bytes:
+    """/tokenize's answer as JSON: {key: the ids of `text`, or {id, piece} objects} or {"count": how many};
+    TooManyTokens past `limit`."""
+    ids = llm._require_vocab().tokenize(text.encode("utf-8"), add_bos=add_bos, special=special, limit=limit)
+    if key == "count":
+        answer: dict[str, Any] = {"count": len(ids)}
+    elif not with_pieces:
+        answer = {key: ids}
+    else:
+        pieces = []
+        for i in ids:
+            b = llm.detokenize([i], special=True)
+            try:
+                pieces.append({"id": i, "piece": b.decode("utf-8")})
+            except UnicodeDecodeError:
+                pieces.append({"id": i, "piece": list(b)})
+        answer = {key: pieces}
+    return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _response_format(rf: Any) -> Any:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 log = logging.getLogger("llama_dsv4.server")
 
-_CONTEXT = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+_CONTEXT = re.compile(r"Requested tokens \((at least )?(\d+)\) exceed context window of (\d+)")
 
 
 class APIError(Exception):
@@ -74,10 +74,10 @@ def from_exception(e: BaseException, prompt_param: str = "messages") -> APIError
     text = str(e)
     m = _CONTEXT.search(text)
     if m:
-        n, ctx = int(m.group(1)), int(m.group(2))
+        at_least, n, ctx = m.group(1) or "", int(m.group(2)), int(m.group(3))
         return APIError(
             400,
-            f"the prompt is {n} tokens, which does not fit this server's context of {ctx} tokens per request "
+            f"the prompt is {at_least}{n} tokens, which does not fit this server's context of {ctx} tokens per request "
             "(shorten the prompt, or start the server with a larger --ctx-size or fewer --parallel slots)",
             param=prompt_param,
             code="context_length_exceeded",
