@@ -22,7 +22,11 @@ from llama_dsv4.model.loader import load_model
 from llama_dsv4.model.writer import write_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "forward")
-BACKENDS = _ggml.Backends("cpu", 2)
+# One thread where a test evaluates token by token: ggml's threads meet at a spinning barrier after every op, so two
+# threads on a tiny model are slower than one and, on a busy machine, many times slower (measured on 2 loaded cores:
+# 520 single-token steps 0.6-2 s on one thread, 6-20 s on two). Two threads in one run of each comparison that
+# exercises the threaded graph: ubatches of 61, exact attention against numpy, the long context's prefill.
+ONE, TWO = _ggml.Backends("cpu", 1), _ggml.Backends("cpu", 2)
 
 
 def reference(name: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -42,10 +46,18 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return out
 
 
-def run(path: str, toks: np.ndarray, *, n_ubatch: int = UBATCH, prefill: int = N_PREFILL, **kw) -> np.ndarray:
+def run(
+    path: str,
+    toks: np.ndarray,
+    *,
+    n_ubatch: int = UBATCH,
+    prefill: int = N_PREFILL,
+    backends: _ggml.Backends = ONE,
+    **kw,
+) -> np.ndarray:
     """Our logits at every position: the first `prefill` tokens in ubatches, then one token per call."""
     with load_model(path) as m:
-        ctx = Context(m, 1024, n_ubatch=n_ubatch, type_k=kw.pop("type_k", "f32"), backends=BACKENDS, **kw)
+        ctx = Context(m, 1024, n_ubatch=n_ubatch, type_k=kw.pop("type_k", "f32"), backends=backends, **kw)
         out = [ctx.eval(toks[:prefill], all_logits=True)] if prefill else []
         out += [ctx.eval(toks[i : i + 1]) for i in range(prefill, len(toks))]
         del ctx
@@ -112,9 +124,10 @@ def test_random_model_figures(models: dict[str, str]) -> None:
     """The §7.2 random model: near-ties in top-k choices make any two implementations diverge somewhere (the
     reference disagrees with itself across schedules too); reported, with only a loose sanity bound."""
     toks, ref, _ = reference("random")
-    a = agreement(run(models["random"], toks), ref)
+    ours = run(models["random"], toks)
+    a = agreement(ours, ref)
     report("random", a)
-    rel = np.abs(run(models["random"], toks) - ref).max(axis=1) / np.abs(ref).max(axis=1)
+    rel = np.abs(ours - ref).max(axis=1) / np.abs(ref).max(axis=1)
     first = int(np.argmax(rel > 3e-3)) if (rel > 3e-3).any() else len(rel)
     print(f"random: first position beyond 3e-3: {first}", file=sys.stderr)
     assert a["argmax"] >= 0.9 and first >= 16  # agreement until the first near-tie flips a choice
@@ -122,10 +135,12 @@ def test_random_model_figures(models: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("name", ["decisive", "second-decisive-prune"])
 def test_ubatch_schedules_agree(models: dict[str, str], name: str) -> None:
-    """The same tokens fed in ubatches of 1, 7 and 61 (block boundaries inside ubatches) agree within the bounds
-    of the model's kind."""
+    """The same tokens fed in ubatches of 1, 7 and 61 (block boundaries inside ubatches; 61 on two threads, the
+    others on one) agree within the bounds of the model's kind."""
     toks, _, _ = reference(name)
-    runs = {u: run(models[name], toks, n_ubatch=u, prefill=len(toks)) for u in (1, 7, 61)}
+    runs = {
+        u: run(models[name], toks, n_ubatch=u, prefill=len(toks), backends=TWO if u == 61 else ONE) for u in (1, 7, 61)
+    }
     for u in (7, 61):
         a = agreement(runs[u], runs[1])
         report(f"{name} ub{u} vs ub1", a)
@@ -144,7 +159,7 @@ def test_exact_attention_matches_numpy(models: dict[str, str], name: str) -> Non
     with load_model(models[name]) as m:
         net = NumpyDSV4(m, fa_f16=False)
         expect = np.array([net.step(int(t)) for t in toks[:n]])
-    ours = run(models[name], toks[:n], n_ubatch=61, prefill=100, flash_attn=False)
+    ours = run(models[name], toks[:n], n_ubatch=61, prefill=100, flash_attn=False, backends=TWO)
     a = agreement(ours, expect)
     report(f"{name} exact vs numpy", a)
     assert a["max"] <= 1e-5, a
@@ -163,7 +178,7 @@ def test_split_and_single_files_give_identical_logits(models: dict[str, str], tm
 def test_reset_replays_identically(models: dict[str, str]) -> None:
     toks, _, _ = reference("decisive-prune")
     with load_model(models["decisive-prune"]) as m:
-        ctx = Context(m, 256, n_ubatch=32, backends=BACKENDS)
+        ctx = Context(m, 256, n_ubatch=32, backends=ONE)
         first = ctx.eval(toks[:150], all_logits=True)
         assert ctx.n_past == 150
         ctx.reset()
@@ -175,7 +190,7 @@ def test_reset_replays_identically(models: dict[str, str]) -> None:
 
 def test_bad_input_is_refused(models: dict[str, str]) -> None:
     with load_model(models["decisive"]) as m:
-        ctx = Context(m, 16, n_ubatch=8, backends=BACKENDS)
+        ctx = Context(m, 16, n_ubatch=8, backends=ONE)
         with pytest.raises(ValueError, match="token id 64 is outside the vocabulary"):
             ctx.eval([1, 64])
         with pytest.raises(ValueError, match="exceed the context of 16 tokens"):
@@ -184,18 +199,18 @@ def test_bad_input_is_refused(models: dict[str, str]) -> None:
             ctx.eval([])
         assert ctx.n_past == 0  # nothing was consumed
         with pytest.raises(ValueError, match="n_ctx must be positive"):
-            Context(m, 0, backends=BACKENDS)
+            Context(m, 0, backends=ONE)
         with pytest.raises(ValueError, match="type_k"):
-            Context(m, 16, type_k="q4_0", backends=BACKENDS)
+            Context(m, 16, type_k="q4_0", backends=ONE)
 
 
 def test_long_context_schedules_agree(models: dict[str, str]) -> None:
     """1100 positions (eight HCA blocks, 275 CSA blocks with top-k pruning): large ubatches vs one token at a time
-    over the last 100 positions."""
+    over the last 100 positions (two threads vs one)."""
     toks = np.random.default_rng(3).integers(0, 64, 1100).astype(np.int32)
     with load_model(models["decisive-prune"]) as m:
-        a = Context(m, 1100, n_ubatch=256, backends=BACKENDS)
-        b = Context(m, 1100, n_ubatch=256, backends=BACKENDS)
+        a = Context(m, 1100, n_ubatch=256, backends=TWO)
+        b = Context(m, 1100, n_ubatch=256, backends=ONE)
         la = a.eval(toks, all_logits=True)[1000:]
         b.eval(toks[:1000])
         lb = np.concatenate([b.eval(toks[i : i + 1]) for i in range(1000, 1100)])
@@ -246,7 +261,7 @@ def test_context_allocates_the_layout(models: dict[str, str]) -> None:
 
     with load_model(models["decisive"]) as m:
         for n_ctx, tk in ((300, "f32"), (4096, "f16")):
-            ctx = Context(m, n_ctx, n_ubatch=32, type_k=tk, backends=BACKENDS)
+            ctx = Context(m, n_ctx, n_ubatch=32, type_k=tk, backends=ONE)
             expect = state_bytes(m.params, n_ctx, 32, tk)
             assert expect <= ctx.state_bytes <= expect + 64 * 64  # plus alignment padding per tensor
 
