@@ -22,10 +22,11 @@ from llama_dsv4.model.loader import load_model
 from llama_dsv4.model.writer import write_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "forward")
-# One thread where a test evaluates token by token: ggml's threads meet at a spinning barrier after every op, so two
-# threads on a tiny model are slower than one and, on a busy machine, many times slower (measured on 2 loaded cores:
-# 520 single-token steps 0.6-2 s on one thread, 6-20 s on two). Two threads in one run of each comparison that
-# exercises the threaded graph: ubatches of 61, exact attention against numpy, the long context's prefill.
+# One thread: ggml's CPU threads meet at a spinning barrier after every op (~1000 per graph here), so on these tiny
+# models two threads are slower than one, and on a busy machine many times slower (2 loaded cores: 520 tokens in
+# ubatches of 61, 0.6 s on one thread, 14 s on two; one token at a time, 0.6-2 s vs 6-20 s). The threaded graph is
+# compared once, in the long context (two-thread prefill vs one-thread decode); tests/test_kernels.py and
+# tests/test_gemm.py check our kernels' splits across threads.
 ONE, TWO = _ggml.Backends("cpu", 1), _ggml.Backends("cpu", 2)
 
 
@@ -46,18 +47,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return out
 
 
-def run(
-    path: str,
-    toks: np.ndarray,
-    *,
-    n_ubatch: int = UBATCH,
-    prefill: int = N_PREFILL,
-    backends: _ggml.Backends = ONE,
-    **kw,
-) -> np.ndarray:
+def run(path: str, toks: np.ndarray, *, n_ubatch: int = UBATCH, prefill: int = N_PREFILL, **kw) -> np.ndarray:
     """Our logits at every position: the first `prefill` tokens in ubatches, then one token per call."""
     with load_model(path) as m:
-        ctx = Context(m, 1024, n_ubatch=n_ubatch, type_k=kw.pop("type_k", "f32"), backends=backends, **kw)
+        ctx = Context(m, 1024, n_ubatch=n_ubatch, type_k=kw.pop("type_k", "f32"), backends=ONE, **kw)
         out = [ctx.eval(toks[:prefill], all_logits=True)] if prefill else []
         out += [ctx.eval(toks[i : i + 1]) for i in range(prefill, len(toks))]
         del ctx
@@ -135,12 +128,10 @@ def test_random_model_figures(models: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("name", ["decisive", "second-decisive-prune"])
 def test_ubatch_schedules_agree(models: dict[str, str], name: str) -> None:
-    """The same tokens fed in ubatches of 1, 7 and 61 (block boundaries inside ubatches; 61 on two threads, the
-    others on one) agree within the bounds of the model's kind."""
+    """The same tokens fed in ubatches of 1, 7 and 61 (block boundaries inside ubatches) agree within the bounds
+    of the model's kind."""
     toks, _, _ = reference(name)
-    runs = {
-        u: run(models[name], toks, n_ubatch=u, prefill=len(toks), backends=TWO if u == 61 else ONE) for u in (1, 7, 61)
-    }
+    runs = {u: run(models[name], toks, n_ubatch=u, prefill=len(toks)) for u in (1, 7, 61)}
     for u in (7, 61):
         a = agreement(runs[u], runs[1])
         report(f"{name} ub{u} vs ub1", a)
@@ -159,7 +150,7 @@ def test_exact_attention_matches_numpy(models: dict[str, str], name: str) -> Non
     with load_model(models[name]) as m:
         net = NumpyDSV4(m, fa_f16=False)
         expect = np.array([net.step(int(t)) for t in toks[:n]])
-    ours = run(models[name], toks[:n], n_ubatch=61, prefill=100, flash_attn=False, backends=TWO)
+    ours = run(models[name], toks[:n], n_ubatch=61, prefill=100, flash_attn=False)
     a = agreement(ours, expect)
     report(f"{name} exact vs numpy", a)
     assert a["max"] <= 1e-5, a
