@@ -41,10 +41,16 @@ def test_upstream_portable_tests(real_vocab_path: str, llama_cpp_sdist_path: str
     with open(os.path.join(d, "conftest.py"), "w") as f:
         f.write(
             textwrap.dedent(f"""
+            import multiprocessing
             import pytest
             import llama_dsv4.compat
             llama_dsv4.compat.install()
             import huggingface_hub
+
+            # The tests run their tiny model on multiprocessing.cpu_count() threads: let them see one CPU, as on a
+            # one-CPU machine (ggml's threads meet at a spinning barrier after every op, so on a busy machine two
+            # threads are many times slower than one on a model this small).
+            multiprocessing.cpu_count = lambda: 1
 
             TINY = {real_vocab_path!r}
 
