@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import _extensions  # noqa: F401  first: a clear error where the compiled extensions are not built
 from .cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache
 from .grammar import LlamaGrammar
 from .llama import LLAMA_DEFAULT_SEED, Llama, LlamaState

@@ -5,7 +5,8 @@
     llama-dsv4                                                   # the embedded demo model (RANDOM weights)
     llama-dsv4 -m model.gguf --info                              # what the file holds, and a greedy check
 
-Logs, the loading progress bar and the tokens/s line go to stderr; the text goes to stdout.
+Logs (the demo model's note and the seed included), the loading progress bar and the tokens/s line go to stderr;
+the text goes to stdout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import collections
 import contextlib
 import os
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -73,7 +75,13 @@ def _parser() -> _Parser:
     a("--top-p", type=_float("--top-p", 0), default=0.95)
     a("--min-p", type=_float("--min-p", 0), default=0.05)
     a("--repeat-penalty", type=_float("--repeat-penalty", 0), default=1.0)
-    a("-s", "--seed", type=_int("--seed"), default=-1, help="RNG seed (-1: random)")
+    a(
+        "-s",
+        "--seed",
+        type=_int("--seed"),
+        default=-1,
+        help="RNG seed (default -1: a random one per run, printed to stderr so that -s repeats the run)",
+    )
     a("-cnv", "--conversation", dest="chat", action="store_true", help="chat: read your turns from stdin")
     a("-i", "--interactive", dest="chat", action="store_true", help="same as -cnv")
     a("-no-cnv", "--no-conversation", dest="chat", action="store_false", help="complete the prompt (default)")
@@ -241,8 +249,9 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
         device=device,
         verbose=args.verbose,
     )
-    if args.seed >= 0:
-        kw["seed"] = args.seed
+    # -s -1 (the default): a fresh seed per run, as llama.cpp does, shown so that the run can be repeated
+    seed = args.seed if args.seed >= 0 else secrets.randbelow(2**32)
+    kw["seed"] = seed
     for name in ("moe_hot_count", "moe_hot_budget_mib", "moe_stats_path"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
@@ -264,7 +273,7 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
         template_from_file(llm, args.chat_template_file)
     err.write(
         f"llama-dsv4: opened {os.path.basename(path)} in {time.perf_counter() - t0:.1f} s: n_ctx {llm.n_ctx()}, "
-        f"threads {threads}\n"
+        f"threads {threads}, seed {seed}{'' if args.seed >= 0 else f' (-s {seed} repeats this run)'}\n"
     )
     return llm
 
@@ -416,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write(_summary(path, args.device, threads, n) + "\n")
             return 0
         if demo:
-            out.write(DEMO_NOTE + "\n")
-            out.flush()
+            err.write(DEMO_NOTE + "\n")
             if not os.path.exists(os.path.join(cache_dir(), _DEMO_FILE)):
                 err.write(f"llama-dsv4: writing the demo model to {cache_dir()} (once)\n")
             args.model = demo_model_path()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import llama_cpp_sdist
 import pytest
 
 from llama_dsv4.model.params import DSV4Params
@@ -58,3 +59,10 @@ def tiny_paths(model_dir: str) -> dict[str, str]:
 def real_vocab_path(model_dir: str) -> str:
     """The micro model with the real DeepSeek V4 vocabulary (129280 tokens) and our chat template."""
     return write_model(os.path.join(model_dir, "micro-realvocab.gguf"), MICRO, vocab="real", dtype="f16")[0]
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_sdist_path() -> str:
+    """llama-cpp-python 0.3.36's sdist (tests/llama_cpp_sdist.py): downloaded once per machine; the tests that use it
+    are skipped, with the reason, where the package registry cannot be reached (tried once per session)."""
+    return llama_cpp_sdist.sdist_path()

@@ -44,14 +44,14 @@ CALL_TEXT = (
 
 @pytest.fixture(scope="module")
 def llm(real_vocab_path: str) -> Llama:
-    return Llama(real_vocab_path, n_ctx=2048, verbose=False, seed=11)
+    return Llama(real_vocab_path, n_ctx=2048, verbose=False, n_threads=1, n_threads_batch=1, seed=11)
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Llama:
     """The micro model with the 512-token vocabulary: fast enough for many constrained generations."""
     path = write_model(os.path.join(tmp_path_factory.mktemp("chat"), "small.gguf"), MICRO, dtype="f32", seed=3)[0]
-    return Llama(path, n_ctx=4096, verbose=False, seed=5)
+    return Llama(path, n_ctx=4096, verbose=False, n_threads=1, n_threads_batch=1, seed=5)
 
 
 def prompt_of(llm: Llama, monkeypatch: pytest.MonkeyPatch, **kw: object) -> str:
@@ -351,7 +351,7 @@ def test_template_injection_cannot_reach_python(payload: str, tmp_path: os.PathL
         0
     ]
     with pytest.warns(RuntimeWarning) if False else open(os.devnull) as _:
-        evil = Llama(path, n_ctx=64, verbose=False)
+        evil = Llama(path, n_ctx=64, verbose=False, n_threads=1, n_threads_batch=1)
     with pytest.raises(ValueError, match="chat template"):
         evil.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1)
     assert not os.path.exists("/tmp/pwned")
@@ -364,7 +364,7 @@ def test_handler_resolution(llm: Llama, real_vocab_path: str) -> None:
         seen.update(kw)
         return {"ok": True}
 
-    custom = Llama(real_vocab_path, n_ctx=64, verbose=False, chat_handler=handler)
+    custom = Llama(real_vocab_path, n_ctx=64, verbose=False, n_threads=1, n_threads_batch=1, chat_handler=handler)
     assert custom.create_chat_completion([{"role": "user", "content": "x"}]) == {"ok": True}
     for key in (
         "llama",
@@ -399,7 +399,7 @@ def test_handler_resolution(llm: Llama, real_vocab_path: str) -> None:
     ):
         assert key in seen
     assert llm.chat_format == "chat_template.default" and "deepseek-v4" in llm._chat_handlers
-    wrong = Llama(real_vocab_path, n_ctx=64, verbose=False, chat_format="llama-2")
+    wrong = Llama(real_vocab_path, n_ctx=64, verbose=False, n_threads=1, n_threads_batch=1, chat_format="llama-2")
     with pytest.raises(handlers.LlamaChatCompletionHandlerNotFoundException):
         wrong.create_chat_completion([{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="unknown role"):

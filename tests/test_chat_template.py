@@ -1,11 +1,12 @@
-"""The DeepSeek V4 chat template our writer embeds renders the encoding of shared/specs/deepseek4.md §5.3."""
+"""The DeepSeek V4 chat template our writer embeds renders the encoding of shared/specs/deepseek4.md §5.3, and the
+same prompts as llama.cpp's DeepSeek V4 template (read from llama-cpp-python's sdist, tests/llama_cpp_sdist.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
+from llama_cpp_sdist import DSV4_TEMPLATE, members
 
 from llama_dsv4.model.writer import default_chat_template
 
@@ -119,17 +120,13 @@ def test_earlier_reasoning_is_dropped_by_default() -> None:
     assert "<think>simple sum</think>4" in kept
 
 
-LLAMA_CPP_TEMPLATE = os.path.expanduser(
-    "~/.cache/llama-dsv4-oracle/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/deepseek-ai-DeepSeek-V4.jinja"
-)
+@pytest.fixture(scope="module")
+def llama_cpp_template(llama_cpp_sdist_path: str) -> str:
+    """llama.cpp's DeepSeek V4 template, read from llama-cpp-python's sdist (tests/llama_cpp_sdist.py)."""
+    return members(llama_cpp_sdist_path, [DSV4_TEMPLATE])[DSV4_TEMPLATE].decode("utf-8")
 
 
-@pytest.mark.skipif(
-    not os.path.exists(LLAMA_CPP_TEMPLATE), reason="llama.cpp's DeepSeek V4 template is not on this machine"
-)
 @pytest.mark.parametrize("conv", list(CONVERSATIONS))
-def test_same_prompts_as_llama_cpp_template(conv: str) -> None:
-    """Local check: where llama.cpp's sources are present, its V4 template renders the same prompts as ours."""
-    with open(LLAMA_CPP_TEMPLATE, encoding="utf-8") as f:
-        theirs = f.read()
-    assert render(default_chat_template(), **CONVERSATIONS[conv]) == render(theirs, **CONVERSATIONS[conv])
+def test_same_prompts_as_llama_cpp_template(llama_cpp_template: str, conv: str) -> None:
+    """llama.cpp's V4 template renders the same prompts as ours."""
+    assert render(default_chat_template(), **CONVERSATIONS[conv]) == render(llama_cpp_template, **CONVERSATIONS[conv])

@@ -39,9 +39,9 @@ def test_readme_main_job_runs_the_demo_model(demo_cache: str) -> None:
     env = {**os.environ, "LLAMA_DSV4_CACHE": demo_cache}
     r = subprocess.run(command(), capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 0, r.stderr
-    first, rest = r.stdout.split("\n", 1)
-    assert "RANDOM WEIGHTS" in first and "demo model" in first
-    assert rest.startswith(DEFAULT_PROMPT) and len(rest.strip()) > len(DEFAULT_PROMPT)
+    assert "RANDOM WEIGHTS" in r.stderr and "demo model" in r.stderr  # the note is a log line: stderr
+    assert "NOTE" not in r.stdout and "RANDOM" not in r.stdout  # stdout is the text alone
+    assert r.stdout.startswith(DEFAULT_PROMPT) and len(r.stdout.strip()) > len(DEFAULT_PROMPT)
     assert "loading [" in r.stderr and "100%" in r.stderr  # the progress bar (one line when not a terminal)
     m = GENERATED.search(r.stderr)
     assert m, r.stderr
@@ -65,6 +65,30 @@ def test_prompt_is_completed_as_llama_completes_it(real_vocab_path: str) -> None
     m = GENERATED.search(r.stderr)
     assert m and 1 <= int(m.group(1)) <= 8, r.stderr
     assert "RANDOM" not in r.stdout
+
+
+SEED = re.compile(r"seed (\d+) \(-s (\d+) repeats this run\)")
+
+
+def test_default_seed_is_random_per_run_and_s_repeats_it(real_vocab_path: str) -> None:
+    """-s -1 (the default) draws a seed per run and logs it; -s with that seed gives that run's text again."""
+    cmd = [*command(), "-m", real_vocab_path, "-p", "Once upon a time,", "-n", "16", "-t", "1", "--no-preload"]
+    cmd += ["--temp", "1", "--top-k", "0", "--top-p", "1", "--min-p", "0"]
+
+    def start(*extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(p: subprocess.Popen[str]) -> tuple[str, str]:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        return out, err
+
+    first, second = (finish(p) for p in [start(), start()])  # two default runs, side by side
+    seeds = [SEED.search(err) for _, err in (first, second)]
+    assert seeds[0] and seeds[1] and all(m.group(1) == m.group(2) for m in seeds), (first[1], second[1])
+    assert seeds[0].group(1) != seeds[1].group(1) and first[0] != second[0]
+    again, err = finish(start("-s", seeds[0].group(1)))
+    assert again == first[0] and f"seed {seeds[0].group(1)}" in err and "repeats" not in err
 
 
 def test_chat_mode_reads_turns_from_stdin(

@@ -50,12 +50,12 @@ def ref() -> dict:
 
 @pytest.fixture(scope="module")
 def llm(greedy_path: str) -> Llama:
-    return Llama(greedy_path, n_ctx=256, n_batch=64, verbose=False, logits_all=True)
+    return Llama(greedy_path, n_ctx=256, n_batch=64, verbose=False, n_threads=1, n_threads_batch=1, logits_all=True)
 
 
 @pytest.fixture(scope="module")
 def chat_llm(real_vocab_path: str) -> Llama:
-    return Llama(real_vocab_path, n_ctx=512, verbose=False, logits_all=True)
+    return Llama(real_vocab_path, n_ctx=512, verbose=False, n_threads=1, n_threads_batch=1, logits_all=True)
 
 
 def forced(ids: list[int]) -> LogitsProcessorList:
@@ -76,7 +76,7 @@ def forced(ids: list[int]) -> LogitsProcessorList:
 
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_greedy_tokens_match_reference(greedy_path: str, ref: dict, flash_attn: bool) -> None:
-    llm = Llama(greedy_path, n_ctx=256, verbose=False, flash_attn=flash_attn)
+    llm = Llama(greedy_path, n_ctx=256, verbose=False, n_threads=1, n_threads_batch=1, flash_attn=flash_attn)
     got = []
     for t in llm.generate(ref["prompt"], temp=0.0):
         got.append(t)
@@ -123,7 +123,7 @@ def test_stream_chunks(llm: Llama, ref: dict) -> None:
 
 
 def test_max_tokens_none_and_non_positive_fill_the_context(greedy_path: str, ref: dict) -> None:
-    llm = Llama(greedy_path, n_ctx=64, verbose=False)
+    llm = Llama(greedy_path, n_ctx=64, verbose=False, n_threads=1, n_threads_batch=1)
     for mt in (None, 0, -1, 1000):
         out = llm(
             ref["prompt"], max_tokens=mt, temperature=0.0, logits_processor=forced([5])
@@ -205,14 +205,14 @@ def test_echo_and_logprobs(llm: Llama, ref: dict) -> None:
 
 
 def test_logprobs_need_logits_all(greedy_path: str, ref: dict) -> None:
-    llm = Llama(greedy_path, n_ctx=128, verbose=False)
+    llm = Llama(greedy_path, n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1)
     with pytest.raises(ValueError, match="logprobs is not supported for models created with logits_all=False"):
         llm(ref["prompt"], max_tokens=2, logprobs=1)
 
 
 def test_seeds_make_sampling_reproducible(greedy_path: str, ref: dict) -> None:
     def run(**kw: object) -> str:
-        llm = Llama(greedy_path, n_ctx=128, verbose=False, **kw)
+        llm = Llama(greedy_path, n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1, **kw)
         a = llm(ref["prompt"], max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)["choices"][0]["text"]
         b = llm(ref["prompt"], max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)["choices"][0]["text"]
         c = llm(ref["prompt"], max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)
@@ -245,7 +245,7 @@ def test_penalties_change_greedy_choices(llm: Llama, ref: dict) -> None:
 
 
 def test_save_and_load_state_reproduce(greedy_path: str, ref: dict) -> None:
-    llm = Llama(greedy_path, n_ctx=128, verbose=False, seed=3)
+    llm = Llama(greedy_path, n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1, seed=3)
     llm.eval(ref["prompt"])
     state = llm.save_state()
     assert state.n_tokens == len(ref["prompt"]) and state.llama_state_size == len(state.llama_state)
@@ -261,7 +261,7 @@ def test_save_and_load_state_reproduce(greedy_path: str, ref: dict) -> None:
 
 
 def test_prompt_prefix_reuse_matches_fresh(greedy_path: str, ref: dict) -> None:
-    llm = Llama(greedy_path, n_ctx=128, verbose=False)
+    llm = Llama(greedy_path, n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1)
     fresh = llm(ref["prompt"], max_tokens=6, temperature=0.0)["choices"][0]["text"]
     resets = []
     orig = llm.reset
@@ -269,13 +269,13 @@ def test_prompt_prefix_reuse_matches_fresh(greedy_path: str, ref: dict) -> None:
     again = llm(ref["prompt"], max_tokens=6, temperature=0.0)["choices"][0]["text"]
     assert again == fresh and resets == []
     shorter = llm(ref["prompt"][:30], max_tokens=6, temperature=0.0)["choices"][0]["text"]
-    other = Llama(greedy_path, n_ctx=128, verbose=False)
+    other = Llama(greedy_path, n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1)
     assert shorter == other(ref["prompt"][:30], max_tokens=6, temperature=0.0)["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("kind", ["ram", "disk"])
 def test_prompt_caches(greedy_path: str, ref: dict, kind: str, tmp_path: os.PathLike[str]) -> None:
-    llm = Llama(greedy_path, n_ctx=128, verbose=False)
+    llm = Llama(greedy_path, n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1)
     cache = LlamaRAMCache(capacity_bytes=1 << 30) if kind == "ram" else LlamaDiskCache(str(tmp_path))
     llm.set_cache(cache)
     first = llm(ref["prompt"], max_tokens=4, temperature=0.0)["choices"][0]["text"]

@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,8 +48,10 @@ def home(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> str:
     return str(tmp_path)
 
 
-def llama(path: str, **kw: object) -> Llama:
-    return Llama(model_path=path, n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, **kw)  # type: ignore[arg-type]
+def llama(path: str, **kw: Any) -> Llama:
+    return Llama(
+        model_path=path, n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, n_threads=1, n_threads_batch=1, **kw
+    )
 
 
 class FakeSys(Syscalls):

@@ -4,6 +4,7 @@ used, and type sizes agree with the GGUF spec (the CLI's tests are in test_cli.p
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -68,3 +69,17 @@ def test_quantize_round_trip_and_errors() -> None:
 
 def test_version() -> None:
     assert llama_dsv4.__version__ == "0.1.0"
+
+
+def test_a_source_tree_without_the_build_says_how_to_build_it(tmp_path: os.PathLike[str]) -> None:
+    """The package's files without the compiled extensions (a fresh clone imported from its root): the ImportError
+    says to install or to build in place, not "circular import"."""
+    src = os.path.dirname(os.path.abspath(llama_dsv4.__file__))
+    shutil.copytree(src, os.path.join(tmp_path, "llama_dsv4"), ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c"))
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import llama_dsv4"
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: llama_dsv4 at ") and "has no compiled extension llama_dsv4." in last, last
+    assert "`pip install .`" in last and "`pip install -e .`" in last and "build_ext --inplace" in last, last
+    assert "circular" not in r.stderr

@@ -1,8 +1,8 @@
 """llama-cpp-python 0.3.36's own tests that need no specific model (shared/specs/llama-cpp-python-api.md §6),
 run unchanged through the `llama_cpp` alias.
 
-The tests are not copied into this repository: they are read from llama-cpp-python's sdist, which pip downloads
-from PyPI once (set LLAMA_CPP_PYTHON_SDIST to a local copy of llama_cpp_python-0.3.36.tar.gz to skip the download).
+The tests are not copied into this repository: they are read from llama-cpp-python's sdist (tests/llama_cpp_sdist.py:
+downloaded from PyPI once per machine; skipped where PyPI cannot be reached).
 A conftest written next to them installs the alias and answers their hf_hub_download of the tiny llama model with
 our tiny DeepSeek V4 model (real tokenizer). Deselected: tests of other architectures (recurrent, hybrid), of
 specific downloaded models, embeddings, the SPM tokenizer, and the chat-format helpers of other model families.
@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
 import textwrap
 
+import llama_cpp_sdist
 import pytest
+from llama_cpp_sdist import members
 
-SDIST = "llama_cpp_python-0.3.36.tar.gz"
 SELECTED = [
     "test_llama.py::test_llama_cpp_version",
     "test_llama.py::test_exact_cached_prompt_reuse_matches_fresh[llama_cpp_transformer_model_path-False-False]",
@@ -30,49 +30,27 @@ SELECTED = [
 ]
 
 
-def _sdist(cache: str) -> str:
-    path = os.environ.get("LLAMA_CPP_PYTHON_SDIST") or os.path.join(cache, SDIST)
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "llama-cpp-python==0.3.36",
-                "-d",
-                cache,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert r.returncode == 0 and os.path.exists(path), f"could not download the sdist from PyPI: {r.stderr[-2000:]}"
-    return path
-
-
-def test_upstream_portable_tests(real_vocab_path: str, tmp_path: os.PathLike[str]) -> None:
+def test_upstream_portable_tests(real_vocab_path: str, llama_cpp_sdist_path: str, tmp_path: os.PathLike[str]) -> None:
     pytest.importorskip("scipy")
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llama-dsv4", "upstream")
     d = os.path.join(str(tmp_path), "upstream")
     os.makedirs(d)
-    with tarfile.open(_sdist(cache)) as tar:
-        for m in tar.getmembers():
-            parts = m.name.split("/")
-            if len(parts) == 3 and parts[1] == "tests" and parts[2].endswith(".py"):
-                m.name = parts[2]
-                tar.extract(m, d, filter="data")
+    for name, data in members(llama_cpp_sdist_path, prefix="tests/").items():
+        if name.count("/") == 1 and name.endswith(".py"):
+            with open(os.path.join(d, os.path.basename(name)), "wb") as f:
+                f.write(data)
     with open(os.path.join(d, "conftest.py"), "w") as f:
         f.write(
             textwrap.dedent(f"""
+            import multiprocessing
             import pytest
             import llama_dsv4.compat
             llama_dsv4.compat.install()
             import huggingface_hub
+
+            # The tests run their tiny model on multiprocessing.cpu_count() threads: let them see one CPU, as on a
+            # one-CPU machine (ggml's threads meet at a spinning barrier after every op, so on a busy machine two
+            # threads are many times slower than one on a model this small).
+            multiprocessing.cpu_count = lambda: 1
 
             TINY = {real_vocab_path!r}
 
@@ -85,7 +63,17 @@ def test_upstream_portable_tests(real_vocab_path: str, tmp_path: os.PathLike[str
             """)
         )
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECTED],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--basetemp",
+            os.path.join(str(tmp_path), "basetemp"),
+            *SELECTED,
+        ],
         cwd=d,
         capture_output=True,
         text=True,
@@ -94,3 +82,31 @@ def test_upstream_portable_tests(real_vocab_path: str, tmp_path: os.PathLike[str
     print(r.stdout[-3000:], file=sys.stderr)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
     assert "9 passed" in r.stdout
+
+
+def _unreachable_registry(monkeypatch: pytest.MonkeyPatch, cache: str) -> None:
+    monkeypatch.setenv("LLAMA_DSV4_TEST_CACHE", cache)
+    monkeypatch.delenv("LLAMA_CPP_PYTHON_SDIST", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configured mirrors or local wheel directories
+    for var in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # the discard port: connection refused
+
+
+def test_an_unreachable_registry_skips_with_the_reason(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = os.path.join(str(tmp_path), "cache")
+    _unreachable_registry(monkeypatch, cache)
+    with pytest.raises(pytest.skip.Exception, match="package registry cannot be reached for llama-cpp-python"):
+        llama_cpp_sdist.sdist_path()
+    assert os.listdir(cache) == []  # no partial download, no scratch directory
+
+
+def test_a_wrong_local_sdist_is_refused(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    wrong = os.path.join(str(tmp_path), llama_cpp_sdist.SDIST)
+    with open(wrong, "wb") as f:
+        f.write(b"not the sdist")
+    monkeypatch.setenv("LLAMA_CPP_PYTHON_SDIST", wrong)
+    with pytest.raises(AssertionError, match="is not PyPI's"):
+        llama_cpp_sdist.sdist_path()
