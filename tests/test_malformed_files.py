@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -447,3 +450,79 @@ def test_failed_load_leaves_nothing_open(cases: dict[str, tuple[str, str]]) -> N
     with pytest.raises(ValueError):
         load_model(path)
     os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------- the file changing
+# A loaded model's file rewritten or truncated by another process. Run in a child: the failures this guards against
+# are signals (SIGSEGV from an expert id read from the shared mapping after validation, SIGBUS from a mapped page
+# past the end of a truncated file), not exceptions.
+
+CHANGE_SCRIPT = r"""
+import itertools, sys
+import numpy as np
+from llama_dsv4 import Llama
+
+path, change, use_mmap = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+llm = Llama(path, n_ctx=64, n_threads=1, verbose=False, use_mmap=use_mmap)
+tensors = llm._model.tensors
+
+def greedy():
+    llm.reset()
+    return list(itertools.islice(llm.generate([5, 17, 42, 99, 300], temp=0.0), 8))
+
+before = greedy()
+with open(path, "r+b") as f:
+    if change == "tid2eid":  # every hash layer's expert ids out of range, in place
+        for name, t in tensors.items():
+            if name.endswith("tid2eid.weight"):
+                f.seek(t.offset)
+                f.write(np.full(t.nbytes // 4, 1 << 30, np.int32).tobytes())
+    elif change == "overwrite":  # every weight byte replaced, in place
+        for t in tensors.values():
+            f.seek(t.offset)
+            f.write(np.full(t.nbytes, 0x7F, np.uint8).tobytes())
+    elif change == "truncate":  # only the header is left
+        f.truncate(min(t.offset for t in tensors.values()))
+    f.flush()  # the page cache, which the mapping shares: visible at once, no fsync needed
+after = greedy()
+print(before, after)
+sys.exit(0 if before == after else 3)
+"""
+
+
+def _change_file_under_model(micro_path: str, tmp: str, change: str, use_mmap: bool) -> subprocess.CompletedProcess:
+    path = os.path.join(tmp, f"{change}-{int(use_mmap)}.gguf")
+    shutil.copy(micro_path, path)
+    cmd = [sys.executable, "-c", CHANGE_SCRIPT, path, change, "1" if use_mmap else "0"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_rewriting_tid2eid_after_load_cannot_reach_the_engine(micro_path: str, tmp_path: os.PathLike[str]) -> None:
+    """tid2eid is validated once and used as expert indices: with the file mapped, the engine still reads the
+    validated copy (was SIGSEGV: expert ids read from the mapping after validation). use_mmap=False: below."""
+    r = _change_file_under_model(micro_path, str(tmp_path), "tid2eid", True)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_use_mmap_false_survives_truncation_and_overwrite(micro_path: str, tmp_path: os.PathLike[str]) -> None:
+    """use_mmap=False reads the weights into memory the process owns: the file may then change or vanish (was
+    SIGBUS: the parameter was accepted and ignored). The overwrite also puts tid2eid out of range."""
+    for change in ("truncate", "overwrite"):
+        r = _change_file_under_model(micro_path, str(tmp_path), change, False)
+        assert r.returncode == 0, (change, r.returncode, r.stdout, r.stderr[-2000:])
+    # the contract of the default (as llama.cpp's): a mapped file truncated under the model is a SIGBUS
+    r = _change_file_under_model(micro_path, str(tmp_path), "truncate", True)
+    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-2000:])
+
+
+def test_use_mmap_false_file_truncated_before_the_weights_are_read(micro_path: str, tmp_path: os.PathLike[str]) -> None:
+    """Without a mapping, a file that shrinks after validation is a ValueError naming the tensor, not a signal."""
+    path = os.path.join(str(tmp_path), "shrinks.gguf")
+    shutil.copy(micro_path, path)
+    with load_model(path, use_mmap=False) as m:
+        os.truncate(path, m.tensors["output.weight"].offset)
+        where = r"shrinks.gguf: tensor 'output.weight': "
+        with pytest.raises(ValueError, match=where + r"data \[\d+, \d+\) lies outside its file"):
+            m.weights()
+        with pytest.raises(ValueError, match=where + "the file ended before its data"):
+            m.array("output.weight")

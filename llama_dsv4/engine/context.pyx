@@ -270,7 +270,8 @@ cdef class Context:
         return bytes_per_token(self.params, self.type_k)
 
     def weight_range(self, str name):
-        """(address, nbytes) of a weight tensor's data in host memory (the mapped file), or None on a device."""
+        """(address, nbytes) of a weight tensor's data in host memory (the mapped file, or memory the weights were
+        read into), or None on a device."""
         return self.wm.host_range(name)
 
     @property
