@@ -194,6 +194,17 @@ def bad_cases(micro: str, tmp: str) -> list[tuple[str, str, str]]:
         rewrite(micro, P("hkv"), kv=set_kv(A + "attention.head_count_kv", ValueType.UINT32, 2)),
         "head_count_kv': must be 1",
     )
+    # values the architecture cannot mean: a window longer than the context, more blocks than the context holds
+    add(
+        "window beyond the context",
+        rewrite(micro, P("window_ctx"), kv=set_kv(A + "attention.sliding_window", ValueType.UINT32, 4097)),
+        f"{A}attention.sliding_window: 4097 exceeds context_length 4096",
+    )
+    add(
+        "top-k beyond the blocks",
+        rewrite(micro, P("topk_ctx"), kv=set_kv(A + "attention.indexer.top_k", ValueType.UINT32, 1025)),
+        f"{A}attention.indexer.top_k: 1025 exceeds the 1024 blocks",
+    )
     add(
         "clamp length",
         rewrite(micro, P("clamp"), kv=set_kv(A + "swiglu_clamp_exp", ValueType.ARRAY, [1.0, 1.0], ValueType.FLOAT32)),
@@ -322,7 +333,7 @@ def cases(micro_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def test_there_are_many_distinct_cases(cases: dict[str, tuple[str, str]]) -> None:
-    assert len(cases) >= 41
+    assert len(cases) >= 43
 
 
 def test_the_valid_file_loads(micro_path: str) -> None:
@@ -354,6 +365,8 @@ def test_the_valid_file_loads(micro_path: str) -> None:
         "short compress ratios",
         "hc count",
         "head_count_kv",
+        "window beyond the context",
+        "top-k beyond the blocks",
         "clamp length",
         "bos out of vocab",
         "tokenizer model",
@@ -513,6 +526,36 @@ def test_use_mmap_false_survives_truncation_and_overwrite(micro_path: str, tmp_p
     # the contract of the default (as llama.cpp's): a mapped file truncated under the model is a SIGBUS
     r = _change_file_under_model(micro_path, str(tmp_path), "truncate", True)
     assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-2000:])
+
+
+# ---------------------------------------------------------------------------------------------- a window beyond n_ctx
+
+
+def test_a_window_beyond_n_ctx_costs_what_n_ctx_does(model_dir: str) -> None:
+    """sliding_window = 2**20, the largest a file may state (with a 1M-token context): a context of n_ctx positions
+    computes the same logits as with a window of n_ctx and holds the same state, a ring of n_ctx rows (was: 2**20 +
+    n_ubatch - 1 rows per layer, 128 MiB per layer for this small model, scanned by every decoded token)."""
+    from llama_dsv4.engine.context import Context
+
+    from llama_dsv4 import _ggml
+    from llama_dsv4.engine.memory import state_bytes
+
+    n_ctx = 48
+    toks = np.random.default_rng(7).integers(0, 512, n_ctx)
+    backends = _ggml.Backends("cpu", 1)
+    runs = []
+    for window in (1 << 20, n_ctx):
+        params = MICRO.with_(n_ctx_train=1 << 20, sliding_window=window)
+        path = write_model(os.path.join(model_dir, f"micro-window{window}.gguf"), params)[0]
+        with load_model(path) as m:
+            ctx = Context(m, n_ctx, n_ubatch=16, backends=backends)
+            logits = [ctx.eval(toks[:32], all_logits=True)] + [ctx.eval(toks[i : i + 1]) for i in range(32, n_ctx)]
+            runs.append((np.concatenate(logits), ctx.ring, ctx.state_bytes, state_bytes(m.params, n_ctx, 16)))
+            del ctx
+    (huge, ring_h, bytes_h, layout_h), (same, ring_s, bytes_s, layout_s) = runs
+    np.testing.assert_array_equal(huge, same)
+    assert ring_h == ring_s == n_ctx
+    assert bytes_h == bytes_s and layout_h == layout_s
 
 
 def test_use_mmap_false_file_truncated_before_the_weights_are_read(micro_path: str, tmp_path: os.PathLike[str]) -> None:
