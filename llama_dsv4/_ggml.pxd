@@ -18,8 +18,10 @@ cdef class WeightMap:
     cdef list _views
     cdef dict _index
     cdef list _names
+    cdef frozenset _owned  # names of the tensors in memory allocated for them (not the mapping)
     cdef g.ggml_tensor ** _tensors
     cdef readonly bint zero_copy
     cdef readonly str device
     cdef g.ggml_tensor * get(self, str name) except NULL
-    cdef _place(self, tensors, Backends backends)
+    cdef _place(self, tensors, Backends backends, files, dict private)
+    cdef _read(self, g.ggml_tensor * t, int fd, size_t offset)

@@ -14,7 +14,10 @@ cimport dsv4_ops as k
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdio cimport fflush, fputs, stderr
+from libc.errno cimport EINTR, errno
 from libc.stdlib cimport calloc, free
+from posix.types cimport off_t
+from posix.unistd cimport pread
 
 # ---------------------------------------------------------------------------------------------- logging
 
@@ -287,28 +290,62 @@ def default_backends():
 # ---------------------------------------------------------------------------------------------- weights
 
 
+cdef enum:
+    _READ_CHUNK = 64 << 20  # bytes per read into a staging buffer for a device that cannot read host memory
+
+
+cdef int _pread_all(int fd, uint8_t * dst, size_t n, size_t offset) noexcept nogil:
+    """Read n bytes at offset into dst; 0, or -1 for a short read (the file ended), or errno."""
+    cdef ssize_t got
+    while n > 0:
+        got = pread(fd, dst, n, <off_t> offset)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if got == 0:
+            return -1
+        dst += got
+        n -= <size_t> got
+        offset += <size_t> got
+    return 0
+
+
 cdef class WeightMap:
-    """Model tensors as ggml tensors whose data are the bytes of memory-mapped GGUF shards.
+    """Model tensors as ggml tensors, their data either pages of the memory-mapped GGUF shards or memory allocated
+    for them on the device and filled from the files.
 
-    shards:  one object per file exporting a read-only buffer of the whole file (an mmap.mmap).
     tensors: (name, ggml type id, ne tuple in ggml order, shard index, absolute byte offset, nbytes).
-
-    On the CPU (and on devices that can wrap host memory) the tensors point into the mapping: nothing is
-    copied, pages are read on first use. Other devices get a device buffer and a copy of each tensor.
+    maps:    (use_mmap) one object per shard exporting a read-only buffer of the whole file (an mmap.mmap). On the
+             CPU, and on devices that can wrap host memory, the tensors point into the mapping: nothing is copied,
+             pages are read on first use. Other devices get a device buffer and a copy of each tensor.
+    files:   (use_mmap=False) instead of maps, one open file descriptor per shard: every tensor is read (pread)
+             into memory allocated on the device (on the CPU: host memory this process owns), so nothing refers
+             to the files afterwards.
+    private: name -> bytes: tensors whose data are these bytes, never the file (the loader's validated copies of
+             the tensors the graph uses as indices): a later change of the file cannot reach them.
     """
 
-    def __cinit__(self, shards, tensors, Backends backends=None):
+    def __cinit__(self, tensors, Backends backends=None, *, maps=None, files=None, private=None):
         self._views = []
         self._index = {}
         self._names = []
+        self._owned = frozenset()
+        if (maps is None) == (files is None):
+            raise ValueError("give the shards either as maps or as files")
+        private = dict(private or {})
         cdef const uint8_t[::1] mv
-        for s in shards:
+        sizes = []
+        for s in maps or []:
             mv = s
-            if mv.shape[0] == 0:
-                raise ValueError("cannot map an empty file")
             self._views.append(mv)
+            sizes.append(mv.shape[0])
+        for fd in files or []:
+            sizes.append(os.fstat(fd).st_size)
+        if any(n == 0 for n in sizes):
+            raise ValueError("cannot load an empty file")
         cdef size_t n_t = len(tensors)
-        self._tensors = <g.ggml_tensor **> calloc(max(n_t, 1), sizeof(g.ggml_tensor *))
+        self._tensors = <g.ggml_tensor **> calloc(max(n_t, <size_t> 1), sizeof(g.ggml_tensor *))
         if self._tensors == NULL:
             raise MemoryError()
         cdef g.ggml_init_params ip
@@ -332,7 +369,7 @@ cdef class WeightMap:
                 raise ValueError(f"tensor {name!r}: bad shape {shape}")
             if shape[0] % tr.blck_size:
                 raise ValueError(f"tensor {name!r}: ne0={shape[0]} is not a multiple of {tr.blck_size}")
-            if not 0 <= shard < len(self._views):
+            if not 0 <= shard < len(sizes):
                 raise ValueError(f"tensor {name!r}: shard {shard} does not exist")
             for d in range(4):
                 ne[d] = shape[d] if d < len(shape) else 1
@@ -342,63 +379,91 @@ cdef class WeightMap:
             g.ggml_set_name(t, bname)
             if g.ggml_nbytes(t) != <size_t> nbytes:
                 raise ValueError(f"tensor {name!r}: {nbytes} bytes given, its shape and type need {g.ggml_nbytes(t)}")
-            if offset < 0 or offset + nbytes > self._views[shard].shape[0]:
+            if offset < 0 or offset + nbytes > sizes[shard]:
                 raise ValueError(f"tensor {name!r}: data [{offset}, {offset + nbytes}) lies outside its file")
+            if name in private and len(memoryview(private[name]).cast("B")) != nbytes:
+                raise ValueError(f"tensor {name!r}: its private copy is not {nbytes} bytes")
             self._tensors[i] = t
             self._index[name] = i
             self._names.append(name)
-        self._place(tensors, backends or default_backends())
+        self._place(tensors, backends or default_backends(), files, private)
 
-    cdef _place(self, tensors, Backends backends):
+    cdef _place(self, tensors, Backends backends, files, dict private):
         cdef g.ggml_backend_dev_t dev = backends.primary_dev()
         cdef g.ggml_backend_dev_props props
         g.ggml_backend_dev_get_props(dev, &props)
         self.device = g.ggml_backend_dev_name(dev).decode()
         cdef const uint8_t[::1] mv
-        cdef const uint8_t * base
         cdef size_t max_t
-        cdef size_t total = 0
-        cdef size_t off
-        cdef g.ggml_backend_buffer_type_t buft
-        self.zero_copy = props.type == g.GGML_BACKEND_DEVICE_TYPE_CPU or props.caps.buffer_from_host_ptr
+        self.zero_copy = files is None and (props.type == g.GGML_BACKEND_DEVICE_TYPE_CPU or
+                                            props.caps.buffer_from_host_ptr)
+        self.n_bufs = len(self._views) + 1 if self.zero_copy else 1  # the mappings, then the allocated buffer
+        self.bufs = <g.ggml_backend_buffer_t *> calloc(self.n_bufs, sizeof(g.ggml_backend_buffer_t))
+        if self.bufs == NULL:
+            raise MemoryError()
         if self.zero_copy:
-            self.n_bufs = len(self._views)
-            self.bufs = <g.ggml_backend_buffer_t *> calloc(self.n_bufs, sizeof(g.ggml_backend_buffer_t))
-            if self.bufs == NULL:
-                raise MemoryError()
-            for s in range(self.n_bufs):
+            for s in range(len(self._views)):
                 mv = self._views[s]
-                base = &mv[0]
                 max_t = max([nb for (_, _, _, sh, _, nb) in tensors if sh == s], default=1)
-                self.bufs[s] = g.ggml_backend_dev_buffer_from_host_ptr(dev, <void *> base, mv.shape[0], max_t)
+                self.bufs[s] = g.ggml_backend_dev_buffer_from_host_ptr(dev, <void *> &mv[0], mv.shape[0], max_t)
                 if self.bufs[s] == NULL:
                     raise RuntimeError(f"{self.device} could not map the model file into a buffer")
                 g.ggml_backend_buffer_set_usage(self.bufs[s], g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-            for i, (_, _, _, shard, offset, _) in enumerate(tensors):
+            for i, (name, _, _, shard, offset, _) in enumerate(tensors):
+                if name in private:
+                    continue
                 mv = self._views[shard]
                 if g.ggml_backend_tensor_alloc(self.bufs[shard], self._tensors[i], <void *> (&mv[0] + <size_t> offset)) != g.GGML_STATUS_SUCCESS:
-                    raise RuntimeError(f"ggml could not place tensor {self._names[i]!r}")
+                    raise RuntimeError(f"ggml could not place tensor {name!r}")
+        # every tensor not placed in a mapping: memory allocated on the device (ggml pads and aligns each tensor as
+        # the device needs), filled from the private copies, the files or the mappings
+        cdef g.ggml_backend_buffer_type_t buft = g.ggml_backend_dev_buffer_type(dev)
+        cdef g.ggml_backend_buffer_t own = g.ggml_backend_alloc_ctx_tensors_from_buft(self.ctx, buft)
+        self._owned = frozenset(name for (name, *_) in tensors if not self.zero_copy or name in private)
+        cdef size_t need = sum(nb for (name, _, _, _, _, nb) in tensors if name in self._owned)
+        if own == NULL and need:
+            raise MemoryError(f"{self.device} could not allocate {need} bytes for the model weights")
+        self.bufs[self.n_bufs - 1] = own
+        if own == NULL:
             return
-        # a device that cannot read host memory: one device buffer, tensors copied in (untested here: no GPU)
-        buft = g.ggml_backend_dev_buffer_type(dev)
-        for (_, _, _, _, _, nb) in tensors:
-            total += (nb + 255) // 256 * 256
-        self.n_bufs = 1
-        self.bufs = <g.ggml_backend_buffer_t *> calloc(1, sizeof(g.ggml_backend_buffer_t))
-        if self.bufs == NULL:
-            raise MemoryError()
-        self.bufs[0] = g.ggml_backend_buft_alloc_buffer(buft, max(total, 1))
-        if self.bufs[0] == NULL:
-            raise MemoryError(f"{self.device} could not allocate {total} bytes for the model weights")
-        g.ggml_backend_buffer_set_usage(self.bufs[0], g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-        base = <const uint8_t *> g.ggml_backend_buffer_get_base(self.bufs[0])
-        off = 0
-        for i, (_, _, _, shard, offset, nb) in enumerate(tensors):
-            if g.ggml_backend_tensor_alloc(self.bufs[0], self._tensors[i], <void *> (base + off)) != g.GGML_STATUS_SUCCESS:
-                raise RuntimeError(f"ggml could not place tensor {self._names[i]!r}")
-            mv = self._views[shard]
-            g.ggml_backend_tensor_set(self._tensors[i], &mv[<size_t> offset], 0, <size_t> nb)
-            off += (nb + 255) // 256 * 256
+        g.ggml_backend_buffer_set_usage(own, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        cdef g.ggml_tensor * t
+        for i, (name, _, _, shard, offset, nb) in enumerate(tensors):
+            t = self._tensors[i]
+            if name not in self._owned:
+                continue
+            if name in private:
+                mv = memoryview(private[name]).cast("B")
+                g.ggml_backend_tensor_set(t, &mv[0], 0, <size_t> nb)
+            elif files is None:
+                mv = self._views[shard]
+                g.ggml_backend_tensor_set(t, &mv[<size_t> offset], 0, <size_t> nb)
+            else:
+                self._read(t, files[shard], offset)
+        if not self.zero_copy:
+            self._views = []  # nothing points into the mappings: they may be closed
+
+    cdef _read(self, g.ggml_tensor * t, int fd, size_t offset):
+        """Fill tensor t from the file: straight into host memory, else through a staging buffer."""
+        cdef size_t n = g.ggml_nbytes(t), done = 0, k
+        cdef int err = 0
+        cdef uint8_t[::1] stage
+        if g.ggml_backend_buffer_is_host(t.buffer):
+            with nogil:
+                err = _pread_all(fd, <uint8_t *> t.data, n, offset)
+        else:
+            stage = np.empty(min(n, <size_t> _READ_CHUNK), np.uint8)
+            while done < n and err == 0:
+                k = min(n - done, <size_t> stage.shape[0])
+                with nogil:
+                    err = _pread_all(fd, &stage[0], k, offset + done)
+                if err == 0:
+                    g.ggml_backend_tensor_set(t, &stage[0], done, k)
+                done += k
+        if err == -1:
+            raise ValueError(f"tensor {t.name.decode()!r}: the file ended before its data (changed while loading?)")
+        if err:
+            raise OSError(err, f"reading tensor {t.name.decode()!r}: {os.strerror(err)}")
 
     def __dealloc__(self):
         if self.bufs != NULL:
@@ -411,7 +476,7 @@ cdef class WeightMap:
         free(self._tensors)
 
     def close(self):
-        """Release the ggml tensors and the mapped views (the mmaps can be closed after this)."""
+        """Release the ggml tensors, their memory and the mapped views (the mmaps can be closed after this)."""
         if self.bufs != NULL:
             for i in range(self.n_bufs):
                 if self.bufs[i] != NULL:
@@ -432,15 +497,17 @@ cdef class WeightMap:
         return self._tensors[<int> i]
 
     def host_range(self, str name):
-        """(address, nbytes) of a tensor's data in this process's memory when it lies in the host mapping of the
-        model file (zero-copy placement), else None (a device copy). For residency control (mlock, madvise)."""
-        i = self._index.get(name)
-        if i is None:
-            raise KeyError(f"no tensor {name!r} in the model")
-        if not self.zero_copy:
-            return None
-        cdef g.ggml_tensor * t = self._tensors[<int> i]
-        return (<size_t> t.data, g.ggml_nbytes(t))
+        """(address, nbytes) of a tensor's data when they lie in this process's memory: in the mapping of the model
+        file (zero-copy placement) or in host memory allocated for them; None on a device. For mlock."""
+        cdef g.ggml_tensor * t = self.get(name)
+        if self.mapped(name) or g.ggml_backend_buffer_is_host(t.buffer):
+            return (<size_t> t.data, g.ggml_nbytes(t))
+        return None
+
+    def mapped(self, str name):
+        """Whether a tensor's data are pages of the model file's mapping (which madvise may hand back to the file)."""
+        self.get(name)
+        return self.zero_copy and name not in self._owned
 
     def __contains__(self, name):
         return name in self._index

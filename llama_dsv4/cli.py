@@ -117,9 +117,9 @@ def _decode(model: ModelFile, backends: _ggml.Backends, n: int) -> str:
     return f"greedy      {ids} ({n / dt:.1f} tokens/s; context state {state / 2**10:.0f} KiB)"
 
 
-def _summary(path: str, device: str, threads: int, n_predict: int) -> str:
+def _summary(path: str, device: str, threads: int, n_predict: int, use_mmap: bool = True) -> str:
     t0 = time.perf_counter()
-    model = load_model(path)
+    model = load_model(path, use_mmap=use_mmap)
     backends = _ggml.Backends(device, threads)
     weights = model.weights(backends)
     dt = time.perf_counter() - t0
@@ -143,7 +143,8 @@ def _summary(path: str, device: str, threads: int, n_predict: int) -> str:
         f"tensors     {len(model.tensors)} ({', '.join(f'{n} {t}' for t, n in types.most_common())}), "
         f"{model.n_bytes / 2**20:.1f} MiB",
         f"backends    {', '.join(backends.names)}, {backends.threads} threads; weights "
-        f"{'mapped zero-copy' if weights.zero_copy else 'copied'} on {weights.device}",
+        f"{'mapped zero-copy' if weights.zero_copy else 'copied' if use_mmap else 'read into memory'} on "
+        f"{weights.device}",
         f"loaded in   {dt * 1e3:.1f} ms",
     ]
     if name == DEMO_NAME:
@@ -246,6 +247,7 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
         n_gpu_layers=args.n_gpu_layers,
         flash_attn=args.flash_attn != "off",
         use_mlock=args.mlock,
+        use_mmap=not args.no_mmap,
         device=device,
         verbose=args.verbose,
     )
@@ -263,7 +265,7 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
         if kw["n_ctx"] > n_train:
             err.write(f"llama-dsv4: --ctx-size {kw['n_ctx']} is more than the model's {n_train}: using {n_train}\n")
         kw["n_ctx"] = n_train
-    if not args.no_preload:
+    if not args.no_preload and not args.no_mmap:  # --no-mmap reads the files anyway
         _preload(paths, err)
     t0 = time.perf_counter()
     llm = Llama(model_path=path, **kw)
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             path = demo_model_path() if demo else _model_path(args)
             n = 16 if args.n_predict is None else max(args.n_predict, 0)
             threads = fit_threads("--threads", args.n_threads, []) or default_threads()
-            out.write(_summary(path, args.device, threads, n) + "\n")
+            out.write(_summary(path, args.device, threads, n, not args.no_mmap) + "\n")
             return 0
         if demo:
             err.write(DEMO_NOTE + "\n")

@@ -111,7 +111,7 @@ DEFAULT_CTX = 4096  # llama.cpp's default --ctx-size
 
 def add_model_flags(p: argparse.ArgumentParser, model_help: str, ctx_note: str = "") -> None:
     """The flags that choose the model and how it runs: -m/-hf/-hff, context and batch sizes, threads, device,
-    flash attention, --mlock and the MoE residency flags. `ctx_note` is added to --ctx-size's help."""
+    flash attention, --mlock, --no-mmap and the MoE residency flags. `ctx_note` is added to --ctx-size's help."""
     a = p.add_argument
     a("-m", "--model", help=model_help)
     a("-hf", "-hfr", "--hf-repo", dest="hf_repo", help="Hugging Face user/repo[:file or quant tag] (from_pretrained)")
@@ -163,6 +163,14 @@ def add_model_flags(p: argparse.ArgumentParser, model_help: str, ctx_note: str =
         help="on, off or auto (default auto = on): attention in f16 as llama.cpp's flash-attention path",
     )
     a("--mlock", action="store_true", help="lock the model's weights in RAM")
+    a(
+        "--no-mmap",
+        dest="no_mmap",
+        action="store_true",
+        help="read the weights into memory instead of mapping the file (needs RAM for all of them; the file may then "
+        "change while running: a mapped file must not be modified or truncated)",
+    )
+    a("--mmap", dest="no_mmap", action="store_false", help="memory-map the weights (the default)")
     a("--moe-hot-count", type=parse_hot_count, help="MoE experts kept resident per layer: N, auto, or a,b,c per layer")
     a("--moe-hot-budget-mib", type=_float("--moe-hot-budget-mib", 0), help="memory budget for resident experts")
     a("--moe-stats-path", help="file where expert-use statistics persist between runs")

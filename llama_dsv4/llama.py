@@ -39,7 +39,6 @@ _ACCEPTED = (
     "split_mode",
     "main_gpu",
     "tensor_split",
-    "use_mmap",
     "kv_overrides",
     "rope_scaling_type",
     "pooling_type",
@@ -92,7 +91,16 @@ class _Params:
 
 
 class Llama:
-    """Load a deepseek4 GGUF and run it, with llama-cpp-python's API."""
+    """Load a deepseek4 GGUF and run it, with llama-cpp-python's API.
+
+    use_mmap=True (the default): the model file is memory-mapped and the weights are its pages, as in llama.cpp. The
+    file must not be modified or truncated while a Llama maps it: a truncation is a SIGBUS (the process dies) and an
+    in-place overwrite changes the weights under the running model. use_mmap=False reads the weights into memory the
+    process owns (RAM for the whole model, counted by the n_ctx memory check), after which the file may change or
+    be removed. The tensors used as indices (the hash-routing table tid2eid) are private copies of the validated
+    bytes in both modes. use_mlock locks the weights in RAM (mapped pages or the memory read into); MoE expert
+    residency (moe_hot_count) manages pages of the mapping and needs use_mmap=True.
+    """
 
     def __init__(
         self,
@@ -174,13 +182,18 @@ class Llama:
             if hot_count is not None
             else None
         )
+        if moe_config is not None and not use_mmap:
+            raise ValueError(
+                "moe_hot_count locks and releases pages of the mapped model file: it needs use_mmap=True "
+                "(with use_mmap=False every weight is already in memory)"
+            )
         if moe_config is None and (moe_hot_budget_mib is not None or moe_stats_path is not None) and verbose:
             print("llama-dsv4: moe_hot_budget_mib / moe_stats_path apply only with moe_hot_count", file=sys.stderr)
         if kwargs and verbose:
             print(f"llama-dsv4: ignoring unknown arguments {sorted(kwargs)}", file=sys.stderr)
 
         try:
-            self._model = load_model(self.model_path)
+            self._model = load_model(self.model_path, use_mmap=bool(use_mmap))
         except ValueError as e:
             raise ValueError(f"Failed to load model from file: {self.model_path}: {e}") from e
         self._closed = False
@@ -246,6 +259,8 @@ class Llama:
         self._init_kwargs = dict(
             model_path=self.model_path,
             vocab_only=vocab_only,
+            use_mmap=use_mmap,
+            use_mlock=use_mlock,
             seed=seed,
             n_ctx=n_ctx,
             n_batch=n_batch,

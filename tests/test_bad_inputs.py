@@ -155,6 +155,24 @@ def test_n_ctx_beyond_memory_is_refused_before_allocating(micro_path: str, monke
         Llama(micro_path, n_ctx=2048, logits_all=True, verbose=False)
 
 
+def test_weights_read_into_memory_are_counted(micro_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """use_mmap=False puts every weight in memory the process allocates: the memory check counts it (mapped weights
+    are page cache, which the kernel reclaims, and are not)."""
+    from llama_dsv4.model.loader import load_model
+
+    with load_model(micro_path) as m:
+        params, weights = m.params, m.n_bytes
+    need = state_bytes(params, 64, 64) + 4 * 64 + 4 * 64 * 512  # state, input_ids, n_batch rows of scores
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: int((need + weights // 2) / 0.95))
+    with Llama(micro_path, n_ctx=64, n_batch=64, n_threads=1, verbose=False):
+        pass
+    with pytest.raises(ValueError, match=r"n_ctx=64 needs .* the weights read into memory .*or use_mmap=True"):
+        Llama(micro_path, n_ctx=64, n_batch=64, use_mmap=False, verbose=False)
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: int((need + weights) / 0.95) + 1)
+    with Llama(micro_path, n_ctx=64, n_batch=64, n_threads=1, use_mmap=False, verbose=False):
+        pass
+
+
 def test_prompts_longer_than_the_context(micro_path: str) -> None:
     with Llama(micro_path, n_ctx=32, n_threads=1, verbose=False) as m:
         for call in (

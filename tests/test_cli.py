@@ -134,6 +134,9 @@ def test_info_keeps_the_model_summary(
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "129280 tokens" in out and "178 (" in out and "zero-copy" in out
     assert "greedy      [" in out and "tokens/s" in out
+    assert cli_main(["--info", "-t", "1", "-n", "2", "--no-mmap"]) == 0  # llama.cpp's spelling of use_mmap=False
+    out = capsys.readouterr().out
+    assert "weights read into memory on CPU" in out and "greedy      [" in out
 
 
 def test_bad_arguments(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:

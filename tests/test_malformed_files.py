@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -191,6 +194,17 @@ def bad_cases(micro: str, tmp: str) -> list[tuple[str, str, str]]:
         rewrite(micro, P("hkv"), kv=set_kv(A + "attention.head_count_kv", ValueType.UINT32, 2)),
         "head_count_kv': must be 1",
     )
+    # values the architecture cannot mean: a window longer than the context, more blocks than the context holds
+    add(
+        "window beyond the context",
+        rewrite(micro, P("window_ctx"), kv=set_kv(A + "attention.sliding_window", ValueType.UINT32, 4097)),
+        f"{A}attention.sliding_window: 4097 exceeds context_length 4096",
+    )
+    add(
+        "top-k beyond the blocks",
+        rewrite(micro, P("topk_ctx"), kv=set_kv(A + "attention.indexer.top_k", ValueType.UINT32, 1025)),
+        f"{A}attention.indexer.top_k: 1025 exceeds the 1024 blocks",
+    )
     add(
         "clamp length",
         rewrite(micro, P("clamp"), kv=set_kv(A + "swiglu_clamp_exp", ValueType.ARRAY, [1.0, 1.0], ValueType.FLOAT32)),
@@ -319,7 +333,7 @@ def cases(micro_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def test_there_are_many_distinct_cases(cases: dict[str, tuple[str, str]]) -> None:
-    assert len(cases) >= 41
+    assert len(cases) >= 43
 
 
 def test_the_valid_file_loads(micro_path: str) -> None:
@@ -351,6 +365,8 @@ def test_the_valid_file_loads(micro_path: str) -> None:
         "short compress ratios",
         "hc count",
         "head_count_kv",
+        "window beyond the context",
+        "top-k beyond the blocks",
         "clamp length",
         "bos out of vocab",
         "tokenizer model",
@@ -447,3 +463,109 @@ def test_failed_load_leaves_nothing_open(cases: dict[str, tuple[str, str]]) -> N
     with pytest.raises(ValueError):
         load_model(path)
     os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------- the file changing
+# A loaded model's file rewritten or truncated by another process. Run in a child: the failures this guards against
+# are signals (SIGSEGV from an expert id read from the shared mapping after validation, SIGBUS from a mapped page
+# past the end of a truncated file), not exceptions.
+
+CHANGE_SCRIPT = r"""
+import itertools, sys
+import numpy as np
+from llama_dsv4 import Llama
+
+path, change, use_mmap = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+llm = Llama(path, n_ctx=64, n_threads=1, verbose=False, use_mmap=use_mmap)
+tensors = llm._model.tensors
+
+def greedy():
+    llm.reset()
+    return list(itertools.islice(llm.generate([5, 17, 42, 99, 300], temp=0.0), 8))
+
+before = greedy()
+with open(path, "r+b") as f:
+    if change == "tid2eid":  # every hash layer's expert ids out of range, in place
+        for name, t in tensors.items():
+            if name.endswith("tid2eid.weight"):
+                f.seek(t.offset)
+                f.write(np.full(t.nbytes // 4, 1 << 30, np.int32).tobytes())
+    elif change == "overwrite":  # every weight byte replaced, in place
+        for t in tensors.values():
+            f.seek(t.offset)
+            f.write(np.full(t.nbytes, 0x7F, np.uint8).tobytes())
+    elif change == "truncate":  # only the header is left
+        f.truncate(min(t.offset for t in tensors.values()))
+    f.flush()  # the page cache, which the mapping shares: visible at once, no fsync needed
+after = greedy()
+print(before, after)
+sys.exit(0 if before == after else 3)
+"""
+
+
+def _change_file_under_model(micro_path: str, tmp: str, change: str, use_mmap: bool) -> subprocess.CompletedProcess:
+    path = os.path.join(tmp, f"{change}-{int(use_mmap)}.gguf")
+    shutil.copy(micro_path, path)
+    cmd = [sys.executable, "-c", CHANGE_SCRIPT, path, change, "1" if use_mmap else "0"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_rewriting_tid2eid_after_load_cannot_reach_the_engine(micro_path: str, tmp_path: os.PathLike[str]) -> None:
+    """tid2eid is validated once and used as expert indices: with the file mapped, the engine still reads the
+    validated copy (was SIGSEGV: expert ids read from the mapping after validation). use_mmap=False: below."""
+    r = _change_file_under_model(micro_path, str(tmp_path), "tid2eid", True)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_use_mmap_false_survives_truncation_and_overwrite(micro_path: str, tmp_path: os.PathLike[str]) -> None:
+    """use_mmap=False reads the weights into memory the process owns: the file may then change or vanish (was
+    SIGBUS: the parameter was accepted and ignored). The overwrite also puts tid2eid out of range."""
+    for change in ("truncate", "overwrite"):
+        r = _change_file_under_model(micro_path, str(tmp_path), change, False)
+        assert r.returncode == 0, (change, r.returncode, r.stdout, r.stderr[-2000:])
+    # the contract of the default (as llama.cpp's): a mapped file truncated under the model is a SIGBUS
+    r = _change_file_under_model(micro_path, str(tmp_path), "truncate", True)
+    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-2000:])
+
+
+# ---------------------------------------------------------------------------------------------- a window beyond n_ctx
+
+
+def test_a_window_beyond_n_ctx_costs_what_n_ctx_does(model_dir: str) -> None:
+    """sliding_window = 2**20, the largest a file may state (with a 1M-token context): a context of n_ctx positions
+    computes the same logits as with a window of n_ctx and holds the same state, a ring of n_ctx rows (was: 2**20 +
+    n_ubatch - 1 rows per layer, 128 MiB per layer for this small model, scanned by every decoded token)."""
+    from llama_dsv4.engine.context import Context
+
+    from llama_dsv4 import _ggml
+    from llama_dsv4.engine.memory import state_bytes
+
+    n_ctx = 48
+    toks = np.random.default_rng(7).integers(0, 512, n_ctx)
+    backends = _ggml.Backends("cpu", 1)
+    runs = []
+    for window in (1 << 20, n_ctx):
+        params = MICRO.with_(n_ctx_train=1 << 20, sliding_window=window)
+        path = write_model(os.path.join(model_dir, f"micro-window{window}.gguf"), params)[0]
+        with load_model(path) as m:
+            ctx = Context(m, n_ctx, n_ubatch=16, backends=backends)
+            logits = [ctx.eval(toks[:32], all_logits=True)] + [ctx.eval(toks[i : i + 1]) for i in range(32, n_ctx)]
+            runs.append((np.concatenate(logits), ctx.ring, ctx.state_bytes, state_bytes(m.params, n_ctx, 16)))
+            del ctx
+    (huge, ring_h, bytes_h, layout_h), (same, ring_s, bytes_s, layout_s) = runs
+    np.testing.assert_array_equal(huge, same)
+    assert ring_h == ring_s == n_ctx
+    assert bytes_h == bytes_s and layout_h == layout_s
+
+
+def test_use_mmap_false_file_truncated_before_the_weights_are_read(micro_path: str, tmp_path: os.PathLike[str]) -> None:
+    """Without a mapping, a file that shrinks after validation is a ValueError naming the tensor, not a signal."""
+    path = os.path.join(str(tmp_path), "shrinks.gguf")
+    shutil.copy(micro_path, path)
+    with load_model(path, use_mmap=False) as m:
+        os.truncate(path, m.tensors["output.weight"].offset)
+        where = r"shrinks.gguf: tensor 'output.weight': "
+        with pytest.raises(ValueError, match=where + r"data \[\d+, \d+\) lies outside its file"):
+            m.weights()
+        with pytest.raises(ValueError, match=where + "the file ended before its data"):
+            m.array("output.weight")

@@ -70,6 +70,44 @@ def test_weights_are_zero_copy_views_of_the_file(tiny_paths: dict[str, str]) -> 
             del raw
 
 
+def _mapped_paths() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+def test_index_tensors_are_private_copies_of_what_was_validated(tiny_paths: dict[str, str]) -> None:
+    """tid2eid is the one tensor the graph uses as indices (expert ids): its ggml tensor holds the bytes the loader
+    checked, in memory of its own, while every other weight is the mapping."""
+    with load_model(tiny_paths["q8xq5"]) as m:
+        w = m.weights()
+        for name in m.tensors:
+            private = name.endswith("ffn_gate_tid2eid.weight")
+            assert w.mapped(name) is not private, name
+            if private:
+                addr, _ = w.host_range(name)
+                base = np.frombuffer(m._maps[0], np.uint8, 1).__array_interface__["data"][0]
+                assert not base <= addr < base + len(m._maps[0])
+                np.testing.assert_array_equal(w.numpy(name), m.array(name))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8xq5"])
+def test_use_mmap_false_reads_the_weights_into_memory(tiny_paths: dict[str, str], model_dir: str, dtype: str) -> None:
+    """use_mmap=False: the same bytes as the mapping, in memory the process owns; nothing maps the file."""
+    split = write_model(os.path.join(model_dir, f"tiny-nommap-{dtype}.gguf"), dtype=dtype, n_shards=2)
+    for path in (tiny_paths[dtype], split[0]):
+        with load_model(path, use_mmap=False) as read:
+            wr = read.weights()
+            assert not read.use_mmap and not wr.zero_copy
+            assert not set(read.paths) & _mapped_paths()  # the headers were parsed from mappings since closed
+            with load_model(path) as mapped:
+                wm = mapped.weights()
+                assert mapped.use_mmap and wr.device == wm.device
+                for name in wm.names():
+                    assert not wr.mapped(name) and wr.host_range(name) is not None
+                    np.testing.assert_array_equal(wr.raw(name), wm.raw(name), err_msg=name)
+                np.testing.assert_array_equal(read.array("output.weight"), mapped.array("output.weight"))
+
+
 def test_split_equals_single(model_dir: str, tiny_paths: dict[str, str]) -> None:
     paths = write_model(os.path.join(model_dir, "tiny-split.gguf"), dtype="q8xq5", n_shards=3)
     assert [os.path.basename(p) for p in paths] == [f"tiny-split-{i:05d}-of-00003.gguf" for i in (1, 2, 3)]

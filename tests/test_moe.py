@@ -98,6 +98,9 @@ def test_hot_count_parsing() -> None:
 def test_bad_knobs_fail_before_loading(moe_path: str) -> None:
     with pytest.raises(ValueError, match="moe_hot_count"):
         llama(moe_path, moe_hot_count="most")
+    # residency releases pages of the mapping back to the file: weights read into memory have no file behind them
+    with pytest.raises(ValueError, match=r"moe_hot_count .* needs use_mmap=True"):
+        llama(moe_path, moe_hot_count=2, use_mmap=False)
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -224,6 +227,19 @@ def test_locked_bytes_are_the_kernels_and_follow_the_hot_set(moe_path: str, home
     llm.close()
     if Syscalls.locked_bytes() is not None:
         assert Syscalls.locked_bytes() == 0  # close() unlocks
+
+
+def test_use_mlock_locks_weights_read_into_memory(moe_path: str) -> None:
+    """use_mmap=False with use_mlock: the memory the weights were read into is locked (as llama.cpp's --no-mmap
+    --mlock), every byte of it."""
+    llm = llama(moe_path, use_mmap=False, use_mlock=True)
+    n_bytes = llm._model.n_bytes
+    assert llm._mlock is not None and n_bytes <= llm._mlock.locked_bytes <= n_bytes + 2 * len(llm._model.tensors) * PAGE
+    if Syscalls.locked_bytes() is not None:
+        assert Syscalls.locked_bytes() == llm._mlock.locked_bytes
+    llm.close()
+    if Syscalls.locked_bytes() is not None:
+        assert Syscalls.locked_bytes() == 0
 
 
 def test_back_off_on_lock_failure_warns_and_caps_the_budget(moe_path: str, home: str) -> None:

@@ -817,6 +817,8 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
     assert any("--threads 20" in n and "using 2" in n for n in s.notes)
     assert any(n.startswith("-sm row: accepted") for n in s.notes)
     assert parse_args(["-m", CARD[1], "-ngl", "0"], env={}).llama_kwargs()["device"] == "cpu"  # no offload
+    assert parse_args(["-m", CARD[1], "--no-mmap"], env={}).llama_kwargs()["use_mmap"] is False  # weights read in
+    assert parse_args(["-m", CARD[1], "--no-mmap", "--mmap"], env={}).llama_kwargs()["use_mmap"] is True
     import llama_dsv4.hub
     from llama_dsv4.server.slots import resolve_model
 

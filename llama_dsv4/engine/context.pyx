@@ -18,7 +18,7 @@ from .._ggml cimport Backends, WeightMap
 from .graph cimport CompPlan, GlobalW, Hparams, Inputs, LayerState, LayerW, UBatch, build_graph
 
 from .. import _ggml
-from .memory import bytes_per_token, ring_rows, state_bytes, state_tensors
+from .memory import bytes_per_token, ring_rows, state_bytes, state_tensors, window
 
 _CACHE_TYPES = {"f32": g.GGML_TYPE_F32, "f16": g.GGML_TYPE_F16}
 
@@ -113,8 +113,9 @@ cdef class Context:
         self.n_ctx, self.n_ubatch, self.type_k = n_ctx, min(n_ubatch, n_ctx), type_k
         self.be = backends if backends is not None else Backends("auto")
         self.wm = model.weights(self.be)
-        self.ring = ring_rows(p, self.n_ubatch)
+        self.ring = ring_rows(p, n_ctx, self.n_ubatch)
         self._fill_params(p)
+        self.hp.window = window(p, n_ctx)
         self.hp.attn_f16 = flash_attn
         # our CPU custom ops (kernels/dsv4_gemm.h, dsv4_hc.h) read every tensor in host memory: CPU-only backend sets
         self.hp.cpu_only = self.be.n == 1
@@ -152,7 +153,7 @@ cdef class Context:
     cdef _fill_params(self, p):
         cdef Hparams * hp = &self.hp
         hp.n_embd, hp.n_layer, hp.n_head, hp.head_dim = p.n_embd, p.n_layer, p.n_head, p.head_dim
-        hp.rope_dim, hp.o_groups, hp.o_lora, hp.window = p.rope_dim, p.o_group_count, p.o_lora_rank, p.sliding_window
+        hp.rope_dim, hp.o_groups, hp.o_lora = p.rope_dim, p.o_group_count, p.o_lora_rank
         hp.hc, hp.hc_iters, hp.hc_eps, hp.eps = p.hc_mult, p.hc_sinkhorn_iters, p.hc_eps, p.norm_eps
         hp.n_expert, hp.n_used, hp.w_norm, hp.w_scale = p.n_expert, p.n_expert_used, p.expert_weights_norm, p.expert_weights_scale
         hp.idx_heads, hp.idx_dim, hp.idx_topk, hp.n_vocab = p.indexer_n_head, p.indexer_head_dim, p.indexer_top_k, p.n_vocab
@@ -270,7 +271,8 @@ cdef class Context:
         return bytes_per_token(self.params, self.type_k)
 
     def weight_range(self, str name):
-        """(address, nbytes) of a weight tensor's data in host memory (the mapped file), or None on a device."""
+        """(address, nbytes) of a weight tensor's data in host memory (the mapped file, or memory the weights were
+        read into), or None on a device."""
         return self.wm.host_range(name)
 
     @property

@@ -12,7 +12,7 @@ cdef struct Hparams:
     int rope_dim
     int o_groups
     int o_lora
-    int window
+    int window           # in effect: min(sliding_window, n_ctx)
     int hc
     int hc_iters
     float hc_eps

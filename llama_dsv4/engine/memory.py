@@ -24,9 +24,16 @@ class StateTensor:
         return self.ne[0] * self.ne[1] * CACHE_BYTES[self.dtype]
 
 
-def ring_rows(p: DSV4Params, n_ubatch: int) -> int:
-    """Rows of the sliding-window ring: the window of the last token plus the rest of a ubatch."""
-    return p.sliding_window - 1 + n_ubatch
+def window(p: DSV4Params, n_ctx: int) -> int:
+    """The sliding window in effect: a token sees at most the n_ctx - 1 positions before it, so a window beyond
+    n_ctx means the same as n_ctx."""
+    return min(p.sliding_window, n_ctx)
+
+
+def ring_rows(p: DSV4Params, n_ctx: int, n_ubatch: int) -> int:
+    """Rows of the sliding-window ring: the window of a ubatch's last token plus the rest of the ubatch, and never
+    more than n_ctx (a ring of n_ctx rows never wraps: every position has its own slot)."""
+    return min(window(p, n_ctx) - 1 + min(n_ubatch, n_ctx), n_ctx)
 
 
 def state_tensors(p: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str) -> list[StateTensor]:
@@ -36,7 +43,7 @@ def state_tensors(p: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str) -> list
     out = []
     for il in range(p.n_layer):
         r = p.ratio(il)
-        out.append(StateTensor(il, "raw", type_k, (d, ring_rows(p, n_ubatch))))
+        out.append(StateTensor(il, "raw", type_k, (d, ring_rows(p, n_ctx, n_ubatch))))
         if r:
             coff = 2 if r == 4 else 1
             out.append(StateTensor(il, "comp", type_k, (d, -(-n_ctx // r))))

@@ -52,26 +52,41 @@ def available_host_memory() -> int | None:
 
 
 def check_memory(
-    params: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str, backends: Any, host_bytes: int = 0
+    params: DSV4Params,
+    n_ctx: int,
+    n_ubatch: int,
+    type_k: str,
+    backends: Any,
+    host_bytes: int = 0,
+    weight_bytes: int = 0,
+    use_mmap: bool = True,
 ) -> None:
     """ValueError, before anything is allocated, if a context of n_ctx positions cannot fit: its state (on the
-    backend's device) and `host_bytes` of the caller's token buffers (on the host)."""
+    backend's device), `host_bytes` of the caller's token buffers (on the host), and the model's `weight_bytes`
+    where they are copied into allocated memory (use_mmap=False, or a device that cannot read host memory).
+    Mapped weights are not counted: they are page cache, which the kernel reclaims and reads back."""
     if n_ctx > MAX_CTX:
         raise ValueError(f"n_ctx={n_ctx} is beyond this engine's limit of {MAX_CTX} positions")
     state = state_bytes(params, n_ctx, min(n_ubatch, n_ctx), type_k)
     dev = next((d for d in _ggml.devices() if d["name"] == backends.names[0]), None)
     on_host = dev is None or dev["type"] == "cpu"
-    if not on_host and dev is not None and state > dev["memory_free"]:
+    mapped = use_mmap and (on_host or (dev is not None and dev["buffer_from_host_ptr"]))
+    weights = 0 if mapped else weight_bytes
+    if not on_host and dev is not None and state + weights > dev["memory_free"]:
         raise ValueError(
-            f"n_ctx={n_ctx} needs {_gib(state)} GiB of context state on {dev['name']}, which has "
-            f"{_gib(dev['memory_free'])} GiB free; use a smaller n_ctx"
+            f"n_ctx={n_ctx} needs {_gib(state)} GiB of context state"
+            + (f" and {_gib(weights)} GiB of weights" if weights else "")
+            + f" on {dev['name']}, which has {_gib(dev['memory_free'])} GiB free; use a smaller n_ctx"
         )
-    need = host_bytes + (state if on_host else 0)
+    need = host_bytes + (state + weights if on_host else 0)
     avail = available_host_memory()
     if avail is not None and need > 0.95 * avail:
+        what = "the context state and token buffers"
+        if on_host and weights:
+            what = f"the weights read into memory ({_gib(weights)} GiB, use_mmap=False), {what}"
         raise ValueError(
-            f"n_ctx={n_ctx} needs {_gib(need)} GiB of memory for the context state and token buffers, "
-            f"and {_gib(avail)} GiB is available; use a smaller n_ctx"
+            f"n_ctx={n_ctx} needs {_gib(need)} GiB of memory for {what}, and {_gib(avail)} GiB is available; "
+            "use a smaller n_ctx" + (" or use_mmap=True" if on_host and weights else "")
         )
 
 
@@ -90,10 +105,11 @@ def create_context(
     n_threads: int,
     host_bytes: int = 0,
 ) -> Context:
-    """A Context, after checking that its state (and `host_bytes` more on the host) fits in memory."""
+    """A Context, after checking that its state, the model's weights where they are copied (use_mmap=False) and
+    `host_bytes` more on the host fit in memory."""
     gemm, gemm_min = gemm_settings()  # a bad switch fails before anything is allocated
     backends = _ggml.Backends(device, n_threads)
-    check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes)
+    check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes, model.n_bytes, model.use_mmap)
     return Context(
         model,
         n_ctx,

@@ -1,8 +1,10 @@
 """Open a deepseek4 GGUF (one file or a split set), validate all of it, and map its tensors into ggml.
 
 Data flow: files -> mmap -> headers (gguf_read) -> DSV4Params + Vocab + tensor table, each checked against the
-others -> WeightMap (ggml tensors pointing into the mappings, no copy). Everything is validated before ggml sees
-a byte; a problem raises ValueError naming the file and the key or tensor.
+others -> WeightMap (ggml tensors pointing into the mappings, no copy; or, with use_mmap=False, read into memory
+the process owns). Everything is validated before ggml sees a byte; a problem raises ValueError naming the file
+and the key or tensor. What the graph uses as indices (tid2eid) is validated once and used from that private
+copy, never read again from the file.
 """
 
 from __future__ import annotations
@@ -38,15 +40,30 @@ def split_paths(path: str) -> list[str]:
     return [f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
-def _open_map(path: str) -> mmap.mmap:
+def _open(path: str) -> int:
+    """An open descriptor of the model file `path` (ValueError if it is missing, not a file, or empty)."""
     if not os.path.exists(path):
         raise ValueError(f"model file does not exist: {path}")
     if not os.path.isfile(path):
         raise ValueError(f"model path is not a regular file: {path}")
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            raise GGUFError(f"{path}: the file is empty")
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    fd = os.open(path, os.O_RDONLY)
+    if os.fstat(fd).st_size == 0:
+        os.close(fd)
+        raise GGUFError(f"{path}: the file is empty")
+    return fd
+
+
+def _pread(fd: int, n: int, offset: int, what: str) -> np.ndarray:
+    """n bytes of a file from offset (ValueError if it ends first: it changed after it was validated)."""
+    out = np.empty(n, np.uint8)
+    view = memoryview(out)
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise ValueError(f"{what}: the file ended before its data (it changed after it was loaded)")
+        done += got
+    return out
 
 
 def _weight_type_ok(spec: TensorSpec, type_id: int) -> bool:
@@ -64,7 +81,12 @@ def _type_name(type_id: int) -> str:
 
 @dataclass
 class ModelFile:
-    """A validated deepseek4 model: parameters, vocabulary, chat template, and its tensors in mapped files."""
+    """A validated deepseek4 model: parameters, vocabulary, chat template, and its tensors in the files.
+
+    With use_mmap the files stay mapped and weights() points into the mappings; without it only their descriptors
+    stay open and weights() reads every tensor into memory. `_private` holds the validated copies of the tensors
+    the graph uses as indices (tid2eid), which weights() uses instead of the file's bytes.
+    """
 
     paths: list[str]
     params: DSV4Params
@@ -73,7 +95,14 @@ class ModelFile:
     metadata: dict[str, Any]  # the first shard's key/value pairs
     tensors: dict[str, TensorInfo]
     _maps: list[mmap.mmap] = field(repr=False)
+    _files: list[int] | None = field(default=None, repr=False)  # use_mmap=False: one descriptor per shard
+    _private: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _weights: Any = field(default=None, repr=False)
+
+    @property
+    def use_mmap(self) -> bool:
+        """Whether the weights are (or will be) pages of the mapped files rather than memory the process owns."""
+        return self._files is None
 
     @property
     def path(self) -> str:
@@ -84,20 +113,28 @@ class ModelFile:
         return sum(t.nbytes for t in self.tensors.values())
 
     def weights(self, backends: Any = None) -> _ggml.WeightMap:
-        """The tensors as ggml tensors (zero-copy on the CPU), created once."""
+        """The tensors as ggml tensors, created once: zero-copy views of the mappings on the CPU (use_mmap), else
+        read into memory allocated on the backends' device."""
         if self._maps is None:
             raise ValueError(f"{self.path}: the model file has been closed")
         if self._weights is None:
             table = [(t.name, t.type, t.ne, t.shard, t.offset, t.nbytes) for t in self.tensors.values()]
-            self._weights = _ggml.WeightMap(self._maps, table, backends)
+            source = {"maps": self._maps} if self._files is None else {"files": self._files}
+            try:
+                self._weights = _ggml.WeightMap(table, backends, private=self._private, **source)
+            except ValueError as e:  # use_mmap=False: a file that changed since it was validated
+                raise ValueError(f"{self.path}: {e}") from None
         return self._weights
 
     def array(self, name: str) -> np.ndarray:
-        """A copy of a tensor's stored values, read from the mapping (numpy order; dequantized to float32)."""
+        """A copy of a tensor's stored values, read from the file (numpy order; dequantized to float32)."""
         if self._maps is None:
             raise ValueError(f"{self.path}: the model file has been closed")
         t = self.tensors[name]
-        raw = np.frombuffer(self._maps[t.shard], np.uint8, t.nbytes, t.offset)
+        if self._files is None:
+            raw = np.frombuffer(self._maps[t.shard], np.uint8, t.nbytes, t.offset)
+        else:
+            raw = _pread(self._files[t.shard], t.nbytes, t.offset, f"{self.paths[t.shard]}: tensor {name!r}")
         shape = t.ne[::-1]
         if t.type == GGMLType.I32:
             return raw.view(np.int32).reshape(shape).copy()
@@ -109,7 +146,10 @@ class ModelFile:
             self._weights = None
         for m in self._maps or []:
             m.close()
+        for fd in self._files or []:
+            os.close(fd)
         self._maps = None  # type: ignore[assignment]
+        self._files = None
 
     def __enter__(self) -> ModelFile:
         return self
@@ -139,24 +179,44 @@ def _check_split_keys(h: GGUFHeader, index: int, count: int) -> None:
         )
 
 
-def load_model(path: str | os.PathLike[str]) -> ModelFile:
-    """Open and validate a deepseek4 GGUF: a single file, or any shard of a split set (all shards are opened)."""
+def load_model(path: str | os.PathLike[str], *, use_mmap: bool = True) -> ModelFile:
+    """Open and validate a deepseek4 GGUF: a single file, or any shard of a split set (all shards are opened).
+
+    use_mmap=True (the default, as llama.cpp's): the files stay memory-mapped and the weights are their pages, read
+    on first use and shared with the page cache. The files must then not be modified or truncated while the model
+    is open: as in llama.cpp, a truncation makes the next read of a lost page a SIGBUS, and an overwrite changes
+    the weights under the running model. use_mmap=False: the files are mapped only while their headers are read;
+    weights() reads every tensor into memory the process owns (RAM for the whole model), after which the files may
+    change or disappear. Either way, the tensors used as indices (tid2eid) are private copies of what was
+    validated.
+    """
     path = os.fspath(path)
     paths = split_paths(path)
     maps: list[mmap.mmap] = []
+    fds: list[int] = []
     try:
         headers = []
         for i, p in enumerate(paths):
             if len(paths) > 1 and not os.path.exists(p):
                 raise ValueError(f"{path}: split set incomplete, shard {p} is missing")
-            maps.append(_open_map(p))
+            fds.append(_open(p))
+            maps.append(mmap.mmap(fds[-1], 0, access=mmap.ACCESS_READ))
             headers.append(read_header(maps[-1], p))
             _check_split_keys(headers[-1], i, len(paths))
         model = _validate(paths, headers, maps)
     except BaseException:
         for m in maps:
             m.close()
+        for fd in fds:
+            os.close(fd)
         raise
+    if use_mmap:
+        for fd in fds:
+            os.close(fd)
+    else:  # the descriptors replace the mappings: nothing maps the files any more
+        for m in maps:
+            m.close()
+        model._maps, model._files = [], fds
     return model
 
 
@@ -218,11 +278,12 @@ def _validate(paths: list[str], headers: list[GGUFHeader], maps: list[mmap.mmap]
     model = ModelFile(paths, params, vocab, template, dict(first.kv), tensors, maps)
     for il in range(min(params.hash_layer_count, params.n_layer)):
         name = f"blk.{il}.ffn_gate_tid2eid.weight"
-        ids = model.array(name)
+        ids = model.array(name)  # a copy: what is checked here is what the graph will index with
         bad = ids[(ids < 0) | (ids >= params.n_expert)]
         if bad.size:
             raise GGUFError(
                 f"{paths[tensors[name].shard]}: tensor {name!r} holds expert id {int(bad[0])}"
                 f" outside [0, {params.n_expert})"
             )
+        model._private[name] = ids
     return model

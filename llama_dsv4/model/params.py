@@ -196,6 +196,20 @@ class DSV4Params:
         for il, r in enumerate(self.compress_ratios[: self.block_count]):
             if r not in COMPRESS_RATIOS:
                 raise bad("attention.compress_ratios", f"layer {il} has ratio {r}; only {COMPRESS_RATIOS} exist")
+        # what the architecture can mean: a token sees at most the context before it, and the indexer picks among
+        # the context's blocks of 4 (the engine also bounds both by the n_ctx it runs with)
+        if self.sliding_window > self.n_ctx_train:
+            raise bad(
+                "attention.sliding_window",
+                f"{self.sliding_window} exceeds context_length {self.n_ctx_train}: no token has that many before it",
+            )
+        n_blocks = max(self.n_ctx_train // 4, 1)
+        if 4 in self.compress_ratios[: self.n_layer] and self.indexer_top_k > n_blocks:
+            raise bad(
+                "attention.indexer.top_k",
+                f"{self.indexer_top_k} exceeds the {n_blocks} blocks of 4 positions in context_length "
+                f"{self.n_ctx_train}",
+            )
         if self.rope_scaling_type not in ROPE_SCALING_TYPES:
             raise bad("rope.scaling.type", f"{self.rope_scaling_type!r} is not one of {ROPE_SCALING_TYPES}")
         for key, v in {

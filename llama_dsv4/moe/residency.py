@@ -89,6 +89,8 @@ class ExpertResidency:
         use_mlock: bool = False,
         syscalls: Syscalls | None = None,
     ) -> None:
+        if not model.use_mmap:
+            raise ValueError("MoE expert residency manages pages of the mapped model file: it needs use_mmap=True")
         p = model.params
         self.model, self.config = model, config
         self.L, self.E, self.k = p.n_layer, p.n_expert, p.n_expert_used
@@ -113,7 +115,8 @@ class ExpertResidency:
         self._fds: list[int] = []
         files = []
         for shard, path in enumerate(model.paths):  # where each shard is mapped, for dropping cached pages
-            name = next((n for n, t in model.tensors.items() if t.shard == shard), None)
+            # an expert tensor (always in the mapping; tid2eid, for one, is a private copy) locates the shard
+            name = next((n for n, t in model.tensors.items() if t.shard == shard and n.endswith("_exps.weight")), None)
             r = weight_range(name) if name is not None else None
             if r is not None:
                 fd = os.open(path, os.O_RDONLY)

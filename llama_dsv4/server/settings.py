@@ -204,8 +204,6 @@ def _build() -> _Parser:
     a("-a", "--alias", help="model name served in /v1/models and responses (default: the file name)")
     a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     a("--port", type=_int("--port", 0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    a("--no-mmap", dest="no_mmap", action="store_true", help="accepted: weights are always memory-mapped")
-    a("--mmap", dest="no_mmap", action="store_false", help="memory-map the weights (always)")
     a("-s", "--seed", type=_int("--seed"), help="RNG seed (-1: random)")
     a("-ctk", "--cache-type-k", dest="cache_type_k", choices=sorted(CACHE_TYPES), help="cache type: f16 or f32")
     a("--logits-all", action="store_true", help="keep every position's logits (needed for logprobs in requests)")
@@ -352,9 +350,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     if note:
         notes.append(note)
     s.flash_attn = ns.flash_attn != "off"
-    s.use_mlock = ns.mlock
-    if ns.no_mmap:
-        notes.append("--no-mmap: accepted, no effect (weights are always memory-mapped; use --mlock to pin them)")
+    s.use_mlock, s.use_mmap = ns.mlock, not ns.no_mmap
     s.seed = None if ns.seed is None or ns.seed < 0 else ns.seed
     s.type_k = CACHE_TYPES[ns.cache_type_k] if ns.cache_type_k else None
     s.moe_hot_count, s.moe_hot_budget_mib, s.moe_stats_path = ns.moe_hot_count, ns.moe_hot_budget_mib, ns.moe_stats_path

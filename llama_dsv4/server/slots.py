@@ -326,8 +326,8 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
     kwargs["n_ctx"] = n_ctx
     if settings.parallel > 1:
         notes.append(
-            "slots share the mapped weights on CPU and Metal; a device that cannot read host memory holds one copy "
-            "per slot"
+            "slots share the mapped weights on CPU and Metal; with --no-mmap, or on a device that cannot read host "
+            "memory, each slot holds its own copy"
         )
     out = []
     for i in range(settings.parallel):
