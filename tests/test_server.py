@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import hostile_grammars as hg
 import pytest
 
 from llama_dsv4 import flags as flags_mod
@@ -492,6 +493,40 @@ def test_malformed_requests_are_4xx_with_an_error_body(server: Server, path: str
         assert err["code"] == code, err
     if code == "context_length_exceeded":
         assert err["param"] == "prompt" and "2048 tokens" in err["message"] and "--ctx-size" in err["message"]
+
+
+def test_hostile_grammars_and_schemas_are_400_and_the_server_lives(server: Server) -> None:
+    """Grammars and schemas that killed the server (SIGSEGV in llguidance's compiler) or answered with a Rust
+    backtrace: a 400 naming the bound, without a backtrace or a path, and the server goes on."""
+    deep_tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"p": {"$ref": "#/$defs/d0"}},
+                "$defs": hg.object_chain(1000)["$defs"],
+            },
+        },
+    }
+    cases = [
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": hg.ref_chain(3000)}}},
+        ),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object", "schema": hg.object_chain(1000)}}),
+        ("/v1/chat/completions", {"grammar": hg.gbnf_chain(4000)}),
+        ("/v1/chat/completions", {"tools": [deep_tool], "tool_choice": "required"}),
+        ("/v1/completions", {"grammar": hg.gbnf_alternation(60000)}),
+    ]
+    for path, extra in cases:
+        body = {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "hi"}
+        r = httpx.post(server.url + path, json={**body, **extra}, headers=AUTH, timeout=120)
+        err = error_of(r)
+        assert r.status_code == 400 and ("at most 256" in err["message"] or "longer than" in err["message"]), err
+        assert not any(s in r.text for s in ("backtrace", "<unknown>", ".rs:", "Traceback", "/tmp/")), r.text
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert server.proc.poll() is None
 
 
 def test_oversize_bodies_wrong_methods_and_unknown_routes(server: Server) -> None:

@@ -100,7 +100,7 @@ def _tool_choice(tools: Any, tool_choice: Any, functions: Any, function_call: An
     raise ValueError(f"invalid tool_choice {tool_choice!r}")
 
 
-def _schema_of(response_format: Any) -> tuple[bool, Any]:
+def schema_of(response_format: Any) -> tuple[bool, Any]:
     """(constrained?, schema or None) of an OpenAI response_format."""
     if not response_format:
         return False, None
@@ -165,7 +165,7 @@ class TemplateChatHandler:
             raise ValueError(f"reasoning_format must be 'deepseek' or 'none', got {reasoning_format!r}")
         variables = {**(chat_template_kwargs or {}), **(template_kwargs or {})}
         tools, choice = _tool_choice(tools, tool_choice, functions, function_call)
-        constrained_json, schema = _schema_of(response_format)
+        constrained_json, schema = schema_of(response_format)
         source = None  # the grammar decoding follows, if any
         if choice in ("none", "auto"):
             pass
