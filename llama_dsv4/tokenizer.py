@@ -114,6 +114,7 @@ class DSV4Tokenizer:
             else:
                 self._pieces.append(t.encode("utf-8"))
         self._control = frozenset(control)
+        self.longest_piece = max(map(len, self._pieces), default=1)  # bytes: a text of n bytes is >= n / this tokens
 
     def _build(self, specials: list[int]) -> Tokenizer:
         try:

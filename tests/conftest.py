@@ -58,3 +58,15 @@ def tiny_paths(model_dir: str) -> dict[str, str]:
 def real_vocab_path(model_dir: str) -> str:
     """The micro model with the real DeepSeek V4 vocabulary (129280 tokens) and our chat template."""
     return write_model(os.path.join(model_dir, "micro-realvocab.gguf"), MICRO, vocab="real", dtype="f16")[0]
+
+
+# A chat template Python cannot compile (99 nested ifs: "too many levels of indentation"), which once made
+# Llama(), the server and the CLI fail with a traceback; now the file's template is refused and ours used.
+NESTED_IFS_TEMPLATE = "{% if messages %}" * 99 + "{{ messages[0].content }}" + "{% endif %}" * 99
+
+
+@pytest.fixture(scope="session")
+def hostile_template_path(model_dir: str) -> str:
+    """The micro model with a chat template that cannot be used (NESTED_IFS_TEMPLATE)."""
+    path = os.path.join(model_dir, "micro-hostile-template.gguf")
+    return write_model(path, MICRO, dtype="f32", chat_template=NESTED_IFS_TEMPLATE)[0]

@@ -529,6 +529,20 @@ def test_hostile_grammars_and_schemas_are_400_and_the_server_lives(server: Serve
     assert server.proc.poll() is None
 
 
+def test_a_chat_prompt_longer_than_the_context_stops_rendering(server: Server) -> None:
+    """Rendering stops once the prompt is longer than the slot's context could hold (2048 tokens of at most 128
+    bytes: 256 KiB), instead of tokenizing it all first; still a context_length_exceeded."""
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hello " * 50_000}]},
+        headers=AUTH,
+        timeout=60,
+    )
+    err = error_of(r)
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages", err
+    assert "context of 2048 tokens" in err["message"] and "--ctx-size" in err["message"]
+
+
 def test_oversize_bodies_wrong_methods_and_unknown_routes(server: Server) -> None:
     big = b'{"messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}'
     r = httpx.post(server.url + "/v1/chat/completions", content=big, headers=AUTH)
@@ -963,6 +977,25 @@ def test_moe_figures_in_metrics_from_a_stub() -> None:
     assert values[("llamadsv4:requests_deferred", ())] == 3
     assert values[("llamadsv4:predicted_tokens_seconds", ())] == 10.0
     assert values[("llamadsv4:requests_total", (("route", "/v1/chat/completions"), ("status", "200")))] == 1
+
+
+def test_a_model_whose_template_cannot_be_used_still_serves(hostile_template_path: str, tmp_path: Any) -> None:
+    """The file's template made the server exit at start with a traceback (IndentationError); now it starts with
+    a warning and serves chat with our template."""
+    srv = start_server(hostile_template_path, str(tmp_path / "server.log"), "-np", "1")
+    try:
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"messages": MESSAGES, "max_tokens": 2},
+            headers=AUTH,
+            timeout=120,
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+    finally:
+        assert srv.stop() == 0
+    log = srv.log()
+    assert "using llama-dsv4's DeepSeek V4 template" in log and "chat format deepseek-v4" in log
+    assert "Traceback" not in log
 
 
 def test_chat_template_flag() -> None:
