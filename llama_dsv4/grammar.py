@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .chat.grammar_bounds import MAX_GBNF_CHARS
+
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
 
 # common grammars, in GBNF
@@ -62,7 +64,7 @@ class LlamaGrammar:
     def from_file(cls, file: str | Path, verbose: bool = True) -> LlamaGrammar:
         try:
             with open(file) as f:
-                grammar = f.read()
+                grammar = f.read(MAX_GBNF_CHARS + 1)  # one more than allowed: from_string refuses it
         except Exception as err:
             raise Exception(f"{cls.from_file.__name__}: error reading grammar file: {err}") from err
         if grammar:

@@ -190,3 +190,11 @@ def test_compiler_messages_reach_clients_cleaned() -> None:
     with pytest.raises(ValueError) as e:  # a real message from the compiler: one line, with what went wrong
         LlamaGrammar.from_string('root ::= "a" {')
     assert "\n" not in str(e.value) and "invalid" in str(e.value)
+
+
+def test_a_grammar_file_is_read_only_up_to_the_bound(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "big.gbnf")
+    with open(path, "w") as f:
+        f.write('root ::= "a"\n' + "# a comment\n" * 1_000_000)  # 12 MB
+    with pytest.raises(ValueError, match=f"longer than {MAX_GBNF_CHARS}"):
+        LlamaGrammar.from_file(path)
