@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .chat.grammar_bounds import MAX_GBNF_CHARS
+
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
 
 # common grammars, in GBNF
@@ -50,7 +52,8 @@ class LlamaGrammar:
 
     @classmethod
     def from_string(cls, grammar: str, verbose: bool = True) -> LlamaGrammar:
-        """A grammar in llama.cpp's GBNF dialect (checked now: ValueError when it does not compile)."""
+        """A grammar in llama.cpp's GBNF dialect (checked now: ValueError when it does not compile or is beyond
+        the bounds of llama_dsv4.chat.grammar_bounds)."""
         if not isinstance(grammar, str):
             raise TypeError(f"a GBNF grammar is a string, got {type(grammar).__name__}")
         g = cls(_grammar=grammar)
@@ -61,7 +64,7 @@ class LlamaGrammar:
     def from_file(cls, file: str | Path, verbose: bool = True) -> LlamaGrammar:
         try:
             with open(file) as f:
-                grammar = f.read()
+                grammar = f.read(MAX_GBNF_CHARS + 1)  # one more than allowed: from_string refuses it
         except Exception as err:
             raise Exception(f"{cls.from_file.__name__}: error reading grammar file: {err}") from err
         if grammar:
@@ -70,8 +73,10 @@ class LlamaGrammar:
 
     @classmethod
     def from_json_schema(cls, json_schema: str | dict[str, Any], verbose: bool = True) -> LlamaGrammar:
-        """Output that validates against a JSON schema ($defs/$ref, anyOf, enums, bounds...)."""
+        """Output that validates against a JSON schema ($defs/$ref, anyOf, enums, bounds...); checked now:
+        ValueError when it does not compile or is beyond the bounds of llama_dsv4.chat.grammar_bounds."""
         from .chat import constrained
 
+        compiled = constrained.from_json_schema(json_schema)  # bounded first: then it is safe to write out
         text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
-        return cls(_grammar=text, _compiled=constrained.from_json_schema(text))
+        return cls(_grammar=text, _compiled=compiled)

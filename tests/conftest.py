@@ -66,3 +66,15 @@ def llama_cpp_sdist_path() -> str:
     """llama-cpp-python 0.3.36's sdist (tests/llama_cpp_sdist.py): downloaded once per machine; the tests that use it
     are skipped, with the reason, where the package registry cannot be reached (tried once per session)."""
     return llama_cpp_sdist.sdist_path()
+
+
+# A chat template Python cannot compile (99 nested ifs: "too many levels of indentation"), which once made
+# Llama(), the server and the CLI fail with a traceback; now the file's template is refused and ours used.
+NESTED_IFS_TEMPLATE = "{% if messages %}" * 99 + "{{ messages[0].content }}" + "{% endif %}" * 99
+
+
+@pytest.fixture(scope="session")
+def hostile_template_path(model_dir: str) -> str:
+    """The micro model with a chat template that cannot be used (NESTED_IFS_TEMPLATE)."""
+    path = os.path.join(model_dir, "micro-hostile-template.gguf")
+    return write_model(path, MICRO, dtype="f32", chat_template=NESTED_IFS_TEMPLATE)[0]

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
+import warnings
 
 import numpy as np
 import pytest
-from conftest import MICRO
+from conftest import MICRO, NESTED_IFS_TEMPLATE
 
 from llama_dsv4 import Llama, LlamaGrammar, LogitsProcessorList
 from llama_dsv4.chat import handlers
@@ -355,6 +357,46 @@ def test_template_injection_cannot_reach_python(payload: str, tmp_path: os.PathL
     with pytest.raises(ValueError, match="chat template"):
         evil.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1)
     assert not os.path.exists("/tmp/pwned")
+
+
+UNUSABLE_TEMPLATES = {
+    "4 MB": "{% if messages %}a{% endif %}" * 140_000 + "{{ messages[0].content }}",  # took 40 s and 2.3 GB
+    "99 nested ifs": NESTED_IFS_TEMPLATE,  # raised IndentationError out of Llama(), even with chat_format
+    "broken": "{% for %}",
+}
+
+
+@pytest.mark.parametrize("name", UNUSABLE_TEMPLATES)
+def test_a_files_unusable_template_is_replaced_by_ours(name: str, tmp_path: os.PathLike[str]) -> None:
+    path = write_model(os.path.join(tmp_path, "m.gguf"), MICRO, dtype="f32", chat_template=UNUSABLE_TEMPLATES[name])[0]
+    t0 = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match="chat template.*using llama-dsv4's DeepSeek V4 template"):
+        llm = Llama(path, n_ctx=256, verbose=False)
+    assert time.perf_counter() - t0 < 10 and llm.chat_format == "deepseek-v4"
+    assert llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1)["choices"]
+    # asked for ours: the file's template is not even compiled, so nothing to warn about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = Llama(path, n_ctx=256, verbose=False, chat_format="deepseek-v4")
+    assert ours.chat_format == "deepseek-v4"
+    # asked for the file's: its failure is the call's, a ValueError
+    theirs = Llama(path, n_ctx=256, verbose=False, chat_format="chat_template.default")
+    with pytest.raises(ValueError, match="chat template"):
+        theirs.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1)
+
+
+def test_rendering_stops_at_what_the_context_can_hold(tmp_path: os.PathLike[str]) -> None:
+    """A tiny template that prints 60 MB cost 61 s and 5.4 GB per chat call (mostly tokenizing it): rendering now
+    stops once the text is longer than n_ctx tokens of the vocabulary's longest piece could be."""
+    printer = "{% for i in range(60) %}{{ 'a' * 1000000 }}{% endfor %}{{ messages[0].content }}"
+    path = write_model(os.path.join(tmp_path, "m.gguf"), MICRO, dtype="f32", chat_template=printer)[0]
+    llm = Llama(path, n_ctx=256, verbose=False)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="more than a context of 256 tokens can hold"):
+        llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1)
+    assert time.perf_counter() - t0 < 5  # it stops at 256 x the longest piece (29 bytes here)
+    tok = llm._require_vocab()
+    assert tok.max_token_bytes == max(len(tok.piece(i, special=True)) for i in range(tok.n_tokens))
 
 
 def test_handler_resolution(llm: Llama, real_vocab_path: str) -> None:

@@ -103,6 +103,33 @@ def test_chat_mode_reads_turns_from_stdin(
     assert len(GENERATED.findall(err)) == 2 and "chat mode" in err
 
 
+def test_a_model_whose_template_cannot_be_used_still_chats(hostile_template_path: str, tmp_path: Any) -> None:
+    """The file's template made the CLI exit with a traceback (IndentationError); now ours is used, with a
+    warning; a --chat-template-file that cannot be used is an error message, not a traceback."""
+    r = subprocess.run(
+        [*command(), "-m", hostile_template_path, "-cnv", "-n", "2", "-t", "1", "--no-preload"],
+        input="Hello\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "using llama-dsv4's DeepSeek V4 template" in r.stderr and "Traceback" not in r.stderr
+    assert len(GENERATED.findall(r.stderr)) == 1
+    bad = tmp_path / "deep.jinja"
+    bad.write_text("{% if messages %}" * 99 + "x" + "{% endif %}" * 99)
+    args = ["-p", "x", "-n", "1", "-t", "1", "--no-preload", "--chat-template-file", str(bad)]
+    r = subprocess.run(
+        [*command(), "-m", hostile_template_path, *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "error: the chat template nests blocks more than 16 deep" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_hf_goes_through_the_hub_download(
     real_vocab_path: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import hostile_grammars as hg
 import pytest
 
 from llama_dsv4 import flags as flags_mod
@@ -494,6 +495,54 @@ def test_malformed_requests_are_4xx_with_an_error_body(server: Server, path: str
         assert err["param"] == "prompt" and "2048 tokens" in err["message"] and "--ctx-size" in err["message"]
 
 
+def test_hostile_grammars_and_schemas_are_400_and_the_server_lives(server: Server) -> None:
+    """Grammars and schemas that killed the server (SIGSEGV in llguidance's compiler) or answered with a Rust
+    backtrace: a 400 naming the bound, without a backtrace or a path, and the server goes on."""
+    deep_tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"p": {"$ref": "#/$defs/d0"}},
+                "$defs": hg.object_chain(1000)["$defs"],
+            },
+        },
+    }
+    cases = [
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": hg.ref_chain(3000)}}},
+        ),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object", "schema": hg.object_chain(1000)}}),
+        ("/v1/chat/completions", {"grammar": hg.gbnf_chain(4000)}),
+        ("/v1/chat/completions", {"tools": [deep_tool], "tool_choice": "required"}),
+        ("/v1/completions", {"grammar": hg.gbnf_alternation(60000)}),
+    ]
+    for path, extra in cases:
+        body = {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "hi"}
+        r = httpx.post(server.url + path, json={**body, **extra}, headers=AUTH, timeout=120)
+        err = error_of(r)
+        assert r.status_code == 400 and ("at most 256" in err["message"] or "longer than" in err["message"]), err
+        assert not any(s in r.text for s in ("backtrace", "<unknown>", ".rs:", "Traceback", "/tmp/")), r.text
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert server.proc.poll() is None
+
+
+def test_a_chat_prompt_longer_than_the_context_stops_rendering(server: Server) -> None:
+    """Rendering stops once the prompt is longer than the slot's context could hold (2048 tokens of at most 128
+    bytes: 256 KiB), instead of tokenizing it all first; still a context_length_exceeded."""
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hello " * 50_000}]},
+        headers=AUTH,
+        timeout=60,
+    )
+    err = error_of(r)
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages", err
+    assert "context of 2048 tokens" in err["message"] and "--ctx-size" in err["message"]
+
+
 def test_oversize_bodies_wrong_methods_and_unknown_routes(server: Server) -> None:
     big = b'{"messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}'
     r = httpx.post(server.url + "/v1/chat/completions", content=big, headers=AUTH)
@@ -930,6 +979,25 @@ def test_moe_figures_in_metrics_from_a_stub() -> None:
     assert values[("llamadsv4:requests_deferred", ())] == 3
     assert values[("llamadsv4:predicted_tokens_seconds", ())] == 10.0
     assert values[("llamadsv4:requests_total", (("route", "/v1/chat/completions"), ("status", "200")))] == 1
+
+
+def test_a_model_whose_template_cannot_be_used_still_serves(hostile_template_path: str, tmp_path: Any) -> None:
+    """The file's template made the server exit at start with a traceback (IndentationError); now it starts with
+    a warning and serves chat with our template."""
+    srv = start_server(hostile_template_path, str(tmp_path / "server.log"), "-np", "1")
+    try:
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"messages": MESSAGES, "max_tokens": 2},
+            headers=AUTH,
+            timeout=120,
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+    finally:
+        assert srv.stop() == 0
+    log = srv.log()
+    assert "using llama-dsv4's DeepSeek V4 template" in log and "chat format deepseek-v4" in log
+    assert "Traceback" not in log
 
 
 def test_chat_template_flag() -> None:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from llama_dsv4.chat import template
 from llama_dsv4.chat.template import TemplateError, render
 from llama_dsv4.model.writer import default_chat_template
 
@@ -154,6 +155,16 @@ DOS = [
     # pathological nesting at compile time
     "{{ " + "(" * 10000 + "1" + ")" * 10000 + " }}",
     "{{ " + "[" * 10000 + "]" * 10000 + " }}",
+    "{{ " + "(" * 40 + "1" + ")" * 40 + " }}",
+    # compile cost and Python's compiler (a model file's template is compiled when the model loads)
+    "{% if messages %}a{% endif %}" * 140_000,  # 4 MB: took 40 s and 2.3 GB to compile
+    "x" * 50_000_000 + "{{ messages }}",  # 50 MB: never finished
+    "{% if messages %}" * 99 + "x" + "{% endif %}" * 99,  # IndentationError out of Python's compiler
+    "{% for m in messages %}" * 21 + "x" + "{% endfor %}" * 21,  # SyntaxError: too many statically nested blocks
+    "".join(f"{{% set x{i} %}}" for i in range(40)) + "{% endset %}" * 40,
+    "{{ f(" + "1, " * 120_000 + ") }}",
+    # a tiny template printing 60 MB (61 s and 5.4 GB per chat call with tokenizing): stops at the bound
+    "{% for i in range(60) %}{{ 'a' * 1000000 }}{% endfor %}",
 ]
 
 # ---- names that exist in other frameworks' templates: harmless here, whatever they render
@@ -373,6 +384,31 @@ def test_budgets_are_per_render_and_per_thread() -> None:
     t.join(30)
     assert results == ["ok"] * 10
     assert len(errors) == 1 and "steps" in str(errors[0])
+
+
+def test_whatever_compiling_raises_is_a_template_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the nesting bound (lifted here), Python's own compiler fails (IndentationError, SyntaxError): that too
+    is a TemplateError, so a model file's template can always be refused and replaced."""
+    monkeypatch.setattr(template, "MAX_NESTING", 10**6)
+    with pytest.raises(TemplateError, match="IndentationError"):
+        template.compile_template("{% if messages %}" * 99 + "x" + "{% endif %}" * 99)
+    with pytest.raises(TemplateError, match="SyntaxError"):
+        template.compile_template("{% for m in messages %}" * 21 + "x" + "{% endfor %}" * 21)
+
+
+def test_the_bounds_name_themselves() -> None:
+    with pytest.raises(ValueError, match=f"at most {template.MAX_SOURCE} are allowed"):
+        render("x" * (template.MAX_SOURCE + 1))
+    with pytest.raises(ValueError, match=f"more than {template.MAX_TOKENS} tokens"):
+        render("{{ 1 ~ 1 ~ 1 ~ 1 ~ 1 ~ 1 ~ 1 }}" * 3000)
+    with pytest.raises(ValueError, match=f"nests blocks more than {template.MAX_NESTING} deep"):
+        render("{% if 1 %}" * 17 + "{% endif %}" * 17)
+    assert render("{% if 1 %}" * 16 + "ok" + "{% endif %}" * 16) == "ok"
+    with pytest.raises(ValueError, match=f"nests brackets more than {template.MAX_BRACKETS} deep"):
+        render("{{ " + "[" * 33 + "]" * 33 + " }}")
+    with pytest.raises(ValueError, match="passes 1000 characters"):
+        template.render_bounded("{% for i in range(100) %}{{ 'x' * 100 }}{% endfor %}", {}, 1000)
+    assert template.render_bounded("{{ 'x' * 1000 }}", {}, 1000) == "x" * 1000
 
 
 def test_errors_are_template_errors_naming_the_problem() -> None:

@@ -1,6 +1,9 @@
 """Constrained decoding on llguidance (PyPI `llguidance`): GBNF grammars, JSON schemas, and the DSML tool-call
 grammar of chat, applied token by token as a mask on the logits.
 
+What reaches llguidance is bounded first (chat/grammar_bounds.py: depth, size, rules), its compiler runs on a
+thread with a large stack, and its messages are cleaned (no Rust backtrace reaches a client).
+
 The model's vocabulary is handed to llguidance once per tokenizer (byte strings of every token; control tokens are
 special and never match text). A `GrammarState` is the sampler's hook: `mask(logits)` removes every token the
 grammar forbids (the end-of-sequence token only where the grammar may end), `accept(token)` advances it.
@@ -15,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .grammar_bounds import MAX_DEPTH, MAX_SCHEMA_CHARS, GrammarError, check_gbnf, check_json_schema, clean_message
+
 if TYPE_CHECKING:
     from ..llama import Llama
     from ..tokenizer import DSV4Tokenizer
 
 
-class GrammarError(ValueError):
-    """A grammar or schema that cannot be compiled."""
+COMPILE_STACK = 64 << 20  # bytes of stack for llguidance's (recursive, native) compiler: 8x an ordinary thread's
 
 
 def _llg() -> Any:
@@ -51,6 +55,34 @@ class _Wrapper:
 
 _cache: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_stack_lock = threading.Lock()
+
+
+def on_large_stack(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` on a thread of its own with a COMPILE_STACK stack (llguidance compiles recursively
+    in native code, where running out of stack kills the process); its result, or its exception raised here."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append((True, fn(*args, **kwargs)))
+        except BaseException as e:  # handed to the calling thread
+            result.append((False, e))
+
+    with _stack_lock:  # the stack size is process-wide: set it for this thread only
+        old = threading.stack_size(COMPILE_STACK)
+        try:
+            t = threading.Thread(target=run, name="llguidance-compile", daemon=True)
+            t.start()
+        finally:
+            threading.stack_size(old)
+    t.join()
+    ok, value = result[0]
+    if ok:
+        return value
+    if type(value).__name__ == "PanicException":  # a Rust panic llguidance did not catch (a BaseException)
+        raise GrammarError(f"the grammar compiler failed: {clean_message(str(value))}") from None
+    raise value
 
 
 def llg_tokenizer(tok: DSV4Tokenizer) -> Any:
@@ -67,36 +99,52 @@ def llg_tokenizer(tok: DSV4Tokenizer) -> Any:
 def check(grammar: str) -> str:
     """Validate an llguidance grammar (from grammar_from_*); raises GrammarError with llguidance's message."""
     llg = _llg()
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    is_error, messages = on_large_stack(llg.LLMatcher.validate_grammar_with_warnings, grammar)
     if is_error:
-        raise GrammarError(f"invalid grammar: {messages[0] if messages else 'unknown error'}")
+        raise GrammarError(f"invalid grammar: {clean_message(messages[0]) if messages else 'unknown error'}")
     return grammar
 
 
 def from_gbnf(gbnf: str) -> str:
+    """A GBNF grammar (llama.cpp's dialect), bounded (grammar_bounds.check_gbnf) and compiled."""
     llg = _llg()
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
+    check_gbnf(gbnf)
     try:
         lark = gbnf_to_lark(gbnf)
     except Exception as e:  # the converter raises plain exceptions on bad input
-        raise GrammarError(f"invalid GBNF grammar: {e}") from None
+        raise GrammarError(f"invalid GBNF grammar: {clean_message(str(e))}") from None
     return check(llg.LLMatcher.grammar_from_lark(lark))
 
 
-def from_json_schema(schema: Any) -> str:
-    llg = _llg()
+def parse_json_schema(schema: Any) -> dict[str, Any]:
+    """A JSON schema (an object, or its JSON text) within grammar_bounds' bounds."""
     if isinstance(schema, str):
+        if len(schema) > MAX_SCHEMA_CHARS:
+            raise GrammarError(f"the JSON schema is larger than {MAX_SCHEMA_CHARS} characters")
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise GrammarError(f"the JSON schema is not JSON: {e.msg}") from None
+        except RecursionError:
+            raise GrammarError(
+                f"the JSON schema nests too deep to parse; at most {MAX_DEPTH} levels are allowed"
+            ) from None
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
+    check_json_schema(schema)
+    return schema
+
+
+def from_json_schema(schema: Any) -> str:
+    """Output that validates against a JSON schema (an object or its JSON text), bounded and compiled."""
+    llg = _llg()
+    schema = parse_json_schema(schema)
     try:
-        g = llg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        g = on_large_stack(llg.LLMatcher.grammar_from_json_schema, schema, defaults={"whitespace_flexible": False})
     except ValueError as e:
-        raise GrammarError(f"invalid JSON schema: {e}") from None
+        raise GrammarError(f"invalid JSON schema: {clean_message(str(e))}") from None
     return check(g)
 
 
@@ -109,9 +157,9 @@ class GrammarState:
 
     def __init__(self, tok: DSV4Tokenizer, grammar: str) -> None:
         llg = _llg()
-        self.matcher = llg.LLMatcher(llg_tokenizer(tok), grammar, log_level=0)
+        self.matcher = on_large_stack(llg.LLMatcher, llg_tokenizer(tok), grammar, log_level=0)
         if self.matcher.is_error():
-            raise GrammarError(f"invalid grammar: {self.matcher.get_error()}")
+            raise GrammarError(f"invalid grammar: {clean_message(self.matcher.get_error())}")
         self.n_vocab = tok.n_tokens
         self.eos = tok.vocab.eos_id
         self._mask = np.zeros((self.n_vocab + 31) // 32, np.int32)
@@ -123,7 +171,7 @@ class GrammarState:
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         if self.matcher.is_error():
-            raise GrammarError(f"constrained decoding failed: {self.matcher.get_error()}")
+            raise GrammarError(f"constrained decoding failed: {clean_message(self.matcher.get_error())}")
         ok = self.allowed()
         if not ok.any():
             raise GrammarError("the grammar allows no token here")
@@ -134,7 +182,9 @@ class GrammarState:
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)) and token != self.eos:
-            raise GrammarError(f"token {token} was not allowed by the grammar: {self.matcher.get_error()}")
+            raise GrammarError(
+                f"token {token} was not allowed by the grammar: {clean_message(self.matcher.get_error())}"
+            )
 
     def done(self) -> bool:
         return self.matcher.is_stopped() or self.matcher.is_accepting()

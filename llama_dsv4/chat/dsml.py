@@ -17,6 +17,8 @@ import json
 import re
 from typing import Any
 
+from .grammar_bounds import MAX_SCHEMA_CHARS, GrammarError, check_json_schema
+
 DSML = "｜DSML｜"
 CALLS_OPEN = f"<{DSML}tool_calls>"
 CALLS_CLOSE = f"</{DSML}tool_calls>"
@@ -81,7 +83,8 @@ def _lit(s: str) -> str:
 _PLAIN_STRING_KEYS = {"type", "description", "title", "examples", "default"}
 
 
-def _param_rule(name: str, schema: dict[str, Any], defs: dict[str, Any] | None) -> str:
+def _param_rule(name: str, schema: dict[str, Any], defs: dict[str, Any] | None, budget: list[int]) -> str:
+    """The rule of one parameter; `budget` holds the characters of JSON schema the grammar may still embed."""
     as_text = _lit(f'<{DSML}parameter name="{name}" string="true">')
     as_json = _lit(f'<{DSML}parameter name="{name}" string="false">')
     close = _lit(f"</{DSML}parameter>\n")
@@ -90,6 +93,9 @@ def _param_rule(name: str, schema: dict[str, Any], defs: dict[str, Any] | None) 
     sub = dict(schema) if isinstance(schema, dict) else {}
     if defs:
         sub.setdefault("$defs", defs)
+    budget[0] -= check_json_schema(sub, f"the schema of parameter {name!r}")  # what llguidance compiles: bounded
+    if budget[0] < 0:
+        raise GrammarError(f"the tools' parameter schemas come to more than {MAX_SCHEMA_CHARS} characters")
     return f"{as_json} %json{json.dumps(sub, ensure_ascii=False)} {close}"
 
 
@@ -106,6 +112,7 @@ def tools_grammar(tools: list[dict[str, Any]], only: str | None = None) -> str:
         raise ValueError("tool_choice needs at least one function tool")
     rules = []
     alts = []
+    budget = [MAX_SCHEMA_CHARS]  # each parameter's schema (with the tool's $defs) is compiled on its own
     for i, f in enumerate(funcs):
         name = f.get("name")
         if not isinstance(name, str) or not name or '"' in name:
@@ -119,7 +126,7 @@ def tools_grammar(tools: list[dict[str, Any]], only: str | None = None) -> str:
             for j, (pname, pschema) in enumerate(props.items()):
                 if not isinstance(pname, str) or '"' in pname:
                     raise ValueError(f"invalid parameter name {pname!r} in tool {name!r}")
-                rules.append(f"p{i}_{j}: {_param_rule(pname, pschema, defs)}")
+                rules.append(f"p{i}_{j}: {_param_rule(pname, pschema, defs, budget)}")
                 parts.append(f"p{i}_{j}" if pname in required else f"p{i}_{j}?")
         newline = _lit("\n")
         body = " ".join(parts) if parts else newline

@@ -11,7 +11,6 @@ thinking mode, effort and other template variables are reachable as keyword argu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from collections.abc import Callable, Iterator
@@ -102,7 +101,7 @@ def _tool_choice(tools: Any, tool_choice: Any, functions: Any, function_call: An
     raise ValueError(f"invalid tool_choice {tool_choice!r}")
 
 
-def _schema_of(response_format: Any) -> tuple[bool, Any]:
+def schema_of(response_format: Any) -> tuple[bool, Any]:
     """(constrained?, schema or None) of an OpenAI response_format."""
     if not response_format:
         return False, None
@@ -125,23 +124,36 @@ def _schema_of(response_format: Any) -> tuple[bool, Any]:
 
 
 class TemplateChatHandler:
-    """A chat format made from a Jinja template (the GGUF's or ours) with DeepSeek V4's output conventions."""
+    """A chat format made from a Jinja template (the GGUF's or ours) with DeepSeek V4's output conventions.
+    Compiled when made (TemplateError if it cannot be), or with `compile_now=False` on first use."""
 
-    def __init__(self, source: str, name: str) -> None:
+    def __init__(self, source: str, name: str, compile_now: bool = True) -> None:
         self.source = source
         self.name = name
-        tmpl.compile_template(source)
+        if compile_now:
+            tmpl.compile_template(source)
 
     def render(self, llama: Llama, messages: list[dict[str, Any]], variables: dict[str, Any]) -> str:
-        v = llama._require_vocab().vocab
-        return tmpl.render(
-            self.source,
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=v.tokens[v.bos_id] if v.bos_id is not None else "",
-            eos_token=v.tokens[v.eos_id] if v.eos_id is not None else "",
+        """The prompt; rendering stops once it is longer than the context could hold (n_ctx tokens of the
+        vocabulary's longest piece), so a template cannot print more than the tokenizer could be asked to read."""
+        tok = llama._require_vocab()
+        v = tok.vocab
+        limit = llama.n_ctx() * tok.max_token_bytes
+        variables = {
+            "messages": messages,
+            "add_generation_prompt": True,
+            "bos_token": v.tokens[v.bos_id] if v.bos_id is not None else "",
+            "eos_token": v.tokens[v.eos_id] if v.eos_id is not None else "",
             **variables,
-        )
+        }
+        try:
+            return tmpl.render_bounded(self.source, variables, limit)
+        except tmpl.OutputTooLong:
+            if limit >= tmpl.MAX_OUTPUT:
+                raise
+            raise ValueError(
+                f"the prompt is over {limit} characters: more than a context of {llama.n_ctx()} tokens can hold"
+            ) from None
 
     def __call__(
         self,
@@ -167,7 +179,7 @@ class TemplateChatHandler:
             raise ValueError(f"reasoning_format must be 'deepseek' or 'none', got {reasoning_format!r}")
         variables = {**(chat_template_kwargs or {}), **(template_kwargs or {})}
         tools, choice = _tool_choice(tools, tool_choice, functions, function_call)
-        constrained_json, schema = _schema_of(response_format)
+        constrained_json, schema = schema_of(response_format)
         source = None  # the grammar decoding follows, if any
         if choice in ("none", "auto"):
             pass
@@ -319,18 +331,20 @@ def install(llama: Llama, chat_format: str | None, chat_handler: Any) -> None:
     """Register the model's chat templates on `llama` and pick the default chat format."""
     handlers: dict[str, Any] = {}
     model_template = llama._model.chat_template
-    if model_template:
-        try:
-            handlers["chat_template.default"] = TemplateChatHandler(model_template, "chat_template.default")
+    choose = chat_format is None and chat_handler is None
+    if model_template:  # compiled now only where it may become the default; a file's template that cannot be
+        try:  # used (too large, too deep, broken) leaves ours as the default
+            handlers["chat_template.default"] = TemplateChatHandler(
+                model_template, "chat_template.default", compile_now=choose
+            )
         except tmpl.TemplateError as e:
             warnings.warn(
                 f"{llama.model_path}: {e}; using llama-dsv4's DeepSeek V4 template", RuntimeWarning, stacklevel=4
             )
-    for key, value in llama._model.metadata.items():
+    for key, value in llama._model.metadata.items():  # named extra templates: compiled when first used
         if key.startswith("tokenizer.chat_template.") and isinstance(value, str):
             name = "chat_template." + key[len("tokenizer.chat_template.") :]
-            with contextlib.suppress(tmpl.TemplateError):  # a broken extra template is simply not offered
-                handlers[name] = TemplateChatHandler(value, name)
+            handlers[name] = TemplateChatHandler(value, name, compile_now=False)
     handlers["deepseek-v4"] = TemplateChatHandler(default_chat_template(), "deepseek-v4")
     llama._chat_handlers = handlers
     if chat_format is None and chat_handler is None:
@@ -340,7 +354,7 @@ def install(llama: Llama, chat_format: str | None, chat_handler: Any) -> None:
 def template_from_file(llama: Llama, path: str) -> None:
     """Use a Jinja template file (llama-server's --chat-template-file) as this Llama's chat format."""
     with open(path, encoding="utf-8") as f:
-        source = f.read()
+        source = f.read(tmpl.MAX_SOURCE + 1)  # one more than allowed: compile_template refuses it
     llama._chat_handlers["chat_template.file"] = TemplateChatHandler(source, "chat_template.file")
     llama.chat_format = "chat_template.file"
 

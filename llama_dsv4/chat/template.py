@@ -15,7 +15,12 @@ A template comes from a stranger's file, so a render is also bounded in time and
 - turning a structure into text (output, `~`, string filters, tojson, format) first measures the structure
   through its nesting, so a small list that refers to itself many times over cannot print as terabytes.
 
-Whatever fails, render() raises TemplateError (a ValueError).
+Compiling is bounded too (Jinja turns a template into Python source, which Python compiles): the source may be
+MAX_SOURCE characters of MAX_TOKENS tokens, blocks may nest MAX_NESTING deep and brackets MAX_BRACKETS deep
+(checked on the lexer's tokens, before Jinja's parser and Python's compiler, which refuses more than 20 nested
+loops and 100 levels of indentation); whatever compiling raises becomes a TemplateError.
+
+Whatever fails, compile_template() and render() raise TemplateError (a ValueError).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from __future__ import annotations
 import contextvars
 import datetime
 import functools
+import io
 import json
 import re
 import string
 import time
 import types
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 import jinja2.ext
@@ -43,9 +49,17 @@ class TemplateError(ValueError):
     """A chat template failed to compile or to render."""
 
 
+class OutputTooLong(TemplateError):
+    """A rendered template passed the length its caller allows."""
+
+
 MAX_REPEAT = 1 << 20  # the most items a template may build by repetition ("x" * n, [x] * n)
 MAX_SIZE = 1 << 24  # the largest string a template may build (characters; a sequence counts 8 per item)
-MAX_OUTPUT = 1 << 26  # characters of a rendered prompt
+MAX_OUTPUT = 1 << 24  # characters of a rendered prompt (a million tokens of text is ~4-8 Mi); callers may ask less
+MAX_SOURCE = 256 << 10  # characters of a template (real ones: 17 KB at most among llama.cpp's 70 model templates)
+MAX_TOKENS = 1 << 15  # lexer tokens of a template, whitespace aside (real ones: 2,500 at most among those)
+MAX_NESTING = 16  # nested blocks (if, for, macro...): Python refuses 20 nested loops; real templates nest < 10
+MAX_BRACKETS = 32  # nested brackets in an expression (Jinja's parser recurses per level)
 MAX_BIG_TOTAL = 1 << 28  # characters of large (>= 1 MiB) intermediate results one render may create in all
 MAX_TICKS = 1 << 20  # block executions, calls and filter applications per render
 MAX_SECONDS = 10.0  # wall time per render
@@ -155,14 +169,15 @@ def _check_result(x: Any, what: str = "a value") -> Any:
 
 
 def _join(pieces: Any, limit: int, what: str) -> str:
-    out = []
+    """The pieces joined, as they come: stops as soon as they pass `limit` characters."""
+    out = io.StringIO()
     n = 0
     for p in pieces:
         n += len(p)
         if n > limit:
             raise SecurityError(f"{what} exceeds {limit} characters")
-        out.append(p)
-    s = "".join(out)
+        out.write(p)
+    s = out.getvalue()
     _charge(len(s))
     return s
 
@@ -353,11 +368,22 @@ class _GuardedCodeGenerator(CodeGenerator):
 
 class _BoundedTemplate(jinja2.Template):
     def render(self, *args: Any, **kwargs: Any) -> str:
+        return self.render_bounded(dict(*args, **kwargs), MAX_OUTPUT)
+
+    def render_bounded(self, variables: dict[str, Any], max_output: int) -> str:
+        """The text, streamed and counted: the render stops once it passes `max_output` characters."""
         token = _budget.set(_Budget())
         try:
-            ctx = self.new_context(dict(*args, **kwargs))
+            ctx = self.new_context(variables)
             try:
-                return _join(self.root_render_func(ctx), MAX_OUTPUT, "the rendered template")
+                out = io.StringIO()
+                n = 0
+                for piece in self.root_render_func(ctx):
+                    n += len(piece)
+                    if n > max_output:
+                        raise OutputTooLong(f"the rendered template passes {max_output} characters")
+                    out.write(piece)
+                return out.getvalue()
             except Exception:
                 self.environment.handle_exception()
         finally:
@@ -486,19 +512,70 @@ def environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+_OPENERS = frozenset({"if", "for", "macro", "call", "filter", "block", "with", "autoescape", "generation", "trans"})
+
+
+def _check_source(source: str) -> None:
+    """Size, tokens and nesting from the lexer's tokens (linear, no recursion), before anything compiles."""
+    if not isinstance(source, str):
+        raise TemplateError(f"a chat template is a string, not {type(source).__name__}")
+    if len(source) > MAX_SOURCE:
+        raise TemplateError(f"the chat template is {len(source)} characters long; at most {MAX_SOURCE} are allowed")
+    tokens = depth = brackets = 0
+    head: str | None = None  # the tag name of the block tag being read
+    assigns = False  # a `{% set %}` with `=` (no end tag)
+    in_block = False
+    for _, kind, value in environment().lex(source):
+        if kind != "whitespace":
+            tokens += 1
+            if tokens > MAX_TOKENS:
+                raise TemplateError(f"the chat template has more than {MAX_TOKENS} tokens")
+        if kind in ("block_begin", "variable_begin"):
+            in_block, head, assigns = kind == "block_begin", None, False
+        elif kind == "name" and in_block and head is None:
+            head = value
+        elif kind == "operator":
+            if value in "([{":
+                brackets += 1
+                if brackets > MAX_BRACKETS:
+                    raise TemplateError(f"the chat template nests brackets more than {MAX_BRACKETS} deep")
+            elif value in ")]}":
+                brackets = max(0, brackets - 1)
+            elif value == "=" and brackets == 0:
+                assigns = True
+        elif kind == "block_end" and head is not None:
+            if head in _OPENERS or (head == "set" and not assigns):
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise TemplateError(f"the chat template nests blocks more than {MAX_NESTING} deep")
+            elif head.startswith("end"):
+                depth = max(0, depth - 1)
+            in_block, head = False, None
+
+
 @functools.lru_cache(maxsize=16)
-def compile_template(source: str) -> jinja2.Template:
+def compile_template(source: str) -> _BoundedTemplate:
+    """The template compiled in the sandbox, within this module's bounds (TemplateError otherwise)."""
     try:
-        return environment().from_string(source)
+        _check_source(source)
+        return cast(_BoundedTemplate, environment().from_string(source))
+    except TemplateError:
+        raise
     except jinja2.TemplateError as e:
         raise TemplateError(f"the chat template does not compile: {e}") from None
-    except (RecursionError, MemoryError, ValueError, OverflowError) as e:  # pathological nesting or sizes
+    except Exception as e:  # Python's compiler on Jinja's output: IndentationError, SyntaxError, RecursionError...
         raise TemplateError(f"the chat template does not compile: {type(e).__name__}: {e}") from None
 
 
-def render(source: str, **variables: Any) -> str:
+def render(source: str, /, **variables: Any) -> str:
+    """The template rendered with `variables`, in the sandbox, at most MAX_OUTPUT characters."""
+    return render_bounded(source, variables, MAX_OUTPUT)
+
+
+def render_bounded(source: str, variables: dict[str, Any], max_output: int) -> str:
+    """The template rendered with `variables`; TemplateError once its text passes `max_output` characters."""
     try:
-        return compile_template(source).render(**variables)
+        return compile_template(source).render_bounded(variables, min(max_output, MAX_OUTPUT))
     except TemplateError:
         raise
     except jinja2.exceptions.SecurityError as e:

@@ -303,6 +303,14 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             model=model_name,
         )
 
+    async def constraints(gbnf: str | None, response_format: Any) -> Any:
+        """The request's GBNF grammar compiled, and its response_format schema checked against the bounds, before
+        the request queues for a slot: a bad or hostile one is refused at once (400), without holding a slot."""
+        try:
+            return await run_in_threadpool(_constraints, gbnf, response_format)
+        except Exception as e:
+            raise from_exception(e) from None
+
     async def run(
         request: Request,
         fn: Callable[[Any, Controller], Any],
@@ -458,10 +466,10 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             chat_template_kwargs=tk,
             stream=req.stream,
         )
-        grammar = req.grammar
+        grammar = await constraints(req.grammar, kwargs["response_format"])
 
         def fn(llm: Any, ctl: Controller) -> Any:
-            return llm.create_chat_completion(**kwargs, grammar=_grammar(grammar), logits_processor=ctl.processors())
+            return llm.create_chat_completion(**kwargs, grammar=grammar, logits_processor=ctl.processors())
 
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         usage = {"object": "chat.completion.chunk"} if include_usage else None
@@ -485,10 +493,10 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             logprobs=req.logprobs,
             stream=req.stream,
         )
-        grammar = req.grammar
+        grammar = await constraints(req.grammar, None)
 
         def fn(llm: Any, ctl: Controller) -> Any:
-            return llm.create_completion(**kwargs, grammar=_grammar(grammar), logits_processor=ctl.processors())
+            return llm.create_completion(**kwargs, grammar=grammar, logits_processor=ctl.processors())
 
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         return await run(request, fn, req.stream, {"object": "text_completion"} if include_usage else None, "prompt")
@@ -605,12 +613,17 @@ def _response_format(rf: Any) -> Any:
     return rf
 
 
-def _grammar(gbnf: str | None) -> Any:
-    if gbnf is None:
-        return None
+def _constraints(gbnf: str | None, response_format: Any) -> Any:
+    """A request's GBNF grammar as a compiled LlamaGrammar (or None); its JSON schema, if any, bounded (it is
+    compiled with the prompt)."""
+    from ..chat import constrained, handlers
     from ..grammar import LlamaGrammar
 
-    return LlamaGrammar.from_string(gbnf, verbose=False)
+    if response_format is not None:
+        wanted, schema = handlers.schema_of(response_format)
+        if wanted and schema is not None:
+            constrained.parse_json_schema(schema)
+    return None if gbnf is None else LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 def started_banner(settings: Settings) -> str:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 log = logging.getLogger("llama_dsv4.server")
 
 _CONTEXT = re.compile(r"Requested tokens \((at least )?(\d+)\) exceed context window of (\d+)")
+_CONTEXT_CHARS = re.compile(r"the prompt is over \d+ characters: more than a context of \d+ tokens can hold")
 
 
 class APIError(Exception):
@@ -79,6 +80,13 @@ def from_exception(e: BaseException, prompt_param: str = "messages") -> APIError
             400,
             f"the prompt is {at_least}{n} tokens, which does not fit this server's context of {ctx} tokens per request "
             "(shorten the prompt, or start the server with a larger --ctx-size or fewer --parallel slots)",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if _CONTEXT_CHARS.search(text):  # the chat prompt stopped rendering at the most the context could hold
+        return APIError(
+            400,
+            f"{text} (shorten the messages, or start the server with a larger --ctx-size or fewer --parallel slots)",
             param=prompt_param,
             code="context_length_exceeded",
         )
