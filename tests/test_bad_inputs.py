@@ -210,7 +210,8 @@ def test_prompts_far_over_the_context_are_refused_before_tokenizing(real_vocab_p
             lambda: m.create_chat_completion([{"role": "user", "content": big}], max_tokens=1),
         ):
             t0 = time.perf_counter()
-            with pytest.raises(ValueError, match=r"Requested tokens \(at least \d{5}\) exceed context window of 64"):
+            # (a chat prompt stops rendering first: it is longer than 64 positions x 128 bytes could hold)
+            with pytest.raises(ValueError, match=r"least \d{5}\) exceed context window of 64|context of 64 tokens can"):
                 call()
             assert time.perf_counter() - t0 < 3
         assert spies[0].chars == 0 and spies[1].chars < 10  # (the FIM prefix "x")

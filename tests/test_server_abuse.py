@@ -370,7 +370,9 @@ def test_prompts_that_cannot_fit_are_refused_at_once(server: Server) -> None:
         r, dt = post(server, path, body)
         err = openai_error(r.content)
         assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param, err
-        assert "at least" in err["message"] and "2048 tokens" in err["message"], err
+        # the chat prompt stops rendering at what 2048 positions could hold; the text's bytes bound its tokens
+        assert "at least" in err["message"] or "more than a context" in err["message"], err
+        assert "2048 tokens" in err["message"], err
         assert dt < 5, dt
         print(f"{path} with a 16 MB prompt: 400 in {dt:.2f} s")
 
