@@ -11,6 +11,7 @@ from .. import _ggml
 from ..model.loader import ModelFile
 from ..model.params import DSV4Params
 from .context import Context
+from .governor import Governor, Sensors, governor_enabled, proc_stat_idle, schedstat_delays
 from .memory import state_bytes
 
 MAX_CTX = 1 << 30  # positions (kept in C ints and int32 graph inputs by the engine)
@@ -92,6 +93,7 @@ def create_context(
 ) -> Context:
     """A Context, after checking that its state (and `host_bytes` more on the host) fits in memory."""
     gemm, gemm_min = gemm_settings()  # a bad switch fails before anything is allocated
+    governor_enabled()  # a bad switch fails before anything is allocated
     backends = _ggml.Backends(device, n_threads)
     check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes)
     return Context(
@@ -126,10 +128,15 @@ def gemm_settings() -> tuple[str, int]:
     return gemm, gemm_min
 
 
-def set_threads(ctx: Context, n_threads: int) -> None:
+def thread_governor(ctx: Context | None) -> Governor:
+    """The context's Governor (engine/governor.py): each compute's thread count within the pool, lowered while
+    the CPUs are contended unless LLAMA_DSV4_GOVERNOR=off. No context (vocab_only): one that does nothing."""
+    if ctx is None:
+        return Governor(1, lambda n: None, None)
     be = ctx.backends
-    if be.threads != n_threads:
-        be.set_threads(n_threads)
+    delays = schedstat_delays(be.worker_ids) if governor_enabled() and be.pool_threads > 1 else None
+    sensors = Sensors(lambda: ctx.t_compute, delays, proc_stat_idle()) if delays is not None else None
+    return Governor(be.pool_threads, be.set_threads, sensors)
 
 
 def truncate(ctx: Context, tokens: Any, n_batch: int) -> None:
