@@ -178,6 +178,7 @@ class Llama:
         if kwargs and verbose:
             print(f"llama-dsv4: ignoring unknown arguments {sorted(kwargs)}", file=sys.stderr)
 
+        loading = runtime.cpu_look()  # the thread governor starts from the CPUs free while loading
         try:
             self._model = load_model(self.model_path)
         except ValueError as e:
@@ -279,7 +280,7 @@ class Llama:
                 max(self.n_threads, self.n_threads_batch),
                 host_bytes=4 * self._n_ctx + 4 * rows * self._n_vocab,
             )
-        self._governor = runtime.thread_governor(self._ctx)
+        self._governor = runtime.thread_governor(self._ctx, loading)
         self._moe: ExpertResidency | None = None
         self._mlock = None
         if self._ctx is not None and moe_config is not None:

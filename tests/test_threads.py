@@ -260,6 +260,10 @@ def test_governor_starts_from_the_cpus_free_since_it_was_made() -> None:
     gov = make(2, fake)
     fake.wall = 0.01  # too soon to tell: start with what was asked
     assert fake.run(gov, 2, 0.01, 0.0, 0.0) == 2
+    fake = FakeSystem()
+    fake.wall, fake.idle = 5.0, 3.0
+    gov = Governor(2, fake.counts.append, fake.sensors(), since=(4.0, 3.0))  # loading began 1 s ago, none idle
+    assert fake.run(gov, 2, 0.01, 0.0, 0.0) == 1
 
 
 def test_governor_ignores_windows_split_between_threads() -> None:

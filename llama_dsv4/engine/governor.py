@@ -53,7 +53,8 @@ class Sensors:
 
 class Governor:
     """Per context: `before(requested)` returns (and sets, through set_threads) the threads of the next compute,
-    `after()` follows each compute. sensors=None: no governor, every compute uses the requested threads."""
+    `after()` follows each compute. sensors=None: no governor, every compute uses the requested threads.
+    since: (wall, idle) readings of the sensors from when loading began (default: now), for the first count."""
 
     def __init__(
         self,
@@ -68,6 +69,7 @@ class Governor:
         max_interval: float = 8.0,
         first_look_s: float = 0.1,
         blind: float = 8.0,
+        since: tuple[float, float | None] | None = None,
     ) -> None:
         self.pool = max(1, pool)
         self.cap = self.pool  # the most threads a compute may use now
@@ -86,7 +88,7 @@ class Governor:
         self._look: tuple[float, float | None] | None = None  # (wall, idle) when the idle CPUs were last read
         self._started = False
         if self.enabled and sensors is not None:
-            self._look = (sensors.wall(), sensors.idle())
+            self._look = since if since is not None else (sensors.wall(), sensors.idle())
 
     def before(self, requested: int) -> int:
         """The threads the next compute uses: `requested` (>= 1), at most the pool and the governor's cap."""
@@ -137,7 +139,7 @@ class Governor:
             self._probing = True
 
     def _first_cap(self) -> None:
-        """Before the first compute: as many threads as CPUs were free since the governor was made (the CPUs
+        """Before the first compute: as many threads as CPUs were free since loading began (`since`: the CPUs
         idle, plus the one this process was busy on while loading), when that was long enough to tell; the
         first window corrects what this gets wrong. Saves one compute at the full count on a busy machine,
         where it can take a second."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -128,7 +129,13 @@ def gemm_settings() -> tuple[str, int]:
     return gemm, gemm_min
 
 
-def thread_governor(ctx: Context | None) -> Governor:
+def cpu_look() -> tuple[float, float | None]:
+    """(monotonic time, idle CPU-seconds of the usable CPUs so far): take it when loading begins and hand it to
+    thread_governor, which starts from the CPUs that were free meanwhile."""
+    return time.monotonic(), proc_stat_idle()()
+
+
+def thread_governor(ctx: Context | None, since: tuple[float, float | None] | None = None) -> Governor:
     """The context's Governor (engine/governor.py): each compute's thread count within the pool, lowered while
     the CPUs are contended unless LLAMA_DSV4_GOVERNOR=off. No context (vocab_only): one that does nothing."""
     if ctx is None:
@@ -136,7 +143,7 @@ def thread_governor(ctx: Context | None) -> Governor:
     be = ctx.backends
     delays = schedstat_delays(be.worker_ids) if governor_enabled() and be.pool_threads > 1 else None
     sensors = Sensors(lambda: ctx.t_compute, delays, proc_stat_idle()) if delays is not None else None
-    return Governor(be.pool_threads, be.set_threads, sensors)
+    return Governor(be.pool_threads, be.set_threads, sensors, since=since)
 
 
 def truncate(ctx: Context, tokens: Any, n_batch: int) -> None:
