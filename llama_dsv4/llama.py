@@ -332,6 +332,7 @@ class Llama:
             if mlock is not None:
                 mlock.unlock_all()
             self._ctx = None
+            self._governor = runtime.thread_governor(None)  # it holds the context: its threads end now
             self._model.close()
 
     def __del__(self) -> None:

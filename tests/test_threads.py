@@ -96,6 +96,7 @@ def test_llama_clamps_huge_counts_with_a_warning_and_bounded_threads(micro_path:
         assert len(tasks() - before) <= usable - 1
     finally:
         llm.close()
+    assert not (tasks() - before)  # close() ends the pool's threads
     for bad in (1.5, True, "4", -3):
         with pytest.raises(ValueError, match="n_threads must be"):
             Llama(micro_path, n_ctx=64, n_threads=bad, verbose=False)  # type: ignore[arg-type]
