@@ -1,11 +1,12 @@
 """Decode speed on a busy machine, side by side with llama.cpp (llama-cpp-python 0.3.36, ../shared/oracle), on the
-same GGUF: each engine in its own process with its default thread count, next to 0, 1, 2, ... busy processes
-(`python3 -c "while True: pass"`, started by this script and always killed), R rounds alternating the engines.
+same GGUF: each engine in its own process with its default thread count (or --threads), next to 0, 1, 2, ... busy
+processes (`python3 -c "while True: pass"`, started by this script and always killed), R rounds alternating the
+engines.
 The table shows the median decode speed (single-token evals after a 32-token prompt) and its ratio to the same
 engine's speed with no busy process.
 
     python bench/busy.py --oracle-python $(../shared/oracle/setup.sh) [--model tiny|medium|PATH] [--busy 0,1,2]
-        [--rounds 3] [-n 128]
+        [--rounds 3] [-n 128] [--threads N]
 
 Models as bench/speed.py's ("medium" is written once to ~/.cache/llama-dsv4/bench/). On a CPU with AMX set
 DSV4_ORACLE_NO_REPACK=1 for quantized files (the reference aborts otherwise). Ours: the thread count it used at
@@ -28,7 +29,8 @@ CHILD = (
     PRELUDE
     + r"""
 n = cfg["n"]
-llm = llama_cpp.Llama(model_path=path, n_ctx=max(512, n + 64), verbose=False)  # the engine's default threads
+th = {"n_threads": cfg["threads"], "n_threads_batch": cfg["threads"]} if cfg["threads"] else {}  # else defaults
+llm = llama_cpp.Llama(model_path=path, n_ctx=max(512, n + 64), verbose=False, **th)
 rng = np.random.default_rng(1)
 toks = [int(x) for x in rng.integers(3, llm.n_vocab(), n + 32)]
 llm.eval(toks[:32])
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--busy", default="0,1,2", help="numbers of busy processes (0 is needed for the ratios)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-n", type=int, default=128, help="decoded tokens per run")
+    ap.add_argument("--threads", type=int, default=0, help="threads for both engines (default: each engine's own)")
     a = ap.parse_args()
     levels = sorted({int(x) for x in a.busy.split(",") if x} | {0})
     path = model(a.model)
@@ -83,13 +86,16 @@ def main() -> None:
         with Busy(level):
             for r in range(a.rounds):
                 for e, py in engines if r % 2 == 0 else engines[::-1]:
-                    res.setdefault((e, level), []).append(run_child(e, py, CHILD, path, {"n": a.n}))
+                    res.setdefault((e, level), []).append(
+                        run_child(e, py, CHILD, path, {"n": a.n, "threads": a.threads})
+                    )
 
     def tps(e: str, level: int) -> float:
         return statistics.median(x["tps"] for x in res[(e, level)])
 
     print(
-        f"{time.strftime('%Y-%m-%d %H:%M')}: {os.path.basename(path)}, decode {a.n} tokens, default threads "
+        f"{time.strftime('%Y-%m-%d %H:%M')}: {os.path.basename(path)}, decode {a.n} tokens, "
+        f"{'default threads' if not a.threads else 'threads'} "
         f"(ours {res[('ours', 0)][0]['threads']}"
         + (f", reference {res[('reference', 0)][0]['threads']}" if a.oracle_python else "")
         + f"), {len(os.sched_getaffinity(0))} CPUs, {a.rounds} rounds, medians\n"
