@@ -34,6 +34,7 @@ KERNELS = [
     "kernels/dsv4_moe_gemm.c",
     "kernels/dsv4_gemm_vnni.c",
     "kernels/dsv4_hc.c",
+    "kernels/dsv4_threads.c",
 ]
 
 

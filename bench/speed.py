@@ -31,7 +31,10 @@ import time
 
 import numpy as np
 
-CHILD = r"""
+# The start of every child (bench/busy.py's too): argv is engine ("ours" or "reference"), GGUF path, JSON config;
+# `llama_cpp` is the engine's module. DSV4_ORACLE_NO_REPACK=1: the reference without AMX-repacked weights, on which
+# llama.cpp aborts with quantized deepseek4 files (shared/oracle/README.md).
+PRELUDE = r"""
 import json, os, sys, time
 import numpy as np
 engine, path, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -39,6 +42,18 @@ if engine == "ours":
     import llama_dsv4 as llama_cpp
 else:
     import llama_cpp
+    if os.environ.get("DSV4_ORACLE_NO_REPACK") == "1":
+        _defaults = llama_cpp.llama_cpp.llama_model_default_params
+        def _no_repack():
+            p = _defaults()
+            p.use_extra_bufts = False
+            return p
+        llama_cpp.llama_cpp.llama_model_default_params = _no_repack
+"""
+
+CHILD = (
+    PRELUDE
+    + r"""
 th = cfg["threads"]
 n_ctx = max(cfg["depths"]) + 128 + 16 if cfg["depths"] else 1024
 n_ctx = max(n_ctx, 1024)
@@ -83,6 +98,7 @@ for d in cfg["depths"]:
 out["rss"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(json.dumps(out))
 """
+)
 
 MEDIUM = dict(
     n_embd=1024,
@@ -146,6 +162,14 @@ def bandwidth() -> float:
     return 2 * a.nbytes / best
 
 
+def run_child(engine: str, python: str, code: str, path: str, cfg: dict) -> dict:
+    """Run a child (PRELUDE + measurement code) for one engine; the JSON object it prints last."""
+    p = subprocess.run([python, "-c", code, engine, path, json.dumps(cfg)], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{engine} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--oracle-python")
@@ -160,10 +184,7 @@ def main() -> None:
     res: dict[str, list[dict]] = {e: [] for e, _ in engines}
     for r in range(a.rounds):
         for e, py in engines if r % 2 == 0 else engines[::-1]:
-            p = subprocess.run([py, "-c", CHILD, e, path, json.dumps(cfg)], capture_output=True, text=True)
-            if p.returncode != 0:
-                sys.exit(f"{e} failed:\n{p.stderr[-3000:]}")
-            res[e].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            res[e].append(run_child(e, py, CHILD, path, cfg))
     bpt, bw = bytes_per_token(path), bandwidth()
     size = os.path.getsize(path) if os.path.exists(path) else 0
     print(

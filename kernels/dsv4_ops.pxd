@@ -41,3 +41,6 @@ cdef extern from "dsv4_gemm.h" nogil:
 cdef extern from "dsv4_hc.h" nogil:
     ggml_tensor * dsv4_hc_post_cpu(ggml_context * ctx, ggml_tensor * x, ggml_tensor * residual, ggml_tensor * post,
                                    ggml_tensor * comb)
+
+cdef extern from "dsv4_threads.h" nogil:
+    ggml_tensor * dsv4_thread_ids(ggml_context * ctx, int n)

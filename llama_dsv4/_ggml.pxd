@@ -8,6 +8,9 @@ cdef class Backends:
     cdef g.ggml_threadpool * pool
     cdef int n
     cdef int n_threads
+    cdef int pool_size
+    cdef list _thread_ids
+    cdef list _pool_thread_ids(self)
     cdef g.ggml_backend_dev_t primary_dev(self)
 
 

@@ -5,6 +5,7 @@ small op-graph runner used to check our kernels against numpy.
 
 Everything that comes from a file is checked here again before ggml sees it (ggml asserts abort the process).
 """
+import operator
 import os
 
 import numpy as np
@@ -201,9 +202,17 @@ cdef class Backends:
     """The compute backends of one engine: the chosen device first, the CPU last (the scheduler's fallback).
 
     device: "auto" (the first GPU if the build has one, else the CPU), "cpu", or a device name from devices().
+    n_threads: the size of the CPU backend's thread pool (<= 0: the usable CPUs), at most the CPUs this process
+    may use (engine/cpus.py); the pool is made once and each compute uses `threads` of it (set_threads).
+    poll: how long idle pool threads spin for the next graph before they sleep (ggml's threadpool `poll`, 0-100;
+    None: POLL).
     """
 
-    def __cinit__(self, str device="auto", int n_threads=0):
+    POLL = 0  # idle threads sleep at once: see docs/design.md, "Threads"
+
+    def __cinit__(self, str device="auto", n_threads=0, poll=None):
+        from .engine.cpus import usable_cpus
+
         cdef g.ggml_backend_dev_t cpu = _dev_by_type(g.GGML_BACKEND_DEVICE_TYPE_CPU)
         cdef g.ggml_backend_dev_t main = NULL
         if cpu == NULL:
@@ -219,6 +228,12 @@ cdef class Backends:
             main = g.ggml_backend_dev_get(names.index(device))
             if main == cpu:
                 main = NULL
+        requested = operator.index(n_threads)
+        cpus = usable_cpus()
+        cdef int size = cpus if requested <= 0 else min(requested, cpus)
+        cdef int poll_level = self.POLL if poll is None else operator.index(poll)
+        if not 0 <= poll_level <= 100:
+            raise ValueError(f"poll must be in [0, 100], got {poll_level}")
         self.n = 2 if main != NULL else 1
         self.backends = <g.ggml_backend_t *> calloc(self.n, sizeof(g.ggml_backend_t))
         self.devs = <g.ggml_backend_dev_t *> calloc(self.n, sizeof(g.ggml_backend_dev_t))
@@ -232,7 +247,17 @@ cdef class Backends:
             if self.backends[i] == NULL:
                 raise RuntimeError(f"ggml could not start the backend of device "
                                    f"{g.ggml_backend_dev_name(self.devs[i]).decode()}")
-        self.set_threads(n_threads if n_threads > 0 else (os.cpu_count() or 1))
+        # one persistent pool for the CPU backend, made here once: its threads live across graph computes (ggml
+        # otherwise starts and joins them on every compute); a compute uses the first `threads` of them
+        cdef g.ggml_threadpool_params tpp = g.ggml_threadpool_params_default(size)
+        tpp.poll = poll_level
+        self.pool = g.ggml_threadpool_new(&tpp)
+        if self.pool == NULL:
+            raise RuntimeError(f"ggml could not start a pool of {size} threads")
+        g.ggml_backend_cpu_set_threadpool(self.backends[self.n - 1], self.pool)
+        self.pool_size = size
+        self.set_threads(size)
+        self._thread_ids = self._pool_thread_ids() if size > 1 else []
 
     def __dealloc__(self):
         if self.backends != NULL:
@@ -245,25 +270,49 @@ cdef class Backends:
             g.ggml_threadpool_free(self.pool)
 
     def set_threads(self, int n_threads):
-        """Set the thread count of every backend that has one (CPU, BLAS), through the registry."""
-        if n_threads < 1:
-            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        """How many of the pool's threads the next computes use (1 ... pool_threads), on every backend that has a
+        thread count (CPU, BLAS), through the registry. Cheap: the pool stays."""
+        if n_threads < 1 or n_threads > self.pool_size:
+            raise ValueError(f"n_threads must be >= 1 and at most the pool's {self.pool_size}, got {n_threads}")
         cdef g.ggml_backend_set_n_threads_t fn
         for i in range(self.n):
             reg = g.ggml_backend_dev_backend_reg(self.devs[i])
             fn = <g.ggml_backend_set_n_threads_t> g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
             if fn != NULL:
                 fn(self.backends[i], n_threads)
-        # a persistent pool for the CPU backend: its threads live across graph computes (ggml otherwise starts
-        # and joins them on every compute), polling briefly before they sleep
-        cdef g.ggml_threadpool_params tpp = g.ggml_threadpool_params_default(n_threads)
-        cdef g.ggml_threadpool * pool = g.ggml_threadpool_new(&tpp)
-        if pool != NULL:
-            g.ggml_backend_cpu_set_threadpool(self.backends[self.n - 1], pool)
-            if self.pool != NULL:
-                g.ggml_threadpool_free(self.pool)
-            self.pool = pool
+        # one thread: no pool (ggml then computes on the calling thread alone and the pool stays paused), so the
+        # pool's sleeping threads are not woken at every compute only to sleep again (on a busy machine each wake
+        # competes for a CPU: single-thread decode next to 2 busy processes on 2 CPUs was 25% faster without)
+        g.ggml_backend_cpu_set_threadpool(self.backends[self.n - 1], self.pool if n_threads > 1 else NULL)
         self.n_threads = n_threads
+
+    cdef list _pool_thread_ids(self):
+        """Run one graph on every pool thread, each writing its kernel thread id (kernels/dsv4_threads.c)."""
+        cdef g.ggml_init_params ip
+        ip.mem_size = 4 * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(8, False) + 4 * self.pool_size + 256
+        ip.mem_buffer = NULL
+        ip.no_alloc = False
+        cdef g.ggml_context * ctx = g.ggml_init(ip)
+        if ctx == NULL:
+            raise MemoryError()
+        cdef g.ggml_tensor * t
+        cdef g.ggml_cgraph * gf
+        cdef g.ggml_status st
+        cdef int32_t * ids
+        try:
+            t = k.dsv4_thread_ids(ctx, self.pool_size)
+            gf = g.ggml_new_graph_custom(ctx, 8, False)
+            g.ggml_build_forward_expand(gf, t)
+            ids = <int32_t *> t.data
+            for i in range(self.pool_size):
+                ids[i] = -1
+            with nogil:
+                st = g.ggml_backend_graph_compute(self.backends[self.n - 1], gf)
+            if st != g.GGML_STATUS_SUCCESS:
+                raise RuntimeError(f"graph compute failed with status {<int> st}")
+            return [int(ids[i]) for i in range(self.pool_size)]
+        finally:
+            g.ggml_free(ctx)
 
     cdef g.ggml_backend_dev_t primary_dev(self):
         return self.devs[0]
@@ -274,7 +323,20 @@ cdef class Backends:
 
     @property
     def threads(self):
+        """The threads the next computes use (set_threads)."""
         return self.n_threads
+
+    @property
+    def pool_threads(self):
+        """The threads of the CPU backend's pool (including the thread that calls compute)."""
+        return self.pool_size
+
+    @property
+    def worker_ids(self):
+        """Kernel thread ids of the pool's own threads, in ggml's task order: worker_ids[i] runs task i + 1 (task
+        0 runs on the thread that calls compute). Empty where the system has no thread ids."""
+        ids = self._thread_ids[1:]
+        return ids if all(t > 0 for t in ids) else []
 
 
 _default_backends = None

@@ -30,7 +30,6 @@ from .flags import (
     _float,
     _int,
     add_model_flags,
-    default_threads,
     fit_threads,
     gpu_layers_device,
 )
@@ -233,8 +232,7 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
     from .llama import Llama
 
     notes: list[str] = []
-    threads = fit_threads("--threads", args.n_threads, notes) or default_threads()
-    batch_threads = fit_threads("--threads-batch", args.n_threads_batch, notes) or threads
+    threads, batch_threads = fit_threads(args, notes)
     device, device_note = gpu_layers_device(args.n_gpu_layers, args.device)
     for note in [*notes, *([device_note] if device_note else [])]:
         err.write(f"llama-dsv4: {note}\n")
@@ -423,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.info:
             path = demo_model_path() if demo else _model_path(args)
             n = 16 if args.n_predict is None else max(args.n_predict, 0)
-            threads = fit_threads("--threads", args.n_threads, []) or default_threads()
+            threads = fit_threads(args, [])[0]
             out.write(_summary(path, args.device, threads, n, not args.no_mmap) + "\n")
             return 0
         if demo:

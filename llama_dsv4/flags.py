@@ -5,27 +5,10 @@ counts, and what -ngl means on this engine."""
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
+from .engine.cpus import fit_count, physical_cores, usable_cpus
 from .moe import parse_hot_count as _parse_hot_count
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_threads() -> int:
-    """llama.cpp's default thread count: the physical cores this process may use (hyperthreads do not help)."""
-    try:
-        allowed = os.sched_getaffinity(0)
-        cores = set()
-        for cpu in allowed:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
-                cores.add(f.read().strip())
-        return max(1, len(cores))
-    except (AttributeError, OSError):
-        return usable_cpus()
 
 
 def gpu_layers_device(n_gpu_layers: int, device: str) -> tuple[str, str | None]:
@@ -38,16 +21,18 @@ def gpu_layers_device(n_gpu_layers: int, device: str) -> tuple[str, str | None]:
     return device, None
 
 
-def fit_threads(flag: str, n: int | None, notes: list[str]) -> int | None:
-    """A thread count as given (None or <= 0: the default), at most the CPUs this process may use: ggml's
-    threads wait for each other spinning, so more threads than CPUs make every token many times slower."""
-    if n is None or n <= 0:
-        return None
+def fit_threads(ns: argparse.Namespace, notes: list[str], slots: int = 1) -> tuple[int, int]:
+    """-t and -tb for each of `slots` sequences computed at once (engine/cpus.py's fit_count): <= 0 or unset is
+    the default (-t: the physical cores, -tb: -t), and neither is ever more than the slot's share of the CPUs
+    this process may use (ggml's threads wait for each other spinning, so threads beyond the CPUs make every
+    token many times slower); a count that was lowered gets a note."""
     cpus = usable_cpus()
-    if n > cpus:
-        notes.append(f"{flag} {n}: more than the {cpus} CPUs this process may use: using {cpus}")
-        return cpus
-    return n
+    t = ns.n_threads if ns.n_threads is not None and ns.n_threads > 0 else None
+    threads, note = fit_count("--threads", t, physical_cores(), cpus, slots)
+    tb = ns.n_threads_batch if ns.n_threads_batch is not None and ns.n_threads_batch > 0 else None
+    batch, batch_note = fit_count("--threads-batch", tb, threads, cpus, slots)
+    notes.extend(n for n in (note, batch_note) if n is not None)
+    return threads, batch
 
 
 def _int(flag: str, lo: int | None = None, hi: int | None = None) -> Any:

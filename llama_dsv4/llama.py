@@ -23,6 +23,7 @@ import numpy.typing as npt
 from . import completion as _completion
 from .cache import BaseLlamaCache, longest_token_prefix
 from .engine import runtime
+from .engine.cpus import fit_count, usable_cpus
 from .grammar import LlamaGrammar
 from .llama_types import CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse
 from .model.loader import load_model
@@ -169,9 +170,9 @@ class Llama:
             raise ValueError(f"n_ctx must be >= 0 (0: the model's training context), got {n_ctx}")
         if n_batch <= 0 or n_ubatch <= 0:
             raise ValueError(f"n_batch and n_ubatch must be positive, got {n_batch} and {n_ubatch}")
-        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
-            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{name} must be a positive integer (0 or None: the default), got {value!r}")
+        cpus = usable_cpus()
+        threads, threads_note = fit_count("n_threads", n_threads, max(cpus // 2, 1), cpus)  # llama-cpp-python's
+        threads_batch, batch_note = fit_count("n_threads_batch", n_threads_batch, cpus, cpus)
         if type_k not in (None, *_CACHE_TYPE_NAMES):
             raise ValueError(f"type_k {type_k} is not supported; use GGML_TYPE_F16 (1) or GGML_TYPE_F32 (0)")
         hot_count = parse_hot_count(moe_hot_count)  # a ValueError before anything is loaded
@@ -192,6 +193,7 @@ class Llama:
         if kwargs and verbose:
             print(f"llama-dsv4: ignoring unknown arguments {sorted(kwargs)}", file=sys.stderr)
 
+        loading = runtime.cpu_look()  # the thread governor starts from the CPUs free while loading
         try:
             self._model = load_model(self.model_path, use_mmap=bool(use_mmap))
         except ValueError as e:
@@ -216,8 +218,10 @@ class Llama:
         self._n_ctx = params.n_ctx_train if n_ctx == 0 else int(n_ctx)
         self.n_batch = min(self._n_ctx, int(n_batch))
         self.n_ubatch = min(self.n_batch, int(n_ubatch))
-        self.n_threads = n_threads or max((os.cpu_count() or 1) // 2, 1)
-        self.n_threads_batch = n_threads_batch or (os.cpu_count() or 1)
+        self.n_threads, self.n_threads_batch = threads, threads_batch
+        for note in (threads_note, batch_note):
+            if note is not None:
+                warnings.warn(note, RuntimeWarning, stacklevel=2)
         self.last_n_tokens_size = last_n_tokens_size
         self._seed = seed or LLAMA_DEFAULT_SEED
         self._logits_all = bool(logits_all) or draft_model is not None
@@ -290,9 +294,10 @@ class Llama:
                 type_k_name,
                 bool(flash_attn),
                 device,
-                self.n_threads,
+                max(self.n_threads, self.n_threads_batch),
                 host_bytes=4 * self._n_ctx + 4 * rows * self._n_vocab,
             )
+        self._governor = runtime.thread_governor(self._ctx, loading)
         self._moe: ExpertResidency | None = None
         self._mlock = None
         if self._ctx is not None and moe_config is not None:
@@ -348,6 +353,7 @@ class Llama:
                     mlock.unlock_all()
             finally:
                 self._ctx = None
+                self._governor = runtime.thread_governor(None)  # it holds the context: its threads end now
                 self.n_tokens = 0
                 self.input_ids = np.zeros(0, np.intc)  # scores: n_ctx x n_vocab floats with logits_all
                 self.scores = np.zeros((0, self._n_vocab), np.single)
@@ -487,7 +493,9 @@ class Llama:
         if ctx.n_past == self.n_tokens:
             return
         if ctx.n_past > self.n_tokens:
+            self._governor.before(self.n_threads_batch)
             runtime.truncate(ctx, self.input_ids[: self.n_tokens], self.n_batch)
+            self._governor.after()
             return
         raise RuntimeError("internal: the context is behind input_ids")
 
@@ -506,8 +514,9 @@ class Llama:
             for i in range(0, len(tokens), self.n_batch):
                 batch = tokens[i : i + self.n_batch]
                 n_past = self.n_tokens
-                runtime.set_threads(ctx, self.n_threads_batch if len(batch) > 1 else self.n_threads)
+                self._governor.before(self.n_threads_batch if len(batch) > 1 else self.n_threads)
                 logits = ctx.eval(np.asarray(batch, np.int64), all_logits=self._logits_all)
+                self._governor.after()
                 self.input_ids[n_past : n_past + len(batch)] = batch
                 if self._logits_all:
                     self.scores[n_past : n_past + len(batch), :] = logits

@@ -123,7 +123,7 @@ def test_n_ctx_values(micro_path: str) -> None:
         Llama(micro_path, n_ctx=64.0, verbose=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"n_ctx=2147483648 is beyond this engine's limit"):
         Llama(micro_path, n_ctx=2**31, verbose=False)
-    for kw in (dict(n_batch=0), dict(n_ubatch=-1), dict(n_threads=-1), dict(n_threads_batch=-2)):
+    for kw in (dict(n_batch=0), dict(n_ubatch=-1), dict(n_threads=-2), dict(n_threads_batch=-2)):
         with pytest.raises(ValueError, match="must be"):
             Llama(micro_path, n_ctx=64, verbose=False, **kw)  # type: ignore[arg-type]
 

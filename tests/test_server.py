@@ -850,8 +850,8 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
         8192,
         512,
         256,
-        2,
-        2,
+        1,  # 4 slots share 2 CPUs
+        1,
     )
     assert (kw["seed"], kw["type_k"], kw["moe_hot_count"], kw["moe_hot_budget_mib"]) == (7, 0, [2, 3], 512.0)
     assert (s.parallel, s.api_keys, s.alias, s.timeout, s.n_predict, s.temperature) == (
@@ -863,7 +863,7 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
         0.2,
     )
     assert s.reasoning_format == "none" and kw["flash_attn"] is True
-    assert any("--threads 20" in n and "using 2" in n for n in s.notes)
+    assert any("--threads=20 in each of 4 slots" in n and "using 1 per slot" in n for n in s.notes), s.notes
     assert any(n.startswith("-sm row: accepted") for n in s.notes)
     assert parse_args(["-m", CARD[1], "-ngl", "0"], env={}).llama_kwargs()["device"] == "cpu"  # no offload
     assert parse_args(["-m", CARD[1], "--no-mmap"], env={}).llama_kwargs()["use_mmap"] is False  # weights read in

@@ -262,6 +262,7 @@ cdef extern from "ggml-backend.h" nogil:
     # backends
     const char * ggml_backend_name(ggml_backend_t backend)
     void ggml_backend_free(ggml_backend_t backend)
+    ggml_status ggml_backend_graph_compute(ggml_backend_t backend, ggml_cgraph * cgraph)
     ggml_backend_dev_t ggml_backend_get_device(ggml_backend_t backend)
     void ggml_backend_tensor_set(ggml_tensor * tensor, const void * data, size_t offset, size_t size)
     void ggml_backend_tensor_get(const ggml_tensor * tensor, void * data, size_t offset, size_t size)

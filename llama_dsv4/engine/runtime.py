@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ from .. import _ggml
 from ..model.loader import ModelFile
 from ..model.params import DSV4Params
 from .context import Context
+from .governor import Governor, Sensors, governor_enabled, proc_stat_idle, schedstat_delays
 from .memory import state_bytes
 
 MAX_CTX = 1 << 30  # positions (kept in C ints and int32 graph inputs by the engine)
@@ -108,6 +110,7 @@ def create_context(
     """A Context, after checking that its state, the model's weights where they are copied (use_mmap=False) and
     `host_bytes` more on the host fit in memory."""
     gemm, gemm_min = gemm_settings()  # a bad switch fails before anything is allocated
+    governor_enabled()  # a bad switch fails before anything is allocated
     backends = _ggml.Backends(device, n_threads)
     check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes, model.n_bytes, model.use_mmap)
     return Context(
@@ -142,10 +145,21 @@ def gemm_settings() -> tuple[str, int]:
     return gemm, gemm_min
 
 
-def set_threads(ctx: Context, n_threads: int) -> None:
+def cpu_look() -> tuple[float, float | None]:
+    """(monotonic time, idle CPU-seconds of the usable CPUs so far): take it when loading begins and hand it to
+    thread_governor, which starts from the CPUs that were free meanwhile."""
+    return time.monotonic(), proc_stat_idle()()
+
+
+def thread_governor(ctx: Context | None, since: tuple[float, float | None] | None = None) -> Governor:
+    """The context's Governor (engine/governor.py): each compute's thread count within the pool, lowered while
+    the CPUs are contended unless LLAMA_DSV4_GOVERNOR=off. No context (vocab_only): one that does nothing."""
+    if ctx is None:
+        return Governor(1, lambda n: None, None)
     be = ctx.backends
-    if be.threads != n_threads:
-        be.set_threads(n_threads)
+    delays = schedstat_delays(be.worker_ids) if governor_enabled() and be.pool_threads > 1 else None
+    sensors = Sensors(lambda: ctx.t_compute, delays, proc_stat_idle()) if delays is not None else None
+    return Governor(be.pool_threads, be.set_threads, sensors, since=since)
 
 
 def truncate(ctx: Context, tokens: Any, n_batch: int) -> None:

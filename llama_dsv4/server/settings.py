@@ -19,7 +19,6 @@ from ..flags import (
     _float,
     _int,
     add_model_flags,
-    default_threads,
     fit_threads,
     gpu_layers_device,
 )
@@ -343,8 +342,6 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     if s.n_ubatch > s.n_batch:
         notes.append(f"--ubatch-size {s.n_ubatch} > --batch-size {s.n_batch}: using {s.n_batch}")
         s.n_ubatch = s.n_batch
-    s.n_threads = fit_threads("--threads", ns.n_threads, notes) or default_threads()
-    s.n_threads_batch = fit_threads("--threads-batch", ns.n_threads_batch, notes)
     s.n_gpu_layers, s.device = ns.n_gpu_layers, ns.device
     s.device, note = gpu_layers_device(ns.n_gpu_layers, ns.device)
     if note:
@@ -366,6 +363,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     s.reasoning_format = "none" if ns.reasoning_format == "none" else "deepseek"
 
     s.host, s.port, s.alias, s.parallel, s.timeout = ns.host, ns.port, ns.alias, ns.parallel, ns.timeout
+    s.n_threads, s.n_threads_batch = fit_threads(ns, notes, s.parallel)  # the slots share the CPUs
     keys = [k.strip() for k in (ns.api_key or env.get("LLAMA_API_KEY") or "").split(",") if k.strip()]
     if ns.api_key_file:
         try:
