@@ -119,7 +119,14 @@ def add_model_flags(p: argparse.ArgumentParser, model_help: str, ctx_note: str =
         default=512,
         help="physical batch size (tokens per graph)",
     )
-    a("-t", "--threads", dest="n_threads", type=_int("--threads"), help="threads (<= 0 or default: the physical cores)")
+    a(
+        "-t",
+        "--threads",
+        dest="n_threads",
+        type=_int("--threads"),
+        help="threads (<= 0 or default: the physical cores; never more than the usable CPUs, which the server's "
+        "--parallel slots share; fewer while other processes keep the CPUs busy, unless LLAMA_DSV4_GOVERNOR=off)",
+    )
     a(
         "-tb",
         "--threads-batch",
