@@ -235,7 +235,8 @@ def test_plain_chat_shapes(llm: Llama) -> None:
 
 
 def test_required_and_named_tool_choice_always_parse(small: Llama) -> None:
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+    """As OpenAI spells a forced choice, and as LangChain's bind_tools does: "any" for required, a bare name."""
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}, "any", "get_weather"):
         tools = [
             {
                 "type": "function",
@@ -259,7 +260,10 @@ def test_required_and_named_tool_choice_always_parse(small: Llama) -> None:
             msg = r["choices"][0]["message"]
             assert r["choices"][0]["finish_reason"] == "tool_calls", msg
             for call in msg["tool_calls"]:
+                assert call["function"]["name"] == "get_weather"
                 jsonschema.validate(json.loads(call["function"]["arguments"]), tools[0]["function"]["parameters"])
+    with pytest.raises(ValueError, match=r"the name of one of the tools \['get_weather'\], got 'multiply'"):
+        small.create_chat_completion([{"role": "user", "content": "?"}], tools=tools, tool_choice="multiply")
 
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
@@ -474,10 +478,10 @@ def test_langchain_bind_tools_and_structured_output(small: Llama) -> None:
             city: str = Field(max_length=8)
             days: int = Field(ge=1, le=7)
 
-        bound = chat.bind_tools([Weather], tool_choice={"type": "function", "function": {"name": "Weather"}})
-        msg = bound.invoke("Weather in Paris for 2 days?")
-        (call,) = msg.tool_calls
-        assert call["name"] == "Weather" and 1 <= call["args"]["days"] <= 7
+        for choice in ({"type": "function", "function": {"name": "Weather"}}, "Weather"):  # LangChain passes a name
+            msg = chat.bind_tools([Weather], tool_choice=choice).invoke("Weather in Paris for 2 days?")
+            (call,) = msg.tool_calls
+            assert call["name"] == "Weather" and 1 <= call["args"]["days"] <= 7
         structured = chat.with_structured_output(Weather)
         w = structured.invoke("Weather in Oslo?")
         assert isinstance(w, Weather) and len(w.city) <= 8

@@ -86,14 +86,19 @@ def _tool_choice(tools: Any, tool_choice: Any, functions: Any, function_call: An
         tool_choice = (
             function_call if isinstance(function_call, str) else {"type": "function", "function": function_call}
         )
+    if isinstance(tool_choice, str) and tool_choice not in ("none", "auto", "required", "any"):
+        names = [(t.get("function") or {}).get("name") for t in tools or () if isinstance(t, dict)]
+        if tool_choice not in names:  # a bare function name, as LangChain's bind_tools passes it, must be a tool's
+            raise ValueError(
+                f"tool_choice must be 'none', 'auto', 'required' ('any'), a function or the name of one of the "
+                f"tools {names}, got {tool_choice!r}"
+            )
     if not tools:
         return None, "none"
     if tool_choice is None:
         return tools, "auto"
     if isinstance(tool_choice, str):
-        if tool_choice not in ("none", "auto", "required"):
-            raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a function, got {tool_choice!r}")
-        return tools, tool_choice
+        return tools, "required" if tool_choice == "any" else tool_choice  # "any": LangChain's word for required
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name") if "function" in tool_choice else tool_choice.get("name")
         if isinstance(name, str):
