@@ -179,6 +179,52 @@ def test_malformed_markup_is_content(bad: str) -> None:
     assert calls == [] and content == "Answer: " + bad and reasoning is None
 
 
+TWO_CALLS = CALL_TEXT.replace("</｜DSML｜tool_calls>", CALL_TEXT.split("\n", 1)[1])  # one block, two invokes
+
+
+@pytest.mark.parametrize("at", [3, 40, 120, len(CALL_TEXT) - 25, len(CALL_TEXT) + 60, len(TWO_CALLS) - 5])
+def test_markup_cut_by_max_tokens_is_dropped(at: int) -> None:
+    """An answer cut inside the tool-calls block (or its opening marker) keeps the calls completed before the cut
+    and shows none of the unfinished markup as content."""
+    text = "Answer. " + TWO_CALLS[:at]
+    for step in (1, 7, len(text)):
+        p = OutputParser(thinking=False, tools=True)
+        events = [e for i in range(0, len(text), step) for e in p.feed(text[i : i + step])] + p.finish(cut=True)
+        content = "".join(v for k, v in events if k == "content")
+        calls = [v for k, v in events if k == "tool_call"]
+        assert content == "Answer.", (at, step, content)
+        assert len(calls) == TWO_CALLS[:at].count("</｜DSML｜invoke>"), (at, calls)
+
+
+def test_cut_tool_calls_finish_with_length_and_parallel_false_keeps_one(llm: Llama) -> None:
+    """OpenAI's contract: a tool call cut by max_tokens is finish_reason "length" with no markup in content (whole
+    and streamed); parallel_tool_calls=False returns one call of a model that wrote two."""
+    text = "Sure.\n\n" + TWO_CALLS
+    cut = TWO_CALLS.index('<｜DSML｜parameter name="days"', len(CALL_TEXT))  # inside the second invoke
+    n_cut = len(llm.tokenize(("Sure.\n\n" + TWO_CALLS[:cut]).encode(), add_bos=False, special=False))
+    ask = dict(messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, temperature=0.0)
+    r = llm.create_chat_completion(**ask, logits_processor=say(llm, text), max_tokens=n_cut)
+    (choice,) = r["choices"]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] == "Sure.", choice
+    assert len(choice["message"]["tool_calls"]) == 1  # the call completed before the cut
+    chunks = list(llm.create_chat_completion(**ask, logits_processor=say(llm, text), max_tokens=n_cut, stream=True))
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed == "Sure." and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    whole = llm.create_chat_completion(**ask, logits_processor=say(llm, text))
+    assert (
+        whole["choices"][0]["finish_reason"] == "tool_calls" and len(whole["choices"][0]["message"]["tool_calls"]) == 2
+    )
+    for stream in (False, True):
+        one = llm.create_chat_completion(
+            **ask, logits_processor=say(llm, text), parallel_tool_calls=False, stream=stream
+        )
+        if stream:
+            calls = [t for c in one for t in c["choices"][0]["delta"].get("tool_calls") or []]
+        else:
+            calls = one["choices"][0]["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in calls] == ["get_weather"], calls
+
+
 def test_reasoning_format_none_keeps_raw_text() -> None:
     assert parse("why</think>because", thinking=True, tools=False, raw=True) == (None, "why</think>because", [])
     assert parse("<think>why</think>because", thinking=False, tools=False) == ("why", "because", [])

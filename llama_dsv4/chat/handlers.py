@@ -169,6 +169,7 @@ class TemplateChatHandler:
         function_call: Any = None,
         tools: Any = None,
         tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
         response_format: Any = None,
         grammar: Any = None,
         stream: bool = False,
@@ -217,9 +218,10 @@ class TemplateChatHandler:
         parse_tools = choice != "none"
         raw = reasoning_format == "none"
         named = choice not in ("none", "auto", "required")
+        single = parallel_tool_calls is False  # OpenAI's parallel_tool_calls: false, at most one call
         if stream:
-            return _stream(llama, result, thinking, parse_tools, raw, named)
-        return _response(llama, result, thinking, parse_tools, raw, named)
+            return _stream(llama, result, thinking, parse_tools, raw, named, single)
+        return _response(llama, result, thinking, parse_tools, raw, named, single)
 
 
 def _call_objects(calls: list[tuple[str, dict[str, Any]]], completion_id: str) -> list[dict[str, Any]]:
@@ -251,13 +253,15 @@ def _chat_logprobs(llama: Llama, lp: Any) -> Any:
     return {"content": content, "refusal": None}
 
 
-def _response(llama: Llama, c: dict[str, Any], thinking: bool, tools: bool, raw: bool, named: bool) -> dict[str, Any]:
+def _response(
+    llama: Llama, c: dict[str, Any], thinking: bool, tools: bool, raw: bool, named: bool, single: bool
+) -> dict[str, Any]:
     choice = c["choices"][0]
     p = OutputParser(thinking, tools, raw)
-    events = p.feed(choice["text"]) + p.finish()
+    events = p.feed(choice["text"]) + p.finish(cut=choice["finish_reason"] == "length")
     reasoning = "".join(v for k, v in events if k == "reasoning")
     content = "".join(v for k, v in events if k == "content")
-    calls = [v for k, v in events if k == "tool_call"]
+    calls = [v for k, v in events if k == "tool_call"][: 1 if single else None]
     message: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None}
     if reasoning:
         message["reasoning_content"] = reasoning
@@ -266,7 +270,8 @@ def _response(llama: Llama, c: dict[str, Any], thinking: bool, tools: bool, raw:
         message["tool_calls"] = _call_objects(calls, c["id"])
         if named:
             message["function_call"] = dict(message["tool_calls"][0]["function"])
-        finish = "tool_calls"
+        if finish != "length":  # a cut answer stays "length", so that the client sees the cut
+            finish = "tool_calls"
     return {
         "id": "chat" + c["id"],
         "object": "chat.completion",
@@ -285,7 +290,7 @@ def _response(llama: Llama, c: dict[str, Any], thinking: bool, tools: bool, raw:
 
 
 def _stream(
-    llama: Llama, chunks: Iterator[dict[str, Any]], thinking: bool, tools: bool, raw: bool, named: bool
+    llama: Llama, chunks: Iterator[dict[str, Any]], thinking: bool, tools: bool, raw: bool, named: bool, single: bool
 ) -> Iterator[dict[str, Any]]:
     p = OutputParser(thinking, tools, raw)
     n_calls = 0
@@ -299,6 +304,8 @@ def _stream(
         nonlocal n_calls
         for kind, value in events:
             if kind == "tool_call":
+                if single and n_calls:  # parallel_tool_calls=False: the first call only
+                    continue
                 name, args = value
                 call = {
                     "index": n_calls,
@@ -323,8 +330,9 @@ def _stream(
             started = True
         ch = c["choices"][0]
         if ch["finish_reason"] is not None:
-            yield from deltas(p.finish())
-            yield chunk({}, "tool_calls" if n_calls else ch["finish_reason"])
+            cut = ch["finish_reason"] == "length"
+            yield from deltas(p.finish(cut=cut))
+            yield chunk({}, "tool_calls" if n_calls and not cut else ch["finish_reason"])
         elif ch["text"]:
             yield from deltas(p.feed(ch["text"]))
 
@@ -382,6 +390,7 @@ def create_chat_completion(
     function_call: Any = None,
     tools: Any = None,
     tool_choice: Any = None,
+    parallel_tool_calls: bool | None = None,
     temperature: float = 0.2,
     top_p: float = 0.95,
     top_k: int = 40,
@@ -410,7 +419,9 @@ def create_chat_completion(
     **template_kwargs: Any,
 ) -> Any:
     """llama-cpp-python's create_chat_completion; extra keyword arguments (thinking=True, reasoning_effort="max",
-    drop_thinking=False, ...) and `chat_template_kwargs` become template variables."""
+    drop_thinking=False, ...) and `chat_template_kwargs` become template variables. parallel_tool_calls=False
+    (OpenAI's) returns at most one tool call. An answer cut by max_tokens inside a tool call ends with
+    finish_reason "length", its unfinished markup dropped (the calls completed before the cut are kept)."""
     handler = _resolve(llama)
     common = dict(
         llama=llama,
@@ -447,6 +458,7 @@ def create_chat_completion(
         return handler(**common)
     return handler(
         **common,
+        parallel_tool_calls=parallel_tool_calls,
         reasoning_format=reasoning_format,
         chat_template_kwargs=chat_template_kwargs,
         template_kwargs=template_kwargs,

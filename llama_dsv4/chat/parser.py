@@ -34,6 +34,7 @@ class OutputParser:
         self.buf = ""
         self.block = ""  # the tool-calls block read so far (in state "tools"), with the whitespace before it
         self.n_calls = 0
+        self.cut = False  # the answer was cut (max_tokens): a partial block is dropped, not shown as content
 
     def feed(self, text: str) -> list[Event]:
         self.buf += text
@@ -44,7 +45,10 @@ class OutputParser:
             if (self.state, len(self.buf)) == before:
                 return out
 
-    def finish(self) -> list[Event]:
+    def finish(self, cut: bool = False) -> list[Event]:
+        """The events of what is held back. cut: the answer stopped at max_tokens, so an unfinished tool-calls
+        block (or the start of its opening marker) is dropped: the calls completed before the cut are kept."""
+        self.cut = cut
         out: list[Event] = []
         for _ in range(8):  # each state flushes and may hand over to the next
             getattr(self, "_" + self.state)(out, final=True)
@@ -82,7 +86,9 @@ class OutputParser:
                 self.state = "tools"
                 return
         keep = 0
-        if self.tools and not final:
+        if self.tools and self.cut:  # final: the start of an opening marker that the cut stopped is not content
+            self.buf = self.buf[: len(self.buf) - _partial(self.buf, CALLS_OPEN)].rstrip()
+        elif self.tools and not final:
             keep = _partial(self.buf, CALLS_OPEN)
             keep += len(self.buf[: len(self.buf) - keep]) - len(self.buf[: len(self.buf) - keep].rstrip())
         if len(self.buf) > keep:
@@ -108,9 +114,10 @@ class OutputParser:
             self.n_calls += 1
             self.block += chunk
             self.buf = self.buf[end + len(INVOKE_CLOSE) :]
-        if final:  # an unterminated or malformed block: what could not be parsed is content
+        if final:  # an unterminated or malformed block: what could not be parsed is content, unless it was cut
             rest = self.buf if self.n_calls else self.block + self.buf
-            out.append(("content", rest))
+            if not self.cut:
+                out.append(("content", rest))
             self.buf, self.block = "", ""
             self.state = "after"
 

@@ -456,6 +456,7 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             messages=raw["messages"],
             tools=raw.get("tools"),
             tool_choice=raw.get("tool_choice"),
+            parallel_tool_calls=req.parallel_tool_calls,
             functions=raw.get("functions"),
             function_call=raw.get("function_call"),
             response_format=_response_format(raw.get("response_format")),
