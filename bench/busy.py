@@ -1,12 +1,12 @@
-"""Decode speed on a busy machine, side by side with llama.cpp (llama-cpp-python 0.3.36, ../shared/oracle), on the
-same GGUF: each engine in its own process with its default thread count (or --threads), next to 0, 1, 2, ... busy
-processes (`python3 -c "while True: pass"`, started by this script and always killed), R rounds alternating the
-engines.
+"""Decode speed on a busy machine, side by side with llama.cpp (llama-cpp-python 0.3.36, run as bench/speed.py runs
+it), on the same GGUF: each engine in its own process with its default thread count (or --threads), next to 0, 1,
+2, ... busy processes (`python3 -c "while True: pass"`, started by this script and always killed), R rounds
+alternating the engines.
 The table shows the median decode speed (single-token evals after a 32-token prompt) and its ratio to the same
 engine's speed with no busy process.
 
-    python bench/busy.py --oracle-python $(../shared/oracle/setup.sh) [--model tiny|medium|PATH] [--busy 0,1,2]
-        [--rounds 3] [-n 128] [--threads N]
+    python bench/busy.py --oracle-python PY [--model tiny|medium|PATH] [--busy 0,1,2]
+        [--rounds 3] [-n 128] [--threads N]      (PY: the reference's venv python)
 
 Models as bench/speed.py's ("medium" is written once to ~/.cache/llama-dsv4/bench/). On a CPU with AMX set
 DSV4_ORACLE_NO_REPACK=1 for quantized files (the reference aborts otherwise). Ours: the thread count it used at

@@ -33,7 +33,7 @@ import numpy as np
 
 # The start of every child (bench/busy.py's too): argv is engine ("ours" or "reference"), GGUF path, JSON config;
 # `llama_cpp` is the engine's module. DSV4_ORACLE_NO_REPACK=1: the reference without AMX-repacked weights, on which
-# llama.cpp aborts with quantized deepseek4 files (shared/oracle/README.md).
+# llama.cpp 0c1e570 aborts with quantized deepseek4 files on a CPU with AMX (GGML_ASSERT(*cur_backend_id != -1)).
 PRELUDE = r"""
 import json, os, sys, time
 import numpy as np
