@@ -35,6 +35,13 @@ _UNREACHABLE = (
 )
 
 
+def skip_if_unreachable(pip_output: str, what: str) -> None:
+    """Skip the test, with pip's last words, when pip's output says the registry could not be reached."""
+    if any(m in pip_output for m in _UNREACHABLE):
+        last = "\n".join(pip_output.splitlines()[-3:])
+        pytest.skip(f"the package registry cannot be reached for {what} (pip: {last})")
+
+
 def cache_dir() -> str:
     return os.environ.get("LLAMA_DSV4_TEST_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llama-dsv4-tests"
@@ -63,9 +70,7 @@ def _download(cache: str) -> None:
         got = os.path.join(scratch, SDIST)
         if r.returncode != 0 or not os.path.exists(got):
             said = (r.stdout + r.stderr).strip()
-            last = "\n".join(said.splitlines()[-3:])
-            if any(m in said for m in _UNREACHABLE):
-                pytest.skip(f"the package registry cannot be reached for {NAME}=={VERSION} (pip: {last})")
+            skip_if_unreachable(said, f"{NAME}=={VERSION}")
             pytest.fail(f"pip could not download {SDIST}: {said[-2000:]}")
         os.replace(got, os.path.join(cache, SDIST))
 
