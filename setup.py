@@ -28,25 +28,31 @@ here = os.path.dirname(os.path.abspath(__file__))
 # directories come last, for in-place (editable) builds.
 rpaths = ["$ORIGIN/../libggml/lib64", "$ORIGIN/../libggml/lib", *lib_dirs]
 
+# Our kernels (kernels/README.md), compiled once into a static library that the extensions link (each takes only
+# the objects it uses).
 KERNELS = [
     "kernels/dsv4_ops.c",
     "kernels/dsv4_topk.c",
-    "kernels/dsv4_moe_gemm.c",
+    "kernels/dsv4_gemm_common.c",
     "kernels/dsv4_gemm_vnni.c",
+    "kernels/dsv4_moe_gemm.c",
     "kernels/dsv4_hc.c",
     "kernels/dsv4_threads.c",
 ]
+CFLAGS = ["-O3", "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
+GGML_LIBS = ["ggml", "ggml-base", "ggml-cpu"]
+kernels_lib = ("dsv4_kernels", {"sources": KERNELS, "include_dirs": [inc, "kernels"], "cflags": CFLAGS})
 
 
 def extension(name: str, pyx: str) -> Extension:
     return Extension(
         name,
-        sources=[pyx, *KERNELS],
+        sources=[pyx],
         include_dirs=[inc, os.path.join(here, "kernels")],
         library_dirs=lib_dirs,
-        libraries=["ggml", "ggml-base", "ggml-cpu"],
+        libraries=["dsv4_kernels", *GGML_LIBS],
         runtime_library_dirs=rpaths,
-        extra_compile_args=["-O3", "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"],
+        extra_compile_args=CFLAGS,
     )
 
 
@@ -57,6 +63,7 @@ exts = [
 ]
 
 setup(
+    libraries=[kernels_lib],
     ext_modules=cythonize(
         exts,
         include_path=[os.path.join(here, "vendor"), os.path.join(here, "kernels"), here],

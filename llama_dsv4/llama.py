@@ -313,7 +313,6 @@ class Llama:
         self._last_logits: npt.NDArray[np.single] | None = None
         self._requires_eval = False
         self._sampler: Sampler | None = None
-        self._mirostat_mu = 2.0 * 5.0
         self._chat_init(chat_format, chat_handler)
         self._busy = threading.Lock()  # one completion / generation / engine call at a time (see _serial)
         self._busy_owner: int | None = None

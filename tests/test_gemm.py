@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from forward_models import MODELS, SEED
 from llama_dsv4.engine.context import Context
+from opgraph_build import OpGraph
 
 from llama_dsv4 import _ggml
 from llama_dsv4.model.loader import load_model
@@ -35,7 +36,7 @@ ISAS = [name for name in ("scalar", "avx2", "avx512", "vnni") if supported(name)
 
 
 def products(raw: np.ndarray, shape: tuple[int, int, int], b: np.ndarray, ids: np.ndarray, isa: str) -> np.ndarray:
-    g = _ggml.OpGraph()
+    g = OpGraph()
     a = g.input_raw(raw, Q5_K, shape)
     bh, ih = g.input(b), g.input(ids)
     h = g.mul_mat_id(a, bh, ih) if isa == "off" else g.moe_gemm(a, bh, ih, _ggml.gemm_isa(isa))
@@ -88,7 +89,7 @@ def test_gemm_takes_a_strided_id_view() -> None:
     raw = _ggml.quantize((rng.standard_normal((E * M, K)) * 0.1).astype(np.float32), Q5_K).reshape(-1)
     b = rng.standard_normal((n, 1, K)).astype(np.float32)
     scores = rng.standard_normal((n, E)).astype(np.float32)
-    g = _ggml.OpGraph()
+    g = OpGraph()
     a, bh, sh = g.input_raw(raw, Q5_K, (K, M, E)), g.input(b), g.input(scores)
     sel = g.top_k(sh, k)
     (ref, got, ids) = g.compute([g.mul_mat_id(a, bh, sel), g.moe_gemm(a, bh, sel, _ggml.gemm_isa(ISAS[-1])), sel])
@@ -109,14 +110,14 @@ def test_dense_q80_matches_ggml_mul_mat(K: int, M: int, N: int, B: int) -> None:
     x[0, 0, :32] = 0.0  # an all-zero block
     x[-1, -1, :32] = np.arange(32) - 0.5 * 127  # max|x| = 63.5: x * 127/63.5 = 2x, every odd entry a tie
     x[-1, -1, 32:64] = np.float32(127.0) * (np.arange(32) % 5 - 2.5) / 2.5  # ties at 63.5 after scaling
-    g = _ggml.OpGraph(_ggml.Backends("cpu", 2))
+    g = OpGraph(_ggml.Backends("cpu", 2))
     a, xh = g.input_raw(raw, Q8_0, (K, M, B)), g.input(x)
     ref, got = g.compute([g.mul_mat(a, xh), g.dense_q80(a, xh)])
     assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max(), np.abs(got - ref).max() / np.abs(ref).max()
 
 
 def test_gemm_refuses_what_it_cannot_compute() -> None:
-    g = _ggml.OpGraph()
+    g = OpGraph()
     f32 = g.input(np.zeros((4, 2, 256), np.float32))  # F32 experts: not ours
     b = g.input(np.zeros((3, 1, 256), np.float32))
     ids = g.input(np.zeros((3, 1), np.int32))
@@ -125,7 +126,7 @@ def test_gemm_refuses_what_it_cannot_compute() -> None:
     with pytest.raises(ValueError, match="unknown GEMM"):
         _ggml.gemm_isa("sse9")
     rows = _ggml.quantize(np.zeros((8, 256), np.float32), Q8_0).reshape(-1)
-    g = _ggml.OpGraph()
+    g = OpGraph()
     w8 = g.input_raw(rows, Q8_0, (256, 8))  # 8 rows: not a whole 16-row slab
     with pytest.raises(ValueError):
         g.dense_q80(w8, g.input(np.zeros((3, 256), np.float32)))

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from opgraph_build import OpGraph
 
 from llama_dsv4 import _ggml
 
@@ -74,7 +75,7 @@ COMPRESSED = dict(base=160000.0, fs=1 / 16, ef=1.0, af=1 / (1 + 0.1 * math.log(1
 
 
 def run_rope(x: np.ndarray, pos: np.ndarray, n_rot: int, prm: dict, inverse: bool = False) -> np.ndarray:
-    g = _ggml.OpGraph()
+    g = OpGraph()
     h = g.input(x)
     p = g.input(pos.astype(np.int32))
     kw = dict(
@@ -95,7 +96,7 @@ def test_swiglu_clamp_matches_numpy(limit: float) -> None:
     rng = np.random.default_rng(1)
     gate = (rng.standard_normal((6, 300)) * 3).astype(np.float32)
     up = (rng.standard_normal((6, 300)) * 3).astype(np.float32)
-    g = _ggml.OpGraph()
+    g = OpGraph()
     (out,) = g.compute([g.swiglu_clamp(g.input(gate), g.input(up), limit)])
     ref = np_swiglu_clamp(gate, up, limit)
     np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6)
@@ -136,7 +137,7 @@ def test_rope_tail_back_is_the_inverse(prm: dict) -> None:
     back = run_rope(x, pos, 32, prm, inverse=True)
     np.testing.assert_allclose(back, np_rope(x, pos, 32, **prm, inverse=True), rtol=1e-5, atol=1e-5)
     # de-rope(rope(x)) == x: the rotation has unit magnitude (YaRN's mscale cancels attn_factor)
-    g = _ggml.OpGraph()
+    g = OpGraph()
     h, p = g.input(x), g.input(pos)
     kw = dict(
         freq_base=prm["base"],
@@ -153,7 +154,7 @@ def test_rope_tail_back_is_the_inverse(prm: dict) -> None:
 
 
 def test_rope_tail_rejects_bad_shapes() -> None:
-    g = _ggml.OpGraph()
+    g = OpGraph()
     x = g.input(np.zeros((2, 1, 64), np.float32))
     with pytest.raises(ValueError, match="rejected"):
         g.rope_tail(x, g.input(np.zeros(2, np.int32)), 15)  # odd
@@ -171,7 +172,7 @@ def test_top_k_selects_the_largest_and_breaks_ties_like_the_reference() -> None:
     rows[::3] = np.maximum(rows[::3], 0)  # relu-like rows: many exact ties at zero
     rows[1::5, 7:] = -np.inf  # masked entries, as the indexer's invisible blocks
     for k in (1, 4, 7, 64):
-        g = _ggml.OpGraph()
+        g = OpGraph()
         (idx,) = g.compute([g.top_k(g.input(rows), k)])
         idx = idx.reshape(40, k)
         for r, row in enumerate(rows):
@@ -183,7 +184,7 @@ def test_top_k_selects_the_largest_and_breaks_ties_like_the_reference() -> None:
             dropped = np.delete(row, list(got))
             assert kept.min() >= dropped.max()
     with pytest.raises(ValueError, match="rejected"):
-        g = _ggml.OpGraph()
+        g = OpGraph()
         g.top_k(g.input(rows), 301)
 
 
@@ -196,7 +197,7 @@ def test_hc_post_matches_numpy_and_ggml(D: int, hc: int, n: int) -> None:
     res = rng.standard_normal((n, hc, D)).astype(np.float32)
     post = rng.standard_normal((n, hc)).astype(np.float32)
     comb = rng.standard_normal((n, hc, hc)).astype(np.float32)  # numpy [t, src, dst]: ggml [dst, src, t]
-    g = _ggml.OpGraph(_ggml.Backends("cpu", 2))
+    g = OpGraph(_ggml.Backends("cpu", 2))
     h = [g.input(a) for a in (x, res, post, comb)]
     ours, ggml = g.compute([g.hc_post(*h), g.hc_post(*h, ours=False)])
     want = x[:, None, :] * post[:, :, None] + np.einsum("tsi,tsd->tdi", res.astype(np.float64), comb)

@@ -67,6 +67,12 @@ def test_quantize_round_trip_and_errors() -> None:
         _ggml.quantize(x, 4)
 
 
+def test_the_shipped_extension_has_no_test_helpers() -> None:
+    from llama_dsv4 import _ggml
+
+    assert not hasattr(_ggml, "OpGraph")  # tests/opgraph.pyx, built at test time
+
+
 def test_version() -> None:
     assert llama_dsv4.__version__ == "0.1.0"
 

@@ -3,6 +3,11 @@
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from libc.stddef cimport size_t
 
+cdef extern from "<stdbool.h>":
+    # C's bool, for the function-pointer types ggml declares with it (a Cython bint is an int: the pointer types
+    # would not match, an error from GCC 14 on)
+    ctypedef bint c_bool "bool"
+
 cdef extern from "ggml.h" nogil:
     enum: GGML_MAX_DIMS
     enum: GGML_MAX_NAME
@@ -293,7 +298,7 @@ cdef extern from "ggml-backend.h" nogil:
     bint ggml_backend_sched_alloc_graph(ggml_backend_sched_t sched, ggml_cgraph * graph)
     ggml_status ggml_backend_sched_graph_compute(ggml_backend_sched_t sched, ggml_cgraph * graph)
     void ggml_backend_sched_reset(ggml_backend_sched_t sched)
-    ctypedef bint (*ggml_backend_sched_eval_callback)(ggml_tensor * t, bint ask, void * user_data)
+    ctypedef c_bool (*ggml_backend_sched_eval_callback)(ggml_tensor * t, c_bool ask, void * user_data)
     void ggml_backend_sched_set_eval_callback(ggml_backend_sched_t sched, ggml_backend_sched_eval_callback callback,
                                               void * user_data)
     size_t ggml_backend_sched_get_buffer_size(ggml_backend_sched_t sched, ggml_backend_t backend)

@@ -54,25 +54,6 @@ def parse_invoke(text: str) -> tuple[str, dict[str, Any]] | None:
     return name, args
 
 
-def parse_calls(block: str) -> list[tuple[str, dict[str, Any]]] | None:
-    """The calls of a whole `<｜DSML｜tool_calls>...</｜DSML｜tool_calls>` block; None if any part is malformed."""
-    s = block.strip()
-    if not (s.startswith(CALLS_OPEN) and s.endswith(CALLS_CLOSE)):
-        return None
-    body = s[len(CALLS_OPEN) : -len(CALLS_CLOSE)]
-    calls, pos = [], 0
-    while body[pos:].strip():
-        end = body.find(INVOKE_CLOSE, pos)
-        if end < 0:
-            return None
-        call = parse_invoke(body[pos : end + len(INVOKE_CLOSE)])
-        if call is None:
-            return None
-        calls.append(call)
-        pos = end + len(INVOKE_CLOSE)
-    return calls or None
-
-
 # ------------------------------------------------------------------------------------------ grammar
 
 

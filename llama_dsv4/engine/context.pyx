@@ -27,7 +27,7 @@ cdef inline double _now() noexcept:
     return g.ggml_time_us() * 1e-6
 
 
-cdef bint _capture_cb(g.ggml_tensor * t, bint ask, void * user_data) noexcept with gil:
+cdef g.c_bool _capture_cb(g.ggml_tensor * t, g.c_bool ask, void * user_data) noexcept with gil:
     """Debug captures: copy the F32 nodes whose names were asked for (see Context.capture)."""
     wanted = <dict> user_data
     name = t.name.decode(errors="replace")

@@ -439,7 +439,3 @@ def params_to_kv(p: DSV4Params) -> list[KV]:
             f32(f"{a}.rope.scaling.yarn_beta_slow", p.yarn_beta_slow),
         ]
     return out
-
-
-def field_names() -> list[str]:
-    return [f.name for f in fields(DSV4Params)]

@@ -211,14 +211,6 @@ class SlotPool:
             self._waiters.append(fut)
         return fut
 
-    async def acquire(self) -> Slot:
-        fut = self.enqueue()
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            self.abandon(fut)
-            raise
-
     @staticmethod
     async def wait(fut: asyncio.Future[Slot]) -> Slot:
         return await asyncio.shield(fut)  # cancelling the waiter leaves the place to `abandon`
