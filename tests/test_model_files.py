@@ -205,3 +205,21 @@ def test_independent_reader_agrees(tiny_paths: dict[str, str]) -> None:
             data = np.asarray(t.data)
             ref = data if ours.type == GGMLType.I32 else gguf.quants.dequantize(data, t.tensor_type)
             np.testing.assert_array_equal(ref.reshape(-1), w.numpy(t.name).reshape(-1), err_msg=t.name)
+
+
+def test_the_tensor_table_and_the_engine_name_the_same_destinations() -> None:
+    """model/tensors.py gives each tensor the field the engine binds it to (engine/graph.pxd), and engine/memory.py
+    each state tensor's field: both sides name the same set, and the layer kinds have the same values."""
+    from llama_dsv4.engine import graph
+    from llama_dsv4.engine.context import binding_fields
+    from llama_dsv4.engine.memory import state_tensors
+    from llama_dsv4.model.params import LayerKind
+    from llama_dsv4.model.tensors import global_tensors, layer_tensors
+
+    layer_fields, global_fields, state_fields = binding_fields()
+    p = DSV4Params(compress_ratios=(0, 4, 128, 4, 128, 0), hash_layer_count=1)
+    main_layers = [s for il in range(p.n_layer) for s in layer_tensors(p, il)]
+    assert {s.dest for s in main_layers} == layer_fields  # the hash layer brings tid2eid, the others probs_b
+    assert {s.dest for s in global_tensors(p)} == global_fields
+    assert {t.name for t in state_tensors(p, 256, 32, "f16")} == state_fields
+    assert {k.name: int(k) for k in LayerKind} == {k.name: int(k) for k in graph.LayerKind}

@@ -10,14 +10,17 @@ import math
 import numpy as np
 
 cimport ggml as g
+from dsv4_ops cimport dsv4_rope_params
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport calloc, free, malloc
 
 from .._ggml cimport Backends, WeightMap
-from .graph cimport CompPlan, GlobalW, Hparams, Inputs, LayerState, LayerW, UBatch, build_graph
+from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, N_COMP, CompInputs, CompPlan, GlobalW, Hparams, Inputs,
+                    LayerState, LayerW, UBatch, build_graph)
 
 from .. import _ggml
+from ..model.tensors import global_tensors, layer_tensors
 from .memory import bytes_per_token, ring_rows, state_bytes, state_tensors, window
 
 _CACHE_TYPES = {"f32": g.GGML_TYPE_F32, "f16": g.GGML_TYPE_F16}
@@ -46,7 +49,7 @@ cdef void plan_compressor(CompPlan * cp, int ratio, int p0, int n) noexcept nogi
     cdef int B0 = p0 // ratio * ratio
     cdef int B1 = (p0 + n) // ratio * ratio
     cp.ratio = ratio
-    cp.overlap = 1 if ratio == 4 else 0
+    cp.overlap = 1 if ratio == CSA else 0
     cdef int s0 = B0 - ratio if cp.overlap else B0  # first position held by [state ; ubatch]
     cdef int s1 = B1 - ratio if cp.overlap else B1
     cp.l0 = p0 - s0
@@ -64,6 +67,82 @@ cdef void set_input(g.ggml_tensor * t, arr) except *:
     if <size_t> b.shape[0] != g.ggml_nbytes(t):
         raise RuntimeError(f"input {t.name.decode()}: {b.shape[0]} bytes for a {g.ggml_nbytes(t)}-byte tensor")
     g.ggml_backend_tensor_set(t, &b[0], 0, b.shape[0])
+
+
+# Where each weight goes: a tensor's `dest` (model/tensors.py) -> the byte offset of its field in LayerW or GlobalW.
+cdef LayerW _lw_probe
+cdef GlobalW _gw_probe
+
+
+cdef size_t _off(void * field, void * base) noexcept:
+    return <size_t> field - <size_t> base
+
+
+_LAYER_FIELDS = {
+    "hc_attn.fn": _off(&_lw_probe.hc_attn.fn, &_lw_probe),
+    "hc_attn.base": _off(&_lw_probe.hc_attn.base, &_lw_probe),
+    "hc_attn.scale": _off(&_lw_probe.hc_attn.scale, &_lw_probe),
+    "attn.norm": _off(&_lw_probe.attn.norm, &_lw_probe),
+    "attn.sinks": _off(&_lw_probe.attn.sinks, &_lw_probe),
+    "attn.q_a": _off(&_lw_probe.attn.q_a, &_lw_probe),
+    "attn.q_a_norm": _off(&_lw_probe.attn.q_a_norm, &_lw_probe),
+    "attn.q_b": _off(&_lw_probe.attn.q_b, &_lw_probe),
+    "attn.kv": _off(&_lw_probe.attn.kv, &_lw_probe),
+    "attn.kv_norm": _off(&_lw_probe.attn.kv_norm, &_lw_probe),
+    "attn.o_a": _off(&_lw_probe.attn.o_a, &_lw_probe),
+    "attn.o_b": _off(&_lw_probe.attn.o_b, &_lw_probe),
+    "attn.comp.kv": _off(&_lw_probe.attn.comp.kv, &_lw_probe),
+    "attn.comp.gate": _off(&_lw_probe.attn.comp.gate, &_lw_probe),
+    "attn.comp.ape": _off(&_lw_probe.attn.comp.ape, &_lw_probe),
+    "attn.comp.norm": _off(&_lw_probe.attn.comp.norm, &_lw_probe),
+    "attn.idx.proj": _off(&_lw_probe.attn.idx.proj, &_lw_probe),
+    "attn.idx.q_b": _off(&_lw_probe.attn.idx.q_b, &_lw_probe),
+    "attn.idx.comp.kv": _off(&_lw_probe.attn.idx.comp.kv, &_lw_probe),
+    "attn.idx.comp.gate": _off(&_lw_probe.attn.idx.comp.gate, &_lw_probe),
+    "attn.idx.comp.ape": _off(&_lw_probe.attn.idx.comp.ape, &_lw_probe),
+    "attn.idx.comp.norm": _off(&_lw_probe.attn.idx.comp.norm, &_lw_probe),
+    "hc_ffn.fn": _off(&_lw_probe.hc_ffn.fn, &_lw_probe),
+    "hc_ffn.base": _off(&_lw_probe.hc_ffn.base, &_lw_probe),
+    "hc_ffn.scale": _off(&_lw_probe.hc_ffn.scale, &_lw_probe),
+    "ffn.norm": _off(&_lw_probe.ffn.norm, &_lw_probe),
+    "ffn.gate_inp": _off(&_lw_probe.ffn.gate_inp, &_lw_probe),
+    "ffn.tid2eid": _off(&_lw_probe.ffn.tid2eid, &_lw_probe),
+    "ffn.probs_b": _off(&_lw_probe.ffn.probs_b, &_lw_probe),
+    "ffn.gate_exps": _off(&_lw_probe.ffn.gate_exps, &_lw_probe),
+    "ffn.up_exps": _off(&_lw_probe.ffn.up_exps, &_lw_probe),
+    "ffn.down_exps": _off(&_lw_probe.ffn.down_exps, &_lw_probe),
+    "ffn.gate_sh": _off(&_lw_probe.ffn.gate_sh, &_lw_probe),
+    "ffn.up_sh": _off(&_lw_probe.ffn.up_sh, &_lw_probe),
+    "ffn.down_sh": _off(&_lw_probe.ffn.down_sh, &_lw_probe),
+}
+_GLOBAL_FIELDS = {
+    "tok_embd": _off(&_gw_probe.tok_embd, &_gw_probe),
+    "out_norm": _off(&_gw_probe.out_norm, &_gw_probe),
+    "output": _off(&_gw_probe.output, &_gw_probe),
+    "hc_fn": _off(&_gw_probe.hc_fn, &_gw_probe),
+    "hc_base": _off(&_gw_probe.hc_base, &_gw_probe),
+    "hc_scale": _off(&_gw_probe.hc_scale, &_gw_probe),
+}
+cdef LayerState _st_probe
+_STATE_FIELDS = {  # engine/memory.py's state tensor names -> LayerState fields
+    "raw": _off(&_st_probe.raw, &_st_probe),
+    "comp": _off(&_st_probe.comp, &_st_probe),
+    "lid": _off(&_st_probe.lid, &_st_probe),
+    "c.kv": _off(&_st_probe.c.kv, &_st_probe),
+    "c.sc": _off(&_st_probe.c.sc, &_st_probe),
+    "ic.kv": _off(&_st_probe.ic.kv, &_st_probe),
+    "ic.sc": _off(&_st_probe.ic.sc, &_st_probe),
+}
+
+
+cdef inline void _bind(void * base, size_t offset, g.ggml_tensor * t) noexcept:
+    (<g.ggml_tensor **> (<char *> base + offset))[0] = t
+
+
+def binding_fields():
+    """The weight and state destinations this engine binds (for tests: model/tensors.py and engine/memory.py must
+    name exactly these)."""
+    return frozenset(_LAYER_FIELDS), frozenset(_GLOBAL_FIELDS), frozenset(_STATE_FIELDS)
 
 
 cdef class Context:
@@ -158,69 +237,24 @@ cdef class Context:
         hp.n_expert, hp.n_used, hp.w_norm, hp.w_scale = p.n_expert, p.n_expert_used, p.expert_weights_norm, p.expert_weights_scale
         hp.idx_heads, hp.idx_dim, hp.idx_topk, hp.n_vocab = p.indexer_n_head, p.indexer_head_dim, p.indexer_top_k, p.n_vocab
         w = self.wm
-        self.gw.tok_embd = w.get("token_embd.weight")
-        self.gw.out_norm = w.get("output_norm.weight")
-        self.gw.output = w.get("output.weight")
-        self.gw.hc_fn = w.get("output_hc_fn.weight")
-        self.gw.hc_base = w.get("output_hc_base.weight")
-        self.gw.hc_scale = w.get("output_hc_scale.weight")
+        for spec in global_tensors(p):
+            _bind(&self.gw, _GLOBAL_FIELDS[spec.dest], w.get(spec.name))
         self.lw = <LayerW *> calloc(p.n_layer, sizeof(LayerW))
         if self.lw == NULL:
             raise MemoryError()
         cdef LayerW * L
+        cdef dsv4_rope_params * rope
         for il in range(p.n_layer):
             L = &self.lw[il]
-            b = f"blk.{il}."
-            L.ratio = p.ratio(il)
-            L.hash = p.is_hash_layer(il)
-            L.clamp_exp, L.clamp_sh = p.clamp_exp(il), p.clamp_shexp(il)
-            if L.ratio == 0:  # spec 3.3: one rotary parameter set per layer
-                L.rope.n_ctx_orig, L.rope.freq_base, L.rope.freq_scale = 0, p.rope_freq_base, 1.0
-                L.rope.ext_factor, L.rope.attn_factor, L.rope.beta_fast, L.rope.beta_slow = 0.0, 1.0, 0.0, 0.0
-            else:
-                fs = 1.0 / p.rope_scaling_factor
-                ef = 1.0 if p.rope_scaling_type == "yarn" else 0.0
-                L.rope.n_ctx_orig, L.rope.freq_base, L.rope.freq_scale = p.rope_orig_ctx, p.compress_rope_freq_base, fs
-                L.rope.ext_factor = ef
-                L.rope.attn_factor = 1.0 / (1.0 + 0.1 * math.log(1.0 / fs)) if ef else 1.0
-                L.rope.beta_fast, L.rope.beta_slow = p.yarn_beta_fast, p.yarn_beta_slow
-            L.attn_norm = w.get(b + "attn_norm.weight")
-            L.sinks = w.get(b + "attn_sinks.weight")
-            L.q_a = w.get(b + "attn_q_a.weight")
-            L.q_a_norm = w.get(b + "attn_q_a_norm.weight")
-            L.q_b = w.get(b + "attn_q_b.weight")
-            L.kv = w.get(b + "attn_kv.weight")
-            L.kv_norm = w.get(b + "attn_kv_a_norm.weight")
-            L.o_a = w.get(b + "attn_output_a.weight")
-            L.o_b = w.get(b + "attn_output_b.weight")
-            L.hc_attn_fn = w.get(b + "hc_attn_fn.weight")
-            L.hc_attn_base = w.get(b + "hc_attn_base.weight")
-            L.hc_attn_scale = w.get(b + "hc_attn_scale.weight")
-            L.hc_ffn_fn = w.get(b + "hc_ffn_fn.weight")
-            L.hc_ffn_base = w.get(b + "hc_ffn_base.weight")
-            L.hc_ffn_scale = w.get(b + "hc_ffn_scale.weight")
-            L.gate_inp = w.get(b + "ffn_gate_inp.weight")
-            L.probs_b = NULL if L.hash else w.get(b + "exp_probs_b.bias")
-            L.tid2eid = w.get(b + "ffn_gate_tid2eid.weight") if L.hash else NULL
-            L.ffn_norm = w.get(b + "ffn_norm.weight")
-            L.gate_exps = w.get(b + "ffn_gate_exps.weight")
-            L.up_exps = w.get(b + "ffn_up_exps.weight")
-            L.down_exps = w.get(b + "ffn_down_exps.weight")
-            L.gate_sh = w.get(b + "ffn_gate_shexp.weight")
-            L.up_sh = w.get(b + "ffn_up_shexp.weight")
-            L.down_sh = w.get(b + "ffn_down_shexp.weight")
-            if L.ratio:
-                L.c_kv = w.get(b + "attn_compressor_kv.weight")
-                L.c_gate = w.get(b + "attn_compressor_gate.weight")
-                L.c_ape = w.get(b + "attn_compressor_ape.weight")
-                L.c_norm = w.get(b + "attn_compressor_norm.weight")
-            if L.ratio == 4:
-                L.i_proj = w.get(b + "indexer.proj.weight")
-                L.i_q_b = w.get(b + "indexer.attn_q_b.weight")
-                L.i_kv = w.get(b + "indexer_compressor_kv.weight")
-                L.i_gate = w.get(b + "indexer_compressor_gate.weight")
-                L.i_ape = w.get(b + "indexer_compressor_ape.weight")
-                L.i_norm = w.get(b + "indexer_compressor_norm.weight")
+            L.attn.kind = p.kind(il)
+            L.ffn.hash = p.is_hash_layer(il)
+            L.ffn.clamp_exp, L.ffn.clamp_sh = p.clamp_exp(il), p.clamp_shexp(il)
+            rope = &L.attn.rope
+            (rope.n_ctx_orig, rope.freq_base, rope.freq_scale, rope.ext_factor, rope.attn_factor, rope.beta_fast,
+             rope.beta_slow) = p.rope(il)
+            for spec in layer_tensors(p, il):
+                if spec.dest is not None:
+                    _bind(L, _LAYER_FIELDS[spec.dest], w.get(spec.name))
 
     cdef _alloc_state(self, p):
         layout = state_tensors(p, self.n_ctx, self.n_ubatch, self.type_k)
@@ -233,25 +267,10 @@ cdef class Context:
         if self.st_ctx == NULL or self.st == NULL:
             raise MemoryError()
         cdef g.ggml_tensor * t
-        cdef LayerState * s
         for spec in layout:
             t = g.ggml_new_tensor_2d(self.st_ctx, _CACHE_TYPES[spec.dtype], spec.ne[0], spec.ne[1])
-            s = &self.st[spec.layer]
-            if spec.name == "raw":
-                s.raw = t
-            elif spec.name == "comp":
-                s.comp = t
-            elif spec.name == "lid":
-                s.lid = t
-            elif spec.name == "st_kv":
-                s.st_kv = t
-            elif spec.name == "st_sc":
-                s.st_sc = t
-            elif spec.name == "ist_kv":
-                s.ist_kv = t
-            elif spec.name == "ist_sc":
-                s.ist_sc = t
-        self.overlap_init = [il for il in range(p.n_layer) if p.ratio(il) == 4]
+            _bind(&self.st[spec.layer], _STATE_FIELDS[spec.name], t)
+        self.overlap_init = [il for il in range(p.n_layer) if p.kind(il) == CSA]
         cdef g.ggml_backend_buffer_type_t buft = g.ggml_backend_dev_buffer_type(self.be.primary_dev())
         self.st_buf = g.ggml_backend_alloc_ctx_tensors_from_buft(self.st_ctx, buft)
         if self.st_buf == NULL:
@@ -286,7 +305,7 @@ cdef class Context:
         cdef LayerState * s
         for il in self.overlap_init:  # overlapping compressors read a block "before" block 0: value 0, score -inf
             s = &self.st[il]
-            for kv_t, sc_t in ((<size_t> s.st_kv, <size_t> s.st_sc), (<size_t> s.ist_kv, <size_t> s.ist_sc)):
+            for kv_t, sc_t in ((<size_t> s.c.kv, <size_t> s.c.sc), (<size_t> s.ic.kv, <size_t> s.ic.sc)):
                 width = (<g.ggml_tensor *> kv_t).ne[0]
                 set_input(<g.ggml_tensor *> kv_t, np.zeros((8, width), np.float32))
                 sc = np.zeros((8, width), np.float32)
@@ -346,8 +365,8 @@ cdef class Context:
         cdef LayerState * s
         for il in range(self.hp.n_layer):
             s = &self.st[il]
-            for t in (<size_t> s.raw, <size_t> s.comp, <size_t> s.lid, <size_t> s.st_kv, <size_t> s.st_sc,
-                      <size_t> s.ist_kv, <size_t> s.ist_sc):
+            for t in (<size_t> s.raw, <size_t> s.comp, <size_t> s.lid, <size_t> s.c.kv, <size_t> s.c.sc,
+                      <size_t> s.ic.kv, <size_t> s.ic.sc):
                 if t:
                     out.append(t)
         return out
@@ -393,8 +412,8 @@ cdef class Context:
         ub.n_out = n_out if n_out > 0 else 1
         sink = self.route_sink
         ub.want_routes = sink is not None
-        plan_compressor(&ub.c4, 4, p0, n)
-        plan_compressor(&ub.c128, 128, p0, n)
+        plan_compressor(&ub.comp[COMP_CSA], CSA, p0, n)
+        plan_compressor(&ub.comp[COMP_HCA], HCA, p0, n)
         cdef g.ggml_init_params ip
         ip.mem_size = self.arena_size
         ip.mem_buffer = self.arena
@@ -462,15 +481,15 @@ cdef class Context:
         sp = self.slot_pos[None, :]
         vis = (sp <= pos[:, None]) & (sp > pos[:, None] - self.hp.window)
         set_input(inp.raw_mask, np.where(vis, 0.0, -np.inf).astype(np.float32))  # [n, ring]
-        self._set_comp_inputs(&ub.c4, inp.ape4, inp.blk4, inp.vis4, pos)
-        self._set_comp_inputs(&ub.c128, inp.ape128, inp.blk128, inp.vis128, pos)
+        cdef int c
+        for c in range(N_COMP):
+            self._set_comp_inputs(&ub.comp[c], &inp.comp[c], pos)
 
-    cdef _set_comp_inputs(self, const CompPlan * cp, g.ggml_tensor * ape, g.ggml_tensor * blk, g.ggml_tensor * vis,
-                          pos):
+    cdef _set_comp_inputs(self, const CompPlan * cp, const CompInputs * ci, pos):
         cdef int R = cp.ratio
-        set_input(ape, (pos % R).astype(np.int32))
-        if blk != NULL:
-            set_input(blk, ((cp.b0 + np.arange(cp.nb)) * R).astype(np.int32))
-        if vis != NULL:
+        set_input(ci.ape, (pos % R).astype(np.int32))
+        if ci.blk != NULL:
+            set_input(ci.blk, ((cp.b0 + np.arange(cp.nb)) * R).astype(np.int32))
+        if ci.vis != NULL:
             visible = np.arange(cp.n_vis)[None, :] < ((pos + 1) // R)[:, None]
-            set_input(vis, np.where(visible, 0.0, -np.inf).astype(np.float32))
+            set_input(ci.vis, np.where(visible, 0.0, -np.inf).astype(np.float32))

@@ -31,13 +31,41 @@ cdef struct Hparams:
     int gemm_min_tokens  # ... for ubatches of at least this many tokens
 
 
-cdef struct LayerW:
-    int ratio            # 0, 4 or 128
-    bint hash            # hash-routed (tid2eid) layer
-    float clamp_exp
-    float clamp_sh
+# A layer's attention kind, named by its compression ratio (model/params.py LayerKind holds the same values)
+cpdef enum LayerKind:
+    SWA = 0      # the sliding window only
+    CSA = 4      # + compressed sparse: an entry per 4 positions (overlapping blocks), top-k by the lightning indexer
+    HCA = 128    # + heavily compressed: an entry per 128 positions, all visible entries
+
+cdef enum:
+    N_COMP = 2   # compressed kinds, indexed COMP_CSA / COMP_HCA in the per-ubatch plans and inputs
+    COMP_CSA = 0
+    COMP_HCA = 1
+
+
+# ---------------------------------------------------------------- weights, one struct per block (bound from
+# model/tensors.py, where each tensor's `dest` names its field here)
+
+cdef struct HcW:            # a hyper-connection mixer (before attention, before the MoE)
+    g.ggml_tensor * fn
+    g.ggml_tensor * base
+    g.ggml_tensor * scale
+
+cdef struct CompressorW:    # pools a block of rows into one cache entry (the KV compressor, the indexer's)
+    g.ggml_tensor * kv
+    g.ggml_tensor * gate
+    g.ggml_tensor * ape
+    g.ggml_tensor * norm
+
+cdef struct IndexerW:       # the lightning indexer (CSA layers)
+    g.ggml_tensor * proj
+    g.ggml_tensor * q_b
+    CompressorW comp
+
+cdef struct AttnW:
+    int kind                # LayerKind
     dsv4_rope_params rope
-    g.ggml_tensor * attn_norm
+    g.ggml_tensor * norm
     g.ggml_tensor * sinks
     g.ggml_tensor * q_a
     g.ggml_tensor * q_a_norm
@@ -46,32 +74,29 @@ cdef struct LayerW:
     g.ggml_tensor * kv_norm
     g.ggml_tensor * o_a
     g.ggml_tensor * o_b
-    g.ggml_tensor * hc_attn_fn
-    g.ggml_tensor * hc_attn_base
-    g.ggml_tensor * hc_attn_scale
-    g.ggml_tensor * hc_ffn_fn
-    g.ggml_tensor * hc_ffn_base
-    g.ggml_tensor * hc_ffn_scale
+    CompressorW comp        # compressed kinds
+    IndexerW idx            # CSA
+
+cdef struct MoeW:
+    bint hash               # hash-routed layer: the token's row of tid2eid picks the experts
+    float clamp_exp
+    float clamp_sh
+    g.ggml_tensor * norm
     g.ggml_tensor * gate_inp
     g.ggml_tensor * tid2eid    # hash layers: [n_used, n_vocab] I32
-    g.ggml_tensor * probs_b
-    g.ggml_tensor * ffn_norm
+    g.ggml_tensor * probs_b    # other layers: the selection bias
     g.ggml_tensor * gate_exps
     g.ggml_tensor * up_exps
     g.ggml_tensor * down_exps
     g.ggml_tensor * gate_sh
     g.ggml_tensor * up_sh
     g.ggml_tensor * down_sh
-    g.ggml_tensor * c_kv       # KV compressor (ratio != 0)
-    g.ggml_tensor * c_gate
-    g.ggml_tensor * c_ape
-    g.ggml_tensor * c_norm
-    g.ggml_tensor * i_proj     # lightning indexer (ratio == 4)
-    g.ggml_tensor * i_q_b
-    g.ggml_tensor * i_kv
-    g.ggml_tensor * i_gate
-    g.ggml_tensor * i_ape
-    g.ggml_tensor * i_norm
+
+cdef struct LayerW:
+    HcW hc_attn
+    AttnW attn
+    HcW hc_ffn
+    MoeW ffn
 
 
 cdef struct GlobalW:
@@ -83,21 +108,27 @@ cdef struct GlobalW:
     g.ggml_tensor * hc_scale
 
 
-# persistent per-sequence state of one layer (tensors in the context's state buffer)
+# ---------------------------------------------------------------- per-sequence state of one layer (tensors in the
+# context's state buffer; engine/memory.py lists them, named by field)
+
+cdef struct CompressorState:
+    g.ggml_tensor * kv       # [coff*d, cap] f32: the compressor's rows not yet pooled, in position order
+    g.ggml_tensor * sc       # their scores
+
 cdef struct LayerState:
     g.ggml_tensor * raw      # [d, S] ring of post-rope kv latents (slot = position mod S)
     g.ggml_tensor * comp     # [d, n_ctx/ratio] compressed entries (CSA or HCA)
-    g.ggml_tensor * lid      # [di, n_ctx/4] indexer keys (CSA layers)
-    g.ggml_tensor * st_kv    # [coff*d, cap] f32: compressor rows not yet consumed, in position order
-    g.ggml_tensor * st_sc
-    g.ggml_tensor * ist_kv   # the indexer compressor's rows (CSA layers)
-    g.ggml_tensor * ist_sc
+    g.ggml_tensor * lid      # [di, n_ctx/4] indexer keys (CSA)
+    CompressorState c        # the KV compressor's rows
+    CompressorState ic       # the indexer compressor's rows (CSA)
 
 
-# what the host knows about one compressor ratio for this ubatch
+# ---------------------------------------------------------------- one ubatch
+
+# what the host knows about one compressed kind for this ubatch
 cdef struct CompPlan:
     int ratio
-    int overlap      # 1 for ratio 4 (each entry also reads the previous block)
+    int overlap      # 1 for CSA (each entry also reads the previous block)
     int l0           # state rows read (positions s0 .. p0-1)
     int nb           # blocks completed in this ubatch
     int b0           # index of the first of them
@@ -112,8 +143,14 @@ cdef struct UBatch:
     int n_out        # logits rows wanted (the last n_out tokens)
     int ring         # rows of the raw ring
     int want_routes  # 1: expose every layer's selected experts (inp.routes) for MoE statistics
-    CompPlan c4
-    CompPlan c128
+    CompPlan comp[N_COMP]
+
+
+# a compressed kind's graph inputs (NULL when absent from this graph)
+cdef struct CompInputs:
+    g.ggml_tensor * ape      # I32 [n]: position mod ratio
+    g.ggml_tensor * blk      # I32 [nb]: start positions of the completed blocks
+    g.ggml_tensor * vis      # F32 [n_vis, n]: entry b visible to token t (b < (p+1)/ratio)
 
 
 # graph inputs the host fills after allocation (NULL when absent from this graph)
@@ -122,13 +159,13 @@ cdef struct Inputs:
     g.ggml_tensor * pos        # I32 [n]
     g.ggml_tensor * raw_slot   # I64 [n]: ring slot of each token
     g.ggml_tensor * raw_mask   # F32 [ring, n]: 0 where visible, -inf elsewhere
-    g.ggml_tensor * ape4       # I32 [n]: position mod 4
-    g.ggml_tensor * ape128     # I32 [n]: position mod 128
-    g.ggml_tensor * blk4       # I32 [nb]: start positions of the completed blocks
-    g.ggml_tensor * blk128
-    g.ggml_tensor * vis4       # F32 [n_vis, n]: entry b visible to token t (b < (p+1)/ratio)
-    g.ggml_tensor * vis128
+    CompInputs comp[N_COMP]
     g.ggml_tensor ** routes    # [n_layer] I32 [k, n] outputs: the experts each token was routed to (want_routes)
+
+
+cdef inline int comp_index(int kind) noexcept nogil:
+    """Where a compressed kind's plan and inputs live in UBatch.comp / Inputs.comp."""
+    return COMP_CSA if kind == CSA else COMP_HCA
 
 
 cdef g.ggml_tensor * build_graph(g.ggml_context * ctx, g.ggml_cgraph * gf, const Hparams * hp,

@@ -12,7 +12,8 @@ from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_hc_post_cpu, dsv
 from libc.math cimport INFINITY, sqrtf
 from libc.stdint cimport int64_t
 
-from .graph cimport CompPlan, GlobalW, Hparams, Inputs, LayerState, LayerW, UBatch
+from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, N_COMP, SWA, AttnW, CompInputs, CompPlan, CompressorState,
+                    CompressorW, GlobalW, Hparams, HcW, Inputs, LayerState, LayerW, MoeW, UBatch, comp_index)
 
 ctypedef g.ggml_tensor T
 ctypedef g.ggml_context C
@@ -68,21 +69,20 @@ cdef inline T * rows(C * ctx, T * t, int64_t n, int64_t first) noexcept nogil:
 
 # ------------------------------------------------------------------------------------------ hyper-connections
 
-cdef T * hc_pre(C * ctx, const Hparams * hp, T * S, T * fn, T * scale, T * base, T ** post,
-                T ** comb, int il) noexcept nogil:
+cdef T * hc_pre(C * ctx, const Hparams * hp, const HcW * W, T * S, T ** post, T ** comb, int il) noexcept nogil:
     """Mix the HC streams S [D, hc, n] into one [D, n]; also the post weights [hc, n] and the Sinkhorn-normalised
     combination [hc(dst), hc(src), n] that hc_post needs (spec 3.4)."""
     cdef int64_t n = S.ne[2], hc = hp.hc
-    cdef T * mix = g.ggml_mul_mat(ctx, fn, g.ggml_rms_norm(ctx, g.ggml_reshape_2d(ctx, S, hc * hp.n_embd, n), hp.eps))
+    cdef T * mix = g.ggml_mul_mat(ctx, W.fn, g.ggml_rms_norm(ctx, g.ggml_reshape_2d(ctx, S, hc * hp.n_embd, n), hp.eps))
     named(mix, "hc_mixes", il)
     cdef T * pre = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], 0)
-    pre = g.ggml_add(ctx, g.ggml_mul(ctx, pre, g.ggml_view_1d(ctx, scale, 1, 0)), g.ggml_view_1d(ctx, base, hc, 0))
+    pre = g.ggml_add(ctx, g.ggml_mul(ctx, pre, g.ggml_view_1d(ctx, W.scale, 1, 0)), g.ggml_view_1d(ctx, W.base, hc, 0))
     pre = named(g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps), "hc_pre", il)
     cdef T * p = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], hc * sizeof(float))
-    p = g.ggml_add(ctx, g.ggml_mul(ctx, p, g.ggml_view_1d(ctx, scale, 1, sizeof(float))),
-                   g.ggml_view_1d(ctx, base, hc, hc * sizeof(float)))
+    p = g.ggml_add(ctx, g.ggml_mul(ctx, p, g.ggml_view_1d(ctx, W.scale, 1, sizeof(float))),
+                   g.ggml_view_1d(ctx, W.base, hc, hc * sizeof(float)))
     post[0] = named(g.ggml_scale(ctx, g.ggml_sigmoid(ctx, p), 2.0), "hc_post", il)
-    comb[0] = named(g.ggml_dsv4_hc_comb(ctx, mix, scale, base, hp.hc_eps, hp.hc_iters), "hc_comb", il)
+    comb[0] = named(g.ggml_dsv4_hc_comb(ctx, mix, W.scale, W.base, hp.hc_eps, hp.hc_iters), "hc_comb", il)
     return g.ggml_dsv4_hc_pre(ctx, S, pre)
 
 
@@ -97,18 +97,18 @@ cdef T * hc_head(C * ctx, const Hparams * hp, const GlobalW * gw, T * S) noexcep
 # ------------------------------------------------------------------------------------------ compressors
 
 
-cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPlan * cp, T * x, T * w_kv,
-                   T * w_gate, T * ape, T * w_norm, T * st_kv, T * st_sc, T * cache, T * ape_idx, T * blk_pos,
-                   int width, const dsv4_rope_params * rope) noexcept nogil:
+cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPlan * cp, const CompInputs * ci,
+                   const CompressorW * W, const CompressorState * st, T * cache, T * x, int width,
+                   const dsv4_rope_params * rope) noexcept nogil:
     """Feed this ubatch's rows to a compressor (spec 3.7.3): pool every block that completes into a cache entry
     (normed, roped at the block start) and keep the rows that later blocks still need in the state."""
-    cdef T * ckv = g.ggml_mul_mat(ctx, w_kv, x)
-    cdef T * csc = g.ggml_add(ctx, g.ggml_mul_mat(ctx, w_gate, x), g.ggml_get_rows(ctx, ape, ape_idx))
+    cdef T * ckv = g.ggml_mul_mat(ctx, W.kv, x)
+    cdef T * csc = g.ggml_add(ctx, g.ggml_mul_mat(ctx, W.gate, x), g.ggml_get_rows(ctx, W.ape, ci.ape))
     cdef T * xk = ckv
     cdef T * xs = csc
     if cp.l0 > 0:  # [state rows ; this ubatch's rows], in position order
-        xk = g.ggml_concat(ctx, rows(ctx, st_kv, cp.l0, 0), ckv, 1)
-        xs = g.ggml_concat(ctx, rows(ctx, st_sc, cp.l0, 0), csc, 1)
+        xk = g.ggml_concat(ctx, rows(ctx, st.kv, cp.l0, 0), ckv, 1)
+        xs = g.ggml_concat(ctx, rows(ctx, st.sc, cp.l0, 0), csc, 1)
     cdef int64_t R = cp.ratio, nb = cp.nb
     cdef size_t blk = R * xk.nb[1]
     cdef T * vk
@@ -130,27 +130,27 @@ cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPl
         vk = g.ggml_cont(ctx, g.ggml_permute(ctx, vk, 1, 0, 2, 3))
         vs = g.ggml_cont(ctx, g.ggml_permute(ctx, vs, 1, 0, 2, 3))
         e = g.ggml_sum_rows(ctx, g.ggml_mul(ctx, vk, g.ggml_soft_max(ctx, vs)))  # [1, width, nb]
-        e = norm(ctx, g.ggml_reshape_2d(ctx, e, width, nb), w_norm, hp.eps)
-        e = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, e, width, 1, nb), blk_pos, hp.rope_dim, rope)
+        e = norm(ctx, g.ggml_reshape_2d(ctx, e, width, nb), W.norm, hp.eps)
+        e = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, e, width, 1, nb), ci.blk, hp.rope_dim, rope)
         g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, g.ggml_reshape_2d(ctx, e, width, nb),
                                                    rows(ctx, cache, nb, cp.b0)))
     if cp.l1 > 0:
-        g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xk, cp.l1, cp.keep_from), rows(ctx, st_kv, cp.l1, 0)))
-        g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xs, cp.l1, cp.keep_from), rows(ctx, st_sc, cp.l1, 0)))
+        g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xk, cp.l1, cp.keep_from), rows(ctx, st.kv, cp.l1, 0)))
+        g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xs, cp.l1, cp.keep_from), rows(ctx, st.sc, cp.l1, 0)))
 
 # ------------------------------------------------------------------------------------------ attention
 
 
-cdef T * indexer_top(C * ctx, const Hparams * hp, const LayerW * L, const LayerState * st, const CompPlan * cp,
+cdef T * indexer_top(C * ctx, const Hparams * hp, const AttnW * A, const LayerState * st, const CompPlan * cp,
                      Inputs * inp, T * x, T * qr) noexcept nogil:
     """The lightning indexer (spec 3.7.6): for each token, the indices [kk, n] of the top-k visible CSA entries
     by indexer score (k = min(top_k, entries visible to the ubatch's last token))."""
     cdef int64_t n = x.ne[1], nv = cp.n_vis, di = hp.idx_dim, Hi = hp.idx_heads
-    cdef T * iq = g.ggml_reshape_3d(ctx, g.ggml_mul_mat(ctx, L.i_q_b, qr), di, Hi, n)
-    iq = dsv4_rope_tail(ctx, iq, inp.pos, hp.rope_dim, &L.rope)
-    cdef T * iw = g.ggml_scale(ctx, g.ggml_mul_mat(ctx, L.i_proj, x), 1.0 / sqrtf(<float> (di * Hi)))
+    cdef T * iq = g.ggml_reshape_3d(ctx, g.ggml_mul_mat(ctx, A.idx.q_b, qr), di, Hi, n)
+    iq = dsv4_rope_tail(ctx, iq, inp.pos, hp.rope_dim, &A.rope)
+    cdef T * iw = g.ggml_scale(ctx, g.ggml_mul_mat(ctx, A.idx.proj, x), 1.0 / sqrtf(<float> (di * Hi)))
     cdef T * keys = g.ggml_view_3d(ctx, st.lid, di, 1, nv, st.lid.nb[1], st.lid.nb[1], 0)
-    cdef T * score = g.ggml_lightning_indexer(ctx, iq, keys, iw, g.ggml_cast(ctx, inp.vis4, g.GGML_TYPE_F16))
+    cdef T * score = g.ggml_lightning_indexer(ctx, iq, keys, iw, g.ggml_cast(ctx, inp.comp[COMP_CSA].vis, g.GGML_TYPE_F16))
     return dsv4_top_k(ctx, score, hp.idx_topk if hp.idx_topk < nv else <int> nv)
 
 
@@ -160,20 +160,20 @@ cdef T * selection_mask(C * ctx, T * top, Inputs * inp, int64_t nv) noexcept nog
     cdef T * sel = g.ggml_fill(ctx, g.ggml_new_tensor_3d(ctx, g.GGML_TYPE_F32, 1, nv, n), -INFINITY)
     cdef T * zero = g.ggml_fill(ctx, g.ggml_new_tensor_3d(ctx, g.GGML_TYPE_F32, 1, kk, n), 0.0)
     sel = g.ggml_set_rows(ctx, sel, zero, top)
-    return g.ggml_add(ctx, g.ggml_reshape_2d(ctx, sel, nv, n), inp.vis4)
+    return g.ggml_add(ctx, g.ggml_reshape_2d(ctx, sel, nv, n), inp.comp[COMP_CSA].vis)
 
 
-cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * L, const LayerState * st,
+cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW * A, const LayerState * st,
                    const UBatch * ub, Inputs * inp, T * x, int il) noexcept nogil:
     """Spec 3.7: q low-rank path, the single latent K=V, the compressed keys, attention with sinks over the
     sliding window and the visible compressed entries, de-rope, grouped output projection."""
     cdef int64_t n = x.ne[1], d = hp.head_dim, H = hp.n_head, G = hp.o_groups
     cdef T * px = NULL
-    cdef T * qr = norm(ctx, mm(ctx, hp, L.q_a, x, &px), L.q_a_norm, hp.eps)
-    cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, L.q_b, qr, NULL), d, H, n), hp.eps)
-    q = named(dsv4_rope_tail(ctx, q, inp.pos, hp.rope_dim, &L.rope), "q", il)
-    cdef T * kv = norm(ctx, mm(ctx, hp, L.kv, x, &px), L.kv_norm, hp.eps)
-    kv = named(dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, kv, d, 1, n), inp.pos, hp.rope_dim, &L.rope), "kv", il)
+    cdef T * qr = norm(ctx, mm(ctx, hp, A.q_a, x, &px), A.q_a_norm, hp.eps)
+    cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, A.q_b, qr, NULL), d, H, n), hp.eps)
+    q = named(dsv4_rope_tail(ctx, q, inp.pos, hp.rope_dim, &A.rope), "q", il)
+    cdef T * kv = norm(ctx, mm(ctx, hp, A.kv, x, &px), A.kv_norm, hp.eps)
+    kv = named(dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, kv, d, 1, n), inp.pos, hp.rope_dim, &A.rope), "kv", il)
     g.ggml_build_forward_expand(gf, g.ggml_set_rows(ctx, st.raw, g.ggml_reshape_2d(ctx, kv, d, n), inp.raw_slot))
 
     cdef T * keys = st.raw
@@ -181,19 +181,18 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW
     cdef T * top
     cdef T * sel
     cdef const CompPlan * cp
-    if L.ratio != 0:
-        cp = &ub.c4 if L.ratio == 4 else &ub.c128
-        compress(ctx, gf, hp, cp, x, L.c_kv, L.c_gate, L.c_ape, L.c_norm, st.st_kv, st.st_sc, st.comp,
-                 inp.ape4 if L.ratio == 4 else inp.ape128, inp.blk4 if L.ratio == 4 else inp.blk128, <int> d,
-                 &L.rope)
-        if L.ratio == 4:
-            compress(ctx, gf, hp, cp, x, L.i_kv, L.i_gate, L.i_ape, L.i_norm, st.ist_kv, st.ist_sc, st.lid,
-                     inp.ape4, inp.blk4, hp.idx_dim, &L.rope)
-        if cp.n_vis > 0 and L.ratio == 128:
+    cdef const CompInputs * ci
+    if A.kind != SWA:
+        cp = &ub.comp[comp_index(A.kind)]
+        ci = &inp.comp[comp_index(A.kind)]
+        compress(ctx, gf, hp, cp, ci, &A.comp, &st.c, st.comp, x, <int> d, &A.rope)
+        if A.kind == CSA:
+            compress(ctx, gf, hp, cp, ci, &A.idx.comp, &st.ic, st.lid, x, hp.idx_dim, &A.rope)
+        if cp.n_vis > 0 and A.kind == HCA:  # every visible entry
             keys = g.ggml_concat(ctx, keys, rows(ctx, st.comp, cp.n_vis, 0), 1)
-            mask = g.ggml_concat(ctx, mask, inp.vis128, 0)
-        elif cp.n_vis > 0:
-            top = indexer_top(ctx, hp, L, st, cp, inp, x, qr)
+            mask = g.ggml_concat(ctx, mask, ci.vis, 0)
+        elif cp.n_vis > 0:  # CSA: the entries the indexer selects
+            top = indexer_top(ctx, hp, A, st, cp, inp, x, qr)
             if n == 1:  # decode: gather the selected entries (all visible to the one token), O(top_k) per token
                 sel = g.ggml_get_rows(ctx, rows(ctx, st.comp, cp.n_vis, 0), g.ggml_reshape_1d(ctx, top, top.ne[0]))
                 if keys.type != g.GGML_TYPE_F32:
@@ -215,35 +214,47 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW
     cdef T * k3 = g.ggml_reshape_3d(ctx, keys, d, keys.ne[1], 1)
     cdef T * out = g.ggml_flash_attn_ext(ctx, g.ggml_permute(ctx, q, 0, 2, 1, 3), k3, k3,
                                          g.ggml_cast(ctx, mask, g.GGML_TYPE_F16), 1.0 / sqrtf(<float> d), 0.0, 0.0)
-    g.ggml_flash_attn_ext_add_sinks(out, L.sinks)
+    g.ggml_flash_attn_ext_add_sinks(out, A.sinks)
     g.ggml_flash_attn_ext_set_prec(out, g.GGML_PREC_F32)
     named(out, "attn_raw", il)
-    out = named(dsv4_rope_tail_back(ctx, out, inp.pos, hp.rope_dim, &L.rope), "attn_derope", il)  # [d, H, n]
+    out = named(dsv4_rope_tail_back(ctx, out, inp.pos, hp.rope_dim, &A.rope), "attn_derope", il)  # [d, H, n]
 
     # grouped output LoRA: group g = heads g*H/G .. (g+1)*H/G - 1, each with its own Ro rows of o_a
     out = g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, out, d * H // G, G, n), 0, 2, 1, 3)  # [d*H/G, n, G]
-    cdef T * oa = mm(ctx, hp, g.ggml_reshape_3d(ctx, L.o_a, d * H // G, hp.o_lora, G), out, NULL)  # [Ro, n, G]
+    cdef T * oa = mm(ctx, hp, g.ggml_reshape_3d(ctx, A.o_a, d * H // G, hp.o_lora, G), out, NULL)  # [Ro, n, G]
     oa = g.ggml_cont_2d(ctx, g.ggml_permute(ctx, oa, 0, 2, 1, 3), hp.o_lora * G, n)
-    return named(mm(ctx, hp, L.o_b, oa, NULL), "attn_out", il)
+    return named(mm(ctx, hp, A.o_b, oa, NULL), "attn_out", il)
 
 # ------------------------------------------------------------------------------------------ mixture of experts
 
 
-cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * L, const UBatch * ub, Inputs * inp,
-           T * f, int il) noexcept nogil:
+cdef T * mm_id(C * ctx, const Hparams * hp, T * w, T * x, T * sel, T ** prep) noexcept nogil:
+    """ggml_mul_mat_id(w, x, sel), or for prompt processing on the CPU our Q5_K product (kernels/dsv4_moe_gemm.c);
+    *prep keeps x's quantization for the next product of the same x (prep may be NULL)."""
+    cdef T * p
+    if hp.gemm_isa != 0 and x.ne[2] >= hp.gemm_min_tokens and dsv4_moe_gemm_ok(w, x, sel):
+        p = prep[0] if prep != NULL and prep[0] != NULL else dsv4_q8k_prep(ctx, x)
+        if prep != NULL:
+            prep[0] = p
+        return dsv4_mul_mat_id_q5k(ctx, w, p, sel, hp.gemm_isa)
+    return g.ggml_mul_mat_id(ctx, w, x, sel)
+
+
+cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, const UBatch * ub, Inputs * inp,
+             T * f, int il) noexcept nogil:
     """Spec 3.8: sqrt-softplus scores, biased top-k (or the token's hash row), normalised and scaled weights,
     clamped SwiGLU experts, plus the shared expert."""
     cdef int64_t n = f.ne[1], k = hp.n_used, D = hp.n_embd, i
     cdef T * pf = NULL
-    cdef T * logits = mm(ctx, hp, L.gate_inp, f, &pf)
+    cdef T * logits = mm(ctx, hp, F.gate_inp, f, &pf)
     if pf == NULL:  # ggml's product (ours, which set pf, computes in f32)
         g.ggml_mul_mat_set_prec(logits, g.GGML_PREC_F32)
     cdef T * probs = g.ggml_sqrt(ctx, g.ggml_softplus(ctx, logits))  # [E, n]
     cdef T * sel
-    if L.hash:
-        sel = g.ggml_get_rows(ctx, L.tid2eid, inp.tokens)  # the token's row of the hash table
+    if F.hash:
+        sel = g.ggml_get_rows(ctx, F.tid2eid, inp.tokens)  # the token's row of the hash table
     else:
-        sel = g.ggml_argsort_top_k(ctx, g.ggml_add(ctx, probs, L.probs_b), <int> k)  # bias for selection only
+        sel = g.ggml_argsort_top_k(ctx, g.ggml_add(ctx, probs, F.probs_b), <int> k)  # bias for selection only
     cdef T * r
     if ub.want_routes:  # a contiguous copy marked as an output: argsort_top_k's result is a strided view
         r = g.ggml_cont(ctx, sel)
@@ -259,29 +270,15 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * L, 
     if hp.w_scale != 1.0:
         w = g.ggml_scale(ctx, w, hp.w_scale)
     cdef T * xe = g.ggml_reshape_3d(ctx, f, D, 1, n)
-    cdef bint ours = hp.gemm_isa != 0 and n >= hp.gemm_min_tokens  # prompt processing on the CPU
-    cdef T * gate
-    cdef T * up
-    cdef T * prep
-    if ours and dsv4_moe_gemm_ok(L.gate_exps, xe, sel) and dsv4_moe_gemm_ok(L.up_exps, xe, sel):
-        prep = dsv4_q8k_prep(ctx, xe)  # one quantization of the activations for both products
-        gate = dsv4_mul_mat_id_q5k(ctx, L.gate_exps, prep, sel, hp.gemm_isa)
-        up = dsv4_mul_mat_id_q5k(ctx, L.up_exps, prep, sel, hp.gemm_isa)
-    else:
-        gate = g.ggml_mul_mat_id(ctx, L.gate_exps, xe, sel)
-        up = g.ggml_mul_mat_id(ctx, L.up_exps, xe, sel)
-    cdef T * h = dsv4_swiglu_clamp(ctx, gate, up, L.clamp_exp)
-    cdef T * down
-    if ours and dsv4_moe_gemm_ok(L.down_exps, h, sel):
-        down = dsv4_mul_mat_id_q5k(ctx, L.down_exps, dsv4_q8k_prep(ctx, h), sel, hp.gemm_isa)
-    else:
-        down = g.ggml_mul_mat_id(ctx, L.down_exps, h, sel)
-    down = g.ggml_mul(ctx, down, w)  # [D, k, n]
+    cdef T * pe = NULL
+    cdef T * h = dsv4_swiglu_clamp(ctx, mm_id(ctx, hp, F.gate_exps, xe, sel, &pe),
+                                   mm_id(ctx, hp, F.up_exps, xe, sel, &pe), F.clamp_exp)
+    cdef T * down = g.ggml_mul(ctx, mm_id(ctx, hp, F.down_exps, h, sel, NULL), w)  # [D, k, n]
     cdef T * y = g.ggml_view_2d(ctx, down, D, n, down.nb[2], 0)
     for i in range(1, k):  # in selection order, as the reference sums
         y = g.ggml_add(ctx, y, g.ggml_view_2d(ctx, down, D, n, down.nb[2], i * down.nb[1]))
-    cdef T * sh = dsv4_swiglu_clamp(ctx, mm(ctx, hp, L.gate_sh, f, &pf), mm(ctx, hp, L.up_sh, f, &pf), L.clamp_sh)
-    return g.ggml_add(ctx, y, mm(ctx, hp, L.down_sh, sh, NULL))
+    cdef T * sh = dsv4_swiglu_clamp(ctx, mm(ctx, hp, F.gate_sh, f, &pf), mm(ctx, hp, F.up_sh, f, &pf), F.clamp_sh)
+    return g.ggml_add(ctx, y, mm(ctx, hp, F.down_sh, sh, NULL))
 
 # ------------------------------------------------------------------------------------------ the whole model
 
@@ -291,20 +288,22 @@ cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const Glob
     """Spec 3.1 for one ubatch; returns the logits [n_vocab, n_out] of its last n_out tokens."""
     cdef int64_t n = ub.n, D = hp.n_embd, hc = hp.hc
     cdef int il
-    cdef bint has4 = False, has128 = False
+    cdef bint has[N_COMP]
+    has[COMP_CSA] = has[COMP_HCA] = False
     for il in range(hp.n_layer):
-        has4 = has4 or lw[il].ratio == 4
-        has128 = has128 or lw[il].ratio == 128
+        if lw[il].attn.kind != SWA:
+            has[comp_index(lw[il].attn.kind)] = True
     inp.tokens = input_1d(ctx, g.GGML_TYPE_I32, n)
     inp.pos = input_1d(ctx, g.GGML_TYPE_I32, n)
     inp.raw_slot = input_1d(ctx, g.GGML_TYPE_I64, n)
     inp.raw_mask = input_2d(ctx, g.GGML_TYPE_F32, ub.ring, n)
-    inp.ape4 = input_1d(ctx, g.GGML_TYPE_I32, n) if has4 else NULL
-    inp.ape128 = input_1d(ctx, g.GGML_TYPE_I32, n) if has128 else NULL
-    inp.blk4 = input_1d(ctx, g.GGML_TYPE_I32, ub.c4.nb) if has4 and ub.c4.nb > 0 else NULL
-    inp.blk128 = input_1d(ctx, g.GGML_TYPE_I32, ub.c128.nb) if has128 and ub.c128.nb > 0 else NULL
-    inp.vis4 = input_2d(ctx, g.GGML_TYPE_F32, ub.c4.n_vis, n) if has4 and ub.c4.n_vis > 0 else NULL
-    inp.vis128 = input_2d(ctx, g.GGML_TYPE_F32, ub.c128.n_vis, n) if has128 and ub.c128.n_vis > 0 else NULL
+    cdef int c
+    cdef const CompPlan * cp
+    for c in range(N_COMP):
+        cp = &ub.comp[c]
+        inp.comp[c].ape = input_1d(ctx, g.GGML_TYPE_I32, n) if has[c] else NULL
+        inp.comp[c].blk = input_1d(ctx, g.GGML_TYPE_I32, cp.nb) if has[c] and cp.nb > 0 else NULL
+        inp.comp[c].vis = input_2d(ctx, g.GGML_TYPE_F32, cp.n_vis, n) if has[c] and cp.n_vis > 0 else NULL
 
     cdef T * x = g.ggml_get_rows(ctx, gw.tok_embd, inp.tokens)  # [D, n]
     cdef T * S = g.ggml_repeat_4d(ctx, g.ggml_reshape_3d(ctx, x, D, 1, n), D, hc, n, 1)  # hc identical streams
@@ -316,14 +315,12 @@ cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const Glob
     for il in range(hp.n_layer):
         L = &lw[il]
         res = S
-        a = norm(ctx, named(hc_pre(ctx, hp, S, L.hc_attn_fn, L.hc_attn_scale, L.hc_attn_base, &post, &comb, il),
-                            "hc_attn_pre", il), L.attn_norm, hp.eps)
-        a = attention(ctx, gf, hp, L, &st[il], ub, inp, named(a, "attn_norm", il), il)
+        a = norm(ctx, named(hc_pre(ctx, hp, &L.hc_attn, S, &post, &comb, il), "hc_attn_pre", il), L.attn.norm, hp.eps)
+        a = attention(ctx, gf, hp, &L.attn, &st[il], ub, inp, named(a, "attn_norm", il), il)
         S = named(hc_post(ctx, hp, a, res, post, comb), "hc_attn_post", il)
         res = S
-        a = norm(ctx, named(hc_pre(ctx, hp, S, L.hc_ffn_fn, L.hc_ffn_scale, L.hc_ffn_base, &post, &comb, il),
-                            "hc_ffn_pre", il), L.ffn_norm, hp.eps)
-        a = named(moe(ctx, gf, hp, L, ub, inp, named(a, "ffn_norm", il), il), "ffn_out", il)
+        a = norm(ctx, named(hc_pre(ctx, hp, &L.hc_ffn, S, &post, &comb, il), "hc_ffn_pre", il), L.ffn.norm, hp.eps)
+        a = named(moe(ctx, gf, hp, &L.ffn, ub, inp, named(a, "ffn_norm", il), il), "ffn_out", il)
         S = named(hc_post(ctx, hp, a, res, post, comb), "l_out", il)
     if ub.n_out < n:
         S = g.ggml_cont(ctx, g.ggml_view_3d(ctx, S, D, hc, ub.n_out, S.nb[1], S.nb[2], (n - ub.n_out) * S.nb[2]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..model.params import DSV4Params
+from ..model.params import DSV4Params, LayerKind
 
 CACHE_BYTES = {"f32": 4, "f16": 2}
 
@@ -15,7 +15,7 @@ CACHE_BYTES = {"f32": 4, "f16": 2}
 @dataclass(frozen=True)
 class StateTensor:
     layer: int
-    name: str  # raw, comp, lid, st_kv, st_sc, ist_kv, ist_sc
+    name: str  # the LayerState field the context binds it to: raw, comp, lid, c.kv, c.sc, ic.kv, ic.sc
     dtype: str  # "f32" or "f16"
     ne: tuple[int, int]  # ggml order: (row width, rows)
 
@@ -42,17 +42,17 @@ def state_tensors(p: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str) -> list
     d, di = p.head_dim, p.indexer_head_dim
     out = []
     for il in range(p.n_layer):
-        r = p.ratio(il)
+        kind = p.kind(il)
         out.append(StateTensor(il, "raw", type_k, (d, ring_rows(p, n_ctx, n_ubatch))))
-        if r:
-            coff = 2 if r == 4 else 1
-            out.append(StateTensor(il, "comp", type_k, (d, -(-n_ctx // r))))
-            out.append(StateTensor(il, "st_kv", "f32", (coff * d, coff * r)))
-            out.append(StateTensor(il, "st_sc", "f32", (coff * d, coff * r)))
-        if r == 4:
-            out.append(StateTensor(il, "lid", type_k, (di, -(-n_ctx // 4))))
-            out.append(StateTensor(il, "ist_kv", "f32", (2 * di, 8)))
-            out.append(StateTensor(il, "ist_sc", "f32", (2 * di, 8)))
+        if kind != LayerKind.SWA:
+            coff = 2 if kind == LayerKind.CSA else 1  # CSA pools overlapping blocks: two halves of each row
+            out.append(StateTensor(il, "comp", type_k, (d, -(-n_ctx // kind))))
+            out.append(StateTensor(il, "c.kv", "f32", (coff * d, coff * kind)))
+            out.append(StateTensor(il, "c.sc", "f32", (coff * d, coff * kind)))
+        if kind == LayerKind.CSA:
+            out.append(StateTensor(il, "lid", type_k, (di, -(-n_ctx // kind))))
+            out.append(StateTensor(il, "ic.kv", "f32", (2 * di, 2 * kind)))
+            out.append(StateTensor(il, "ic.sc", "f32", (2 * di, 2 * kind)))
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from enum import IntEnum
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,19 @@ from .gguf_write import KV, array, boolean, f32, string, u32
 ARCH = "deepseek4"
 GATING_SQRT_SOFTPLUS = 4
 ROPE_SCALING_TYPES = ("none", "linear", "yarn")
-COMPRESS_RATIOS = (0, 4, 128)
+
+
+class LayerKind(IntEnum):
+    """A layer's attention, named by the compression ratio the file gives it (docs/architecture.md). Every layer
+    attends over its sliding window; the compressed kinds also attend over pooled entries of the whole context.
+    (engine/graph.pxd names the same values for the C side; tests/test_model_files.py checks they agree.)"""
+
+    SWA = 0  # the sliding window only
+    CSA = 4  # compressed sparse: an entry per 4 positions (overlapping blocks); the lightning indexer picks top-k
+    HCA = 128  # heavily compressed: an entry per 128 positions, every visible entry attended
+
+
+COMPRESS_RATIOS = tuple(int(k) for k in LayerKind)
 
 
 def _f32(v: float) -> float:
@@ -102,6 +115,21 @@ class DSV4Params:
 
     def ratio(self, il: int) -> int:
         return self.compress_ratios[il]
+
+    def kind(self, il: int) -> LayerKind:
+        return LayerKind(self.compress_ratios[il])
+
+    def rope(self, il: int) -> tuple[int, float, float, float, float, float, float]:
+        """Layer il's rotary parameters as ggml's rope takes them: (n_ctx_orig, freq_base, freq_scale, ext_factor,
+        attn_factor, beta_fast, beta_slow). Sliding-window layers: plain RoPE at rope_freq_base; compressed layers:
+        compress_rope_freq_base with the file's scaling (YaRN with its attention factor, or linear)."""
+        if self.kind(il) == LayerKind.SWA:
+            return 0, self.rope_freq_base, 1.0, 0.0, 1.0, 0.0, 0.0
+        fs = 1.0 / self.rope_scaling_factor
+        yarn = self.rope_scaling_type == "yarn"
+        attn_factor = 1.0 / (1.0 + 0.1 * math.log(1.0 / fs)) if yarn else 1.0
+        return (self.rope_orig_ctx, self.compress_rope_freq_base, fs, 1.0 if yarn else 0.0, attn_factor,
+                self.yarn_beta_fast, self.yarn_beta_slow)
 
     def is_hash_layer(self, il: int) -> bool:
         return il < self.hash_layer_count
@@ -204,7 +232,7 @@ class DSV4Params:
                 f"{self.sliding_window} exceeds context_length {self.n_ctx_train}: no token has that many before it",
             )
         n_blocks = max(self.n_ctx_train // 4, 1)
-        if 4 in self.compress_ratios[: self.n_layer] and self.indexer_top_k > n_blocks:
+        if LayerKind.CSA in self.compress_ratios[: self.n_layer] and self.indexer_top_k > n_blocks:
             raise bad(
                 "attention.indexer.top_k",
                 f"{self.indexer_top_k} exceeds the {n_blocks} blocks of 4 positions in context_length "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from .params import DSV4Params
+from .params import DSV4Params, LayerKind
 
 
 class Role(Enum):
@@ -33,6 +33,7 @@ class TensorSpec:
     name: str
     ne: tuple[int, ...]
     role: Role
+    dest: str | None = None  # the weight-struct field the engine binds it to (engine/graph.pxd); None: unused there
     alt_ne: tuple[int, ...] | None = None  # another accepted layout with identical bytes
 
 
@@ -44,53 +45,55 @@ def layer_tensors(p: DSV4Params, il: int) -> list[TensorSpec]:
     b = f"blk.{il}."
     N, A, C = Role.NORM, Role.ATTN, Role.COMPRESSOR
     out = [
-        TensorSpec(b + "attn_norm.weight", (D,), N),
-        TensorSpec(b + "attn_sinks.weight", (H,), N),
-        TensorSpec(b + "attn_q_a.weight", (D, p.q_lora_rank), A),
-        TensorSpec(b + "attn_q_a_norm.weight", (p.q_lora_rank,), N),
-        TensorSpec(b + "attn_q_b.weight", (p.q_lora_rank, H * d), A),
-        TensorSpec(b + "attn_kv.weight", (D, d), A),
-        TensorSpec(b + "attn_kv_a_norm.weight", (d,), N),
-        TensorSpec(b + "attn_output_a.weight", (H * d // G, G * p.o_lora_rank), A, (H * d // G, p.o_lora_rank, G)),
-        TensorSpec(b + "attn_output_b.weight", (G * p.o_lora_rank, D), A),
-        TensorSpec(b + "hc_attn_fn.weight", (HCD, M), Role.HC),
-        TensorSpec(b + "hc_attn_base.weight", (M,), N),
-        TensorSpec(b + "hc_attn_scale.weight", (3,), N),
-        TensorSpec(b + "hc_ffn_fn.weight", (HCD, M), Role.HC),
-        TensorSpec(b + "hc_ffn_base.weight", (M,), N),
-        TensorSpec(b + "hc_ffn_scale.weight", (3,), N),
-        TensorSpec(b + "ffn_gate_inp.weight", (D, E), Role.ROUTER),
+        TensorSpec(b + "attn_norm.weight", (D,), N, "attn.norm"),
+        TensorSpec(b + "attn_sinks.weight", (H,), N, "attn.sinks"),
+        TensorSpec(b + "attn_q_a.weight", (D, p.q_lora_rank), A, "attn.q_a"),
+        TensorSpec(b + "attn_q_a_norm.weight", (p.q_lora_rank,), N, "attn.q_a_norm"),
+        TensorSpec(b + "attn_q_b.weight", (p.q_lora_rank, H * d), A, "attn.q_b"),
+        TensorSpec(b + "attn_kv.weight", (D, d), A, "attn.kv"),
+        TensorSpec(b + "attn_kv_a_norm.weight", (d,), N, "attn.kv_norm"),
+        TensorSpec(
+            b + "attn_output_a.weight", (H * d // G, G * p.o_lora_rank), A, "attn.o_a", (H * d // G, p.o_lora_rank, G)
+        ),
+        TensorSpec(b + "attn_output_b.weight", (G * p.o_lora_rank, D), A, "attn.o_b"),
+        TensorSpec(b + "hc_attn_fn.weight", (HCD, M), Role.HC, "hc_attn.fn"),
+        TensorSpec(b + "hc_attn_base.weight", (M,), N, "hc_attn.base"),
+        TensorSpec(b + "hc_attn_scale.weight", (3,), N, "hc_attn.scale"),
+        TensorSpec(b + "hc_ffn_fn.weight", (HCD, M), Role.HC, "hc_ffn.fn"),
+        TensorSpec(b + "hc_ffn_base.weight", (M,), N, "hc_ffn.base"),
+        TensorSpec(b + "hc_ffn_scale.weight", (3,), N, "hc_ffn.scale"),
+        TensorSpec(b + "ffn_gate_inp.weight", (D, E), Role.ROUTER, "ffn.gate_inp"),
     ]
     if p.is_hash_layer(il):
-        out.append(TensorSpec(b + "ffn_gate_tid2eid.weight", (p.n_expert_used, p.n_vocab), Role.TID2EID))
+        out.append(TensorSpec(b + "ffn_gate_tid2eid.weight", (p.n_expert_used, p.n_vocab), Role.TID2EID, "ffn.tid2eid"))
     else:
-        out.append(TensorSpec(b + "exp_probs_b.bias", (E,), N))
+        out.append(TensorSpec(b + "exp_probs_b.bias", (E,), N, "ffn.probs_b"))
     out += [
-        TensorSpec(b + "ffn_norm.weight", (D,), N),
-        TensorSpec(b + "ffn_gate_exps.weight", (D, F, E), Role.EXPERTS),
-        TensorSpec(b + "ffn_up_exps.weight", (D, F, E), Role.EXPERTS),
-        TensorSpec(b + "ffn_down_exps.weight", (F, D, E), Role.EXPERTS),
-        TensorSpec(b + "ffn_gate_shexp.weight", (D, F * S), Role.SHARED),
-        TensorSpec(b + "ffn_up_shexp.weight", (D, F * S), Role.SHARED),
-        TensorSpec(b + "ffn_down_shexp.weight", (F * S, D), Role.SHARED),
+        TensorSpec(b + "ffn_norm.weight", (D,), N, "ffn.norm"),
+        TensorSpec(b + "ffn_gate_exps.weight", (D, F, E), Role.EXPERTS, "ffn.gate_exps"),
+        TensorSpec(b + "ffn_up_exps.weight", (D, F, E), Role.EXPERTS, "ffn.up_exps"),
+        TensorSpec(b + "ffn_down_exps.weight", (F, D, E), Role.EXPERTS, "ffn.down_exps"),
+        TensorSpec(b + "ffn_gate_shexp.weight", (D, F * S), Role.SHARED, "ffn.gate_sh"),
+        TensorSpec(b + "ffn_up_shexp.weight", (D, F * S), Role.SHARED, "ffn.up_sh"),
+        TensorSpec(b + "ffn_down_shexp.weight", (F * S, D), Role.SHARED, "ffn.down_sh"),
     ]
-    if ratio:
-        coff = 2 if ratio == 4 else 1
+    if ratio != LayerKind.SWA:
+        coff = 2 if ratio == LayerKind.CSA else 1
         out += [
-            TensorSpec(b + "attn_compressor_kv.weight", (D, coff * d), C),
-            TensorSpec(b + "attn_compressor_gate.weight", (D, coff * d), C),
-            TensorSpec(b + "attn_compressor_ape.weight", (coff * d, ratio), C),
-            TensorSpec(b + "attn_compressor_norm.weight", (d,), N),
+            TensorSpec(b + "attn_compressor_kv.weight", (D, coff * d), C, "attn.comp.kv"),
+            TensorSpec(b + "attn_compressor_gate.weight", (D, coff * d), C, "attn.comp.gate"),
+            TensorSpec(b + "attn_compressor_ape.weight", (coff * d, ratio), C, "attn.comp.ape"),
+            TensorSpec(b + "attn_compressor_norm.weight", (d,), N, "attn.comp.norm"),
         ]
-    if ratio == 4:
+    if ratio == LayerKind.CSA:
         di, Hi = p.indexer_head_dim, p.indexer_n_head
         out += [
-            TensorSpec(b + "indexer.proj.weight", (D, Hi), Role.INDEXER),
-            TensorSpec(b + "indexer.attn_q_b.weight", (p.q_lora_rank, Hi * di), Role.INDEXER),
-            TensorSpec(b + "indexer_compressor_kv.weight", (D, 2 * di), C),
-            TensorSpec(b + "indexer_compressor_gate.weight", (D, 2 * di), C),
-            TensorSpec(b + "indexer_compressor_ape.weight", (2 * di, 4), C),
-            TensorSpec(b + "indexer_compressor_norm.weight", (di,), N),
+            TensorSpec(b + "indexer.proj.weight", (D, Hi), Role.INDEXER, "attn.idx.proj"),
+            TensorSpec(b + "indexer.attn_q_b.weight", (p.q_lora_rank, Hi * di), Role.INDEXER, "attn.idx.q_b"),
+            TensorSpec(b + "indexer_compressor_kv.weight", (D, 2 * di), C, "attn.idx.comp.kv"),
+            TensorSpec(b + "indexer_compressor_gate.weight", (D, 2 * di), C, "attn.idx.comp.gate"),
+            TensorSpec(b + "indexer_compressor_ape.weight", (2 * di, 4), C, "attn.idx.comp.ape"),
+            TensorSpec(b + "indexer_compressor_norm.weight", (di,), N, "attn.idx.comp.norm"),
         ]
     if il >= p.n_layer:  # an MTP layer
         out += [
@@ -112,17 +115,22 @@ def optional_nextn_tensors(p: DSV4Params, il: int) -> list[TensorSpec]:
     ]
 
 
+def global_tensors(p: DSV4Params) -> list[TensorSpec]:
+    """The tensors outside the layers: embedding, output head and norm, the final hyper-connection collapse."""
+    D, V = p.n_embd, p.n_vocab
+    return [
+        TensorSpec("token_embd.weight", (D, V), Role.EMBED, "tok_embd"),
+        TensorSpec("output_norm.weight", (D,), Role.NORM, "out_norm"),
+        TensorSpec("output.weight", (D, V), Role.OUTPUT, "output"),
+        TensorSpec("output_hc_fn.weight", (p.hc_mult * D, p.hc_mult), Role.HC, "hc_fn"),
+        TensorSpec("output_hc_base.weight", (p.hc_mult,), Role.NORM, "hc_base"),
+        TensorSpec("output_hc_scale.weight", (1,), Role.NORM, "hc_scale"),
+    ]
+
+
 def model_tensors(p: DSV4Params) -> list[TensorSpec]:
     """Every tensor a file with these parameters must hold, in the order our writer stores them."""
-    D, V = p.n_embd, p.n_vocab
-    out = [
-        TensorSpec("token_embd.weight", (D, V), Role.EMBED),
-        TensorSpec("output_norm.weight", (D,), Role.NORM),
-        TensorSpec("output.weight", (D, V), Role.OUTPUT),
-        TensorSpec("output_hc_fn.weight", (p.hc_mult * D, p.hc_mult), Role.HC),
-        TensorSpec("output_hc_base.weight", (p.hc_mult,), Role.NORM),
-        TensorSpec("output_hc_scale.weight", (1,), Role.NORM),
-    ]
+    out = global_tensors(p)
     for il in range(p.block_count):
         out += layer_tensors(p, il)
     return out
