@@ -57,6 +57,11 @@ def _fill(batch: Any, tokens: list[int], first_pos: int, all_logits: bool, seq: 
     batch.n_tokens = len(tokens)
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
 def _logits(ctx: int, rows: int, n_vocab: int) -> np.ndarray:
     return np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(rows, n_vocab)).copy()
 
@@ -283,6 +288,13 @@ def test_bad_arguments_are_errors_not_crashes(model: int, tmp_path: Any) -> None
         L.llama_batch_init(8, 4, 1)
     with pytest.raises(ValueError, match="would take"):
         L.llama_batch_init(2**31 - 1, 0, 2**31 - 1)
+    # guidance asks for n_seq_max = n_ctx: room for 2^20 sequences per token is address space, not memory
+    rss = _rss()
+    big = L.llama_batch_init(512, 0, 1 << 20)
+    for i in range(512):
+        big.seq_id[i][0] = 0
+    assert _rss() - rss < 64 << 20
+    L.llama_batch_free(big)
     with pytest.raises(ValueError, match=r"n_seq_max=4.*one sequence"):
         p = L.llama_context_default_params()
         p.n_seq_max = 4

@@ -66,6 +66,13 @@ def writable(buf: Any, length: int, itemsize: int, what: str) -> tuple[int, Any]
     return ctypes.addressof(arr), arr
 
 
+def check_writable(buf: Any, length: int, itemsize: int, what: str) -> None:
+    """Check a buffer before the work whose result goes into it (with length 0 nothing is written: any buffer,
+    NULL included, is fine)."""
+    if length > 0:
+        writable(buf, length, itemsize, what)
+
+
 def write_bytes(buf: Any, length: int, data: bytes, what: str) -> None:
     """Copy `data` (at most `length` bytes, checked by the caller) into `buf`."""
     if data:

@@ -420,6 +420,7 @@ def llama_tokenize(
     or minus the count needed when n_tokens_max is too small (nothing written)."""
     tok = _vocab(vocab)._require_vocab()
     n_max = _limit(n_tokens_max, "n_tokens_max")
+    cbuffers.check_writable(tokens, n_max, 4, "tokens")
     data = cbuffers.read_bytes(text, text_len, "text")
     ids = tok.tokenize(data, add_bos=bool(add_special), special=bool(parse_special))
     if len(ids) > n_max:
@@ -433,6 +434,7 @@ def llama_token_to_piece(vocab: int, token: int, buf: Any, length: int, lstrip: 
     skipped. Returns the byte count, or minus it when `length` is too small (nothing written)."""
     llm = _vocab(vocab)
     length = _limit(length, "length")
+    cbuffers.check_writable(buf, length, 1, "buf")
     piece = llm._require_vocab().piece(_token(llm, token), special=bool(special))
     strip = _limit(lstrip, "lstrip")
     while strip > 0 and piece[:1] == b" ":
@@ -456,6 +458,7 @@ def llama_detokenize(
     small (nothing written). remove_special drops a leading BOS / trailing EOS the vocabulary adds."""
     llm = _vocab(vocab)
     n_max = _limit(text_len_max, "text_len_max")
+    cbuffers.check_writable(text, n_max, 1, "text")
     ids = check_token_ids(cbuffers.read_int32(tokens, n_tokens, "tokens"), llm.n_vocab())
     v = llm._vocab
     if remove_special and ids and v.add_bos and ids[0] == v.bos_id:
