@@ -434,3 +434,31 @@ def test_internals_flow(real_vocab_path: str) -> None:
     assert context.ctx is None and model.model is None
     sampler.close()
     batch.close()
+
+
+def test_integer_kinds_and_context_extras(model: int) -> None:
+    """ctypes and numpy integers where ints go (ctypes accepts them upstream), embeddings NULL as for a context
+    without them, the engine's compute time in llama_perf_context."""
+    vocab = L.llama_model_get_vocab(model)
+    ids = np.zeros(64, np.int32)
+    n = L.llama_tokenize(vocab, TEXT, ctypes.c_int(len(TEXT)), ids, np.int64(64), False, False)
+    assert list(ids[:n]) == _tokens(vocab)
+    with pytest.raises(TypeError, match="n_tokens_max must be an integer"):
+        L.llama_tokenize(vocab, TEXT, len(TEXT), ids, 64.0, False, False)
+    ctx = _context(model)
+    try:
+        assert L.llama_decode(ctx, L.llama_batch_get_one(ids[:n].tolist(), np.int32(n))) == 0
+        assert L.llama_get_embeddings(ctx) is None
+        with pytest.raises(ValueError, match=r"Llama\.embed"):
+            L.llama_set_embeddings(ctx, True)
+        assert L.llama_perf_context(ctx).t_eval_ms > 0
+        L.llama_perf_context_reset(ctx)
+        assert L.llama_perf_context(ctx).t_eval_ms == 0
+        L.llama_synchronize(ctx)
+        mem = L.llama_get_memory(ctx)
+        assert L.llama_memory_seq_rm(mem, np.int32(0), ctypes.c_int(2), -1)
+        assert L.llama_memory_seq_pos_max(mem, 0) == 1
+        with pytest.raises(ValueError, match="decoder-only"):
+            L.llama_encode(ctx, L.llama_batch_get_one(ids[:1].tolist(), 1))
+    finally:
+        L.llama_free(ctx)

@@ -9,8 +9,21 @@ overrun llama.cpp would make; a raw pointer or address carries no size, and its 
 from __future__ import annotations
 
 import ctypes
+import operator
 from collections.abc import Sequence
 from typing import Any
+
+
+def as_int(n: Any, what: str) -> int:
+    """An integer argument: an int, a numpy integer or a ctypes integer (c_int, ...), as ctypes accepts them."""
+    if isinstance(n, ctypes._SimpleCData):  # type: ignore[attr-defined]
+        n = n.value
+    if isinstance(n, bool) or n is None:
+        raise TypeError(f"{what} must be an integer, got {type(n).__name__}")
+    try:
+        return operator.index(n)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {type(n).__name__}") from None
 
 
 def _address_of_pointer(buf: Any, what: str) -> int:
@@ -27,7 +40,8 @@ def _elem_size(buf: Any) -> int | None:
 
 def writable(buf: Any, length: int, itemsize: int, what: str) -> tuple[int, Any]:
     """(address, keep-alive object) of a buffer that may receive `length` items of `itemsize` bytes."""
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+    length = as_int(length, f"the length of {what}")
+    if length < 0:
         raise ValueError(f"the length of {what} must be a non-negative integer, got {length!r}")
     if isinstance(buf, int) and not isinstance(buf, bool):
         if buf <= 0:
@@ -90,7 +104,8 @@ def write_int32(buf: Any, length: int, values: Sequence[int], what: str) -> None
 
 
 def _check_count(n: Any, what: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    n = as_int(n, what)
+    if n < 0:
         raise ValueError(f"{what} must be a non-negative integer, got {n!r}")
     return n
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from . import lowlevel as ll
-from . import lowlevel_sampler as ls
+from .lowlevel_api import lowlevel_module
 from .lowlevel_types import llama_context_params, llama_model_params
+
+ll = lowlevel_module()
 
 
 class _Closing:
@@ -274,47 +275,47 @@ class LlamaSampler(_Closing):
 
     def __init__(self) -> None:
         super().__init__()
-        self.sampler: int | None = ls.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        self.sampler: int | None = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
 
         def free() -> None:
             if self.sampler is not None:
-                ls.llama_sampler_free(self.sampler)
+                ll.llama_sampler_free(self.sampler)
                 self.sampler = None
 
         self.on_close(free)
 
     def _add(self, smpl: int) -> None:
-        ls.llama_sampler_chain_add(self.sampler, smpl)
+        ll.llama_sampler_chain_add(self.sampler, smpl)
 
     def add_greedy(self) -> None:
-        self._add(ls.llama_sampler_init_greedy())
+        self._add(ll.llama_sampler_init_greedy())
 
     def add_dist(self, seed: int) -> None:
-        self._add(ls.llama_sampler_init_dist(seed))
+        self._add(ll.llama_sampler_init_dist(seed))
 
     def add_top_k(self, k: int) -> None:
-        self._add(ls.llama_sampler_init_top_k(k))
+        self._add(ll.llama_sampler_init_top_k(k))
 
     def add_top_p(self, p: float, min_keep: int = 1) -> None:
-        self._add(ls.llama_sampler_init_top_p(p, min_keep))
+        self._add(ll.llama_sampler_init_top_p(p, min_keep))
 
     def add_min_p(self, p: float, min_keep: int = 1) -> None:
-        self._add(ls.llama_sampler_init_min_p(p, min_keep))
+        self._add(ll.llama_sampler_init_min_p(p, min_keep))
 
     def add_temp(self, temp: float) -> None:
-        self._add(ls.llama_sampler_init_temp(temp))
+        self._add(ll.llama_sampler_init_temp(temp))
 
     def get_seed(self) -> int:
-        return ls.llama_sampler_get_seed(self.sampler)
+        return ll.llama_sampler_get_seed(self.sampler)
 
     def sample(self, ctx: LlamaContext, idx: int = -1) -> int:
-        return ls.llama_sampler_sample(self.sampler, ctx.ctx, idx)
+        return ll.llama_sampler_sample(self.sampler, ctx.ctx, idx)
 
     def accept(self, token: int) -> None:
-        ls.llama_sampler_accept(self.sampler, token)
+        ll.llama_sampler_accept(self.sampler, token)
 
     def reset(self) -> None:
-        ls.llama_sampler_reset(self.sampler)
+        ll.llama_sampler_reset(self.sampler)
 
 
 def normalize_embedding(embedding: Any) -> list[float]:

@@ -13,8 +13,10 @@ import numpy as np
 
 from ..sampling import softmax, top_order
 from . import constants as C
+from .cbuffers import as_int
 from .handles import register, release, resolve
-from .lowlevel import _limit, llama_get_logits_ith
+from .lowlevel import _CTX, _limit, _llama
+from .lowlevel_context import llama_get_logits_ith
 from .lowlevel_types import llama_sampler_chain_params, llama_token_data, llama_token_data_array
 
 _SMPL = ("sampler",)
@@ -193,9 +195,7 @@ def llama_sampler_init_dist(seed: int) -> int:
 
 
 def llama_sampler_init_top_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an integer, got {type(k).__name__}")
-    return _new(_TopK(k))
+    return _new(_TopK(as_int(k, "k")))
 
 
 def _prob(p: Any, name: str) -> float:
@@ -248,9 +248,7 @@ def llama_sampler_sample(smpl: int, ctx: int, idx: int) -> int:
     """Run the sampler on the logits of output `idx` of the context's last decode (-1: the last), accept the token
     it selects and return it."""
     s = _stage(smpl)
-    from .lowlevel import _llama
-
-    n_vocab = _llama(ctx, ("context",)).n_vocab()
+    n_vocab = _llama(ctx, _CTX).n_vocab()
     ptr = llama_get_logits_ith(ctx, idx)
     logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float32)
     c = _Candidates(np.arange(n_vocab, dtype=np.int32), logits)

@@ -165,6 +165,22 @@ class llama_context_params(ctypes.Structure):
     ]
 
 
+class llama_perf_context_data(ctypes.Structure):
+    _fields_ = [
+        ("t_start_ms", ctypes.c_double),
+        ("t_load_ms", ctypes.c_double),
+        ("t_p_eval_ms", ctypes.c_double),
+        ("t_eval_ms", ctypes.c_double),
+        ("n_p_eval", ctypes.c_int32),
+        ("n_eval", ctypes.c_int32),
+        ("n_reused", ctypes.c_int32),
+    ]
+
+
+class llama_perf_sampler_data(ctypes.Structure):
+    _fields_ = [("t_sample_ms", ctypes.c_double), ("n_sample", ctypes.c_int32)]
+
+
 class llama_sampler_chain_params(ctypes.Structure):
     _fields_ = [("no_perf", ctypes.c_bool)]
 
