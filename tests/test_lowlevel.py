@@ -5,6 +5,7 @@ llama_memory_seq_rm, the sampler chain, `llama_cpp._internals`, and the errors w
 from __future__ import annotations
 
 import ctypes
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -195,8 +196,13 @@ def test_llama_ctx_handle_shares_the_sequence(real_vocab_path: str, reference: L
         ctx = llm.ctx
     with pytest.raises(ValueError, match="freed"):
         L.llama_n_ctx(ctx)
-    with Llama(real_vocab_path, vocab_only=True, verbose=False) as voc:
-        assert voc.ctx is None and L.llama_vocab_n_tokens(L.llama_model_get_vocab(voc.model)) == 129280
+    voc = Llama(real_vocab_path, vocab_only=True, verbose=False)
+    assert voc.ctx is None and L.llama_vocab_n_tokens(L.llama_model_get_vocab(voc.model)) == 129280
+    handle = voc.model
+    del voc
+    gc.collect()
+    with pytest.raises(ValueError, match="not a live"):  # a Llama's handles go with it (and do not keep it alive)
+        L.llama_model_n_embd(handle)
 
 
 @pytest.mark.filterwarnings("ignore:n_batch=8")

@@ -50,7 +50,7 @@ class Entry:
         return self._strong if self._weak is None else self._weak()
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a finalizer (_forget) may run in a collection inside a locked block
 _entries: dict[int, Entry] = {}
 _counter = itertools.count(1)
 _of: weakref.WeakKeyDictionary[Any, dict[str, int]] = weakref.WeakKeyDictionary()
