@@ -398,12 +398,20 @@ class Llama:
         return deque(rows.tolist(), maxlen=self._n_ctx if self._logits_all else 1)
 
     @property
-    def ctx(self) -> Any:
-        return self._ctx
+    def ctx(self) -> int | None:
+        """This Llama's context as a low-level `llama_context_p` handle (llama_dsv4.compat.lowlevel: llama_decode,
+        llama_get_logits, llama_get_memory, ...); None with vocab_only."""
+        from .compat.handles import handle_of
+
+        return handle_of(self, "context") if self._ctx is not None and not self._closed else None
 
     @property
-    def model(self) -> Any:
-        return self._model
+    def model(self) -> int | None:
+        """This Llama's model as a low-level `llama_model_p` handle (llama_model_get_vocab, llama_model_n_embd,
+        ...); None once closed."""
+        from .compat.handles import handle_of
+
+        return handle_of(self, "model") if not self._closed else None
 
     @property
     def _n_threads(self) -> int:
@@ -511,17 +519,23 @@ class Llama:
                 )
             self._sync_context()
             for i in range(0, len(tokens), self.n_batch):
-                batch = tokens[i : i + self.n_batch]
-                n_past = self.n_tokens
-                self._governor.before(self.n_threads_batch if len(batch) > 1 else self.n_threads)
-                logits = ctx.eval(np.asarray(batch, np.int64), all_logits=self._logits_all)
-                self._governor.after()
-                self.input_ids[n_past : n_past + len(batch)] = batch
-                if self._logits_all:
-                    self.scores[n_past : n_past + len(batch), :] = logits
-                self._last_logits = logits[-1]
-                self.n_tokens += len(batch)
+                self._append(ctx, tokens[i : i + self.n_batch], self._logits_all)
             self._requires_eval = False
+
+    def _append(self, ctx: Any, batch: list[int], all_logits: bool) -> npt.NDArray[np.single]:
+        """Evaluate `batch` (checked ids, at most n_batch, fitting in n_ctx) after the first n_tokens of a synced
+        context; the caller holds _serial and _engine_lock. Returns the logits of every token (all_logits or
+        logits_all) or of the last one."""
+        n_past = self.n_tokens
+        self._governor.before(self.n_threads_batch if len(batch) > 1 else self.n_threads)
+        logits = ctx.eval(np.asarray(batch, np.int64), all_logits=all_logits or self._logits_all)
+        self._governor.after()
+        self.input_ids[n_past : n_past + len(batch)] = batch
+        if self._logits_all:
+            self.scores[n_past : n_past + len(batch), :] = logits
+        self._last_logits = logits[-1]
+        self.n_tokens += len(batch)
+        return logits
 
     def _logits_at(self, idx: int | None) -> npt.NDArray[np.single]:
         if idx is None or idx == self.n_tokens - 1:

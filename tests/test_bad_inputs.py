@@ -442,7 +442,7 @@ def test_save_state_while_another_thread_evaluates_is_a_snapshot(micro_path: str
                 np.testing.assert_array_equal(s.scores[-1], logits[n])
         for s in states[:: max(len(states) // 100, 1)]:  # and each one loads as what it says it is
             m.load_state(s)
-            assert m.n_tokens == s.n_tokens == m.ctx.n_past
+            assert m.n_tokens == s.n_tokens == m._ctx.n_past
             if s.n_tokens < len(tokens):
                 m.eval([tokens[s.n_tokens]])
                 np.testing.assert_array_equal(m._last_logits, logits[s.n_tokens + 1])
@@ -468,7 +468,7 @@ def test_a_refused_state_leaves_the_context_as_it_was(micro_path: str) -> None:
         ):
             with pytest.raises(ValueError, match=match):
                 a.load_state(broken)
-            assert a.n_tokens == n + 1 and a.ctx.n_past == n + 1  # untouched
+            assert a.n_tokens == n + 1 and a._ctx.n_past == n + 1  # untouched
         with pytest.raises(ValueError, match="not a LlamaState"):
             a.load_state(object())  # type: ignore[arg-type]
         a.eval([4])

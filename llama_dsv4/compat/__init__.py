@@ -35,7 +35,8 @@ def install() -> types.ModuleType:
         return existing
     from .. import cache, grammar, llama, llama_types, sampling, tokenizer
     from ..chat import handlers
-    from . import constants, speculative
+    from . import internals, speculative
+    from .lowlevel_api import lowlevel_module
 
     llama_mod = _module(
         "llama_cpp.llama",
@@ -60,12 +61,12 @@ def install() -> types.ModuleType:
         "llama_cpp.llama_tokenizer": tokenizer,
         "llama_cpp.llama_speculative": speculative,
         "llama_cpp.llama_chat_format": handlers,
-        "llama_cpp.llama_cpp": constants,
-        "llama_cpp._internals": types.ModuleType("llama_cpp._internals"),
+        "llama_cpp.llama_cpp": (low := lowlevel_module()),
+        "llama_cpp._internals": internals,
     }
     root = _module(
         "llama_cpp",
-        constants,
+        low,
         llama_mod,
         __version__=LLAMA_CPP_VERSION,
         __llama_dsv4__=True,

@@ -1,5 +1,5 @@
-"""Constants and helpers of llama-cpp-python's low-level `llama_cpp.llama_cpp` that user code passes to `Llama`
-(same names and values). The ctypes API itself is not provided."""
+"""Constants and helpers of llama-cpp-python's low-level `llama_cpp.llama_cpp` (same names and values); the
+functions over our engine are in lowlevel.py."""
 
 from __future__ import annotations
 
@@ -21,6 +21,21 @@ GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q8_0, GGML_TYPE_Q8_1 = 6, 7, 8, 9
 GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K, GGML_TYPE_Q8_K = 10, 11, 12, 13, 14, 15
 GGML_TYPE_BF16 = 30
 LLAMA_TOKEN_NULL = -1
+LLAMA_VOCAB_TYPE_NONE, LLAMA_VOCAB_TYPE_SPM, LLAMA_VOCAB_TYPE_BPE, LLAMA_VOCAB_TYPE_WPM = 0, 1, 2, 3
+LLAMA_VOCAB_TYPE_UGM, LLAMA_VOCAB_TYPE_RWKV = 4, 5
+LLAMA_ROPE_TYPE_NONE, LLAMA_ROPE_TYPE_NORM, LLAMA_ROPE_TYPE_NEOX = -1, 0, 2
+LLAMA_TOKEN_TYPE_UNDEFINED, LLAMA_TOKEN_TYPE_NORMAL, LLAMA_TOKEN_TYPE_UNKNOWN, LLAMA_TOKEN_TYPE_CONTROL = 0, 1, 2, 3
+LLAMA_TOKEN_TYPE_USER_DEFINED, LLAMA_TOKEN_TYPE_UNUSED, LLAMA_TOKEN_TYPE_BYTE = 4, 5, 6
+LLAMA_TOKEN_ATTR_UNDEFINED, LLAMA_TOKEN_ATTR_UNKNOWN, LLAMA_TOKEN_ATTR_UNUSED = 0, 1 << 0, 1 << 1
+LLAMA_TOKEN_ATTR_NORMAL, LLAMA_TOKEN_ATTR_CONTROL, LLAMA_TOKEN_ATTR_USER_DEFINED = 1 << 2, 1 << 3, 1 << 4
+LLAMA_TOKEN_ATTR_BYTE, LLAMA_TOKEN_ATTR_NORMALIZED, LLAMA_TOKEN_ATTR_LSTRIP = 1 << 5, 1 << 6, 1 << 7
+LLAMA_TOKEN_ATTR_RSTRIP, LLAMA_TOKEN_ATTR_SINGLE_WORD = 1 << 8, 1 << 9
+LLAMA_LOAD_MODE_AUTO, LLAMA_LOAD_MODE_NONE, LLAMA_LOAD_MODE_MMAP, LLAMA_LOAD_MODE_MLOCK = -1, 0, 1, 2
+LLAMA_LOAD_MODE_MMAP_MLOCK, LLAMA_LOAD_MODE_DIRECT_IO = 3, 4
+GGML_NUMA_STRATEGY_DISABLED, GGML_NUMA_STRATEGY_DISTRIBUTE, GGML_NUMA_STRATEGY_ISOLATE = 0, 1, 2
+GGML_NUMA_STRATEGY_NUMACTL, GGML_NUMA_STRATEGY_MIRROR, GGML_NUMA_STRATEGY_COUNT = 3, 4, 5
+GGML_LOG_LEVEL_NONE, GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_INFO, GGML_LOG_LEVEL_WARN = 0, 1, 2, 3
+GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5
 
 
 def llama_supports_mmap() -> bool:
@@ -41,11 +56,3 @@ def llama_max_devices() -> int:
 
 def llama_print_system_info() -> bytes:
     return (" | ".join(f"{d['name']} ({d['type']}): {d['description']}" for d in _ggml.devices())).encode()
-
-
-def llama_log_set(log_callback: object, user_data: object) -> None:
-    """Accepted for compatibility; llama-dsv4 logs through Python's logging."""
-
-
-def llama_backend_init() -> None:
-    """Nothing to do: the backends start with the first model."""
