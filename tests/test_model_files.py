@@ -210,8 +210,9 @@ def test_independent_reader_agrees(tiny_paths: dict[str, str]) -> None:
 def test_the_tensor_table_and_the_engine_name_the_same_destinations() -> None:
     """model/tensors.py gives each tensor the field the engine binds it to (engine/graph.pxd), and engine/memory.py
     each state tensor's field: both sides name the same set, and the layer kinds have the same values."""
-    from llama_dsv4.engine import graph
     from llama_dsv4.engine.context import binding_fields
+
+    from llama_dsv4.engine import graph
     from llama_dsv4.engine.memory import state_tensors
     from llama_dsv4.model.params import LayerKind
     from llama_dsv4.model.tensors import global_tensors, layer_tensors
