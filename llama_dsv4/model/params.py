@@ -128,8 +128,15 @@ class DSV4Params:
         fs = 1.0 / self.rope_scaling_factor
         yarn = self.rope_scaling_type == "yarn"
         attn_factor = 1.0 / (1.0 + 0.1 * math.log(1.0 / fs)) if yarn else 1.0
-        return (self.rope_orig_ctx, self.compress_rope_freq_base, fs, 1.0 if yarn else 0.0, attn_factor,
-                self.yarn_beta_fast, self.yarn_beta_slow)
+        return (
+            self.rope_orig_ctx,
+            self.compress_rope_freq_base,
+            fs,
+            1.0 if yarn else 0.0,
+            attn_factor,
+            self.yarn_beta_fast,
+            self.yarn_beta_slow,
+        )
 
     def is_hash_layer(self, il: int) -> bool:
         return il < self.hash_layer_count
