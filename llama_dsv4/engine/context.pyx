@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, cdivision=True
 """A deepseek4 inference context: backends and scheduler, the per-sequence state (sliding-window ring,
-compressed caches, compressor rows), ubatching and logits out (shared/specs/deepseek4.md §3.9 and §4).
+compressed caches, compressor rows), ubatching and logits out (docs/architecture.md §11).
 
 The context turns a ModelFile into the C structs of engine/graph.pxd once; per ubatch it plans the compressors
 on the host (a few integers), builds the graph in C, fills its inputs from numpy and computes.
@@ -174,7 +174,7 @@ cdef class Context:
             L.ratio = p.ratio(il)
             L.hash = p.is_hash_layer(il)
             L.clamp_exp, L.clamp_sh = p.clamp_exp(il), p.clamp_shexp(il)
-            if L.ratio == 0:  # spec 3.3: one rotary parameter set per layer
+            if L.ratio == 0:  # one rotary parameter set per layer (docs/architecture.md §5.4)
                 L.rope.n_ctx_orig, L.rope.freq_base, L.rope.freq_scale = 0, p.rope_freq_base, 1.0
                 L.rope.ext_factor, L.rope.attn_factor, L.rope.beta_fast, L.rope.beta_slow = 0.0, 1.0, 0.0, 0.0
             else:
