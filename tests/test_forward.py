@@ -267,7 +267,7 @@ def test_live_reference_other_schedule(models: dict[str, str], tmp_path: os.Path
     import subprocess
 
     script = os.environ.get(
-        "DSV4_ORACLE_SCRIPT", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "oracle", "logits.py")
+        "DSV4_ORACLE_SCRIPT", os.path.join(os.path.dirname(__file__), "..", "tools", "oracle", "reference.py")
     )
     toks, _, _ = reference("decisive")
     tok_file, out = os.path.join(tmp_path, "t.npy"), os.path.join(tmp_path, "r.npz")
