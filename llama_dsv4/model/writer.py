@@ -122,7 +122,7 @@ def write_model(
 
     params:      hyperparameters (default: the tiny model of docs/architecture.md §15.1); n_vocab is taken from the
                  vocabulary.
-    dtype:       "f32", "f16" (every >= 2-D tensor F16), "q8xq5" (Q8_0 attention/shared/router/output, Q5_K
+    dtype:       "f32", "f16" (every >= 2-D tensor F16), "q8xq5" (Q8_0 attention, shared expert, router, output, Q5_K
                  routed experts, F16 embeddings/mixers/compressors/indexer, F32 1-D tensors; I32 tid2eid always).
     vocab:       "small" (512-token BPE cut from the real one), "real" (DeepSeek V4, 129280 tokens) or "none"
                  (tokenizer.ggml.model = no_vocab).
