@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_DIRS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache"}
 TEXT_SUFFIXES = (".py", ".pyx", ".pxd", ".c", ".h", ".md", ".jinja", ".sh", ".toml", ".in", ".txt", ".json", ".cfg")
 # what used to point outside the repository: a study and a reference-implementation setup in a sibling directory
-OUTSIDE = re.compile(r"\.\./shared|shared/specs|shared/oracle|\b[Ss]pec (§|\d)|\bdeepseek4\.md")
+# (written with [/] and [ ] so that this file does not match what it looks for)
+OUTSIDE = re.compile(r"\.\./shared\b|\bshared[/](specs|oracle)|\b[Ss]pec[ ](§|\d)|\bdeepseek4\.md")
 
 
 def source_files() -> list[str]:
@@ -42,7 +43,7 @@ def test_nothing_points_outside_the_repository() -> None:
         f"{rel}:{i}: {line.strip()}"
         for rel in files
         for i, line in enumerate(read(rel).splitlines(), 1)
-        if OUTSIDE.search(line) and rel != os.path.join("tests", "test_repository.py")
+        if OUTSIDE.search(line)
     ]
     assert bad == [], "\n".join(bad)
 
