@@ -6,7 +6,7 @@ The table shows the median decode speed (single-token evals after a 32-token pro
 engine's speed with no busy process.
 
     python bench/busy.py --oracle-python PY [--model tiny|medium|PATH] [--busy 0,1,2]
-        [--rounds 3] [-n 128] [--threads N]      (PY: the reference's venv python)
+        [--rounds 3] [-n 128] [--threads N]      (PY: the reference's python, from tools/oracle/setup.sh)
 
 Models as bench/speed.py's ("medium" is written once to ~/.cache/llama-dsv4/bench/). On a CPU with AMX set
 DSV4_ORACLE_NO_REPACK=1 for quantized files (the reference aborts otherwise). Ours: the thread count it used at

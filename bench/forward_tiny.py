@@ -1,9 +1,10 @@
-"""Decode speed of llama-dsv4 next to the reference implementation on the spec's tiny deepseek4 model.
+"""Decode speed of llama-dsv4 next to the reference implementation on the tiny deepseek4 model
+(docs/architecture.md §15.1).
 
-    python bench/forward_tiny.py --oracle-python $(../shared/oracle/setup.sh) [--dtype q8xq5] [--threads 2]
+    python bench/forward_tiny.py --oracle-python $(tools/oracle/setup.sh) [--dtype q8xq5] [--threads 2]
 
 Both engines: the same model file, a prompt of P token ids in one ubatch, then N greedy steps one token at a time
-(the reference in its own process, through ../shared/oracle/logits.py greedy). Prints a table with the median of
+(the reference in its own process, through tools/oracle/reference.py greedy). Prints a table with the median of
 R repetitions, the ratio, and whether both generated the same tokens. A fuller harness is issue 8's.
 """
 
@@ -71,8 +72,8 @@ def reference(oracle: str, script: str, path: str, prompt: list[int], n: int, th
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--oracle-python", help="the reference's python (../shared/oracle/setup.sh prints it)")
-    ap.add_argument("--logits-script", default=os.path.join(HERE, "..", "..", "shared", "oracle", "logits.py"))
+    ap.add_argument("--oracle-python", help="the reference's python (tools/oracle/setup.sh prints it)")
+    ap.add_argument("--logits-script", default=os.path.join(HERE, "..", "tools", "oracle", "reference.py"))
     ap.add_argument("--dtype", default="q8xq5", choices=["f32", "f16", "q8xq5"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-p", "--prompt", type=int, default=64)
@@ -93,8 +94,8 @@ def main() -> None:
             dt = statistics.median(t for t, _ in runs)
             rows.append((name, 1 / dt, dt * 1e3, base / dt))  # 1 / ratio: our speed over this engine's
         print(
-            f"tiny deepseek4 (spec §7.2), {a.dtype}, {a.threads} threads, prompt {a.prompt}, decode {a.n} tokens, "
-            f"median of {a.reps}"
+            f"tiny deepseek4 (docs/architecture.md §15.1), {a.dtype}, {a.threads} threads, prompt {a.prompt}, "
+            f"decode {a.n} tokens, median of {a.reps}"
         )
         print(f"{'engine':24s} {'decode tok/s':>12s} {'ms/token':>9s} {'llama-dsv4 / engine':>20s}")
         for name, tps, ms, ratio in rows:

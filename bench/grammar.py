@@ -6,7 +6,7 @@ For each engine: ms per generated token (time between streamed tokens, so the pr
 grammar, with the JSON GBNF grammar, and the difference (the grammar's overhead per token). For ours also the
 grammar's own time per token, measured inside the sampler.
 
-    python bench/grammar.py [--oracle-python $(../shared/oracle/setup.sh)] [--tokens 64] [--runs 10]
+    python bench/grammar.py [--oracle-python $(tools/oracle/setup.sh)] [--tokens 64] [--runs 10]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Speed side by side with llama.cpp (llama-cpp-python 0.3.36, ../shared/oracle) on the same GGUF, in one run.
+"""Speed side by side with llama.cpp (llama-cpp-python 0.3.36, tools/oracle/) on the same GGUF, in one run.
 
 Both engines run the same llama-cpp-python API code (ours as a drop-in), each in its own process, alternating,
 R rounds; the table shows medians and ours/reference ratios:
@@ -12,11 +12,12 @@ For ours also: share of decode wall time outside ggml's graph compute and graph 
 The decode ceiling is the bytes of weights a token reads (attention, shared expert, router, head, and
 n_expert_used of the routed experts per layer) over this machine's memory bandwidth (numpy copy of 512 MiB).
 
-    python bench/speed.py --oracle-python $(../shared/oracle/setup.sh) [--model tiny|medium|PATH] [--threads 2]
+    python bench/speed.py --oracle-python $(tools/oracle/setup.sh) [--model tiny|medium|PATH] [--threads 2]
         [--depths 0,1024,8192] [--rounds 3]
 
-Models: "tiny" (spec §7.2, q8xq5, real vocabulary) and "medium" (written once to ~/.cache/llama-dsv4/bench/:
-8 layers of every kind, n_embd 1024, 128 experts top-6, q8xq5, 1.06 GiB), or any deepseek4 GGUF.
+Models: "tiny" (docs/architecture.md §15.1, q8xq5, real vocabulary) and "medium" (written once to
+~/.cache/llama-dsv4/bench/: 8 layers of every kind, n_embd 1024, 128 experts top-6, q8xq5, 1.06 GiB), or any
+deepseek4 GGUF.
 """
 
 from __future__ import annotations

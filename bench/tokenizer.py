@@ -1,7 +1,7 @@
 """Tokenizer throughput (MB of text per second) of llama-dsv4 next to llama-cpp-python on the real DeepSeek V4
 vocabulary, on the tokenizer test corpus repeated to ~4 MB.
 
-    python bench/tokenizer.py [--oracle-python $(../shared/oracle/setup.sh)]
+    python bench/tokenizer.py [--oracle-python $(tools/oracle/setup.sh)]
 """
 
 from __future__ import annotations

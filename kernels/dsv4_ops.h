@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-/* The rotary parameter set of one layer (deepseek4.md 3.3). */
+/* The rotary parameter set of one layer (docs/architecture.md §5.4). */
 struct dsv4_rope_params {
     int   n_ctx_orig;
     float freq_base;

@@ -1,9 +1,9 @@
 """DeepSeek V4's byte-level BPE tokenizer, built from a GGUF vocabulary, with llama.cpp's semantics.
 
 Encoding runs on HF `tokenizers` (Rust): the GGUF's tokens and merges as a BPE model, the `deepseek-v3` /
-`joyai-llm` pre-tokenizer (three regexes applied in sequence, spec §5.1) and GPT-2's byte-level alphabet.
-Special tokens behave as in llama.cpp: user-defined tokens (e.g. `<think>`) are always matched in the text,
-control tokens (e.g. `<｜User｜>`) only when `special=True`. Decoding is a table lookup per token.
+`joyai-llm` pre-tokenizer (three regexes applied in sequence, docs/architecture.md §14.1) and GPT-2's byte-level
+alphabet. Special tokens behave as in llama.cpp: user-defined tokens (e.g. `<think>`) are always matched in the
+text, control tokens (e.g. `<｜User｜>`) only when `special=True`. Decoding is a table lookup per token.
 
 Long texts are encoded in pieces of about `CHUNK_CHARS` characters, cut only where no token and no pre-token can
 cross (after a letter, before white space or punctuation, not inside an added token: `_CUT`), so the ids are those
@@ -26,7 +26,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from .model.vocab import CONTROL, NORMAL, USER_DEFINED, Vocab, bytes_to_unicode
 
-# the three splits of llama.cpp's deepseek-v3 pre-tokenizer, applied in sequence (spec §5.1)
+# the three splits of llama.cpp's deepseek-v3 pre-tokenizer, applied in sequence (docs/architecture.md §14.1)
 _SPLITS = (
     r"\p{N}{1,3}",
     r"[一-龥぀-ゟ゠-ヿ]+",

@@ -10,8 +10,8 @@ import pytest
 from llama_dsv4.model.params import DSV4Params
 from llama_dsv4.model.writer import write_model
 
-# A model smaller than the spec's tiny one (every layer kind, hash and biased routing, G = 2), for tests that
-# only need a valid file quickly.
+# A model smaller than the tiny one of docs/architecture.md §15.1 (every layer kind, hash and biased routing,
+# G = 2), for tests that only need a valid file quickly.
 MICRO = DSV4Params(
     n_embd=64,
     n_head=2,
@@ -51,7 +51,7 @@ def micro_path(model_dir: str) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_paths(model_dir: str) -> dict[str, str]:
-    """The spec §7.2 tiny model in each dtype variant, small vocabulary."""
+    """The tiny model (docs/architecture.md §15.1) in each dtype variant, small vocabulary."""
     return {dt: write_model(os.path.join(model_dir, f"tiny-{dt}.gguf"), dtype=dt)[0] for dt in ("f32", "f16", "q8xq5")}
 
 

@@ -1,6 +1,6 @@
-"""The models the forward-pass tests compare against the reference (shared/specs/deepseek4.md §7, issue 3).
+"""The models the forward-pass tests compare against the reference (docs/architecture.md §15.4, issue 3).
 
-A random-weight MoE is chaotic where a top-k choice is a near-tie, so besides the §7.2 random model the
+A random-weight MoE is chaotic where a top-k choice is a near-tie, so besides the random tiny model the
 comparisons use models whose choices have margins: "continuous" (every expert used, the indexer keeps every
 block) and "decisive" (router bias N(0, 2) over a router scaled by 0.3; with and without indexer pruning).
 All have no tokenizer and 64 token ids, so reference logits stay small enough to commit.
@@ -14,7 +14,7 @@ from llama_dsv4.model.params import DSV4Params
 from llama_dsv4.model.writer import Init
 
 N_VOCAB = 64
-TINY = DSV4Params(n_vocab=N_VOCAB)  # spec §7.2 (top_k 4, window 16, 8 experts top-2)
+TINY = DSV4Params(n_vocab=N_VOCAB)  # architecture §15.1 (top_k 4, window 16, 8 experts top-2)
 DECISIVE_INIT = Init(router_scale=0.3, bias_std=2.0)
 # a second, differently shaped model: other head count, expert count, window, top-k, layer order, clamps
 SECOND = DSV4Params(

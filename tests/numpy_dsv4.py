@@ -1,5 +1,5 @@
-"""A plain numpy (float64) DeepSeek V4 forward pass, one token at a time, written from shared/specs/deepseek4.md
-§3 as directly as possible. It is slow and independent of ggml: tests use it to check the engine's graph, and it
+"""A plain numpy (float64) DeepSeek V4 forward pass, one token at a time, written from docs/architecture.md
+§5-10 as directly as possible. It is slow and independent of ggml: tests use it to check the engine's graph, and it
 was checked against the reference implementation once (see tests/data/README.md)."""
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class NumpyDSV4:
         c.trace = [] if self.trace is not None else None
         return c
 
-    # ---- hyper-connections (spec 3.4-3.6)
+    # ---- hyper-connections (docs/architecture.md §7)
     def hc_pre(self, S: np.ndarray, pre: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p, w = self.p, self.w
         z = rms(S.reshape(-1), p.norm_eps)
@@ -173,7 +173,7 @@ class NumpyDSV4:
     def hc_post(f: np.ndarray, res: np.ndarray, post: np.ndarray, C: np.ndarray) -> np.ndarray:
         return post[:, None] * f[None, :] + C.T @ res
 
-    # ---- compressors (spec 3.7.3)
+    # ---- compressors (docs/architecture.md §8.3)
     def entry(self, il: int, b: int, R: int, overlap: bool, idx: int, width: int, norm: str) -> np.ndarray:
         rows = self.rows[il]
         kv = np.array([rows[t][idx] for t in range(b * R, b * R + R)])
@@ -191,7 +191,7 @@ class NumpyDSV4:
         e = rms((wts * kv).sum(axis=0), self.p.norm_eps) * self.w[norm]
         return rope_tail(e, b * R, self.p.rope_dim, **rope_params(self.p, il))
 
-    # ---- attention (spec 3.7)
+    # ---- attention (docs/architecture.md §8)
     def attention(self, il: int, x: np.ndarray, pos: int) -> np.ndarray:
         p, w, b = self.p, self.w, f"blk.{il}."
         rp = rope_params(p, il)
@@ -248,7 +248,7 @@ class NumpyDSV4:
         a = np.concatenate([o_a[g * Ro : (g + 1) * Ro] @ o.reshape(G, -1)[g] for g in range(G)])
         return w[b + "attn_output_b.weight"] @ a
 
-    # ---- mixture of experts (spec 3.8)
+    # ---- mixture of experts (docs/architecture.md §9)
     def moe(self, il: int, x: np.ndarray, tok: int) -> np.ndarray:
         p, w, b = self.p, self.w, f"blk.{il}."
         prob = np.sqrt(softplus(w[b + "ffn_gate_inp.weight"] @ x))

@@ -1,4 +1,4 @@
-"""The DeepSeek V4 chat template our writer embeds renders the encoding of shared/specs/deepseek4.md §5.3, and the
+"""The DeepSeek V4 chat template our writer embeds renders the encoding of docs/architecture.md §14.3, and the
 same prompts as llama.cpp's DeepSeek V4 template (read from llama-cpp-python's sdist, tests/llama_cpp_sdist.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Our kernels (kernels/dsv4_ops.c) against numpy implementations of shared/specs/deepseek4.md §3.2."""
+"""Our kernels (kernels/dsv4_ops.c) against numpy implementations of docs/architecture.md §5 and §9.4."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def np_rope(
 ) -> np.ndarray:
     """RoPE (NORMAL mode, YaRN) on the last n_rot dims of each head: x [T, H, d], pos [T].
 
-    Angles follow spec §3.2 step by step in float32 as ggml does (theta multiplied by theta_scale per pair), so
-    the comparison is tight at any position; rotation and mixing are then done in float64.
+    Angles follow docs/architecture.md §5.2 step by step in float32 as ggml does (theta multiplied by theta_scale
+    per pair), so the comparison is tight at any position; rotation and mixing are then done in float64.
     """
     f = np.float32
     out = x.astype(np.float64).copy()
@@ -69,7 +69,7 @@ def np_rope(
     return out
 
 
-# the two per-layer parameter sets of spec §3.3, at the tiny model's sizes
+# the two per-layer parameter sets of docs/architecture.md §5.4, at the tiny model's sizes
 RATIO0 = dict(base=10000.0, fs=1.0, ef=0.0, af=1.0, n_orig=0, bf=0.0, bs=0.0)
 COMPRESSED = dict(base=160000.0, fs=1 / 16, ef=1.0, af=1 / (1 + 0.1 * math.log(16)), n_orig=65536, bf=32.0, bs=1.0)
 

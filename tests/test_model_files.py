@@ -23,8 +23,8 @@ TYPE_ERROR = {GGMLType.F32: 0.0, GGMLType.F16: 1e-3, GGMLType.Q8_0: 1 / 127, GGM
 def test_variant_reads_back(tiny_paths: dict[str, str], dtype: str) -> None:
     with load_model(tiny_paths[dtype]) as m:
         p = m.params
-        assert p == DSV4Params(n_vocab=512)  # the spec §7.2 tiny model
-        assert len(m.tensors) == 178  # spec §7.3
+        assert p == DSV4Params(n_vocab=512)  # the tiny model, docs/architecture.md §15.1
+        assert len(m.tensors) == 178  # docs/architecture.md §15.2
         w = m.weights()
         assert w.zero_copy and len(w) == 178
         for spec in model_tensors(p):

@@ -1,6 +1,6 @@
-"""MoE expert residency (docs/moe-residency.md; the measurable properties of shared/specs/moe-expert-residency.md
-§11): exact counting, the auto rule and the budget, the statistics file (round trip, rejection, atomicity, merge,
-EST1), residency seen by the kernel, back-off, and logits that never change."""
+"""MoE expert residency (docs/moe-residency.md, "What the tests check"): exact counting, the auto rule and the
+budget, the statistics file (round trip, rejection, atomicity, merge, EST1), residency seen by the kernel, back-off,
+and logits that never change."""
 
 from __future__ import annotations
 

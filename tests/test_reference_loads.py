@@ -1,4 +1,4 @@
-"""The reference implementation (llama.cpp via llama-cpp-python 0.3.36, see ../shared/oracle) loads and runs every
+"""The reference implementation (llama.cpp via llama-cpp-python 0.3.36, tools/oracle/) loads and runs every
 variant our writer makes. Runs only where DSV4_ORACLE_PYTHON points at the oracle's python (it is a separate
 process: both ship libggml of different versions); the variants checked are recorded in tests/data/README.md."""
 
@@ -17,7 +17,7 @@ from llama_dsv4.model.writer import write_model
 
 ORACLE = os.environ.get("DSV4_ORACLE_PYTHON")
 LOGITS_PY = os.environ.get(
-    "DSV4_ORACLE_SCRIPT", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "oracle", "logits.py")
+    "DSV4_ORACLE_SCRIPT", os.path.join(os.path.dirname(__file__), "..", "tools", "oracle", "reference.py")
 )
 
 VARIANTS: dict[str, dict] = {

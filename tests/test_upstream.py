@@ -1,4 +1,4 @@
-"""llama-cpp-python 0.3.36's own tests that need no specific model (shared/specs/llama-cpp-python-api.md §6),
+"""llama-cpp-python 0.3.36's own tests that need no specific model (docs/llama-cpp-python-api.md §3),
 run unchanged through the `llama_cpp` alias.
 
 The tests are not copied into this repository: they are read from llama-cpp-python's sdist (tests/llama_cpp_sdist.py:

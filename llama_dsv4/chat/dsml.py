@@ -1,4 +1,4 @@
-"""DeepSeek V4's DSML tool-call markup (shared/specs/deepseek4.md §5.3): parsing it out of model text, and the
+"""DeepSeek V4's DSML tool-call markup (docs/architecture.md §14.4): parsing it out of model text, and the
 grammar that makes constrained decoding produce it.
 
     <｜DSML｜tool_calls>

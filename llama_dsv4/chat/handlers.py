@@ -3,10 +3,10 @@ shape the answer: reasoning, content and tool calls, whole or streamed.
 
 Resolution as llama-cpp-python: `chat_handler` first, then `chat_format` ("chat_template.default" and
 "chat_template.<name>" are the GGUF's own templates, "deepseek-v4" ours); by default the GGUF's template, else
-ours. Templates render in the sandbox of chat/template.py. Beyond llama-cpp-python (spec §3.6): tool calls are
-parsed out of the model's DSML markup for tool_choice auto/required/named, a required or named choice and
-`response_format` constrain decoding (llguidance), the thinking text is returned as `reasoning_content`, and
-thinking mode, effort and other template variables are reachable as keyword arguments.
+ours. Templates render in the sandbox of chat/template.py. Beyond llama-cpp-python (docs/llama-cpp-python-api.md
+§2): tool calls are parsed out of the model's DSML markup for tool_choice auto/required/named, a required or named
+choice and `response_format` constrain decoding (llguidance), the thinking text is returned as
+`reasoning_content`, and thinking mode, effort and other template variables are reachable as keyword arguments.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, cdivision=True
 """A deepseek4 inference context: backends and scheduler, the per-sequence state (sliding-window ring,
-compressed caches, compressor rows), ubatching and logits out (shared/specs/deepseek4.md §3.9 and §4).
+compressed caches, compressor rows), ubatching and logits out (docs/architecture.md §11).
 
 The context turns a ModelFile into the C structs of engine/graph.pxd once; per ubatch it plans the compressors
 on the host (a few integers), builds the graph in C, fills its inputs from numpy and computes.

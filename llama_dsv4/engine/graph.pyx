@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The DeepSeek V4 graph for one ubatch of one sequence (shared/specs/deepseek4.md §3), block by block.
+"""The DeepSeek V4 graph for one ubatch of one sequence (docs/architecture.md §6-10), block by block.
 
 Graph building only: the context fills the structs (weights, state tensors, the ubatch plan) and the inputs.
 Cache and state writes are expanded into the graph as soon as they are built, so they run before the nodes that
@@ -57,7 +57,7 @@ cdef T * mm(C * ctx, const Hparams * hp, T * w, T * x, T ** prep) noexcept nogil
 
 
 cdef T * hc_post(C * ctx, const Hparams * hp, T * x, T * res, T * post, T * comb) noexcept nogil:
-    """Spec 3.4's post mix: ggml's op, or on the CPU our kernel (kernels/dsv4_hc.c, several times faster)."""
+    """The post mix (docs/architecture.md §7.2): ggml's op, or on the CPU our kernel (kernels/dsv4_hc.c, several times faster)."""
     cdef T * out = dsv4_hc_post_cpu(ctx, x, res, post, comb) if hp.cpu_only else NULL
     return out if out != NULL else g.ggml_dsv4_hc_post(ctx, x, res, post, comb)
 
@@ -71,7 +71,7 @@ cdef inline T * rows(C * ctx, T * t, int64_t n, int64_t first) noexcept nogil:
 
 cdef T * hc_pre(C * ctx, const Hparams * hp, const HcW * W, T * S, T ** post, T ** comb, int il) noexcept nogil:
     """Mix the HC streams S [D, hc, n] into one [D, n]; also the post weights [hc, n] and the Sinkhorn-normalised
-    combination [hc(dst), hc(src), n] that hc_post needs (spec 3.4)."""
+    combination [hc(dst), hc(src), n] that hc_post needs (docs/architecture.md §7.1)."""
     cdef int64_t n = S.ne[2], hc = hp.hc
     cdef T * mix = g.ggml_mul_mat(ctx, W.fn, g.ggml_rms_norm(ctx, g.ggml_reshape_2d(ctx, S, hc * hp.n_embd, n), hp.eps))
     named(mix, "hc_mixes", il)
@@ -87,7 +87,7 @@ cdef T * hc_pre(C * ctx, const Hparams * hp, const HcW * W, T * S, T ** post, T 
 
 
 cdef T * hc_head(C * ctx, const Hparams * hp, const GlobalW * gw, T * S) noexcept nogil:
-    """The final collapse of the streams (spec 3.6)."""
+    """The final collapse of the streams (docs/architecture.md §7.3)."""
     cdef T * mix = g.ggml_mul_mat(ctx, gw.hc_fn, g.ggml_rms_norm(
         ctx, g.ggml_reshape_2d(ctx, S, hp.hc * hp.n_embd, S.ne[2]), hp.eps))
     cdef T * pre = g.ggml_add(ctx, g.ggml_mul(ctx, mix, g.ggml_view_1d(ctx, gw.hc_scale, 1, 0)), gw.hc_base)
@@ -100,7 +100,7 @@ cdef T * hc_head(C * ctx, const Hparams * hp, const GlobalW * gw, T * S) noexcep
 cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPlan * cp, const CompInputs * ci,
                    const CompressorW * W, const CompressorState * st, T * cache, T * x, int width,
                    const dsv4_rope_params * rope) noexcept nogil:
-    """Feed this ubatch's rows to a compressor (spec 3.7.3): pool every block that completes into a cache entry
+    """Feed this ubatch's rows to a compressor (docs/architecture.md §8.3, §11.2): pool every block that completes into a cache entry
     (normed, roped at the block start) and keep the rows that later blocks still need in the state."""
     cdef T * ckv = g.ggml_mul_mat(ctx, W.kv, x)
     cdef T * csc = g.ggml_add(ctx, g.ggml_mul_mat(ctx, W.gate, x), g.ggml_get_rows(ctx, W.ape, ci.ape))
@@ -143,7 +143,7 @@ cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPl
 
 cdef T * indexer_top(C * ctx, const Hparams * hp, const AttnW * A, const LayerState * st, const CompPlan * cp,
                      Inputs * inp, T * x, T * qr) noexcept nogil:
-    """The lightning indexer (spec 3.7.6): for each token, the indices [kk, n] of the top-k visible CSA entries
+    """The lightning indexer (docs/architecture.md §8.6): for each token, the indices [kk, n] of the top-k visible CSA entries
     by indexer score (k = min(top_k, entries visible to the ubatch's last token))."""
     cdef int64_t n = x.ne[1], nv = cp.n_vis, di = hp.idx_dim, Hi = hp.idx_heads
     cdef T * iq = g.ggml_reshape_3d(ctx, g.ggml_mul_mat(ctx, A.idx.q_b, qr), di, Hi, n)
@@ -165,7 +165,7 @@ cdef T * selection_mask(C * ctx, T * top, Inputs * inp, int64_t nv) noexcept nog
 
 cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW * A, const LayerState * st,
                    const UBatch * ub, Inputs * inp, T * x, int il) noexcept nogil:
-    """Spec 3.7: q low-rank path, the single latent K=V, the compressed keys, attention with sinks over the
+    """docs/architecture.md §8: q low-rank path, the single latent K=V, the compressed keys, attention with sinks over the
     sliding window and the visible compressed entries, de-rope, grouped output projection."""
     cdef int64_t n = x.ne[1], d = hp.head_dim, H = hp.n_head, G = hp.o_groups
     cdef T * px = NULL
@@ -242,7 +242,7 @@ cdef T * mm_id(C * ctx, const Hparams * hp, T * w, T * x, T * sel, T ** prep) no
 
 cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, const UBatch * ub, Inputs * inp,
              T * f, int il) noexcept nogil:
-    """Spec 3.8: sqrt-softplus scores, biased top-k (or the token's hash row), normalised and scaled weights,
+    """docs/architecture.md §9: sqrt-softplus scores, biased top-k (or the token's hash row), normalised and scaled weights,
     clamped SwiGLU experts, plus the shared expert."""
     cdef int64_t n = f.ne[1], k = hp.n_used, D = hp.n_embd, i
     cdef T * pf = NULL
@@ -285,7 +285,7 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, co
 
 cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const GlobalW * gw, const LayerW * lw,
                      const LayerState * st, const UBatch * ub, Inputs * inp) noexcept nogil:
-    """Spec 3.1 for one ubatch; returns the logits [n_vocab, n_out] of its last n_out tokens."""
+    """docs/architecture.md §6 for one ubatch; returns the logits [n_vocab, n_out] of its last n_out tokens."""
     cdef int64_t n = ub.n, D = hp.n_embd, hc = hp.hc
     cdef int il
     cdef bint has[N_COMP]

@@ -1,4 +1,4 @@
-"""The per-sequence state of a deepseek4 context: every tensor, its type and shape (shared/specs/deepseek4.md §4).
+"""The per-sequence state of a deepseek4 context: every tensor, its type and shape (docs/architecture.md §11).
 
 The context allocates exactly this list, so the figures below are what a context really takes.
 """

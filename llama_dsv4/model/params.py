@@ -1,7 +1,7 @@
 """Every deepseek4 hyperparameter, parsed once from GGUF metadata into one frozen, validated object.
 
 The key table below is the single place that knows GGUF key names and types: the loader parses with it and the
-writer emits with it (shared/specs/deepseek4.md §1). Defaults are the tiny test model of spec §7.2.
+writer emits with it (docs/architecture.md §3). Defaults are the tiny test model (§15.1 there).
 """
 
 from __future__ import annotations

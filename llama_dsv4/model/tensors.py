@@ -1,4 +1,4 @@
-"""The exact tensor set of a deepseek4 model (shared/specs/deepseek4.md §2), derived from its parameters.
+"""The exact tensor set of a deepseek4 model (docs/architecture.md §4), derived from its parameters.
 
 Used by the loader (to validate a file) and by the writer (to produce one). Shapes are in ggml order.
 """
@@ -104,7 +104,7 @@ def layer_tensors(p: DSV4Params, il: int) -> list[TensorSpec]:
     return out
 
 
-# optional MTP tensors that fall back to the main model's (spec §2.4)
+# optional MTP tensors that fall back to the main model's (docs/architecture.md §4.4)
 def optional_nextn_tensors(p: DSV4Params, il: int) -> list[TensorSpec]:
     D, V = p.n_embd, p.n_vocab
     b = f"blk.{il}.nextn."

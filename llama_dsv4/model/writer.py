@@ -1,7 +1,7 @@
 """The deepseek4 model writer: random-weight GGUF files of any size, for tests, benchmarks and the demo model.
 
-Files follow shared/specs/deepseek4.md §1-2 (keys and tensors, via params.py and tensors.py) and §7 (the tiny
-model's parameters are DSV4Params' defaults, the initialisation is §7.4). Each tensor's values depend only on
+Files follow docs/architecture.md §3-4 (keys and tensors, via params.py and tensors.py) and §15 (the tiny
+model's parameters are DSV4Params' defaults, the initialisation is §15.3). Each tensor's values depend only on
 (seed, tensor name), so single and split files, and files of different dtypes, hold the same weights.
 """
 
@@ -28,7 +28,7 @@ _FILE_TYPE = {"f32": 0, "f16": 1, "q8xq5": 7}  # llama.cpp's general.file_type (
 
 @dataclass(frozen=True)
 class Init:
-    """Scales of the random initialisation (defaults: spec §7.4, O(1) activations everywhere)."""
+    """Scales of the random initialisation (defaults: docs/architecture.md §15.3, O(1) activations everywhere)."""
 
     router_scale: float = 1.0  # multiplies the router weights (0.3 with a wide bias makes top-k decisive)
     bias_std: float = 0.3  # std of exp_probs_b, the selection-only router bias
@@ -120,8 +120,9 @@ def write_model(
 ) -> list[str]:
     """Write a random-weight deepseek4 GGUF and return its path(s).
 
-    params:      hyperparameters (default: the tiny model of spec §7.2); n_vocab is taken from the vocabulary.
-    dtype:       "f32", "f16" (every >= 2-D tensor F16), "q8xq5" (Q8_0 attention/shared/router/output, Q5_K
+    params:      hyperparameters (default: the tiny model of docs/architecture.md §15.1); n_vocab is taken from the
+                 vocabulary.
+    dtype:       "f32", "f16" (every >= 2-D tensor F16), "q8xq5" (Q8_0 attention, shared expert, router, output, Q5_K
                  routed experts, F16 embeddings/mixers/compressors/indexer, F32 1-D tensors; I32 tid2eid always).
     vocab:       "small" (512-token BPE cut from the real one), "real" (DeepSeek V4, 129280 tokens) or "none"
                  (tokenizer.ggml.model = no_vocab).
