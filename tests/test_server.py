@@ -314,6 +314,38 @@ def test_tools_and_structured_output(client: Any) -> None:
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
+def test_structured_output_ends_through_the_server(client: Any) -> None:
+    """Issue 14 item 5: a schema as pydantic writes it (no additionalProperties, numbers without bounds) ends on the
+    random model: no undeclared keys, at most 16 digits per number part (chat/json_limits.py)."""
+    item = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}}, "required": ["n"]}
+    schema = {
+        "$defs": {"Item": item},
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "count": {"type": "integer"},
+            "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}},
+            "best": {"anyOf": [{"$ref": "#/$defs/Item"}, {"type": "null"}]},
+        },
+        "required": ["name", "count", "items"],
+    }
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model=ALIAS,
+            messages=[{"role": "user", "content": "Answer in JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
+        )
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        answer = json.loads(r.choices[0].message.content)
+        jsonschema.validate(answer, schema)
+        assert set(answer) <= set(schema["properties"])
+        for it in [*answer["items"], answer.get("best") or {}]:
+            assert set(it) <= {"n", "x"}
+
+
 def test_errors_through_the_openai_client(server: Server, client: Any) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "x"}], temperature=-1)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .grammar_bounds import MAX_DEPTH, MAX_SCHEMA_CHARS, GrammarError, check_gbnf, check_json_schema, clean_message
+from .json_limits import NumberDigits, digit_table, is_json_grammar, with_limits
 
 if TYPE_CHECKING:
     from ..llama import Llama
@@ -138,11 +139,13 @@ def parse_json_schema(schema: Any) -> dict[str, Any]:
 
 
 def from_json_schema(schema: Any) -> str:
-    """Output that validates against a JSON schema (an object or its JSON text), bounded and compiled."""
+    """Output that validates against a JSON schema (an object or its JSON text), bounded and compiled, with
+    llama.cpp's choices that make it end (json_limits: no undeclared keys, llama.cpp's whitespace; the digits
+    of numbers are bounded when decoding)."""
     llg = _llg()
-    schema = parse_json_schema(schema)
+    schema = with_limits(parse_json_schema(schema))
     try:
-        g = on_large_stack(llg.LLMatcher.grammar_from_json_schema, schema, defaults={"whitespace_flexible": False})
+        g = on_large_stack(llg.LLMatcher.grammar_from_json_schema, schema)
     except ValueError as e:
         raise GrammarError(f"invalid JSON schema: {clean_message(str(e))}") from None
     return check(g)
@@ -153,21 +156,25 @@ def from_lark(lark: str) -> str:
 
 
 class GrammarState:
-    """One generation's grammar: masks logits, follows sampled tokens."""
+    """One generation's grammar: masks logits, follows sampled tokens. A JSON schema's grammar also keeps the
+    digits of its numbers within json_limits.MAX_NUMBER_DIGITS per part."""
 
     def __init__(self, tok: DSV4Tokenizer, grammar: str) -> None:
         llg = _llg()
         self.matcher = on_large_stack(llg.LLMatcher, llg_tokenizer(tok), grammar, log_level=0)
         if self.matcher.is_error():
             raise GrammarError(f"invalid grammar: {clean_message(self.matcher.get_error())}")
+        self.tok = tok
         self.n_vocab = tok.n_tokens
         self.eos = tok.vocab.eos_id
         self._mask = np.zeros((self.n_vocab + 31) // 32, np.int32)
+        self.numbers = NumberDigits(digit_table(tok)) if is_json_grammar(grammar) else None
 
     def allowed(self) -> np.ndarray:
-        """Boolean [n_vocab]: the tokens the grammar allows next."""
+        """Boolean [n_vocab]: the tokens the grammar allows next (and json_limits' digit bound, for JSON)."""
         self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
-        return np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
+        ok = np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
+        return ok if self.numbers is None else self.numbers.restrict(ok)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         if self.matcher.is_error():
@@ -185,6 +192,8 @@ class GrammarState:
             raise GrammarError(
                 f"token {token} was not allowed by the grammar: {clean_message(self.matcher.get_error())}"
             )
+        if self.numbers is not None:
+            self.numbers.advance(self.tok.piece(int(token)))
 
     def done(self) -> bool:
         return self.matcher.is_stopped() or self.matcher.is_accepting()

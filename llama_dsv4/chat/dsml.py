@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from .grammar_bounds import MAX_SCHEMA_CHARS, GrammarError, check_json_schema
+from .json_limits import with_limits
 
 DSML = "｜DSML｜"
 CALLS_OPEN = f"<{DSML}tool_calls>"
@@ -77,7 +78,7 @@ def _param_rule(name: str, schema: dict[str, Any], defs: dict[str, Any] | None, 
     budget[0] -= check_json_schema(sub, f"the schema of parameter {name!r}")  # what llguidance compiles: bounded
     if budget[0] < 0:
         raise GrammarError(f"the tools' parameter schemas come to more than {MAX_SCHEMA_CHARS} characters")
-    return f"{as_json} %json{json.dumps(sub, ensure_ascii=False)} {close}"
+    return f"{as_json} %json{json.dumps(with_limits(sub), ensure_ascii=False)} {close}"
 
 
 def tools_grammar(tools: list[dict[str, Any]], only: str | None = None) -> str:

@@ -127,12 +127,10 @@ def _pointer(doc: Any, pointer: str) -> Any:
     return node
 
 
-def check_json_schema(schema: Any, what: str = "the JSON schema") -> int:
-    """Refuse a schema beyond the module's bounds (GrammarError); returns its size (JSON characters, about)."""
-    if isinstance(schema, bool):
-        return 5
-    if not isinstance(schema, dict):
-        raise GrammarError(f"{what} must be an object")
+def resolve_refs(schema: dict[str, Any], what: str = "the JSON schema") -> tuple[int, dict[int, Any]]:
+    """The schema's size (JSON characters, about) and the subschema each `$ref` names: `id(the dict holding the
+    $ref)` -> that subschema (a dict or a bool). Raises GrammarError when the schema is larger than
+    MAX_SCHEMA_CHARS, nests deeper than MAX_DEPTH as plain JSON, or a $ref names nothing in it."""
     # 1. the whole document: size and plain nesting (bounded before anything else, so a cyclic Python structure
     # ends too), the resources ($id) and anchors, and every $ref with the base URI it is resolved against
     resources: dict[str, Any] = {"": schema}
@@ -170,7 +168,6 @@ def check_json_schema(schema: Any, what: str = "the JSON schema") -> int:
         if size > MAX_SCHEMA_CHARS:
             raise GrammarError(f"{what} is larger than {MAX_SCHEMA_CHARS} characters")
     # 2. every $ref resolved to the subschema it names
-    targets: dict[int, Any] = {id(schema): schema}
     ref_of: dict[int, Any] = {}
     for holder, ref, base in refs:
         uri, _, fragment = ref.partition("#")
@@ -186,8 +183,18 @@ def check_json_schema(schema: Any, what: str = "the JSON schema") -> int:
         if not isinstance(target, (dict, bool)):
             raise GrammarError(f"{what}: $ref {ref[:100]!r} does not name a subschema of this schema")
         ref_of[id(holder)] = target
-        if isinstance(target, dict):
-            targets[id(target)] = target
+    return size, ref_of
+
+
+def check_json_schema(schema: Any, what: str = "the JSON schema") -> int:
+    """Refuse a schema beyond the module's bounds (GrammarError); returns its size (JSON characters, about)."""
+    if isinstance(schema, bool):
+        return 5
+    if not isinstance(schema, dict):
+        raise GrammarError(f"{what} must be an object")
+    size, ref_of = resolve_refs(schema, what)
+    targets: dict[int, Any] = {id(schema): schema}
+    targets.update((id(t), t) for t in ref_of.values() if isinstance(t, dict))
     # 3. each referenced subschema's own nesting (not into $defs, nor into other referenced subschemas: those are
     # edges), then the longest path through them
     local: dict[Hashable, int] = {}
