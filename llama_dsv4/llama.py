@@ -979,6 +979,7 @@ class Llama:
         return handlers.create_chat_completion(self, messages, **kwargs)
 
     def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any) -> Any:
+        """create_chat_completion returning the OpenAI SDK's ChatCompletion (or ChatCompletionChunk iterator)."""
         from .chat import handlers
 
         return handlers.create_chat_completion_openai_v1(self, *args, **kwargs)

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import pytest
 from llama_cpp_sdist import cache_dir, skip_if_unreachable
@@ -37,21 +38,30 @@ def _pip(args: list[str], what: str, timeout: float = 1200) -> None:
         pytest.fail(f"pip failed for {what}: {said[-3000:]}")
 
 
-def site_dir(*requirements: str) -> str:
+def site_dir(*requirements: str, no_deps: Sequence[str] = ()) -> str:
     """A directory holding `requirements` (exact pins, e.g. "instructor==1.7.2") and whatever of their dependencies
-    the test environment lacks; installed on first use, reused afterwards."""
-    assert requirements and all("==" in r for r in requirements), f"pin every requirement: {requirements}"
-    key = hashlib.sha256(json.dumps([_SCHEMA, sys.version_info[:2], sorted(requirements)]).encode()).hexdigest()
+    the test environment lacks; installed on first use, reused afterwards.
+
+    `no_deps` are pinned requirements installed without their dependencies: an integration whose requirement on
+    llama-cpp-python the `llama_cpp` alias stands in for (name the dependencies it does need in `requirements`)."""
+    pins = [*requirements, *no_deps]
+    assert pins and all("==" in r for r in pins), f"pin every requirement: {pins}"
+    key_parts: list[object] = [_SCHEMA, sys.version_info[:2], sorted(requirements)]
+    if no_deps:  # the key of a directory without them is unchanged
+        key_parts.append(sorted(no_deps))
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()
     target = os.path.join(cache_dir(), "pypi-" + key[:16])
     if os.path.exists(os.path.join(target, ".complete")):
         return target
-    what = " ".join(sorted(requirements))
+    what = " ".join(sorted(pins))
     os.makedirs(cache_dir(), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".install-", dir=cache_dir()) as scratch:
-        report = os.path.join(scratch, "report.json")
-        _pip(["install", "--dry-run", "--quiet", "--report", report, *requirements], what)
-        with open(report) as f:
-            wanted = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.load(f)["install"]]
+        wanted = list(no_deps)
+        if requirements:
+            report = os.path.join(scratch, "report.json")
+            _pip(["install", "--dry-run", "--quiet", "--report", report, *requirements], what)
+            with open(report) as f:
+                wanted += [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.load(f)["install"]]
         staging = os.path.join(scratch, "site")
         os.makedirs(staging)
         if wanted:

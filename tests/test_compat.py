@@ -1,5 +1,5 @@
-"""The opt-in `llama_cpp` alias, and LangChain's and LlamaIndex's llama.cpp integrations running on it unchanged
-against a tiny model."""
+"""The opt-in `llama_cpp` alias, and LangChain's llama.cpp integrations running on it unchanged against a tiny model
+(LlamaIndex's, Haystack's, instructor and the other libraries: tests/test_libraries.py)."""
 
 from __future__ import annotations
 
@@ -85,20 +85,10 @@ def test_langchain_chatllamacpp(alias: object, real_vocab_path: str) -> None:
     assert [r.content for r in chat.batch([msgs, msgs])] == [reply.content, reply.content]
 
 
-def test_llamaindex_llamacpp(alias: object, real_vocab_path: str) -> None:
-    pytest.importorskip("llama_index.core")
-    pytest.importorskip("llama_index.llms.llama_cpp")
-    from llama_index.llms.llama_cpp import LlamaCPP
+def test_image_chat_handlers_import_and_say_why_they_cannot_apply(alias: object) -> None:
+    from llama_cpp import llama_chat_format
+    from llama_cpp.llama_chat_format import Llava15ChatHandler  # Haystack's chat generator imports it
 
-    llm = LlamaCPP(
-        model_path=real_vocab_path,
-        temperature=0.0,
-        max_new_tokens=6,
-        context_window=512,
-        model_kwargs={"n_ctx": 512},
-        verbose=False,
-    )
-    assert llm.metadata.context_window == 512
-    done = llm.complete("Hello")
-    assert isinstance(done.text, str)
-    assert "".join(r.delta for r in llm.stream_complete("Hello")) == done.text
+    assert llama_chat_format.Llava15ChatHandler is Llava15ChatHandler
+    with pytest.raises(ValueError, match="text-only"):
+        Llava15ChatHandler(clip_model_path="mmproj.gguf")

@@ -34,6 +34,17 @@ class LlamaChatCompletionHandlerNotFoundException(Exception):
     pass
 
 
+class Llava15ChatHandler:
+    """llama-cpp-python's image chat handler (a CLIP projector feeding a vision-language model): importable, as
+    integrations import it, but it cannot apply: DeepSeek V4 reads text only, so making one raises ValueError."""
+
+    def __init__(self, clip_model_path: str, verbose: bool = True) -> None:
+        raise ValueError(
+            f"{type(self).__name__} ({clip_model_path!r}) cannot apply: DeepSeek V4 is a text-only model with no "
+            "image encoder; send text messages"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- requests
 
 
@@ -466,6 +477,8 @@ def create_chat_completion(
 
 
 def create_chat_completion_openai_v1(llama: Llama, *args: Any, **kwargs: Any) -> Any:
+    """`create_chat_completion` answered as the OpenAI SDK's objects (a `ChatCompletion`, or an iterator of
+    `ChatCompletionChunk` when streaming), as llama-cpp-python's: what instructor patches."""
     try:
         from openai.types.chat import ChatCompletion, ChatCompletionChunk
     except ImportError as e:
