@@ -34,8 +34,7 @@ def install() -> types.ModuleType:
     if existing is not None and getattr(existing, "__llama_dsv4__", False):
         return existing
     from .. import cache, grammar, llama, llama_types, sampling, tokenizer
-    from ..chat import handlers
-    from . import constants, speculative
+    from . import chat_format, constants, speculative
 
     llama_mod = _module(
         "llama_cpp.llama",
@@ -59,7 +58,7 @@ def install() -> types.ModuleType:
         "llama_cpp.llama_cache": cache,
         "llama_cpp.llama_tokenizer": tokenizer,
         "llama_cpp.llama_speculative": speculative,
-        "llama_cpp.llama_chat_format": handlers,
+        "llama_cpp.llama_chat_format": chat_format,
         "llama_cpp.llama_cpp": constants,
         "llama_cpp._internals": types.ModuleType("llama_cpp._internals"),
     }
