@@ -216,6 +216,12 @@ def test_chatml_function_calling(llm: Llama, monkeypatch: pytest.MonkeyPatch) ->
     history.append({"role": "tool", "content": "done"})
     text = chatml_tools.render(history, [UNIT_TOOL])
     assert 'functions.set_unit:\n{"unit": "c"}<|im_end|>\n<|im_start|>tool\ndone<|im_end|>\n' in text
+    nameless = [*messages, {"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]
+    with pytest.raises(ValueError, match="no function name"):
+        llm.create_chat_completion(nameless, tools=[UNIT_TOOL], tool_choice="auto")
+    bad_tool = {"type": "function", "function": {"name": "a:b"}}
+    with pytest.raises(ValueError, match="invalid tool name 'a:b'"):
+        llm.create_chat_completion(messages, tools=[bad_tool], tool_choice="auto")
     assert chatml_tools.parse_calls(
         'functions.set_unit:\n{"unit":"c"}\nfunctions.set_unit:\n{"un', {"set_unit": {}}
     ) == [("set_unit", '{"unit":"c"}')]

@@ -51,8 +51,10 @@ def _tools_text(tools: list[dict[str, Any]]) -> str:
 def _calls_text(calls: list[dict[str, Any]]) -> str:
     out = []
     for c in calls:
-        args = c["function"].get("arguments")
-        out.append(f"functions.{c['function']['name']}:\n{args if isinstance(args, str) else json.dumps(args)}")
+        name, args = c["function"].get("name"), c["function"].get("arguments")
+        if not isinstance(name, str):
+            raise ValueError(f"a tool call of an assistant message has no function name: {c!r:.100}")
+        out.append(f"functions.{name}:\n{args if isinstance(args, str) else json.dumps(args)}")
     return "".join(out)
 
 
