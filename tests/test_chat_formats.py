@@ -299,11 +299,12 @@ def test_jinja2_chat_formatter_with_a_custom_template(llm: Llama) -> None:
         f(messages=HI * 4)
     with pytest.raises(TemplateError, match="does not compile"):
         lcf.Jinja2ChatFormatter("{{ broken", eos_token="", bos_token="")
-    slow = lcf.Jinja2ChatFormatter("{% for i in range(10**9) %}x{% endfor %}", eos_token="", bos_token="")
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+    slow = lcf.Jinja2ChatFormatter(loops, eos_token="", bos_token="")
     t0 = time.perf_counter()
-    with pytest.raises(TemplateError):  # the sandbox's bounds hold for user formatters too
+    with pytest.raises(TemplateError, match="more than 1048576 steps"):  # the sandbox's bounds hold here too
         slow(messages=HI)
-    assert time.perf_counter() - t0 < 15
+    assert time.perf_counter() - t0 < 15  # 0.4 s on the 2-core machine
     llm.chat_format, llm.chat_handler = "chatml", f.to_chat_handler()
     try:
         out = llm.create_chat_completion(HI, logits_processor=say(llm, "fine</e>x"), style="x", max_tokens=10)
