@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from . import completion as _completion
 from .cache import BaseLlamaCache, longest_token_prefix
+from .chat.registry import ChatFormatRegistry, LlamaChatCompletionHandlerRegistry
 from .engine import runtime
 from .engine.cpus import fit_count, usable_cpus
 from .grammar import LlamaGrammar
@@ -235,7 +236,8 @@ class Llama:
         self.draft_model = draft_model
         self.chat_format = chat_format
         self.chat_handler = chat_handler
-        self._chat_handlers: dict[str, Any] = {}
+        # the model's own chat templates over the process-wide named formats (llama_dsv4.chat.registry)
+        self.chat_formats = ChatFormatRegistry(parent=LlamaChatCompletionHandlerRegistry())
         self._is_recurrent = False
         self._is_hybrid = False
         type_k_name = _CACHE_TYPE_NAMES.get(type_k, "f16") if type_k is not None else "f16"

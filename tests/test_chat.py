@@ -15,8 +15,8 @@ import pytest
 from conftest import MICRO, NESTED_IFS_TEMPLATE
 
 from llama_dsv4 import Llama, LlamaGrammar, LogitsProcessorList
-from llama_dsv4.chat import handlers
 from llama_dsv4.chat.parser import OutputParser, parse
+from llama_dsv4.chat.registry import LlamaChatCompletionHandlerNotFoundException
 from llama_dsv4.model.writer import write_model
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -510,9 +510,9 @@ def test_handler_resolution(llm: Llama, real_vocab_path: str) -> None:
         "top_logprobs",
     ):
         assert key in seen
-    assert llm.chat_format == "chat_template.default" and "deepseek-v4" in llm._chat_handlers
-    wrong = Llama(real_vocab_path, n_ctx=64, verbose=False, n_threads=1, n_threads_batch=1, chat_format="llama-2")
-    with pytest.raises(handlers.LlamaChatCompletionHandlerNotFoundException):
+    assert llm.chat_format == "chat_template.default" and "deepseek-v4" in llm.chat_formats
+    wrong = Llama(real_vocab_path, n_ctx=64, verbose=False, n_threads=1, n_threads_batch=1, chat_format="llama-9")
+    with pytest.raises(LlamaChatCompletionHandlerNotFoundException, match="Invalid chat handler: llama-9"):
         wrong.create_chat_completion([{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="unknown role"):
         llm.create_chat_completion([{"role": "wizard", "content": "x"}])

@@ -1034,11 +1034,13 @@ def test_a_model_whose_template_cannot_be_used_still_serves(hostile_template_pat
 
 def test_chat_template_flag() -> None:
     from llama_dsv4.chat import handlers
+    from llama_dsv4.chat.registry import ChatFormatRegistry, LlamaChatCompletionHandlerRegistry
     from llama_dsv4.server.slots import apply_chat_template
 
     class Stub:
         def __init__(self) -> None:
-            self._chat_handlers = {"chat_template.default": None, "deepseek-v4": None}
+            self.chat_formats = ChatFormatRegistry(parent=LlamaChatCompletionHandlerRegistry())
+            self.chat_formats.register_chat_completion_handler("chat_template.default", lambda **kw: None)
             self.chat_format = "chat_template.default"
 
     def applied(value: str) -> Stub:
@@ -1049,8 +1051,10 @@ def test_chat_template_flag() -> None:
     assert applied("deepseek-v4").chat_format == "deepseek-v4"
     assert applied("deepseek3").chat_format == "deepseek-v4"  # llama-server's built-in names for DeepSeek
     inline = applied("{% for m in messages %}{{ m.content }}{% endfor %}")
-    assert inline.chat_format == "chat_template.cli" and inline._chat_handlers["chat_template.cli"].name
-    with pytest.raises(ValueError, match="not a template of this model"):
-        applied("chatml")
+    inline_handler = inline.chat_formats.get_chat_completion_handler_by_name("chat_template.cli")
+    assert inline.chat_format == "chat_template.cli" and inline_handler.name == "chat_template.cli"
+    assert applied("chatml").chat_format == "chatml"  # a named format (llama-server's built-in name too)
+    with pytest.raises(ValueError, match="not a template of this model nor a named chat format"):
+        applied("no-such-format")
     with pytest.raises(ValueError, match="does not compile"):
         applied("{{ broken")

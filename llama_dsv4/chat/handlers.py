@@ -1,12 +1,14 @@
 """`create_chat_completion`: resolve the chat format, render the prompt, complete (constrained where asked), and
 shape the answer: reasoning, content and tool calls, whole or streamed.
 
-Resolution as llama-cpp-python: `chat_handler` first, then `chat_format` ("chat_template.default" and
-"chat_template.<name>" are the GGUF's own templates, "deepseek-v4" ours); by default the GGUF's template, else
-ours. Templates render in the sandbox of chat/template.py. Beyond llama-cpp-python (docs/llama-cpp-python-api.md
-§2): tool calls are parsed out of the model's DSML markup for tool_choice auto/required/named, a required or named
-choice and `response_format` constrain decoding (llguidance), the thinking text is returned as
-`reasoning_content`, and thinking mode, effort and other template variables are reachable as keyword arguments.
+Resolution as llama-cpp-python: `chat_handler` first, then `chat_format`, looked up in `Llama.chat_formats`
+(chat/registry.py: "chat_template.default" and "chat_template.<name>" are the GGUF's own templates) and then in the
+process-wide registry ("deepseek-v4" ours, llama-cpp-python's named formats of chat/formats.py, and what user code
+registers); by default the GGUF's template, else ours. Templates render in the sandbox of chat/template.py.
+Beyond llama-cpp-python (docs/llama-cpp-python-api.md §2): tool calls are parsed out of the model's DSML markup for tool_choice
+auto/required/named, a required or named choice and `response_format` constrain decoding (llguidance), the
+thinking text is returned as `reasoning_content`, and thinking mode, effort and other template variables are
+reachable as keyword arguments.
 """
 
 from __future__ import annotations
@@ -18,31 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..completion import text_tokens
 from ..grammar import LlamaGrammar
-from ..model.writer import default_chat_template
 from ..tokenizer import LlamaTokenizer
 from . import constrained, dsml
 from . import template as tmpl
 from .parser import OutputParser
+from .registry import ChatFormatRegistry
 
 if TYPE_CHECKING:
     from ..llama import Llama
 
 ROLES = ("system", "user", "assistant", "tool", "developer", "function")
-
-
-class LlamaChatCompletionHandlerNotFoundException(Exception):
-    pass
-
-
-class Llava15ChatHandler:
-    """llama-cpp-python's image chat handler (a CLIP projector feeding a vision-language model): importable, as
-    integrations import it, but it cannot apply: DeepSeek V4 reads text only, so making one raises ValueError."""
-
-    def __init__(self, clip_model_path: str, verbose: bool = True) -> None:
-        raise ValueError(
-            f"{type(self).__name__} ({clip_model_path!r}) cannot apply: DeepSeek V4 is a text-only model with no "
-            "image encoder; send text messages"
-        )
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -217,11 +204,7 @@ class TemplateChatHandler:
         thinking = bool(variables.get("thinking", variables.get("enable_thinking", False)))
         if source is not None and thinking:  # constrained output starts right away: no thinking block
             variables["thinking"] = variables["enable_thinking"] = thinking = False
-        prompt = self.render(llama, messages, variables)
-        if isinstance(llama.tokenizer_, LlamaTokenizer):  # refused early if it cannot fit the context
-            tokens = text_tokens(llama, prompt, special=True)
-        else:  # the tokenizer the caller gave the Llama
-            tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        tokens = prompt_tokens(llama, self.render(llama, messages, variables))
         n_logprobs = (top_logprobs or 0) if logprobs else None
         result = llama.create_completion(
             prompt=tokens, stream=stream, grammar=source, logprobs=n_logprobs, **completion
@@ -233,6 +216,16 @@ class TemplateChatHandler:
         if stream:
             return _stream(llama, result, thinking, parse_tools, raw, named, single)
         return _response(llama, result, thinking, parse_tools, raw, named, single)
+
+
+def prompt_tokens(llama: Llama, prompt: str, add_bos: bool = False) -> list[int]:
+    """The tokens of a rendered chat prompt (special tokens parsed), with the BOS first where `add_bos` and the
+    vocabulary asks for one; a prompt that cannot fit the context is refused before it is tokenized whole."""
+    if not isinstance(llama.tokenizer_, LlamaTokenizer):  # the tokenizer the caller gave the Llama
+        return llama.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+    v = llama._require_vocab().vocab
+    head = [v.bos_id] if add_bos and v.add_bos and v.bos_id is not None else []
+    return [*head, *text_tokens(llama, prompt, special=True, n_other=len(head))]
 
 
 def _call_objects(calls: list[tuple[str, dict[str, Any]]], completion_id: str) -> list[dict[str, Any]]:
@@ -352,15 +345,14 @@ def _stream(
 
 
 def install(llama: Llama, chat_format: str | None, chat_handler: Any) -> None:
-    """Register the model's chat templates on `llama` and pick the default chat format."""
-    handlers: dict[str, Any] = {}
+    """Register the model's chat templates in `llama.chat_formats` and pick the default chat format."""
+    formats: ChatFormatRegistry = llama.chat_formats
     model_template = llama._model.chat_template
     choose = chat_format is None and chat_handler is None
     if model_template:  # compiled now only where it may become the default; a file's template that cannot be
         try:  # used (too large, too deep, broken) leaves ours as the default
-            handlers["chat_template.default"] = TemplateChatHandler(
-                model_template, "chat_template.default", compile_now=choose
-            )
+            default = TemplateChatHandler(model_template, "chat_template.default", compile_now=choose)
+            formats.register_chat_completion_handler("chat_template.default", default)
         except tmpl.TemplateError as e:
             warnings.warn(
                 f"{llama.model_path}: {e}; using llama-dsv4's DeepSeek V4 template", RuntimeWarning, stacklevel=4
@@ -368,30 +360,26 @@ def install(llama: Llama, chat_format: str | None, chat_handler: Any) -> None:
     for key, value in llama._model.metadata.items():  # named extra templates: compiled when first used
         if key.startswith("tokenizer.chat_template.") and isinstance(value, str):
             name = "chat_template." + key[len("tokenizer.chat_template.") :]
-            handlers[name] = TemplateChatHandler(value, name, compile_now=False)
-    handlers["deepseek-v4"] = TemplateChatHandler(default_chat_template(), "deepseek-v4")
-    llama._chat_handlers = handlers
-    if chat_format is None and chat_handler is None:
-        llama.chat_format = "chat_template.default" if "chat_template.default" in handlers else "deepseek-v4"
+            formats.register_chat_completion_handler(
+                name, TemplateChatHandler(value, name, compile_now=False), overwrite=True
+            )
+    if choose:  # "deepseek-v4": ours, registered process-wide (chat/formats.py)
+        llama.chat_format = "chat_template.default" if "chat_template.default" in formats else "deepseek-v4"
 
 
 def template_from_file(llama: Llama, path: str) -> None:
     """Use a Jinja template file (llama-server's --chat-template-file) as this Llama's chat format."""
     with open(path, encoding="utf-8") as f:
         source = f.read(tmpl.MAX_SOURCE + 1)  # one more than allowed: compile_template refuses it
-    llama._chat_handlers["chat_template.file"] = TemplateChatHandler(source, "chat_template.file")
+    handler = TemplateChatHandler(source, "chat_template.file")
+    llama.chat_formats.register_chat_completion_handler("chat_template.file", handler, overwrite=True)
     llama.chat_format = "chat_template.file"
 
 
 def _resolve(llama: Llama) -> Callable[..., Any]:
     if llama.chat_handler is not None:
         return llama.chat_handler
-    handler = llama._chat_handlers.get(llama.chat_format)
-    if handler is None:
-        raise LlamaChatCompletionHandlerNotFoundException(
-            f"Invalid chat handler: {llama.chat_format} (this model offers {sorted(llama._chat_handlers)})"
-        )
-    return handler
+    return llama.chat_formats.get_chat_completion_handler_by_name(llama.chat_format)
 
 
 def create_chat_completion(
@@ -465,8 +453,14 @@ def create_chat_completion(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
-    if not isinstance(handler, TemplateChatHandler):  # a llama-cpp-python style handler: its protocol exactly
-        return handler(**common)
+    if not isinstance(handler, TemplateChatHandler):  # a llama-cpp-python style handler: its protocol exactly,
+        variables = {**(chat_template_kwargs or {}), **template_kwargs}  # and the template variables if it takes them
+        if not variables or not getattr(handler, "takes_template_kwargs", False):
+            return handler(**common)
+        clash = sorted(set(variables) & set(common))
+        if clash:
+            raise ValueError(f"chat_template_kwargs {clash} are request parameters, not template variables")
+        return handler(**common, **variables)
     return handler(
         **common,
         parallel_tool_calls=parallel_tool_calls,

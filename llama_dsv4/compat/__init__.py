@@ -34,8 +34,7 @@ def install() -> types.ModuleType:
     if existing is not None and getattr(existing, "__llama_dsv4__", False):
         return existing
     from .. import cache, grammar, llama, llama_types, sampling, tokenizer
-    from ..chat import handlers
-    from . import internals, speculative
+    from . import chat_format, internals, speculative
     from .lowlevel_api import lowlevel_module
 
     llama_mod = _module(
@@ -60,7 +59,7 @@ def install() -> types.ModuleType:
         "llama_cpp.llama_cache": cache,
         "llama_cpp.llama_tokenizer": tokenizer,
         "llama_cpp.llama_speculative": speculative,
-        "llama_cpp.llama_chat_format": handlers,
+        "llama_cpp.llama_chat_format": chat_format,
         "llama_cpp.llama_cpp": (low := lowlevel_module()),
         "llama_cpp._internals": internals,
     }

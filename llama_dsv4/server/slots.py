@@ -344,15 +344,17 @@ def apply_chat_template(llm: Any, settings: Settings, handlers: Any) -> None:
     if not name:
         return
     aliases = {"deepseek", "deepseek3", "deepseek4", "deepseek-v4", "deepseek_v4"}
-    if name in llm._chat_handlers:
+    if name in llm.chat_formats:  # the model's templates and the named formats
         llm.chat_format = name
     elif name in aliases:
         llm.chat_format = "deepseek-v4"
     elif "{{" in name or "{%" in name:
-        llm._chat_handlers["chat_template.cli"] = handlers.TemplateChatHandler(name, "chat_template.cli")
+        inline = handlers.TemplateChatHandler(name, "chat_template.cli")
+        llm.chat_formats.register_chat_completion_handler("chat_template.cli", inline, overwrite=True)
         llm.chat_format = "chat_template.cli"
     else:
         raise ValueError(
-            f"--chat-template {name!r}: not a template of this model ({', '.join(sorted(llm._chat_handlers))}) "
+            f"--chat-template {name!r}: not a template of this model nor a named chat format "
+            f"({', '.join(llm.chat_formats.names())}) "
             "nor a Jinja template"
         )
