@@ -26,6 +26,7 @@ from .engine import runtime
 from .engine.cpus import fit_count, usable_cpus
 from .grammar import LlamaGrammar
 from .llama_types import CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse
+from .logprobs import log_softmax
 from .model.loader import load_model
 from .moe import ExpertResidency, MoEConfig, lock_all, parse_hot_count
 from .sampling import LogitsProcessorList, Sampler, SamplerParams, StoppingCriteriaList
@@ -985,11 +986,7 @@ class Llama:
     # ---------------------------------------------------------------------------------------------- helpers
     @staticmethod
     def logits_to_logprobs(logits: npt.NDArray[np.single] | list, axis: int = -1) -> npt.NDArray[np.single]:
-        x = np.asarray(logits, dtype=np.single)
-        m = np.max(x, axis=axis, keepdims=True)
-        with np.errstate(invalid="ignore"):
-            s = x - m
-            return s - np.log(np.sum(np.exp(s), axis=axis, keepdims=True))
+        return log_softmax(logits, axis)
 
     @staticmethod
     def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -333,6 +333,60 @@ def test_errors_through_the_openai_client(server: Server, client: Any) -> None:
     assert e.value.status_code == 501 and e.value.body["code"] == "embeddings_not_supported"
 
 
+# ---------------------------------------------------------------------------------------------- logprobs and choices
+
+
+def test_logprobs_without_logits_all(client: Any, word_tokens: dict[str, int]) -> None:
+    """This server runs without --logits-all: generated tokens' logprobs are served, whole and streamed, in the
+    completion and the chat shapes, and they are of the model's own distribution (a logit_bias forcing a word
+    does not change them)."""
+    word, tok = next(iter(word_tokens.items()))
+    bias = {str(tok): 100}
+    r = client.completions.create(model=ALIAS, prompt="Once upon a time,", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == len("Once upon a time,") and lp.text_offset == sorted(lp.text_offset)
+    s = list(
+        client.completions.create(
+            model=ALIAS, prompt="Once upon a time,", max_tokens=4, temperature=0, logprobs=2, stream=True
+        )
+    )
+    assert [v for c in s if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+
+    r = client.completions.create(model=ALIAS, prompt="Hi", max_tokens=3, temperature=0, logprobs=1, logit_bias=bias)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == word * 3 and lp.tokens == [word] * 3
+    assert all(v < max(top.values()) for v, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True))
+
+    c = client.chat.completions.create(
+        model=ALIAS, messages=MESSAGES, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2, logit_bias=bias
+    )
+    content = c.choices[0].logprobs.content
+    assert [e.token for e in content] == [word] * 3 and [bytes(e.bytes).decode() for e in content] == [word] * 3
+    assert all(len(e.top_logprobs) == 2 and e.logprob < e.top_logprobs[0].logprob for e in content)
+    assert all(t.bytes == list(t.token.encode()) for e in content for t in e.top_logprobs if "\ufffd" not in t.token)
+    chunks = list(
+        client.chat.completions.create(
+            model=ALIAS,
+            messages=MESSAGES,
+            max_tokens=3,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            logit_bias=bias,
+            stream=True,
+        )
+    )
+    streamed = [e for ch in chunks if ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+
+    # the prompt's logprobs (echo) need every position's logits: a clear 400 naming the flag
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=ALIAS, prompt="Hi", max_tokens=2, logprobs=1, echo=True)
+    assert "--logits-all" in str(e.value) and e.value.body["param"] == "echo"
+
+
 def test_langchain_chat_openai(server: Server, word_tokens: dict[str, int]) -> None:
     pytest.importorskip("langchain_openai")
     from langchain_openai import ChatOpenAI
@@ -438,7 +492,7 @@ MALFORMED = [
     ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "stop": [1, 2]}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "stream": "yes"}, None),
-    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True}, None),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"abc": 1}}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"99999999": 1}}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, None),
@@ -470,7 +524,8 @@ MALFORMED = [
     ("/v1/completions", {"prompt": {"x": 1}}, None),
     ("/v1/completions", {"prompt": ["a", "b"]}, None),
     ("/v1/completions", {"prompt": [10**9]}, None),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, None),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, None),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, None),
     ("/v1/completions", {"prompt": "x", "suffix": 3}, None),
     ("/v1/completions", {"prompt": "hello " * 2500}, "context_length_exceeded"),
     ("/v1/completions", {"prompt": "hello " * 2500, "stream": True}, "context_length_exceeded"),

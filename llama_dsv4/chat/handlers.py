@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..completion import text_tokens
 from ..grammar import LlamaGrammar
+from ..logprobs import chat_logprobs
 from ..model.writer import default_chat_template
 from ..tokenizer import LlamaTokenizer
 from . import constrained, dsml
@@ -235,24 +236,6 @@ def _call_objects(calls: list[tuple[str, dict[str, Any]]], completion_id: str) -
     ]
 
 
-def _chat_logprobs(llama: Llama, lp: Any) -> Any:
-    if not lp:
-        return None
-    content = []
-    for tok, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
-        if logprob is None:
-            continue
-        content.append(
-            {
-                "token": tok,
-                "bytes": None,
-                "logprob": logprob,
-                "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in (top or {}).items()],
-            }
-        )
-    return {"content": content, "refusal": None}
-
-
 def _response(
     llama: Llama, c: dict[str, Any], thinking: bool, tools: bool, raw: bool, named: bool, single: bool
 ) -> dict[str, Any]:
@@ -281,7 +264,7 @@ def _response(
             {
                 "index": 0,
                 "message": message,
-                "logprobs": _chat_logprobs(llama, choice.get("logprobs")),
+                "logprobs": chat_logprobs(llama, choice.get("logprobs")),
                 "finish_reason": finish,
             }
         ],
@@ -296,8 +279,13 @@ def _stream(
     n_calls = 0
     started = False
     base: dict[str, Any] = {}
+    pending: list[Any] = []  # logprobs of tokens whose text has not reached a chunk yet (the parser holds it)
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        lp = None
+        if pending:  # a chunk carries the logprobs of the tokens generated since the previous chunk
+            lp = {"content": [e for part in pending for e in part["content"]], "refusal": None}
+            pending.clear()
         return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
     def deltas(events: list[tuple[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -329,6 +317,9 @@ def _stream(
             yield chunk({"role": "assistant"})
             started = True
         ch = c["choices"][0]
+        lp = chat_logprobs(llama, ch.get("logprobs"))
+        if lp is not None:
+            pending.append(lp)
         if ch["finish_reason"] is not None:
             cut = ch["finish_reason"] == "length"
             yield from deltas(p.finish(cut=cut))

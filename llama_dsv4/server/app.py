@@ -440,8 +440,6 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     @api.post("/chat/completions")
     async def chat(request: Request) -> Response:
         req, raw = await read_body(request, schemas.ChatRequest)
-        if req.logprobs and not settings.logits_all:
-            raise APIError(400, "logprobs need the server started with --logits-all", param="logprobs")
         tk = {**settings.chat_template_kwargs, **(req.chat_template_kwargs or {})}
         if req.thinking is not None:
             tk["thinking"] = (
@@ -480,8 +478,13 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     @api.post("/completions")
     async def completions(request: Request) -> Response:
         req, _ = await read_body(request, schemas.CompletionRequest)
-        if req.logprobs is not None and not settings.logits_all:
-            raise APIError(400, "logprobs need the server started with --logits-all", param="logprobs")
+        if req.logprobs is not None and req.echo and not settings.logits_all:
+            raise APIError(
+                400,
+                "logprobs with echo include the prompt's tokens, whose log probabilities need the logits of every "
+                "prompt position: start the server with --logits-all (logprobs without echo need nothing more)",
+                param="echo",
+            )
         prompt: Any = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
