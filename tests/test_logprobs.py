@@ -1,4 +1,5 @@
-"""Log probabilities of generated tokens without logits_all (completion and chat shapes, streamed and whole)."""
+"""Log probabilities of generated tokens without logits_all (completion and chat shapes, streamed and whole), and
+several answers to one prompt sharing its evaluation (Llama._choices, what the server's `n` runs on)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from forward_models import GREEDY, SEED
 
 from llama_dsv4 import Llama, LogitsProcessorList
+from llama_dsv4.engine import runtime
 from llama_dsv4.model.writer import write_model
 
 PROMPT = list(range(3, 43))  # 40 token ids of the small vocabulary
@@ -120,3 +122,52 @@ def test_chat_logprobs_shape(chat_llm: Llama) -> None:
     )
     streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
     assert streamed == lp["content"]
+
+
+def test_answers_to_one_prompt_share_its_evaluation(greedy_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside Llama._choices() the prompt is evaluated once: each further answer restarts from the state saved
+    after it, and answers exactly as a fresh Llama does (greedy, and seeded sampling)."""
+    llm = make(greedy_path)
+    counted = {"n": 0}
+
+    class Counting:  # the engine context, counting the positions it evaluates
+        def __init__(self, ctx: Any) -> None:
+            self.__dict__["ctx"] = ctx
+
+        def __getattr__(self, k: str) -> Any:
+            return getattr(self.ctx, k)
+
+        def __setattr__(self, k: str, v: Any) -> None:
+            setattr(self.ctx, k, v)
+
+        def eval(self, toks: Any, **kw: Any) -> Any:
+            counted["n"] += len(toks)
+            return self.ctx.eval(toks, **kw)
+
+    llm._ctx = Counting(llm._ctx)
+    fresh = make(greedy_path)
+    greedy = fresh(PROMPT, max_tokens=5, temperature=0.0)["choices"][0]["text"]
+    sampled = [
+        fresh(PROMPT, max_tokens=5, temperature=1.0, top_k=0, min_p=0.0, seed=s)["choices"][0]["text"] for s in (11, 12)
+    ]
+    with llm._choices():
+        answers = [llm(PROMPT, max_tokens=5, temperature=0.0)["choices"][0]["text"] for _ in range(3)]
+        answers += [
+            llm(PROMPT, max_tokens=5, temperature=1.0, top_k=0, min_p=0.0, seed=s)["choices"][0]["text"]
+            for s in (11, 12)
+        ]
+    assert answers == [greedy] * 3 + sampled and sampled[0] != sampled[1]
+    assert counted["n"] == len(PROMPT) + 5 * 4  # the prompt once, then 4 positions per answer
+    counted["n"] = 0
+    for _ in range(2):  # outside: each answer evaluates the prompt again
+        llm(PROMPT, max_tokens=5, temperature=0.0)
+    assert counted["n"] == 2 * (len(PROMPT) + 4)
+    assert llm._fork is None
+
+    # a saved state must take at most a quarter of the available memory: else each answer evaluates the prompt
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: 1000)
+    counted["n"] = 0
+    with llm._choices():
+        assert llm._fork is None
+        assert [llm(PROMPT, max_tokens=5, temperature=0.0)["choices"][0]["text"] for _ in range(2)] == [greedy] * 2
+    assert counted["n"] == 2 * (len(PROMPT) + 4)
