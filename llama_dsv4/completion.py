@@ -110,6 +110,19 @@ def _prompt_tokens(llama: Llama, prompt: str | list[int], suffix: str | None) ->
     return [pre, *p_ids, suf, *s_ids, mid]
 
 
+def prompt_tokens_of(llama: Llama, prompt: str | list[int], suffix: str | None = None) -> list[int]:
+    """The tokens a completion of `prompt` evaluates; the context error if they do not fit (room for one more), a
+    ValueError for a token id outside the vocabulary."""
+    prompt_tokens = _prompt_tokens(llama, prompt, suffix)
+    n_ctx = llama.n_ctx()
+    if len(prompt_tokens) >= n_ctx:
+        raise context_exceeded(len(prompt_tokens), n_ctx)
+    bad = [t for t in prompt_tokens if not 0 <= t < llama.n_vocab()]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {llama.n_vocab()})")
+    return prompt_tokens
+
+
 def create_completion(llama: Llama, prompt: str | list[int], **kw: Any) -> Iterator[Any]:
     """Yield the response (stream=False: one item) or its chunks (stream=True), holding the Llama exclusively."""
     return llama._relay(_create_completion(llama, prompt, **kw))
@@ -166,13 +179,8 @@ def _create_completion(
     completion_id = f"cmpl-{uuid.uuid4()}"
     created = int(time.time())
     model_name = model if model is not None else llama.model_path
-    prompt_tokens = _prompt_tokens(llama, prompt, suffix)
+    prompt_tokens = prompt_tokens_of(llama, prompt, suffix)
     n_ctx = llama.n_ctx()
-    if len(prompt_tokens) >= n_ctx:
-        raise context_exceeded(len(prompt_tokens), n_ctx)
-    bad = [t for t in prompt_tokens if not 0 <= t < llama.n_vocab()]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {llama.n_vocab()})")
     if max_tokens is None or max_tokens <= 0:
         max_tokens = n_ctx - len(prompt_tokens)
     max_tokens = min(int(max_tokens), n_ctx - len(prompt_tokens))
