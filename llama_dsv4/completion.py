@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import longest_token_prefix
+from .logprobs import TokenLogprob, completion_logprobs, token_logprob
 from .sampling import LogitsProcessorList, StoppingCriteriaList, logit_bias_processor
 from .tokenizer import DSV4Tokenizer, TooManyTokens, check_token_ids
 
@@ -109,14 +110,17 @@ def _prompt_tokens(llama: Llama, prompt: str | list[int], suffix: str | None) ->
     return [pre, *p_ids, suf, *s_ids, mid]
 
 
-def _logprobs_entry(llama: Llama, logits: np.ndarray, token: int, n: int) -> tuple[str, float, dict[str, float]]:
-    lp = llama.logits_to_logprobs(logits)
-    text = llama.detokenize([token]).decode("utf-8", errors="ignore")
-    top = {}
-    for i in np.argsort(-lp, kind="stable")[:n]:
-        top[llama.detokenize([int(i)]).decode("utf-8", errors="ignore")] = float(lp[i])
-    top[text] = float(lp[token])
-    return text, float(lp[token]), top
+def prompt_tokens_of(llama: Llama, prompt: str | list[int], suffix: str | None = None) -> list[int]:
+    """The tokens a completion of `prompt` evaluates; the context error if they do not fit (room for one more), a
+    ValueError for a token id outside the vocabulary."""
+    prompt_tokens = _prompt_tokens(llama, prompt, suffix)
+    n_ctx = llama.n_ctx()
+    if len(prompt_tokens) >= n_ctx:
+        raise context_exceeded(len(prompt_tokens), n_ctx)
+    bad = [t for t in prompt_tokens if not 0 <= t < llama.n_vocab()]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {llama.n_vocab()})")
+    return prompt_tokens
 
 
 def create_completion(llama: Llama, prompt: str | list[int], **kw: Any) -> Iterator[Any]:
@@ -175,18 +179,17 @@ def _create_completion(
     completion_id = f"cmpl-{uuid.uuid4()}"
     created = int(time.time())
     model_name = model if model is not None else llama.model_path
-    prompt_tokens = _prompt_tokens(llama, prompt, suffix)
+    prompt_tokens = prompt_tokens_of(llama, prompt, suffix)
     n_ctx = llama.n_ctx()
-    if len(prompt_tokens) >= n_ctx:
-        raise context_exceeded(len(prompt_tokens), n_ctx)
-    bad = [t for t in prompt_tokens if not 0 <= t < llama.n_vocab()]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {llama.n_vocab()})")
     if max_tokens is None or max_tokens <= 0:
         max_tokens = n_ctx - len(prompt_tokens)
     max_tokens = min(int(max_tokens), n_ctx - len(prompt_tokens))
-    if logprobs is not None and not llama._logits_all:
-        raise ValueError("logprobs is not supported for models created with logits_all=False")
+    if logprobs is not None and echo and not llama._logits_all:
+        raise ValueError(
+            "logprobs with echo=True include the prompt's tokens, whose log probabilities need the logits of every "
+            "prompt position: create the Llama with logits_all=True (server: --logits-all); the generated tokens' "
+            "logprobs need nothing more (echo=False)"
+        )
     if logit_bias:
         for k, v in logit_bias.items():
             if not 0 <= int(k) < llama.n_vocab():
@@ -217,9 +220,23 @@ def _create_completion(
         }
 
     tokens: list[int] = []
+    records: list[TokenLogprob | None] = []  # the generated tokens' log probabilities (with logprobs)
     text = b""
     emitted = 0  # bytes of `text` already streamed
     stream_tokens = 0  # tokens whose logprobs were streamed
+    prompt_text = prompt if isinstance(prompt, str) else None  # (token ids: decoded when needed)
+
+    def stream_logprobs() -> Any:
+        """The logprobs of the tokens generated since the last chunk that carried some (None without logprobs)."""
+        nonlocal stream_tokens, prompt_text
+        if logprobs is None:
+            return None
+        if prompt_text is None:
+            prompt_text = llama.detokenize(prompt_tokens).decode("utf-8", "replace")
+        first, stream_tokens = stream_tokens, len(tokens)
+        before = llama.detokenize(tokens[:first])
+        return completion_logprobs(llama, records[first:], tokens[first:], len(prompt_text), before)
+
     finish = "length"
     cut = -1
     gen = llama._generate(
@@ -244,6 +261,8 @@ def _create_completion(
         if llama._is_eog(token):
             finish = "stop"
             break
+        if logprobs is not None:  # the logits this token was sampled from (the last evaluated position)
+            records.append(token_logprob(llama._logits_at(len(prompt_tokens) + len(tokens) - 1), token, logprobs))
         tokens.append(token)
         text += llama.detokenize([token])
         cut = _first_stop(text, stop_bytes)
@@ -253,11 +272,7 @@ def _create_completion(
         if stream:
             safe = len(text) - max(_incomplete_tail(text), _stop_holdback(text, stop_bytes))
             if safe > emitted:
-                lp = None
-                if logprobs is not None:
-                    lp = _stream_logprobs(llama, prompt_tokens, tokens, stream_tokens, logprobs, prompt, emitted, text)
-                    stream_tokens = len(tokens)
-                yield chunk(text[emitted:safe].decode("utf-8", errors="replace"), lp, None)
+                yield chunk(text[emitted:safe].decode("utf-8", errors="replace"), stream_logprobs(), None)
                 emitted = safe
         if len(tokens) >= max_tokens:
             break
@@ -270,18 +285,23 @@ def _create_completion(
         llama.cache[prompt_tokens + tokens] = llama.save_state()
 
     if stream:
-        if end > emitted:
-            yield chunk(text[emitted:end].decode("utf-8", errors="replace"), None, None)
+        if end > emitted or (stream_tokens < len(tokens) and logprobs is not None):  # (every token's logprobs)
+            yield chunk(text[emitted:end].decode("utf-8", errors="replace"), stream_logprobs(), None)
         yield chunk("", None, finish)
         return
 
     text_str = text[:end].decode("utf-8", errors="replace")
-    prompt_text = prompt if isinstance(prompt, str) else llama.detokenize(prompt_tokens).decode("utf-8", "replace")
+    if prompt_text is None:
+        prompt_text = llama.detokenize(prompt_tokens).decode("utf-8", "replace")
     if echo:
         text_str = prompt_text + text_str
     lp_out = None
-    if logprobs is not None:
-        lp_out = _logprobs(llama, prompt_tokens, tokens, logprobs, echo, prompt_text)
+    if logprobs is not None and echo:
+        lp_out = completion_logprobs(
+            llama, [*_prompt_records(llama, prompt_tokens, logprobs), *records], prompt_tokens + tokens, 0, b""
+        )
+    elif logprobs is not None:
+        lp_out = completion_logprobs(llama, records, tokens, len(prompt_text), b"")
     response = chunk(text_str, lp_out, finish)
     response["usage"] = {
         "prompt_tokens": len(prompt_tokens),
@@ -291,53 +311,6 @@ def _create_completion(
     yield response
 
 
-def _logprobs(
-    llama: Llama, prompt_tokens: list[int], tokens: list[int], n: int, echo: bool, prompt_text: str
-) -> dict[str, Any]:
-    """OpenAI completion logprobs of the generated tokens (and the prompt's, with echo; the first has none)."""
-    scores = llama.scores
-    start = 0 if echo else len(prompt_tokens)
-    all_tokens = prompt_tokens + tokens
-    offset = 0 if echo else len(prompt_text)
-    out: dict[str, list[Any]] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
-    consumed = b""
-    for pos in range(start, len(all_tokens)):
-        tok = all_tokens[pos]
-        if pos == 0:
-            text = llama.detokenize([tok]).decode("utf-8", errors="ignore")
-            lp, top = None, None
-        else:
-            text, lp, top = _logprobs_entry(llama, scores[pos - 1], tok, n)
-        out["tokens"].append(text)
-        out["text_offset"].append(offset + len(consumed.decode("utf-8", errors="ignore")))
-        out["token_logprobs"].append(lp)
-        out["top_logprobs"].append(top)
-        consumed += llama.detokenize([tok])
-    if echo and out["tokens"]:
-        out["token_logprobs"][0] = None
-        out["top_logprobs"][0] = None
-    return out
-
-
-def _stream_logprobs(
-    llama: Llama,
-    prompt_tokens: list[int],
-    tokens: list[int],
-    first: int,
-    n: int,
-    prompt: Any,
-    emitted: int,
-    text: bytes,
-) -> dict[str, Any]:
-    out: dict[str, list[Any]] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
-    base = len(prompt) if isinstance(prompt, str) else 0
-    consumed = len(llama.detokenize(tokens[:first]).decode("utf-8", errors="ignore"))
-    for i in range(first, len(tokens)):
-        pos = len(prompt_tokens) + i
-        t, lp, top = _logprobs_entry(llama, llama.scores[pos - 1], tokens[i], n)
-        out["tokens"].append(t)
-        out["text_offset"].append(base + consumed)
-        out["token_logprobs"].append(lp)
-        out["top_logprobs"].append(top)
-        consumed += len(t)
-    return out
+def _prompt_records(llama: Llama, prompt_tokens: list[int], n: int) -> list[TokenLogprob | None]:
+    """The prompt's tokens' log probabilities (from logits_all's scores); the first token has none (OpenAI's)."""
+    return [None, *(token_logprob(llama.scores[i - 1], prompt_tokens[i], n) for i in range(1, len(prompt_tokens)))]

@@ -25,8 +25,10 @@ from .cache import BaseLlamaCache, longest_token_prefix
 from .chat.registry import ChatFormatRegistry, LlamaChatCompletionHandlerRegistry
 from .engine import runtime
 from .engine.cpus import fit_count, usable_cpus
+from .engine.memory import state_bytes
 from .grammar import LlamaGrammar
 from .llama_types import CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse
+from .logprobs import log_softmax
 from .model.loader import load_model
 from .moe import ExpertResidency, MoEConfig, lock_all, parse_hot_count
 from .sampling import LogitsProcessorList, Sampler, SamplerParams, StoppingCriteriaList
@@ -80,6 +82,15 @@ class LlamaState:
         self.llama_state = llama_state
         self.llama_state_size = llama_state_size
         self.seed = seed
+
+
+class _Fork:
+    """Llama._choices()'s saved state: the prompt, the engine's state right after it, and its last logits."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.state = b""
+        self.logits: npt.NDArray[np.single] | None = None
 
 
 class _Params:
@@ -315,6 +326,7 @@ class Llama:
         self._last_logits: npt.NDArray[np.single] | None = None
         self._requires_eval = False
         self._sampler: Sampler | None = None
+        self._fork: _Fork | None = None  # see _choices
         self._chat_init(chat_format, chat_handler)
         self._busy = threading.Lock()  # one completion / generation / engine call at a time (see _serial)
         self._busy_owner: int | None = None
@@ -679,6 +691,10 @@ class Llama:
         self._context()
         self._sampler = self._init_sampler(**sampling)  # the sampling keywords of generate()
         tokens = list(tokens)
+        fork, prompt = (self._fork if reset and tokens else None), tokens
+        if fork is not None and fork.tokens == prompt:
+            self._resume(fork)
+            fork = None  # (nothing to save)
         if reset and self.n_tokens > 0:
             prefix = longest_token_prefix(self._input_ids.tolist(), tokens)
             consumed = prefix == len(tokens)
@@ -697,6 +713,9 @@ class Llama:
         try:
             while True:
                 self.eval(tokens)
+                if fork is not None:  # the prompt is evaluated now: saved for the next answer to it
+                    self._fork_here(fork, prompt)
+                    fork = None
                 while sample_idx < self.n_tokens:
                     token = self.sample(idx=sample_idx)
                     sample_idx += 1
@@ -716,6 +735,42 @@ class Llama:
                     tokens.extend(np.asarray(draft).astype(int)[: self._n_ctx - self.n_tokens - len(tokens)].tolist())
         finally:
             self._sampler = None
+
+    # ---------------------------------------------------------------------------------------------- choices
+    @contextlib.contextmanager
+    def _choices(self) -> Iterator[None]:
+        """Several answers to one prompt (the server's `n`): within, a generation whose whole prompt is the one the
+        previous generation in here evaluated restarts from the state saved right after that prompt, so the prompt
+        is evaluated once, not once per answer. Holds a copy of the sequence state (engine/memory.py; its size
+        follows n_ctx) while open, only where it takes at most a quarter of the available memory (else each
+        answer evaluates the prompt again)."""
+        size = state_bytes(self._params, self._n_ctx, self.n_ubatch, self.context_params.type_k)
+        room = runtime.available_host_memory()
+        self._fork = _Fork() if room is None or 4 * size <= room else None
+        try:
+            yield
+        finally:
+            self._fork = None
+
+    def _fork_here(self, fork: _Fork, prompt: list[int]) -> None:
+        """Save the state after `prompt` (evaluated just now) in `fork`."""
+        if self.n_tokens != len(prompt) or self._last_logits is None:
+            return
+        with self._engine_lock:
+            self._sync_context()
+            fork.tokens, fork.state = [], self._context().save_state()
+            fork.logits = self._last_logits.copy()
+            fork.tokens = prompt
+
+    def _resume(self, fork: _Fork) -> None:
+        """Go back to the state saved in `fork`: its prompt evaluated, its logits those to sample from."""
+        with self._serial(), self._engine_lock:
+            self._context().load_state(fork.state)
+            n = len(fork.tokens)
+            self.input_ids[:n] = fork.tokens
+            self.n_tokens = n
+            self._last_logits = fork.logits
+            self._requires_eval = False  # the logits of the last prompt position are the saved ones
 
     # ---------------------------------------------------------------------------------------------- state
     def save_state(self) -> LlamaState:
@@ -1001,11 +1056,7 @@ class Llama:
     # ---------------------------------------------------------------------------------------------- helpers
     @staticmethod
     def logits_to_logprobs(logits: npt.NDArray[np.single] | list, axis: int = -1) -> npt.NDArray[np.single]:
-        x = np.asarray(logits, dtype=np.single)
-        m = np.max(x, axis=axis, keepdims=True)
-        with np.errstate(invalid="ignore"):
-            s = x - m
-            return s - np.log(np.sum(np.exp(s), axis=axis, keepdims=True))
+        return log_softmax(logits, axis)
 
     @staticmethod
     def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -204,12 +204,6 @@ def test_echo_and_logprobs(llm: Llama, ref: dict) -> None:
     assert len(plain["tokens"]) == 4 and None not in plain["token_logprobs"]
 
 
-def test_logprobs_need_logits_all(greedy_path: str, ref: dict) -> None:
-    llm = Llama(greedy_path, n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1)
-    with pytest.raises(ValueError, match="logprobs is not supported for models created with logits_all=False"):
-        llm(ref["prompt"], max_tokens=2, logprobs=1)
-
-
 def test_seeds_make_sampling_reproducible(greedy_path: str, ref: dict) -> None:
     def run(**kw: object) -> str:
         llm = Llama(greedy_path, n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1, **kw)

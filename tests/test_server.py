@@ -365,6 +365,138 @@ def test_errors_through_the_openai_client(server: Server, client: Any) -> None:
     assert e.value.status_code == 501 and e.value.body["code"] == "embeddings_not_supported"
 
 
+# ---------------------------------------------------------------------------------------------- logprobs and choices
+
+
+def test_logprobs_without_logits_all(client: Any, word_tokens: dict[str, int]) -> None:
+    """This server runs without --logits-all: generated tokens' logprobs are served, whole and streamed, in the
+    completion and the chat shapes, and they are of the model's own distribution (a logit_bias forcing a word
+    does not change them)."""
+    word, tok = next(iter(word_tokens.items()))
+    bias = {str(tok): 100}
+    r = client.completions.create(model=ALIAS, prompt="Once upon a time,", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == len("Once upon a time,") and lp.text_offset == sorted(lp.text_offset)
+    s = list(
+        client.completions.create(
+            model=ALIAS, prompt="Once upon a time,", max_tokens=4, temperature=0, logprobs=2, stream=True
+        )
+    )
+    assert [v for c in s if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+
+    r = client.completions.create(model=ALIAS, prompt="Hi", max_tokens=3, temperature=0, logprobs=1, logit_bias=bias)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == word * 3 and lp.tokens == [word] * 3
+    assert all(v < max(top.values()) for v, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True))
+
+    c = client.chat.completions.create(
+        model=ALIAS, messages=MESSAGES, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2, logit_bias=bias
+    )
+    content = c.choices[0].logprobs.content
+    assert [e.token for e in content] == [word] * 3 and [bytes(e.bytes).decode() for e in content] == [word] * 3
+    assert all(len(e.top_logprobs) == 2 and e.logprob < e.top_logprobs[0].logprob for e in content)
+    assert all(t.bytes == list(t.token.encode()) for e in content for t in e.top_logprobs if "\ufffd" not in t.token)
+    chunks = list(
+        client.chat.completions.create(
+            model=ALIAS,
+            messages=MESSAGES,
+            max_tokens=3,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            logit_bias=bias,
+            stream=True,
+        )
+    )
+    streamed = [e for ch in chunks if ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+
+    # the prompt's logprobs (echo) need every position's logits: a clear 400 naming the flag
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=ALIAS, prompt="Hi", max_tokens=2, logprobs=1, echo=True)
+    assert "--logits-all" in str(e.value) and e.value.body["param"] == "echo"
+
+
+def test_several_choices_in_chat(client: Any) -> None:
+    """n choices, each with its index; usage sums the completion tokens; seeded choices differ from each other and
+    are reproducible, the first is the n=1 answer; at temperature 0 they are the same; streams carry the index."""
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    kw: dict[str, Any] = dict(model=ALIAS, messages=msgs, max_tokens=4, temperature=1.0, seed=5)
+    r = client.chat.completions.create(n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and all(c.finish_reason == "length" for c in r.choices)
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) == 3
+    assert [c.message.content for c in client.chat.completions.create(n=3, **kw).choices] == texts
+    assert client.chat.completions.create(**kw).choices[0].message.content == texts[0]
+    same = client.chat.completions.create(n=3, **{**kw, "temperature": 0.0})
+    assert len({c.message.content for c in same.choices}) == 1
+
+    chunks = list(
+        client.chat.completions.create(n=2, stream=True, stream_options={"include_usage": True}, logprobs=True, **kw)
+    )
+    assert len({c.id for c in chunks}) == 1
+    by_index: dict[int, str] = {}
+    roles = []
+    for c in chunks[:-1]:
+        (ch,) = c.choices
+        by_index[ch.index] = by_index.get(ch.index, "") + (ch.delta.content or "")
+        roles += [ch.index] if ch.delta.role == "assistant" else []
+    assert roles == [0, 1] and [by_index[0], by_index[1]] == texts[:2]
+    assert [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason] == ["length"] * 2
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+
+
+def test_prompt_lists_and_choices_in_completions(server: Server, client: Any) -> None:
+    """A list of prompts (text or token ids) times n: choice index = prompt index * n + j, as OpenAI orders them;
+    usage counts each prompt once."""
+    prompts = ["Alpha beta gamma", "Delta epsilon"]
+    ids = [httpx.post(server.url + "/tokenize", json={"content": p}, headers=AUTH).json()["tokens"] for p in prompts]
+    kw: dict[str, Any] = dict(model=ALIAS, max_tokens=3, temperature=1.0, seed=9, echo=True)
+    for prompt in (prompts, ids):
+        r = client.completions.create(prompt=prompt, n=2, **kw)
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        assert [c.text[: len(prompts[i // 2])] for i, c in enumerate(r.choices)] == [prompts[0]] * 2 + [prompts[1]] * 2
+        assert r.choices[0].text != r.choices[1].text
+        assert r.usage.prompt_tokens == len(ids[0]) + len(ids[1]) and r.usage.completion_tokens == 12
+    one = client.completions.create(prompt=ids[1], **kw)  # a list of ids is one prompt
+    assert len(one.choices) == 1 and one.choices[0].text == r.choices[2].text  # the same seed: the same answer
+
+    s = list(client.completions.create(prompt=prompts, n=2, stream=True, stream_options={"include_usage": True}, **kw))
+    order = [c.choices[0].index for c in s[:-1]]
+    assert order == sorted(order) and set(order) == {0, 1, 2, 3} and len({c.id for c in s}) == 1
+    assert s[-1].usage.completion_tokens == 12 and s[-1].usage.prompt_tokens == r.usage.prompt_tokens
+
+
+def test_choice_bounds_are_400_naming_them(server: Server) -> None:
+    def err(path: str, body: dict[str, Any]) -> str:
+        r = httpx.post(server.url + path, json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 400, r.text
+        return str(error_of(r)["message"])
+
+    assert "at most 16 choices per request" in err("/v1/chat/completions", {"messages": MESSAGES, "n": 17})
+    assert "17 prompts" in err("/v1/completions", {"prompt": ["a"] * 17})
+    assert "at most 16" in err("/v1/completions", {"prompt": ["a"] * 4, "n": 5})
+    t0 = time.monotonic()  # a body (under --max-body-mib 1) of 200,000 prompts: refused before they are looked at
+    assert "200000 prompts" in err("/v1/completions", {"prompt": [[1]] * 200_000})
+    assert time.monotonic() - t0 < 10
+    # n x max_tokens: at most 4 contexts of the slot's 2048 tokens (an unset max_tokens counts as the context)
+    msg = err("/v1/chat/completions", {"messages": MESSAGES, "n": 5})
+    assert "limit of 8192 generated tokens" in msg and "unset" in msg
+    assert "limit of 8192" in err("/v1/completions", {"prompt": "a", "n": 3, "max_tokens": 3000})
+    # every prompt of a list is checked before anything is generated (a stream too: a 400, not a broken stream)
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"prompt": ["a", "hello " * 2500], "stream": True},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+
+
 def test_langchain_chat_openai(server: Server, word_tokens: dict[str, int]) -> None:
     pytest.importorskip("langchain_openai")
     from langchain_openai import ChatOpenAI
@@ -467,10 +599,11 @@ MALFORMED = [
     ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": "10"}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "temperature": "hot"}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "top_p": 3}, None),
-    ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, None),
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": 0}, None),
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": 17}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "stop": [1, 2]}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "stream": "yes"}, None),
-    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True}, None),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"abc": 1}}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"99999999": 1}}, None),
     ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, None),
@@ -500,9 +633,21 @@ MALFORMED = [
     ),
     ("/v1/chat/completions", {"messages": MESSAGES, "grammar": "root ::= ("}, None),
     ("/v1/completions", {"prompt": {"x": 1}}, None),
-    ("/v1/completions", {"prompt": ["a", "b"]}, None),
+    ("/v1/completions", {"prompt": []}, None),
+    ("/v1/completions", {"prompt": [[]]}, None),
+    ("/v1/completions", {"prompt": ["a", [1]]}, None),
+    ("/v1/completions", {"prompt": [[1], "a"]}, None),
+    ("/v1/completions", {"prompt": [1, -2]}, None),
+    ("/v1/completions", {"prompt": [True]}, None),
+    ("/v1/completions", {"prompt": [[1, 2.5]]}, None),
+    ("/v1/completions", {"prompt": ["a"] * 17}, None),
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 9}, None),
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 3, "max_tokens": 2000}, None),
+    ("/v1/completions", {"prompt": ["a", "hello " * 2500]}, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": [[5], [10**9]], "stream": True}, None),
     ("/v1/completions", {"prompt": [10**9]}, None),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, None),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, None),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, None),
     ("/v1/completions", {"prompt": "x", "suffix": 3}, None),
     ("/v1/completions", {"prompt": "hello " * 2500}, "context_length_exceeded"),
     ("/v1/completions", {"prompt": "hello " * 2500, "stream": True}, "context_length_exceeded"),

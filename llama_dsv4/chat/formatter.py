@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..grammar import LlamaGrammar
+from ..logprobs import chat_logprobs
 from ..sampling import StoppingCriteriaList
 from . import constrained, handlers
 from . import template as tmpl
@@ -256,7 +257,7 @@ def tool_calls_response(llama: Llama, c: dict[str, Any], calls: list[tuple[str, 
             {
                 "index": 0,
                 "message": message,
-                "logprobs": handlers._chat_logprobs(llama, choice.get("logprobs")),
+                "logprobs": chat_logprobs(llama, choice.get("logprobs")),
                 "finish_reason": "length" if choice["finish_reason"] == "length" else "tool_calls",
             }
         ],

@@ -5,8 +5,9 @@ Resolution as llama-cpp-python: `chat_handler` first, then `chat_format`, looked
 (chat/registry.py: "chat_template.default" and "chat_template.<name>" are the GGUF's own templates) and then in the
 process-wide registry ("deepseek-v4" ours, llama-cpp-python's named formats of chat/formats.py, and what user code
 registers); by default the GGUF's template, else ours. Templates render in the sandbox of chat/template.py.
-Beyond llama-cpp-python (docs/llama-cpp-python-api.md §2): tool calls are parsed out of the model's DSML markup for tool_choice
-auto/required/named, a required or named choice and `response_format` constrain decoding (llguidance), the
+Beyond llama-cpp-python (docs/llama-cpp-python-api.md §2): tool calls are parsed out of the model's DSML markup
+for tool_choice auto/required/named, a required or named choice and `response_format` constrain decoding
+(llguidance), the
 thinking text is returned as `reasoning_content`, and thinking mode, effort and other template variables are
 reachable as keyword arguments.
 """
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..completion import text_tokens
 from ..grammar import LlamaGrammar
+from ..logprobs import chat_logprobs
 from ..tokenizer import LlamaTokenizer
 from . import constrained, dsml
 from . import template as tmpl
@@ -239,24 +241,6 @@ def _call_objects(calls: list[tuple[str, dict[str, Any]]], completion_id: str) -
     ]
 
 
-def _chat_logprobs(llama: Llama, lp: Any) -> Any:
-    if not lp:
-        return None
-    content = []
-    for tok, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
-        if logprob is None:
-            continue
-        content.append(
-            {
-                "token": tok,
-                "bytes": None,
-                "logprob": logprob,
-                "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in (top or {}).items()],
-            }
-        )
-    return {"content": content, "refusal": None}
-
-
 def _response(
     llama: Llama, c: dict[str, Any], thinking: bool, tools: bool, raw: bool, named: bool, single: bool
 ) -> dict[str, Any]:
@@ -285,7 +269,7 @@ def _response(
             {
                 "index": 0,
                 "message": message,
-                "logprobs": _chat_logprobs(llama, choice.get("logprobs")),
+                "logprobs": chat_logprobs(llama, choice.get("logprobs")),
                 "finish_reason": finish,
             }
         ],
@@ -300,8 +284,13 @@ def _stream(
     n_calls = 0
     started = False
     base: dict[str, Any] = {}
+    pending: list[Any] = []  # logprobs of tokens whose text has not reached a chunk yet (the parser holds it)
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        lp = None
+        if pending:  # a chunk carries the logprobs of the tokens generated since the previous chunk
+            lp = {"content": [e for part in pending for e in part["content"]], "refusal": None}
+            pending.clear()
         return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
     def deltas(events: list[tuple[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -333,6 +322,9 @@ def _stream(
             yield chunk({"role": "assistant"})
             started = True
         ch = c["choices"][0]
+        lp = chat_logprobs(llama, ch.get("logprobs"))
+        if lp is not None:
+            pending.append(lp)
         if ch["finish_reason"] is not None:
             cut = ch["finish_reason"] == "length"
             yield from deltas(p.finish(cut=cut))

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..tokenizer import TooManyTokens
-from . import heap, schemas
+from . import choices, heap, schemas
 from .errors import APIError, from_exception, from_validation
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
@@ -440,8 +440,6 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     @api.post("/chat/completions")
     async def chat(request: Request) -> Response:
         req, raw = await read_body(request, schemas.ChatRequest)
-        if req.logprobs and not settings.logits_all:
-            raise APIError(400, "logprobs need the server started with --logits-all", param="logprobs")
         tk = {**settings.chat_template_kwargs, **(req.chat_template_kwargs or {})}
         if req.thinking is not None:
             tk["thinking"] = (
@@ -467,10 +465,16 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             chat_template_kwargs=tk,
             stream=req.stream,
         )
+        choices.check(req.n, 1, kwargs["max_tokens"], pool.slots[0].n_ctx)
         grammar = await constraints(req.grammar, kwargs["response_format"])
 
         def fn(llm: Any, ctl: Controller) -> Any:
-            return llm.create_chat_completion(**kwargs, grammar=grammar, logits_processor=ctl.processors())
+            def one(seed: int | None) -> Any:
+                return llm.create_chat_completion(
+                    **{**kwargs, "seed": seed}, grammar=grammar, logits_processor=ctl.processors()
+                )
+
+            return one(req.seed) if req.n == 1 else choices.run(llm, ctl, [one], req.n, req.seed, req.stream)
 
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         usage = {"object": "chat.completion.chunk"} if include_usage else None
@@ -480,24 +484,37 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     @api.post("/completions")
     async def completions(request: Request) -> Response:
         req, _ = await read_body(request, schemas.CompletionRequest)
-        if req.logprobs is not None and not settings.logits_all:
-            raise APIError(400, "logprobs need the server started with --logits-all", param="logprobs")
-        prompt: Any = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
+        if req.logprobs is not None and req.echo and not settings.logits_all:
+            raise APIError(
+                400,
+                "logprobs with echo include the prompt's tokens, whose log probabilities need the logits of every "
+                "prompt position: start the server with --logits-all (logprobs without echo need nothing more)",
+                param="echo",
+            )
+        # one prompt (text or token ids) or a list of them: OpenAI's four forms
+        p = req.prompt
+        prompts: list[Any] = p if isinstance(p, list) and isinstance(p[0], (str, list)) else [p]
         kwargs = dict(
             sampling(req),
-            prompt=prompt,
             suffix=req.suffix,
             max_tokens=max_tokens(req.max_tokens, 16),
             echo=req.echo,
             logprobs=req.logprobs,
             stream=req.stream,
         )
+        choices.check(req.n, len(prompts), kwargs["max_tokens"], pool.slots[0].n_ctx)
         grammar = await constraints(req.grammar, None)
 
         def fn(llm: Any, ctl: Controller) -> Any:
-            return llm.create_completion(**kwargs, grammar=grammar, logits_processor=ctl.processors())
+            def answer(prompt: Any) -> Callable[[int | None], Any]:
+                return lambda seed: llm.create_completion(
+                    prompt, **{**kwargs, "seed": seed}, grammar=grammar, logits_processor=ctl.processors()
+                )
+
+            if req.n == 1 and len(prompts) == 1:
+                return answer(prompts[0])(req.seed)
+            choices.check_prompts(llm, prompts, req.suffix)
+            return choices.run(llm, ctl, [answer(q) for q in prompts], req.n, req.seed, req.stream)
 
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         return await run(request, fn, req.stream, {"object": "text_completion"} if include_usage else None, "prompt")

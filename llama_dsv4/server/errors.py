@@ -62,6 +62,8 @@ def from_validation(e: ValidationError) -> APIError:
             break
     loc = ".".join(path)
     msg = err.get("msg", "invalid value")
+    if err.get("type") == "value_error":  # our own validators' messages, without pydantic's "Value error, "
+        msg = msg.removeprefix("Value error, ")
     if alternatives:
         msg = f"not one of the accepted forms (e.g. {msg[:1].lower() + msg[1:]})"
     return APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 INT32 = 2**31 - 1
+MAX_CHOICES = 16  # choices per request: n times the prompts (server/choices.py)
 _cfg = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
@@ -42,22 +43,44 @@ class _Sampling(_Body):
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
     logit_bias: dict[str, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1  # one choice per request
+    n: Annotated[StrictInt, Field(ge=1, le=INT32)] = 1  # choices per prompt (bounded in server/choices.py)
     user: StrictStr | None = None
     grammar: StrictStr | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: (
-        StrictStr
-        | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
-        | Annotated[list[StrictInt], Field(min_length=1)]
-        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1, max_length=1)]
-    ) = ""
+    # one prompt (text or token ids) or a list of them: checked by _prompt_forms
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
     suffix: StrictStr | None = None
     echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     best_of: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt_forms(cls, v: Any) -> Any:
+        """OpenAI's four forms, checked in one pass (a union of list types would make pydantic report every item
+        of a long list against every form: seconds and gigabytes for a large body), at most MAX_CHOICES prompts."""
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list) or not v:
+            raise ValueError(
+                "the prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+            )
+        if isinstance(v[0], (str, list)) and len(v) > MAX_CHOICES:
+            raise ValueError(f"{len(v)} prompts: this server answers at most {MAX_CHOICES} choices per request")
+        for i, x in enumerate(v):
+            if isinstance(v[0], str) and not isinstance(x, str):
+                raise ValueError(f"item {i} is not a string, as the first is (a list of prompts has one form)")
+            if isinstance(v[0], list) and not (isinstance(x, list) and x and _ids(x)):
+                raise ValueError(f"item {i} is not a non-empty list of token ids (integers from 0 to {INT32})")
+        if not isinstance(v[0], (str, list)) and not _ids(v):
+            raise ValueError(f"a list of token ids holds integers from 0 to {INT32}")
+        return v
+
+
+def _ids(v: list[Any]) -> bool:
+    return all(type(x) is int and 0 <= x <= INT32 for x in v)
 
 
 class FunctionDef(_Open):

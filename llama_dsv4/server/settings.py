@@ -205,7 +205,7 @@ def _build() -> _Parser:
     a("--port", type=_int("--port", 0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     a("-s", "--seed", type=_int("--seed"), help="RNG seed (-1: random)")
     a("-ctk", "--cache-type-k", dest="cache_type_k", choices=sorted(CACHE_TYPES), help="cache type: f16 or f32")
-    a("--logits-all", action="store_true", help="keep every position's logits (needed for logprobs in requests)")
+    a("--logits-all", action="store_true", help="keep every position's logits (for echo with logprobs)")
     a("--chat-template", help="a chat format of the model (deepseek-v4, chat_template.default) or a Jinja template")
     a("--chat-template-file", help="a Jinja chat template file")
     a(

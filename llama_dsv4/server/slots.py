@@ -44,11 +44,20 @@ class Controller:
         self.t_last: float | None = None
         self.n_prompt = 0
         self.n_sampled = 0
+        self.choice_prompt = 0  # the prompt length of the current choice (several choices: see new_choice)
+        self._new_choice = False
+        self.usage: dict[str, int] | None = None  # what a job of several streamed choices counted
+
+    def new_choice(self) -> None:
+        """A job of several choices starts the next one: its prompt length is noted at its first sample."""
+        self._new_choice = True
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         if self.cancelled.is_set():
             raise Cancelled
         now = time.perf_counter()
+        if self._new_choice:
+            self.choice_prompt, self._new_choice = len(input_ids), False
         if self.t_first is None:
             self.t_first, self.n_prompt = now, len(input_ids)
         self.t_last = now
@@ -140,8 +149,9 @@ class Job:
             c = self.ctl
             t_end = time.perf_counter()
             n_pred, n_prompt = c.n_sampled, c.n_prompt
-            if self.usage is not None:
-                n_pred, n_prompt = self.usage["completion_tokens"], self.usage["prompt_tokens"]
+            usage = self.usage or c.usage
+            if usage is not None:
+                n_pred, n_prompt = usage["completion_tokens"], usage["prompt_tokens"]
             elif self.finish_reason in ("stop", "tool_calls") and n_pred:
                 n_pred -= 1  # the end-of-text token is not counted (after a stop string this is one short)
             self.stats = JobStats(
