@@ -167,7 +167,7 @@ BAD_CONFIGS = [
     ("lora.json", '{"models": [{"model": "MODEL", "lora_path": "a.gguf"}]}', "LoRA adapters"),
     ("deep.json", '{"models": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply|not valid JSON"),
     ("self.yaml", "a: &a [*a]\nmodels: []\n", "too large or nested too deeply"),
-    ("huge.json", '{"models": [' + "1," * (1 << 19) + "1]}", "over 1 MiB"),
+    ("huge.json", '{"models": [' + "1," * (1 << 17) + "1]}", "over 256 KiB"),
     ("binary.json", "\udcff", "not valid JSON"),
 ]
 
@@ -195,11 +195,15 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Any) -> None:
     assert time.perf_counter() - t0 < 5
 
 
-def test_bad_config_exit_status_without_traceback(tmp_path: Any) -> None:
+def test_bad_config_exit_status_without_traceback(micro_path: str, tmp_path: Any) -> None:
     path = write_config(tmp_path, "models.json", '{"models": [{"model": "m.gguf", "n_ctx": -5}]}')
     r = run([sys.executable, "-m", "llama_dsv4.compat.server", "--config_file", path])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "models[0].n_ctx: Input should be greater than or equal to 0" in r.stderr
+    # a chat format no handler has: found when the model loads, exit status 1 as for any model that cannot load
+    r = run([sys.executable, "-m", "llama_dsv4.compat.server", "--model", micro_path, "--chat_format", "no-such"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "error: chat format 'no-such': Invalid chat handler: no-such" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------ serving

@@ -338,7 +338,7 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
         llm = Llama(model_path=path, **kwargs)
         try:
             apply_chat_template(llm, settings, handlers)
-            handlers._resolve(llm)  # a chat format that names no handler fails now, not at the first chat request
+            _check_chat_format(llm, handlers)
             if settings.prompt_cache is not None:
                 llm.set_cache(prompt_cache(*settings.prompt_cache))
         except Exception:
@@ -349,6 +349,14 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
         out.append((llm, n_ctx))
         log.info("slot %d: %s, n_ctx %d, chat format %s", i, os.path.basename(path), n_ctx, llm.chat_format)
     return out, notes
+
+
+def _check_chat_format(llm: Any, handlers: Any) -> None:
+    """A chat format that names no handler fails when the model loads (a ValueError), not at the first chat."""
+    try:
+        handlers._resolve(llm)
+    except handlers.LlamaChatCompletionHandlerNotFoundException as e:
+        raise ValueError(f"chat format {llm.chat_format!r}: {e}") from None
 
 
 def prompt_cache(kind: str, capacity_bytes: int) -> Any:

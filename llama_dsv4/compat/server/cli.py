@@ -26,8 +26,9 @@ from .mapping import model_config
 from .settings import ConfigFileSettings, ModelSettings, ServerSettings, Settings, env_values
 
 PROG = "python -m llama_cpp.server"
-MAX_CONFIG_BYTES = 1 << 20  # a config file's size (a real one lists a few models in a few KB)
-MAX_CONFIG_NODES = 100_000  # values in a parsed config file (YAML aliases can make a small file huge)
+MAX_CONFIG_BYTES = 256 << 10  # a config file's size (a real one lists a few models in a few KB; 256 KiB of YAML
+# takes some 0.5 s and 40 MB to parse with libyaml)
+MAX_CONFIG_NODES = 20_000  # values in a parsed config file (YAML aliases can make a small file huge)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,14 +148,14 @@ def load_config_file(path: str) -> ConfigFileSettings:
     except OSError as e:
         raise SettingsError(f"config file {path}: {e.strerror}") from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise SettingsError(f"config file {path}: over {MAX_CONFIG_BYTES >> 20} MiB")
+        raise SettingsError(f"config file {path}: over {MAX_CONFIG_BYTES >> 10} KiB")
     try:
         if path.endswith((".yaml", ".yml")):
             try:
                 import yaml
             except ImportError:
                 raise SettingsError(f"config file {path}: YAML needs PyYAML (pip install pyyaml)") from None
-            parsed = yaml.safe_load(data)
+            parsed = yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # safe_load, in C
         else:
             parsed = json.loads(data)
     except SettingsError:
