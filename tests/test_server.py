@@ -61,18 +61,34 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m llama_dsv4.server ...` on 127.0.0.1 and a free port; stopped with SIGINT (must exit 0)."""
+    """`python -m llama_dsv4.server ...` (or `command ...`, in `environ`) on 127.0.0.1 and a free port; stopped with
+    SIGINT (must exit 0)."""
 
-    def __init__(self, args: list[str], log_path: str, home: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        args: list[str],
+        log_path: str,
+        home: str | None = None,
+        command: list[str] | None = None,
+        environ: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**(os.environ if environ is None else environ), "PYTHONUNBUFFERED": "1"}
         if home is not None:  # MoE residency keeps its statistics under ~/.llama by default
             env["HOME"] = home
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_dsv4.server", *args, "--host", "127.0.0.1", "--port", str(self.port)],
+            [
+                *(command or [sys.executable, "-m", "llama_dsv4.server"]),
+                *args,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

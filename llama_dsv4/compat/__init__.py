@@ -6,8 +6,8 @@ integrations, which import the module name `llama_cpp`) runs on llama-dsv4 uncha
     from llama_cpp import Llama      # -> llama_dsv4.Llama
 
 or `import llama_dsv4.as_llama_cpp`, which installs it. The alias wins over a real llama-cpp-python installed in
-the same environment (it only changes `sys.modules` of this process). `python -m llama_cpp.server` cannot work
-through an alias; use `llama-dsv4-server`.
+the same environment (it only changes `sys.modules` and `sys.meta_path` of this process). For every process of an
+environment, `python -m llama_cpp.server` included: `python -m llama_dsv4.compat enable` (enable.py).
 """
 
 from __future__ import annotations
@@ -76,11 +76,17 @@ def install() -> types.ModuleType:
         setattr(root, name.split(".", 1)[1], mod)
     sys.modules["llama_cpp"] = root
     sys.modules.update(submodules)
+    from .finder import register
+
+    register()  # llama_cpp.server and below: found when first imported (compat/finder.py)
     return root
 
 
 def uninstall() -> None:
     """Remove the alias (tests use this)."""
+    from . import finder
+
+    finder.unregister()
     for name in [n for n in sys.modules if n == "llama_cpp" or n.startswith("llama_cpp.")]:
         if name == "llama_cpp" and not getattr(sys.modules[name], "__llama_dsv4__", False):
             return

@@ -1,8 +1,10 @@
 """`llama-dsv4-server`: an OpenAI-compatible HTTP server (FastAPI + uvicorn + sse-starlette) over `Llama`, with
 llama-server's command-line flags.
 
-Modules: settings.py (flags -> Settings), slots.py (slots, queue, stoppable jobs), app.py (routes), schemas.py
-(request bodies), errors.py (OpenAI error bodies), metrics.py (Prometheus text), serve.py (the command).
+Modules: settings.py (flags -> Settings), slots.py (slots, queue, stoppable jobs), models.py (the models served by
+name, one loaded at a time), app.py (routes), schemas.py (request bodies), errors.py (OpenAI error bodies),
+metrics.py (Prometheus text), serve.py (the command). llama-cpp-python's server command line and config files are
+in llama_dsv4.compat.server.
 """
 
 from .settings import Settings, SettingsError, parse_args

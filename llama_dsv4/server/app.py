@@ -36,6 +36,7 @@ from ..tokenizer import TooManyTokens
 from . import choices, heap, schemas
 from .errors import APIError, from_exception, from_validation
 from .metrics import CONTENT_TYPE, Metrics
+from .models import Model, ModelLoadError, ModelSet
 from .settings import Settings
 from .slots import Controller, Job, SlotPool
 
@@ -152,14 +153,31 @@ class _GiveBackMemory:
         asyncio.get_running_loop().run_in_executor(None, heap.give_back)
 
 
+class _RootPath:
+    """ASGI middleware: the app is served under `root_path` too (behind a reverse proxy that keeps the prefix), as
+    llama-cpp-python's server does with FastAPI's root_path."""
+
+    def __init__(self, app: ASGIApp, root_path: str) -> None:
+        self.app = app
+        self.root_path = root_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope["root_path"] = self.root_path
+        await self.app(scope, receive, send)
+
+
 def _json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = None) -> FastAPI:
-    """The ASGI app over a pool of loaded slots (the caller owns loading; the app closes the pool at shutdown)."""
+def create_app(
+    settings: Settings, pool: SlotPool, metrics: Metrics | None = None, models: ModelSet | None = None
+) -> FastAPI:
+    """The ASGI app over a pool of loaded slots (the caller owns loading; the app closes the pool at shutdown).
+    `models`: the models served by name, `pool` being the first one's (default: the one model of `settings`)."""
     metrics = metrics or Metrics()
-    model_name = settings.model_name
+    models = models or ModelSet.single(settings, pool)
     max_body = int(settings.max_body_mib * 2**20)
     keys = [k.encode() for k in settings.api_keys]
 
@@ -169,12 +187,18 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         text_work.shutdown(wait=False, cancel_futures=True)
-        if not await run_in_threadpool(pool.close):
+        if not await run_in_threadpool(models.close):
             log.warning("a generation is still running (a long prompt cannot be interrupted): exiting anyway")
             app.state.unfinished = True
 
-    app = FastAPI(title="llama-dsv4", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.pool, app.state.metrics, app.state.settings = pool, metrics, settings
+    app = FastAPI(
+        title="llama-dsv4",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.pool, app.state.metrics, app.state.settings, app.state.models = pool, metrics, settings, models
     app.state.unfinished = False
 
     def record(job: Job) -> None:
@@ -182,7 +206,12 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             st = job.stats
             metrics.job(st.n_prompt, st.n_predicted, st.t_prompt, st.t_predict, st.cancelled)
 
-    pool.on_job_end = record
+    pool.on_job_end = models.on_job_end = record
+
+    def loaded() -> tuple[list[Any], int]:
+        """The loaded model's slots and queue depth (none while another model is being loaded)."""
+        pool = models.pool
+        return (pool.slots, pool.waiting) if pool is not None else ([], 0)
 
     # ------------------------------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
@@ -273,7 +302,7 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             v = cap if v is None else min(v, cap)
         return v
 
-    def sampling(req: schemas._Sampling) -> dict[str, Any]:
+    def sampling(req: schemas._Sampling, model: Model) -> dict[str, Any]:
         def pick(v: Any, d: Any) -> Any:
             return d if v is None else v
 
@@ -300,7 +329,7 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             seed=req.seed,
             stop=req.stop,
             logit_bias=bias,
-            model=model_name,
+            model=model.name,
         )
 
     async def constraints(gbnf: str | None, response_format: Any) -> Any:
@@ -317,9 +346,13 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
         stream: bool,
         usage_chunk: dict[str, Any] | None,
         prompt_param: str,
+        model: Model,
     ) -> Response:
-        """Queue for a slot, run `fn` there, and answer (JSON, or an SSE stream)."""
+        """Queue for a slot of `model` (loaded first if another model is), run `fn` there, and answer (JSON, or an
+        SSE stream). The request holds the model until its job ends (`models.leave`)."""
+        pool = await enter(model)
         if pool.busy >= len(pool.slots) and pool.waiting >= settings.max_queue:
+            models.leave()
             raise APIError(
                 503,
                 f"all slots are busy and {pool.waiting} requests are waiting (--max-queue): try again later",
@@ -331,7 +364,7 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
         job: Job | None = None
         try:
             slot = await watcher.race(pool.wait(place))
-            job = pool.start(slot, fn, stream)
+            job = pool.start(slot, fn, stream, then=models.leave)
             kind, value = await watcher.race(job.next_event())
             if kind == "error":
                 raise from_exception(value, prompt_param)
@@ -351,12 +384,19 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             watcher.stop()
             if job is None:  # the slot was never put to work: leave the queue, or hand the slot on
                 pool.abandon(place)
+                models.leave()
         return EventSourceResponse(
             _events(job, value, usage_chunk),
-            ping=15,
+            ping=15 if settings.sse_ping else 2**31,  # (an interval of 0 spins in some sse-starlette versions)
             send_timeout=settings.timeout or None,
             headers={"Cache-Control": "no-cache"},
         )
+
+    async def enter(model: Model) -> SlotPool:
+        try:
+            return await models.enter(model)
+        except ModelLoadError as e:
+            raise APIError(500, str(e), "server_error", param="model", code="model_load_failed") from None
 
     async def _events(job: Job, first: Any, usage_chunk: dict[str, Any] | None) -> AsyncIterator[dict[str, str]]:
         finished = False
@@ -400,47 +440,52 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     @public.get("/health")
     @public.get("/v1/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "slots_idle": len(pool.slots) - pool.busy, "slots_processing": pool.busy}
+        slots, _ = loaded()
+        busy = sum(1 for s in slots if s.job is not None)
+        return {"status": "ok", "slots_idle": len(slots) - busy, "slots_processing": busy}
 
     @api.get("/v1/models")
     @api.get("/models")
-    async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_name,
-                    "object": "model",
-                    "created": int(metrics.started),
-                    "owned_by": "llama-dsv4",
-                    "permissions": [],
-                    "meta": {"n_ctx": pool.slots[0].n_ctx, "slots": len(pool.slots)},
-                }
-            ],
-        }
+    async def list_models() -> dict[str, Any]:
+        slots, _ = loaded()
+        data = []
+        for name in models.names:
+            entry: dict[str, Any] = {
+                "id": name,
+                "object": "model",
+                "created": int(metrics.started),
+                "owned_by": "llama-dsv4",
+                "permissions": [],
+            }
+            if name == models.active and slots:
+                entry["meta"] = {"n_ctx": slots[0].n_ctx, "slots": len(slots)}
+            data.append(entry)
+        return {"object": "list", "data": data}
 
     @api.get("/props")
     async def props() -> dict[str, Any]:
-        llm = pool.slots[0].llm
+        slots, _ = loaded()
+        llm = slots[0].llm if slots else None
         return {
-            "model": model_name,
+            "model": models.active,
             "model_path": getattr(llm, "model_path", None),
-            "n_ctx": pool.slots[0].n_ctx,
-            "total_slots": len(pool.slots),
+            "n_ctx": slots[0].n_ctx if slots else None,
+            "total_slots": len(slots),
             "chat_format": getattr(llm, "chat_format", None),
             "build_info": f"llama-dsv4 {__version__}",
         }
 
     @api.get("/metrics")
     async def get_metrics() -> PlainTextResponse:
-        text = await run_in_threadpool(metrics.render, pool.slots, pool.waiting)
+        text = await run_in_threadpool(metrics.render, *loaded())
         return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     @api.post("/v1/chat/completions")
     @api.post("/chat/completions")
     async def chat(request: Request) -> Response:
         req, raw = await read_body(request, schemas.ChatRequest)
-        tk = {**settings.chat_template_kwargs, **(req.chat_template_kwargs or {})}
+        model = models.pick(req.model)
+        tk = {**model.settings.chat_template_kwargs, **(req.chat_template_kwargs or {})}
         if req.thinking is not None:
             tk["thinking"] = (
                 req.thinking if isinstance(req.thinking, bool) else req.thinking.get("type") in ("enabled", True)
@@ -450,7 +495,7 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
         fmt = req.reasoning_format or settings.reasoning_format
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         kwargs = dict(
-            sampling(req),
+            sampling(req, model),
             messages=raw["messages"],
             tools=raw.get("tools"),
             tool_choice=raw.get("tool_choice"),
@@ -478,13 +523,14 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
 
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         usage = {"object": "chat.completion.chunk"} if include_usage else None
-        return await run(request, fn, req.stream, usage, "messages")
+        return await run(request, fn, req.stream, usage, "messages", model)
 
     @api.post("/v1/completions")
     @api.post("/completions")
     async def completions(request: Request) -> Response:
         req, _ = await read_body(request, schemas.CompletionRequest)
-        if req.logprobs is not None and req.echo and not settings.logits_all:
+        model = models.pick(req.model)
+        if req.logprobs is not None and req.echo and not model.settings.logits_all:
             raise APIError(
                 400,
                 "logprobs with echo include the prompt's tokens, whose log probabilities need the logits of every "
@@ -495,7 +541,7 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
         p = req.prompt
         prompts: list[Any] = p if isinstance(p, list) and isinstance(p[0], (str, list)) else [p]
         kwargs = dict(
-            sampling(req),
+            sampling(req, model),
             suffix=req.suffix,
             max_tokens=max_tokens(req.max_tokens, 16),
             echo=req.echo,
@@ -517,7 +563,8 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
             return choices.run(llm, ctl, [answer(q) for q in prompts], req.n, req.seed, req.stream)
 
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        return await run(request, fn, req.stream, {"object": "text_completion"} if include_usage else None, "prompt")
+        usage = {"object": "text_completion"} if include_usage else None
+        return await run(request, fn, req.stream, usage, "prompt", model)
 
     @api.post("/v1/embeddings")
     @api.post("/embeddings")
@@ -534,6 +581,15 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     async def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(text_work, functools.partial(fn, *args, **kwargs))
 
+    @contextlib.asynccontextmanager
+    async def llama_of(requested: str | None) -> AsyncIterator[Any]:
+        """The asked model's first Llama, for work beside the slots (tokenizing); the model stays loaded meanwhile."""
+        pool = await enter(models.pick(requested))
+        try:
+            yield pool.slots[0].llm
+        finally:
+            models.leave()
+
     async def _tokenize(request: Request, default_special: bool, key: str) -> Response:
         """The answer {key: ids or pieces} ("count": their number), made and encoded off the loop."""
         req, _ = await read_body(request, schemas.TokenizeRequest)
@@ -548,10 +604,10 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
                 code="request_too_large",
             )
         add = default_special if req.add_special is None else req.add_special
-        llm = pool.slots[0].llm
         limit = TOKENIZE_MAX_PIECES if req.with_pieces else TOKENIZE_MAX_TOKENS
         try:
-            body = await off_loop(_tokens, llm, text, add, req.parse_special, limit, req.with_pieces, key)
+            async with llama_of(req.model) as llm:
+                body = await off_loop(_tokens, llm, text, add, req.parse_special, limit, req.with_pieces, key)
         except TooManyTokens as e:
             at_least = e.at_least
         else:
@@ -579,12 +635,12 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
 
     async def _detokenize(request: Request) -> str:
         req, _ = await read_body(request, schemas.DetokenizeRequest)
-        llm = pool.slots[0].llm
-        n_vocab = llm.n_vocab()
-        bad = [t for t in req.tokens if t >= n_vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {n_vocab})", param="tokens")
-        data = await off_loop(llm.detokenize, req.tokens, None, True)
+        async with llama_of(req.model) as llm:
+            n_vocab = llm.n_vocab()
+            bad = [t for t in req.tokens if t >= n_vocab]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {n_vocab})", param="tokens")
+            data = await off_loop(llm.detokenize, req.tokens, None, True)
         return data.decode("utf-8", errors="replace")
 
     @api.post("/detokenize")
@@ -601,6 +657,8 @@ def create_app(settings: Settings, pool: SlotPool, metrics: Metrics | None = Non
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(_Counting, metrics=metrics)
     app.add_middleware(_GiveBackMemory)
+    if settings.root_path:
+        app.add_middleware(_RootPath, root_path=settings.root_path)
     return app
 
 
@@ -644,7 +702,9 @@ def _constraints(gbnf: str | None, response_format: Any) -> Any:
     return None if gbnf is None else LlamaGrammar.from_string(gbnf, verbose=False)
 
 
-def started_banner(settings: Settings) -> str:
+def started_banner(settings: Settings, names: list[str] | None = None) -> str:
     scheme = "https" if settings.ssl_certfile else "http"
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
-    return f"listening on {scheme}://{host}:{settings.port} (model {settings.model_name!r}, {time.strftime('%X')})"
+    names = names or [settings.model_name]
+    served = f"model {names[0]!r}" if len(names) == 1 else f"models {', '.join(map(repr, names))}"
+    return f"listening on {scheme}://{host}:{settings.port}{settings.root_path} ({served}, {time.strftime('%X')})"

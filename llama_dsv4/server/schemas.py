@@ -139,6 +139,7 @@ class ChatRequest(_Sampling):
 
 
 class TokenizeRequest(_Body):
+    model: StrictStr | None = None
     content: StrictStr | None = None
     input: StrictStr | None = None  # llama-cpp-python's /extras/tokenize
     add_special: StrictBool | None = None
@@ -147,6 +148,7 @@ class TokenizeRequest(_Body):
 
 
 class DetokenizeRequest(_Body):
+    model: StrictStr | None = None
     tokens: list[Annotated[StrictInt, Field(ge=0, le=INT32)]]
 
 

@@ -84,6 +84,11 @@ class Settings:
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # what llama-cpp-python's server flags ask beyond llama-server's (set by llama_dsv4.compat.server)
+    llama_extra: dict[str, Any] = field(default_factory=dict)  # more Llama(...) keywords (chat_format, draft_model..)
+    prompt_cache: tuple[str, int] | None = None  # ("ram" | "disk", capacity in bytes): a prompt cache per slot
+    root_path: str = ""  # the path prefix a reverse proxy serves the API under
+    sse_ping: bool = True  # comment lines every 15 s in streams (some clients cannot take them)
     # what was accepted without effect, and why
     notes: list[str] = field(default_factory=list)
 
@@ -114,6 +119,7 @@ class Settings:
             kw["moe_hot_budget_mib"] = self.moe_hot_budget_mib
         if self.moe_stats_path is not None:
             kw["moe_stats_path"] = self.moe_stats_path
+        kw.update(self.llama_extra)
         return kw
 
     @property

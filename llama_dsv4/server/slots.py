@@ -243,8 +243,10 @@ class SlotPool:
                 return
         self._free.append(slot)
 
-    def start(self, slot: Slot, fn: Callable[[Any, Controller], Any], stream: bool) -> Job:
-        """Run `fn` on the slot's thread; the slot is released when it returns (not before)."""
+    def start(
+        self, slot: Slot, fn: Callable[[Any, Controller], Any], stream: bool, then: Callable[[], None] | None = None
+    ) -> Job:
+        """Run `fn` on the slot's thread; the slot is released when it returns (not before), and `then` called."""
         job = Job(slot, fn, stream)
         slot.job = job
         slot.n_jobs += 1
@@ -257,6 +259,8 @@ class SlotPool:
                 except Exception:  # metrics must never take a slot down
                     log.exception("recording a job's metrics failed")
             self.release(slot)
+            if then is not None:
+                then()
 
         fut.add_done_callback(done)
         return job
@@ -336,6 +340,9 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
         llm = Llama(model_path=path, **kwargs)
         try:
             apply_chat_template(llm, settings, handlers)
+            _check_chat_format(llm, handlers)
+            if settings.prompt_cache is not None:
+                llm.set_cache(prompt_cache(*settings.prompt_cache))
         except Exception:
             llm.close()
             for other, _ in out:
@@ -344,6 +351,21 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
         out.append((llm, n_ctx))
         log.info("slot %d: %s, n_ctx %d, chat format %s", i, os.path.basename(path), n_ctx, llm.chat_format)
     return out, notes
+
+
+def _check_chat_format(llm: Any, handlers: Any) -> None:
+    """A chat format that names no handler fails when the model loads (a ValueError), not at the first chat."""
+    try:
+        handlers._resolve(llm)
+    except handlers.LlamaChatCompletionHandlerNotFoundException as e:
+        raise ValueError(f"chat format {llm.chat_format!r}: {e}") from None
+
+
+def prompt_cache(kind: str, capacity_bytes: int) -> Any:
+    """llama-cpp-python's prompt cache ("ram" or "disk", as its server's --cache_type) for a slot's Llama."""
+    from ..cache import LlamaDiskCache, LlamaRAMCache
+
+    return LlamaDiskCache(capacity_bytes=capacity_bytes) if kind == "disk" else LlamaRAMCache(capacity_bytes)
 
 
 def apply_chat_template(llm: Any, settings: Settings, handlers: Any) -> None:
