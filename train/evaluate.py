@@ -22,8 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from llama_dsv4.engine.context import Context
 
-from llama_dsv4 import Llama
+from llama_dsv4 import Llama, _ggml
+from llama_dsv4.model.loader import load_model
+from llama_dsv4.tokenizer import DSV4Tokenizer
 
 from . import data as D
 from .export import export
@@ -62,6 +65,23 @@ def perplexity(net: DSV4, docs: list[np.ndarray], seq: int) -> dict[str, float]:
         "top1_mtp": hits[1] / n[1],
         "tokens": n[0],
     }
+
+
+def engine_perplexity(path: str, tokens: np.ndarray, seq: int) -> float:
+    """Perplexity of the main head as our engine computes it from a GGUF, windows of `seq` tokens."""
+    nll, n = 0.0, 0
+    with load_model(path) as m:
+        ctx = Context(m, seq, n_ubatch=seq, backends=_ggml.Backends("cpu", 2))
+        for s in range(0, len(tokens) - 1, seq):
+            w = tokens[s : s + seq].astype(np.int32)
+            if len(w) < 2:
+                continue
+            ctx.reset()
+            lg = torch.from_numpy(np.asarray(ctx.eval(w, all_logits=True), np.float32))
+            nll += float(F.cross_entropy(lg[:-1], torch.from_numpy(w[1:].astype(np.int64)), reduction="sum"))
+            n += len(w) - 1
+        del ctx
+    return math.exp(nll / n)
 
 
 def last_int(text: str) -> int | None:
@@ -147,8 +167,6 @@ def main() -> None:
     tok_held = np.fromfile(os.path.join(a.data, "heldout_text.bin"), np.uint16)
     with open(os.path.join(a.data, "heldout.json")) as f:
         held = json.load(f)
-    from llama_dsv4.tokenizer import DSV4Tokenizer
-
     tk = DSV4Tokenizer(vocab)
     rng = random.Random(1)
     convs = []
@@ -160,6 +178,7 @@ def main() -> None:
     t0 = time.time()
     ppl_text = perplexity(net, [tok_held], cfg["seq"])
     ppl_conv = perplexity(net, conv_docs, 1024)
+    ppl_engine = {dt: engine_perplexity(p, tok_held, cfg["seq"]) for dt, p in paths.items()}
     sk = skills(paths[a.variant], held, a.n)
     res = {
         "params_total": total,
@@ -168,6 +187,7 @@ def main() -> None:
         "train_minutes": round(minutes, 1),
         "text": ppl_text,
         "conversations": ppl_conv,
+        "engine_ppl_text": ppl_engine,
         "skills_variant": a.variant,
         "skills": sk,
         "file_bytes": {k: os.path.getsize(v) for k, v in paths.items()},
@@ -182,6 +202,8 @@ def main() -> None:
     for label, r in (("held-out text", ppl_text), ("held-out conversations", ppl_conv)):
         print(f"| {label}: perplexity main / MTP ({r['tokens']} tokens) | {r['ppl_main']:.2f} / {r['ppl_mtp']:.2f} |")
         print(f"| {label}: top-1 main / MTP next-next token | {r['top1_main']:.3f} / {r['top1_mtp']:.3f} |")
+    print(f"| held-out text: perplexity of our engine on f32 / f16 / q8xq5 | "
+          f"{' / '.join(f'{v:.2f}' for v in ppl_engine.values())} |")  # fmt: skip
     for k, v in sk.items():
         if k != "examples":
             print(f"| {k} ({a.variant}, held out) | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")
