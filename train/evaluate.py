@@ -84,6 +84,38 @@ def engine_perplexity(path: str, tokens: np.ndarray, seq: int) -> float:
     return math.exp(nll / n)
 
 
+def routing(net: DSV4, tokens: np.ndarray, seq: int, hot: int) -> dict[str, Any]:
+    """Per routed layer on held-out text: expert usage (share of the busiest / the idlest expert), and the share of
+    routed expert uses a static hot set of the `hot` most used experts covers versus an LRU cache of `hot` experts
+    (hits while decoding token by token)."""
+    net.routes = {}
+    with torch.no_grad():
+        for s in range(0, len(tokens) - 1, seq):
+            net(torch.from_numpy(tokens[s : s + seq].astype(np.int64))[None])
+    out = {}
+    for il, chunks in sorted(net.routes.items()):
+        if net.p.is_hash_layer(il):
+            continue
+        sel = torch.cat(chunks).numpy()
+        use = np.bincount(sel.reshape(-1), minlength=net.p.n_expert) / sel.size
+        top = set(np.argsort(-use)[:hot].tolist())
+        static = float(np.isin(sel, list(top)).mean())
+        lru: list[int] = []
+        hits = 0
+        for row in sel:
+            for e in row.tolist():
+                if e in lru:
+                    hits += 1
+                    lru.remove(e)
+                lru.append(e)
+                if len(lru) > hot:
+                    lru.pop(0)
+        out[f"layer {il}"] = {"max_share": float(use.max()), "min_share": float(use.min()),
+                              "static_hot": static, "lru": hits / sel.size}  # fmt: skip
+    net.routes = None
+    return out
+
+
 def last_int(text: str) -> int | None:
     m = re.findall(r"-?\d+", text.replace(",", ""))
     return int(m[-1]) if m else None
@@ -178,6 +210,7 @@ def main() -> None:
     t0 = time.time()
     ppl_text = perplexity(net, [tok_held], cfg["seq"])
     ppl_conv = perplexity(net, conv_docs, 1024)
+    routes = routing(net, tok_held, cfg["seq"], hot=4)
     ppl_engine = {dt: engine_perplexity(p, tok_held, cfg["seq"]) for dt, p in paths.items()}
     sk = skills(paths[a.variant], held, a.n)
     res = {
@@ -188,6 +221,7 @@ def main() -> None:
         "text": ppl_text,
         "conversations": ppl_conv,
         "engine_ppl_text": ppl_engine,
+        "routing": routes,
         "skills_variant": a.variant,
         "skills": sk,
         "file_bytes": {k: os.path.getsize(v) for k, v in paths.items()},
@@ -204,6 +238,9 @@ def main() -> None:
         print(f"| {label}: top-1 main / MTP next-next token | {r['top1_main']:.3f} / {r['top1_mtp']:.3f} |")
     print(f"| held-out text: perplexity of our engine on f32 / f16 / q8xq5 | "
           f"{' / '.join(f'{v:.2f}' for v in ppl_engine.values())} |")  # fmt: skip
+    for k, v in routes.items():
+        print(f"| routing {k}: busiest / idlest expert share; 4 hot of 8 static / LRU coverage | "
+              f"{v['max_share']:.1%} / {v['min_share']:.1%}; {v['static_hot']:.1%} / {v['lru']:.1%} |")  # fmt: skip
     for k, v in sk.items():
         if k != "examples":
             print(f"| {k} ({a.variant}, held out) | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")

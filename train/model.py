@@ -77,6 +77,7 @@ class DSV4(nn.Module):
         self.p = p
         self.max_pos = max_pos
         self.exact_top_k = False  # True: the indexer breaks ties as the engine does (slow; for agreement checks)
+        self.routes: dict[int, list[Tensor]] | None = None  # a dict: each layer's expert choices [N, k] recorded
         self.w = nn.ParameterDict()
         for spec in model_tensors(p):
             v = random_values(spec, p, seed, init or Init())
@@ -248,6 +249,8 @@ class DSV4(nn.Module):
             sel = torch.topk(prob.detach() + self.t(b + "exp_probs_b.bias"), k, dim=-1).indices
             if self.training:
                 aux[f"load{il}"] = torch.bincount(sel.reshape(-1), minlength=p.n_expert)
+        if self.routes is not None:
+            self.routes.setdefault(il, []).append(sel.detach())
         wts = prob.gather(1, sel)
         if p.expert_weights_norm:
             wts = wts / wts.sum(-1, keepdim=True).clamp_min(6.103515625e-5)
