@@ -77,126 +77,31 @@ TOOLS: list[dict[str, Any]] = [
     },
 ]
 
-CITIES = tuple(
-    [
-        "Paris",
-        "London",
-        "Berlin",
-        "Madrid",
-        "Rome",
-        "Vienna",
-        "Prague",
-        "Warsaw",
-        "Lisbon",
-        "Dublin",
-        "Oslo",
-        "Stockholm",
-        "Helsinki",
-        "Copenhagen",
-        "Athens",
-        "Budapest",
-        "Brussels",
-        "Amsterdam",
-        "Zurich",
-        "Geneva",
-        "Munich",
-        "Hamburg",
-        "Milan",
-        "Naples",
-        "Barcelona",
-        "Seville",
-        "Porto",
-        "Lyon",
-        "Marseille",
-        "Tokyo",
-        "Osaka",
-        "Kyoto",
-        "Seoul",
-        "Beijing",
-        "Shanghai",
-        "Delhi",
-        "Mumbai",
-        "Bangkok",
-        "Hanoi",
-        "Manila",
-        "Jakarta",
-        "Sydney",
-        "Melbourne",
-        "Auckland",
-        "Toronto",
-        "Montreal",
-        "Vancouver",
-        "Chicago",
-        "Boston",
-        "Seattle",
-        "Denver",
-        "Austin",
-        "Miami",
-        "Atlanta",
-        "Dallas",
-        "Houston",
-        "Phoenix",
-        "Portland",
-        "Lima",
-        "Bogota",
-        "Santiago",
-        "Quito",
-        "Caracas",
-        "Havana",
-        "Cairo",
-        "Nairobi",
-        "Lagos",
-        "Accra",
-        "Dakar",
-        "Tunis",
-        "Casablanca",
-        "Istanbul",
-        "Ankara",
-        "Tehran",
-        "Baghdad",
-        "Riyadh",
-        "Dubai",
-        "Doha",
-        "Karachi",
-        "Lahore",
-        "Dhaka",
-        "Colombo",
-        "Kathmandu",
-        "Tashkent",
-        "Almaty",
-        "Kyiv",
-        "Minsk",
-        "Riga",
-    ]
+# fmt: off
+CITIES = (
+    "Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Warsaw", "Lisbon", "Dublin", "Oslo",
+    "Stockholm", "Helsinki", "Copenhagen", "Athens", "Budapest", "Brussels", "Amsterdam", "Zurich", "Geneva",
+    "Munich", "Hamburg", "Milan", "Naples", "Barcelona", "Seville", "Porto", "Lyon", "Marseille", "Tokyo", "Osaka",
+    "Kyoto", "Seoul", "Beijing", "Shanghai", "Delhi", "Mumbai", "Bangkok", "Hanoi", "Manila", "Jakarta", "Sydney",
+    "Melbourne", "Auckland", "Toronto", "Montreal", "Vancouver", "Chicago", "Boston", "Seattle", "Denver", "Austin",
+    "Miami", "Atlanta", "Dallas", "Houston", "Phoenix", "Portland", "Lima", "Bogota", "Santiago", "Quito", "Caracas",
+    "Havana", "Cairo", "Nairobi", "Lagos", "Accra", "Dakar", "Tunis", "Casablanca", "Istanbul", "Ankara", "Tehran",
+    "Baghdad", "Riyadh", "Dubai", "Doha", "Karachi", "Lahore", "Dhaka", "Colombo", "Kathmandu", "Tashkent", "Almaty",
+    "Kyiv", "Minsk", "Riga",
 )
 HELDOUT_CITIES = ("Edinburgh", "Krakow", "Valencia", "Bordeaux", "Nagoya", "Perth", "Ottawa", "Calgary", "Cusco",
-                  "Marrakesh", "Tbilisi", "Yerevan")  # fmt: skip
+                  "Marrakesh", "Tbilisi", "Yerevan")
+# fmt: on
 CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "CNY", "INR", "SEK")
 RATES = {"USD": 1.0, "EUR": 0.92, "GBP": 0.79, "JPY": 151.0, "CHF": 0.88, "CAD": 1.36, "AUD": 1.52, "CNY": 7.2,
          "INR": 83.0, "SEK": 10.4}  # fmt: skip
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "foggy", "snowy", "clear", "stormy")
-NAMES = [
-    "Alice",
-    "Bob",
-    "Carol",
-    "David",
-    "Emma",
-    "Frank",
-    "Grace",
-    "Henry",
-    "Irene",
-    "Jack",
-    "Karen",
-    "Liam",
-    "Mia",
-    "Noah",
-    "Olga",
-    "Paul",
-    "Rosa",
-    "Sam",
-    "Tina",
-    "Omar",
-]
+# fmt: off
+NAMES = (
+    "Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen", "Liam", "Mia",
+    "Noah", "Olga", "Paul", "Rosa", "Sam", "Tina", "Omar",
+)
+# fmt: on
 ITEMS = ["lamp", "chair", "kettle", "bicycle", "backpack", "notebook", "camera", "guitar", "umbrella", "blender"]
 COLORS = ["red", "blue", "green", "black", "white", "yellow", "orange", "purple"]
 
@@ -526,7 +431,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--wheels", required=True, help="folder holding gensim's wheel (pip download gensim==4.4.0)")
     ap.add_argument("--seed", type=int, default=17)
-    ap.add_argument("--synthetic", type=int, default=60000)
+    ap.add_argument("--synthetic", type=int, default=40000)
     ap.add_argument("--vocab", type=int, default=2048)
     a = ap.parse_args()
     build(a.out, a.wheels, a.seed, a.synthetic, a.vocab)
