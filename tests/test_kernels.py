@@ -165,7 +165,7 @@ def test_rope_tail_rejects_bad_shapes() -> None:
 
 
 def test_top_k_selects_the_largest_and_breaks_ties_like_the_reference() -> None:
-    from numpy_dsv4 import heap_top_k
+    from llama_dsv4.engine.topk import heap_top_k
 
     rng = np.random.default_rng(5)
     rows = rng.standard_normal((40, 300)).astype(np.float32)

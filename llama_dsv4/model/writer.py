@@ -8,6 +8,7 @@ model's parameters are DSV4Params' defaults, the initialisation is §15.3). Each
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
@@ -117,6 +118,7 @@ def write_model(
     name: str = "llama-dsv4 random deepseek4",
     attn_output_a_3d: bool = False,
     extra_kv: list[KV] | None = None,
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> list[str]:
     """Write a random-weight deepseek4 GGUF and return its path(s).
 
@@ -129,6 +131,8 @@ def write_model(
     n_shards:    > 1 splits the file as llama.cpp's gguf-split does (`path` minus .gguf + -0000i-of-0000N.gguf).
     chat_template: "default" (ours), None (no template), or a template string.
     attn_output_a_3d: store attn_output_a as {H*d/G, Ro, G} (same bytes) as some forks do.
+    weights:     given values (numpy order, the reverse of ne; float, or int32 for tid2eid) in place of random ones,
+                 for every tensor of the model (a trained model's export: train/export.py).
     """
     p = params or DSV4Params()
     init = init or Init()
@@ -158,6 +162,14 @@ def write_model(
     kvs += extra_kv or []
 
     specs = {s.name: s for s in model_tensors(p)}
+    if weights is not None:
+        missing = sorted(set(specs) - set(weights))
+        extra = sorted(set(weights) - set(specs))
+        if missing or extra:
+            raise ValueError(f"weights: missing {missing[:5]}, unknown {extra[:5]}")
+        for name, v in weights.items():
+            if int(np.prod(np.shape(v))) != int(np.prod(specs[name].ne)):
+                raise ValueError(f"weights: {name} has shape {np.shape(v)}, expected ne {specs[name].ne}")
     entries = []
     for s in specs.values():
         t = tensor_type(s, dtype)
@@ -174,6 +186,8 @@ def write_model(
         entries.append(TensorEntry(s.name, ne, int(t)))
 
     def data(e: TensorEntry) -> np.ndarray:
-        return encode(random_values(specs[e.name], p, seed, init), e.type)
+        spec = specs[e.name]
+        v = random_values(spec, p, seed, init) if weights is None else np.reshape(weights[e.name], spec.ne[::-1])
+        return encode(v, e.type)
 
     return write_gguf(path, kvs, entries, data, n_shards=n_shards)

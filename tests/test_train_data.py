@@ -1,0 +1,63 @@
+"""The training recipe's data (train/data.py): worked arithmetic that reaches the right answer, held-out problems
+never generated for training, and a trained BPE vocabulary that keeps DeepSeek V4's special tokens (no torch
+needed)."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llama_dsv4.model.vocab import CHAT_TOKENS
+from llama_dsv4.tokenizer import DSV4Tokenizer
+from train import data as D
+
+
+def column_digits(steps: str) -> int:
+    """The number the digit-by-digit working spells: each step's last digit from the units up, the last step's
+    result whole (its tens are the final carry)."""
+    results = [int(x) for x in re.findall(r"= (\d+)", steps)]
+    return sum((r % 10) * 10**i for i, r in enumerate(results[:-1])) + results[-1] * 10 ** (len(results) - 1)
+
+
+def test_worked_arithmetic_reaches_the_answer() -> None:
+    rng = random.Random(0)
+    for _ in range(3000):
+        a, op, b = D.arithmetic_problem(rng)
+        msgs, ans = D.arithmetic_messages(a, op, b, rng)
+        assert ans == {"+": a + b, "-": a - b, "*": a * b}[op]
+        steps = msgs[1]["reasoning_content"]
+        if op == "-" and a < b:
+            steps = steps.split("negate. ", 1)[1]
+        assert column_digits(steps) == abs(ans), (a, op, b, steps)
+        assert msgs[1]["content"].endswith(f"= {ans}")
+
+
+def test_held_out_problems_are_never_training_data() -> None:
+    held = D.heldout_problems(40, seed=5)
+    assert all(len(v) == 40 for v in held.values())
+    rng = random.Random(1)
+    texts = [t for k in ("arith", "tool", "json") * 700 if (t := D.synthetic(rng, k)) is not None]
+    user = "\n".join(re.findall(r"<｜User｜>(.*?)<｜Assistant｜>", "".join(texts)))
+    for a, op, b in held["arith"]:
+        assert not re.search(rf"(?<!\d){a} \{op} {b}(?!\d)", user), (a, op, b)
+    for city in D.HELDOUT_CITIES:
+        assert city not in user
+    assert len(texts) > 1800  # about 1 in 10 arithmetic and JSON problems held out
+
+
+def test_trained_vocabulary_keeps_specials_and_single_digits() -> None:
+    rng = random.Random(2)
+    texts = [t for k in ("arith", "tool", "json") * 60 if (t := D.synthetic(rng, k)) is not None]
+    vocab = D.train_vocab(texts, 600)
+    assert vocab.n_tokens <= 600
+    tok = DSV4Tokenizer(vocab)
+    chat = D.render_chat([{"role": "user", "content": "What is 417 + 285?"}], gen=True)
+    ids = tok.tokenize(chat.encode(), add_bos=False, special=True)
+    for special in ("<｜begin▁of▁sentence｜>", *CHAT_TOKENS[:2], "</think>"):
+        assert vocab.id_of(special) in ids, special
+    assert tok.detokenize(ids, special=True).decode() == chat
+    digits = [vocab.tokens[i] for i in tok.tokenize(b"417285", add_bos=False)]
+    assert digits == list("417285")

@@ -1,0 +1,81 @@
+"""The training recipe's network (train/model.py, PyTorch) against our engine: a network exported with our writer
+gives the engine's logits. Needs the training extra (`pip install ".[train]"`); run it with
+`python -m pytest -q tests/test_train_export.py`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the training extra is not installed: pip install '.[train]'")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llama_dsv4.engine.context import Context  # noqa: E402
+
+from llama_dsv4 import _ggml  # noqa: E402
+from llama_dsv4.model.loader import load_model  # noqa: E402
+from llama_dsv4.model.params import DSV4Params  # noqa: E402
+from train.export import export  # noqa: E402
+from train.model import DSV4  # noqa: E402
+
+# every path: a hash-routed SWA layer, CSA (ratio 4, indexer top-k below the visible entries), HCA (ratio 128,
+# crossed twice by 300 tokens), learned routing with the bias, and an MTP layer (exported, not run by the engine)
+PARAMS = DSV4Params(
+    n_vocab=300, n_embd=64, n_layer=4, n_nextn=1, compress_ratios=(0, 4, 128, 4, 0), hash_layer_count=1,
+    head_dim=64, rope_dim=16, q_lora_rank=32, o_group_count=2, o_lora_rank=16, sliding_window=16,
+    indexer_n_head=2, indexer_head_dim=32, indexer_top_k=4, n_expert=4, n_expert_used=2, expert_ff=64,
+    swiglu_clamp_exp=(10.0,), swiglu_clamp_shexp=(10.0,),
+)  # fmt: skip
+N_TOKENS, UBATCH = 300, 64
+
+
+def engine_logits(path: str, tokens: np.ndarray) -> np.ndarray:
+    with load_model(path) as m:
+        ctx = Context(m, 1024, n_ubatch=UBATCH, type_k="f32", backends=_ggml.Backends("cpu", 1), flash_attn=False)
+        out = [ctx.eval(tokens[i : i + UBATCH], all_logits=True) for i in range(0, len(tokens), UBATCH)]
+        del ctx
+    return np.concatenate(out)
+
+
+def test_torch_forward_equals_the_engine_on_the_exported_file(tmp_path: os.PathLike[str]) -> None:
+    """float64 torch with the engine's tie-breaking top-k vs the engine in f32 with exact attention: the bound of
+    tests/test_forward.py's exact-attention test (1e-5 of the largest logit) at every one of 300 positions."""
+    torch.manual_seed(0)
+    net = DSV4(PARAMS, seed=1).double().eval()
+    net.exact_top_k = True
+    tokens = torch.randint(0, PARAMS.n_vocab, (1, N_TOKENS))
+    with torch.no_grad():
+        ref, mtp, _ = net(tokens, mtp=True)
+    assert mtp is not None and mtp.shape == (1, N_TOKENS - 1, PARAMS.n_vocab)
+    ours = engine_logits(export(net, os.path.join(tmp_path, "t.gguf")), tokens[0].numpy().astype(np.int32))
+    ref_np = ref[0].numpy()
+    rel = np.abs(ours - ref_np).max(axis=1) / np.abs(ref_np).max(axis=1)
+    assert rel.max() <= 1e-5, (float(rel.max()), int(rel.argmax()))
+    assert (ours.argmax(1) == ref_np.argmax(1)).all()
+
+
+def test_training_step_reduces_the_loss_and_moves_the_bias() -> None:
+    """One batch, a few Adam steps: every loss is finite and falls, the indexer gets its own gradient, the routed
+    layers' selection bias moves (auxiliary-loss-free balancing)."""
+    from train.train import losses
+
+    torch.manual_seed(0)
+    net = DSV4(PARAMS, seed=2).train()
+    tokens = torch.randint(0, PARAMS.n_vocab, (1, 136))  # past the first HCA block (128)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    bias0 = net.t("blk.1.exp_probs_b.bias").clone()
+    first = None
+    for _ in range(4):
+        total, parts, aux = losses(net, tokens)
+        assert all(np.isfinite(v) for v in parts.values()), parts
+        opt.zero_grad()
+        total.backward()
+        assert net.t("blk.1.indexer.proj.weight").grad.abs().sum() > 0
+        opt.step()
+        net.update_bias(aux, 1e-3)
+        first = first or parts
+    assert parts["main"] < first["main"] and parts["mtp"] < first["mtp"], (first, parts)
+    assert not torch.equal(bias0, net.t("blk.1.exp_probs_b.bias"))

@@ -1,0 +1,441 @@
+"""The demo model's training data and vocabulary.
+
+Text: the Lee news corpus inside gensim's wheel (gensim/test/test_data/lee_background.cor, fetched with
+`pip download gensim==4.4.0 --no-deps`) and the documentation strings of Python's standard library (read from its
+sources with `ast`, nothing imported). Synthetic conversations rendered with our DeepSeek V4 chat template:
+arithmetic with a short worked thinking section, two demo tools called as DSML tool calls and then answered from
+the tool's result, and JSON objects. Held-out problems (a fixed hash split of the problem space, held-out cities)
+never appear in training data.
+
+Vocabulary: a byte-level BPE trained on this corpus with DeepSeek V4's pre-tokenizer (llama_dsv4/tokenizer.py),
+digits kept one per token (merges of digits dropped, so arithmetic is digit by digit), and DeepSeek V4's special
+tokens. `python -m train.data --out DIR` writes DIR/vocab.json, DIR/train.bin, DIR/heldout_text.bin and
+DIR/heldout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import glob
+import hashlib
+import json
+import os
+import random
+import sysconfig
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from llama_dsv4.chat.template import render
+from llama_dsv4.model.vocab import (
+    BOS_TEXT,
+    CHAT_TOKENS,
+    CONTROL,
+    EOS_TEXT,
+    NORMAL,
+    PAD_TEXT,
+    USER_DEFINED,
+    Vocab,
+    bytes_to_unicode,
+)
+from llama_dsv4.model.writer import default_chat_template
+from llama_dsv4.tokenizer import _SPLITS, DSV4Tokenizer
+
+GENSIM_WHEEL_GLOB = "gensim-4.4.0-*.whl"
+LEE = "gensim/test/test_data/lee_background.cor"
+
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city name"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "convert_currency",
+            "description": "Convert an amount of money from one currency to another.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "amount": {"type": "number", "description": "The amount to convert"},
+                    "from": {"type": "string", "description": "Currency code to convert from, e.g. USD"},
+                    "to": {"type": "string", "description": "Currency code to convert to, e.g. EUR"},
+                },
+                "required": ["amount", "from", "to"],
+            },
+        },
+    },
+]
+
+# fmt: off
+CITIES = (
+    "Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Warsaw", "Lisbon", "Dublin", "Oslo",
+    "Stockholm", "Helsinki", "Copenhagen", "Athens", "Budapest", "Brussels", "Amsterdam", "Zurich", "Geneva",
+    "Munich", "Hamburg", "Milan", "Naples", "Barcelona", "Seville", "Porto", "Lyon", "Marseille", "Tokyo", "Osaka",
+    "Kyoto", "Seoul", "Beijing", "Shanghai", "Delhi", "Mumbai", "Bangkok", "Hanoi", "Manila", "Jakarta", "Sydney",
+    "Melbourne", "Auckland", "Toronto", "Montreal", "Vancouver", "Chicago", "Boston", "Seattle", "Denver", "Austin",
+    "Miami", "Atlanta", "Dallas", "Houston", "Phoenix", "Portland", "Lima", "Bogota", "Santiago", "Quito", "Caracas",
+    "Havana", "Cairo", "Nairobi", "Lagos", "Accra", "Dakar", "Tunis", "Casablanca", "Istanbul", "Ankara", "Tehran",
+    "Baghdad", "Riyadh", "Dubai", "Doha", "Karachi", "Lahore", "Dhaka", "Colombo", "Kathmandu", "Tashkent", "Almaty",
+    "Kyiv", "Minsk", "Riga",
+)
+HELDOUT_CITIES = ("Edinburgh", "Krakow", "Valencia", "Bordeaux", "Nagoya", "Perth", "Ottawa", "Calgary", "Cusco",
+                  "Marrakesh", "Tbilisi", "Yerevan")
+# fmt: on
+CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "CNY", "INR", "SEK")
+RATES = {"USD": 1.0, "EUR": 0.92, "GBP": 0.79, "JPY": 151.0, "CHF": 0.88, "CAD": 1.36, "AUD": 1.52, "CNY": 7.2,
+         "INR": 83.0, "SEK": 10.4}  # fmt: skip
+CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "foggy", "snowy", "clear", "stormy")
+# fmt: off
+NAMES = (
+    "Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen", "Liam", "Mia",
+    "Noah", "Olga", "Paul", "Rosa", "Sam", "Tina", "Omar",
+)
+# fmt: on
+ITEMS = ["lamp", "chair", "kettle", "bicycle", "backpack", "notebook", "camera", "guitar", "umbrella", "blender"]
+COLORS = ["red", "blue", "green", "black", "white", "yellow", "orange", "purple"]
+
+
+def heldout(*key: Any) -> bool:
+    """A fixed 1-in-10 split of problems by hash: held-out problems never enter training data."""
+    return hashlib.sha256(repr(key).encode()).digest()[0] < 26
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+
+def digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
+
+
+def add_steps(a: int, b: int) -> str:
+    da, db, carry, out = digits(a), digits(b), 0, []
+    for i in range(max(len(da), len(db))):
+        x, y = da[i] if i < len(da) else 0, db[i] if i < len(db) else 0
+        s = x + y + carry
+        out.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}")
+        carry = s // 10
+    return ", ".join(out) + (", carry 1" if carry else "") + "."
+
+
+def sub_steps(a: int, b: int) -> str:
+    if a < b:
+        return f"{a} is less than {b}, so compute {b} - {a} and negate. " + sub_steps(b, a)
+    da, db, borrow, out = digits(a), digits(b), 0, []
+    for i in range(len(da)):
+        x, y, b_in = da[i], db[i] if i < len(db) else 0, borrow
+        s = x - y - b_in
+        borrow = 1 if s < 0 else 0
+        out.append(f"{x} - {y}" + (" - 1" if b_in else "") + f" = {s + 10 * borrow}" + (" borrow 1" if borrow else ""))
+    return ", ".join(out) + "."
+
+
+def mul_steps(a: int, b: int) -> str:
+    da, carry, out = digits(a), 0, []
+    for x in da:
+        s = x * b + carry
+        out.append(f"{x} * {b}" + (f" + {carry}" if carry else "") + f" = {s}")
+        carry = s // 10
+    return ", ".join(out) + "."
+
+
+OPS = {"+": (lambda a, b: a + b, add_steps), "-": (lambda a, b: a - b, sub_steps), "*": (lambda a, b: a * b, mul_steps)}
+QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Calculate {a} {op} {b}.",
+             "What's {a} {op} {b}?")  # fmt: skip
+
+
+def arithmetic_problem(rng: random.Random) -> tuple[int, str, int]:
+    op = rng.choice("++--*")
+    if op == "*":
+        return rng.randrange(2, 100), op, rng.randrange(2, 10)
+    return rng.randrange(0, 1000), op, rng.randrange(0, 1000)
+
+
+def arithmetic_messages(a: int, op: str, b: int, rng: random.Random) -> tuple[list[dict[str, Any]], int]:
+    f, steps = OPS[op]
+    ans = f(a, b)
+    q = rng.choice(QUESTIONS).format(a=a, op=op, b=b)
+    return [
+        {"role": "user", "content": q},
+        {"role": "assistant", "reasoning_content": steps(a, b), "content": f"{a} {op} {b} = {ans}"},
+    ], ans
+
+
+# ---------------------------------------------------------------------------------------------- tools
+
+WEATHER_Q = ("What's the weather in {c}?", "What is the weather like in {c} today?", "Is it raining in {c}?",
+             "How warm is it in {c} right now?", "Tell me the weather in {c}.")  # fmt: skip
+CURRENCY_Q = ("Convert {n} {f} to {t}.", "How much is {n} {f} in {t}?", "What is {n} {f} in {t}?",
+              "Please convert {n} {f} into {t}.")  # fmt: skip
+
+
+def money(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def weather_messages(city: str, rng: random.Random) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    temp, cond = rng.randrange(-10, 36), rng.choice(CONDITIONS)
+    call = {"name": "get_weather", "arguments": {"city": city}}
+    result = json.dumps({"city": city, "temperature_c": temp, "condition": cond})
+    return [
+        {"role": "user", "content": rng.choice(WEATHER_Q).format(c=city)},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+        {"role": "tool", "content": result},
+        {"role": "assistant", "content": f"It is {temp} °C and {cond} in {city}."},
+    ], call
+
+
+def currency_messages(n: int, f: str, t: str, rng: random.Random) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    call = {"name": "convert_currency", "arguments": {"amount": n, "from": f, "to": t}}
+    res = round(n / RATES[f] * RATES[t], 2)
+    return [
+        {"role": "user", "content": rng.choice(CURRENCY_Q).format(n=n, f=f, t=t)},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+        {"role": "tool", "content": json.dumps({"amount": n, "from": f, "to": t, "result": res})},
+        {"role": "assistant", "content": f"{n} {f} is {money(res)} {t}."},
+    ], call
+
+
+def tool_problem(rng: random.Random) -> tuple:
+    if rng.random() < 0.5:
+        return ("weather", rng.choice(CITIES + HELDOUT_CITIES))
+    f, t = rng.sample(CURRENCIES, 2)
+    return ("currency", rng.choice([rng.randrange(1, 1000), rng.randrange(1, 100) * 10]), f, t)
+
+
+def tool_is_heldout(prob: tuple) -> bool:
+    return prob[1] in HELDOUT_CITIES if prob[0] == "weather" else heldout(*prob)
+
+
+def tool_messages(prob: tuple, rng: random.Random) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    return weather_messages(prob[1], rng) if prob[0] == "weather" else currency_messages(*prob[1:], rng)
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+
+JSON_Q = (
+    ("person", "Give me a JSON object for a person named {name} who is {age} years old and lives in {city}.",
+     lambda r: {"name": r["name"], "age": r["age"], "city": r["city"]}),
+    ("product", "Reply with a JSON object describing a {color} {item} that costs {price} dollars.",
+     lambda r: {"item": r["item"], "color": r["color"], "price": r["price"]}),
+    ("list", "Return JSON with the key \"numbers\" holding the numbers from {lo} to {hi}.",
+     lambda r: {"numbers": list(range(r["lo"], r["hi"] + 1))}),
+)  # fmt: skip
+
+
+def json_problem(rng: random.Random) -> tuple:
+    kind = rng.randrange(len(JSON_Q))
+    lo = rng.randrange(0, 20)
+    slots = {"name": rng.choice(NAMES), "age": rng.randrange(18, 90), "city": rng.choice(CITIES),
+             "color": rng.choice(COLORS), "item": rng.choice(ITEMS), "price": rng.randrange(5, 500),
+             "lo": lo, "hi": lo + rng.randrange(2, 7)}  # fmt: skip
+    return (kind, tuple(sorted(slots.items())))
+
+
+def json_messages(prob: tuple) -> tuple[list[dict[str, Any]], Any]:
+    _, q, obj = JSON_Q[prob[0]]
+    slots = dict(prob[1])
+    value = obj(slots)
+    return [{"role": "user", "content": q.format(**slots)}, {"role": "assistant", "content": json.dumps(value)}], value
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def render_chat(messages: list[dict[str, Any]], *, tools: Any = None, thinking: bool = False, gen: bool = False) -> str:
+    """A conversation as the model sees it (with gen=True: the prompt, ending where the model starts writing)."""
+    v: dict[str, Any] = {"messages": messages, "bos_token": BOS_TEXT, "add_generation_prompt": gen,
+                         "thinking": thinking}  # fmt: skip
+    if tools:
+        v["tools"] = tools
+    return render(default_chat_template(), **v)
+
+
+def synthetic(rng: random.Random, kind: str) -> str | None:
+    """One training conversation of `kind`, or None when the drawn problem is held out."""
+    if kind == "arith":
+        a, op, b = arithmetic_problem(rng)
+        if heldout(a, op, b):
+            return None
+        msgs, _ = arithmetic_messages(a, op, b, rng)
+        thinking = rng.random() < 0.5
+        if not thinking:  # the working goes in the answer when thinking is off
+            msgs[1] = {"role": "assistant", "content": msgs[1]["reasoning_content"] + " So " + msgs[1]["content"]}
+        return render_chat(msgs, tools=TOOLS if rng.random() < 0.2 else None, thinking=thinking)
+    if kind == "tool":
+        prob = tool_problem(rng)
+        if tool_is_heldout(prob):
+            return None
+        msgs, _ = tool_messages(prob, rng)
+        return render_chat(msgs, tools=rng.sample(TOOLS, 2))
+    prob = json_problem(rng)
+    if heldout(prob):
+        return None
+    msgs, _ = json_messages(prob)
+    return render_chat(msgs, tools=TOOLS if rng.random() < 0.1 else None)
+
+
+def heldout_problems(n: int, seed: int) -> dict[str, list[Any]]:
+    """n held-out problems of each skill (never in training data)."""
+    rng = random.Random(seed)
+    out: dict[str, list[Any]] = {"arith": [], "tool": [], "json": []}
+    while min(len(v) for v in out.values()) < n:
+        p = arithmetic_problem(rng)
+        if heldout(*p) and len(out["arith"]) < n and p not in out["arith"]:
+            out["arith"].append(p)
+        t = tool_problem(rng)
+        if tool_is_heldout(t) and len(out["tool"]) < n and t not in out["tool"]:
+            out["tool"].append(t)
+        j = json_problem(rng)
+        if heldout(j) and len(out["json"]) < n and j not in out["json"]:
+            out["json"].append(j)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def lee_corpus(wheel_dir: str) -> list[str]:
+    paths = glob.glob(os.path.join(wheel_dir, GENSIM_WHEEL_GLOB))
+    if not paths:
+        raise FileNotFoundError(f"no {GENSIM_WHEEL_GLOB} in {wheel_dir}: pip download gensim==4.4.0 --no-deps -d DIR")
+    with zipfile.ZipFile(paths[0]) as z:
+        return [line.strip() for line in z.read(LEE).decode("utf-8").splitlines() if line.strip()]
+
+
+def stdlib_docstrings(limit_chars: int) -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    out, total = [], 0
+    for path in sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*", "*.py"))):
+        if "test" in path or "site-packages" in path or "idlelib" in path:
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    out.append(doc)
+                    total += len(doc)
+                    if total >= limit_chars:
+                        return out
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+
+SPECIAL_TEXTS = (BOS_TEXT, EOS_TEXT, PAD_TEXT)
+
+
+def train_vocab(texts: list[str], size: int) -> Vocab:
+    """A byte-level BPE of `size` tokens trained on `texts` with DeepSeek V4's pre-tokenizer; digits stay single."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _SPLITS]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    alphabet = list(bytes_to_unicode().values())
+    n_merges = size - len(SPECIAL_TEXTS) - 256 - len(CHAT_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=256 + n_merges * 2, initial_alphabet=alphabet, show_progress=False)
+    # the chat markup is split out so that no merge crosses a special token
+    specials = sorted(SPECIAL_TEXTS + CHAT_TOKENS, key=len, reverse=True)
+
+    def pieces() -> Any:
+        for t in texts:
+            for s in specials:
+                t = t.replace(s, "\n")
+            yield t
+
+    tk.train_from_iterator(pieces(), trainer)
+    merges = json.loads(tk.to_str())["model"]["merges"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    digit = set("0123456789")
+    have, kept, products = set(alphabet), [], []
+    for m in merges:
+        a, b = m.split(" ", 1)
+        if digit & set(a + b) or a not in have or b not in have or a + b in have:
+            continue
+        kept.append(m)
+        products.append(a + b)
+        have.add(a + b)
+        if len(kept) == n_merges:
+            break
+    tokens = list(SPECIAL_TEXTS) + alphabet + products + list(CHAT_TOKENS)
+    types = [CONTROL] * 3 + [NORMAL] * (256 + len(products))
+    types += [CONTROL if t.startswith("<｜") else USER_DEFINED for t in CHAT_TOKENS]
+    return Vocab("gpt2", "deepseek-v3", tuple(tokens), np.array(types, np.int32), tuple(kept), 0, 1, 1, False, False)
+
+
+def vocab_to_json(v: Vocab) -> dict[str, Any]:
+    return {"tokens": list(v.tokens), "types": v.token_types.tolist(), "merges": list(v.merges)}
+
+
+def vocab_from_json(d: dict[str, Any]) -> Vocab:
+    return Vocab("gpt2", "deepseek-v3", tuple(d["tokens"]), np.array(d["types"], np.int32), tuple(d["merges"]),
+                 0, 1, 1, False, False)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def build(out: str, wheel_dir: str, seed: int, n_synthetic: int, vocab_size: int) -> None:
+    rng = random.Random(seed)
+    text = lee_corpus(wheel_dir) + stdlib_docstrings(3_000_000)
+    rng.shuffle(text)
+    n_held = max(1, len(text) // 40)
+    held_text, text = text[:n_held], text[n_held:]
+    convs = []
+    kinds = ["arith"] * 5 + ["tool"] * 3 + ["json"] * 2
+    while len(convs) < n_synthetic:
+        c = synthetic(rng, rng.choice(kinds))
+        if c is not None:
+            convs.append(c)
+    vocab = train_vocab(text[:4000] + convs[:20000], vocab_size)
+    tok = DSV4Tokenizer(vocab)
+    bos, eos = vocab.bos_id, vocab.eos_id
+    docs = [[bos, *tok.tokenize(t.encode(), add_bos=False, special=True), eos] for t in text]
+    docs += [tok.tokenize(c.encode(), add_bos=False, special=True) for c in convs]
+    rng.shuffle(docs)
+    stream = np.array([t for d in docs for t in d], np.uint16)
+    held = np.array([t for d in ([bos, *tok.tokenize(t.encode(), add_bos=False), eos] for t in held_text) for t in d],
+                    np.uint16)  # fmt: skip
+    os.makedirs(out, exist_ok=True)
+    stream.tofile(os.path.join(out, "train.bin"))
+    held.tofile(os.path.join(out, "heldout_text.bin"))
+    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab_to_json(vocab), f)
+    with open(os.path.join(out, "heldout.json"), "w", encoding="utf-8") as f:
+        json.dump(heldout_problems(100, seed + 1), f)
+    n_conv_tokens = sum(len(tok.tokenize(c.encode(), add_bos=False, special=True)) for c in convs[:500]) / 500
+    print(f"vocab {vocab.n_tokens} tokens; train stream {len(stream)} tokens ({len(text)} text documents, "
+          f"{len(convs)} conversations of ~{n_conv_tokens:.0f} tokens); held-out text {len(held)} tokens")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--wheels", required=True, help="folder holding gensim's wheel (pip download gensim==4.4.0)")
+    ap.add_argument("--seed", type=int, default=17)
+    ap.add_argument("--synthetic", type=int, default=40000)
+    ap.add_argument("--vocab", type=int, default=2048)
+    a = ap.parse_args()
+    build(a.out, a.wheels, a.seed, a.synthetic, a.vocab)
+
+
+if __name__ == "__main__":
+    main()

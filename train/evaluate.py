@@ -1,0 +1,254 @@
+"""Evaluate a training run and export it: `python -m train.evaluate --run RUN --data DIR [--n 50]`.
+
+Writes RUN/model-{f32,f16,q8xq5}.gguf with our writer (the vocabulary and the DeepSeek V4 chat template included),
+then prints a table: held-out perplexity of the main head and of the MTP head (next-next token) and MTP top-1
+accuracy (the PyTorch network on held-out text and held-out conversations), and the skills on held-out problems
+run by our engine (llama_dsv4.Llama, greedy, chat completions as a user calls them: tools with tool_choice auto,
+no grammar): arithmetic accuracy per operation, tool calls with the right name and arguments, JSON answers that
+parse. The figures also go to RUN/eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from llama_dsv4.engine.context import Context
+
+from llama_dsv4 import Llama, _ggml
+from llama_dsv4.model.loader import load_model
+from llama_dsv4.tokenizer import DSV4Tokenizer
+
+from . import data as D
+from .export import export
+from .model import DSV4, count_params
+from .train import demo_params
+
+
+def load_run(run: str, data_dir: str) -> tuple[DSV4, Any]:
+    with open(os.path.join(data_dir, "vocab.json"), encoding="utf-8") as f:
+        vocab = D.vocab_from_json(json.load(f))
+    net = DSV4(demo_params(vocab.n_tokens), max_pos=1024)
+    net.load_state_dict(torch.load(os.path.join(run, "model.pt")), strict=False)
+    return net.eval(), vocab
+
+
+@torch.no_grad()
+def perplexity(net: DSV4, docs: list[np.ndarray], seq: int) -> dict[str, float]:
+    """Main and MTP (next-next token) perplexity and top-1 accuracy over windows of `seq` tokens."""
+    nll = [0.0, 0.0]
+    hits = [0, 0]
+    n = [0, 0]
+    for d in docs:
+        for s in range(0, max(1, len(d) - 2), seq):
+            w = torch.from_numpy(d[s : s + seq].astype(np.int64))[None]
+            if w.shape[1] < 3:
+                continue
+            logits, mtp, _ = net(w, mtp=True)
+            for i, (lg, tgt) in enumerate(((logits[0, :-1], w[0, 1:]), (mtp[0, :-1], w[0, 2:]))):
+                nll[i] += float(F.cross_entropy(lg, tgt, reduction="sum"))
+                hits[i] += int((lg.argmax(-1) == tgt).sum())
+                n[i] += len(tgt)
+    return {
+        "ppl_main": math.exp(nll[0] / n[0]),
+        "ppl_mtp": math.exp(nll[1] / n[1]),
+        "top1_main": hits[0] / n[0],
+        "top1_mtp": hits[1] / n[1],
+        "tokens": n[0],
+    }
+
+
+def engine_perplexity(path: str, tokens: np.ndarray, seq: int) -> float:
+    """Perplexity of the main head as our engine computes it from a GGUF, windows of `seq` tokens."""
+    nll, n = 0.0, 0
+    with load_model(path) as m:
+        ctx = Context(m, seq, n_ubatch=seq, backends=_ggml.Backends("cpu", 2))
+        for s in range(0, len(tokens) - 1, seq):
+            w = tokens[s : s + seq].astype(np.int32)
+            if len(w) < 2:
+                continue
+            ctx.reset()
+            lg = torch.from_numpy(np.asarray(ctx.eval(w, all_logits=True), np.float32))
+            nll += float(F.cross_entropy(lg[:-1], torch.from_numpy(w[1:].astype(np.int64)), reduction="sum"))
+            n += len(w) - 1
+        del ctx
+    return math.exp(nll / n)
+
+
+def routing(net: DSV4, tokens: np.ndarray, seq: int, hot: int) -> dict[str, Any]:
+    """Per routed layer on held-out text: expert usage (share of the busiest / the idlest expert), and the share of
+    routed expert uses a static hot set of the `hot` most used experts covers versus an LRU cache of `hot` experts
+    (hits while decoding token by token)."""
+    net.routes = {}
+    with torch.no_grad():
+        for s in range(0, len(tokens) - 1, seq):
+            net(torch.from_numpy(tokens[s : s + seq].astype(np.int64))[None])
+    out = {}
+    for il, chunks in sorted(net.routes.items()):
+        if net.p.is_hash_layer(il):
+            continue
+        sel = torch.cat(chunks).numpy()
+        use = np.bincount(sel.reshape(-1), minlength=net.p.n_expert) / sel.size
+        top = set(np.argsort(-use)[:hot].tolist())
+        static = float(np.isin(sel, list(top)).mean())
+        lru: list[int] = []
+        hits = 0
+        for row in sel:
+            for e in row.tolist():
+                if e in lru:
+                    hits += 1
+                    lru.remove(e)
+                lru.append(e)
+                if len(lru) > hot:
+                    lru.pop(0)
+        out[f"layer {il}"] = {"max_share": float(use.max()), "min_share": float(use.min()),
+                              "static_hot": static, "lru": hits / sel.size}  # fmt: skip
+    net.routes = None
+    return out
+
+
+def last_int(text: str) -> int | None:
+    m = re.findall(r"-?\d+", text.replace(",", ""))
+    return int(m[-1]) if m else None
+
+
+def skills(path: str, held: dict[str, list[Any]], n: int) -> dict[str, Any]:
+    llm = Llama(model_path=path, n_ctx=1024, n_threads=2, verbose=False)
+    out: dict[str, Any] = {}
+    rng = random.Random(0)
+    per_op: dict[str, list[int]] = {"+": [], "-": [], "*": []}
+    examples: dict[str, str] = {}
+    for a, op, b in held["arith"][:n]:
+        msgs, ans = D.arithmetic_messages(a, op, b, rng)
+        r = llm.create_chat_completion(messages=msgs[:1], temperature=0.0, max_tokens=120)
+        text = r["choices"][0]["message"]["content"] or ""
+        per_op[op].append(int(last_int(text) == ans))
+        examples.setdefault(f"arith {op}", f"{msgs[0]['content']} -> {text!r}")
+    for op, v in per_op.items():
+        out[f"arith {op}"] = (sum(v), len(v))
+    tool_ok = []
+    for prob in held["tool"][:n]:
+        prob = tuple(prob)
+        msgs, call = D.tool_messages(prob, rng)
+        r = llm.create_chat_completion(messages=msgs[:1], tools=D.TOOLS, tool_choice="auto", temperature=0.0,
+                                       max_tokens=120)  # fmt: skip
+        m = r["choices"][0]["message"]
+        calls = m.get("tool_calls") or []
+        ok = False
+        if calls:
+            f = calls[0]["function"]
+            try:
+                ok = f["name"] == call["name"] and json.loads(f["arguments"]) == call["arguments"]
+            except ValueError:
+                ok = False
+        tool_ok.append(int(ok))
+        examples.setdefault("tool", f"{msgs[0]['content']} -> {calls[:1] or m.get('content')!r}")
+    out["tool call"] = (sum(tool_ok), len(tool_ok))
+    parsed, exact = [], []
+    for prob in held["json"][:n]:
+        prob = (prob[0], tuple(tuple(x) for x in prob[1]))
+        msgs, value = D.json_messages(prob)
+        r = llm.create_chat_completion(messages=msgs[:1], temperature=0.0, max_tokens=120)
+        text = r["choices"][0]["message"]["content"] or ""
+        try:
+            got = json.loads(text)
+            parsed.append(1)
+            exact.append(int(got == value))
+        except ValueError:
+            parsed.append(0)
+            exact.append(0)
+        examples.setdefault("json", f"{msgs[0]['content']} -> {text!r}")
+    out["json parses"] = (sum(parsed), len(parsed))
+    out["json exact"] = (sum(exact), len(exact))
+    out["examples"] = examples
+    llm.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--n", type=int, default=50, help="held-out problems per skill")
+    ap.add_argument("--variant", default="q8xq5", help="the exported variant the skills are measured on")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    net, vocab = load_run(a.run, a.data)
+    with open(os.path.join(a.run, "config.json")) as f:
+        cfg = json.load(f)
+    done = {}
+    if os.path.exists(os.path.join(a.run, "done.json")):
+        with open(os.path.join(a.run, "done.json")) as f:
+            done = json.load(f)
+    total, active = count_params(net.p)
+    minutes = done.get("seconds", cfg["minutes"] * 60) / 60
+    name = f"llama-dsv4 demo: a {total / 1e6:.1f}M-parameter deepseek4 trained {minutes:.0f} minutes on a 2-core CPU"
+    paths = {}
+    for dt in ("f32", "f16", "q8xq5"):
+        paths[dt] = export(net, os.path.join(a.run, f"model-{dt}.gguf"), dtype=dt, vocab=vocab, name=name)
+    tok_held = np.fromfile(os.path.join(a.data, "heldout_text.bin"), np.uint16)
+    with open(os.path.join(a.data, "heldout.json")) as f:
+        held = json.load(f)
+    tk = DSV4Tokenizer(vocab)
+    rng = random.Random(1)
+    convs = []
+    for p in held["arith"][: a.n]:
+        convs.append(D.render_chat(D.arithmetic_messages(*p, rng)[0], thinking=True))
+    for p in held["tool"][: a.n]:
+        convs.append(D.render_chat(D.tool_messages(tuple(p), rng)[0], tools=D.TOOLS))
+    conv_docs = [np.array(tk.tokenize(c.encode(), add_bos=False, special=True)) for c in convs]
+    t0 = time.time()
+    ppl_text = perplexity(net, [tok_held], cfg["seq"])
+    ppl_conv = perplexity(net, conv_docs, 1024)
+    routes = routing(net, tok_held, cfg["seq"], hot=4)
+    ppl_engine = {dt: engine_perplexity(p, tok_held, cfg["seq"]) for dt, p in paths.items()}
+    sk = skills(paths[a.variant], held, a.n)
+    res = {
+        "params_total": total,
+        "params_active": active,
+        "tokens_seen": done.get("tokens"),
+        "train_minutes": round(minutes, 1),
+        "text": ppl_text,
+        "conversations": ppl_conv,
+        "engine_ppl_text": ppl_engine,
+        "routing": routes,
+        "skills_variant": a.variant,
+        "skills": sk,
+        "file_bytes": {k: os.path.getsize(v) for k, v in paths.items()},
+        "eval_seconds": round(time.time() - t0),
+    }
+    with open(os.path.join(a.run, "eval.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"| {name} | |")
+    print("|---|---|")
+    print(f"| parameters (total / active per token, MTP layer included) | {total:,} / {active:,} |")
+    print(f"| tokens seen / wall time | {res['tokens_seen']} / {minutes:.1f} min |")
+    for label, r in (("held-out text", ppl_text), ("held-out conversations", ppl_conv)):
+        print(f"| {label}: perplexity main / MTP ({r['tokens']} tokens) | {r['ppl_main']:.2f} / {r['ppl_mtp']:.2f} |")
+        print(f"| {label}: top-1 main / MTP next-next token | {r['top1_main']:.3f} / {r['top1_mtp']:.3f} |")
+    print(f"| held-out text: perplexity of our engine on f32 / f16 / q8xq5 | "
+          f"{' / '.join(f'{v:.2f}' for v in ppl_engine.values())} |")  # fmt: skip
+    for k, v in routes.items():
+        print(f"| routing {k}: busiest / idlest expert share; 4 hot of 8 static / LRU coverage | "
+              f"{v['max_share']:.1%} / {v['min_share']:.1%}; {v['static_hot']:.1%} / {v['lru']:.1%} |")  # fmt: skip
+    for k, v in sk.items():
+        if k != "examples":
+            print(f"| {k} ({a.variant}, held out) | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")
+    for k, v in res["file_bytes"].items():
+        print(f"| file size {k} | {v / 1e6:.1f} MB |")
+    for k, v in sk["examples"].items():
+        print(f"example {k}: {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Train the demo deepseek4 network on the CPU: `python -m train.train --data DIR --out RUN --minutes M`.
+
+Random windows of `--seq` tokens from DIR/train.bin (train/data.py); AdamW with warmup and cosine decay; the loss is
+the main next-token cross-entropy + `--mtp-weight` x the MTP layer's next-next-token cross-entropy + the lightning
+indexer's distillation KL (its own parameters only); after each step the routed layers' selection bias moves by
+`--bias-rate` (auxiliary-loss-free balancing). Every `--log-every` steps a row goes to RUN/loss.csv and the weights
+to RUN/model.pt, so a run stopped at any time leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llama_dsv4.model.params import DSV4Params
+
+from .model import DSV4, count_params
+
+
+def demo_params(n_vocab: int) -> DSV4Params:
+    """The demo model: every deepseek4 path (a hash-routed sliding-window layer, CSA with the indexer, HCA, learned
+    routing with the bias, an MTP layer), sized for a 2-core CPU; n_embd and expert_ff are multiples of 256 so the
+    Q8xQ5 variant (Q5_K experts) exists."""
+    return DSV4Params(
+        n_vocab=n_vocab, n_ctx_train=4096, n_embd=256, n_layer=4, n_nextn=1, compress_ratios=(0, 4, 128, 4, 0),
+        hash_layer_count=1, n_head=4, head_dim=64, rope_dim=16, q_lora_rank=64, o_group_count=2, o_lora_rank=64,
+        sliding_window=64, indexer_n_head=2, indexer_head_dim=64, indexer_top_k=8, n_expert=8, n_expert_used=2,
+        expert_ff=256, n_expert_shared=1, swiglu_clamp_exp=(10.0,), swiglu_clamp_shexp=(10.0,),
+    )  # fmt: skip
+
+
+def losses(net: DSV4, tokens: torch.Tensor, mtp_weight: float = 0.3) -> tuple[torch.Tensor, dict[str, float], Any]:
+    """(total loss, its parts as floats, aux) for a batch [B, T]."""
+    logits, mtp, aux = net(tokens, mtp=True)
+    V = logits.shape[-1]
+    main = F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
+    total = main
+    parts = {"main": float(main.detach())}
+    if mtp is not None:
+        m = F.cross_entropy(mtp[:, :-1].reshape(-1, V), tokens[:, 2:].reshape(-1))
+        total = total + mtp_weight * m
+        parts["mtp"] = float(m.detach())
+    if "indexer" in aux:
+        total = total + aux["indexer"]
+        parts["indexer"] = float(aux["indexer"].detach())
+    return total, parts, aux
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--minutes", type=float, required=True)
+    ap.add_argument("--seed", type=int, default=17)
+    ap.add_argument("--seq", type=int, default=448)
+    ap.add_argument("--batch", type=int, default=9)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--mtp-weight", type=float, default=0.3)
+    ap.add_argument("--bias-rate", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--est-step-s", type=float, default=3.0, help="a first guess of a step's time, for the schedule")
+    a = ap.parse_args()
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    data = np.fromfile(os.path.join(a.data, "train.bin"), np.uint16).astype(np.int64)
+    with open(os.path.join(a.data, "vocab.json"), encoding="utf-8") as f:
+        n_vocab = len(json.load(f)["tokens"])
+    p = demo_params(n_vocab)
+    net = DSV4(p, seed=a.seed, max_pos=a.seq).train()
+    with torch.no_grad():  # training starts with a neutral selection bias
+        for il in range(p.hash_layer_count, p.block_count):
+            net.t(f"blk.{il}.exp_probs_b.bias").zero_()
+    decay = [w for w in net.parameters() if w.dim() >= 2]
+    other = [w for w in net.parameters() if w.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95)
+    )
+    os.makedirs(a.out, exist_ok=True)
+    total_p, active_p = count_params(p)
+    with open(os.path.join(a.out, "config.json"), "w") as f:
+        json.dump({**vars(a), "params_total": total_p, "params_active": active_p}, f, indent=1)
+    budget = a.minutes * 60
+    t0 = time.time()
+    est_steps = max(1, int(budget / a.est_step_s))
+    step, tokens_seen = 0, 0
+    log = open(os.path.join(a.out, "loss.csv"), "w", newline="")  # noqa: SIM115 (written throughout the run)
+    w = csv.writer(log)
+    w.writerow(["step", "tokens", "seconds", "lr", "main", "mtp", "indexer"])
+    acc: dict[str, list[float]] = {}
+    while time.time() - t0 < budget:
+        elapsed = time.time() - t0
+        if step >= 20:  # the cosine schedule follows the measured speed: it ends when the time does
+            est_steps = max(step + 1, int(step * budget / elapsed))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1, step / est_steps)))
+        lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * cosine)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        starts = rng.integers(0, len(data) - a.seq, a.batch)
+        batch = torch.from_numpy(np.stack([data[s : s + a.seq] for s in starts]))
+        total, parts, aux = losses(net, batch, a.mtp_weight)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        net.update_bias(aux, a.bias_rate)
+        step += 1
+        tokens_seen += batch.numel()
+        for k, v in parts.items():
+            acc.setdefault(k, []).append(v)
+        if step % a.log_every == 0:
+            row = [step, tokens_seen, round(time.time() - t0, 1), f"{lr:.2e}"]
+            row += [f"{np.mean(acc[k]):.4f}" if k in acc else "" for k in ("main", "mtp", "indexer")]
+            w.writerow(row)
+            log.flush()
+            print(*row, flush=True)
+            acc = {}
+            torch.save(net.state_dict(), os.path.join(a.out, "model.pt.tmp"))
+            os.replace(os.path.join(a.out, "model.pt.tmp"), os.path.join(a.out, "model.pt"))
+    torch.save(net.state_dict(), os.path.join(a.out, "model.pt"))
+    with open(os.path.join(a.out, "done.json"), "w") as f:
+        json.dump({"steps": step, "tokens": tokens_seen, "seconds": round(time.time() - t0, 1)}, f)
+    log.close()
+    print(f"done: {step} steps, {tokens_seen} tokens, {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
