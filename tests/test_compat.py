@@ -90,5 +90,5 @@ def test_image_chat_handlers_import_and_say_why_they_cannot_apply(alias: object)
     from llama_cpp.llama_chat_format import Llava15ChatHandler  # Haystack's chat generator imports it
 
     assert llama_chat_format.Llava15ChatHandler is Llava15ChatHandler
-    with pytest.raises(ValueError, match="text-only"):
+    with pytest.raises(llama_chat_format.ChatFormatUnavailable, match="no vision input"):
         Llava15ChatHandler(clip_model_path="mmproj.gguf")

@@ -113,7 +113,7 @@ class DSV4(nn.Module):
                 t = self.t(name)
                 t.copy_(torch.from_numpy(np.asarray(v)).reshape(t.shape).to(t.dtype))
 
-    # ---- hyper-connections (spec 3.4-3.6)
+    # ---- hyper-connections (docs/architecture.md §7)
     def hc_pre(self, S: Tensor, pre: str) -> tuple[Tensor, Tensor, Tensor]:
         p = self.p
         hc = p.hc_mult
@@ -140,7 +140,7 @@ class DSV4(nn.Module):
         a = torch.sigmoid(mix * self.t("output_hc_scale.weight")[0] + self.t("output_hc_base.weight")) + p.hc_eps
         return torch.einsum("...sd,...s->...d", S, a)
 
-    # ---- compressors (spec 3.7.3): every complete block of the batch's sequences at once
+    # ---- compressors (docs/architecture.md §8.3): every complete block of the batch's sequences at once
     def compress(self, il: int, x: Tensor, pre: str, width: int) -> Tensor:
         p = self.p
         R = p.ratio(il)
@@ -158,7 +158,7 @@ class DSV4(nn.Module):
         starts = torch.arange(nb) * R
         return rope(e, getattr(self, f"cos{il}")[starts], getattr(self, f"sin{il}")[starts], p.rope_dim)
 
-    # ---- attention (spec 3.7)
+    # ---- attention (docs/architecture.md §8)
     def attention(self, il: int, x: Tensor, aux: dict[str, Tensor]) -> Tensor:
         p = self.p
         b = f"blk.{il}."
@@ -235,7 +235,7 @@ class DSV4(nn.Module):
             aux["indexer"] = aux.get("indexer", 0) + kl[:, any_vis].mean()
         return sel
 
-    # ---- mixture of experts (spec 3.8)
+    # ---- mixture of experts (docs/architecture.md §9)
     def moe(self, il: int, x: Tensor, tok: Tensor, aux: dict[str, Tensor]) -> Tensor:
         p = self.p
         b = f"blk.{il}."

@@ -354,10 +354,12 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
 
 
 def _check_chat_format(llm: Any, handlers: Any) -> None:
+    from ..chat.registry import LlamaChatCompletionHandlerNotFoundException
+
     """A chat format that names no handler fails when the model loads (a ValueError), not at the first chat."""
     try:
         handlers._resolve(llm)
-    except handlers.LlamaChatCompletionHandlerNotFoundException as e:
+    except LlamaChatCompletionHandlerNotFoundException as e:
         raise ValueError(f"chat format {llm.chat_format!r}: {e}") from None
 
 
