@@ -21,10 +21,10 @@ import tempfile
 import time
 
 from llama_dsv4 import Llama, LlamaGrammar
-from llama_dsv4.chat.constrained import GrammarState
 from llama_dsv4.grammar import JSON_GBNF
 from llama_dsv4.model.params import DSV4Params
 from llama_dsv4.model.writer import write_model
+from llama_dsv4.sampling.constrained import GrammarState
 
 PROMPT = "Reply with a JSON object describing a cat:"
 

@@ -32,7 +32,7 @@ def grammar_state(llama: Llama, grammar: Any) -> Any:
     """The constrained-decoding state for a LlamaGrammar (None without one)."""
     if grammar is None:
         return None
-    from .chat import constrained
+    from .sampling import constrained
 
     return constrained.grammar_state(llama, grammar)
 
@@ -76,7 +76,7 @@ def text_tokens(
     """The tokens of prompt text (no BOS) in the model's vocabulary. A text that cannot fit the context (with
     `n_other` more tokens in its prompt, and others not counted yet if `more`) raises the context error before it
     is tokenized whole: its bytes bound its token count from below, and tokenizing stops once the count is over."""
-    tok = tok or llama._require_vocab()
+    tok = tok or llama.dsv4_tokenizer
     n_ctx = llama.n_ctx()
     try:
         return tok.tokenize(text.encode("utf-8"), add_bos=False, special=special, limit=n_ctx - 1 - n_other)
@@ -89,7 +89,7 @@ def _prompt_tokens(llama: Llama, prompt: str | list[int], suffix: str | None) ->
         return check_token_ids(prompt, llama.n_vocab())
     if not isinstance(prompt, (str, list, tuple, np.ndarray)):
         raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    tok = llama._require_vocab()
+    tok = llama.dsv4_tokenizer
     v = tok.vocab
     if suffix is None:
         head = [v.bos_id] if v.add_bos and v.bos_id is not None else []

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .chat.grammar_bounds import MAX_GBNF_CHARS
+from .sampling.grammar_bounds import MAX_GBNF_CHARS
 
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
 
@@ -45,7 +45,7 @@ class LlamaGrammar:
 
     def _llguidance(self) -> str:
         if self._compiled is None:
-            from .chat import constrained
+            from .sampling import constrained
 
             self._compiled = constrained.from_gbnf(self._grammar)
         return self._compiled
@@ -53,7 +53,7 @@ class LlamaGrammar:
     @classmethod
     def from_string(cls, grammar: str, verbose: bool = True) -> LlamaGrammar:
         """A grammar in llama.cpp's GBNF dialect (checked now: ValueError when it does not compile or is beyond
-        the bounds of llama_dsv4.chat.grammar_bounds)."""
+        the bounds of llama_dsv4.sampling.grammar_bounds)."""
         if not isinstance(grammar, str):
             raise TypeError(f"a GBNF grammar is a string, got {type(grammar).__name__}")
         g = cls(_grammar=grammar)
@@ -74,8 +74,8 @@ class LlamaGrammar:
     @classmethod
     def from_json_schema(cls, json_schema: str | dict[str, Any], verbose: bool = True) -> LlamaGrammar:
         """Output that validates against a JSON schema ($defs/$ref, anyOf, enums, bounds...); checked now:
-        ValueError when it does not compile or is beyond the bounds of llama_dsv4.chat.grammar_bounds."""
-        from .chat import constrained
+        ValueError when it does not compile or is beyond the bounds of llama_dsv4.sampling.grammar_bounds."""
+        from .sampling import constrained
 
         compiled = constrained.from_json_schema(json_schema)  # bounded first: then it is safe to write out
         text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)

@@ -484,7 +484,10 @@ class Llama:
         """Merge the routing statistics into their file now (also done periodically and at close)."""
         return self._moe.save() if self._moe is not None else False
 
-    def _require_vocab(self) -> DSV4Tokenizer:
+    @property
+    def dsv4_tokenizer(self) -> DSV4Tokenizer:
+        """The model's own tokenizer (llama_dsv4.tokenizer.DSV4Tokenizer: bounded tokenization, token pieces, the
+        vocabulary). ValueError when the model file has no vocabulary, or once closed."""
         self._check_open()
         if self._dsv4_tokenizer is None:
             raise ValueError(f"{self.model_path} has no tokenizer (tokenizer.ggml.model = no_vocab); pass token ids")

@@ -264,7 +264,7 @@ class LlamaTokenizer(BaseLlamaTokenizer):
         llama = self._llama()
         if llama is None:
             raise ValueError("the Llama of this tokenizer has been closed")
-        return llama._require_vocab()  # type: ignore[attr-defined]
+        return llama.dsv4_tokenizer  # type: ignore[attr-defined]
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
         return self._tok().tokenize(text, add_bos=add_bos, special=special)

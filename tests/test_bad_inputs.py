@@ -199,7 +199,7 @@ def test_prompts_far_over_the_context_are_refused_before_tokenizing(real_vocab_p
 
     big = "word " * 800_000
     with Llama(real_vocab_path, n_ctx=64, n_threads=1, verbose=False) as m:
-        tok = m._require_vocab()
+        tok = m.dsv4_tokenizer
         spies = EncodeSpy(tok._special), EncodeSpy(tok._plain_tokenizer())
         monkeypatch.setattr(tok, "_special", spies[0])
         monkeypatch.setattr(tok, "_plain", spies[1])

@@ -315,7 +315,7 @@ def test_required_and_named_tool_choice_always_parse(small: Llama) -> None:
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
     """A schema as clients write them: objects mostly without additionalProperties, integers and numbers mostly
     without bounds, arrays without maxItems; strings bounded (maxLength, pattern, format or enum), as a free
-    string is as long as the model makes it (chat/json_limits.py)."""
+    string is as long as the model makes it (sampling/json_limits.py)."""
     kinds = ["integer", "number", "boolean", "enum", "string", "nullable", "array"] + (["object"] if depth < 2 else [])
     kind = rng.choice(kinds)
     if kind == "integer":
@@ -357,7 +357,7 @@ def fifty_random_schemas() -> list[dict]:
 @pytest.mark.parametrize("model", ["small", "llm"])
 def test_fifty_random_schemas_end_and_validate(model: str, request: pytest.FixtureRequest) -> None:
     """Issue 14 item 5: undeclared keys and runaway digits kept a random model writing until max_tokens: before
-    chat/json_limits.py, 38 of these 50 closed on `small` and 16 of 50 with the real vocabulary."""
+    sampling/json_limits.py, 38 of these 50 closed on `small` and 16 of 50 with the real vocabulary."""
     llama = request.getfixturevalue(model)
     for i, schema in enumerate(fifty_random_schemas()):
         fmt = (
@@ -465,7 +465,7 @@ def test_rendering_stops_at_what_the_context_can_hold(tmp_path: os.PathLike[str]
     with pytest.raises(ValueError, match="more than a context of 256 tokens can hold"):
         llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1)
     assert time.perf_counter() - t0 < 5  # it stops at 256 x the longest piece (29 bytes here)
-    tok = llm._require_vocab()
+    tok = llm.dsv4_tokenizer
     assert tok.max_token_bytes == max(len(tok.piece(i, special=True)) for i in range(tok.n_tokens))
 
 

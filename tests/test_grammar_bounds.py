@@ -15,7 +15,8 @@ import pytest
 
 from llama_dsv4 import LlamaGrammar
 from llama_dsv4.chat import dsml
-from llama_dsv4.chat.grammar_bounds import (
+from llama_dsv4.grammar import ARITHMETIC_GBNF, JSON_GBNF, LIST_GBNF
+from llama_dsv4.sampling.grammar_bounds import (
     MAX_DEPTH,
     MAX_GBNF_CHARS,
     MAX_GBNF_RULES,
@@ -25,7 +26,6 @@ from llama_dsv4.chat.grammar_bounds import (
     clean_message,
     longest_path,
 )
-from llama_dsv4.grammar import ARITHMETIC_GBNF, JSON_GBNF, LIST_GBNF
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,8 +90,8 @@ def test_the_compiler_runs_on_a_large_stack() -> None:
         import sys, threading
         sys.path.insert(0, sys.argv[1])
         from hostile_grammars import object_chain
-        import llama_dsv4.chat.grammar_bounds as bounds
-        from llama_dsv4.chat import constrained
+        import llama_dsv4.sampling.grammar_bounds as bounds
+        from llama_dsv4.sampling import constrained
         bounds.MAX_DEPTH = 10**9
         threading.stack_size(8 << 20)  # an ordinary thread's stack, as the server's slots have
         t = threading.Thread(target=constrained.from_json_schema, args=(object_chain(1500),))

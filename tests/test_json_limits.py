@@ -1,4 +1,4 @@
-"""Structured output that ends (issue 14 item 5, chat/json_limits.py): objects take no undeclared keys unless the
+"""Structured output that ends (issue 14 item 5, sampling/json_limits.py): objects take no undeclared keys unless the
 schema allows them, each part of a number has at most 16 digits, whitespace is bounded, strings are not; through
 the grammar state, LlamaGrammar.from_json_schema and create_chat_completion's response_format (the server's:
 tests/test_server.py::test_structured_output_ends_through_the_server)."""
@@ -15,9 +15,10 @@ import pytest
 from conftest import MICRO
 
 from llama_dsv4 import Llama, LlamaGrammar, LogitsProcessorList
-from llama_dsv4.chat import constrained, dsml
-from llama_dsv4.chat.json_limits import MAX_NUMBER_DIGITS, closed_objects, digit_table, is_json_grammar
+from llama_dsv4.chat import dsml
 from llama_dsv4.model.writer import write_model
+from llama_dsv4.sampling import constrained
+from llama_dsv4.sampling.json_limits import MAX_NUMBER_DIGITS, closed_objects, digit_table, is_json_grammar
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -30,7 +31,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Llama:
 
 def accepts(llm: Llama, schema: Any, text: str) -> bool:
     """Whether constrained decoding on `schema` can write `text` (in its tokens) and then end."""
-    state = constrained.GrammarState(llm._require_vocab(), constrained.from_json_schema(schema))
+    state = constrained.GrammarState(llm.dsv4_tokenizer, constrained.from_json_schema(schema))
     for t in llm.tokenize(text.encode(), add_bos=False):
         if not state.allowed()[t]:
             return False
@@ -122,11 +123,11 @@ def test_tool_call_arguments_take_no_undeclared_keys() -> None:
 
 def digits_after(llm: Llama, schema: dict, prefix: str) -> np.ndarray:
     """Boolean [n_vocab]: which tokens that begin with a digit the grammar allows after `prefix`."""
-    state = constrained.GrammarState(llm._require_vocab(), constrained.from_json_schema(schema))
+    state = constrained.GrammarState(llm.dsv4_tokenizer, constrained.from_json_schema(schema))
     for t in llm.tokenize(prefix.encode(), add_bos=False):
         assert state.allowed()[t], prefix
         state.accept(t)
-    return state.allowed() & (digit_table(llm._require_vocab()).lead > 0)
+    return state.allowed() & (digit_table(llm.dsv4_tokenizer).lead > 0)
 
 
 @pytest.mark.parametrize("part", ["", "1.", "-1.5e", "1E+"])
@@ -155,7 +156,7 @@ def test_numbers_end_when_the_model_wants_digits(small: Llama) -> None:
         "properties": {"i": {"type": "integer"}, "x": {"type": "number"}},
         "required": ["i", "x"],
     }
-    digits = bias(small, digit_table(small._require_vocab()).lead > 0, 30.0)
+    digits = bias(small, digit_table(small.dsv4_tokenizer).lead > 0, 30.0)
     for seed in range(3):
         r = small.create_chat_completion(
             [{"role": "user", "content": "JSON"}],
@@ -201,7 +202,7 @@ def test_whitespace_is_bounded(small: Llama, text: str, ok: bool) -> None:
 def test_a_free_string_has_no_bound_and_a_cut_answer_says_length(small: Llama) -> None:
     schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
     assert accepts(small, schema, '{"s":"' + "long text " * 500 + '"}')
-    tok = small._require_vocab()
+    tok = small.dsv4_tokenizer
     quotes = np.array([b'"' in tok.piece(i) for i in range(tok.n_tokens)])
     r = small.create_chat_completion(
         [{"role": "user", "content": "JSON"}],

@@ -332,7 +332,7 @@ def test_tools_and_structured_output(client: Any) -> None:
 
 def test_structured_output_ends_through_the_server(client: Any) -> None:
     """Issue 14 item 5: a schema as pydantic writes it (no additionalProperties, numbers without bounds) ends on the
-    random model: no undeclared keys, at most 16 digits per number part (chat/json_limits.py)."""
+    random model: no undeclared keys, at most 16 digits per number part (sampling/json_limits.py)."""
     item = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}}, "required": ["n"]}
     schema = {
         "$defs": {"Item": item},

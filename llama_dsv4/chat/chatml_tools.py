@@ -16,9 +16,10 @@ import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import constrained, handlers
+from ..sampling import constrained
+from ..sampling.grammar_bounds import MAX_SCHEMA_CHARS, GrammarError, check_json_schema
+from . import handlers
 from .formatter import COMPLETION_PARAMS, chunk, tool_calls_response
-from .grammar_bounds import MAX_SCHEMA_CHARS, GrammarError, check_json_schema
 
 if TYPE_CHECKING:
     from ..llama import Llama

@@ -17,8 +17,8 @@ import json
 import re
 from typing import Any
 
-from .grammar_bounds import MAX_SCHEMA_CHARS, GrammarError, check_json_schema
-from .json_limits import with_limits
+from ..sampling.grammar_bounds import MAX_SCHEMA_CHARS, GrammarError, check_json_schema
+from ..sampling.json_limits import with_limits
 
 DSML = "｜DSML｜"
 CALLS_OPEN = f"<{DSML}tool_calls>"

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..grammar import LlamaGrammar
 from ..logprobs import chat_logprobs
-from ..sampling import StoppingCriteriaList
-from . import constrained, handlers
+from ..sampling import StoppingCriteriaList, constrained
+from . import handlers
 from . import template as tmpl
 from .registry import LlamaChatCompletionHandler, LlamaChatCompletionHandlerRegistry
 

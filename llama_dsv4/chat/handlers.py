@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 from ..completion import text_tokens
 from ..grammar import LlamaGrammar
 from ..logprobs import chat_logprobs
+from ..sampling import constrained
 from ..tokenizer import LlamaTokenizer
-from . import constrained, dsml
+from . import dsml
 from . import template as tmpl
 from .parser import OutputParser
 from .registry import ChatFormatRegistry
@@ -141,7 +142,7 @@ class TemplateChatHandler:
     def render(self, llama: Llama, messages: list[dict[str, Any]], variables: dict[str, Any]) -> str:
         """The prompt; rendering stops once it is longer than the context could hold (n_ctx tokens of the
         vocabulary's longest piece), so a template cannot print more than the tokenizer could be asked to read."""
-        tok = llama._require_vocab()
+        tok = llama.dsv4_tokenizer
         v = tok.vocab
         limit = llama.n_ctx() * tok.max_token_bytes
         variables = {
@@ -225,7 +226,7 @@ def prompt_tokens(llama: Llama, prompt: str, add_bos: bool = False) -> list[int]
     vocabulary asks for one; a prompt that cannot fit the context is refused before it is tokenized whole."""
     if not isinstance(llama.tokenizer_, LlamaTokenizer):  # the tokenizer the caller gave the Llama
         return llama.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
-    v = llama._require_vocab().vocab
+    v = llama.dsv4_tokenizer.vocab
     head = [v.bos_id] if add_bos and v.add_bos and v.bos_id is not None else []
     return [*head, *text_tokens(llama, prompt, special=True, n_other=len(head))]
 
@@ -368,7 +369,7 @@ def template_from_file(llama: Llama, path: str) -> None:
     llama.chat_format = "chat_template.file"
 
 
-def _resolve(llama: Llama) -> Callable[..., Any]:
+def resolve_handler(llama: Llama) -> Callable[..., Any]:
     if llama.chat_handler is not None:
         return llama.chat_handler
     return llama.chat_formats.get_chat_completion_handler_by_name(llama.chat_format)
@@ -413,7 +414,7 @@ def create_chat_completion(
     drop_thinking=False, ...) and `chat_template_kwargs` become template variables. parallel_tool_calls=False
     (OpenAI's) returns at most one tool call. An answer cut by max_tokens inside a tool call ends with
     finish_reason "length", its unfinished markup dropped (the calls completed before the cut are kept)."""
-    handler = _resolve(llama)
+    handler = resolve_handler(llama)
     common = dict(
         llama=llama,
         messages=messages,

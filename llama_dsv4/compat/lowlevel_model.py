@@ -190,7 +190,7 @@ llama_n_layer, llama_n_head = llama_model_n_layer, llama_model_n_head
 def _vocab(vocab: Any) -> Any:
     """The Llama of a vocab (or model) handle, after checking it has a tokenizer."""
     llm = _llama(vocab, _VOCAB)
-    llm._require_vocab()
+    llm.dsv4_tokenizer  # noqa: B018 - raises without a vocabulary
     return llm
 
 
@@ -318,7 +318,7 @@ def llama_tokenize(
 ) -> int:
     """Tokenize text[:text_len] into `tokens` (a ctypes int32 array of at least n_tokens_max); returns the count,
     or minus the count needed when n_tokens_max is too small (nothing written)."""
-    tok = _vocab(vocab)._require_vocab()
+    tok = _vocab(vocab).dsv4_tokenizer
     n_max = _limit(n_tokens_max, "n_tokens_max")
     cbuffers.check_writable(tokens, n_max, 4, "tokens")
     data = cbuffers.read_bytes(text, text_len, "text")
@@ -335,7 +335,7 @@ def llama_token_to_piece(vocab: int, token: int, buf: Any, length: int, lstrip: 
     llm = _vocab(vocab)
     length = _limit(length, "length")
     cbuffers.check_writable(buf, length, 1, "buf")
-    piece = llm._require_vocab().piece(_token(llm, token), special=bool(special))
+    piece = llm.dsv4_tokenizer.piece(_token(llm, token), special=bool(special))
     strip = _limit(lstrip, "lstrip")
     while strip > 0 and piece[:1] == b" ":
         piece, strip = piece[1:], strip - 1
@@ -365,7 +365,7 @@ def llama_detokenize(
         ids = ids[1:]
     if remove_special and ids and v.add_eos and ids[-1] == v.eos_id:
         ids = ids[:-1]
-    data = llm._require_vocab().detokenize(ids, special=bool(unparse_special))
+    data = llm.dsv4_tokenizer.detokenize(ids, special=bool(unparse_special))
     if len(data) > n_max:
         return -len(data)
     cbuffers.write_bytes(text, n_max, data, "text")

@@ -665,7 +665,7 @@ def create_app(
 def _tokens(llm: Any, text: str, add_bos: bool, special: bool, limit: int, with_pieces: bool, key: str) -> bytes:
     """/tokenize's answer as JSON: {key: the ids of `text`, or {id, piece} objects} or {"count": how many};
     TooManyTokens past `limit`."""
-    ids = llm._require_vocab().tokenize(text.encode("utf-8"), add_bos=add_bos, special=special, limit=limit)
+    ids = llm.dsv4_tokenizer.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special, limit=limit)
     if key == "count":
         answer: dict[str, Any] = {"count": len(ids)}
     elif not with_pieces:
@@ -692,8 +692,9 @@ def _response_format(rf: Any) -> Any:
 def _constraints(gbnf: str | None, response_format: Any) -> Any:
     """A request's GBNF grammar as a compiled LlamaGrammar (or None); its JSON schema, if any, bounded (it is
     compiled with the prompt)."""
-    from ..chat import constrained, handlers
+    from ..chat import handlers
     from ..grammar import LlamaGrammar
+    from ..sampling import constrained
 
     if response_format is not None:
         wanted, schema = handlers.schema_of(response_format)

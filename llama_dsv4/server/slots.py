@@ -358,7 +358,7 @@ def _check_chat_format(llm: Any, handlers: Any) -> None:
 
     """A chat format that names no handler fails when the model loads (a ValueError), not at the first chat."""
     try:
-        handlers._resolve(llm)
+        handlers.resolve_handler(llm)
     except LlamaChatCompletionHandlerNotFoundException as e:
         raise ValueError(f"chat format {llm.chat_format!r}: {e}") from None
 

@@ -1,7 +1,7 @@
 """Constrained decoding on llguidance (PyPI `llguidance`): GBNF grammars, JSON schemas, and the DSML tool-call
 grammar of chat, applied token by token as a mask on the logits.
 
-What reaches llguidance is bounded first (chat/grammar_bounds.py: depth, size, rules), its compiler runs on a
+What reaches llguidance is bounded first (sampling/grammar_bounds.py: depth, size, rules), its compiler runs on a
 thread with a large stack, and its messages are cleaned (no Rust backtrace reaches a client).
 
 The model's vocabulary is handed to llguidance once per tokenizer (byte strings of every token; control tokens are
@@ -201,6 +201,6 @@ class GrammarState:
 
 def grammar_state(llama: Llama, grammar: Any) -> GrammarState:
     """The state for a LlamaGrammar (or a compiled llguidance grammar string)."""
-    tok = llama._require_vocab()
+    tok = llama.dsv4_tokenizer
     source = grammar if isinstance(grammar, str) else grammar._llguidance()
     return GrammarState(tok, source)
