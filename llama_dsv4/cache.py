@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .llama import LlamaState
+    from .state import LlamaState
 
 
 def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -28,15 +28,6 @@ if TYPE_CHECKING:
     from .llama import Llama
 
 
-def grammar_state(llama: Llama, grammar: Any) -> Any:
-    """The constrained-decoding state for a LlamaGrammar (None without one)."""
-    if grammar is None:
-        return None
-    from .sampling import constrained
-
-    return constrained.grammar_state(llama, grammar)
-
-
 def _incomplete_tail(b: bytes) -> int:
     """How many bytes at the end of `b` are the start of a UTF-8 character that is not complete yet."""
     for k in range(1, min(4, len(b)) + 1):
@@ -125,7 +116,7 @@ def prompt_tokens_of(llama: Llama, prompt: str | list[int], suffix: str | None =
 
 def create_completion(llama: Llama, prompt: str | list[int], **kw: Any) -> Iterator[Any]:
     """Yield the response (stream=False: one item) or its chunks (stream=True), holding the Llama exclusively."""
-    return llama._relay(_create_completion(llama, prompt, **kw))
+    return llama.sequence.lock.relay(_create_completion(llama, prompt, **kw))
 
 
 def _create_completion(
@@ -157,7 +148,8 @@ def _create_completion(
     logit_bias: dict[int, float] | None,
     tfs_z: float = 1.0,
 ) -> Iterator[Any]:
-    llama._context()
+    seq = llama.sequence
+    seq.check_usable()
     if suffix is not None and not isinstance(suffix, str):
         raise TypeError(f"suffix must be a string, got {type(suffix).__name__}")
     if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool)):
@@ -184,7 +176,7 @@ def _create_completion(
     if max_tokens is None or max_tokens <= 0:
         max_tokens = n_ctx - len(prompt_tokens)
     max_tokens = min(int(max_tokens), n_ctx - len(prompt_tokens))
-    if logprobs is not None and echo and not llama._logits_all:
+    if logprobs is not None and echo and not seq.logits_all:
         raise ValueError(
             "logprobs with echo=True include the prompt's tokens, whose log probabilities need the logits of every "
             "prompt position: create the Llama with logits_all=True (server: --logits-all); the generated tokens' "
@@ -203,12 +195,12 @@ def _create_completion(
         try:
             item = llama.cache[prompt_tokens]
             cached = longest_token_prefix(item.input_ids[: item.n_tokens].tolist(), prompt_tokens)
-            if cached > longest_token_prefix(llama._input_ids.tolist(), prompt_tokens):
+            if cached > longest_token_prefix(seq.tokens.tolist(), prompt_tokens):
                 llama.load_state(item)
         except KeyError:
             pass
 
-    llama.set_seed(seed if seed is not None else random.Random(llama._seed).randint(0, 2**32))
+    llama.set_seed(seed if seed is not None else random.Random(seq.seed).randint(0, 2**32))
 
     def chunk(text: str, lp: Any, finish: str | None) -> dict[str, Any]:
         return {
@@ -239,7 +231,7 @@ def _create_completion(
 
     finish = "length"
     cut = -1
-    gen = llama._generate(
+    gen = seq.steps(
         prompt_tokens,
         top_k=top_k,
         top_p=top_p,
@@ -257,12 +249,13 @@ def _create_completion(
         logits_processor=logits_processor,
         grammar=grammar,
     )
+    eos = llama.token_eos()
     for token in gen:
-        if llama._is_eog(token):
+        if token == eos:
             finish = "stop"
             break
         if logprobs is not None:  # the logits this token was sampled from (the last evaluated position)
-            records.append(token_logprob(llama._logits_at(len(prompt_tokens) + len(tokens) - 1), token, logprobs))
+            records.append(token_logprob(seq.logits_at(len(prompt_tokens) + len(tokens) - 1), token, logprobs))
         tokens.append(token)
         text += llama.detokenize([token])
         cut = _first_stop(text, stop_bytes)
@@ -313,4 +306,7 @@ def _create_completion(
 
 def _prompt_records(llama: Llama, prompt_tokens: list[int], n: int) -> list[TokenLogprob | None]:
     """The prompt's tokens' log probabilities (from logits_all's scores); the first token has none (OpenAI's)."""
-    return [None, *(token_logprob(llama.scores[i - 1], prompt_tokens[i], n) for i in range(1, len(prompt_tokens)))]
+    return [
+        None,
+        *(token_logprob(llama.sequence.scores[i - 1], prompt_tokens[i], n) for i in range(1, len(prompt_tokens))),
+    ]

@@ -1,21 +1,21 @@
 """`Llama`: llama-cpp-python's `llama_cpp.Llama` surface over the deepseek4 engine.
 
-This module owns the API (arguments, defaults, return shapes, errors) and the per-instance token bookkeeping
-(input_ids, scores, seeds, caches); it delegates loading to model/, computing to engine/, text to tokenizer.py,
-sampling to sampling.py, completions to completion.py and chat to chat/. It does not import ggml.
+This module is the facade: it owns the API (arguments, defaults, return shapes, errors) and builds what does the
+work: the model (model/), the engine context (runner.py), the one sequence it evaluates (sequence.py: tokens,
+logits, eval, sample, generate, save/load, the lock), the tokenizer (tokenizer.py), completions (completion.py)
+and chat (chat/). It does not import ggml.
 """
 
 from __future__ import annotations
 
 import contextlib
-import operator
+import functools
 import os
 import sys
-import threading
 import warnings
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -30,12 +30,17 @@ from .grammar import LlamaGrammar
 from .llama_types import CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse
 from .logprobs import log_softmax
 from .model.loader import load_model
-from .moe import ExpertResidency, MoEConfig, lock_all, parse_hot_count
-from .sampling import LogitsProcessorList, Sampler, SamplerParams, StoppingCriteriaList
-from .tokenizer import BaseLlamaTokenizer, DSV4Tokenizer, LlamaTokenizer, check_token_ids
+from .moe import MoEConfig, parse_hot_count
+from .runner import Runner
+from .sampling import LogitsProcessorList, StoppingCriteriaList
+from .sampling.constrained import grammar_state
+from .sequence import Sequence as TokenSequence
+from .state import LlamaState
+from .tokenizer import BaseLlamaTokenizer, DSV4Tokenizer, LlamaTokenizer
+
+__all__ = ["LLAMA_DEFAULT_SEED", "Llama", "LlamaState"]
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
-_T = TypeVar("_T")
 _CACHE_TYPE_NAMES = {0: "f32", 1: "f16"}  # GGML_TYPE_F32, GGML_TYPE_F16
 # keywords of llama-cpp-python's constructor that the engine does not use (accepted, as upstream accepts them)
 _ACCEPTED = (
@@ -64,35 +69,6 @@ _ACCEPTED = (
 )
 
 
-class LlamaState:
-    """A snapshot of a Llama's evaluation state (save_state / load_state, prompt caches)."""
-
-    def __init__(
-        self,
-        input_ids: npt.NDArray[np.intc],
-        scores: npt.NDArray[np.single],
-        n_tokens: int,
-        llama_state: bytes,
-        llama_state_size: int,
-        seed: int,
-    ) -> None:
-        self.input_ids = input_ids
-        self.scores = scores
-        self.n_tokens = n_tokens
-        self.llama_state = llama_state
-        self.llama_state_size = llama_state_size
-        self.seed = seed
-
-
-class _Fork:
-    """Llama._choices()'s saved state: the prompt, the engine's state right after it, and its last logits."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.state = b""
-        self.logits: npt.NDArray[np.single] | None = None
-
-
 class _Params:
     """The constructor's view that third parties read (`llm.context_params.n_ctx`, `llm.model_params`)."""
 
@@ -101,6 +77,26 @@ class _Params:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.__dict__})"
+
+
+class _OfSequence:
+    """A Llama attribute that is its sequence's (llm.n_tokens, llm.input_ids, llm.n_threads, ...): read and written
+    through, as llama-cpp-python's code and its users do."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else getattr(obj._seq, self.field)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj._seq, self.field, value)
+
+
+def _arguments(frame_locals: dict[str, Any]) -> dict[str, Any]:
+    """A method's arguments from its `locals()` taken first thing, without self: forwards llama-cpp-python's long
+    keyword signatures without writing their lists again."""
+    return {k: v for k, v in frame_locals.items() if k != "self"}
 
 
 class Llama:
@@ -230,12 +226,9 @@ class Llama:
         self._n_ctx = params.n_ctx_train if n_ctx == 0 else int(n_ctx)
         self.n_batch = min(self._n_ctx, int(n_batch))
         self.n_ubatch = min(self.n_batch, int(n_ubatch))
-        self.n_threads, self.n_threads_batch = threads, threads_batch
         for note in (threads_note, batch_note):
             if note is not None:
                 warnings.warn(note, RuntimeWarning, stacklevel=2)
-        self.last_n_tokens_size = last_n_tokens_size
-        self._seed = seed or LLAMA_DEFAULT_SEED
         self._logits_all = bool(logits_all) or draft_model is not None
         self._embedding = embedding
         self.cache: BaseLlamaCache | None = None
@@ -244,7 +237,6 @@ class Llama:
         self.tensor_split = tensor_split
         self.kv_overrides = kv_overrides
         self.numa = numa
-        self.draft_model = draft_model
         self.chat_format = chat_format
         self.chat_handler = chat_handler
         # the model's own chat templates over the process-wide named formats (llama_dsv4.chat.registry)
@@ -264,12 +256,12 @@ class Llama:
             n_ctx=self._n_ctx,
             n_batch=self.n_batch,
             n_ubatch=self.n_ubatch,
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads_batch,
+            n_threads=threads,
+            n_threads_batch=threads_batch,
             flash_attn=flash_attn,
             type_k=type_k_name,
             embeddings=embedding,
-            seed=self._seed,
+            seed=seed or LLAMA_DEFAULT_SEED,
             rope_freq_base=rope_freq_base,
             rope_freq_scale=rope_freq_scale,
         )
@@ -296,10 +288,10 @@ class Llama:
             device=device,
         )
 
-        self._ctx = None
+        runner = None
         if not vocab_only:
-            rows = self._n_ctx if self._logits_all else self.n_batch  # input_ids and scores, allocated below
-            self._ctx = runtime.create_context(
+            rows = self._n_ctx if self._logits_all else self.n_batch  # the sequence's input_ids and scores
+            runner = Runner(
                 self._model,
                 params,
                 self._n_ctx,
@@ -307,31 +299,28 @@ class Llama:
                 type_k_name,
                 bool(flash_attn),
                 device,
-                max(self.n_threads, self.n_threads_batch),
+                max(threads, threads_batch),
                 host_bytes=4 * self._n_ctx + 4 * rows * self._n_vocab,
+                loading=loading,
+                moe=moe_config,
+                use_mlock=bool(use_mlock),
             )
-        self._governor = runtime.thread_governor(self._ctx, loading)
-        self._moe: ExpertResidency | None = None
-        self._mlock = None
-        if self._ctx is not None and moe_config is not None:
-            self._moe = ExpertResidency(self._model, self._ctx.weight_range, moe_config, use_mlock=use_mlock)
-            self._ctx.route_sink = self._moe.on_routes
-        elif self._ctx is not None and use_mlock:
-            self._mlock = lock_all(self._ctx.weight_range, list(self._model.tensors))
-        self.n_tokens = 0
-        self.input_ids: npt.NDArray[np.intc] = np.ndarray((self._n_ctx,), dtype=np.intc)
-        self.scores: npt.NDArray[np.single] = np.zeros(
-            (self._n_ctx if self._logits_all else self.n_batch, self._n_vocab), dtype=np.single
+        self._runner = runner
+        self._seq = TokenSequence(
+            runner,
+            n_ctx=self._n_ctx,
+            n_batch=self.n_batch,
+            n_vocab=self._n_vocab,
+            logits_all=self._logits_all,
+            n_threads=threads,
+            n_threads_batch=threads_batch,
+            last_n_tokens_size=last_n_tokens_size,
+            seed=seed or LLAMA_DEFAULT_SEED,
+            grammar_state=functools.partial(grammar_state, self._dsv4_tokenizer),  # (no reference to self)
+            draft_model=draft_model,
+            state_size=state_bytes(params, self._n_ctx, self.n_ubatch, type_k_name),
         )
-        self._last_logits: npt.NDArray[np.single] | None = None
-        self._requires_eval = False
-        self._sampler: Sampler | None = None
-        self._fork: _Fork | None = None  # see _choices
         self._chat_init(chat_format, chat_handler)
-        self._busy = threading.Lock()  # one completion / generation / engine call at a time (see _serial)
-        self._busy_owner: int | None = None
-        self._stream_paused = False  # a stream of _busy_owner's waits for its caller (see _serial)
-        self._engine_lock = threading.RLock()  # held while the engine computes or copies state; close() takes it
         if self.n_batch < 32 and not vocab_only:
             warnings.warn(
                 f"n_batch={self.n_batch} evaluates prompts {self.n_batch} tokens at a time, which is slow "
@@ -353,24 +342,18 @@ class Llama:
         open fails with "closed" when it resumes."""
         if getattr(self, "_closed", True):
             return
-        with getattr(self, "_engine_lock", None) or contextlib.nullcontext():
+        runner = getattr(self, "_runner", None)
+        with runner.lock if runner is not None else contextlib.nullcontext():
             if self._closed:
                 return
             self._closed = True
-            moe, mlock = getattr(self, "_moe", None), getattr(self, "_mlock", None)
-            self._moe = self._mlock = None
+            seq = getattr(self, "_seq", None)
+            if seq is not None:
+                seq.close()
             try:
-                if moe is not None:
-                    moe.close()
-                if mlock is not None:
-                    mlock.unlock_all()
+                if runner is not None:
+                    runner.close()
             finally:
-                self._ctx = None
-                self._governor = runtime.thread_governor(None)  # it holds the context: its threads end now
-                self.n_tokens = 0
-                self.input_ids = np.zeros(0, np.intc)  # scores: n_ctx x n_vocab floats with logits_all
-                self.scores = np.zeros((0, self._n_vocab), np.single)
-                self._last_logits = self._sampler = None
                 self._model.close()
 
     def __del__(self) -> None:
@@ -395,8 +378,23 @@ class Llama:
 
     # ---------------------------------------------------------------------------------------------- properties
     @property
+    def sequence(self) -> TokenSequence:
+        """The sequence this Llama evaluates (llama_dsv4.sequence.Sequence): its tokens and logits, eval, sample,
+        generate, save/load and its lock. Completions, chat and the server drive it through its public methods."""
+        return self._seq
+
+    n_tokens = _OfSequence("n_tokens")
+    input_ids = _OfSequence("input_ids")
+    scores = _OfSequence("scores")
+    n_threads = _OfSequence("n_threads")
+    n_threads_batch = _OfSequence("n_threads_batch")
+    last_n_tokens_size = _OfSequence("last_n_tokens_size")
+    draft_model = _OfSequence("draft_model")
+    _seed = _OfSequence("seed")
+
+    @property
     def _input_ids(self) -> npt.NDArray[np.intc]:
-        return self.input_ids[: self.n_tokens]
+        return self._seq.tokens
 
     @property
     def _scores(self) -> npt.NDArray[np.single]:
@@ -404,7 +402,7 @@ class Llama:
 
     @property
     def eval_tokens(self) -> deque[int]:
-        return deque(self.input_ids[: self.n_tokens].tolist(), maxlen=self._n_ctx)
+        return deque(self._seq.tokens.tolist(), maxlen=self._n_ctx)
 
     @property
     def eval_logits(self) -> deque[list[float]]:
@@ -457,9 +455,6 @@ class Llama:
         ids = self._dsv4_tokenizer.tokenize(b"\n", add_bos=False)
         return ids[0] if ids else -1
 
-    def _is_eog(self, token: int) -> bool:
-        return token == self.token_eos()
-
     def tokenizer(self) -> LlamaTokenizer:
         return LlamaTokenizer(self)
 
@@ -477,12 +472,24 @@ class Llama:
     def moe_stats(self) -> dict[str, Any] | None:
         """MoE expert residency figures (None when moe_hot_count is off): locked and resident bytes as the kernel
         reports them, online hit rate, per-layer hot counts, updates and their time (docs/moe-residency.md)."""
-        moe = getattr(self, "_moe", None)
+        moe = self._moe
         return moe.stats() if moe is not None else None
 
     def moe_save_stats(self) -> bool:
         """Merge the routing statistics into their file now (also done periodically and at close)."""
-        return self._moe.save() if self._moe is not None else False
+        moe = self._moe
+        return moe.save() if moe is not None else False
+
+    @property
+    def _moe(self) -> Any:
+        runner = getattr(self, "_runner", None)
+        return runner.moe if runner is not None else None
+
+    @property
+    def _ctx(self) -> Any:
+        """The engine context (engine/context.pyx), None with vocab_only or once closed."""
+        runner = getattr(self, "_runner", None)
+        return runner.context if runner is not None else None
 
     @property
     def dsv4_tokenizer(self) -> DSV4Tokenizer:
@@ -498,106 +505,16 @@ class Llama:
         self.cache = cache
 
     def set_seed(self, seed: int) -> None:
-        self._seed = seed
+        self._seq.seed = seed
 
     def reset(self) -> None:
         """Forget the evaluated sequence (the next eval starts at position 0)."""
-        with self._serial():
-            self.n_tokens = 0
-
-    def _context(self) -> Any:
-        self._check_open()
-        if self._ctx is None:
-            raise ValueError("this Llama was created with vocab_only=True: it cannot evaluate tokens")
-        return self._ctx
-
-    def _sync_context(self) -> None:
-        """Make the engine's sequence equal input_ids[:n_tokens] (it may be longer after a truncation)."""
-        ctx = self._context()
-        if ctx.n_past == self.n_tokens:
-            return
-        if ctx.n_past > self.n_tokens:
-            self._governor.before(self.n_threads_batch)
-            runtime.truncate(ctx, self.input_ids[: self.n_tokens], self.n_batch)
-            self._governor.after()
-            return
-        raise RuntimeError("internal: the context is behind input_ids")
+        self._seq.reset()
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens after the first n_tokens (anything evaluated beyond n_tokens is discarded first)."""
-        with self._serial(), self._engine_lock:
-            ctx = self._context()
-            tokens = check_token_ids(tokens, self._n_vocab)
-            if not tokens:
-                return
-            if self.n_tokens + len(tokens) > self._n_ctx:
-                raise ValueError(
-                    f"Requested tokens ({self.n_tokens + len(tokens)}) exceed context window of {self._n_ctx}"
-                )
-            self._sync_context()
-            for i in range(0, len(tokens), self.n_batch):
-                self._append(ctx, tokens[i : i + self.n_batch], self._logits_all)
-            self._requires_eval = False
-
-    def _append(self, ctx: Any, batch: list[int], all_logits: bool) -> npt.NDArray[np.single]:
-        """Evaluate `batch` (checked ids, at most n_batch, fitting in n_ctx) after the first n_tokens of a synced
-        context; the caller holds _serial and _engine_lock. Returns the logits of every token (all_logits or
-        logits_all) or of the last one."""
-        n_past = self.n_tokens
-        self._governor.before(self.n_threads_batch if len(batch) > 1 else self.n_threads)
-        logits = ctx.eval(np.asarray(batch, np.int64), all_logits=all_logits or self._logits_all)
-        self._governor.after()
-        self.input_ids[n_past : n_past + len(batch)] = batch
-        if self._logits_all:
-            self.scores[n_past : n_past + len(batch), :] = logits
-        self._last_logits = logits[-1]
-        self.n_tokens += len(batch)
-        return logits
-
-    def _logits_at(self, idx: int | None) -> npt.NDArray[np.single]:
-        if idx is None or idx == self.n_tokens - 1:
-            if self._last_logits is None:
-                raise ValueError("no logits: evaluate tokens first")
-            return self._last_logits
-        if not self._logits_all:
-            raise ValueError("logits of earlier positions need logits_all=True")
-        return self.scores[idx]
-
-    def _init_sampler(
-        self,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        temp: float = 0.80,
-        repeat_penalty: float = 1.0,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        tfs_z: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_eta: float = 0.1,
-        mirostat_tau: float = 5.0,
-        penalize_nl: bool = True,
-        logits_processor: LogitsProcessorList | None = None,
-        grammar: LlamaGrammar | None = None,
-    ) -> Sampler:
-        params = SamplerParams(
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            temp=temp,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            penalty_last_n=self.last_n_tokens_size,
-        )
-        return Sampler(
-            params, seed=self._seed, logits_processor=logits_processor, grammar=_completion.grammar_state(self, grammar)
-        )
+        self._check_open()
+        self._seq.eval(tokens)
 
     def sample(
         self,
@@ -620,24 +537,7 @@ class Llama:
     ) -> int:
         """Sample a token from the logits of position `idx` (default: the last evaluated)."""
         self._check_open()
-        if self.n_tokens <= 0:
-            raise ValueError("sample needs evaluated tokens: call eval first")
-        sampler = self._sampler or self._init_sampler(
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            temp=temp,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            mirostat_mode=mirostat_mode,
-            mirostat_eta=mirostat_eta,
-            mirostat_tau=mirostat_tau,
-            logits_processor=logits_processor,
-            grammar=grammar,
-        )
-        return sampler.sample(self._logits_at(idx), self._input_ids)
+        return self._seq.sample(**_arguments(locals()))
 
     def generate(
         self,
@@ -661,249 +561,28 @@ class Llama:
         grammar: LlamaGrammar | None = None,
     ) -> Generator[int, Sequence[int] | None, None]:
         """Yield sampled tokens forever (the caller stops). A prompt that extends what was evaluated reuses it;
-        a sampled token is evaluated when the generator is resumed; `.send(tokens)` appends more tokens."""
-        return self._relay(  # other threads wait until this generator is finished or closed
-            self._generate(
-                tokens,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                typical_p=typical_p,
-                temp=temp,
-                repeat_penalty=repeat_penalty,
-                reset=reset,
-                frequency_penalty=frequency_penalty,
-                presence_penalty=presence_penalty,
-                mirostat_mode=mirostat_mode,
-                mirostat_tau=mirostat_tau,
-                mirostat_eta=mirostat_eta,
-                logits_processor=logits_processor,
-                stopping_criteria=stopping_criteria,
-                grammar=grammar,
-            )
-        )
-
-    def _generate(
-        self,
-        tokens: Sequence[int],
-        reset: bool = True,
-        stopping_criteria: StoppingCriteriaList | None = None,
-        **sampling: Any,
-    ) -> Generator[int, Sequence[int] | None, None]:
-        """generate() without taking the Llama (a completion holds it already)."""
-        self._context()
-        self._sampler = self._init_sampler(**sampling)  # the sampling keywords of generate()
-        tokens = list(tokens)
-        fork, prompt = (self._fork if reset and tokens else None), tokens
-        if fork is not None and fork.tokens == prompt:
-            self._resume(fork)
-            fork = None  # (nothing to save)
-        if reset and self.n_tokens > 0:
-            prefix = longest_token_prefix(self._input_ids.tolist(), tokens)
-            consumed = prefix == len(tokens)
-            if self.n_tokens == len(tokens) and consumed and not self._requires_eval:
-                reset, tokens = False, []  # the whole prompt is already evaluated: sample right away
-            else:
-                keep = prefix - 1 if consumed else prefix  # re-evaluate at least one token for fresh logits
-                if keep > 0:
-                    reset = False
-                    tokens = tokens[keep:]
-                    self.n_tokens = keep
-                    self._requires_eval = True
-        if reset:
-            self.reset()
-        sample_idx = self.n_tokens + len(tokens) - 1
-        try:
-            while True:
-                self.eval(tokens)
-                if fork is not None:  # the prompt is evaluated now: saved for the next answer to it
-                    self._fork_here(fork, prompt)
-                    fork = None
-                while sample_idx < self.n_tokens:
-                    token = self.sample(idx=sample_idx)
-                    sample_idx += 1
-                    if stopping_criteria is not None and stopping_criteria(
-                        self._input_ids[:sample_idx], self._logits_at(sample_idx - 1)
-                    ):
-                        return
-                    more = yield token
-                    tokens = [token, *(more or [])]
-                    if sample_idx < self.n_tokens and token != self.input_ids[sample_idx]:
-                        self.n_tokens = sample_idx
-                        self._requires_eval = True
-                        break
-                if self.draft_model is not None:
-                    self.input_ids[self.n_tokens : self.n_tokens + len(tokens)] = tokens
-                    draft = self.draft_model(self.input_ids[: self.n_tokens + len(tokens)])
-                    tokens.extend(np.asarray(draft).astype(int)[: self._n_ctx - self.n_tokens - len(tokens)].tolist())
-        finally:
-            self._sampler = None
-
-    # ---------------------------------------------------------------------------------------------- choices
-    @contextlib.contextmanager
-    def _choices(self) -> Iterator[None]:
-        """Several answers to one prompt (the server's `n`): within, a generation whose whole prompt is the one the
-        previous generation in here evaluated restarts from the state saved right after that prompt, so the prompt
-        is evaluated once, not once per answer. Holds a copy of the sequence state (engine/memory.py; its size
-        follows n_ctx) while open, only where it takes at most a quarter of the available memory (else each
-        answer evaluates the prompt again)."""
-        size = state_bytes(self._params, self._n_ctx, self.n_ubatch, self.context_params.type_k)
-        room = runtime.available_host_memory()
-        self._fork = _Fork() if room is None or 4 * size <= room else None
-        try:
-            yield
-        finally:
-            self._fork = None
-
-    def _fork_here(self, fork: _Fork, prompt: list[int]) -> None:
-        """Save the state after `prompt` (evaluated just now) in `fork`."""
-        if self.n_tokens != len(prompt) or self._last_logits is None:
-            return
-        with self._engine_lock:
-            self._sync_context()
-            fork.tokens, fork.state = [], self._context().save_state()
-            fork.logits = self._last_logits.copy()
-            fork.tokens = prompt
-
-    def _resume(self, fork: _Fork) -> None:
-        """Go back to the state saved in `fork`: its prompt evaluated, its logits those to sample from."""
-        with self._serial(), self._engine_lock:
-            self._context().load_state(fork.state)
-            n = len(fork.tokens)
-            self.input_ids[:n] = fork.tokens
-            self.n_tokens = n
-            self._last_logits = fork.logits
-            self._requires_eval = False  # the logits of the last prompt position are the saved ones
+        a sampled token is evaluated when the generator is resumed; `.send(tokens)` appends more tokens. Other
+        threads wait until the generator is finished or closed."""
+        return self._seq.generate(**_arguments(locals()))
 
     # ---------------------------------------------------------------------------------------------- state
     def save_state(self) -> LlamaState:
         """A snapshot of the evaluation state: every field is read while the engine is held, so a state saved while
         another thread evaluates is one moment of the sequence."""
-        with self._serial(changes_sequence=False), self._engine_lock:
-            ctx = self._context()
-            self._sync_context()
-            n = self.n_tokens
-            blob = ctx.save_state()
-            if self._logits_all:
-                scores = self.scores[:n].copy()
-            elif n and self._last_logits is not None:
-                scores = self._last_logits[None, :].copy()
-            else:
-                scores = np.zeros((0, self._n_vocab), np.single)
-            return LlamaState(
-                input_ids=self.input_ids.copy(),
-                scores=scores,
-                n_tokens=n,
-                llama_state=blob,
-                llama_state_size=len(blob),
-                seed=self._seed,
-            )
+        self._check_open()
+        return self._seq.save_state()
 
     def load_state(self, state: LlamaState) -> None:
         """Restore a state from save_state(). It is checked whole first: a state of another Llama (model, n_ctx,
         n_ubatch, cache type, logits_all) or a damaged one is a ValueError naming the mismatch, and changes nothing."""
-        with self._serial(), self._engine_lock:
-            ctx = self._context()
-            n, ids, scores, seed = self._check_state(state)
-            held = ctx.check_state(state.llama_state)
-            if held != n:
-                raise ValueError(f"not a state of this Llama: it says {n} tokens, but its engine state holds {held}")
-            ctx.load_state(state.llama_state)
-            self.input_ids[:n] = ids[:n]
-            self.n_tokens = n
-            if self._logits_all:
-                self.scores[:n] = scores[:n]
-            self._last_logits = (scores[n - 1] if len(scores) >= n else scores[-1]).copy() if n else None
-            self._seed = seed
-            self._requires_eval = True  # a restored state must be re-evaluated before an exact-match sample
+        self._check_open()
+        self._seq.load_state(state)
 
-    def _check_state(self, state: Any) -> tuple[int, npt.NDArray[Any], npt.NDArray[Any], int]:
-        """(n_tokens, input_ids, scores, seed) of a LlamaState, checked against this Llama; ValueError if unfit."""
-        if not all(hasattr(state, f) for f in ("input_ids", "scores", "n_tokens", "llama_state", "seed")):
-            raise ValueError(f"not a LlamaState: a {type(state).__name__}")
-        try:
-            n = operator.index(state.n_tokens)
-            seed = operator.index(state.seed)
-        except TypeError:
-            raise ValueError(
-                f"not a state of this Llama: n_tokens {state.n_tokens!r} and seed {state.seed!r} must be integers"
-            ) from None
-        if not isinstance(state.llama_state, (bytes, bytearray, memoryview)):
-            kind = type(state.llama_state).__name__
-            raise ValueError(f"not a state of this Llama: llama_state is a {kind}, not bytes")
-        if not 0 <= n <= self._n_ctx:
-            raise ValueError(f"not a state of this Llama: {n} tokens for a context of {self._n_ctx}")
-        ids = np.asarray(state.input_ids)
-        if ids.ndim != 1 or len(ids) < n or (n and ids.dtype.kind not in "iu"):
-            raise ValueError(f"not a state of this Llama: {n} tokens, but {ids.size} token ids of type {ids.dtype}")
-        if n and not ((ids[:n] >= 0) & (ids[:n] < self._n_vocab)).all():
-            raise ValueError(f"not a state of this Llama: token ids outside the vocabulary [0, {self._n_vocab})")
-        scores = np.asarray(state.scores)
-        rows = n if self._logits_all else min(n, 1)
-        if scores.ndim != 2 or scores.shape[1] != self._n_vocab or scores.dtype.kind != "f" or len(scores) < rows:
-            have = len(scores) if scores.ndim == 2 else 0
-            raise ValueError(
-                f"not a state of this Llama: logits for {have} of {n} positions (shape {scores.shape}); this Llama "
-                f"(n_vocab {self._n_vocab}, logits_all={self._logits_all}) needs {rows}"
-            )
-        return n, ids, scores, seed
-
-    @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """One completion (or generate()) at a time per Llama: other threads wait; the same thread starting a second
-        one while the first is unfinished (two interleaved streams) gets an error instead of corrupted state."""
-        me = threading.get_ident()
-        if self._busy_owner == me:
-            raise RuntimeError(
-                "another completion on this Llama is still running in this thread (finish or close its stream first)"
-            )
-        with self._busy:
-            self._busy_owner = me
-            try:
-                yield
-            finally:
-                self._busy_owner = None
-
-    @contextlib.contextmanager
-    def _serial(self, changes_sequence: bool = True) -> Iterator[None]:
-        """eval, reset, save_state, load_state: other threads' completions and calls finish first; the thread that
-        holds this Llama (a completion or generation in progress, calling these itself) goes on, except that a call
-        that changes the sequence while one of its streams waits for the caller is refused: the stream would go on
-        from another sequence."""
-        if self._busy_owner == threading.get_ident():
-            if changes_sequence and self._stream_paused and not self._closed:  # (closed: the call says so)
-                raise RuntimeError(
-                    "a stream (generate() or create_completion(stream=True)) of this Llama is open in this thread: "
-                    "finish or close it before eval(), reset() or load_state()"
-                )
-            yield
-            return
-        with self._busy:
-            self._busy_owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._busy_owner = None
-
-    def _relay(self, inner: Generator[_T, Any, None]) -> Generator[_T, Any, None]:
-        """Hand `inner`'s items (and what the caller sends back) through, holding this Llama exclusively until it
-        ends or is closed. While the caller has an item, the stream is paused (see _serial)."""
-        with self._exclusive():
-            try:
-                sent = None
-                while True:
-                    try:
-                        item = inner.send(sent)
-                    except StopIteration:
-                        return
-                    self._stream_paused = True
-                    try:
-                        sent = yield item
-                    finally:
-                        self._busy_owner = threading.get_ident()  # resumed, perhaps by another thread
-                        self._stream_paused = False
-            finally:
-                inner.close()
+    def _context(self) -> Any:
+        self._check_open()
+        if self._ctx is None:
+            raise ValueError("this Llama was created with vocab_only=True: it cannot evaluate tokens")
+        return self._ctx
 
     # ---------------------------------------------------------------------------------------------- completion
     def create_completion(
@@ -936,33 +615,7 @@ class Llama:
     ) -> CreateCompletionResponse | Iterator[CreateCompletionStreamResponse]:
         """Complete `prompt` (text, or token ids used as given). Returns the response, or an iterator of chunks
         with `stream=True`."""
-        chunks = _completion.create_completion(
-            self,
-            prompt,
-            suffix=suffix,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            logprobs=logprobs,
-            echo=echo,
-            stop=stop,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            repeat_penalty=repeat_penalty,
-            top_k=top_k,
-            stream=stream,
-            seed=seed,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            model=model,
-            stopping_criteria=stopping_criteria,
-            logits_processor=logits_processor,
-            grammar=grammar,
-            logit_bias=logit_bias,
-        )
+        chunks = _completion.create_completion(self, **_arguments(locals()))
         if stream:
             return chunks
         try:
@@ -970,61 +623,7 @@ class Llama:
         finally:
             chunks.close()
 
-    def __call__(
-        self,
-        prompt: str | list[int],
-        suffix: str | None = None,
-        max_tokens: int | None = 16,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        logprobs: int | None = None,
-        echo: bool = False,
-        stop: str | list[str] | None = [],  # noqa: B006
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
-        top_k: int = 40,
-        stream: bool = False,
-        seed: int | None = None,
-        tfs_z: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        model: str | None = None,
-        stopping_criteria: StoppingCriteriaList | None = None,
-        logits_processor: LogitsProcessorList | None = None,
-        grammar: LlamaGrammar | None = None,
-        logit_bias: dict[int, float] | None = None,
-    ) -> CreateCompletionResponse | Iterator[CreateCompletionStreamResponse]:
-        return self.create_completion(
-            prompt,
-            suffix=suffix,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            logprobs=logprobs,
-            echo=echo,
-            stop=stop,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            repeat_penalty=repeat_penalty,
-            top_k=top_k,
-            stream=stream,
-            seed=seed,
-            tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            model=model,
-            stopping_criteria=stopping_criteria,
-            logits_processor=logits_processor,
-            grammar=grammar,
-            logit_bias=logit_bias,
-        )
+    __call__ = create_completion
 
     # ---------------------------------------------------------------------------------------------- chat
     def _chat_init(self, chat_format: str | None, chat_handler: Any) -> None:

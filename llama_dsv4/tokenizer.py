@@ -280,9 +280,29 @@ class LlamaTokenizer(BaseLlamaTokenizer):
 
     @classmethod
     def from_ggml_file(cls, path: str) -> LlamaTokenizer:
-        from .llama import Llama
+        """The tokenizer of a GGUF file (its vocabulary only; the file stays mapped while the tokenizer lives)."""
+        return cls(_VocabFile(path))
 
-        return cls(Llama(model_path=path, vocab_only=True, verbose=False))
+
+class _VocabFile:
+    """A model file opened for its vocabulary (LlamaTokenizer.from_ggml_file)."""
+
+    def __init__(self, path: str) -> None:
+        from .model.loader import load_model
+
+        try:
+            self._model = load_model(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"Failed to load model from file: {path}: {e}") from e
+        vocab = self._model.vocab
+        self._tok = DSV4Tokenizer(vocab) if vocab is not None else None
+        self.path = path
+
+    @property
+    def dsv4_tokenizer(self) -> DSV4Tokenizer:
+        if self._tok is None:
+            raise ValueError(f"{self.path} has no tokenizer (tokenizer.ggml.model = no_vocab); pass token ids")
+        return self._tok
 
 
 class LlamaHFTokenizer(BaseLlamaTokenizer):

@@ -419,7 +419,7 @@ def test_save_state_while_another_thread_evaluates_is_a_snapshot(micro_path: str
             try:
                 for t in tokens:
                     m.eval([t])
-                    logits[m.n_tokens] = m._last_logits.copy()  # type: ignore[union-attr]  # the only writer
+                    logits[m.n_tokens] = m.sequence.last_logits.copy()  # type: ignore[union-attr]  # the only writer
             finally:
                 done.set()
 
@@ -445,7 +445,7 @@ def test_save_state_while_another_thread_evaluates_is_a_snapshot(micro_path: str
             assert m.n_tokens == s.n_tokens == m._ctx.n_past
             if s.n_tokens < len(tokens):
                 m.eval([tokens[s.n_tokens]])
-                np.testing.assert_array_equal(m._last_logits, logits[s.n_tokens + 1])
+                np.testing.assert_array_equal(m.sequence.last_logits, logits[s.n_tokens + 1])
 
 
 def test_a_refused_state_leaves_the_context_as_it_was(micro_path: str) -> None:
@@ -453,7 +453,7 @@ def test_a_refused_state_leaves_the_context_as_it_was(micro_path: str) -> None:
         a.eval(PROMPT)
         good = a.save_state()
         a.eval([3])
-        want = a._last_logits.copy()  # type: ignore[union-attr]
+        want = a.sequence.last_logits.copy()  # type: ignore[union-attr]
         n = len(PROMPT)
         for broken, match in (
             (LlamaState(good.input_ids, good.scores, n - 1, good.llama_state, 0, 0), f"says {n - 1} tokens.*holds {n}"),
@@ -474,7 +474,7 @@ def test_a_refused_state_leaves_the_context_as_it_was(micro_path: str) -> None:
         a.eval([4])
         a.load_state(good)
         a.eval([3])
-        np.testing.assert_array_equal(a._last_logits, want)
+        np.testing.assert_array_equal(a.sequence.last_logits, want)
     with (
         Llama(micro_path, n_ctx=64, n_threads=1, verbose=False) as b,
         Llama(micro_path, n_ctx=64, n_threads=1, verbose=False, logits_all=True) as c,
@@ -482,7 +482,7 @@ def test_a_refused_state_leaves_the_context_as_it_was(micro_path: str) -> None:
         c.eval(PROMPT)
         c.load_state(c.save_state())
         b.load_state(c.save_state())  # all the logits: the last one is what a plain Llama keeps
-        np.testing.assert_array_equal(b._last_logits, c.scores[n - 1])
+        np.testing.assert_array_equal(b.sequence.last_logits, c.scores[n - 1])
         b.eval(PROMPT[:2])
         with pytest.raises(ValueError, match=f"logits for 1 of {n + 2} positions"):
             c.load_state(b.save_state())  # one row cannot stand for every position

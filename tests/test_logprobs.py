@@ -1,5 +1,5 @@
 """Log probabilities of generated tokens without logits_all (completion and chat shapes, streamed and whole), and
-several answers to one prompt sharing its evaluation (Llama._choices, what the server's `n` runs on)."""
+several answers to one prompt sharing its evaluation (Llama.sequence.shared_prompt, what the server's `n` runs on)."""
 
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ def test_chat_logprobs_shape(chat_llm: Llama) -> None:
 
 
 def test_answers_to_one_prompt_share_its_evaluation(greedy_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inside Llama._choices() the prompt is evaluated once: each further answer restarts from the state saved
-    after it, and answers exactly as a fresh Llama does (greedy, and seeded sampling)."""
+    """Inside Llama.sequence.shared_prompt() the prompt is evaluated once: each further answer restarts from the
+    state saved after it, and answers exactly as a fresh Llama does (greedy, and seeded sampling)."""
     llm = make(greedy_path)
     counted = {"n": 0}
 
@@ -144,13 +144,13 @@ def test_answers_to_one_prompt_share_its_evaluation(greedy_path: str, monkeypatc
             counted["n"] += len(toks)
             return self.ctx.eval(toks, **kw)
 
-    llm._ctx = Counting(llm._ctx)
+    llm.sequence.runner.context = Counting(llm._ctx)
     fresh = make(greedy_path)
     greedy = fresh(PROMPT, max_tokens=5, temperature=0.0)["choices"][0]["text"]
     sampled = [
         fresh(PROMPT, max_tokens=5, temperature=1.0, top_k=0, min_p=0.0, seed=s)["choices"][0]["text"] for s in (11, 12)
     ]
-    with llm._choices():
+    with llm.sequence.shared_prompt():
         answers = [llm(PROMPT, max_tokens=5, temperature=0.0)["choices"][0]["text"] for _ in range(3)]
         answers += [
             llm(PROMPT, max_tokens=5, temperature=1.0, top_k=0, min_p=0.0, seed=s)["choices"][0]["text"]
@@ -162,12 +162,12 @@ def test_answers_to_one_prompt_share_its_evaluation(greedy_path: str, monkeypatc
     for _ in range(2):  # outside: each answer evaluates the prompt again
         llm(PROMPT, max_tokens=5, temperature=0.0)
     assert counted["n"] == 2 * (len(PROMPT) + 4)
-    assert llm._fork is None
+    assert llm.sequence._fork is None
 
     # a saved state must take at most a quarter of the available memory: else each answer evaluates the prompt
     monkeypatch.setattr(runtime, "available_host_memory", lambda: 1000)
     counted["n"] = 0
-    with llm._choices():
-        assert llm._fork is None
+    with llm.sequence.shared_prompt():
+        assert llm.sequence._fork is None
         assert [llm(PROMPT, max_tokens=5, temperature=0.0)["choices"][0]["text"] for _ in range(2)] == [greedy] * 2
     assert counted["n"] == 2 * (len(PROMPT) + 4)

@@ -185,7 +185,7 @@ def test_llama_ctx_handle_shares_the_sequence(real_vocab_path: str, reference: L
         assert L.llama_decode(llm.ctx, batch) == 0
         assert llm.n_tokens == 6 and list(llm.input_ids[:6]) == ids[:6]
         llm.eval(ids[6:])  # the high-level API goes on from there
-        np.testing.assert_array_equal(llm._last_logits, want[-1])
+        np.testing.assert_array_equal(llm.sequence.last_logits, want[-1])
         L.llama_memory_seq_rm(L.llama_get_memory(llm.ctx), -1, 3, -1)
         assert llm.n_tokens == 3
         _fill(batch, ids[3:7], 3, all_logits=True)

@@ -117,7 +117,7 @@ def test_counting_is_exact_in_prefill_and_decode(moe_path: str, home: str) -> No
     life = llm._moe.counts.lifetime
     assert (life.sum(axis=1) == k * len(PROMPT)).all()  # every layer: k per prompt token, not a strided view
     for _ in range(5):
-        llm.eval([int(np.argmax(llm._last_logits))])
+        llm.eval([int(np.argmax(llm.sequence.last_logits))])
     assert (llm._moe.counts.lifetime.sum(axis=1) == k * (len(PROMPT) + 5)).all()
     routes = np.concatenate(seen, axis=1)  # [L, tokens, k]
     assert routes.shape == (L, len(PROMPT) + 5, k)
@@ -234,9 +234,10 @@ def test_use_mlock_locks_weights_read_into_memory(moe_path: str) -> None:
     --mlock), every byte of it."""
     llm = llama(moe_path, use_mmap=False, use_mlock=True)
     n_bytes = llm._model.n_bytes
-    assert llm._mlock is not None and n_bytes <= llm._mlock.locked_bytes <= n_bytes + 2 * len(llm._model.tensors) * PAGE
+    locked = llm._runner.mlock
+    assert locked is not None and n_bytes <= locked.locked_bytes <= n_bytes + 2 * len(llm._model.tensors) * PAGE
     if Syscalls.locked_bytes() is not None:
-        assert Syscalls.locked_bytes() == llm._mlock.locked_bytes
+        assert Syscalls.locked_bytes() == llm._runner.mlock.locked_bytes
     llm.close()
     if Syscalls.locked_bytes() is not None:
         assert Syscalls.locked_bytes() == 0

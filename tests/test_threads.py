@@ -129,7 +129,7 @@ def test_prefill_and_decode_share_one_pool(micro_path: str) -> None:
     if cpus.usable_cpus() < 2:
         pytest.skip("one usable CPU: a pool of one thread has nothing to share")
     with Llama(micro_path, n_ctx=128, n_threads=1, n_threads_batch=2, verbose=False) as m:
-        m._governor.enabled = False  # the counts asked for, whatever the machine's load
+        m._runner.governor.enabled = False  # the counts asked for, whatever the machine's load
         be = m._ctx.backends
         ids = be.worker_ids
         assert be.pool_threads == 2 and len(ids) == 1
@@ -150,7 +150,7 @@ def test_thread_counts_never_change_results(tiny_paths: dict[str, str]) -> None:
         for threads, switch in ((1, False), (2, False), (2, True)):
             with Llama(tiny_paths[dtype], n_ctx=128, n_threads=threads, n_threads_batch=threads, logits_all=True,
                        verbose=False) as m:  # fmt: skip
-                gov = m._governor
+                gov = m._runner.governor
                 gov.enabled = False  # the counts below are ours, not the governor's
                 m.eval(prompt)
                 for i in range(8):
@@ -287,7 +287,7 @@ def test_governor_off(micro_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not gov.enabled
     monkeypatch.setenv("LLAMA_DSV4_GOVERNOR", "off")
     with Llama(micro_path, n_ctx=64, verbose=False) as m:
-        assert not m._governor.enabled
+        assert not m._runner.governor.enabled
     monkeypatch.setenv("LLAMA_DSV4_GOVERNOR", "sometimes")
     with pytest.raises(ValueError, match="LLAMA_DSV4_GOVERNOR must be on or off, got 'sometimes'"):
         Llama(micro_path, n_ctx=64, verbose=False)
@@ -338,7 +338,7 @@ def test_governor_lowers_threads_next_to_busy_processes(
     busy(2)  # one busy process per CPU: our two threads cannot both have one
     time.sleep(0.2)
     with Llama(micro_path, n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False) as m:
-        gov = m._governor
+        gov = m._runner.governor
         assert gov.enabled and gov.pool == 2
         time.sleep(0.2)
         t0 = time.perf_counter()

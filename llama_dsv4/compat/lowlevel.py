@@ -110,9 +110,9 @@ def llama_synchronize(ctx: int) -> None:
 def llama_perf_context(ctx: int) -> llama_perf_context_data:
     """Timings of the context: t_eval_ms is the engine's compute time so far (graphs, inputs, compute); the token
     counts are not kept and read 0."""
-    engine = _llama(ctx, _CTX)._context()
+    runner = _runner(ctx)
     data = llama_perf_context_data()
-    data.t_eval_ms = 1000.0 * (engine.t_graph + engine.t_inputs + engine.t_compute)
+    data.t_eval_ms = 1000.0 * runner.compute_seconds()
     return data
 
 
@@ -121,8 +121,14 @@ def llama_perf_context_print(ctx: int) -> None:
 
 
 def llama_perf_context_reset(ctx: int) -> None:
-    engine = _llama(ctx, _CTX)._context()
-    engine.t_graph = engine.t_inputs = engine.t_compute = 0.0
+    _runner(ctx).reset_timings()
+
+
+def _runner(ctx: int) -> Any:
+    """The engine runner (llama_dsv4.runner.Runner) of a context handle."""
+    seq = _llama(ctx, _CTX).sequence
+    seq.check_usable()
+    return seq.runner
 
 
 def llama_perf_sampler(chain: int) -> llama_perf_sampler_data:

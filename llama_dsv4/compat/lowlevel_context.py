@@ -1,6 +1,6 @@
 """Contexts of the low-level API (lowlevel.py says how it maps onto llama-dsv4): a context is a `Llama`
 (llama_init_from_model makes one; `Llama.ctx` is one's own), llama_batch_init / llama_batch_get_one / llama_decode
-append to its sequence through `Llama._append`, llama_get_logits(_ith) read the outputs of the last decode, and the
+append to its sequence through `Sequence.decode`, llama_get_logits(_ith) read the outputs of the last decode, and the
 llama_memory_* functions (and the older llama_kv_cache_* / llama_kv_self_* names) work on its one sequence."""
 
 from __future__ import annotations
@@ -238,9 +238,10 @@ def llama_decode(ctx: int, batch: llama_batch) -> int:
     entry, llm = resolve(ctx, _CTX)
     if not isinstance(batch, llama_batch):
         raise TypeError(f"batch must be a llama_batch, got {type(batch).__name__}")
-    with llm._serial(), llm._engine_lock:
-        engine = llm._context()
-        n_past = llm.n_tokens
+    seq = llm.sequence
+    with seq.lock.serial():
+        seq.check_usable()
+        n_past = seq.n_tokens
         tokens, flags = _batch_tokens(batch, n_past)
         if len(tokens) > llm.n_batch:
             raise ValueError(
@@ -253,9 +254,8 @@ def llama_decode(ctx: int, batch: llama_batch) -> int:
                 f"llama_decode: {n_past} + {len(tokens)} tokens do not fit in n_ctx {llm.n_ctx()}",
             )
             return 1
-        llm._sync_context()
         wanted = [i for i, f in enumerate(flags) if f]
-        logits = llm._append(engine, tokens, all_logits=any(flags[:-1]))
+        logits = seq.decode(tokens, all_logits=any(flags[:-1]))
         # every token's row, or the last token's only
         rows = logits[wanted] if logits.shape[0] == len(tokens) else logits[-1:] if flags[-1] else logits[:0]
         if entry.state is None:
@@ -324,7 +324,7 @@ def llama_memory_seq_rm(mem: int, seq_id: int, p0: int, p1: int) -> bool:
         return True  # nothing held there
     if end < n:
         return False
-    with llm._serial():
+    with llm.sequence.lock.serial():
         llm.n_tokens = start
     return True
 

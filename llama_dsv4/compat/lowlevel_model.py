@@ -239,7 +239,7 @@ def llama_vocab_get_attr(vocab: int, token: int) -> int:
 
 def llama_vocab_is_eog(vocab: int, token: int) -> bool:
     llm = _vocab(vocab)
-    return bool(llm._is_eog(_token(llm, token)))
+    return _token(llm, token) == llm.token_eos()
 
 
 def llama_vocab_is_control(vocab: int, token: int) -> bool:

@@ -22,7 +22,6 @@ from .grammar_bounds import MAX_DEPTH, MAX_SCHEMA_CHARS, GrammarError, check_gbn
 from .json_limits import NumberDigits, digit_table, is_json_grammar, with_limits
 
 if TYPE_CHECKING:
-    from ..llama import Llama
     from ..tokenizer import DSV4Tokenizer
 
 
@@ -199,8 +198,9 @@ class GrammarState:
         return self.matcher.is_stopped() or self.matcher.is_accepting()
 
 
-def grammar_state(llama: Llama, grammar: Any) -> GrammarState:
-    """The state for a LlamaGrammar (or a compiled llguidance grammar string)."""
-    tok = llama.dsv4_tokenizer
+def grammar_state(tok: DSV4Tokenizer | None, grammar: Any) -> GrammarState:
+    """The state for a LlamaGrammar (or a compiled llguidance grammar string) over the model's tokenizer."""
+    if tok is None:
+        raise ValueError("grammars need the model's tokenizer, and this model file has none (no_vocab)")
     source = grammar if isinstance(grammar, str) else grammar._llguidance()
     return GrammarState(tok, source)

@@ -1,8 +1,9 @@
 """Several choices in one request: OpenAI's `n`, and a list of prompts on /v1/completions.
 
 The choices run one after another on the request's slot, in OpenAI's order: choice `index = prompt_index * n + j`.
-The answers to one prompt share its evaluation: inside `Llama._choices()` the state right after the prompt is saved
-once and every further answer restarts from it (one prompt evaluation per prompt, not per answer). With a `seed`,
+The answers to one prompt share its evaluation: inside `Llama.sequence.shared_prompt()` the state right after the
+prompt is saved once and every further answer restarts from it (one prompt evaluation per prompt, not per answer).
+With a `seed`,
 answer j samples with a seed derived from (seed, j), answer 0 with the seed itself (so the first of n answers is
 the n=1 answer); without one, each answer draws its own. At temperature 0 the answers are the same.
 
@@ -116,6 +117,7 @@ def _stream(llm: Any, ctl: Controller, choices: list[Choice], n: int, seed: int 
 
 
 def _sharing(llm: Any) -> contextlib.AbstractContextManager[Any]:
-    """The answers to one prompt share its evaluation (a stand-in without Llama._choices evaluates each)."""
-    share = getattr(llm, "_choices", None)
+    """The answers to one prompt share its evaluation (a stand-in Llama without `sequence.shared_prompt` evaluates
+    each)."""
+    share = getattr(getattr(llm, "sequence", None), "shared_prompt", None)
     return share() if share is not None else contextlib.nullcontext()

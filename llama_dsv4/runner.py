@@ -1,0 +1,120 @@
+"""`Runner`: one engine context and what serves it (the thread governor, MoE expert residency or mlock, and the
+engine lock), shared by the sequences evaluated on it.
+
+Sequences (sequence.py) own tokens, logits and sampling; the runner owns the computation. Today an engine
+context holds one sequence (seq_id 0); its methods take the sequence's id so that contexts holding several
+(continuous batching) change this module and engine/, not the sequences or the API above them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .engine import runtime
+from .moe import ExpertResidency, MoEConfig, lock_all
+
+
+class Runner:
+    """An engine context over a loaded model (`runtime.create_context`'s arguments), with its thread governor and,
+    optionally, expert residency (`moe`) or the whole model locked in RAM (`use_mlock`)."""
+
+    def __init__(
+        self,
+        model: Any,
+        params: Any,
+        n_ctx: int,
+        n_ubatch: int,
+        type_k: str,
+        flash_attn: bool,
+        device: str,
+        n_threads: int,
+        host_bytes: int,
+        loading: tuple[float, float | None],
+        moe: MoEConfig | None = None,
+        use_mlock: bool = False,
+    ) -> None:
+        self.lock = threading.RLock()  # held while the engine computes or copies state; close() takes it
+        self.context: Any = runtime.create_context(
+            model, params, n_ctx, n_ubatch, type_k, flash_attn, device, n_threads, host_bytes=host_bytes
+        )
+        self.governor = runtime.thread_governor(self.context, loading)
+        self.moe: ExpertResidency | None = None
+        self.mlock: Any = None
+        if moe is not None:
+            self.moe = ExpertResidency(model, self.context.weight_range, moe, use_mlock=use_mlock)
+            self.context.route_sink = self.moe.on_routes
+        elif use_mlock:
+            self.mlock = lock_all(self.context.weight_range, list(model.tensors))
+
+    def _ctx(self) -> Any:
+        if self.context is None:
+            raise ValueError("this Llama has been closed")
+        return self.context
+
+    def n_past(self, seq_id: int = 0) -> int:
+        """How many positions the engine holds for the sequence."""
+        return int(self._ctx().n_past)
+
+    def eval(self, seq_id: int, tokens: list[int], all_logits: bool, n_threads: int) -> npt.NDArray[np.single]:
+        """Append `tokens` (checked ids, at most one batch, fitting the context) to the sequence; the logits of every
+        token (`all_logits`) or of the last one. Call with `lock` held."""
+        ctx = self._ctx()
+        self.governor.before(n_threads)
+        try:
+            return ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits)
+        finally:
+            self.governor.after()
+
+    def truncate(self, seq_id: int, tokens: npt.NDArray[np.intc], n_batch: int, n_threads: int) -> None:
+        """Make the sequence hold exactly `tokens`, a prefix of what it holds (runtime.truncate)."""
+        ctx = self._ctx()
+        self.governor.before(n_threads)
+        try:
+            runtime.truncate(ctx, tokens, n_batch)
+        finally:
+            self.governor.after()
+
+    def reset(self, seq_id: int = 0) -> None:
+        """Forget the sequence's state in the engine."""
+        self._ctx().reset()
+
+    def save_state(self, seq_id: int = 0) -> bytes:
+        """The engine's state of the sequence, as bytes (engine/context.pyx's format)."""
+        return self._ctx().save_state()
+
+    def check_state(self, seq_id: int, blob: bytes) -> int:
+        """How many positions a saved state holds; ValueError if it does not fit this context."""
+        return int(self._ctx().check_state(blob))
+
+    def load_state(self, seq_id: int, blob: bytes) -> None:
+        """Restore a state from save_state() (checked with check_state first)."""
+        self._ctx().load_state(blob)
+
+    def compute_seconds(self) -> float:
+        """Time the engine has spent on evaluations so far: graph building, inputs and compute."""
+        ctx = self._ctx()
+        return float(ctx.t_graph + ctx.t_inputs + ctx.t_compute)
+
+    def reset_timings(self) -> None:
+        """Start compute_seconds() from zero."""
+        ctx = self._ctx()
+        ctx.t_graph = ctx.t_inputs = ctx.t_compute = 0.0
+
+    def close(self) -> None:
+        """Save the residency statistics, unlock what is locked and free the context; a computation in another
+        thread finishes first."""
+        with self.lock:
+            moe, mlock = self.moe, self.mlock
+            self.moe = self.mlock = None
+            try:
+                if moe is not None:
+                    moe.close()
+                if mlock is not None:
+                    mlock.unlock_all()
+            finally:
+                self.context = None
+                self.governor = runtime.thread_governor(None)  # it holds the context: its threads end now
