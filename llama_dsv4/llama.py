@@ -291,7 +291,7 @@ class Llama:
         runner = None
         if not vocab_only:
             rows = self._n_ctx if self._logits_all else self.n_batch  # the sequence's input_ids and scores
-            runner = Runner(
+            context = runtime.create_context(
                 self._model,
                 params,
                 self._n_ctx,
@@ -301,10 +301,8 @@ class Llama:
                 device,
                 max(threads, threads_batch),
                 host_bytes=4 * self._n_ctx + 4 * rows * self._n_vocab,
-                loading=loading,
-                moe=moe_config,
-                use_mlock=bool(use_mlock),
             )
+            runner = Runner(self._model, context, loading, moe=moe_config, use_mlock=bool(use_mlock))
         self._runner = runner
         self._seq = TokenSequence(
             runner,

@@ -19,28 +19,20 @@ from .moe import ExpertResidency, MoEConfig, lock_all
 
 
 class Runner:
-    """An engine context over a loaded model (`runtime.create_context`'s arguments), with its thread governor and,
-    optionally, expert residency (`moe`) or the whole model locked in RAM (`use_mlock`)."""
+    """An engine context (`runtime.create_context`) over its loaded model, with its thread governor (which starts
+    from the CPUs free since `loading`) and, optionally, expert residency (`moe`) or the whole model locked in RAM
+    (`use_mlock`)."""
 
     def __init__(
         self,
         model: Any,
-        params: Any,
-        n_ctx: int,
-        n_ubatch: int,
-        type_k: str,
-        flash_attn: bool,
-        device: str,
-        n_threads: int,
-        host_bytes: int,
+        context: Any,
         loading: tuple[float, float | None],
         moe: MoEConfig | None = None,
         use_mlock: bool = False,
     ) -> None:
         self.lock = threading.RLock()  # held while the engine computes or copies state; close() takes it
-        self.context: Any = runtime.create_context(
-            model, params, n_ctx, n_ubatch, type_k, flash_attn, device, n_threads, host_bytes=host_bytes
-        )
+        self.context: Any = context
         self.governor = runtime.thread_governor(self.context, loading)
         self.moe: ExpertResidency | None = None
         self.mlock: Any = None

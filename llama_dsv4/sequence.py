@@ -170,41 +170,18 @@ class Sequence:
     # ---------------------------------------------------------------------------------------------- sampling
     def sampler(
         self,
-        *,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        temp: float = 0.80,
-        repeat_penalty: float = 1.0,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        mirostat_mode: int = 0,
-        mirostat_eta: float = 0.1,
-        mirostat_tau: float = 5.0,
-        tfs_z: float = 1.0,
-        penalize_nl: bool = True,
         logits_processor: LogitsProcessorList | None = None,
         grammar: Any = None,
+        tfs_z: float = 1.0,
+        penalize_nl: bool = True,
+        **params: Any,
     ) -> Sampler:
-        """A sampler with these settings over this sequence's seed and penalty window (llama-cpp-python's
-        keywords; tfs_z and penalize_nl, which llama.cpp dropped, are accepted and have no effect)."""
-        params = SamplerParams(
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            temp=temp,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            penalty_last_n=self.last_n_tokens_size,
-        )
+        """A sampler over this sequence's seed and penalty window. `params`: llama-cpp-python's sampling keywords,
+        which are SamplerParams' fields (top_k, top_p, min_p, typical_p, temp, penalties, mirostat_*); tfs_z and
+        penalize_nl, which llama.cpp dropped, are accepted and have no effect."""
         state = self._grammar_state(grammar) if grammar is not None else None
-        return Sampler(params, seed=self.seed, logits_processor=logits_processor, grammar=state)
+        settings = SamplerParams(**params, penalty_last_n=self.last_n_tokens_size)
+        return Sampler(settings, seed=self.seed, logits_processor=logits_processor, grammar=state)
 
     def sample(self, idx: int | None = None, **sampling: Any) -> int:
         """Sample a token from the logits of position `idx` (default: the last evaluated), with the running

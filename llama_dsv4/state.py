@@ -5,12 +5,14 @@ of it is used (states come from pickles and disk caches: untrusted)."""
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 
+@dataclass(eq=False)
 class LlamaState:
     """A snapshot of a sequence's evaluation state (save_state / load_state, prompt caches).
 
@@ -19,21 +21,12 @@ class LlamaState:
     format: caches, compressor rows, positions); seed: the sampling seed at the time of the snapshot.
     """
 
-    def __init__(
-        self,
-        input_ids: npt.NDArray[np.intc],
-        scores: npt.NDArray[np.single],
-        n_tokens: int,
-        llama_state: bytes,
-        llama_state_size: int,
-        seed: int,
-    ) -> None:
-        self.input_ids = input_ids
-        self.scores = scores
-        self.n_tokens = n_tokens
-        self.llama_state = llama_state
-        self.llama_state_size = llama_state_size
-        self.seed = seed
+    input_ids: npt.NDArray[np.intc]
+    scores: npt.NDArray[np.single]
+    n_tokens: int
+    llama_state: bytes
+    llama_state_size: int
+    seed: int
 
 
 def check_state(
