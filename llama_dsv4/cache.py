@@ -25,6 +25,9 @@ def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class BaseLlamaCache(ABC):
+    """llama-cpp-python's prompt-cache interface: LlamaState values keyed by token sequences, looked up by the
+    longest common prefix; capacity_bytes bounds the total size."""
+
     def __init__(self, capacity_bytes: int = 2 << 30) -> None:
         self.capacity_bytes = capacity_bytes
 

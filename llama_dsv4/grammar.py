@@ -38,6 +38,13 @@ ws    ::= [ \t\n]*
 
 
 class LlamaGrammar:
+    """A grammar for constrained decoding (llama-cpp-python's `LlamaGrammar`): pass it as `grammar=` to
+    create_completion, create_chat_completion, generate or sample, and the output follows it token by token.
+
+    Make one with `from_string` (GBNF), `from_file` (a GBNF file) or `from_json_schema`; each compiles and checks
+    it at once. The constructor is internal.
+    """
+
     def __init__(self, *args: Any, _grammar: str, _compiled: str | None = None, **kwargs: Any) -> None:
         self._grammar = _grammar
         self._root = LLAMA_GRAMMAR_DEFAULT_ROOT
@@ -62,6 +69,8 @@ class LlamaGrammar:
 
     @classmethod
     def from_file(cls, file: str | Path, verbose: bool = True) -> LlamaGrammar:
+        """A grammar from a GBNF file, as from_string; an unreadable file is an Exception naming it, an empty one
+        a ValueError."""
         try:
             with open(file) as f:
                 grammar = f.read(MAX_GBNF_CHARS + 1)  # one more than allowed: from_string refuses it

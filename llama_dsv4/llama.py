@@ -42,7 +42,6 @@ __all__ = ["LLAMA_DEFAULT_SEED", "Llama", "LlamaState"]
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 _CACHE_TYPE_NAMES = {0: "f32", 1: "f16"}  # GGML_TYPE_F32, GGML_TYPE_F16
-# keywords of llama-cpp-python's constructor that the engine does not use (accepted, as upstream accepts them)
 _ACCEPTED = (
     "n_gpu_layers",
     "split_mode",
@@ -166,6 +165,121 @@ class Llama:
         moe_release_cold: bool = False,
         **kwargs: Any,
     ) -> None:
+        """Load a deepseek4 GGUF and make a context (one sequence) for it.
+
+        The keywords are llama-cpp-python's, plus `device` and the `moe_*` ones of this engine. Keywords of
+        llama-cpp-python's constructor that this engine does not use are accepted, as llama-cpp-python accepts
+        them, and change nothing: each says so below. Unknown keywords (LangChain's `n_parts`, `f16_kv`, ...) are
+        ignored, with a note on stderr when `verbose`.
+
+        Args:
+            model_path: The GGUF file (str or os.PathLike); any shard of a split set
+                (`name-0000i-of-0000N.gguf`) opens the whole set. The file is validated completely before use.
+            n_gpu_layers: Not used: the whole model runs on `device` (no partial offload). Default 0.
+            split_mode: Not used (one device). Default 1.
+            main_gpu: Not used (see `device`). Default 0.
+            tensor_split: Not used (one device). Default None.
+            vocab_only: Load the vocabulary and metadata without a context: tokenize(), detokenize() and
+                `metadata` work, evaluation raises ValueError. Default False.
+            use_mmap: Memory-map the weights, as llama.cpp does: the file must not be modified or truncated while
+                mapped (a truncation is a SIGBUS). False reads them into memory the process owns (counted by the
+                n_ctx memory check), after which the file may change. Default True.
+            use_mlock: Lock the weights in RAM (the mapped pages, or the memory read into); a failure to lock is a
+                RuntimeWarning. With `moe_hot_count`, the non-expert weights stay locked and the experts follow
+                the hot set. Default False.
+            kv_overrides: Not used: the engine reads the model's metadata as the file gives it. Default None.
+            seed: Sampling seed. Completions without their own `seed=` draw theirs from a chain started here, so
+                the same seed and the same calls give the same tokens; 0 means LLAMA_DEFAULT_SEED, which here is
+                a fixed seed like any other, not a random one. Default LLAMA_DEFAULT_SEED (0xFFFFFFFF).
+            n_ctx: Positions in the context; 0: the model's training context. ValueError, before anything is
+                allocated, when the context state and token buffers do not fit in the available memory (or on
+                the device). Default 512.
+            n_batch: Largest number of tokens eval() hands to the engine at once (at most n_ctx); under 32 is a
+                RuntimeWarning (slow). Default 512.
+            n_ubatch: Largest number of tokens computed in one graph (at most n_batch). Default 512.
+            n_threads: Threads for generation (one token at a time). None, 0 or -1: half the usable CPUs, as
+                llama-cpp-python; more than the CPUs this process may use is lowered to them with a
+                RuntimeWarning. While other processes keep the CPUs busy, fewer are used for a while (the thread
+                governor; LLAMA_DSV4_GOVERNOR=off turns it off). Default None.
+            n_threads_batch: Threads for prompts (several tokens at once). None, 0 or -1: all usable CPUs;
+                clamped as n_threads. Default None.
+            rope_scaling_type: Not used: RoPE scaling comes from the model file. Default -1.
+            pooling_type: Not used: the model has no embedding output. Default -1.
+            attention_type: Not used. Default -1.
+            rope_freq_base: 0 keeps the model's; another value overrides the RoPE base of the sliding-window
+                layers only (the compressed layers keep their own base), with a RuntimeWarning. Default 0.0.
+            rope_freq_scale: Not used: RoPE scaling comes from the model file (the value is only reported in
+                `context_params`). Default 0.0.
+            yarn_ext_factor: Not used (YaRN settings come from the model file). Default -1.0.
+            yarn_attn_factor: Not used (YaRN settings come from the model file). Default 1.0.
+            yarn_beta_fast: Not used (YaRN settings come from the model file). Default 32.0.
+            yarn_beta_slow: Not used (YaRN settings come from the model file). Default 1.0.
+            yarn_orig_ctx: Not used (YaRN settings come from the model file). Default 0.
+            logits_all: Keep the logits of every evaluated position in `scores` (n_ctx x n_vocab floats), needed
+                for earlier positions' logits and for `echo=True` with `logprobs`; logprobs of generated tokens
+                work without it. Default False.
+            embedding: Accepted for compatibility: DeepSeek V4 has no embedding output, so embed() and
+                create_embedding() raise NotImplementedError with it (RuntimeError without). Default False.
+            offload_kqv: Not used (the context state is on `device`). Default True.
+            flash_attn: Compute attention as llama.cpp's flash-attention path does (keys and values rounded to
+                f16); False computes it in f32 throughout. Default False.
+            op_offload: Not used. Default None.
+            swa_full: Not used. Default None.
+            no_perf: Not used. Default False.
+            last_n_tokens_size: How many of the last tokens the repeat, frequency and presence penalties look
+                at. Default 64.
+            lora_base: Not used: LoRA adapters are not supported (the value is kept as an attribute). Default
+                None.
+            lora_scale: Not used (no LoRA). Default 1.0.
+            lora_path: Not used: LoRA adapters are not supported (the value is kept as an attribute). Default
+                None.
+            numa: Not used. Default False.
+            chat_format: The chat format create_chat_completion() uses: a name in `chat_formats`
+                (llama-cpp-python's named formats such as "chatml", our "deepseek-v4", or the model's own
+                "chat_template.default" and "chat_template.<name>"). None: the model file's template when it has
+                a usable one, else "deepseek-v4". An unknown name fails when chatting. Default None.
+            chat_handler: A llama-cpp-python chat completion handler (a callable) used instead of `chat_format`.
+                Default None.
+            draft_model: A draft model for speculative decoding (llama-cpp-python's LlamaDraftModel, such as
+                LlamaPromptLookupDecoding): a callable from the token ids so far to proposed next ids, which are
+                evaluated with each sampled token and kept as long as the samples agree with them. Turns on
+                logits_all. Default None.
+            tokenizer: A tokenizer with llama-cpp-python's BaseLlamaTokenizer interface (LlamaHFTokenizer, ...)
+                used by tokenize() and detokenize(), so also for the text that completions return and for chat
+                prompts; None: the model's own. Text prompts of completions are tokenized with the model's own
+                tokenizer. Default None.
+            type_k: Type of the attention cache: GGML_TYPE_F16 (1; None means this) or GGML_TYPE_F32 (0);
+                anything else is a ValueError. Default None.
+            type_v: Not used: there is no separate value cache (keys and values share one latent, stored as
+                type_k). Default None.
+            spm_infill: With a `suffix` (fill in the middle), put the suffix tokens first
+                (suffix, prefix, middle), as llama-cpp-python does for SPM-style infill. Default False.
+            verbose: Print the loading summary and notes (ignored arguments) on stderr. Default True.
+            device: The compute device: "auto" (the ggml build's first GPU, or integrated GPU, else the CPU),
+                "cpu", or a device name from llama_dsv4._ggml.devices() (the CLI's --list-devices); an unknown
+                name is a ValueError. The CPU also computes what the device cannot. Default "auto".
+            moe_hot_count: MoE expert residency (docs/moe-residency.md): keep each layer's N most used
+                experts locked in RAM and let the kernel page out the others, for a machine with less RAM than
+                the model. N (an int, or a string such as "64"), "auto" (per layer, the fewest experts that hold
+                99 % of its recent routing, at least the experts each token uses), or a per-layer list (ints,
+                or "a,b,c"). None, 0 or "off": off. Needs use_mmap=True. A bad value is a ValueError before
+                anything is loaded. Default None.
+            moe_hot_budget_mib: With moe_hot_count, a cap in MiB on the locked expert bytes (any mode); the hot
+                sets are trimmed to fit, keeping the experts that cover the most routed tokens per byte. Default
+                None (no cap).
+            moe_stats_path: With moe_hot_count, the file where the routing statistics persist across runs
+                (merged into it periodically and at close, under a lock, so processes can share it). Default None:
+                ~/.llama/expert_<general.name>.dsv4.bin.
+            moe_release_cold: With moe_hot_count, hand the pages of cold experts back to the kernel at start and
+                at each hot-set update, instead of leaving them for the kernel to evict first. Default False.
+            **kwargs: Other keywords: ignored (a note on stderr when verbose).
+
+        Raises:
+            ValueError: The path does not exist, the file is not a usable deepseek4 GGUF, a value is out of range
+                (n_ctx < 0, n_batch or n_ubatch <= 0, type_k, moe_hot_count, moe_hot_budget_mib), moe_hot_count
+                with use_mmap=False, an unknown device, or a context that does not fit in memory.
+            TypeError: n_ctx, n_batch or n_ubatch is not an integer.
+        """
         self.verbose = verbose
         self.model_path = os.fspath(model_path) if model_path is not None else model_path
         self._closed = True
@@ -400,10 +514,13 @@ class Llama:
 
     @property
     def eval_tokens(self) -> deque[int]:
+        """The evaluated token ids (input_ids[:n_tokens]) as a deque, as llama-cpp-python exposes them."""
         return deque(self._seq.tokens.tolist(), maxlen=self._n_ctx)
 
     @property
     def eval_logits(self) -> deque[list[float]]:
+        """The evaluated positions' logits as a deque of lists: every position with logits_all=True, else
+        none."""
         rows = self.scores[: self.n_tokens] if self._logits_all else np.zeros((0, self._n_vocab))
         return deque(rows.tolist(), maxlen=self._n_ctx if self._logits_all else 1)
 
@@ -428,32 +545,41 @@ class Llama:
         return self.n_threads
 
     def n_ctx(self) -> int:
+        """The context size in positions (n_ctx as resolved at load: 0 became the model's training context)."""
         return self._n_ctx
 
     def n_embd(self) -> int:
+        """The model's embedding width (hidden size)."""
         return self._params.n_embd
 
     def n_vocab(self) -> int:
+        """The vocabulary size (token ids are 0 .. n_vocab - 1)."""
         return self._n_vocab
 
     def pooling_type(self) -> str:
+        """-1 (llama.cpp's LLAMA_POOLING_TYPE_UNSPECIFIED): the model has no embedding output to pool."""
         return -1  # type: ignore[return-value]
 
     def token_bos(self) -> int:
+        """The beginning-of-sequence token id, or -1 when the vocabulary has none."""
         v = self._vocab
         return v.bos_id if v is not None and v.bos_id is not None else -1
 
     def token_eos(self) -> int:
+        """The end-of-sequence token id, or -1 when the vocabulary has none."""
         v = self._vocab
         return v.eos_id if v is not None and v.eos_id is not None else -1
 
     def token_nl(self) -> int:
+        """The token id of a newline, or -1 without a vocabulary."""
         if self._dsv4_tokenizer is None:
             return -1
         ids = self._dsv4_tokenizer.tokenize(b"\n", add_bos=False)
         return ids[0] if ids else -1
 
     def tokenizer(self) -> LlamaTokenizer:
+        """A LlamaTokenizer over the model's own vocabulary (llama-cpp-python's interface: tokenize, detokenize,
+        encode, decode)."""
         return LlamaTokenizer(self)
 
     # ---------------------------------------------------------------------------------------------- text
@@ -500,9 +626,13 @@ class Llama:
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def set_cache(self, cache: BaseLlamaCache | None) -> None:
+        """Use `cache` (a LlamaRAMCache, LlamaDiskCache, ...) as the prompt cache of completions: a prompt sharing a
+        longer prefix with a cached state than with what is evaluated restarts from that state. None: no cache."""
         self.cache = cache
 
     def set_seed(self, seed: int) -> None:
+        """Set the sampling seed: sample() and generate() draw with it, and the next completion without a seed of its
+        own derives its seed from it."""
         self._seq.seed = seed
 
     def reset(self) -> None:
@@ -643,12 +773,16 @@ class Llama:
 
     # ---------------------------------------------------------------------------------------------- embeddings
     def create_embedding(self, input: str | list[str], model: str | None = None) -> CreateEmbeddingResponse:
+        """Not available: DeepSeek V4 has no embedding output. RuntimeError without embedding=True,
+        NotImplementedError with it."""
         self.embed(input)
         raise AssertionError  # embed raises
 
     def embed(
         self, input: str | list[str], normalize: bool = False, truncate: bool = True, return_count: bool = False
     ) -> Any:
+        """Not available: DeepSeek V4 has no embedding output. RuntimeError without embedding=True,
+        NotImplementedError with it."""
         if not self._embedding:
             raise RuntimeError("Llama model must be created with embedding=True to call this method")
         raise NotImplementedError("embeddings are not implemented for deepseek4 models")
@@ -656,10 +790,12 @@ class Llama:
     # ---------------------------------------------------------------------------------------------- helpers
     @staticmethod
     def logits_to_logprobs(logits: npt.NDArray[np.single] | list, axis: int = -1) -> npt.NDArray[np.single]:
+        """Log-softmax of `logits` along `axis` (float32), as llama-cpp-python's helper."""
         return log_softmax(logits, axis)
 
     @staticmethod
     def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+        """The length of the common prefix of two token sequences."""
         return longest_token_prefix(a, b)
 
     @classmethod

@@ -43,7 +43,8 @@ _CUT = re.compile(r"(?<=[^\W\d_])[\s!-/:-@\[-`{-~\u3001-\u3003\u3008-\u3011\uff0
 
 
 class TokenizerError(ValueError):
-    pass
+    """The vocabulary cannot make a DeepSeek V4 tokenizer (another tokenizer model or pre-tokenizer, or a
+    vocabulary the BPE library refuses)."""
 
 
 class TooManyTokens(ValueError):
@@ -167,6 +168,7 @@ class DSV4Tokenizer:
 
     @property
     def n_tokens(self) -> int:
+        """The vocabulary size."""
         return self.vocab.n_tokens
 
     def min_tokens(self, n_bytes: int) -> int:
@@ -218,6 +220,8 @@ class DSV4Tokenizer:
         return None
 
     def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token; a control token is empty unless `special`. ValueError for an id outside the
+        vocabulary (TypeError for a non-integer)."""
         (token,) = check_token_ids((token,), len(self._pieces))
         if not special and token in self._control:
             return b""
@@ -245,9 +249,12 @@ class BaseLlamaTokenizer:
     """llama-cpp-python's tokenizer interface (`llama_cpp.llama_tokenizer.BaseLlamaTokenizer`)."""
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids of `text` (UTF-8 bytes); `special` parses control tokens written in the text."""
         raise NotImplementedError
 
     def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        """The bytes of `tokens` (`prev_tokens`: the tokens before them, for tokenizers whose text depends on
+        them); control tokens only with `special`."""
         raise NotImplementedError
 
 
@@ -267,15 +274,19 @@ class LlamaTokenizer(BaseLlamaTokenizer):
         return llama.dsv4_tokenizer  # type: ignore[attr-defined]
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids of `text` (bytes) with the model's tokenizer (DSV4Tokenizer.tokenize)."""
         return self._tok().tokenize(text, add_bos=add_bos, special=special)
 
     def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        """The bytes of `tokens` (every token's whole piece; `prev_tokens` is not needed and ignored)."""
         return self._tok().detokenize(tokens, special=special)
 
     def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids of a str."""
         return self.tokenize(text.encode("utf-8", errors="ignore"), add_bos=add_bos, special=special)
 
     def decode(self, tokens: list[int]) -> str:
+        """The text of `tokens` (control tokens left out; bytes that are not UTF-8 dropped)."""
         return self.detokenize(tokens).decode("utf-8", errors="ignore")
 
     @classmethod
@@ -312,9 +323,12 @@ class LlamaHFTokenizer(BaseLlamaTokenizer):
         self.hf_tokenizer = hf_tokenizer
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        """The HF tokenizer's ids of `text` (`special` is its add_special_tokens; `add_bos` is not used)."""
         return self.hf_tokenizer.encode(text.decode("utf-8", errors="ignore"), add_special_tokens=special)
 
     def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        """The bytes `tokens` add after `prev_tokens` (decoded together, so merged pieces come out right); special
+        tokens only with `special`."""
         skip = not special
         if prev_tokens is not None:
             text = self.hf_tokenizer.decode(prev_tokens + tokens, skip_special_tokens=skip).encode("utf-8", "ignore")
@@ -324,6 +338,7 @@ class LlamaHFTokenizer(BaseLlamaTokenizer):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str) -> LlamaHFTokenizer:
+        """Wrap `transformers.AutoTokenizer.from_pretrained(...)` (needs transformers installed)."""
         try:
             from transformers import AutoTokenizer
         except ImportError as e:

@@ -40,6 +40,12 @@ def _f32(v: float) -> float:
 
 @dataclass(frozen=True)
 class DSV4Params:
+    """The hyperparameters of a deepseek4 model, frozen and validated when made (ValueError naming the GGUF key
+    of a value the engine cannot use). The defaults are the tiny test model (docs/architecture.md §15.1); give
+    other values to write another model, e.g. `write_model(path, DSV4Params(n_embd=1024, n_expert=64))`.
+    Floats are held as their float32 value (what the file stores); one swiglu clamp is repeated for every block.
+    """
+
     # sizes
     n_vocab: int = 512
     n_ctx_train: int = 4096
@@ -107,16 +113,20 @@ class DSV4Params:
     # ---- derived
     @property
     def block_count(self) -> int:
+        """The blocks in the file: the main layers and the MTP layers."""
         return self.n_layer + self.n_nextn
 
     @property
     def hc_mix(self) -> int:
+        """The width of the hyper-connection mixing projection: (2 + hc_mult) * hc_mult."""
         return (2 + self.hc_mult) * self.hc_mult
 
     def ratio(self, il: int) -> int:
+        """Layer il's compression ratio (0: sliding window only)."""
         return self.compress_ratios[il]
 
     def kind(self, il: int) -> LayerKind:
+        """Layer il's attention kind."""
         return LayerKind(self.compress_ratios[il])
 
     def rope(self, il: int) -> tuple[int, float, float, float, float, float, float]:
@@ -139,19 +149,24 @@ class DSV4Params:
         )
 
     def is_hash_layer(self, il: int) -> bool:
+        """Whether layer il routes by token id (the tid2eid table) instead of by its router."""
         return il < self.hash_layer_count
 
     def clamp_exp(self, il: int) -> float:
+        """Layer il's SwiGLU clamp for the routed experts."""
         return self.swiglu_clamp_exp[il]
 
     def clamp_shexp(self, il: int) -> float:
+        """Layer il's SwiGLU clamp for the shared expert (the routed experts' where the file has none)."""
         return (self.swiglu_clamp_shexp or self.swiglu_clamp_exp)[il]
 
     def with_(self, **kw: Any) -> DSV4Params:
+        """A copy with the given fields changed (validated again)."""
         return replace(self, **kw)
 
     # ---- checks (what the graph needs; ValueError names the offending key)
     def validate(self, where: str = "") -> None:
+        """ValueError naming the GGUF key (prefixed by `where`) of the first value the engine cannot use."""
         pre = f"{where}: " if where else ""
 
         def bad(key: str, msg: str) -> ValueError:

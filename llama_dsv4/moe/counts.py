@@ -38,6 +38,9 @@ def clamp_decayed(d: np.ndarray) -> np.ndarray:
 
 
 class ExpertCounts:
+    """The routing statistics of one model: lifetime and decayed counts per (layer, expert), tokens counted, and
+    the online hit counters (routes that went to an expert of the hot set in force then)."""
+
     def __init__(self, n_layer: int, n_expert: int, n_used: int, half_life: float = DEFAULT_HALF_LIFE) -> None:
         if half_life <= 0:
             raise ValueError(f"the decay half-life must be positive, got {half_life}")
@@ -72,6 +75,7 @@ class ExpertCounts:
         self.tokens = add_tokens(self.tokens, n)
 
     def hit_rate(self) -> float | None:
+        """The share of routes that went to a hot expert so far, or None before any route."""
         total = total_u64(self.routed)
         return total_u64(self.hits) / total if total else None
 

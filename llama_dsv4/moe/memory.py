@@ -28,6 +28,7 @@ EMPTY: Intervals = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 def union(starts: np.ndarray, ends: np.ndarray) -> Intervals:
+    """The interval set covering the ranges [starts[i], ends[i]) (empty ranges dropped, overlaps merged)."""
     keep = ends > starts
     s, e = np.asarray(starts, np.int64)[keep], np.asarray(ends, np.int64)[keep]
     if s.size == 0:
@@ -61,11 +62,14 @@ def subtract(a: Intervals, b: Intervals) -> Intervals:
 
 
 def total(iv: Intervals) -> int:
+    """The number of pages in an interval set."""
     return int((iv[1] - iv[0]).sum())
 
 
 @dataclass
 class ExpertTensor:
+    """One layer's expert tensor in the mapping: `nbytes` at `address`, one equal slice per expert."""
+
     layer: int
     address: int
     nbytes: int
@@ -73,6 +77,7 @@ class ExpertTensor:
 
     @property
     def slice_bytes(self) -> int:
+        """The bytes of one expert's slice."""
         return self.nbytes // self.n_expert
 
     def pages(self, experts: np.ndarray) -> Intervals:
@@ -100,9 +105,11 @@ class Syscalls:
         return 0 if r == 0 else (ctypes.get_errno() or errno.EINVAL)
 
     def mlock(self, addr: int, n: int) -> int:
+        """mlock(2): 0, or the errno."""
         return self._call("mlock", addr, n)
 
     def munlock(self, addr: int, n: int) -> int:
+        """munlock(2): 0, or the errno."""
         return self._call("munlock", addr, n)
 
     def release(self, addr: int, n: int, fd: int = -1, offset: int = 0) -> int:
@@ -171,6 +178,7 @@ class Residency:
         self.lock_errno = 0
 
     def hot_pages(self, hot_sets: list[np.ndarray]) -> Intervals:
+        """The pages to keep locked: those of the hot experts' slices (per layer, `hot_sets`) and the pinned ones."""
         parts = [t.pages(hot_sets[t.layer]) for t in self.tensors] + [self.pinned]
         return union(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
@@ -225,12 +233,14 @@ class Residency:
         return self.sys.release(addr, n)
 
     def unlock_all(self) -> None:
+        """Unlock every page this object locked."""
         for s, e in zip(self.locked[0].tolist(), self.locked[1].tolist(), strict=True):
             self.sys.munlock(s * PAGE, (e - s) * PAGE)
         self.locked = EMPTY
 
     @property
     def locked_bytes(self) -> int:
+        """The bytes this object holds locked."""
         return total(self.locked) * PAGE
 
     def resident_bytes(self) -> int:

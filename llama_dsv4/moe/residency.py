@@ -62,6 +62,10 @@ def parse_hot_count(value: Any) -> int | str | list[int] | None:
 
 @dataclass
 class MoEConfig:
+    """The settings of MoE expert residency (Llama's moe_* keywords): `hot_count` as parse_hot_count returns it,
+    the byte budget in MiB, the statistics file, and the cadence of updates and saves. ValueError for a value
+    that cannot be used."""
+
     hot_count: int | str | list[int]
     budget_mib: float | None = None  # cap on locked expert bytes (any mode)
     stats_path: str | None = None  # default ~/.llama/expert_<name>.dsv4.bin
@@ -81,6 +85,11 @@ class MoEConfig:
 
 
 class ExpertResidency:
+    """The MoE expert residency of one Llama (docs/moe-residency.md): counts the routing the engine reports
+    (on_routes), keeps the hot experts' pages locked and updates them as the counts change, persists the
+    statistics (save, close) and reports its figures (stats, which Llama.moe_stats returns). Needs a model mapped
+    with use_mmap=True."""
+
     def __init__(
         self,
         model: ModelFile,
@@ -244,6 +253,7 @@ class ExpertResidency:
     # ------------------------------------------------------------------------------------------ the hot set
     @property
     def hot_sets(self) -> list[np.ndarray]:
+        """Per layer, the hot expert ids, hottest first."""
         return self._hot_sets
 
     def _update(self, first: bool = False) -> None:
@@ -308,6 +318,8 @@ class ExpertResidency:
 
     # ------------------------------------------------------------------------------------------ metrics
     def stats(self) -> dict[str, Any]:
+        """The residency figures: locked, resident and released bytes, the budget, the hit rate, the per-layer hot
+        counts, updates and their time (keys listed in docs/moe-residency.md)."""
         c = self.counts
         hot_bytes = int((self.hot * self.bytes_per_expert).sum())
         return {

@@ -64,6 +64,9 @@ class StatsFileError(ValueError):
 
 @dataclass
 class Stats:
+    """The contents of a statistics file: the model's shape and fingerprint, the tokens counted, and the lifetime
+    and decayed counts per (layer, expert)."""
+
     n_layer: int
     n_expert: int
     n_used: int
@@ -76,6 +79,7 @@ class Stats:
 
 
 def sanitize(name: str) -> str:
+    """`name` made safe as part of a file name (anything but letters, digits, '.', '_' and '-' becomes '_')."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
@@ -106,6 +110,7 @@ def fingerprint(model: ModelFile) -> bytes:
 
 
 def encode(s: Stats) -> bytes:
+    """The file's bytes for `s` in our format: header, counts, then the sha256 of all that."""
     body = (
         _HEAD.pack(MAGIC, VERSION, s.n_layer, s.n_expert, s.n_used, s.fingerprint, s.tokens, s.half_life)
         + np.ascontiguousarray(s.lifetime, "<u8").tobytes()

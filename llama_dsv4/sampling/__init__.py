@@ -23,14 +23,24 @@ StoppingCriteria = Callable[[npt.NDArray[np.intc], npt.NDArray[np.single]], bool
 
 
 class LogitsProcessorList(list):
+    """Logits processors applied in order (llama-cpp-python's `LogitsProcessorList`). A processor is a callable
+    `(input_ids, scores) -> scores`: the token ids so far and the next token's logits (float32, n_vocab), returning
+    the logits to sample from. Pass it as `logits_processor=` to create_completion, generate or sample."""
+
     def __call__(self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+        """`scores` after each processor in turn."""
         for processor in self:
             scores = processor(input_ids, scores)
         return scores
 
 
 class StoppingCriteriaList(list):
+    """Stopping criteria (llama-cpp-python's `StoppingCriteriaList`). A criterion is a callable `(input_ids, logits)
+    -> bool`, called after each sampled token with the token ids so far and the logits it was sampled from; the
+    generation stops when any returns True. Pass it as `stopping_criteria=` to create_completion or generate."""
+
     def __call__(self, input_ids: npt.NDArray[np.intc], logits: npt.NDArray[np.single]) -> bool:
+        """True when any criterion says stop."""
         return any(criteria(input_ids, logits) for criteria in self)
 
 
@@ -43,6 +53,8 @@ class MinTokensLogitsProcessor:
         self.prompt_tokens: int | None = None
 
     def __call__(self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+        """`scores` with the end-of-sequence token at -inf while fewer than `min_tokens` were generated (the first
+        call's input_ids are taken as the prompt)."""
         if self.prompt_tokens is None:
             self.prompt_tokens = len(input_ids)
         if len(input_ids) - self.prompt_tokens < self.min_tokens:
@@ -51,6 +63,7 @@ class MinTokensLogitsProcessor:
 
 
 def logit_bias_processor(bias: dict[int, float]) -> LogitsProcessor:
+    """A logits processor adding `bias[token]` to each listed token's logit (OpenAI's `logit_bias`)."""
     ids = np.array([int(k) for k in bias], np.int64)
     vals = np.array([float(v) for v in bias.values()], np.float32)
 
@@ -63,6 +76,7 @@ def logit_bias_processor(bias: dict[int, float]) -> LogitsProcessor:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities of `logits` (float64); all -inf gives zeros, a +inf or NaN maximum a uniform distribution."""
     z = np.asarray(logits, np.float64)
     m = np.max(z)
     if not np.isfinite(m):
@@ -88,6 +102,9 @@ def top_order(x: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass
 class SamplerParams:
+    """The sampling settings of one generation, with llama-cpp-python's defaults (see the module docstring for the
+    order they apply in); `penalty_last_n` is the penalties' window (Llama's last_n_tokens_size)."""
+
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
@@ -102,6 +119,7 @@ class SamplerParams:
     penalty_last_n: int = 64
 
     def check(self) -> None:
+        """ValueError (TypeError for a non-integer count) naming the first setting that cannot be used."""
         for name in (
             "top_p",
             "min_p",
@@ -146,12 +164,15 @@ class Sampler:
         self.history = deque(maxlen=max(self.params.penalty_last_n, 0))
 
     def accept(self, token: int) -> None:
+        """Record `token` as generated: the penalty window and the grammar advance."""
         if self.history.maxlen:
             self.history.append(token)
         if self.grammar is not None:
             self.grammar.accept(token)
 
     def sample(self, logits: np.ndarray, input_ids: np.ndarray) -> int:
+        """Sample the next token from `logits` (the token ids so far in `input_ids`, for logits processors) and
+        accept it."""
         p = self.params
         x = np.array(logits, np.float32, copy=True)
         if self.logits_processor:

@@ -20,6 +20,8 @@ def create_app(*args, **kwargs):  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `llama-dsv4-server` command: parse llama-server's flags from `argv` (None: sys.argv[1:]), load the model
+    and serve it until Ctrl-C. Returns the exit status (2 for bad flags)."""
     from .serve import main as _main
 
     return _main(argv)
