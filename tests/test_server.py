@@ -1194,7 +1194,6 @@ def test_a_model_whose_template_cannot_be_used_still_serves(hostile_template_pat
 
 
 def test_chat_template_flag() -> None:
-    from llama_dsv4.chat import handlers
     from llama_dsv4.chat.registry import ChatFormatRegistry, LlamaChatCompletionHandlerRegistry
     from llama_dsv4.server.slots import apply_chat_template
 
@@ -1206,7 +1205,7 @@ def test_chat_template_flag() -> None:
 
     def applied(value: str) -> Stub:
         llm = Stub()
-        apply_chat_template(llm, Settings(chat_template=value), handlers)
+        apply_chat_template(llm, Settings(chat_template=value))
         return llm
 
     assert applied("deepseek-v4").chat_format == "deepseek-v4"
