@@ -1218,3 +1218,36 @@ def test_chat_template_flag() -> None:
         applied("no-such-format")
     with pytest.raises(ValueError, match="does not compile"):
         applied("{{ broken")
+
+
+def test_the_routes_and_which_want_the_api_key() -> None:
+    """The app's routes are the API's 17 (routes/ lists them once), /health alone without the key; /metrics counts
+    requests by exactly these paths (others as "other")."""
+    from fastapi.testclient import TestClient
+
+    from llama_dsv4.server.app import create_app
+    from llama_dsv4.server.metrics import Metrics
+    from llama_dsv4.server.middleware import Counting
+    from llama_dsv4.server.slots import SlotPool
+
+    get = ("/health", "/v1/health", "/v1/models", "/models", "/metrics", "/props")
+    post = (
+        "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions", "/v1/embeddings",
+        "/embeddings", "/tokenize", "/extras/tokenize", "/extras/tokenize/count", "/detokenize", "/extras/detokenize",
+    )  # fmt: skip
+    pool = SlotPool([(object(), 64)])
+    app = create_app(Settings(api_keys=[KEY]), pool, Metrics())
+    try:
+        routes = {(p, m) for p, methods in app.openapi()["paths"].items() for m in methods}
+        assert routes == {(p, "get") for p in get} | {(p, "post") for p in post}
+        counting = [m for m in app.user_middleware if m.cls is Counting]
+        assert len(counting) == 1 and set(counting[0].kwargs["routes"]) == set(get + post)
+        client = TestClient(app)
+        for path in get + post:
+            method, other = ("GET", "POST") if path in get else ("POST", "GET")
+            keyless = client.request(method, path, json={})
+            assert keyless.status_code == (200 if path.endswith("/health") else 401), path
+            assert client.request(other, path, headers=AUTH).status_code == 405, path
+        assert client.get("/nope", headers=AUTH).status_code == 404
+    finally:
+        pool.close()
