@@ -192,27 +192,20 @@ def error_of(r: Any) -> dict[str, Any]:
 def test_models_and_chat_with_the_openai_client(client: Any, word_tokens: dict[str, int]) -> None:
     assert [m.id for m in client.models.list().data] == [ALIAS]
     word, tok = next(iter(word_tokens.items()))
-    r = client.chat.completions.create(
+    ask: dict[str, Any] = dict(
         model=ALIAS,
         messages=[{"role": "user", "content": "Say a word."}],
         max_tokens=5,
         temperature=0,
         logit_bias={str(tok): 100},
     )
+    r = client.chat.completions.create(**ask)
     assert r.model == ALIAS and r.object == "chat.completion"
     assert r.choices[0].message.content == word * 5 and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 0
 
     # the same request streamed: the same text, role first, finish last, usage at the end when asked
-    stream = client.chat.completions.create(
-        model=ALIAS,
-        messages=[{"role": "user", "content": "Say a word."}],
-        max_tokens=5,
-        temperature=0,
-        logit_bias={str(tok): 100},
-        stream=True,
-        stream_options={"include_usage": True},
-    )
+    stream = client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == word * 5
@@ -230,33 +223,22 @@ def test_models_and_chat_with_the_openai_client(client: Any, word_tokens: dict[s
 
 def test_text_completions_and_reasoning(client: Any, word_tokens: dict[str, int]) -> None:
     (w1, t1), (w2, t2) = list(word_tokens.items())[1:3]
-    r = client.completions.create(
-        model=ALIAS, prompt="Once upon a time,", max_tokens=4, temperature=0, logit_bias={str(t1): 100}
-    )
+    text: dict[str, Any] = dict(model=ALIAS, prompt="Once upon a time,", max_tokens=4, temperature=0)
+    r = client.completions.create(**text, logit_bias={str(t1): 100})
     assert r.choices[0].text == w1 * 4 and r.usage.completion_tokens == 4
-    s = client.completions.create(
-        model=ALIAS, prompt="Once upon a time,", max_tokens=4, temperature=0, logit_bias={str(t1): 100}, stream=True
-    )
+    s = client.completions.create(**text, logit_bias={str(t1): 100}, stream=True)
     assert "".join(c.choices[0].text for c in s) == w1 * 4
     # thinking on: the (unfinished) thinking comes back as reasoning_content, not as content
+    think: dict[str, Any] = dict(
+        model=ALIAS, messages=[{"role": "user", "content": "Think."}], max_tokens=3, temperature=0
+    )
     r = client.chat.completions.create(
-        model=ALIAS,
-        messages=[{"role": "user", "content": "Think."}],
-        max_tokens=3,
-        temperature=0,
-        logit_bias={str(t2): 100},
-        extra_body={"chat_template_kwargs": {"thinking": True}},
+        **think, logit_bias={str(t2): 100}, extra_body={"chat_template_kwargs": {"thinking": True}}
     )
     msg = r.choices[0].message
     assert msg.reasoning_content == w2 * 3 and not msg.content
     s = client.chat.completions.create(
-        model=ALIAS,
-        messages=[{"role": "user", "content": "Think."}],
-        max_tokens=3,
-        temperature=0,
-        logit_bias={str(t2): 100},
-        extra_body={"thinking": {"type": "enabled"}},
-        stream=True,
+        **think, logit_bias={str(t2): 100}, extra_body={"thinking": {"type": "enabled"}}, stream=True
     )
     chunks = list(s)
     assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == w2 * 3
@@ -855,31 +837,11 @@ def test_load_16_concurrent_streams_200_requests(server: Server, word_tokens: di
         bias = {str(tok): 100}
         leave = 2 if i % 8 == 5 else None  # 25 clients go away mid-stream (asking for many tokens)
         max_tokens = 400 if leave else n_tokens
+        body = {"max_tokens": max_tokens, "temperature": 0, "logit_bias": bias, "stream": True}
         if i % 5 == 4:
-            return (
-                "/v1/completions",
-                {
-                    "prompt": f"Request {i}:",
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "logit_bias": bias,
-                    "stream": True,
-                },
-                word * n_tokens,
-                leave,
-            )
-        return (
-            "/v1/chat/completions",
-            {
-                "messages": [{"role": "user", "content": f"Request {i}"}],
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "logit_bias": bias,
-                "stream": True,
-            },
-            word * n_tokens,
-            leave,
-        )
+            return "/v1/completions", {"prompt": f"Request {i}:", **body}, word * n_tokens, leave
+        chat = {"messages": [{"role": "user", "content": f"Request {i}"}], **body}
+        return "/v1/chat/completions", chat, word * n_tokens, leave
 
     async def one(c: Any, sem: asyncio.Semaphore, i: int) -> tuple[int, str, list[dict[str, Any]], bool]:
         path, body, _, leave = request(i)
@@ -1194,7 +1156,6 @@ def test_a_model_whose_template_cannot_be_used_still_serves(hostile_template_pat
 
 
 def test_chat_template_flag() -> None:
-    from llama_dsv4.chat import handlers
     from llama_dsv4.chat.registry import ChatFormatRegistry, LlamaChatCompletionHandlerRegistry
     from llama_dsv4.server.slots import apply_chat_template
 
@@ -1206,7 +1167,7 @@ def test_chat_template_flag() -> None:
 
     def applied(value: str) -> Stub:
         llm = Stub()
-        apply_chat_template(llm, Settings(chat_template=value), handlers)
+        apply_chat_template(llm, Settings(chat_template=value))
         return llm
 
     assert applied("deepseek-v4").chat_format == "deepseek-v4"
@@ -1219,3 +1180,36 @@ def test_chat_template_flag() -> None:
         applied("no-such-format")
     with pytest.raises(ValueError, match="does not compile"):
         applied("{{ broken")
+
+
+def test_the_routes_and_which_want_the_api_key() -> None:
+    """The app's routes are the API's 17 (routes/ lists them once), /health alone without the key; /metrics counts
+    requests by exactly these paths (others as "other")."""
+    from fastapi.testclient import TestClient
+
+    from llama_dsv4.server.app import create_app
+    from llama_dsv4.server.metrics import Metrics
+    from llama_dsv4.server.middleware import Counting
+    from llama_dsv4.server.slots import SlotPool
+
+    get = ("/health", "/v1/health", "/v1/models", "/models", "/metrics", "/props")
+    post = (
+        "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions", "/v1/embeddings",
+        "/embeddings", "/tokenize", "/extras/tokenize", "/extras/tokenize/count", "/detokenize", "/extras/detokenize",
+    )  # fmt: skip
+    pool = SlotPool([(object(), 64)])
+    app = create_app(Settings(api_keys=[KEY]), pool, Metrics())
+    try:
+        routes = {(p, m) for p, methods in app.openapi()["paths"].items() for m in methods}
+        assert routes == {(p, "get") for p in get} | {(p, "post") for p in post}
+        counting = [m for m in app.user_middleware if m.cls is Counting]
+        assert len(counting) == 1 and set(counting[0].kwargs["routes"]) == set(get + post)
+        client = TestClient(app)
+        for path in get + post:
+            method, other = ("GET", "POST") if path in get else ("POST", "GET")
+            keyless = client.request(method, path, json={})
+            assert keyless.status_code == (200 if path.endswith("/health") else 401), path
+            assert client.request(other, path, headers=AUTH).status_code == 405, path
+        assert client.get("/nope", headers=AUTH).status_code == 404
+    finally:
+        pool.close()

@@ -97,23 +97,24 @@ def test_what_cannot_apply_is_noted_or_refused(real_vocab_path: str) -> None:
     for field in ("split_mode", "clip_model_path", "type_k=8", "embedding", "interrupt_requests"):
         assert field in notes
     assert model.settings.llama_kwargs()["rope_freq_base"] == 20000  # honoured by Llama (with its own warning)
-    for flags, match in [
-        (["--kv_overrides", "a=int:1"], "kv_overrides"),
-        (["--lora_path", "x.gguf"], "LoRA"),
-        (["--rope_freq_scale", "0.5"], "RoPE"),
-        (["--yarn_orig_ctx", "4096"], "YaRN"),
-        (["--vocab_only", "true"], "vocab_only"),
-        (["--hf_pretrained_model_name_or_path", "x/y"], "tokenizer"),
-        (["--chat_format", "llava-1-5"], "vision format"),
-        (["--chat_format", "hf-autotokenizer"], "Hugging Face tokenizer"),
-        (["--chat_format", "hf-tokenizer-config"], "needs hf_tokenizer_config_path"),
-        (["--n_gpu_layers", "-2"], "greater than or equal to -1"),
-        (["--port", "70000"], "less than or equal to 65535"),
-        (["--ssl_keyfile", "k.pem"], "ssl_certfile"),
-        (["--no_such_flag", "1"], "unknown argument"),
-    ]:
+    refused = {  # flags (split at spaces) -> what the error says
+        "--kv_overrides a=int:1": "kv_overrides",
+        "--lora_path x.gguf": "LoRA",
+        "--rope_freq_scale 0.5": "RoPE",
+        "--yarn_orig_ctx 4096": "YaRN",
+        "--vocab_only true": "vocab_only",
+        "--hf_pretrained_model_name_or_path x/y": "tokenizer",
+        "--chat_format llava-1-5": "vision format",
+        "--chat_format hf-autotokenizer": "Hugging Face tokenizer",
+        "--chat_format hf-tokenizer-config": "needs hf_tokenizer_config_path",
+        "--n_gpu_layers -2": "greater than or equal to -1",
+        "--port 70000": "less than or equal to 65535",
+        "--ssl_keyfile k.pem": "ssl_certfile",
+        "--no_such_flag 1": "unknown argument",
+    }
+    for flags, match in refused.items():
         with pytest.raises(SettingsError, match=match):
-            parse("--model", real_vocab_path, *flags)
+            parse("--model", real_vocab_path, *flags.split())
     with pytest.raises(SettingsError, match="no model"):
         parse()
     with pytest.raises(SettingsError, match="no such file"):

@@ -2,9 +2,10 @@
 llama-server's command-line flags.
 
 Modules: settings.py (flags -> Settings), slots.py (slots, queue, stoppable jobs), models.py (the models served by
-name, one loaded at a time), app.py (routes), schemas.py (request bodies), errors.py (OpenAI error bodies),
-metrics.py (Prometheus text), serve.py (the command). llama-cpp-python's server command line and config files are
-in llama_dsv4.compat.server.
+name, one loaded at a time), app.py (the app over state.py's shared state and the routers of routes/), body.py,
+generation.py and dispatch.py (a request read, its arguments, its job on a slot), schemas.py (request bodies),
+errors.py (OpenAI error bodies), metrics.py (Prometheus text), serve.py (the command). llama-cpp-python's server
+command line and config files are in llama_dsv4.compat.server.
 """
 
 from .settings import Settings, SettingsError, parse_args

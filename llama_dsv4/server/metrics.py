@@ -17,21 +17,32 @@ from typing import Any
 PREFIX = "llamadsv4:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# moe_stats() key -> (metric name, type, help); hot_per_layer is a series per layer
-_MOE = {
-    "enabled": ("moe_enabled", "gauge", "1 when MoE expert residency is on"),
-    "locked_bytes": ("moe_hot_locked_bytes", "gauge", "bytes of hot experts locked in RAM"),
-    "lock_failed_bytes": ("moe_lock_failed_bytes", "gauge", "bytes of hot experts that could not be locked"),
-    "resident_bytes": ("moe_resident_bytes", "gauge", "bytes of expert weights resident in RAM"),
-    "hot_bytes": ("moe_hot_bytes", "gauge", "bytes of the experts classified hot"),
-    "budget_configured_bytes": ("moe_budget_configured_bytes", "gauge", "configured budget for hot experts"),
-    "budget_effective_bytes": ("moe_budget_effective_bytes", "gauge", "budget for hot experts in effect"),
-    "hit_rate": ("moe_hit_rate", "gauge", "share of routed experts that were hot"),
-    "hits": ("moe_hits_total", "counter", "routed experts that were hot"),
-    "routed": ("moe_routed_total", "counter", "experts routed"),
-    "reclassify_total": ("moe_reclassify_total", "counter", "hot-set updates"),
-    "reclassify_seconds_total": ("moe_reclassify_seconds_total", "counter", "seconds spent updating the hot set"),
+# moe_stats() key -> help; its metric is "moe_" + key (but for _MOE_NAMED's), a counter if the name ends in _total,
+# else a gauge; hot_per_layer is a series per layer
+_MOE_HELP = {
+    "enabled": "1 when MoE expert residency is on",
+    "locked_bytes": "bytes of hot experts locked in RAM",
+    "lock_failed_bytes": "bytes of hot experts that could not be locked",
+    "resident_bytes": "bytes of expert weights resident in RAM",
+    "hot_bytes": "bytes of the experts classified hot",
+    "budget_configured_bytes": "configured budget for hot experts",
+    "budget_effective_bytes": "budget for hot experts in effect",
+    "hit_rate": "share of routed experts that were hot",
+    "hits": "routed experts that were hot",
+    "routed": "experts routed",
+    "reclassify_total": "hot-set updates",
+    "reclassify_seconds_total": "seconds spent updating the hot set",
 }
+_MOE_NAMED = {"locked_bytes": "moe_hot_locked_bytes", "hits": "moe_hits_total", "routed": "moe_routed_total"}
+
+
+def _moe_metric(key: str) -> tuple[str, str, str]:
+    """(metric name, type, help) of a moe_stats() key."""
+    name = _MOE_NAMED.get(key, "moe_" + key)
+    return name, "counter" if name.endswith("_total") else "gauge", _MOE_HELP[key]
+
+
+_MOE = {key: _moe_metric(key) for key in _MOE_HELP}
 
 
 def _num(v: Any) -> str:

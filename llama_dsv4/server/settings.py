@@ -32,6 +32,15 @@ class SettingsError(ValueError):
     """A command line that cannot be honoured: unknown flag, bad value, missing model."""
 
 
+# the Settings fields passed to Llama(...) under their own names: always, and only when set (the seed, the cache type,
+# MoE expert residency)
+_LLAMA_FIELDS = (
+    "n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "flash_attn", "use_mlock", "use_mmap", "device",
+    "logits_all", "verbose",
+)  # fmt: skip
+_LLAMA_IF_SET = ("seed", "type_k", "moe_hot_count", "moe_hot_budget_mib", "moe_stats_path")
+
+
 @dataclass
 class Settings:
     # the model
@@ -94,31 +103,9 @@ class Settings:
 
     def llama_kwargs(self) -> dict[str, Any]:
         """The `Llama(...)` keywords of one slot, before the context is fitted to the model (see slots.py)."""
-        kw: dict[str, Any] = dict(
-            n_ctx=self.n_ctx,
-            n_batch=self.n_batch,
-            n_ubatch=self.n_ubatch,
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads_batch if self.n_threads_batch is not None else self.n_threads,
-            n_gpu_layers=self.n_gpu_layers,
-            flash_attn=self.flash_attn,
-            use_mlock=self.use_mlock,
-            use_mmap=self.use_mmap,
-            device=self.device,
-            logits_all=self.logits_all,
-            verbose=self.verbose,
-        )
-        if self.seed is not None:
-            kw["seed"] = self.seed
-        if self.type_k is not None:
-            kw["type_k"] = self.type_k
-        # MoE expert residency: passed only when asked for
-        if self.moe_hot_count is not None:
-            kw["moe_hot_count"] = self.moe_hot_count
-        if self.moe_hot_budget_mib is not None:
-            kw["moe_hot_budget_mib"] = self.moe_hot_budget_mib
-        if self.moe_stats_path is not None:
-            kw["moe_stats_path"] = self.moe_stats_path
+        kw: dict[str, Any] = {name: getattr(self, name) for name in _LLAMA_FIELDS}
+        kw["n_threads_batch"] = self.n_threads_batch if self.n_threads_batch is not None else self.n_threads
+        kw.update((name, getattr(self, name)) for name in _LLAMA_IF_SET if getattr(self, name) is not None)
         kw.update(self.llama_extra)
         return kw
 
@@ -194,6 +181,11 @@ _NOTE_SWITCHES: dict[tuple[str, ...], str] = {
 }
 
 
+def _number(a: Any, *flags: str, kind: type = int, lo: float | None = None, hi: int | None = None, **kw: Any) -> None:
+    """Add a numeric flag (`kind` int or float, within [lo, hi]) whose bad values are named by its last spelling."""
+    a(*flags, type=_float(flags[-1], lo) if kind is float else _int(flags[-1], lo, hi), **kw)
+
+
 def _build() -> _Parser:
     p = _Parser(
         prog="llama-dsv4-server",
@@ -208,8 +200,8 @@ def _build() -> _Parser:
     a("-hft", "--hf-token", dest="hf_token", help="Hugging Face token (default: $HF_TOKEN)")
     a("-a", "--alias", help="model name served in /v1/models and responses (default: the file name)")
     a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    a("--port", type=_int("--port", 0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    a("-s", "--seed", type=_int("--seed"), help="RNG seed (-1: random)")
+    _number(a, "--port", lo=0, hi=65535, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    _number(a, "-s", "--seed", help="RNG seed (-1: random)")
     a("-ctk", "--cache-type-k", dest="cache_type_k", choices=sorted(CACHE_TYPES), help="cache type: f16 or f32")
     a("--logits-all", action="store_true", help="keep every position's logits (for echo with logprobs)")
     a("--chat-template", help="a chat format of the model (deepseek-v4, chat_template.default) or a Jinja template")
@@ -226,86 +218,81 @@ def _build() -> _Parser:
         default="deepseek",
         help="deepseek (default): thinking in reasoning_content; none: raw text",
     )
-    a(
+    _number(
+        a,
         "-np",
         "--parallel",
-        type=_int("--parallel", 1, 256),
+        lo=1,
+        hi=256,
         default=1,
         help="slots: requests served at once, each with its own context of --ctx-size / N tokens (default 1)",
     )
     a("--api-key", help="API key(s), comma-separated, required on every endpoint but /health (or $LLAMA_API_KEY)")
     a("--api-key-file", help="file with one API key per line")
-    a(
+    _number(
+        a,
         "-to",
         "--timeout",
-        type=_float("--timeout", 0),
+        kind=float,
+        lo=0,
         default=600.0,
         help="seconds a client may take to send a request body or stall a stream (default 600)",
     )
-    a(
+    _number(
+        a,
         "--header-timeout",
-        type=_float("--header-timeout", 0),
+        kind=float,
+        lo=0,
         default=10.0,
         help="seconds a connection may take to send a request's headers, from connecting or from the previous "
         "answer; then it is closed (default 10, 0: no limit)",
     )
-    a(
+    _number(
+        a,
         "--max-queue",
-        type=_int("--max-queue", 0),
+        lo=0,
         default=128,
         help="requests that may wait for a busy slot; more are answered 503 at once (default 128)",
     )
-    a(
+    _number(
+        a,
         "--limit-concurrency",
-        type=_int("--limit-concurrency", 1),
+        lo=1,
         default=1000,
         help="connections open at once; a request on a connection beyond it is answered 503 (default 1000)",
     )
-    a(
+    _number(
+        a,
         "--send-buffer-kib",
-        type=_int("--send-buffer-kib", 0),
+        lo=0,
         default=256,
         help="kernel send buffer per connection: what a client that stops reading can park in the kernel "
         "(default 256, 0: the system's autotuned size, up to MiBs)",
     )
     a("--ssl-key-file", dest="ssl_keyfile", help="PEM private key for HTTPS")
     a("--ssl-cert-file", dest="ssl_certfile", help="PEM certificate for HTTPS")
-    a("--max-body-mib", type=_float("--max-body-mib", 0.001), default=32.0, help="largest request body (default 32)")
-    a(
+    _number(a, "--max-body-mib", kind=float, lo=0.001, default=32.0, help="largest request body (default 32)")
+    _number(
+        a,
         "-n",
         "--predict",
         "--n-predict",
         dest="n_predict",
-        type=_int("--n-predict"),
         default=-1,
         help="most tokens a request may generate (-1: until the end or the context is full)",
     )
-    a("--temp", dest="temperature", type=_float("--temp"), default=0.8, help="default temperature (0.8)")
-    a("--top-k", type=_int("--top-k", 0), default=40, help="default top-k (40)")
-    a("--top-p", type=_float("--top-p", 0), default=0.95, help="default top-p (0.95)")
-    a("--min-p", type=_float("--min-p", 0), default=0.05, help="default min-p (0.05)")
-    a("--repeat-penalty", type=_float("--repeat-penalty", 0), default=1.0, help="default repeat penalty (1.0)")
-    a("--presence-penalty", type=_float("--presence-penalty"), default=0.0, help="default presence penalty")
-    a("--frequency-penalty", type=_float("--frequency-penalty"), default=0.0, help="default frequency penalty")
+    _number(a, "--temp", kind=float, dest="temperature", default=0.8, help="default temperature (0.8)")
+    _number(a, "--top-k", lo=0, default=40, help="default top-k (40)")
+    _number(a, "--top-p", kind=float, lo=0, default=0.95, help="default top-p (0.95)")
+    _number(a, "--min-p", kind=float, lo=0, default=0.05, help="default min-p (0.05)")
+    _number(a, "--repeat-penalty", kind=float, lo=0, default=1.0, help="default repeat penalty (1.0)")
+    _number(a, "--presence-penalty", kind=float, default=0.0, help="default presence penalty")
+    _number(a, "--frequency-penalty", kind=float, default=0.0, help="default frequency penalty")
     a("-v", "--verbose", action="store_true", help="log more (the engine's own messages too)")
-    for flags, why in _NOTE_VALUE_FLAGS.items():
-        a(
-            *flags,
-            dest="_note_" + flags[-1].lstrip("-").replace("-", "_"),
-            action=_Note,
-            note=why,
-            nargs=1,
-            help=argparse.SUPPRESS,
-        )
-    for flags, why in _NOTE_SWITCHES.items():
-        a(
-            *flags,
-            dest="_note_" + flags[-1].lstrip("-").replace("-", "_"),
-            action=_Note,
-            note=why,
-            nargs=0,
-            help=argparse.SUPPRESS,
-        )
+    for noted, nargs in ((_NOTE_VALUE_FLAGS, 1), (_NOTE_SWITCHES, 0)):
+        for flags, why in noted.items():
+            dest = "_note_" + flags[-1].lstrip("-").replace("-", "_")
+            a(*flags, dest=dest, action=_Note, note=why, nargs=nargs, help=argparse.SUPPRESS)
     return p
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..chat.handlers import TemplateChatHandler, resolve_handler, template_from_file
+from ..chat.registry import LlamaChatCompletionHandlerNotFoundException
 from ..sampling import LogitsProcessorList
 from .settings import Settings
 
@@ -317,7 +319,6 @@ def resolve_model(settings: Settings) -> str:
 
 def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
     """Open the model once per slot (the weights are mapped, not copied, where the device can read host memory)."""
-    from ..chat import handlers
     from ..llama import Llama
     from ..model.loader import load_model
 
@@ -339,8 +340,8 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
     for i in range(settings.parallel):
         llm = Llama(model_path=path, **kwargs)
         try:
-            apply_chat_template(llm, settings, handlers)
-            _check_chat_format(llm, handlers)
+            apply_chat_template(llm, settings)
+            _check_chat_format(llm)
             if settings.prompt_cache is not None:
                 llm.set_cache(prompt_cache(*settings.prompt_cache))
         except Exception:
@@ -353,12 +354,10 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
     return out, notes
 
 
-def _check_chat_format(llm: Any, handlers: Any) -> None:
-    from ..chat.registry import LlamaChatCompletionHandlerNotFoundException
-
+def _check_chat_format(llm: Any) -> None:
     """A chat format that names no handler fails when the model loads (a ValueError), not at the first chat."""
     try:
-        handlers.resolve_handler(llm)
+        resolve_handler(llm)
     except LlamaChatCompletionHandlerNotFoundException as e:
         raise ValueError(f"chat format {llm.chat_format!r}: {e}") from None
 
@@ -370,9 +369,11 @@ def prompt_cache(kind: str, capacity_bytes: int) -> Any:
     return LlamaDiskCache(capacity_bytes=capacity_bytes) if kind == "disk" else LlamaRAMCache(capacity_bytes)
 
 
-def apply_chat_template(llm: Any, settings: Settings, handlers: Any) -> None:
+def apply_chat_template(llm: Any, settings: Settings) -> None:
+    """--chat-template-file, or --chat-template (a template of the model, a named chat format, llama-server's names
+    for DeepSeek, or an inline Jinja template), made `llm`'s chat format; ValueError for what is none of them."""
     if settings.chat_template_file:
-        handlers.template_from_file(llm, settings.chat_template_file)
+        template_from_file(llm, settings.chat_template_file)
         return
     name = settings.chat_template
     if not name:
@@ -383,7 +384,7 @@ def apply_chat_template(llm: Any, settings: Settings, handlers: Any) -> None:
     elif name in aliases:
         llm.chat_format = "deepseek-v4"
     elif "{{" in name or "{%" in name:
-        inline = handlers.TemplateChatHandler(name, "chat_template.cli")
+        inline = TemplateChatHandler(name, "chat_template.cli")
         llm.chat_formats.register_chat_completion_handler("chat_template.cli", inline, overwrite=True)
         llm.chat_format = "chat_template.cli"
     else:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from ...server.models import Model
 from ...server.settings import SettingsError
-from .mapping import model_config
+from .mapping import model_config, read_bounded
 from .settings import ConfigFileSettings, ModelSettings, ServerSettings, Settings, env_values
 
 PROG = "python -m llama_cpp.server"
@@ -142,13 +142,7 @@ def _count_nodes(value: Any, path: str) -> None:
 def load_config_file(path: str) -> ConfigFileSettings:
     """A config file (JSON, or YAML for .yaml / .yml) as llama-cpp-python reads it; SettingsError on anything
     wrong with it, naming the file and the place."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise SettingsError(f"config file {path}: {e.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise SettingsError(f"config file {path}: over {MAX_CONFIG_BYTES >> 10} KiB")
+    data = read_bounded(path, MAX_CONFIG_BYTES, f"config file {path}", f"{MAX_CONFIG_BYTES >> 10} KiB")
     try:
         if path.endswith((".yaml", ".yml")):
             try:

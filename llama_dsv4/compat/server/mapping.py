@@ -168,18 +168,26 @@ def _llama_keywords(m: ModelSettings, where: str) -> dict[str, Any]:
     return kw
 
 
+def read_bounded(path: str, limit: int, what: str, shown_limit: str) -> bytes:
+    """The bytes of an untrusted file of at most `limit` bytes (`shown_limit` in words); SettingsError("{what}: ...")
+    if it cannot be read or is larger."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise SettingsError(f"{what}: {e.strerror}") from None
+    if len(data) > limit:
+        raise SettingsError(f"{what}: over {shown_limit}")
+    return data
+
+
 def _tokenizer_config_template(m: ModelSettings, where: str) -> str:
     """chat_format hf-tokenizer-config: the chat template of hf_tokenizer_config_path (a tokenizer_config.json)."""
     path = m.hf_tokenizer_config_path
     if not path:
         raise SettingsError(f"{where}chat_format hf-tokenizer-config needs hf_tokenizer_config_path")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TOKENIZER_CONFIG + 1)
-    except OSError as e:
-        raise SettingsError(f"{where}hf_tokenizer_config_path {path}: {e.strerror}") from None
-    if len(data) > MAX_TOKENIZER_CONFIG:
-        raise SettingsError(f"{where}hf_tokenizer_config_path {path}: over {MAX_TOKENIZER_CONFIG >> 20} MiB")
+    what = f"{where}hf_tokenizer_config_path {path}"
+    data = read_bounded(path, MAX_TOKENIZER_CONFIG, what, f"{MAX_TOKENIZER_CONFIG >> 20} MiB")
     try:
         config = json.loads(data)
     except (ValueError, RecursionError) as e:
