@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..sampling import constrained
 from ..sampling.grammar_bounds import MAX_SCHEMA_CHARS, GrammarError, check_json_schema
-from .request import ChatRequest, json_grammar, prompt_tokens, stop_list
+from .request import ChatRequest, prompt_tokens, stop_list
 from .response import call_object, chat_response, chat_stream, chunk, tool_calls_response
 
 if TYPE_CHECKING:
@@ -129,13 +129,12 @@ def chatml_function_calling(*, llama: Llama, messages: Any, **kwargs: Any) -> An
     req = ChatRequest.read(messages, **kwargs)
     stops = stop_list(END, req.stop)
     if req.choice == "none":
-        wanted, schema = req.output_schema()
         tokens = prompt_tokens(llama, render(req.messages, None), add_bos=True)
         c = llama.create_completion(
             prompt=tokens,
             stream=req.stream,
             stop=stops,
-            grammar=json_grammar(schema) if wanted else req.grammar,
+            grammar=req.decoding_grammar(),
             logprobs=req.n_logprobs,
             **req.sampling,
         )
