@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 
 import llama_cpp_sdist
+import numpy as np
 import pytest
 
+from llama_dsv4 import LogitsProcessorList
 from llama_dsv4.model.params import DSV4Params
 from llama_dsv4.model.writer import write_model
 
@@ -26,6 +28,36 @@ MICRO = DSV4Params(
     n_expert_used=2,
     expert_ff=64,
 )
+
+# A tool whose arguments constrained decoding can fill in completely (an enum and a bounded integer, both required).
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "Oslo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}
+
+
+def forced(ids: list[int]) -> LogitsProcessorList:
+    """A logits processor that makes greedy decoding produce `ids` (then keeps repeating the last)."""
+    state = {"i": 0}
+
+    def proc(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        out = np.full_like(scores, -1e9)
+        out[ids[min(state["i"], len(ids) - 1)]] = 0
+        state["i"] += 1
+        return out
+
+    return LogitsProcessorList([proc])
 
 
 # Child Python processes must import the installed package, not the source tree (which has no compiled

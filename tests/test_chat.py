@@ -10,32 +10,20 @@ import random
 import time
 import warnings
 
-import numpy as np
 import pytest
-from conftest import MICRO, NESTED_IFS_TEMPLATE
+from conftest import MICRO, NESTED_IFS_TEMPLATE, WEATHER, forced
 
 from llama_dsv4 import Llama, LlamaGrammar, LogitsProcessorList
 from llama_dsv4.chat.parser import OutputParser, parse
 from llama_dsv4.chat.registry import LlamaChatCompletionHandlerNotFoundException
+from llama_dsv4.chat.template import MAX_SOURCE
+from llama_dsv4.model.gguf_write import string
 from llama_dsv4.model.writer import write_model
 
 jsonschema = pytest.importorskip("jsonschema")
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+TOOLS = [WEATHER]
 CALL_TEXT = (
     '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
     '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
@@ -73,16 +61,7 @@ def prompt_of(llm: Llama, monkeypatch: pytest.MonkeyPatch, **kw: object) -> str:
 
 def say(llm: Llama, text: str) -> LogitsProcessorList:
     """Make greedy decoding write `text`, then stop."""
-    ids = [*llm.tokenize(text.encode(), special=False), llm.token_eos()]
-    state = {"i": 0}
-
-    def proc(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        out = np.full_like(scores, -1e9)
-        out[ids[min(state["i"], len(ids) - 1)]] = 0
-        state["i"] += 1
-        return out
-
-    return LogitsProcessorList([proc])
+    return forced([*llm.tokenize(text.encode(), special=False), llm.token_eos()])
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -283,22 +262,7 @@ def test_plain_chat_shapes(llm: Llama) -> None:
 def test_required_and_named_tool_choice_always_parse(small: Llama) -> None:
     """As OpenAI spells a forced choice, and as LangChain's bind_tools does: "any" for required, a bare name."""
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}, "any", "get_weather"):
-        tools = [
-            {
-                "type": "function",
-                "function": {
-                    "name": "get_weather",
-                    "parameters": {
-                        "type": "object",
-                        "properties": {
-                            "city": {"type": "string", "enum": ["Paris", "Oslo"]},
-                            "days": {"type": "integer", "minimum": 1, "maximum": 7},
-                        },
-                        "required": ["city", "days"],
-                    },
-                },
-            }
-        ]
+        tools = [WEATHER]
         for seed in range(3):
             r = small.create_chat_completion(
                 [{"role": "user", "content": "?"}], tools=tools, tool_choice=choice, temperature=1.0, seed=seed
@@ -453,6 +417,29 @@ def test_a_files_unusable_template_is_replaced_by_ours(name: str, tmp_path: os.P
     theirs = Llama(path, n_ctx=256, verbose=False, chat_format="chat_template.default")
     with pytest.raises(ValueError, match="chat template"):
         theirs.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1)
+
+
+def test_the_files_templates_come_whole_from_its_metadata(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's templates are read from Llama.metadata (GGUF string metadata): the default one and the named ones
+    (tokenizer.chat_template.NAME), whole however long (llama-cpp-python reads metadata through a 1 KiB buffer
+    first); a named one beyond the template bound is registered and refused when used."""
+    default = "{#" + "d" * 100_000 + "#}[{{ messages[0].content }}]"
+    too_long = "{#" + "n" * MAX_SOURCE + "#}"
+    named = [string("tokenizer.chat_template.tool_use", "<{{ messages[0].content }}>")]
+    named.append(string("tokenizer.chat_template.rag", too_long))
+    path = write_model(os.path.join(tmp_path, "m.gguf"), MICRO, dtype="f32", chat_template=default, extra_kv=named)
+    llm = Llama(path[0], n_ctx=256, verbose=False)
+    assert llm.metadata["tokenizer.chat_template"] == default
+    assert llm.metadata["tokenizer.chat_template.rag"] == too_long
+    hi = [{"role": "user", "content": "hi"}]
+    assert llm.chat_format == "chat_template.default" and prompt_of(llm, monkeypatch, messages=hi) == "[hi]"
+    llm.chat_format = "chat_template.tool_use"
+    assert prompt_of(llm, monkeypatch, messages=hi) == "<hi>"
+    llm.chat_format = "chat_template.rag"
+    with pytest.raises(ValueError, match=f"{len(too_long)} characters long; at most {MAX_SOURCE}"):
+        llm.create_chat_completion(hi, max_tokens=1)
 
 
 def test_rendering_stops_at_what_the_context_can_hold(tmp_path: os.PathLike[str]) -> None:

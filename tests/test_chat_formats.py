@@ -17,7 +17,7 @@ import pytest
 from llama_cpp_sdist import members
 from test_chat import prompt_of, say
 
-from llama_dsv4 import Llama
+from llama_dsv4 import Llama, LlamaGrammar
 from llama_dsv4.chat import chatml_tools
 from llama_dsv4.chat.formats import NAMED_FORMATS
 from llama_dsv4.chat.registry import ChatFormatRegistry
@@ -225,6 +225,16 @@ def test_chatml_function_calling(llm: Llama, monkeypatch: pytest.MonkeyPatch) ->
     assert chatml_tools.parse_calls(
         'functions.set_unit:\n{"unit":"c"}\nfunctions.set_unit:\n{"un', {"set_unit": {}}
     ) == [("set_unit", '{"unit":"c"}')]
+
+
+def test_chatml_function_calling_refuses_a_grammar_with_a_response_format(llm: Llama) -> None:
+    """Both at once are refused, as the other chat formats refuse them (the grammar used to be dropped silently)."""
+    llm.chat_format = "chatml-function-calling"
+    grammar = LlamaGrammar.from_string('root ::= "x"')
+    with pytest.raises(ValueError, match="grammar cannot be combined with response_format"):
+        llm.create_chat_completion(HI, response_format={"type": "json_object"}, grammar=grammar, max_tokens=1)
+    r = llm.create_chat_completion(HI, grammar=grammar, max_tokens=4)
+    assert r["choices"][0]["message"]["content"] == "x"
 
 
 # ---------------------------------------------------------------------------------------------- the registry

@@ -8,7 +8,7 @@ import json
 import pytest
 from llama_cpp_sdist import DSV4_TEMPLATE, members
 
-from llama_dsv4.model.writer import default_chat_template
+from llama_dsv4.chat.templates import default_chat_template
 
 jinja2 = pytest.importorskip("jinja2")
 from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: E402

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import forced
 from forward_models import GREEDY, GREEDY_STEPS, SEED
 
 from llama_dsv4 import (
@@ -56,19 +57,6 @@ def llm(greedy_path: str) -> Llama:
 @pytest.fixture(scope="module")
 def chat_llm(real_vocab_path: str) -> Llama:
     return Llama(real_vocab_path, n_ctx=512, verbose=False, n_threads=1, n_threads_batch=1, logits_all=True)
-
-
-def forced(ids: list[int]) -> LogitsProcessorList:
-    """A logits processor that makes greedy decoding produce `ids` (then keeps repeating the last)."""
-    state = {"i": 0}
-
-    def proc(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        out = np.full_like(scores, -1e9)
-        out[ids[min(state["i"], len(ids) - 1)]] = 0
-        state["i"] += 1
-        return out
-
-    return LogitsProcessorList([proc])
 
 
 # ---------------------------------------------------------------------------------------------- greedy

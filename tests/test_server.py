@@ -23,6 +23,7 @@ from typing import Any
 
 import hostile_grammars as hg
 import pytest
+from conftest import WEATHER
 
 from llama_dsv4 import flags as flags_mod
 from llama_dsv4.server.settings import Settings, SettingsError, parse_args
@@ -37,21 +38,6 @@ KEY = "sk-test-key"
 ALIAS = "dsv4-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 WORDS = (" alpha", " delta", " echo", " golf", " hotel", " kilo", " november", " apple", " house", " river")
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "Oslo"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "days"],
-        },
-    },
-}
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ import pytest
 
 from llama_dsv4.chat import template
 from llama_dsv4.chat.template import TemplateError, render
-from llama_dsv4.model.writer import default_chat_template
+from llama_dsv4.chat.templates import default_chat_template
 
 MAX_WALL = 5.0  # seconds a hostile template may take to be refused
 MAX_RSS_GROWTH = 256 << 20  # bytes its process may grow by

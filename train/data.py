@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from llama_dsv4.chat.template import render
+from llama_dsv4.chat.templates import default_chat_template
 from llama_dsv4.model.vocab import (
     BOS_TEXT,
     CHAT_TOKENS,
@@ -40,7 +41,6 @@ from llama_dsv4.model.vocab import (
     Vocab,
     bytes_to_unicode,
 )
-from llama_dsv4.model.writer import default_chat_template
 from llama_dsv4.tokenizer import _SPLITS, DSV4Tokenizer
 
 GENSIM_WHEEL_GLOB = "gensim-4.4.0-*.whl"

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..sampling import constrained
 from ..sampling.grammar_bounds import MAX_SCHEMA_CHARS, GrammarError, check_json_schema
-from . import handlers
-from .formatter import COMPLETION_PARAMS, chunk, tool_calls_response
+from .request import ChatRequest, prompt_tokens, stop_list
+from .response import call_object, chat_response, chat_stream, chunk, tool_calls_response
 
 if TYPE_CHECKING:
     from ..llama import Llama
@@ -121,47 +121,33 @@ def parse_calls(text: str, funcs: dict[str, Any]) -> list[tuple[str, str]]:
     return calls
 
 
-def chatml_function_calling(
-    *,
-    llama: Llama,
-    messages: Any,
-    functions: Any = None,
-    function_call: Any = None,
-    tools: Any = None,
-    tool_choice: Any = None,
-    stream: bool = False,
-    stop: str | list[str] | None = None,
-    response_format: Any = None,
-    grammar: Any = None,
-    logprobs: bool | None = None,
-    top_logprobs: int | None = None,
-    **kwargs: Any,
-) -> Any:
-    """The "chatml-function-calling" chat completion handler (see the module's docstring)."""
-    params = {k: v for k, v in kwargs.items() if k in COMPLETION_PARAMS}
-    messages = handlers._normalize_messages(messages)
-    if tool_choice is None and function_call is None:
-        tools = functions = None  # llama-cpp-python's rule for this format: no tool_choice, no tools
-    tools, choice = handlers._tool_choice(tools, tool_choice, functions, function_call)
-    stops = [END, *([stop] if isinstance(stop, str) else stop or [])]
-    lp = (top_logprobs or 0) if logprobs else None
-    if choice == "none":
-        constrained_json, schema = handlers.schema_of(response_format)
-        if constrained_json:
-            grammar = constrained.from_json_schema(schema if schema is not None else {"type": "object"})
-        tokens = handlers.prompt_tokens(llama, render(messages, None), add_bos=True)
-        c = llama.create_completion(prompt=tokens, stream=stream, stop=stops, grammar=grammar, logprobs=lp, **params)
-        if stream:
-            return handlers._stream(llama, c, False, False, True, False, False)
-        return handlers._response(llama, c, False, False, True, False, False)
-    funcs = _functions(tools)
-    if choice not in ("auto", "required"):
-        funcs = {choice: funcs[choice]}
-    prompt = render(messages, tools)
-    tokens = handlers.prompt_tokens(llama, prompt, add_bos=True)
-    source = _grammar(funcs, choice)
-    c = llama.create_completion(prompt=tokens, stream=stream, stop=stops, grammar=source, logprobs=lp, **params)
-    return _stream(llama, c, funcs) if stream else _response(llama, c, funcs)
+def chatml_function_calling(*, llama: Llama, messages: Any, **kwargs: Any) -> Any:
+    """The "chatml-function-calling" chat completion handler (see the module's docstring); the handler protocol's
+    keyword arguments (chat/request.py)."""
+    if kwargs.get("tool_choice") is None and kwargs.get("function_call") is None:  # llama-cpp-python's rule for
+        kwargs["tools"] = kwargs["functions"] = None  # this format: no tool_choice, no tools
+    req = ChatRequest.read(messages, **kwargs)
+    stops = stop_list(END, req.stop)
+    if req.choice == "none":
+        tokens = prompt_tokens(llama, render(req.messages, None), add_bos=True)
+        c = llama.create_completion(
+            prompt=tokens,
+            stream=req.stream,
+            stop=stops,
+            grammar=req.decoding_grammar(),
+            logprobs=req.n_logprobs,
+            **req.sampling,
+        )
+        return chat_stream(llama, c) if req.stream else chat_response(llama, c)
+    funcs = _functions(req.tools or [])
+    if req.named is not None:
+        funcs = {req.named: funcs[req.named]}
+    tokens = prompt_tokens(llama, render(req.messages, req.tools), add_bos=True)
+    source = _grammar(funcs, req.choice)
+    c = llama.create_completion(
+        prompt=tokens, stream=req.stream, stop=stops, grammar=source, logprobs=req.n_logprobs, **req.sampling
+    )
+    return _stream(c, funcs) if req.stream else _response(llama, c, funcs)
 
 
 def _response(llama: Llama, c: dict[str, Any], funcs: dict[str, Any]) -> dict[str, Any]:
@@ -169,11 +155,11 @@ def _response(llama: Llama, c: dict[str, Any], funcs: dict[str, Any]) -> dict[st
     text = choice["text"]
     if text.startswith(MESSAGE) or not text.startswith("functions."):
         choice["text"] = text[len(MESSAGE) :] if text.startswith(MESSAGE) else text
-        return handlers._response(llama, c, False, False, True, False, False)
+        return chat_response(llama, c)
     return tool_calls_response(llama, c, parse_calls(text, funcs))
 
 
-def _stream(llama: Llama, chunks: Iterator[dict[str, Any]], funcs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _stream(chunks: Iterator[dict[str, Any]], funcs: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """A message streams as content once its `message:` prefix is read; calls are sent once complete."""
     text, mode = "", None
     for c in chunks:
@@ -190,8 +176,7 @@ def _stream(llama: Llama, chunks: Iterator[dict[str, Any]], funcs: dict[str, Any
             if mode == "calls":
                 calls = parse_calls(text, funcs)
                 for i, (name, args) in enumerate(calls):
-                    call = {"index": i, "id": f"call_{i}_{name}_{c['id']}", "type": "function"}
-                    yield chunk(c, {"tool_calls": [{**call, "function": {"name": name, "arguments": args}}]})
+                    yield chunk(c, {"tool_calls": [{"index": i, **call_object(i, name, args, c["id"])}]})
                 finish = "length" if ch["finish_reason"] == "length" else "tool_calls"
             else:
                 finish = ch["finish_reason"]

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..model.writer import default_chat_template
 from .chatml_tools import chatml_function_calling
 from .formatter import ChatFormatterResponse, chat_formatter_to_chat_completion_handler
 from .handlers import TemplateChatHandler
 from .registry import LlamaChatCompletionHandlerRegistry
+from .templates import default_chat_template
 from .unavailable import FUNCTIONARY, UnavailableChatHandler
 
 Messages = list[dict[str, Any]]

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..grammar import LlamaGrammar
-from ..logprobs import chat_logprobs
 from ..sampling import StoppingCriteriaList, constrained
-from . import handlers
 from . import template as tmpl
 from .registry import LlamaChatCompletionHandler, LlamaChatCompletionHandlerRegistry
+from .request import ChatRequest, prompt_tokens, stop_list
+from .response import call_stream, chat_response, chat_stream, tool_calls_response
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,28 +33,6 @@ if TYPE_CHECKING:
 
     from ..llama import Llama
 
-# create_completion's sampling parameters a handler passes on; its other keyword arguments go to the formatter
-COMPLETION_PARAMS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "typical_p",
-        "seed",
-        "max_tokens",
-        "presence_penalty",
-        "frequency_penalty",
-        "repeat_penalty",
-        "tfs_z",
-        "mirostat_mode",
-        "mirostat_tau",
-        "mirostat_eta",
-        "model",
-        "logits_processor",
-        "logit_bias",
-    }
-)
 IGNORED_PARAMS = frozenset({"parallel_tool_calls", "reasoning_format"})  # DeepSeek V4 path options
 
 
@@ -137,14 +113,6 @@ class Jinja2ChatFormatter:
         return chat_formatter_to_chat_completion_handler(self)
 
 
-def _stops(*stops: str | list[str] | None) -> list[str]:
-    out: list[str] = []
-    for s in stops:
-        if s:
-            out += [s] if isinstance(s, str) else list(s)
-    return out
-
-
 def _named_tool(tools: Any, name: str) -> dict[str, Any]:
     for t in tools or ():
         f = t.get("function") if isinstance(t, dict) else None
@@ -162,136 +130,39 @@ class FormatterChatHandler:
     def __init__(self, formatter: ChatFormatter) -> None:
         self.formatter = formatter
 
-    def __call__(
-        self,
-        *,
-        llama: Llama,
-        messages: Any,
-        functions: Any = None,
-        function_call: Any = None,
-        tools: Any = None,
-        tool_choice: Any = None,
-        stream: bool = False,
-        stop: str | list[str] | None = None,
-        response_format: Any = None,
-        grammar: Any = None,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        params = {k: v for k, v in kwargs.items() if k in COMPLETION_PARAMS}
-        variables = {k: v for k, v in kwargs.items() if k not in COMPLETION_PARAMS and k not in IGNORED_PARAMS}
-        messages = handlers._normalize_messages(messages)
-        tool_list, choice = handlers._tool_choice(tools, tool_choice, functions, function_call)
-        result = self.formatter(
-            messages=messages,
-            functions=functions,
-            function_call=function_call,
-            tools=tools,
-            tool_choice=tool_choice,
-            **variables,
-        )
+    def __call__(self, *, llama: Llama, messages: Any, **kwargs: Any) -> Any:
+        """Answer a chat request (the handler protocol's keyword arguments, chat/request.py)."""
+        req = ChatRequest.read(messages, **kwargs)
+        variables = {k: v for k, v in req.extra.items() if k not in IGNORED_PARAMS}
+        result = self.formatter(messages=req.messages, **req.given_tools, **variables)
         if not isinstance(getattr(result, "prompt", None), str):
             raise TypeError(f"a chat formatter returns a ChatFormatterResponse, got {type(result).__name__}")
-        if choice == "required":
+        if req.choice == "required":
             raise ValueError(
                 "tool_choice 'required': this chat format has no tool-call markup to read calls from; name the "
                 "function (tool_choice={'type': 'function', 'function': {'name': ...}}) or use the model's own "
                 "chat format (chat_format='deepseek-v4'), which parses tool calls"
             )
-        named = None if choice in ("none", "auto") else choice
-        constrained_json, schema = handlers.schema_of(response_format)
-        source: Any = None
+        named = req.named
+        forced = None
         if named is not None:
-            source = constrained.from_json_schema(_named_tool(tool_list, named).get("parameters") or {"type": "object"})
-        if constrained_json:
-            if source is not None:
-                raise ValueError("response_format cannot be combined with a named tool_choice")
-            source = constrained.from_json_schema(schema if schema is not None else {"type": "object"})
-        if grammar is not None:
-            if source is not None:
-                raise ValueError("grammar cannot be combined with response_format or a named tool_choice")
-            source = grammar._llguidance() if isinstance(grammar, LlamaGrammar) else grammar
+            forced = constrained.from_json_schema(_named_tool(req.tools, named).get("parameters") or {"type": "object"})
         completion = llama.create_completion(
-            prompt=handlers.prompt_tokens(llama, result.prompt, add_bos=not result.added_special),
-            stream=stream,
-            stop=_stops(stop, result.stop),
+            prompt=prompt_tokens(llama, result.prompt, add_bos=not result.added_special),
+            stream=req.stream,
+            stop=stop_list(req.stop, result.stop),
             stopping_criteria=result.stopping_criteria,
-            grammar=source,
-            logprobs=(top_logprobs or 0) if logprobs else None,
-            **params,
+            grammar=req.decoding_grammar(forced),
+            logprobs=req.n_logprobs,
+            **req.sampling,
         )
         if named is not None:
-            if stream:
-                return _call_stream(llama, completion, named)
+            if req.stream:
+                return call_stream(completion, named)
             return tool_calls_response(llama, completion, [(named, completion["choices"][0]["text"])])
-        if stream:
-            return handlers._stream(llama, completion, False, False, True, False, False)
-        return handlers._response(llama, completion, False, False, True, False, False)
-
-
-def _call(i: int, name: str, arguments: str, completion_id: str) -> dict[str, Any]:
-    return {
-        "id": f"call_{i}_{name}_{completion_id}",
-        "type": "function",
-        "function": {"name": name, "arguments": arguments},
-    }
-
-
-def tool_calls_response(llama: Llama, c: dict[str, Any], calls: list[tuple[str, str]]) -> dict[str, Any]:
-    """Completion `c` as a chat completion whose answer is `calls` ((name, JSON arguments text) each; with one call
-    also as the legacy `function_call`): finish_reason "tool_calls", or "length" where the completion was cut."""
-    choice = c["choices"][0]
-    objects = [_call(i, name, args, c["id"]) for i, (name, args) in enumerate(calls)]
-    message: dict[str, Any] = {"role": "assistant", "content": None if objects else ""}
-    if objects:  # none where the answer was cut before its first call was complete
-        message["tool_calls"] = objects
-    if len(objects) == 1:
-        message["function_call"] = dict(objects[0]["function"])
-    return {
-        "id": "chat" + c["id"],
-        "object": "chat.completion",
-        "created": c["created"],
-        "model": c["model"],
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": chat_logprobs(llama, choice.get("logprobs")),
-                "finish_reason": "length" if choice["finish_reason"] == "length" else "tool_calls",
-            }
-        ],
-        "usage": c["usage"],
-    }
-
-
-def chunk(c: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    """A chat completion chunk with `delta`, for the completion chunk `c`."""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return {
-        "id": "chat" + c["id"],
-        "object": "chat.completion.chunk",
-        "created": c["created"],
-        "model": c["model"],
-        "choices": [choice],
-    }
-
-
-def _call_stream(llama: Llama, chunks: Iterator[dict[str, Any]], name: str) -> Iterator[dict[str, Any]]:
-    """The streamed form of tool_calls_response for one call: its id and name first, then its arguments as they
-    come."""
-    started = False
-    for c in chunks:
-        ch = c["choices"][0]
-        if not started:
-            started = True
-            yield chunk(
-                c, {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **_call(0, name, "", c["id"])}]}
-            )
-        if ch["text"]:
-            yield chunk(c, {"tool_calls": [{"index": 0, "function": {"arguments": ch["text"]}}]})
-        if ch["finish_reason"] is not None:
-            yield chunk(c, {}, "length" if ch["finish_reason"] == "length" else "tool_calls")
+        if req.stream:
+            return chat_stream(llama, completion)
+        return chat_response(llama, completion)
 
 
 def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> LlamaChatCompletionHandler:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from typing import Literal
 
 import numpy as np
 
 from .. import _ggml
+from ..chat.templates import default_chat_template
 from .gguf_format import GGMLType
 from .gguf_write import KV, TensorEntry, string, u32, write_gguf
 from .params import ARCH, DSV4Params, params_to_kv
@@ -34,12 +34,6 @@ class Init:
     router_scale: float = 1.0  # multiplies the router weights (0.3 with a wide bias makes top-k decisive)
     bias_std: float = 0.3  # std of exp_probs_b, the selection-only router bias
     norm_std: float = 0.1  # norm weights are 1 + N(0, norm_std)
-
-
-def default_chat_template() -> str:
-    """Our DeepSeek V4 chat template (llama_dsv4/chat/templates/deepseek_v4.jinja)."""
-    ref = resources.files("llama_dsv4.chat").joinpath("templates/deepseek_v4.jinja")
-    return ref.read_text(encoding="utf-8")
 
 
 def tensor_type(spec: TensorSpec, dtype: str) -> GGMLType:
