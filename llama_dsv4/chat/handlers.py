@@ -23,7 +23,6 @@ from . import dsml
 from . import template as tmpl
 from .registry import ChatFormatRegistry
 from .request import ChatRequest, prompt_tokens
-from .request import schema_of as schema_of  # server/app.py reads it here (chat/request.py is its home)
 from .response import Reading, chat_response, chat_stream
 
 if TYPE_CHECKING:

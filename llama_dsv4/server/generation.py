@@ -82,12 +82,12 @@ async def constraints(gbnf: str | None, rf: Any) -> Any:
 def _constraints(gbnf: str | None, rf: Any) -> Any:
     """A request's GBNF grammar as a compiled LlamaGrammar (or None); its JSON schema, if any, bounded (it is
     compiled with the prompt)."""
-    from ..chat import handlers
+    from ..chat.request import schema_of
     from ..grammar import LlamaGrammar
     from ..sampling import constrained
 
     if rf is not None:
-        wanted, schema = handlers.schema_of(rf)
+        wanted, schema = schema_of(rf)
         if wanted and schema is not None:
             constrained.parse_json_schema(schema)
     return None if gbnf is None else LlamaGrammar.from_string(gbnf, verbose=False)
