@@ -150,6 +150,9 @@ def binding_fields():
 # mixed ubatch adds its per-sequence part (ring write, compressors, indexer, attention: docs/batching.md), about 75
 # tensors (measured: tests/test_multiseq.py checks the room left).
 _NODES_PER_LAYER, _SEQ_NODES_PER_LAYER = 512, 160
+# ggml_backend_sched_new's buffers per graph tensor: one split per node, 2 x 30 split inputs each (a tensor struct
+# and four int ids per input)
+_SCHED_BYTES_PER_TENSOR = 60 * (sizeof(g.ggml_tensor) + 16)
 
 
 cdef class Context:
@@ -244,23 +247,29 @@ cdef class Context:
     # ---------------------------------------------------------------------------------------------- setup
 
     cdef _graph_room(self, int n_seq):
-        """A graph arena and a scheduler for ubatches of up to n_seq sequences (grown when a larger mix comes: the
-        scheduler's buffers are proportional to the graph size, tens of KB of address space per node)."""
+        """A graph arena and a scheduler for ubatches of up to n_seq sequences, grown when a larger mix comes. The
+        scheduler's buffers are proportional to the graph size (about 20 KB of address space per graph tensor,
+        mostly never touched: ggml sizes them for one split per node): MemoryError, the current ones kept, when
+        they cannot be had."""
         cdef int room = 1
         while room < n_seq:
             room *= 2
         cdef size_t size = (_NODES_PER_LAYER + _SEQ_NODES_PER_LAYER * (room - 1)) * self.hp.n_layer + 1024
         if self.sched != NULL and size <= self.graph_size:
             return
+        cdef size_t arena_size = size * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(size, False)
+        cdef size_t sched_bytes = size * _SCHED_BYTES_PER_TENSOR
+        cdef void * probe = malloc(sched_bytes)  # ggml's scheduler does not check its allocations
+        cdef void * arena = malloc(arena_size) if probe != NULL else NULL
+        free(probe)
+        if arena == NULL:
+            raise MemoryError(f"a ubatch of {n_seq} sequences needs {(arena_size + sched_bytes) / 2**30:.1f} GiB of "
+                              "address space for its graph; mix fewer sequences")
         if self.sched != NULL:
             g.ggml_backend_sched_free(self.sched)
             self.sched = NULL
         free(self.arena)
-        self.graph_size = size
-        self.arena_size = size * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(size, False)
-        self.arena = malloc(self.arena_size)
-        if self.arena == NULL:
-            raise MemoryError()
+        self.arena, self.arena_size, self.graph_size = arena, arena_size, size
         self.sched = g.ggml_backend_sched_new(self.be.backends, NULL, self.be.n, size, False, True)
         if self.sched == NULL:
             raise RuntimeError("ggml could not create a scheduler")
