@@ -185,6 +185,19 @@ def test_state_memory_counts_every_sequence(models: dict[str, str]) -> None:
         assert 3 * one <= ctx.state_bytes <= 3 * one + 3 * 64 * 64  # plus alignment padding per tensor
 
 
+def test_memory_check_counts_every_sequence(models: dict[str, str]) -> None:
+    """runtime.check_memory refuses, before allocating, n_seq states that do not fit where one does."""
+    from llama_dsv4.engine import runtime
+
+    avail = runtime.available_host_memory()
+    assert avail is not None
+    with load_model(models["decisive"]) as m:
+        n_ctx = min(int(avail / 16 / Context(m, 8, backends=ONE).bytes_per_token()), runtime.MAX_CTX)
+        runtime.check_memory(m.params, n_ctx, 512, "f16", ONE)
+        with pytest.raises(ValueError, match=f"n_ctx={n_ctx} needs .* GiB of memory for the context state"):
+            runtime.check_memory(m.params, n_ctx, 512, "f16", ONE, n_seq=256)
+
+
 def test_graph_room_per_sequence(tmp_path: os.PathLike[str]) -> None:
     """The graph arena's budget per layer (engine/context.pyx) against the heaviest ubatches, in a model whose
     layers are all ratio-4 (the most per-sequence nodes): one sequence's chunk completing blocks, and each further
