@@ -323,8 +323,9 @@ cdef class Context:
         cdef g.ggml_backend_buffer_type_t buft = g.ggml_backend_dev_buffer_type(self.be.primary_dev())
         self.st_buf = g.ggml_backend_alloc_ctx_tensors_from_buft(self.st_ctx, buft)
         if self.st_buf == NULL:
-            raise MemoryError(f"could not allocate {state_bytes(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_seq)} "
-                              f"bytes of context state for n_ctx={self.n_ctx}, n_seq={self.n_seq}")
+            need = state_bytes(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_seq)
+            raise MemoryError(f"could not allocate {need} bytes of context state for n_ctx={self.n_ctx}, "
+                              f"n_seq={self.n_seq}")
         g.ggml_backend_buffer_clear(self.st_buf, 0)  # finite everywhere: masked slots must not hold NaNs
 
     # ---------------------------------------------------------------------------------------------- state
