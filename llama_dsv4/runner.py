@@ -1,9 +1,9 @@
 """`Runner`: one engine context and what serves it (the thread governor, MoE expert residency or mlock, and the
 engine lock), shared by the sequences evaluated on it.
 
-Sequences (sequence.py) own tokens, logits and sampling; the runner owns the computation. Today an engine
-context holds one sequence (seq_id 0); its methods take the sequence's id so that contexts holding several
-(continuous batching) change this module and engine/, not the sequences or the API above them.
+Sequences (sequence.py) own tokens, logits and sampling; the runner owns the computation. An engine context
+may hold several sequences (docs/batching.md); the runner's methods take the sequence's id, and `eval_batch`
+evaluates the next tokens of several of them in one ubatch (for a scheduler: the API uses seq_id 0).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Runner:
 
     def n_past(self, seq_id: int = 0) -> int:
         """How many positions the engine holds for the sequence."""
-        return int(self._ctx().n_past)
+        return int(self._ctx().n_past_of(seq_id))
 
     def eval(self, seq_id: int, tokens: list[int], all_logits: bool, n_threads: int) -> npt.NDArray[np.single]:
         """Append `tokens` (checked ids, at most one batch, fitting the context) to the sequence; the logits of every
@@ -57,34 +57,49 @@ class Runner:
         ctx = self._ctx()
         self.governor.before(n_threads)
         try:
-            return ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits)
+            return ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id)
         finally:
             self.governor.after()
+
+    def eval_batch(
+        self, seqs: list[tuple[int, list[int]]], all_logits: bool, n_threads: int
+    ) -> list[npt.NDArray[np.single]]:
+        """Append tokens to several distinct sequences in one ubatch, one graph compute (`seqs`: (seq_id, tokens)
+        pairs, at most n_ubatch tokens in all); each sequence's logits, of every token (`all_logits`) or of its
+        last, in the order of `seqs`. Takes `lock`. ValueError, and nothing evaluated, for a bad batch."""
+        with self.lock:
+            ctx = self._ctx()
+            self.governor.before(n_threads)
+            try:
+                return list(ctx.eval_batch([(s, np.asarray(t, np.int64)) for s, t in seqs], all_logits=all_logits))
+            finally:
+                self.governor.after()
 
     def truncate(self, seq_id: int, tokens: npt.NDArray[np.intc], n_batch: int, n_threads: int) -> None:
         """Make the sequence hold exactly `tokens`, a prefix of what it holds (runtime.truncate)."""
         ctx = self._ctx()
         self.governor.before(n_threads)
         try:
-            runtime.truncate(ctx, tokens, n_batch)
+            runtime.truncate(ctx, tokens, n_batch, seq_id)
         finally:
             self.governor.after()
 
     def reset(self, seq_id: int = 0) -> None:
         """Forget the sequence's state in the engine."""
-        self._ctx().reset()
+        self._ctx().reset(seq_id)
 
     def save_state(self, seq_id: int = 0) -> bytes:
         """The engine's state of the sequence, as bytes (engine/context.pyx's format)."""
-        return self._ctx().save_state()
+        return self._ctx().save_state(seq_id)
 
     def check_state(self, seq_id: int, blob: bytes) -> int:
-        """How many positions a saved state holds; ValueError if it does not fit this context."""
+        """How many positions a saved state holds; ValueError if it does not fit this context's sequences."""
+        self._ctx().n_past_of(seq_id)  # ValueError for a sequence the context does not hold
         return int(self._ctx().check_state(blob))
 
     def load_state(self, seq_id: int, blob: bytes) -> None:
         """Restore a state from save_state() (checked with check_state first)."""
-        self._ctx().load_state(blob)
+        self._ctx().load_state(blob, seq_id)
 
     def compute_seconds(self) -> float:
         """Time the engine has spent on evaluations so far: graph building, inputs and compute."""

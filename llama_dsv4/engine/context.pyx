@@ -1,11 +1,12 @@
 # cython: language_level=3, boundscheck=False, cdivision=True
 """A deepseek4 inference context: backends and scheduler, the per-sequence state (sliding-window ring,
-compressed caches, compressor rows), ubatching and logits out (docs/architecture.md §11).
+compressed caches, compressor rows) of one or several sequences, ubatching and logits out (docs/architecture.md
+§11, docs/batching.md).
 
-The context turns a ModelFile into the C structs of engine/graph.pxd once; per ubatch it plans the compressors
-on the host (a few integers), builds the graph in C, fills its inputs from numpy and computes.
+The context turns a ModelFile into the C structs of engine/graph.pxd once; per ubatch it plans each sequence's
+compressors on the host (a few integers), builds the graph in C, fills its inputs from numpy and computes.
 """
-import math
+import operator
 
 import numpy as np
 
@@ -16,8 +17,8 @@ from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport calloc, free, malloc
 
 from .._ggml cimport Backends, WeightMap
-from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, N_COMP, CompInputs, CompPlan, GlobalW, Hparams, Inputs,
-                    LayerState, LayerW, UBatch, build_graph)
+from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, CompPlan, GlobalW, Hparams, Inputs, LayerState,
+                    LayerW, SeqInputs, SeqPlan, UBatch, build_graph)
 
 from .. import _ggml
 from ..model.tensors import global_tensors, layer_tensors
@@ -145,13 +146,24 @@ def binding_fields():
     return frozenset(_LAYER_FIELDS), frozenset(_GLOBAL_FIELDS), frozenset(_STATE_FIELDS)
 
 
-cdef class Context:
-    """One sequence of one model: feed tokens with eval(), read logits; reset() starts over.
+# Graph tensors per layer: a single-sequence ubatch takes at most about 512 (with room), each further sequence of a
+# mixed ubatch adds its per-sequence part (ring write, compressors, indexer, attention: docs/batching.md), about 75
+# tensors (measured: tests/test_multiseq.py checks the room left).
+_NODES_PER_LAYER, _SEQ_NODES_PER_LAYER = 512, 160
+# ggml_backend_sched_new's buffers per graph tensor: one split per node, 2 x 30 split inputs each (a tensor struct
+# and four int ids per input)
+_SCHED_BYTES_PER_TENSOR = 60 * (sizeof(g.ggml_tensor) + 16)
 
-    n_ctx bounds the positions (the compressed caches are sized for it); n_ubatch is the largest number of tokens
-    computed in one graph; type_k is the cache type ("f16" as llama.cpp's default, or "f32"); flash_attn=True
-    computes attention as llama.cpp's flash-attention path does (keys and values rounded to f16), False in f32
-    throughout (with type_k="f32": exact up to summation order).
+
+cdef class Context:
+    """One or several sequences (n_seq) of one model: feed a sequence tokens with eval(), several sequences at once
+    with eval_batch(), read logits; reset() starts a sequence over.
+
+    n_ctx bounds the positions of each sequence (its compressed caches are sized for it); n_ubatch is the largest
+    number of tokens computed in one graph; type_k is the cache type ("f16" as llama.cpp's default, or "f32");
+    flash_attn=True computes attention as llama.cpp's flash-attention path does (keys and values rounded to f16),
+    False in f32 throughout (with type_k="f32": exact up to summation order). Sequences are numbered 0 .. n_seq-1;
+    the methods that take a seq_id default to sequence 0.
     """
     cdef Backends be
     cdef WeightMap wm
@@ -160,18 +172,21 @@ cdef class Context:
     cdef Hparams hp
     cdef GlobalW gw
     cdef LayerW * lw
-    cdef LayerState * st
+    cdef LayerState * st         # [n_seq * n_layer]: sequence s's layers from st + s * n_layer
+    cdef SeqPlan * plans         # [n_seq]: a ubatch's per-sequence plans
+    cdef SeqInputs * seq_inputs  # [n_seq]: ... and graph inputs
     cdef g.ggml_context * st_ctx
     cdef g.ggml_backend_buffer_t st_buf
     cdef g.ggml_backend_sched_t sched
     cdef void * arena
     cdef size_t arena_size
-    cdef size_t graph_size
-    cdef readonly int n_ctx, n_ubatch, ring, n_past
-    cdef readonly int last_graph_nodes
+    cdef readonly size_t graph_size  # graph tensors the arena and the scheduler have room for
+    cdef readonly int n_ctx, n_ubatch, ring, n_seq
+    cdef readonly int last_graph_nodes, last_graph_tensors
     cdef readonly size_t last_graph_mem
     cdef readonly str type_k
-    cdef object slot_pos
+    cdef list past               # per sequence: positions held
+    cdef list slot_pos           # per sequence: the position each ring slot holds
     cdef object overlap_init
     cdef dict _capture
     cdef g.ggml_tensor ** routes
@@ -179,7 +194,7 @@ cdef class Context:
     cdef public double t_graph, t_inputs, t_compute  # seconds: graph build + allocation (C), inputs, compute
 
     def __cinit__(self, model, int n_ctx, int n_ubatch=512, str type_k="f16", Backends backends=None,
-                  bint flash_attn=True, params=None, str gemm="auto", int gemm_min_tokens=8):
+                  bint flash_attn=True, params=None, str gemm="auto", int gemm_min_tokens=8, int n_seq=1):
         p = params if params is not None else model.params
         if n_ctx <= 0:
             raise ValueError(f"n_ctx must be positive, got {n_ctx}")
@@ -187,9 +202,11 @@ cdef class Context:
             raise ValueError(f"n_ubatch must be positive, got {n_ubatch}")
         if type_k not in _CACHE_TYPES:
             raise ValueError(f"type_k must be one of {sorted(_CACHE_TYPES)}, got {type_k!r}")
+        if not 1 <= n_seq <= MAX_SEQ:
+            raise ValueError(f"n_seq must be between 1 and {MAX_SEQ}, got {n_seq}")
         self.model = model
         self.params = p
-        self.n_ctx, self.n_ubatch, self.type_k = n_ctx, min(n_ubatch, n_ctx), type_k
+        self.n_ctx, self.n_ubatch, self.type_k, self.n_seq = n_ctx, min(n_ubatch, n_ctx), type_k, n_seq
         self.be = backends if backends is not None else Backends("auto")
         self.wm = model.weights(self.be)
         self.ring = ring_rows(p, n_ctx, self.n_ubatch)
@@ -202,18 +219,16 @@ cdef class Context:
         self.hp.gemm_min_tokens = max(gemm_min_tokens, 1)
         self._alloc_state(p)
         self.routes = <g.ggml_tensor **> calloc(p.n_layer, sizeof(g.ggml_tensor *))
-        if self.routes == NULL:
+        self.plans = <SeqPlan *> calloc(n_seq, sizeof(SeqPlan))
+        self.seq_inputs = <SeqInputs *> calloc(n_seq, sizeof(SeqInputs))
+        if self.routes == NULL or self.plans == NULL or self.seq_inputs == NULL:
             raise MemoryError()
         self.route_sink = None
-        self.graph_size = 512 * p.n_layer + 1024
-        self.arena_size = self.graph_size * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(self.graph_size, False)
-        self.arena = malloc(self.arena_size)
-        if self.arena == NULL:
-            raise MemoryError()
-        self.sched = g.ggml_backend_sched_new(self.be.backends, NULL, self.be.n, self.graph_size, False, True)
-        if self.sched == NULL:
-            raise RuntimeError("ggml could not create a scheduler")
-        self.reset()
+        self._graph_room(1)
+        self.past = [0] * n_seq
+        self.slot_pos = [None] * n_seq
+        for s in range(n_seq):
+            self.reset(s)
 
     def __dealloc__(self):
         if self.sched != NULL:
@@ -224,10 +239,42 @@ cdef class Context:
             g.ggml_free(self.st_ctx)
         free(self.lw)
         free(self.st)
+        free(self.plans)
+        free(self.seq_inputs)
         free(self.routes)
         free(self.arena)
 
     # ---------------------------------------------------------------------------------------------- setup
+
+    cdef _graph_room(self, int n_seq):
+        """A graph arena and a scheduler for ubatches of up to n_seq sequences, grown when a larger mix comes. The
+        scheduler's buffers are proportional to the graph size (about 20 KB of address space per graph tensor,
+        mostly never touched: ggml sizes them for one split per node): MemoryError, the current ones kept, when
+        they cannot be had."""
+        cdef int room = 1
+        while room < n_seq:
+            room *= 2
+        cdef size_t size = (_NODES_PER_LAYER + _SEQ_NODES_PER_LAYER * (room - 1)) * self.hp.n_layer + 1024
+        if self.sched != NULL and size <= self.graph_size:
+            return
+        cdef size_t arena_size = size * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(size, False)
+        cdef size_t sched_bytes = size * _SCHED_BYTES_PER_TENSOR
+        cdef void * probe = malloc(sched_bytes)  # ggml's scheduler does not check its allocations
+        cdef void * arena = malloc(arena_size) if probe != NULL else NULL
+        free(probe)
+        if arena == NULL:
+            raise MemoryError(f"a ubatch of {n_seq} sequences needs {(arena_size + sched_bytes) / 2**30:.1f} GiB of "
+                              "address space for its graph; mix fewer sequences")
+        if self.sched != NULL:
+            g.ggml_backend_sched_free(self.sched)
+            self.sched = NULL
+        free(self.arena)
+        self.arena, self.arena_size, self.graph_size = arena, arena_size, size
+        self.sched = g.ggml_backend_sched_new(self.be.backends, NULL, self.be.n, size, False, True)
+        if self.sched == NULL:
+            raise RuntimeError("ggml could not create a scheduler")
+        if self._capture is not None:
+            g.ggml_backend_sched_set_eval_callback(self.sched, _capture_cb, <void *> self._capture)
 
     cdef _fill_params(self, p):
         cdef Hparams * hp = &self.hp
@@ -259,34 +306,37 @@ cdef class Context:
     cdef _alloc_state(self, p):
         layout = state_tensors(p, self.n_ctx, self.n_ubatch, self.type_k)
         cdef g.ggml_init_params ip
-        ip.mem_size = (len(layout) + 1) * g.ggml_tensor_overhead()
+        ip.mem_size = (self.n_seq * len(layout) + 1) * g.ggml_tensor_overhead()
         ip.mem_buffer = NULL
         ip.no_alloc = True
         self.st_ctx = g.ggml_init(ip)
-        self.st = <LayerState *> calloc(p.n_layer, sizeof(LayerState))
+        self.st = <LayerState *> calloc(self.n_seq * p.n_layer, sizeof(LayerState))
         if self.st_ctx == NULL or self.st == NULL:
             raise MemoryError()
         cdef g.ggml_tensor * t
-        for spec in layout:
-            t = g.ggml_new_tensor_2d(self.st_ctx, _CACHE_TYPES[spec.dtype], spec.ne[0], spec.ne[1])
-            _bind(&self.st[spec.layer], _STATE_FIELDS[spec.name], t)
+        cdef int s
+        for s in range(self.n_seq):
+            for spec in layout:
+                t = g.ggml_new_tensor_2d(self.st_ctx, _CACHE_TYPES[spec.dtype], spec.ne[0], spec.ne[1])
+                _bind(&self.st[s * p.n_layer + spec.layer], _STATE_FIELDS[spec.name], t)
         self.overlap_init = [il for il in range(p.n_layer) if p.kind(il) == CSA]
         cdef g.ggml_backend_buffer_type_t buft = g.ggml_backend_dev_buffer_type(self.be.primary_dev())
         self.st_buf = g.ggml_backend_alloc_ctx_tensors_from_buft(self.st_ctx, buft)
         if self.st_buf == NULL:
-            raise MemoryError(f"could not allocate {state_bytes(p, self.n_ctx, self.n_ubatch, self.type_k)} bytes of "
-                              f"context state for n_ctx={self.n_ctx}")
+            need = state_bytes(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_seq)
+            raise MemoryError(f"could not allocate {need} bytes of context state for n_ctx={self.n_ctx}, "
+                              f"n_seq={self.n_seq}")
         g.ggml_backend_buffer_clear(self.st_buf, 0)  # finite everywhere: masked slots must not hold NaNs
 
     # ---------------------------------------------------------------------------------------------- state
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of the per-sequence state (caches and compressor rows) this context allocated."""
+        """Bytes of the per-sequence state (caches and compressor rows) this context allocated, all sequences."""
         return g.ggml_backend_buffer_get_size(self.st_buf)
 
     def bytes_per_token(self) -> float:
-        """The state bytes that grow with n_ctx, per token of context (the compressed caches)."""
+        """The state bytes that grow with n_ctx, per token of context of one sequence (the compressed caches)."""
         return bytes_per_token(self.params, self.type_k)
 
     def weight_range(self, str name):
@@ -298,13 +348,33 @@ cdef class Context:
     def backends(self):
         return self.be
 
-    def reset(self):
-        """Forget the sequence: position 0, empty window, the compressors' virtual block before position 0."""
-        self.n_past = 0
-        self.slot_pos = np.full(self.ring, -(1 << 40), np.int64)
+    @property
+    def n_past(self) -> int:
+        """Positions sequence 0 holds (n_past_of for the others)."""
+        return self.past[0]
+
+    def n_past_of(self, seq_id) -> int:
+        """Positions the sequence holds."""
+        return self.past[self._seq(seq_id)]
+
+    cdef int _seq(self, seq_id) except -1:
+        """seq_id as an index into this context's sequences; ValueError unless it is one."""
+        try:
+            s = operator.index(seq_id)
+        except TypeError:
+            raise ValueError(f"seq_id must be an integer, got {seq_id!r}") from None
+        if not 0 <= s < self.n_seq:
+            raise ValueError(f"seq_id {s} is outside this context's sequences [0, {self.n_seq})")
+        return s
+
+    def reset(self, seq_id=0):
+        """Forget a sequence: position 0, empty window, the compressors' virtual block before position 0."""
+        cdef int sid = self._seq(seq_id)
+        self.past[sid] = 0
+        self.slot_pos[sid] = np.full(self.ring, -(1 << 40), np.int64)
         cdef LayerState * s
         for il in self.overlap_init:  # overlapping compressors read a block "before" block 0: value 0, score -inf
-            s = &self.st[il]
+            s = &self.st[sid * self.hp.n_layer + il]
             for kv_t, sc_t in ((<size_t> s.c.kv, <size_t> s.c.sc), (<size_t> s.ic.kv, <size_t> s.ic.sc)):
                 width = (<g.ggml_tensor *> kv_t).ne[0]
                 set_input(<g.ggml_tensor *> kv_t, np.zeros((8, width), np.float32))
@@ -314,12 +384,13 @@ cdef class Context:
 
     _STATE_MAGIC = b"DSV4CTX1"
 
-    def save_state(self) -> bytes:
-        """The whole sequence state (position, window slots, every cache and compressor row) as bytes."""
-        parts = [self._STATE_MAGIC, np.array([self.n_past, self.ring, self.hp.n_layer], np.int64).tobytes(),
-                 np.asarray(self.slot_pos, np.int64).tobytes()]
+    def save_state(self, seq_id=0) -> bytes:
+        """A sequence's whole state (position, window slots, every cache and compressor row) as bytes."""
+        cdef int sid = self._seq(seq_id)
+        parts = [self._STATE_MAGIC, np.array([self.past[sid], self.ring, self.hp.n_layer], np.int64).tobytes(),
+                 np.asarray(self.slot_pos[sid], np.int64).tobytes()]
         cdef g.ggml_tensor * t
-        for t_addr in self._state_tensors():
+        for t_addr in self._state_tensors(sid):
             t = <g.ggml_tensor *> <size_t> t_addr
             buf = np.empty(g.ggml_nbytes(t), np.uint8)
             g.ggml_backend_tensor_get(t, <void *> (<size_t> buf.ctypes.data), 0, buf.nbytes)
@@ -328,9 +399,10 @@ cdef class Context:
 
     def check_state(self, data) -> int:
         """The number of positions a save_state() blob holds; ValueError, naming the sizes, unless it is a state of
-        a context like this one (same model, n_ctx, n_ubatch and type_k). Reads the blob, changes nothing."""
+        a sequence of a context like this one (same model, n_ctx, n_ubatch and type_k; any sequence). Reads the
+        blob, changes nothing."""
         want = len(self._STATE_MAGIC) + 24 + 8 * self.ring
-        for t_addr in self._state_tensors():
+        for t_addr in self._state_tensors(0):
             want += g.ggml_nbytes(<g.ggml_tensor *> <size_t> t_addr)
         view = memoryview(data).cast("B")
         if len(view) != want or bytes(view[: len(self._STATE_MAGIC)]) != self._STATE_MAGIC:
@@ -344,27 +416,28 @@ cdef class Context:
                 f"has {self.n_ctx} positions, a window of {self.ring}, {self.hp.n_layer} layers")
         return n_past
 
-    def load_state(self, data) -> None:
-        """Restore a state from save_state() of a context with the same model, n_ctx, n_ubatch and type_k; nothing
-        changes when `data` is not one (check_state)."""
+    def load_state(self, data, seq_id=0) -> None:
+        """Restore a sequence's state from save_state() of a context with the same model, n_ctx, n_ubatch and type_k
+        (any of its sequences); nothing changes when `data` is not one (check_state) or seq_id is not a sequence."""
+        cdef int sid = self._seq(seq_id)
         n_past = self.check_state(data)
         cdef const uint8_t[::1] view = memoryview(data).cast("B")
         cdef size_t off = len(self._STATE_MAGIC) + 24 + 8 * self.ring
         cdef g.ggml_tensor * t
         slot_pos = np.frombuffer(view, np.int64, self.ring, len(self._STATE_MAGIC) + 24).copy()
-        for t_addr in self._state_tensors():
+        for t_addr in self._state_tensors(sid):
             t = <g.ggml_tensor *> <size_t> t_addr
             size = g.ggml_nbytes(t)
             g.ggml_backend_tensor_set(t, &view[off], 0, size)
             off += size
-        self.n_past = n_past
-        self.slot_pos = slot_pos
+        self.past[sid] = n_past
+        self.slot_pos[sid] = slot_pos
 
-    def _state_tensors(self):
+    def _state_tensors(self, int sid):
         out = []
         cdef LayerState * s
         for il in range(self.hp.n_layer):
-            s = &self.st[il]
+            s = &self.st[sid * self.hp.n_layer + il]
             for t in (<size_t> s.raw, <size_t> s.comp, <size_t> s.lid, <size_t> s.c.kv, <size_t> s.c.sc,
                       <size_t> s.ic.kv, <size_t> s.ic.sc):
                 if t:
@@ -380,9 +453,14 @@ cdef class Context:
         g.ggml_backend_sched_set_eval_callback(self.sched, _capture_cb, <void *> self._capture)
         return self._capture
 
-    def eval(self, tokens, bint all_logits=False):
-        """Append `tokens` (int ids) to the sequence; returns float32 logits [n_tokens, n_vocab] (all_logits) or
-        [1, n_vocab] for the last token. Tokens are computed in ubatches of at most n_ubatch."""
+    def _end_capture(self):
+        if self._capture is not None:
+            g.ggml_backend_sched_set_eval_callback(self.sched, NULL, NULL)
+            self._capture = None
+
+    def _tokens(self, int sid, tokens):
+        """A sequence's next tokens as int32, checked: ValueError unless there is at least one, every id is in the
+        vocabulary and they fit the sequence's context."""
         toks = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         n = toks.shape[0]
         if n == 0:
@@ -390,30 +468,79 @@ cdef class Context:
         if toks.min() < 0 or toks.max() >= self.hp.n_vocab:
             bad = toks[(toks < 0) | (toks >= self.hp.n_vocab)][0]
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.hp.n_vocab})")
-        if self.n_past + n > self.n_ctx:
-            raise ValueError(f"{self.n_past} + {n} tokens exceed the context of {self.n_ctx} tokens")
+        if self.past[sid] + n > self.n_ctx:
+            raise ValueError(f"{self.past[sid]} + {n} tokens exceed the context of {self.n_ctx} tokens")
+        return toks.astype(np.int32)
+
+    def eval(self, tokens, bint all_logits=False, seq_id=0):
+        """Append `tokens` (int ids) to a sequence; returns float32 logits [n_tokens, n_vocab] (all_logits) or
+        [1, n_vocab] for the last token. Tokens are computed in ubatches of at most n_ubatch."""
+        cdef int sid = self._seq(seq_id)
+        toks = self._tokens(sid, tokens)
+        n = toks.shape[0]
         out = []
         for s in range(0, n, self.n_ubatch):
             chunk = toks[s : s + self.n_ubatch]
             last = s + self.n_ubatch >= n
             n_out = chunk.shape[0] if all_logits else (1 if last else 0)
-            res = self._ubatch(chunk.astype(np.int32), n_out)
+            res = self._ubatch([(sid, chunk, n_out)])
             if res is not None:
                 out.append(res)
-        if self._capture is not None:
-            g.ggml_backend_sched_set_eval_callback(self.sched, NULL, NULL)
-            self._capture = None
+        self._end_capture()
         return np.concatenate(out) if len(out) > 1 else out[0]
 
-    cdef _ubatch(self, toks, int n_out):
+    def eval_batch(self, seqs, bint all_logits=False):
+        """Append tokens to several distinct sequences in one ubatch, one graph compute (docs/batching.md): `seqs`
+        is a list of (seq_id, tokens), at most n_ubatch tokens in all. Returns each sequence's float32 logits, in
+        the order of `seqs`: [n_tokens, n_vocab] (all_logits) or [1, n_vocab] for its last token. ValueError, and
+        nothing evaluated, for an unknown or repeated seq_id, an empty list, or tokens eval() would refuse."""
+        items = list(seqs)
+        if not items:
+            raise ValueError("eval_batch needs at least one sequence")
+        batch, seen, total = [], set(), 0
+        for item in items:
+            try:
+                seq_id, tokens = item
+            except (TypeError, ValueError):
+                raise ValueError(f"eval_batch takes (seq_id, tokens) pairs, got {item!r:.80}") from None
+            sid = self._seq(seq_id)
+            if sid in seen:
+                raise ValueError(f"seq_id {sid} appears twice in one batch")
+            seen.add(sid)
+            toks = self._tokens(sid, tokens)
+            total += toks.shape[0]
+            batch.append((sid, toks, toks.shape[0] if all_logits else 1))
+        if total > self.n_ubatch:
+            raise ValueError(f"{total} tokens in one batch, more than n_ubatch={self.n_ubatch}")
+        res = self._ubatch(batch)
+        self._end_capture()
+        out, row = [], 0
+        for _, _, n_out in batch:
+            out.append(res[row : row + n_out])
+            row += n_out
+        return out
+
+    cdef _ubatch(self, list batch):
+        """One graph compute over `batch`: (seq_id, int32 tokens, logits rows wanted: its last n_out) per sequence,
+        distinct sequences; returns the logits wanted, in order (None if none)."""
         cdef UBatch ub
-        cdef int n = toks.shape[0], p0 = self.n_past
-        ub.n, ub.p0, ub.ring = n, p0, self.ring
+        cdef SeqPlan * sp
+        cdef int s, sid, n = 0, n_out = 0, p0, ns
+        self._graph_room(len(batch))
+        for s in range(len(batch)):
+            sid, toks, want = batch[s]
+            sp = &self.plans[s]
+            p0, ns = self.past[sid], toks.shape[0]
+            sp.n, sp.t0, sp.p0 = ns, n, p0
+            sp.st = &self.st[sid * self.hp.n_layer]
+            plan_compressor(&sp.comp[COMP_CSA], CSA, p0, ns)
+            plan_compressor(&sp.comp[COMP_HCA], HCA, p0, ns)
+            n += ns
+            n_out += want
+        ub.n, ub.n_seq, ub.seq, ub.ring = n, len(batch), self.plans, self.ring
         ub.n_out = n_out if n_out > 0 else 1
         sink = self.route_sink
         ub.want_routes = sink is not None
-        plan_compressor(&ub.comp[COMP_CSA], CSA, p0, n)
-        plan_compressor(&ub.comp[COMP_HCA], HCA, p0, n)
         cdef g.ggml_init_params ip
         ip.mem_size = self.arena_size
         ip.mem_buffer = self.arena
@@ -423,6 +550,7 @@ cdef class Context:
             raise MemoryError()
         cdef Inputs inp
         inp.routes = self.routes
+        inp.seq = self.seq_inputs
         cdef g.ggml_cgraph * gf
         cdef g.ggml_tensor * logits
         cdef g.ggml_status status
@@ -430,14 +558,16 @@ cdef class Context:
         try:
             gf = g.ggml_new_graph_custom(ctx, self.graph_size, False)
             with nogil:
-                logits = build_graph(ctx, gf, &self.hp, &self.gw, self.lw, self.st, &ub, &inp)
+                logits = build_graph(ctx, gf, &self.hp, &self.gw, self.lw, &ub, &inp)
             self.last_graph_nodes = g.ggml_graph_n_nodes(gf)
             self.last_graph_mem = g.ggml_used_mem(ctx)
+            self.last_graph_tensors = ((self.last_graph_mem - g.ggml_graph_overhead_custom(self.graph_size, False))
+                                       // g.ggml_tensor_overhead())
             g.ggml_backend_sched_reset(self.sched)
             if not g.ggml_backend_sched_alloc_graph(self.sched, gf):
                 raise MemoryError("ggml could not allocate the compute graph")
             ti = _now()
-            self._set_inputs(&ub, &inp, toks)
+            toks_all = self._set_inputs(&ub, &inp, batch)
             t1 = _now()
             self.t_graph += ti - t0
             self.t_inputs += t1 - ti
@@ -446,9 +576,10 @@ cdef class Context:
             self.t_compute += _now() - t1
             if status != g.GGML_STATUS_SUCCESS:
                 raise RuntimeError(f"graph compute failed (status {<int> status})")
-            self.n_past += n
+            for sid, toks, _ in batch:
+                self.past[sid] += toks.shape[0]
             if ub.want_routes:
-                sink(self._routes(n), toks)
+                sink(self._routes(n), toks_all)
             if n_out == 0:
                 return None
             res = np.empty((ub.n_out, self.hp.n_vocab), np.float32)
@@ -470,26 +601,40 @@ cdef class Context:
             g.ggml_backend_tensor_get(self.routes[il], <void *> (base + il * row), 0, row)
         return out
 
-    cdef _set_inputs(self, const UBatch * ub, Inputs * inp, toks):
-        cdef int n = ub.n, p0 = ub.p0
-        pos = np.arange(p0, p0 + n, dtype=np.int64)
+    cdef _set_inputs(self, const UBatch * ub, Inputs * inp, list batch):
+        """Fill the graph's inputs: token-wise ones over all rows, each sequence's from its state; returns the
+        ubatch's tokens."""
+        toks = np.concatenate([t for _, t, _ in batch])
+        pos = np.concatenate([np.arange(self.past[sid], self.past[sid] + t.shape[0], dtype=np.int64)
+                              for sid, t, _ in batch])
         set_input(inp.tokens, toks)
         set_input(inp.pos, pos.astype(np.int32))
+        cdef int c, s
+        for c in range(N_COMP):
+            set_input(inp.ape[c], (pos % ub.seq[0].comp[c].ratio).astype(np.int32))
+        cdef const SeqPlan * sp
+        rows = []
+        for s in range(ub.n_seq):
+            sid, _, n_out = batch[s]
+            sp = &ub.seq[s]
+            self._set_seq_inputs(sp, &inp.seq[s], self.slot_pos[sid], pos[sp.t0 : sp.t0 + sp.n])
+            rows.append(np.arange(sp.t0 + sp.n - n_out, sp.t0 + sp.n, dtype=np.int32))
+        set_input(inp.out_rows, np.concatenate(rows))
+        return toks
+
+    cdef _set_seq_inputs(self, const SeqPlan * sp, const SeqInputs * si, slot_pos, pos):
         slots = pos % self.ring
-        set_input(inp.raw_slot, slots)
-        self.slot_pos[slots] = pos
-        sp = self.slot_pos[None, :]
-        vis = (sp <= pos[:, None]) & (sp > pos[:, None] - self.hp.window)
-        set_input(inp.raw_mask, np.where(vis, 0.0, -np.inf).astype(np.float32))  # [n, ring]
+        set_input(si.raw_slot, slots)
+        slot_pos[slots] = pos
+        sp_ = slot_pos[None, :]
+        vis = (sp_ <= pos[:, None]) & (sp_ > pos[:, None] - self.hp.window)
+        set_input(si.raw_mask, np.where(vis, 0.0, -np.inf).astype(np.float32))  # [n, ring]
+        cdef const CompPlan * cp
         cdef int c
         for c in range(N_COMP):
-            self._set_comp_inputs(&ub.comp[c], &inp.comp[c], pos)
-
-    cdef _set_comp_inputs(self, const CompPlan * cp, const CompInputs * ci, pos):
-        cdef int R = cp.ratio
-        set_input(ci.ape, (pos % R).astype(np.int32))
-        if ci.blk != NULL:
-            set_input(ci.blk, ((cp.b0 + np.arange(cp.nb)) * R).astype(np.int32))
-        if ci.vis != NULL:
-            visible = np.arange(cp.n_vis)[None, :] < ((pos + 1) // R)[:, None]
-            set_input(ci.vis, np.where(visible, 0.0, -np.inf).astype(np.float32))
+            cp = &sp.comp[c]
+            if si.blk[c] != NULL:
+                set_input(si.blk[c], ((cp.b0 + np.arange(cp.nb)) * cp.ratio).astype(np.int32))
+            if si.vis[c] != NULL:
+                visible = np.arange(cp.n_vis)[None, :] < ((pos + 1) // cp.ratio)[:, None]
+                set_input(si.vis[c], np.where(visible, 0.0, -np.inf).astype(np.float32))

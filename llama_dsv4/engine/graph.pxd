@@ -125,7 +125,7 @@ cdef struct LayerState:
 
 # ---------------------------------------------------------------- one ubatch
 
-# what the host knows about one compressed kind for this ubatch
+# what the host knows about one compressed kind for one sequence's part of this ubatch
 cdef struct CompPlan:
     int ratio
     int overlap      # 1 for CSA (each entry also reads the previous block)
@@ -137,37 +137,49 @@ cdef struct CompPlan:
     int l1           # state rows after this ubatch
 
 
-cdef struct UBatch:
-    int n            # tokens
-    int p0           # position of the first
-    int n_out        # logits rows wanted (the last n_out tokens)
-    int ring         # rows of the raw ring
-    int want_routes  # 1: expose every layer's selected experts (inp.routes) for MoE statistics
+cdef enum:
+    MAX_SEQ = 256    # sequences a context may hold (and a ubatch may mix)
+
+
+cdef struct SeqPlan:     # one sequence's share of a ubatch (docs/batching.md)
+    int n            # its tokens: rows t0 .. t0+n-1 of the ubatch
+    int t0
+    int p0           # position of its first token
+    const LayerState * st    # its state, [n_layer]
     CompPlan comp[N_COMP]
 
 
-# a compressed kind's graph inputs (NULL when absent from this graph)
-cdef struct CompInputs:
-    g.ggml_tensor * ape      # I32 [n]: position mod ratio
-    g.ggml_tensor * blk      # I32 [nb]: start positions of the completed blocks
-    g.ggml_tensor * vis      # F32 [n_vis, n]: entry b visible to token t (b < (p+1)/ratio)
+cdef struct UBatch:
+    int n            # tokens, all sequences
+    int n_out        # logits rows wanted (one sequence: its last n_out tokens; several: the rows inp.out_rows names)
+    int ring         # rows of the raw ring
+    int want_routes  # 1: expose every layer's selected experts (inp.routes) for MoE statistics
+    int n_seq
+    const SeqPlan * seq  # [n_seq], in row order
+
+
+# one sequence's graph inputs (NULL when absent from this graph)
+cdef struct SeqInputs:
+    g.ggml_tensor * raw_slot      # I64 [n]: ring slot of each token
+    g.ggml_tensor * raw_mask      # F32 [ring, n]: 0 where visible, -inf elsewhere
+    g.ggml_tensor * blk[N_COMP]   # I32 [nb]: start positions of the blocks completed in this ubatch
+    g.ggml_tensor * vis[N_COMP]   # F32 [n_vis, n]: entry b visible to token t (b < (p+1)/ratio)
 
 
 # graph inputs the host fills after allocation (NULL when absent from this graph)
 cdef struct Inputs:
     g.ggml_tensor * tokens     # I32 [n]
     g.ggml_tensor * pos        # I32 [n]
-    g.ggml_tensor * raw_slot   # I64 [n]: ring slot of each token
-    g.ggml_tensor * raw_mask   # F32 [ring, n]: 0 where visible, -inf elsewhere
-    CompInputs comp[N_COMP]
+    g.ggml_tensor * ape[N_COMP]   # I32 [n]: position mod ratio
+    g.ggml_tensor * out_rows   # I32 [n_out]: the rows whose logits are wanted (several sequences, n_out < n)
+    SeqInputs * seq            # [n_seq] (the context's array; the builder fills it)
     g.ggml_tensor ** routes    # [n_layer] I32 [k, n] outputs: the experts each token was routed to (want_routes)
 
 
 cdef inline int comp_index(int kind) noexcept nogil:
-    """Where a compressed kind's plan and inputs live in UBatch.comp / Inputs.comp."""
+    """Where a compressed kind's plan and inputs live in SeqPlan.comp, Inputs.ape, SeqInputs.blk / .vis."""
     return COMP_CSA if kind == CSA else COMP_HCA
 
 
 cdef g.ggml_tensor * build_graph(g.ggml_context * ctx, g.ggml_cgraph * gf, const Hparams * hp,
-                                 const GlobalW * gw, const LayerW * lw, const LayerState * st,
-                                 const UBatch * ub, Inputs * inp) noexcept nogil
+                                 const GlobalW * gw, const LayerW * lw, const UBatch * ub, Inputs * inp) noexcept nogil

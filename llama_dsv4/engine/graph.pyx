@@ -1,9 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The DeepSeek V4 graph for one ubatch of one sequence (docs/architecture.md §6-10), block by block.
+"""The DeepSeek V4 graph for one ubatch of one or several sequences (docs/architecture.md §6-10, docs/batching.md),
+block by block.
 
 Graph building only: the context fills the structs (weights, state tensors, the ubatch plan) and the inputs.
-Cache and state writes are expanded into the graph as soon as they are built, so they run before the nodes that
-read the same memory later in the graph.
+Token-wise blocks run on the rows of all sequences together; the blocks that read a sequence's state run on views
+of its rows. Cache and state writes are expanded into the graph as soon as they are built, so they run before the
+nodes that read the same memory later in the graph.
 """
 cimport ggml as g
 from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_hc_post_cpu, dsv4_moe_gemm_ok, dsv4_mul_mat_id_q5k, dsv4_mul_mat_q80,
@@ -12,8 +14,8 @@ from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_hc_post_cpu, dsv
 from libc.math cimport INFINITY, sqrtf
 from libc.stdint cimport int64_t
 
-from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, N_COMP, SWA, AttnW, CompInputs, CompPlan, CompressorState,
-                    CompressorW, GlobalW, Hparams, HcW, Inputs, LayerState, LayerW, MoeW, UBatch, comp_index)
+from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, SWA, AttnW, CompPlan, CompressorState, CompressorW,
+                    GlobalW, Hparams, HcW, Inputs, LayerState, LayerW, MoeW, SeqInputs, SeqPlan, UBatch, comp_index)
 
 ctypedef g.ggml_tensor T
 ctypedef g.ggml_context C
@@ -67,6 +69,24 @@ cdef inline T * rows(C * ctx, T * t, int64_t n, int64_t first) noexcept nogil:
     return g.ggml_view_2d(ctx, t, t.ne[0], n, t.nb[1], first * t.nb[1])
 
 
+cdef inline T * tokens_3d(C * ctx, T * t, const SeqPlan * sp) noexcept nogil:
+    """A sequence's tokens of a 3-D tensor [a, b, n]: [a, b, sp.n] from token sp.t0."""
+    return g.ggml_view_3d(ctx, t, t.ne[0], t.ne[1], sp.n, t.nb[1], t.nb[2], sp.t0 * t.nb[2])
+
+
+cdef T * concat_all(C * ctx, T ** parts, int m, int dim) noexcept nogil:
+    """parts[0] .. parts[m-1] concatenated along `dim`, in order, as a balanced tree (each row copied log2(m) times,
+    not m times); overwrites parts."""
+    cdef int i
+    while m > 1:
+        for i in range(m // 2):
+            parts[i] = g.ggml_concat(ctx, parts[2 * i], parts[2 * i + 1], dim)
+        if m % 2:
+            parts[m // 2] = parts[m - 1]
+        m = (m + 1) // 2
+    return parts[0]
+
+
 # ------------------------------------------------------------------------------------------ hyper-connections
 
 cdef T * hc_pre(C * ctx, const Hparams * hp, const HcW * W, T * S, T ** post, T ** comb, int il) noexcept nogil:
@@ -97,13 +117,19 @@ cdef T * hc_head(C * ctx, const Hparams * hp, const GlobalW * gw, T * S) noexcep
 # ------------------------------------------------------------------------------------------ compressors
 
 
-cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPlan * cp, const CompInputs * ci,
-                   const CompressorW * W, const CompressorState * st, T * cache, T * x, int width,
+cdef void compressor_rows(C * ctx, const CompressorW * W, T * ape, T * x, T ** ckv, T ** csc) noexcept nogil:
+    """A compressor's token-wise part, on the rows of all sequences: its values [width, n] and scores (the gate plus
+    the slot's position bias, ape = position mod ratio)."""
+    ckv[0] = g.ggml_mul_mat(ctx, W.kv, x)
+    csc[0] = g.ggml_add(ctx, g.ggml_mul_mat(ctx, W.gate, x), g.ggml_get_rows(ctx, W.ape, ape))
+
+
+cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPlan * cp, T * starts,
+                   const CompressorW * W, const CompressorState * st, T * cache, T * ckv, T * csc, int width,
                    const dsv4_rope_params * rope) noexcept nogil:
-    """Feed this ubatch's rows to a compressor (docs/architecture.md §8.3, §11.2): pool every block that completes into a cache entry
-    (normed, roped at the block start) and keep the rows that later blocks still need in the state."""
-    cdef T * ckv = g.ggml_mul_mat(ctx, W.kv, x)
-    cdef T * csc = g.ggml_add(ctx, g.ggml_mul_mat(ctx, W.gate, x), g.ggml_get_rows(ctx, W.ape, ci.ape))
+    """Feed one sequence's rows (ckv, csc: compressor_rows of its tokens) to its compressor state (docs/architecture.md
+    §8.3, §11.2): pool every block that completes into a cache entry (normed, roped at the block start: starts) and keep
+    the rows that later blocks still need in the state."""
     cdef T * xk = ckv
     cdef T * xs = csc
     if cp.l0 > 0:  # [state rows ; this ubatch's rows], in position order
@@ -131,7 +157,7 @@ cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPl
         vs = g.ggml_cont(ctx, g.ggml_permute(ctx, vs, 1, 0, 2, 3))
         e = g.ggml_sum_rows(ctx, g.ggml_mul(ctx, vk, g.ggml_soft_max(ctx, vs)))  # [1, width, nb]
         e = norm(ctx, g.ggml_reshape_2d(ctx, e, width, nb), W.norm, hp.eps)
-        e = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, e, width, 1, nb), ci.blk, hp.rope_dim, rope)
+        e = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, e, width, 1, nb), starts, hp.rope_dim, rope)
         g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, g.ggml_reshape_2d(ctx, e, width, nb),
                                                    rows(ctx, cache, nb, cp.b0)))
     if cp.l1 > 0:
@@ -141,58 +167,63 @@ cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPl
 # ------------------------------------------------------------------------------------------ attention
 
 
-cdef T * indexer_top(C * ctx, const Hparams * hp, const AttnW * A, const LayerState * st, const CompPlan * cp,
-                     Inputs * inp, T * x, T * qr) noexcept nogil:
-    """The lightning indexer (docs/architecture.md §8.6): for each token, the indices [kk, n] of the top-k visible CSA entries
-    by indexer score (k = min(top_k, entries visible to the ubatch's last token))."""
-    cdef int64_t n = x.ne[1], nv = cp.n_vis, di = hp.idx_dim, Hi = hp.idx_heads
-    cdef T * iq = g.ggml_reshape_3d(ctx, g.ggml_mul_mat(ctx, A.idx.q_b, qr), di, Hi, n)
-    iq = dsv4_rope_tail(ctx, iq, inp.pos, hp.rope_dim, &A.rope)
-    cdef T * iw = g.ggml_scale(ctx, g.ggml_mul_mat(ctx, A.idx.proj, x), 1.0 / sqrtf(<float> (di * Hi)))
-    cdef T * keys = g.ggml_view_3d(ctx, st.lid, di, 1, nv, st.lid.nb[1], st.lid.nb[1], 0)
-    cdef T * score = g.ggml_lightning_indexer(ctx, iq, keys, iw, g.ggml_cast(ctx, inp.comp[COMP_CSA].vis, g.GGML_TYPE_F16))
+cdef T * indexer_top(C * ctx, const Hparams * hp, const LayerState * st, const CompPlan * cp, T * vis, T * iq,
+                     T * iw) noexcept nogil:
+    """The lightning indexer (docs/architecture.md §8.6) of one sequence (iq [di, Hi, n] its roped indexer queries,
+    iw [Hi, n] its head weights): for each token, the indices [kk, n] of the top-k visible CSA entries by indexer
+    score (k = min(top_k, entries visible to the sequence's last token))."""
+    cdef int64_t nv = cp.n_vis
+    cdef T * keys = g.ggml_view_3d(ctx, st.lid, hp.idx_dim, 1, nv, st.lid.nb[1], st.lid.nb[1], 0)
+    cdef T * score = g.ggml_lightning_indexer(ctx, iq, keys, iw, g.ggml_cast(ctx, vis, g.GGML_TYPE_F16))
     return dsv4_top_k(ctx, score, hp.idx_topk if hp.idx_topk < nv else <int> nv)
 
 
-cdef T * selection_mask(C * ctx, T * top, Inputs * inp, int64_t nv) noexcept nogil:
+cdef T * selection_mask(C * ctx, T * top, T * vis, int64_t nv) noexcept nogil:
     """[nv, n]: 0 where entry b is among token t's selected entries and visible to it, -inf elsewhere."""
     cdef int64_t kk = top.ne[0], n = top.ne[1]
     cdef T * sel = g.ggml_fill(ctx, g.ggml_new_tensor_3d(ctx, g.GGML_TYPE_F32, 1, nv, n), -INFINITY)
     cdef T * zero = g.ggml_fill(ctx, g.ggml_new_tensor_3d(ctx, g.GGML_TYPE_F32, 1, kk, n), 0.0)
     sel = g.ggml_set_rows(ctx, sel, zero, top)
-    return g.ggml_add(ctx, g.ggml_reshape_2d(ctx, sel, nv, n), inp.comp[COMP_CSA].vis)
+    return g.ggml_add(ctx, g.ggml_reshape_2d(ctx, sel, nv, n), vis)
 
 
-cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW * A, const LayerState * st,
-                   const UBatch * ub, Inputs * inp, T * x, int il) noexcept nogil:
-    """docs/architecture.md §8: q low-rank path, the single latent K=V, the compressed keys, attention with sinks over the
-    sliding window and the visible compressed entries, de-rope, grouped output projection."""
-    cdef int64_t n = x.ne[1], d = hp.head_dim, H = hp.n_head, G = hp.o_groups
-    cdef T * px = NULL
-    cdef T * qr = norm(ctx, mm(ctx, hp, A.q_a, x, &px), A.q_a_norm, hp.eps)
-    cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, A.q_b, qr, NULL), d, H, n), hp.eps)
-    q = named(dsv4_rope_tail(ctx, q, inp.pos, hp.rope_dim, &A.rope), "q", il)
-    cdef T * kv = norm(ctx, mm(ctx, hp, A.kv, x, &px), A.kv_norm, hp.eps)
-    kv = named(dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, kv, d, 1, n), inp.pos, hp.rope_dim, &A.rope), "kv", il)
-    g.ggml_build_forward_expand(gf, g.ggml_set_rows(ctx, st.raw, g.ggml_reshape_2d(ctx, kv, d, n), inp.raw_slot))
+cdef struct AttnRows:       # an attention layer's token-wise results, rows of all sequences (NULL when absent)
+    T * q                   # [d, H, n] roped queries
+    T * kv                  # [d, n] roped key/value vectors
+    T * ckv                 # the KV compressor's values and scores (compressed kinds)
+    T * csc
+    T * ickv                # the indexer compressor's (CSA)
+    T * icsc
+    T * iq                  # [di, Hi, n] roped indexer queries (CSA, when an entry is visible)
+    T * iw                  # [Hi, n] indexer head weights
 
+
+cdef T * attend(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW * A, const LayerState * st,
+                const SeqPlan * sp, const SeqInputs * si, const AttnRows * r) noexcept nogil:
+    """One sequence's attention (docs/architecture.md §8.3-8.7) on views of its rows of r: its kv rows into its
+    ring, its compressors, its indexer's selection, and attention with sinks over its window and its visible
+    compressed entries; returns [d, H, n] for its n tokens."""
+    cdef int64_t n = sp.n, t0 = sp.t0, d = hp.head_dim
+    g.ggml_build_forward_expand(gf, g.ggml_set_rows(ctx, st.raw, rows(ctx, r.kv, n, t0), si.raw_slot))
     cdef T * keys = st.raw
-    cdef T * mask = inp.raw_mask
+    cdef T * mask = si.raw_mask
     cdef T * top
     cdef T * sel
     cdef const CompPlan * cp
-    cdef const CompInputs * ci
+    cdef int c
     if A.kind != SWA:
-        cp = &ub.comp[comp_index(A.kind)]
-        ci = &inp.comp[comp_index(A.kind)]
-        compress(ctx, gf, hp, cp, ci, &A.comp, &st.c, st.comp, x, <int> d, &A.rope)
+        c = comp_index(A.kind)
+        cp = &sp.comp[c]
+        compress(ctx, gf, hp, cp, si.blk[c], &A.comp, &st.c, st.comp, rows(ctx, r.ckv, n, t0), rows(ctx, r.csc, n, t0),
+                 <int> d, &A.rope)
         if A.kind == CSA:
-            compress(ctx, gf, hp, cp, ci, &A.idx.comp, &st.ic, st.lid, x, hp.idx_dim, &A.rope)
+            compress(ctx, gf, hp, cp, si.blk[c], &A.idx.comp, &st.ic, st.lid, rows(ctx, r.ickv, n, t0),
+                     rows(ctx, r.icsc, n, t0), hp.idx_dim, &A.rope)
         if cp.n_vis > 0 and A.kind == HCA:  # every visible entry
             keys = g.ggml_concat(ctx, keys, rows(ctx, st.comp, cp.n_vis, 0), 1)
-            mask = g.ggml_concat(ctx, mask, ci.vis, 0)
+            mask = g.ggml_concat(ctx, mask, si.vis[c], 0)
         elif cp.n_vis > 0:  # CSA: the entries the indexer selects
-            top = indexer_top(ctx, hp, A, st, cp, inp, x, qr)
+            top = indexer_top(ctx, hp, st, cp, si.vis[c], tokens_3d(ctx, r.iq, sp), rows(ctx, r.iw, n, t0))
             if n == 1:  # decode: gather the selected entries (all visible to the one token), O(top_k) per token
                 sel = g.ggml_get_rows(ctx, rows(ctx, st.comp, cp.n_vis, 0), g.ggml_reshape_1d(ctx, top, top.ne[0]))
                 if keys.type != g.GGML_TYPE_F32:
@@ -202,7 +233,7 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW 
                     ctx, g.GGML_TYPE_F32, top.ne[0], 1), 0.0), 0)
             else:  # a batch: every visible entry, masked to each token's selection
                 keys = g.ggml_concat(ctx, keys, rows(ctx, st.comp, cp.n_vis, 0), 1)
-                mask = g.ggml_concat(ctx, mask, selection_mask(ctx, top, inp, cp.n_vis), 0)
+                mask = g.ggml_concat(ctx, mask, selection_mask(ctx, top, si.vis[c], cp.n_vis), 0)
 
     # With attn_f16, exactly llama.cpp's flash-attention path: keys and values as one f16 tensor whatever the cache
     # type, so the same CPU kernels run (values accumulated in f16 for small batches, in f32 tiles for large ones).
@@ -212,11 +243,46 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW 
     elif not hp.attn_f16 and keys.type != g.GGML_TYPE_F32:
         keys = g.ggml_cast(ctx, keys, g.GGML_TYPE_F32)
     cdef T * k3 = g.ggml_reshape_3d(ctx, keys, d, keys.ne[1], 1)
-    cdef T * out = g.ggml_flash_attn_ext(ctx, g.ggml_permute(ctx, q, 0, 2, 1, 3), k3, k3,
+    cdef T * out = g.ggml_flash_attn_ext(ctx, g.ggml_permute(ctx, tokens_3d(ctx, r.q, sp), 0, 2, 1, 3), k3, k3,
                                          g.ggml_cast(ctx, mask, g.GGML_TYPE_F16), 1.0 / sqrtf(<float> d), 0.0, 0.0)
     g.ggml_flash_attn_ext_add_sinks(out, A.sinks)
     g.ggml_flash_attn_ext_set_prec(out, g.GGML_PREC_F32)
-    named(out, "attn_raw", il)
+    return out
+
+
+cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW * A, int il, const UBatch * ub,
+                   Inputs * inp, T * x) noexcept nogil:
+    """docs/architecture.md §8: q low-rank path, the single latent K=V, the compressed keys, attention with sinks over the
+    sliding window and the visible compressed entries (per sequence, attend), de-rope, grouped output projection."""
+    cdef int64_t n = x.ne[1], d = hp.head_dim, H = hp.n_head, G = hp.o_groups
+    cdef AttnRows r
+    cdef T * px = NULL
+    cdef T * qr = norm(ctx, mm(ctx, hp, A.q_a, x, &px), A.q_a_norm, hp.eps)
+    cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, A.q_b, qr, NULL), d, H, n), hp.eps)
+    r.q = named(dsv4_rope_tail(ctx, q, inp.pos, hp.rope_dim, &A.rope), "q", il)
+    cdef T * kv = norm(ctx, mm(ctx, hp, A.kv, x, &px), A.kv_norm, hp.eps)
+    kv = named(dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, kv, d, 1, n), inp.pos, hp.rope_dim, &A.rope), "kv", il)
+    r.kv = g.ggml_reshape_2d(ctx, kv, d, n)
+    r.ckv = r.csc = r.ickv = r.icsc = r.iq = r.iw = NULL
+    cdef int s, c
+    cdef bint any_vis = False
+    if A.kind != SWA:
+        c = comp_index(A.kind)
+        compressor_rows(ctx, &A.comp, inp.ape[c], x, &r.ckv, &r.csc)
+        if A.kind == CSA:
+            compressor_rows(ctx, &A.idx.comp, inp.ape[c], x, &r.ickv, &r.icsc)
+            for s in range(ub.n_seq):
+                any_vis = any_vis or ub.seq[s].comp[c].n_vis > 0
+        if any_vis:  # the indexer's token-wise part (docs/architecture.md §8.6)
+            r.iq = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, g.ggml_mul_mat(ctx, A.idx.q_b, qr), hp.idx_dim,
+                                                         hp.idx_heads, n), inp.pos, hp.rope_dim, &A.rope)
+            r.iw = g.ggml_scale(ctx, g.ggml_mul_mat(ctx, A.idx.proj, x),
+                                1.0 / sqrtf(<float> (hp.idx_dim * hp.idx_heads)))
+
+    cdef T * parts[MAX_SEQ]
+    for s in range(ub.n_seq):
+        parts[s] = attend(ctx, gf, hp, A, &ub.seq[s].st[il], &ub.seq[s], &inp.seq[s], &r)
+    cdef T * out = named(concat_all(ctx, parts, ub.n_seq, 2), "attn_raw", il)
     out = named(dsv4_rope_tail_back(ctx, out, inp.pos, hp.rope_dim, &A.rope), "attn_derope", il)  # [d, H, n]
 
     # grouped output LoRA: group g = heads g*H/G .. (g+1)*H/G - 1, each with its own Ro rows of o_a
@@ -284,10 +350,11 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, co
 
 
 cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const GlobalW * gw, const LayerW * lw,
-                     const LayerState * st, const UBatch * ub, Inputs * inp) noexcept nogil:
-    """docs/architecture.md §6 for one ubatch; returns the logits [n_vocab, n_out] of its last n_out tokens."""
+                     const UBatch * ub, Inputs * inp) noexcept nogil:
+    """docs/architecture.md §6 for one ubatch of ub.n_seq sequences (docs/batching.md); returns the logits
+    [n_vocab, n_out] of the rows wanted (one sequence: its last n_out tokens; several: inp.out_rows)."""
     cdef int64_t n = ub.n, D = hp.n_embd, hc = hp.hc
-    cdef int il
+    cdef int il, c, s
     cdef bint has[N_COMP]
     has[COMP_CSA] = has[COMP_HCA] = False
     for il in range(hp.n_layer):
@@ -295,15 +362,20 @@ cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const Glob
             has[comp_index(lw[il].attn.kind)] = True
     inp.tokens = input_1d(ctx, g.GGML_TYPE_I32, n)
     inp.pos = input_1d(ctx, g.GGML_TYPE_I32, n)
-    inp.raw_slot = input_1d(ctx, g.GGML_TYPE_I64, n)
-    inp.raw_mask = input_2d(ctx, g.GGML_TYPE_F32, ub.ring, n)
-    cdef int c
-    cdef const CompPlan * cp
     for c in range(N_COMP):
-        cp = &ub.comp[c]
-        inp.comp[c].ape = input_1d(ctx, g.GGML_TYPE_I32, n) if has[c] else NULL
-        inp.comp[c].blk = input_1d(ctx, g.GGML_TYPE_I32, cp.nb) if has[c] and cp.nb > 0 else NULL
-        inp.comp[c].vis = input_2d(ctx, g.GGML_TYPE_F32, cp.n_vis, n) if has[c] and cp.n_vis > 0 else NULL
+        inp.ape[c] = input_1d(ctx, g.GGML_TYPE_I32, n) if has[c] else NULL
+    cdef const SeqPlan * sp
+    cdef const CompPlan * cp
+    cdef SeqInputs * si
+    for s in range(ub.n_seq):
+        sp, si = &ub.seq[s], &inp.seq[s]
+        si.raw_slot = input_1d(ctx, g.GGML_TYPE_I64, sp.n)
+        si.raw_mask = input_2d(ctx, g.GGML_TYPE_F32, ub.ring, sp.n)
+        for c in range(N_COMP):
+            cp = &sp.comp[c]
+            si.blk[c] = input_1d(ctx, g.GGML_TYPE_I32, cp.nb) if has[c] and cp.nb > 0 else NULL
+            si.vis[c] = input_2d(ctx, g.GGML_TYPE_F32, cp.n_vis, sp.n) if has[c] and cp.n_vis > 0 else NULL
+    inp.out_rows = input_1d(ctx, g.GGML_TYPE_I32, ub.n_out) if ub.n_seq > 1 and ub.n_out < n else NULL
 
     cdef T * x = g.ggml_get_rows(ctx, gw.tok_embd, inp.tokens)  # [D, n]
     cdef T * S = g.ggml_repeat_4d(ctx, g.ggml_reshape_3d(ctx, x, D, 1, n), D, hc, n, 1)  # hc identical streams
@@ -316,13 +388,18 @@ cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const Glob
         L = &lw[il]
         res = S
         a = norm(ctx, named(hc_pre(ctx, hp, &L.hc_attn, S, &post, &comb, il), "hc_attn_pre", il), L.attn.norm, hp.eps)
-        a = attention(ctx, gf, hp, &L.attn, &st[il], ub, inp, named(a, "attn_norm", il), il)
+        a = attention(ctx, gf, hp, &L.attn, il, ub, inp, named(a, "attn_norm", il))
         S = named(hc_post(ctx, hp, a, res, post, comb), "hc_attn_post", il)
         res = S
         a = norm(ctx, named(hc_pre(ctx, hp, &L.hc_ffn, S, &post, &comb, il), "hc_ffn_pre", il), L.ffn.norm, hp.eps)
         a = named(moe(ctx, gf, hp, &L.ffn, ub, inp, named(a, "ffn_norm", il), il), "ffn_out", il)
         S = named(hc_post(ctx, hp, a, res, post, comb), "l_out", il)
-    if ub.n_out < n:
+    if inp.out_rows != NULL:  # several sequences: the rows the host names
+        if not g.ggml_is_contiguous(S):
+            S = g.ggml_cont(ctx, S)
+        S = g.ggml_reshape_3d(ctx, g.ggml_get_rows(ctx, g.ggml_reshape_2d(ctx, S, D * hc, n), inp.out_rows), D, hc,
+                              ub.n_out)
+    elif ub.n_out < n:
         S = g.ggml_cont(ctx, g.ggml_view_3d(ctx, S, D, hc, ub.n_out, S.nb[1], S.nb[2], (n - ub.n_out) * S.nb[2]))
     cdef T * y = named(norm(ctx, hc_head(ctx, hp, gw, S), gw.out_norm, hp.eps), "result_norm", -1)
     cdef T * logits = named(g.ggml_mul_mat(ctx, gw.output, y), "result_output", -1)

@@ -37,6 +37,7 @@ def ring_rows(p: DSV4Params, n_ctx: int, n_ubatch: int) -> int:
 
 
 def state_tensors(p: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str) -> list[StateTensor]:
+    """Every tensor of one sequence's state."""
     if type_k not in CACHE_BYTES:
         raise ValueError(f"type_k must be one of {sorted(CACHE_BYTES)}, got {type_k!r}")
     d, di = p.head_dim, p.indexer_head_dim
@@ -56,9 +57,10 @@ def state_tensors(p: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str) -> list
     return out
 
 
-def state_bytes(p: DSV4Params, n_ctx: int, n_ubatch: int = 512, type_k: str = "f16") -> int:
-    """Bytes of one sequence's state at this context length (before the allocator's alignment padding)."""
-    return sum(t.nbytes for t in state_tensors(p, n_ctx, n_ubatch, type_k))
+def state_bytes(p: DSV4Params, n_ctx: int, n_ubatch: int = 512, type_k: str = "f16", n_seq: int = 1) -> int:
+    """Bytes of the state of n_seq sequences at this context length (before the allocator's alignment padding):
+    a context holding several sequences allocates state_tensors once per sequence."""
+    return n_seq * sum(t.nbytes for t in state_tensors(p, n_ctx, n_ubatch, type_k))
 
 
 def bytes_per_token(p: DSV4Params, type_k: str = "f16") -> float:

@@ -62,14 +62,15 @@ def check_memory(
     host_bytes: int = 0,
     weight_bytes: int = 0,
     use_mmap: bool = True,
+    n_seq: int = 1,
 ) -> None:
-    """ValueError, before anything is allocated, if a context of n_ctx positions cannot fit: its state (on the
-    backend's device), `host_bytes` of the caller's token buffers (on the host), and the model's `weight_bytes`
-    where they are copied into allocated memory (use_mmap=False, or a device that cannot read host memory).
-    Mapped weights are not counted: they are page cache, which the kernel reclaims and reads back."""
+    """ValueError, before anything is allocated, if a context of n_ctx positions for n_seq sequences cannot fit:
+    its state (on the backend's device), `host_bytes` of the caller's token buffers (on the host), and the model's
+    `weight_bytes` where they are copied into allocated memory (use_mmap=False, or a device that cannot read host
+    memory). Mapped weights are not counted: they are page cache, which the kernel reclaims and reads back."""
     if n_ctx > MAX_CTX:
         raise ValueError(f"n_ctx={n_ctx} is beyond this engine's limit of {MAX_CTX} positions")
-    state = state_bytes(params, n_ctx, min(n_ubatch, n_ctx), type_k)
+    state = state_bytes(params, n_ctx, min(n_ubatch, n_ctx), type_k, n_seq)
     dev = next((d for d in _ggml.devices() if d["name"] == backends.names[0]), None)
     on_host = dev is None or dev["type"] == "cpu"
     mapped = use_mmap and (on_host or (dev is not None and dev["buffer_from_host_ptr"]))
@@ -77,6 +78,7 @@ def check_memory(
     if not on_host and dev is not None and state + weights > dev["memory_free"]:
         raise ValueError(
             f"n_ctx={n_ctx} needs {_gib(state)} GiB of context state"
+            + (f" for {n_seq} sequences" if n_seq > 1 else "")
             + (f" and {_gib(weights)} GiB of weights" if weights else "")
             + f" on {dev['name']}, which has {_gib(dev['memory_free'])} GiB free; use a smaller n_ctx"
         )
@@ -106,13 +108,14 @@ def create_context(
     device: str,
     n_threads: int,
     host_bytes: int = 0,
+    n_seq: int = 1,
 ) -> Context:
-    """A Context, after checking that its state, the model's weights where they are copied (use_mmap=False) and
-    `host_bytes` more on the host fit in memory."""
+    """A Context of n_seq sequences, after checking that their state, the model's weights where they are copied
+    (use_mmap=False) and `host_bytes` more on the host fit in memory."""
     gemm, gemm_min = gemm_settings()  # a bad switch fails before anything is allocated
     governor_enabled()  # a bad switch fails before anything is allocated
     backends = _ggml.Backends(device, n_threads)
-    check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes, model.n_bytes, model.use_mmap)
+    check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes, model.n_bytes, model.use_mmap, n_seq)
     return Context(
         model,
         n_ctx,
@@ -123,6 +126,7 @@ def create_context(
         params=params,
         gemm=gemm,
         gemm_min_tokens=gemm_min,
+        n_seq=n_seq,
     )
 
 
@@ -162,10 +166,10 @@ def thread_governor(ctx: Context | None, since: tuple[float, float | None] | Non
     return Governor(be.pool_threads, be.set_threads, sensors, since=since)
 
 
-def truncate(ctx: Context, tokens: Any, n_batch: int) -> None:
-    """Make the context hold exactly `tokens` (a prefix of what it holds): the compressors' partial blocks cannot
-    be cut back, so the prefix is evaluated again."""
-    ctx.reset()
+def truncate(ctx: Context, tokens: Any, n_batch: int, seq_id: int = 0) -> None:
+    """Make a sequence of the context hold exactly `tokens` (a prefix of what it holds): the compressors' partial
+    blocks cannot be cut back, so the prefix is evaluated again."""
+    ctx.reset(seq_id)
     toks = np.asarray(tokens, np.int64)
     for i in range(0, len(toks), n_batch):
-        ctx.eval(toks[i : i + n_batch])
+        ctx.eval(toks[i : i + n_batch], seq_id=seq_id)
