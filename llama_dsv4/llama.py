@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from . import completion as _completion
 from .cache import BaseLlamaCache, longest_token_prefix
-from .chat.registry import ChatFormatRegistry, LlamaChatCompletionHandlerRegistry
+from .chat.registry import ChatFormatRegistry
 from .engine import runtime
 from .engine.cpus import fit_count, usable_cpus
 from .engine.memory import state_bytes
@@ -353,7 +353,9 @@ class Llama:
         self.numa = numa
         self.chat_format = chat_format
         self.chat_handler = chat_handler
-        # the model's own chat templates over the process-wide named formats (llama_dsv4.chat.registry)
+        from .chat.formats import LlamaChatCompletionHandlerRegistry  # here: the chat package loads with a Llama
+
+        # the model's own chat templates over the process-wide named formats (llama_dsv4.chat.formats)
         self.chat_formats = ChatFormatRegistry(parent=LlamaChatCompletionHandlerRegistry())
         self._is_recurrent = False
         self._is_hybrid = False

@@ -1142,7 +1142,8 @@ def test_a_model_whose_template_cannot_be_used_still_serves(hostile_template_pat
 
 
 def test_chat_template_flag() -> None:
-    from llama_dsv4.chat.registry import ChatFormatRegistry, LlamaChatCompletionHandlerRegistry
+    from llama_dsv4.chat.formats import LlamaChatCompletionHandlerRegistry
+    from llama_dsv4.chat.registry import ChatFormatRegistry
     from llama_dsv4.server.slots import apply_chat_template
 
     class Stub:

@@ -126,7 +126,7 @@ def chatml_function_calling(*, llama: Llama, messages: Any, **kwargs: Any) -> An
     keyword arguments (chat/request.py)."""
     if kwargs.get("tool_choice") is None and kwargs.get("function_call") is None:  # llama-cpp-python's rule for
         kwargs["tools"] = kwargs["functions"] = None  # this format: no tool_choice, no tools
-    req = ChatRequest.read(messages, **kwargs)
+    req = ChatRequest.read(llama, messages, **kwargs)
     stops = stop_list(END, req.stop)
     if req.choice == "none":
         tokens = prompt_tokens(llama, render(req.messages, None), add_bos=True)

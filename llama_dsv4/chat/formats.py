@@ -1,4 +1,5 @@
-"""The built-in chat formats, registered process-wide (chat/registry.py) the first time the registry is used.
+"""The process-wide chat-format registry (`LlamaChatCompletionHandlerRegistry()`, llama-cpp-python's) and the
+built-in formats registered in it when this module is first imported:
 
 - "deepseek-v4": llama-dsv4's DeepSeek V4 template (the default where a model file has no template of its own);
   reasoning, DSML tool calls and constrained output as chat/handlers.py describes.
@@ -20,9 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from .chatml_tools import chatml_function_calling
-from .formatter import ChatFormatterResponse, chat_formatter_to_chat_completion_handler
+from .formatter import ChatFormatter, ChatFormatterResponse, chat_formatter_to_chat_completion_handler
 from .handlers import TemplateChatHandler
-from .registry import LlamaChatCompletionHandlerRegistry
+from .registry import ChatFormatRegistry, LlamaChatCompletionHandler
 from .templates import default_chat_template
 from .unavailable import FUNCTIONARY, UnavailableChatHandler
 
@@ -263,6 +264,50 @@ NAMED_FORMATS = {
     "saiga": format_saiga,
     "gemma": format_gemma,
 }
+
+
+class LlamaChatCompletionHandlerRegistry(ChatFormatRegistry):
+    """The process-wide registry: `LlamaChatCompletionHandlerRegistry()` is the same object at every call, holding
+    the built-in formats of this module and what user code registers."""
+
+    _instance: LlamaChatCompletionHandlerRegistry | None = None
+
+    def __new__(cls) -> LlamaChatCompletionHandlerRegistry:
+        if cls._instance is None:
+            inst = super().__new__(cls)
+            ChatFormatRegistry.__init__(inst)
+            cls._instance = inst
+        return cls._instance
+
+    def __init__(self) -> None:  # set up once, in __new__
+        pass
+
+
+def get_chat_completion_handler(name: str) -> LlamaChatCompletionHandler:
+    """The process-wide handler registered as `name` (llama-cpp-python's function)."""
+    return LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(name)
+
+
+def register_chat_completion_handler(name: str) -> Any:
+    """Decorator: register the decorated handler process-wide as `name` (llama-cpp-python's; ValueError if taken)."""
+
+    def decorator(f: LlamaChatCompletionHandler) -> LlamaChatCompletionHandler:
+        LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(name, f)
+        return f
+
+    return decorator
+
+
+def register_chat_format(name: str) -> Any:
+    """Decorator: register the decorated chat formatter process-wide as the chat format `name` (ValueError if the
+    name is taken); returns the formatter unchanged."""
+
+    def decorator(f: ChatFormatter) -> ChatFormatter:
+        handler = chat_formatter_to_chat_completion_handler(f)
+        LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(name, handler)
+        return f
+
+    return decorator
 
 
 def _register() -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..sampling import StoppingCriteriaList, constrained
 from . import template as tmpl
-from .registry import LlamaChatCompletionHandler, LlamaChatCompletionHandlerRegistry
+from .registry import LlamaChatCompletionHandler
 from .request import ChatRequest, prompt_tokens, stop_list
 from .response import call_stream, chat_response, chat_stream, tool_calls_response
 
@@ -132,7 +132,7 @@ class FormatterChatHandler:
 
     def __call__(self, *, llama: Llama, messages: Any, **kwargs: Any) -> Any:
         """Answer a chat request (the handler protocol's keyword arguments, chat/request.py)."""
-        req = ChatRequest.read(messages, **kwargs)
+        req = ChatRequest.read(llama, messages, **kwargs)
         variables = {k: v for k, v in req.extra.items() if k not in IGNORED_PARAMS}
         result = self.formatter(messages=req.messages, **req.given_tools, **variables)
         if not isinstance(getattr(result, "prompt", None), str):
@@ -168,18 +168,6 @@ class FormatterChatHandler:
 def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> LlamaChatCompletionHandler:
     """A chat completion handler that formats with `chat_formatter` and generates on the Llama it is called with."""
     return FormatterChatHandler(chat_formatter)
-
-
-def register_chat_format(name: str) -> Any:
-    """Decorator: register the decorated chat formatter process-wide as the chat format `name` (ValueError if the
-    name is taken); returns the formatter unchanged."""
-
-    def decorator(f: ChatFormatter) -> ChatFormatter:
-        handler = chat_formatter_to_chat_completion_handler(f)
-        LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(name, handler)
-        return f
-
-    return decorator
 
 
 def _token_text(config: dict[str, Any], key: str) -> str:

@@ -68,7 +68,7 @@ class TemplateChatHandler:
         parallel_tool_calls = kwargs.pop("parallel_tool_calls", None)
         reasoning_format = kwargs.pop("reasoning_format", "deepseek")
         variables = {**(kwargs.pop("chat_template_kwargs", None) or {}), **(kwargs.pop("template_kwargs", None) or {})}
-        req = ChatRequest.read(messages, **kwargs)
+        req = ChatRequest.read(llama, messages, **kwargs)
         if req.extra:
             raise TypeError(f"unexpected keyword arguments {sorted(req.extra)}")
         if reasoning_format not in ("deepseek", "none"):

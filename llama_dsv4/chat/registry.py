@@ -4,9 +4,9 @@ A chat completion handler is a callable with llama-cpp-python's protocol (`Llama
 arguments `llama`, `messages` and the OpenAI request parameters, returning a chat completion or an iterator of
 chunks. Registries map names to handlers:
 
-- the process-wide one, `LlamaChatCompletionHandlerRegistry()` (the same object at every call, as in
-  llama-cpp-python): the built-in formats of chat/formats.py ("deepseek-v4", "chatml", "llama-2", ...), registered
-  on its first use, and whatever user code registers;
+- the process-wide one, chat/formats.py's `LlamaChatCompletionHandlerRegistry()` (the same object at every call,
+  as in llama-cpp-python): the built-in formats ("deepseek-v4", "chatml", "llama-2", ...) and whatever user code
+  registers;
 - each Llama's own, `Llama.chat_formats`: the model file's templates ("chat_template.default",
   "chat_template.<name>") and a template given by the server (`--chat-template[-file]`), over the process-wide one.
 
@@ -84,42 +84,3 @@ class ChatFormatRegistry:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
-
-
-class LlamaChatCompletionHandlerRegistry(ChatFormatRegistry):
-    """The process-wide registry: `LlamaChatCompletionHandlerRegistry()` is the same object at every call. The
-    built-in formats (chat/formats.py) are registered the first time it is used."""
-
-    _instance: LlamaChatCompletionHandlerRegistry | None = None
-    _loaded = False
-
-    def __new__(cls) -> LlamaChatCompletionHandlerRegistry:
-        if cls._instance is None:
-            inst = super().__new__(cls)
-            ChatFormatRegistry.__init__(inst)
-            cls._instance = inst
-        return cls._instance
-
-    def __init__(self) -> None:  # set up once, in __new__
-        pass
-
-    def _own(self) -> dict[str, LlamaChatCompletionHandler]:
-        if not LlamaChatCompletionHandlerRegistry._loaded:
-            LlamaChatCompletionHandlerRegistry._loaded = True
-            from . import formats  # noqa: F401  registers the built-in formats here (it imports this module)
-        return self._handlers
-
-
-def get_chat_completion_handler(name: str) -> LlamaChatCompletionHandler:
-    """The process-wide handler registered as `name` (llama-cpp-python's function)."""
-    return LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(name)
-
-
-def register_chat_completion_handler(name: str) -> Any:
-    """Decorator: register the decorated handler process-wide as `name` (llama-cpp-python's; ValueError if taken)."""
-
-    def decorator(f: LlamaChatCompletionHandler) -> LlamaChatCompletionHandler:
-        LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(name, f)
-        return f
-
-    return decorator

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -127,13 +128,11 @@ def stop_list(*stops: str | list[str] | None) -> list[str]:
 
 
 @functools.cache
-def sampling_params() -> frozenset[str]:
-    """`Llama.create_completion`'s keywords that a chat handler passes on as the request gives them (temperature,
-    top_p, ..., max_tokens, seed, logits_processor, logit_bias): all but the prompt and what a handler sets
-    itself (stream, stop, stopping_criteria, grammar, logprobs)."""
-    from ..llama import Llama  # at call time: llama.py imports the chat package when a chat is asked for
-
-    params = inspect.signature(Llama.create_completion).parameters.values()
+def sampling_params(create_completion: Callable[..., Any]) -> frozenset[str]:
+    """The keywords of `create_completion` (a Llama class's method) that a chat handler passes on as the request
+    gives them (temperature, top_p, ..., max_tokens, seed, logits_processor, logit_bias): all but the prompt and
+    what a handler sets itself (stream, stop, stopping_criteria, grammar, logprobs)."""
+    params = inspect.signature(create_completion).parameters.values()
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return frozenset(named - _SET_BY_HANDLER - {"self"})
 
@@ -162,6 +161,7 @@ class ChatRequest:
     @classmethod
     def read(
         cls,
+        llama: Llama,
         messages: Any,
         *,
         functions: Any = None,
@@ -176,11 +176,12 @@ class ChatRequest:
         top_logprobs: int | None = None,
         **kwargs: Any,
     ) -> ChatRequest:
-        """The request of a handler's keyword arguments (but `llama`); ValueError where the messages or the tool
+        """The request of a handler's keyword arguments, for `llama` (whose create_completion's keywords are the
+        sampling ones); ValueError where the messages or the tool
         choice are wrong (response_format is read when used: `output_schema`)."""
         normalized = normalize_messages(messages)
         resolved, choice = resolve_tools(tools, tool_choice, functions, function_call)
-        known = sampling_params()
+        known = sampling_params(type(llama).create_completion)
         return cls(
             messages=normalized,
             tools=resolved,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..chat.chatml_tools import chatml_function_calling
 from ..chat.formats import (
+    LlamaChatCompletionHandlerRegistry,
     format_alpaca,
     format_baichuan,
     format_baichuan2,
@@ -33,6 +34,9 @@ from ..chat.formats import (
     format_snoozy,
     format_vicuna,
     format_zephyr,
+    get_chat_completion_handler,
+    register_chat_completion_handler,
+    register_chat_format,
 )
 from ..chat.formatter import (
     ChatFormatter,
@@ -43,14 +47,10 @@ from ..chat.formatter import (
     hf_autotokenizer_to_chat_formatter,
     hf_tokenizer_config_to_chat_completion_handler,
     hf_tokenizer_config_to_chat_formatter,
-    register_chat_format,
 )
 from ..chat.registry import (
     LlamaChatCompletionHandler,
     LlamaChatCompletionHandlerNotFoundException,
-    LlamaChatCompletionHandlerRegistry,
-    get_chat_completion_handler,
-    register_chat_completion_handler,
 )
 from ..chat.unavailable import (
     ChatFormatUnavailable,

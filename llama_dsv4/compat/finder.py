@@ -1,4 +1,5 @@
-"""The import hook behind the `llama_cpp` alias: `import llama_cpp` installs the alias (compat.install) and the
+"""The `llama_cpp` alias and the import hook behind it: `install()` makes the alias modules (llama_cpp,
+llama_cpp.llama, llama_cpp.llama_chat_format, ...) out of ours; `import llama_cpp` installs it, and the
 modules that would be costly to make up front (`llama_cpp.server` and below, which import FastAPI when used) are
 found here when first imported, so `python -m llama_cpp.server` runs llama-dsv4's server.
 
@@ -42,8 +43,6 @@ class _AliasLoader:
 
     def exec_module(self, module: types.ModuleType) -> None:
         if self.target is None:  # the root: the alias itself
-            from . import install
-
             install()
             return
         sys.modules[module.__name__] = importlib.import_module(self.target)
@@ -100,3 +99,79 @@ def register() -> None:
 def unregister() -> None:
     """Remove the finder `register` added (the .pth one of an enabled environment stays)."""
     sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, MARK, None) != "install"]
+
+
+# ---------------------------------------------------------------------------------------------- the alias
+
+LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python API this alias follows
+
+
+def _module(name: str, *sources: object, **attrs: object) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    for src in sources:
+        for key in getattr(src, "__all__", None) or [k for k in vars(src) if not k.startswith("_")]:
+            setattr(mod, key, getattr(src, key))
+    for key, value in attrs.items():
+        setattr(mod, key, value)
+    return mod
+
+
+def install() -> types.ModuleType:
+    """Register llama-dsv4 as `llama_cpp` (and its submodules) in this process; returns the alias module."""
+    existing = sys.modules.get("llama_cpp")
+    if existing is not None and getattr(existing, "__llama_dsv4__", False):
+        return existing
+    from .. import cache, grammar, llama, llama_types, sampling, tokenizer
+    from . import chat_format, internals, speculative
+    from .lowlevel_api import lowlevel_module
+
+    llama_mod = _module(
+        "llama_cpp.llama",
+        llama_types,
+        sampling,
+        Llama=llama.Llama,
+        LlamaState=llama.LlamaState,
+        LlamaGrammar=grammar.LlamaGrammar,
+        BaseLlamaCache=cache.BaseLlamaCache,
+        LlamaCache=cache.LlamaCache,
+        LlamaRAMCache=cache.LlamaRAMCache,
+        LlamaDiskCache=cache.LlamaDiskCache,
+        BaseLlamaTokenizer=tokenizer.BaseLlamaTokenizer,
+        LlamaTokenizer=tokenizer.LlamaTokenizer,
+        LlamaDraftModel=speculative.LlamaDraftModel,
+    )
+    submodules = {
+        "llama_cpp.llama": llama_mod,
+        "llama_cpp.llama_types": llama_types,
+        "llama_cpp.llama_grammar": grammar,
+        "llama_cpp.llama_cache": cache,
+        "llama_cpp.llama_tokenizer": tokenizer,
+        "llama_cpp.llama_speculative": speculative,
+        "llama_cpp.llama_chat_format": chat_format,
+        "llama_cpp.llama_cpp": (low := lowlevel_module()),
+        "llama_cpp._internals": internals,
+    }
+    root = _module(
+        "llama_cpp",
+        low,
+        llama_mod,
+        __version__=LLAMA_CPP_VERSION,
+        __llama_dsv4__=True,
+        __path__=[],
+        __doc__="llama-dsv4 standing in for llama-cpp-python (llama_dsv4.compat)",
+    )
+    for name, mod in submodules.items():
+        setattr(root, name.split(".", 1)[1], mod)
+    sys.modules["llama_cpp"] = root
+    sys.modules.update(submodules)
+    register()  # llama_cpp.server and below: found when first imported (compat/finder.py)
+    return root
+
+
+def uninstall() -> None:
+    """Remove the alias (tests use this)."""
+    unregister()
+    for name in [n for n in sys.modules if n == "llama_cpp" or n.startswith("llama_cpp.")]:
+        if name == "llama_cpp" and not getattr(sys.modules[name], "__llama_dsv4__", False):
+            return
+        del sys.modules[name]
