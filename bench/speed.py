@@ -13,7 +13,11 @@ The decode ceiling is the bytes of weights a token reads (attention, shared expe
 n_expert_used of the routed experts per layer) over this machine's memory bandwidth (numpy copy of 512 MiB).
 
     python bench/speed.py --oracle-python $(tools/oracle/setup.sh) [--model tiny|medium|PATH] [--threads 2]
-        [--depths 0,1024,8192] [--rounds 3]
+        [--depths 0,1024,8192] [--rounds 3] [--baseline-python PATH]
+
+--baseline-python runs our engine a second time from another installation (say, a checkout of an earlier commit
+with its own venv) in the same alternating rounds, and adds its column and the ratio ours/baseline: how a change
+moved our figures, measured side by side rather than against a table from another day.
 
 Models: "tiny" (docs/architecture.md §15.1, q8xq5, real vocabulary) and "medium" (written once to
 ~/.cache/llama-dsv4/bench/: 8 layers of every kind, n_embd 1024, 128 experts top-6, q8xq5, 1.06 GiB), or any
@@ -178,14 +182,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--depths", default="0,1024,8192")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline-python", help="a python whose llama_dsv4 is the baseline (another checkout)")
     a = ap.parse_args()
     path = model(a.model)
     cfg = {"threads": a.threads, "depths": [int(x) for x in a.depths.split(",") if x]}
-    engines = [("ours", sys.executable)] + ([("reference", a.oracle_python)] if a.oracle_python else [])
-    res: dict[str, list[dict]] = {e: [] for e, _ in engines}
+    engines = [("ours", "ours", sys.executable)]  # (column, engine, python)
+    engines += [("reference", "reference", a.oracle_python)] if a.oracle_python else []
+    engines += [("baseline", "ours", a.baseline_python)] if a.baseline_python else []
+    res: dict[str, list[dict]] = {c: [] for c, _, _ in engines}
     for r in range(a.rounds):
-        for e, py in engines if r % 2 == 0 else engines[::-1]:
-            res[e].append(run_child(e, py, CHILD, path, cfg))
+        for c, e, py in engines if r % 2 == 0 else engines[::-1]:
+            res[c].append(run_child(e, py, CHILD, path, cfg))
     bpt, bw = bytes_per_token(path), bandwidth()
     size = os.path.getsize(path) if os.path.exists(path) else 0
     print(
@@ -194,12 +201,13 @@ def main() -> None:
     )
     keys = ["load", "pp64cold", "pp64", "pp512", "ttft"] + [f"tg128@{d}" for d in cfg["depths"]] + ["rss"]
     unit = {"load": "s", "ttft": "s", "rss": "MiB"}
-    print(f"{'metric':14s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
+    others = [c for c in ("reference", "baseline") if c in res]
+    print(f"{'metric':14s} {'ours':>10s}" + "".join(f" {c:>10s} {'ratio':>7s}" for c in others))
     for k in keys:
         o = statistics.median(x[k] for x in res["ours"])
         line = f"{k + (' ' + unit[k] if k in unit else ' tok/s'):14s} {o:10.2f}"
-        if "reference" in res:
-            ref = statistics.median(x[k] for x in res["reference"])
+        for c in others:
+            ref = statistics.median(x[k] for x in res[c])
             better = ref / o if k in ("load", "ttft", "rss") else o / ref  # > 1: ours better
             line += f" {ref:10.2f} {better:6.2f}x"
         print(line)
@@ -215,7 +223,7 @@ def main() -> None:
         f"decode ceiling: {bpt / 2**20:.1f} MiB of weights per token / {bw / 1e9:.1f} GB/s (numpy copy, 1 thread) "
         f"= {bw / bpt:.0f} tokens/s"
     )
-    print("ratio: ours relative to the reference, > 1 means ours is better (faster, or smaller for s and MiB)")
+    print("each ratio: ours relative to the column before it, > 1 means ours is better (faster, or smaller for s, MiB)")
 
 
 if __name__ == "__main__":

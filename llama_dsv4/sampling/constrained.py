@@ -151,6 +151,7 @@ def from_json_schema(schema: Any) -> str:
 
 
 def from_lark(lark: str) -> str:
+    """A grammar in llguidance's Lark syntax as llguidance's serialized grammar, checked (GrammarError if not)."""
     return check(_llg().LLMatcher.grammar_from_lark(lark))
 
 

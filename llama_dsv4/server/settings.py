@@ -43,6 +43,11 @@ _LLAMA_IF_SET = ("seed", "type_k", "moe_hot_count", "moe_hot_budget_mib", "moe_s
 
 @dataclass
 class Settings:
+    """What a llama-dsv4-server runs with: the model, the context and slots, threads, sampling defaults, the HTTP
+    side (host, port, API key, timeouts, bounds) and the chat template. `parse_args` makes one from llama-server's
+    flags; `llama_kwargs()` gives the keywords each slot's `Llama` is made with. The comment beside each field says
+    what it does and which flag sets it."""
+
     # the model
     model: str | None = None
     hf_repo: str | None = None
