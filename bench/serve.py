@@ -15,7 +15,7 @@ The engines alternate (the order flips every round), R rounds, medians; ratios a
 > 1 is better for us (faster throughput, or shorter time to first token).
 
     python bench/serve.py --llama-server "$(tools/oracle/build_server.sh | tail -n1)" [--model medium|tiny|PATH]
-        [--threads 2] [--streams 1,2,4,8] [--rounds 2] [--ctx 2048] [--max-tokens 64]
+        [--threads 2] [--streams 1,2,4,8] [--rounds 3] [--ctx 2048] [--max-tokens 64]
     python bench/serve.py --quick          # a smoke test: tiny model, 1 and 2 streams, 8 tokens, ours only
 
 On a CPU with AMX, llama-server gets `--no-repack` (tools/oracle/README.md: this llama.cpp aborts on quantized
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 and 2 streams, 8 tokens, 1 round")
     a = ap.parse_args(argv)
     quick = {"model": "tiny", "streams": "1,2", "rounds": 1, "max_tokens": 8, "prompt_words": 16}
-    full = {"model": "medium", "streams": "1,2,4,8", "rounds": 2, "max_tokens": 64, "prompt_words": 60}
+    full = {"model": "medium", "streams": "1,2,4,8", "rounds": 3, "max_tokens": 64, "prompt_words": 60}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
