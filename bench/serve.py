@@ -3,10 +3,11 @@ tools/oracle/build_server.sh) on the same GGUF: N concurrent streaming /v1/compl
 
 Each server is started for each N with N slots (`--parallel N`: one slot per stream, as llama-server is run for
 N concurrent users; llama-server also with `-cb`, its default), the same total context `-c` and `-t` threads, on
-127.0.0.1; N concurrent warm-up requests (other prompts, 8 tokens) go first, then the N measured streams are sent
-at the same instant (a barrier; connections opened before it): fixed prompts of about 64 tokens, different per
-stream, `max_tokens` tokens each, temperature 0, `ignore_eos` (llama-server honours it; ours ignores it, and random
-weights almost never choose EOS: streams that ended early are counted and printed). Per N and engine:
+127.0.0.1; N concurrent warm-up requests (other prompts of the same length, 8 tokens) go first, then the N
+measured streams are sent at the same instant (a barrier; connections opened before it): fixed prompts of about
+64 tokens, different per stream, `max_tokens` tokens each, temperature 0, `ignore_eos` (llama-server honours it;
+ours ignores it, and random weights almost never choose EOS: streams that ended early are counted and printed).
+Per N and engine:
   agg tok/s   aggregate decode throughput: the tokens after each stream's first token, summed over the streams, over
               the decode phase (from the first stream's first token to the last stream's last token)
   ttft        time to first token under load, from the send to the first chunk: median and max over the streams
@@ -241,7 +242,7 @@ def measure(engine: str, a: argparse.Namespace, path: str, n: int, logdir: str) 
     port = free_port()
     srv = Running(command(engine, a.llama_server, path, n, a.ctx, a.threads, port), port, f"{logdir}/{engine}-{n}.log")
     try:
-        fire(port, [body(prompt(1000 + i, 8), 8) for i in range(n)])
+        fire(port, [body(prompt(1000 + i, a.prompt_words), 8) for i in range(n)])  # the shapes measured
         return aggregate(fire(port, [body(prompt(i, a.prompt_words), a.max_tokens) for i in range(n)]), a.max_tokens)
     finally:
         srv.stop()
