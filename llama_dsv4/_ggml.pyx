@@ -119,9 +119,21 @@ def read_strings(buf, size_t pos, size_t n):
     return out, pos, None
 
 
-def quantize(rows, int type_id):
-    """Quantize a 2-D float32 array (rows x n_per_row) to `type_id` with ggml; returns uint8 [rows, row_bytes]."""
+# the types ggml_quantize_chunk writes (any other id aborts the process inside ggml): F32, F16, BF16, the legacy
+# 32-blocks, the K- and IQ-quants, the ternary and FP4 types
+QUANTIZE_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29, 30, 34, 35,
+                            39, 40, 41, 42})
+
+
+def quantize(rows, int type_id, imatrix=None):
+    """Quantize a 2-D float32 array (rows x n_per_row) to `type_id` with ggml; returns uint8 [rows, row_bytes].
+
+    imatrix: None, or the importance of each column (float32, n_per_row values, finite and >= 0) that ggml's
+    quantizers weigh the rounding error with, the same for every row; required by the types for which
+    ggml_quantize_requires_imatrix is true (IQ2_XXS, IQ2_XS, IQ1_S)."""
     cdef const g.ggml_type_traits * tr = _traits(type_id)
+    if type_id not in QUANTIZE_TYPES:
+        raise ValueError(f"ggml cannot quantize to {tr.type_name.decode()}")
     arr = np.ascontiguousarray(rows, dtype=np.float32)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"quantize expects a non-empty 2-D array, got shape {arr.shape}")
@@ -129,7 +141,15 @@ def quantize(rows, int type_id):
     if n_per_row % tr.blck_size != 0:
         raise ValueError(f"{tr.type_name.decode()} needs rows that are a multiple of {tr.blck_size}, "
                          f"got {n_per_row}")
-    if g.ggml_quantize_requires_imatrix(<g.ggml_type> type_id):
+    cdef const float[::1] qw
+    cdef const float * qw_ptr = NULL
+    if imatrix is not None:
+        imat = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imat.shape != (n_per_row,) or not (np.isfinite(imat).all() and (imat >= 0).all()):
+            raise ValueError(f"the importance matrix must be {n_per_row} finite values >= 0, got shape {imat.shape}")
+        qw = imat
+        qw_ptr = &qw[0]
+    elif g.ggml_quantize_requires_imatrix(<g.ggml_type> type_id):
         raise ValueError(f"{tr.type_name.decode()} needs an importance matrix")
     cdef size_t row_bytes = g.ggml_row_size(<g.ggml_type> type_id, n_per_row)
     out = np.empty((nrows, row_bytes), dtype=np.uint8)
@@ -137,7 +157,7 @@ def quantize(rows, int type_id):
     cdef uint8_t[:, ::1] dst = out
     cdef size_t written
     with nogil:
-        written = g.ggml_quantize_chunk(<g.ggml_type> type_id, &src[0, 0], &dst[0, 0], 0, nrows, n_per_row, NULL)
+        written = g.ggml_quantize_chunk(<g.ggml_type> type_id, &src[0, 0], &dst[0, 0], 0, nrows, n_per_row, qw_ptr)
     if written != nrows * row_bytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {nrows * row_bytes}")
     return out

@@ -138,6 +138,27 @@ def bad_cases(micro: str, tmp: str) -> list[tuple[str, str, str]]:
 
     add("overlapping tensors", patch(micro, P("overlap"), overlap), "overlap")
 
+    def retype(name: str, type_id: int) -> Callable[[bytearray], None]:
+        return lambda b: struct.pack_into("<I", b, field_after_ne(b, name), type_id)
+
+    # a type whose block does not divide the row (attn_q_b's rows are q_lora_rank = 32 long; Q4_K blocks are 256)
+    add(
+        "row not a whole number of blocks",
+        patch(micro, P("qblock"), retype("blk.0.attn_q_b.weight", 12)),
+        "'blk.0.attn_q_b.weight' (q4_K, shape [32, 128]): its row length 32 is not a multiple of the q4_K block",
+    )
+    # types that fit the rows but not the bytes the file gives the tensor (the next tensor's offset shows it)
+    add(
+        "stored size is not the type's",
+        patch(micro, P("f16size"), retype("output.weight", 1)),
+        "'output.weight' (f16, shape [64, 512]) needs 65536 bytes",
+    )
+    add(
+        "stored size is not the quantized type's",
+        patch(micro, P("q8size"), retype("blk.0.ffn_gate_exps.weight", 8)),
+        "'blk.0.ffn_gate_exps.weight' (q8_0, shape [64, 64, 4]) needs 17408 bytes",
+    )
+
     def dup_name(b: bytearray) -> None:
         i = bytes(b).index(b"blk.1.attn_norm.weight")
         b[i : i + 5] = b"blk.0"
@@ -355,6 +376,9 @@ def test_the_valid_file_loads(micro_path: str) -> None:
         "unknown ggml type",
         "misaligned offset",
         "overlapping tensors",
+        "row not a whole number of blocks",
+        "stored size is not the type's",
+        "stored size is not the quantized type's",
         "duplicate tensor",
         "duplicate key",
         "wrong architecture",

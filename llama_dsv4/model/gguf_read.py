@@ -7,7 +7,6 @@ unchecked size.
 
 from __future__ import annotations
 
-import itertools
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +84,34 @@ def type_sizes(type_id: int) -> tuple[str, int, int] | None:
         return None
     tr = _ggml.type_traits(type_id)
     return None if tr is None else (tr[0], tr[1], tr[2])
+
+
+def _describe(t: TensorInfo) -> str:
+    sizes = type_sizes(t.type)
+    return f"tensor {t.name!r} ({sizes[0] if sizes else t.type}, shape {list(t.ne)})"
+
+
+def _check_layout(c: _Cursor, tensors: list[TensorInfo], data_start: int, alignment: int) -> None:
+    """Each tensor's data takes exactly the bytes its type needs for its shape, padded to the alignment, one after
+    the other in the order of the tensor infos (llama.cpp's reader refuses any other layout): a stored size that
+    differs from what the type and shape need shows as the next tensor's offset."""
+    expected = 0
+    for i, t in enumerate(tensors):
+        rel = t.offset - data_start
+        if rel != expected and i == 0:
+            raise c.fail(f"{_describe(t)}, the first tensor, has its data at offset {rel}, expected 0")
+        if rel < expected:
+            raise c.fail(
+                f"{_describe(t)} has its data at offset {rel}, inside the {tensors[i - 1].nbytes} bytes that "
+                f"{_describe(tensors[i - 1])} needs: the tensors overlap"
+            )
+        if rel > expected:
+            raise c.fail(
+                f"{_describe(t)} has its data at offset {rel}, but {_describe(tensors[i - 1])} needs "
+                f"{tensors[i - 1].nbytes} bytes, ending at {expected} (padded to {alignment}): the bytes the file "
+                f"gives a tensor must be exactly what its type and shape need"
+            )
+        expected += -(-t.nbytes // alignment) * alignment
 
 
 class _Cursor:
@@ -247,7 +274,10 @@ def read_header(buf: Any, path: str) -> GGUFHeader:
             if n > _I64_MAX:
                 raise c.fail(f"tensor {name!r}: shape {list(ne)} overflows 64-bit element counts")
         if ne[0] % blck:
-            raise c.fail(f"tensor {name!r}: ne0 = {ne[0]} is not a multiple of the {tname} block size {blck}")
+            raise c.fail(
+                f"tensor {name!r} ({tname}, shape {list(ne)}): its row length {ne[0]} is not a multiple of the "
+                f"{tname} block size {blck}"
+            )
         nbytes = n // blck * tsize
         if rel % alignment:
             raise c.fail(f"tensor {name!r}: data offset {rel} is not aligned to {alignment}")
@@ -258,8 +288,5 @@ def read_header(buf: Any, path: str) -> GGUFHeader:
             )
         tensors.append(TensorInfo(name, ne, type_id, start, nbytes))
 
-    spans = sorted(tensors, key=lambda t: t.offset)
-    for a, b in itertools.pairwise(spans):
-        if a.offset + a.nbytes > b.offset:
-            raise c.fail(f"tensors {a.name!r} and {b.name!r} overlap in the file")
+    _check_layout(c, tensors, data_start, alignment)
     return GGUFHeader(path, version, kv, kv_types, tensors, alignment, data_start, c.size)

@@ -19,11 +19,12 @@ from ..chat.templates import default_chat_template
 from .gguf_format import GGMLType
 from .gguf_write import KV, TensorEntry, string, u32, write_gguf
 from .params import ARCH, DSV4Params, params_to_kv
+from .quant_mixes import FTYPES, WEIGHT_TYPES, Mix, needs_imatrix, parse, plan
 from .tensors import Role, TensorSpec, model_tensors
 from .vocab import Vocab, real_vocab, small_vocab
 
 DType = Literal["f32", "f16", "q8xq5"]
-DTYPES: tuple[str, ...] = ("f32", "f16", "q8xq5")
+DTYPES: tuple[str, ...] = ("f32", "f16", "q8xq5")  # ours; llama.cpp's file types and "pure:TYPE" besides
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8xq5": 7}  # llama.cpp's general.file_type (7: mostly Q8_0)
 
 
@@ -87,8 +88,9 @@ def random_values(spec: TensorSpec, p: DSV4Params, seed: int, init: Init) -> np.
     return normal(std)
 
 
-def encode(values: np.ndarray, ggml_type: int) -> np.ndarray:
-    """Values (numpy order) as the bytes of `ggml_type`."""
+def encode(values: np.ndarray, ggml_type: int, imatrix: bool = False) -> np.ndarray:
+    """Values (numpy order) as the bytes of `ggml_type`; imatrix: quantize with a uniform importance matrix (every
+    column equally important: what a random-weight model's unit-scale activations give on average)."""
     if ggml_type == GGMLType.I32:
         return np.ascontiguousarray(values, dtype=np.int32)
     if ggml_type == GGMLType.F32:
@@ -96,7 +98,26 @@ def encode(values: np.ndarray, ggml_type: int) -> np.ndarray:
     if ggml_type == GGMLType.F16:
         return np.ascontiguousarray(values, dtype=np.float16)
     rows = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, values.shape[-1])
-    return _ggml.quantize(rows, int(ggml_type))
+    weights = np.ones(rows.shape[1], np.float32) if imatrix else None
+    return _ggml.quantize(rows, int(ggml_type), weights)
+
+
+def _all_dtypes() -> list[str]:
+    return [*DTYPES, *FTYPES, *(f"pure:{t}" for t in WEIGHT_TYPES)]
+
+
+def mix_types(p: DSV4Params, dtype: str) -> tuple[Mix, dict[str, GGMLType]]:
+    """A llama.cpp file type's (or "pure:TYPE"'s) choice of type for each tensor of a model with parameters p, and
+    the Mix (with has_imatrix set where the types need an importance matrix, as llama.cpp's quantizer demands)."""
+    mix = parse(dtype)
+    if mix is None:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {_all_dtypes()}")
+    specs = [(s.name, s.ne) for s in model_tensors(p)]
+    types = plan(mix, specs, p.block_count, p.n_expert)
+    if needs_imatrix(mix, types):
+        mix = Mix(mix.ftype, mix.pure, has_imatrix=True)
+        types = plan(mix, specs, p.block_count, p.n_expert)
+    return mix, types
 
 
 def write_model(
@@ -119,7 +140,12 @@ def write_model(
     params:      hyperparameters (default: the tiny model of docs/architecture.md §15.1); n_vocab is taken from the
                  vocabulary.
     dtype:       "f32", "f16" (every >= 2-D tensor F16), "q8xq5" (Q8_0 attention, shared expert, router, output, Q5_K
-                 routed experts, F16 embeddings/mixers/compressors/indexer, F32 1-D tensors; I32 tid2eid always).
+                 routed experts, F16 embeddings/mixers/compressors/indexer, F32 1-D tensors; I32 tid2eid always);
+                 or one of llama.cpp's file types ("Q4_K_M", "Q2_K", "IQ2_XXS", "MXFP4_MOE", ...: the types its
+                 quantizer picks for each deepseek4 tensor, quant_mixes.py; router and 1-D tensors F32), or
+                 "pure:TYPE" (every tensor llama.cpp quantizes in ggml type TYPE, falling back as llama.cpp does
+                 where TYPE's block does not divide the row). Mixes with types that need an importance matrix
+                 are quantized with a uniform one.
     vocab:       "small" (512-token BPE cut from the real one), "real" (DeepSeek V4, 129280 tokens) or "none"
                  (tokenizer.ggml.model = no_vocab).
     n_shards:    > 1 splits the file as llama.cpp's gguf-split does (`path` minus .gguf + -0000i-of-0000N.gguf).
@@ -130,8 +156,6 @@ def write_model(
     """
     p = params or DSV4Params()
     init = init or Init()
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
     voc: Vocab | None
     if isinstance(vocab, Vocab):
         voc = vocab
@@ -141,12 +165,19 @@ def write_model(
         raise ValueError(f"unknown vocab {vocab!r}; expected 'small', 'real', 'none' or a Vocab")
     if voc is not None and voc.n_tokens != p.n_vocab:
         p = p.with_(n_vocab=voc.n_tokens)
+    mix: Mix | None = None
+    mix_of: dict[str, GGMLType] = {}
+    if dtype in DTYPES:
+        file_type, quant_version = _FILE_TYPE[dtype], dtype == "q8xq5"
+    else:
+        mix, mix_of = mix_types(p, dtype)
+        file_type, quant_version = mix.file_type, True
 
     kvs: list[KV] = [
         string("general.architecture", ARCH),
         string("general.name", name),
-        u32("general.file_type", _FILE_TYPE[dtype]),
-        *([u32("general.quantization_version", 2)] if dtype == "q8xq5" else []),
+        u32("general.file_type", file_type),
+        *([u32("general.quantization_version", 2)] if quant_version else []),
         *params_to_kv(p),
     ]
     kvs += voc.to_kv() if voc is not None else [string("tokenizer.ggml.model", "no_vocab")]
@@ -166,7 +197,7 @@ def write_model(
                 raise ValueError(f"weights: {name} has shape {np.shape(v)}, expected ne {specs[name].ne}")
     entries = []
     for s in specs.values():
-        t = tensor_type(s, dtype)
+        t = tensor_type(s, dtype) if mix is None else mix_of.get(s.name, tensor_type(s, "f32"))
         ne = s.ne
         if attn_output_a_3d and s.alt_ne is not None:
             ne = s.alt_ne
@@ -182,6 +213,6 @@ def write_model(
     def data(e: TensorEntry) -> np.ndarray:
         spec = specs[e.name]
         v = random_values(spec, p, seed, init) if weights is None else np.reshape(weights[e.name], spec.ne[::-1])
-        return encode(v, e.type)
+        return encode(v, e.type, imatrix=mix is not None and mix.has_imatrix)
 
     return write_gguf(path, kvs, entries, data, n_shards=n_shards)

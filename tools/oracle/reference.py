@@ -14,6 +14,10 @@ llama_dsv4 (both load a libggml, of different versions, and the first one loaded
       The inverse: one string per id list (bytes decoded as UTF-8, errors replaced).
   greedy     MODEL.gguf --tokens 1,2,3 [-n N] [--ubatch U] [--kv-f32] [--threads T] --out gen.json
       The prompt, then N argmax steps one token at a time: {"generated": [...], "seconds_per_token": s}.
+  quantize   MODEL.gguf OUT [--ftype N] [--pure] [--imatrix sizes.json] [--dry-run]
+      llama.cpp's quantizer (llama_model_quantize) to file type N; --imatrix gives every tensor named in the JSON
+      object {name: number of values} a uniform importance matrix (all ones). --dry-run writes no model: OUT is
+      a JSON object {tensor name: the ggml type name llama.cpp chose}, read from its log.
 
 On a CPU with AMX, set DSV4_ORACLE_NO_REPACK=1 for quantized files (tools/oracle/README.md).
 """
@@ -24,6 +28,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -202,6 +207,35 @@ def run_greedy(a: argparse.Namespace) -> None:
     L.llama_model_free(model)
 
 
+def run_quantize(a: argparse.Namespace) -> None:
+    log: list[str] = []
+    keep_log = L.llama_log_callback(lambda level, text, user_data: log.append(text.decode(errors="replace")))
+    L.llama_log_set(keep_log if a.dry_run else _QUIET, None)
+    L.llama_backend_init()
+    params = L.llama_model_quantize_default_params()
+    params.ftype = a.ftype
+    params.pure = a.pure
+    params.nthread = 1
+    params.dry_run = a.dry_run
+    keep: list[Any] = []  # the buffers the C structs point into, alive until the call returns
+    if a.imatrix:
+        with open(a.imatrix) as f:
+            sizes = json.load(f)
+        entries = (L.llama_model_imatrix_data * (len(sizes) + 1))()
+        for i, (name, n) in enumerate(sorted(sizes.items())):
+            ones = (ctypes.c_float * n)(*([1.0] * n))
+            keep += [ones, name.encode()]
+            entries[i].name, entries[i].data, entries[i].size = keep[-1], ones, n
+        keep.append(entries)
+        params.imatrix = entries
+    if L.llama_model_quantize(a.model.encode(), a.out.encode(), ctypes.byref(params)) != 0:
+        sys.exit(f"llama.cpp could not quantize {a.model}")
+    if a.dry_run:  # "[ i/ n] name - [shape], type = src, size = ... MiB[ -> ... MiB (new)]"
+        rows = re.findall(r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), size =[^\n]*?(?:\((\S+)\))?\n", "".join(log))
+        with open(a.out, "w") as f:
+            json.dump({name: new or src for name, src, new in rows}, f)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -245,6 +279,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
     p.set_defaults(run=run_greedy)
+
+    p = sub.add_parser("quantize", help="llama.cpp's quantizer")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--ftype", type=int, required=True)
+    p.add_argument("--pure", action="store_true")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--imatrix")
+    p.set_defaults(run=run_quantize)
     return ap
 
 
