@@ -106,12 +106,14 @@ class Runner:
             finally:
                 self.governor.after()
 
-    def truncate(self, seq_id: int, tokens: npt.NDArray[np.intc], n_batch: int, n_threads: int) -> None:
-        """Make the sequence hold exactly `tokens`, a prefix of what it holds (runtime.truncate)."""
+    def truncate(self, seq_id: int, tokens: npt.NDArray[np.intc], n_threads: int) -> int:
+        """Make the sequence hold exactly `tokens`, a prefix of what it holds, evaluating again only the positions
+        whose state was lost (Context.truncate, docs/batching.md "Prompt reuse"); returns how many. Call with
+        `lock` held."""
         ctx = self._ctx()
         self.governor.before(n_threads)
         try:
-            runtime.truncate(ctx, tokens, n_batch, seq_id)
+            return int(ctx.truncate(np.asarray(tokens, np.int64), seq_id))
         finally:
             self.governor.after()
 

@@ -151,7 +151,7 @@ class Sequence:
             if held == self.n_tokens:
                 return
             if held > self.n_tokens:
-                runner.truncate(self.seq_id, self.tokens, self.n_batch, self.n_threads_batch)
+                runner.truncate(self.seq_id, self.tokens, self.n_threads_batch)
                 return
         raise RuntimeError("internal: the context is behind input_ids")
 

@@ -283,7 +283,7 @@ def test_runner_eval_batch_passes_through_under_the_engine_lock(models: dict[str
         assert runner.check_state(0, blob) == 1 and runner.n_past(0) == 1
         runner.reset(1)
         assert (runner.n_past(0), runner.n_past(1)) == (1, 0)
-        runner.truncate(1, np.array([5, 6, 7], np.intc), 2, 1)
+        assert runner.truncate(1, np.array([5, 6, 7], np.intc), 1) == 3
         assert (runner.n_past(0), runner.n_past(1)) == (1, 3)
         with pytest.raises(ValueError, match="outside this context's sequences"):
             runner.check_state(2, blob)

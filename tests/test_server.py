@@ -320,7 +320,7 @@ def test_structured_output_ends_through_the_server(client: Any) -> None:
             response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
             temperature=1.0,
             seed=seed,
-            max_tokens=200,
+            max_tokens=600,  # it ends (the 4 answers: 80 to 265 tokens); where depends on the slot's numerics
         )
         assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
         answer = json.loads(r.choices[0].message.content)
@@ -1203,5 +1203,114 @@ def test_the_routes_and_which_want_the_api_key() -> None:
             assert keyless.status_code == (200 if path.endswith("/health") else 401), path
             assert client.request(other, path, headers=AUTH).status_code == 405, path
         assert client.get("/nope", headers=AUTH).status_code == 404
+    finally:
+        pool.close()
+
+
+def test_a_free_slot_is_chosen_by_the_prompt_it_shares() -> None:
+    """SlotPool.enqueue (llama-server's --slot-prompt-similarity over the request's text): among free slots the
+    one whose last prompt shares the longest prefix, more than the threshold of the prompt; else the slot free the
+    longest; a waiting request takes the slot released. Chats compare whole messages from the first one on."""
+    import asyncio
+
+    from llama_dsv4.server.slots import SlotPool, overlap
+
+    sys_a, sys_b = '{"content": "You are A", "role": "system"}', '{"content": "You are B", "role": "system"}'
+    q1, a1, q2 = '{"content": "q1", "role": "user"}', '{"content": "a1", "role": "assistant"}', '{"q2": 2}'
+    assert overlap((sys_a, q1), (sys_a, q1, a1, q2)) == (len(sys_a) + len(q1), len(sys_a + q1 + a1 + q2))
+    assert overlap((sys_a, q1), (sys_b, q1)) == (0, len(sys_b + q1))  # the same keys inside differ: nothing
+    assert overlap("abcd", "abxy") == (2, 4) and overlap([1, 2, 3], [1, 2]) == (2, 2) and overlap(None, "ab") == (0, 2)
+    assert overlap("abc", [1]) == (0, 1)
+
+    async def run() -> None:
+        pool = SlotPool([(object(), 64) for _ in range(3)])
+        try:
+
+            async def take(prompt: object) -> int:
+                slot = await pool.wait(pool.enqueue(prompt))  # type: ignore[arg-type]
+                pool.release(slot)
+                return slot.id
+
+            assert await take((sys_a, q1)) == 0  # nothing shared anywhere: the slot free the longest
+            assert await take((sys_b, q1)) == 1
+            assert await take("a text prompt") == 2
+            assert await take((sys_a, q1, a1, q2)) == 0  # the chat's next turn: where its first turn is held
+            assert await take((sys_b, q2)) == 1  # the same system prompt, another question
+            assert await take("a text prompt, longer") == 2
+            assert await take([5, 6, 7]) == 0  # no slot shares anything: the slot free the longest (0)
+            assert await take([5, 6, 8, 9]) == 0
+            assert await take([1, 6, 8, 9]) == 1
+            pool.similarity = 0.0  # off: always the slot free the longest
+            assert [await take([5, 6, 8, 9]) for _ in range(3)] == [2, 0, 1]
+            pool.similarity = 0.5  # a prefix of at most half the prompt is not enough
+            assert await take([5, 6, 8, 9]) == 2 and await take([5, 6, 1, 1]) == 0
+            busy = [await pool.wait(pool.enqueue(None)) for _ in range(3)]
+            waiting = pool.enqueue("queued")
+            assert not waiting.done() and pool.waiting == 1
+            pool.release(busy[1])  # the first slot released goes to the waiting request
+            got = await pool.wait(waiting)
+            assert got is busy[1] and got.prompt == "queued"
+        finally:
+            pool.close()
+
+    asyncio.run(run())
+
+
+def test_the_completion_routes_hand_their_prompt_to_the_slot_choice() -> None:
+    """Over HTTP (stand-in models): a chat's next turn, sent after other chats, runs on the slot its first turn ran
+    on; a text completion's too."""
+    from fastapi.testclient import TestClient
+
+    from llama_dsv4.server.app import create_app
+    from llama_dsv4.server.metrics import Metrics
+    from llama_dsv4.server.slots import SlotPool
+
+    served: list[tuple[int, str]] = []
+
+    class Stub:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def _answer(self, what: str, obj: str) -> dict[str, Any]:
+            served.append((self.i, what))
+            msg = {"message": {"role": "assistant", "content": "ok"}} if obj == "chat.completion" else {"text": "ok"}
+            return {
+                "id": "x",
+                "object": obj,
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None, **msg}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+
+        def create_chat_completion(self, messages: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+            return self._answer(messages[-1]["content"], "chat.completion")
+
+        def create_completion(self, prompt: str, **kw: Any) -> dict[str, Any]:
+            return self._answer(prompt, "text_completion")
+
+    pool = SlotPool([(Stub(i), 4096) for i in range(3)])
+    client = TestClient(create_app(Settings(api_keys=[KEY]), pool, Metrics()))
+    system = {"role": "system", "content": "You answer in French. " * 20}
+
+    def chat(*messages: dict[str, Any]) -> None:
+        r = client.post("/v1/chat/completions", json={"messages": list(messages)}, headers=AUTH)
+        assert r.status_code == 200, r.text
+
+    try:
+        chat(system, {"role": "user", "content": "first"})
+        chat({"role": "system", "content": "Other."}, {"role": "user", "content": "second"})
+        r = client.post("/v1/completions", json={"prompt": "Once upon a time"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        chat({"role": "user", "content": "third"})
+        chat(system, {"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "next turn"})  # fmt: skip
+        r = client.post("/v1/completions", json={"prompt": "Once upon a time, there"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        slot = dict((what, i) for i, what in served)
+        assert served[:4] == [(0, "first"), (1, "second"), (2, "Once upon a time"), (0, "third")]
+        assert slot["next turn"] != slot["first"]  # "third" took slot 0 (free the longest): that turn is gone ...
+        chat(system, {"role": "user", "content": "again"})  # ... but the system prompt is where "next turn" ran
+        assert served[-1] == (slot["next turn"], "again") and slot["Once upon a time, there"] == 2
     finally:
         pool.close()

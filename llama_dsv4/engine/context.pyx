@@ -61,8 +61,33 @@ cdef void plan_compressor(CompPlan * cp, int ratio, int p0, int n) noexcept nogi
     cp.l1 = p0 + n - s1
 
 
+cdef int first_kept_row(int ratio, int cut) noexcept nogil:
+    """The first position whose compressor rows a sequence holding `cut` positions keeps (s1 of §11.2): the start of
+    the block holding position cut, one block earlier for ratio 4 (its next entry reads the previous block)."""
+    cdef int B = cut // ratio * ratio
+    return B - ratio if ratio == CSA else B
+
+
+cdef void plan_rebuild(CompPlan * cp, int ratio, int p0, int n, int cut) noexcept nogil:
+    """A ubatch p0 .. p0+n-1 re-evaluated after a truncation to `cut` (p0 + n <= cut, Context.truncate): every
+    block that completes before cut has its exact entry in the cache already, so nothing is pooled; the rows are
+    only kept, from first_kept_row(cut) on. The state holds rows from min(T, p0) on (T = first_kept_row: for a kind
+    whose rows before the rebuild start survived, T; for the others the state starts empty at the rebuild start)."""
+    cdef int T = first_kept_row(ratio, cut)
+    cdef int s0 = T if T < p0 else p0
+    cdef int s1 = T if T < p0 + n else p0 + n
+    cp.ratio = ratio
+    cp.overlap = 1 if ratio == CSA else 0
+    cp.l0 = p0 - s0
+    cp.nb = 0
+    cp.b0 = (p0 + n) // ratio
+    cp.n_vis = (p0 + n) // ratio
+    cp.keep_from = s1 - s0
+    cp.l1 = p0 + n - s1
+
+
 cdef void set_input(g.ggml_tensor * t, arr) except *:
-    if t == NULL:
+    if t == NULL or t.buffer == NULL:  # absent, or no node reads it (a rebuild ubatch that keeps no rows of a kind)
         return
     cdef const uint8_t[::1] b = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
     if <size_t> b.shape[0] != g.ggml_nbytes(t):
@@ -188,6 +213,7 @@ cdef class Context:
     cdef list past               # per sequence: positions held
     cdef list slot_pos           # per sequence: the position each ring slot holds
     cdef object overlap_init
+    cdef tuple comp_ratios       # the compressed kinds the model's layers have (4, 128)
     cdef dict _capture
     cdef g.ggml_tensor ** routes
     cdef public object route_sink
@@ -320,6 +346,7 @@ cdef class Context:
                 t = g.ggml_new_tensor_2d(self.st_ctx, _CACHE_TYPES[spec.dtype], spec.ne[0], spec.ne[1])
                 _bind(&self.st[s * p.n_layer + spec.layer], _STATE_FIELDS[spec.name], t)
         self.overlap_init = [il for il in range(p.n_layer) if p.kind(il) == CSA]
+        self.comp_ratios = tuple(sorted({int(p.kind(il)) for il in range(p.n_layer)} - {0}))
         cdef g.ggml_backend_buffer_type_t buft = g.ggml_backend_dev_buffer_type(self.be.primary_dev())
         self.st_buf = g.ggml_backend_alloc_ctx_tensors_from_buft(self.st_ctx, buft)
         if self.st_buf == NULL:
@@ -381,6 +408,54 @@ cdef class Context:
                 sc = np.zeros((8, width), np.float32)
                 sc[:4] = -np.inf
                 set_input(<g.ggml_tensor *> sc_t, sc)
+
+    def truncate(self, tokens, seq_id=0) -> int:
+        """Make a sequence hold exactly `tokens`, which the caller says are the first k of the tokens it holds (the
+        context keeps no token ids), reusing what is still exact (docs/architecture.md §11.4): the compressed
+        entries of blocks complete at k, the ring's window, the compressor rows of blocks that k shares with what
+        is held. Only the positions from rebuild_start(seq_id, k) to k are evaluated again; without such a start
+        (the window before it is no longer in the ring, or it is 0, or k is beyond what is held) the sequence
+        starts over and all k are. Returns the number of positions evaluated."""
+        cdef int sid = self._seq(seq_id)
+        toks = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        cdef int k = toks.shape[0]
+        if k:
+            toks = self._tokens(sid, toks, 0)  # checked before anything changes
+        cdef int a = self.rebuild_start(sid, k), cut = k
+        if a < 0:
+            self.reset(sid)
+            a, cut = 0, -1  # a plain evaluation: it pools every block again
+        else:
+            slot_pos = self.slot_pos[sid]
+            slot_pos[slot_pos >= a] = -(1 << 40)  # those positions are written again (or not held any more)
+            self.past[sid] = a
+        if a == k:
+            return 0
+        for s in range(a, k, self.n_ubatch):
+            self._ubatch([(sid, toks[s : min(s + self.n_ubatch, k)], 0)], cut)
+        self._end_capture()
+        return k - a
+
+    def rebuild_start(self, seq_id, int k) -> int:
+        """Where truncate(k tokens) starts evaluating again, or -1 where it starts over (docs/architecture.md §11.4):
+        for each compressed kind (ratio R) whose block holding position k differs from that holding n_past, its
+        compressor rows from first_kept_row (the start of that block; for R = 4 the previous block's) are lost, and
+        the earliest such position is the start; it needs the window before it (W - 1 positions) still in the
+        ring. No kind losing rows: k itself (nothing is evaluated)."""
+        cdef int sid = self._seq(seq_id)
+        cdef int n = self.past[sid]
+        if k < 0 or k > n:
+            return -1
+        cdef int a = k, R
+        for R in self.comp_ratios:
+            if k // R != n // R:
+                a = min(a, first_kept_row(R, k))
+        if a <= 0:
+            return -1
+        held = np.arange(max(0, a - self.hp.window + 1), a, dtype=np.int64)
+        if not np.array_equal(self.slot_pos[sid][held % self.ring], held):
+            return -1
+        return a
 
     _STATE_MAGIC = b"DSV4CTX1"
 
@@ -458,9 +533,9 @@ cdef class Context:
             g.ggml_backend_sched_set_eval_callback(self.sched, NULL, NULL)
             self._capture = None
 
-    def _tokens(self, int sid, tokens):
+    def _tokens(self, int sid, tokens, int at=-1):
         """A sequence's next tokens as int32, checked: ValueError unless there is at least one, every id is in the
-        vocabulary and they fit the sequence's context."""
+        vocabulary and they fit the sequence's context after position `at` (default: what it holds)."""
         toks = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         n = toks.shape[0]
         if n == 0:
@@ -468,8 +543,10 @@ cdef class Context:
         if toks.min() < 0 or toks.max() >= self.hp.n_vocab:
             bad = toks[(toks < 0) | (toks >= self.hp.n_vocab)][0]
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.hp.n_vocab})")
-        if self.past[sid] + n > self.n_ctx:
-            raise ValueError(f"{self.past[sid]} + {n} tokens exceed the context of {self.n_ctx} tokens")
+        if at < 0:
+            at = self.past[sid]
+        if at + n > self.n_ctx:
+            raise ValueError(f"{at} + {n} tokens exceed the context of {self.n_ctx} tokens")
         return toks.astype(np.int32)
 
     def eval(self, tokens, bint all_logits=False, seq_id=0):
@@ -520,9 +597,10 @@ cdef class Context:
             row += n_out
         return out
 
-    cdef _ubatch(self, list batch):
+    cdef _ubatch(self, list batch, int cut=-1):
         """One graph compute over `batch`: (seq_id, int32 tokens, logits rows wanted: its last n_out) per sequence,
-        distinct sequences; returns the logits wanted, in order (None if none)."""
+        distinct sequences; returns the logits wanted, in order (None if none). cut >= 0: positions evaluated again
+        by truncate(cut), whose compressors only keep rows (plan_rebuild)."""
         cdef UBatch ub
         cdef SeqPlan * sp
         cdef int s, sid, n = 0, n_out = 0, p0, ns
@@ -533,8 +611,12 @@ cdef class Context:
             p0, ns = self.past[sid], toks.shape[0]
             sp.n, sp.t0, sp.p0 = ns, n, p0
             sp.st = &self.st[sid * self.hp.n_layer]
-            plan_compressor(&sp.comp[COMP_CSA], CSA, p0, ns)
-            plan_compressor(&sp.comp[COMP_HCA], HCA, p0, ns)
+            if cut >= 0:
+                plan_rebuild(&sp.comp[COMP_CSA], CSA, p0, ns, cut)
+                plan_rebuild(&sp.comp[COMP_HCA], HCA, p0, ns, cut)
+            else:
+                plan_compressor(&sp.comp[COMP_CSA], CSA, p0, ns)
+                plan_compressor(&sp.comp[COMP_HCA], HCA, p0, ns)
             n += ns
             n_out += want
         ub.n, ub.n_seq, ub.seq, ub.ring = n, len(batch), self.plans, self.ring

@@ -6,8 +6,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-
 from .. import _ggml
 from ..model.loader import ModelFile
 from ..model.params import DSV4Params
@@ -164,12 +162,3 @@ def thread_governor(ctx: Context | None, since: tuple[float, float | None] | Non
     delays = schedstat_delays(be.worker_ids) if governor_enabled() and be.pool_threads > 1 else None
     sensors = Sensors(lambda: ctx.t_compute, delays, proc_stat_idle()) if delays is not None else None
     return Governor(be.pool_threads, be.set_threads, sensors, since=since)
-
-
-def truncate(ctx: Context, tokens: Any, n_batch: int, seq_id: int = 0) -> None:
-    """Make a sequence of the context hold exactly `tokens` (a prefix of what it holds): the compressors' partial
-    blocks cannot be cut back, so the prefix is evaluated again."""
-    ctx.reset(seq_id)
-    toks = np.asarray(tokens, np.int64)
-    for i in range(0, len(toks), n_batch):
-        ctx.eval(toks[i : i + n_batch], seq_id=seq_id)

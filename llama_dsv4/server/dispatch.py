@@ -63,9 +63,11 @@ async def run_job(
     usage_chunk: dict[str, Any] | None,
     prompt_param: str,
     model: Model,
+    prompt_key: str | list[int] | tuple[str, ...] | None = None,
 ) -> Response:
     """Queue for a slot of `model` (loaded first if another model is), run `fn` there, and answer (JSON, or an
-    SSE stream). The request holds the model until its job ends (`models.leave`)."""
+    SSE stream). The request holds the model until its job ends (`models.leave`). `prompt_key` picks among free
+    slots the one whose last prompt shares the most with it (SlotPool.enqueue)."""
     settings, models = state.settings, state.models
     pool = await state.enter(model)
     if pool.busy >= len(pool.slots) and pool.waiting >= settings.max_queue:
@@ -76,7 +78,7 @@ async def run_job(
             "server_error",
             code="server_busy",
         )
-    place = pool.enqueue()  # in the queue before anything awaits: the --max-queue check sees every request
+    place = pool.enqueue(prompt_key)  # in the queue before anything awaits: the --max-queue check sees every request
     watcher = _Watcher(request)
     job: Job | None = None
     try:

@@ -108,7 +108,7 @@ class ModelSet:
             raise ModelLoadError(f"model {model.name!r} could not be loaded: {e}") from None
         for note in notes:
             log.info("note: %s", note)
-        pool = SlotPool(llamas, self.on_job_end)
+        pool = SlotPool(llamas, self.on_job_end, model.settings.slot_prompt_similarity)
         self.pool, self.active = pool, model.name
         self.switches += 1
         log.info("model %r loaded: %d slot(s) of %d tokens", model.name, len(llamas), llamas[0][1])

@@ -66,7 +66,7 @@ def serve(models: list[Model], notes: list[str] | None = None) -> int:
     for note in notes:
         log.info("note: %s", note)
     log.info("model loaded in %.1f s: %d slot(s) of %d tokens", time.perf_counter() - t0, len(llamas), llamas[0][1])
-    pool = SlotPool(llamas)
+    pool = SlotPool(llamas, similarity=settings.slot_prompt_similarity)
     app = create_app(settings, pool, Metrics(), ModelSet(models, pool))
     config = uvicorn.Config(
         app,

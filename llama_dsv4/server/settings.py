@@ -87,6 +87,7 @@ class Settings:
     max_body_mib: float = 32.0
     header_timeout: float = 10.0  # seconds to send a request's headers (from connecting or the previous answer)
     max_queue: int = 128  # requests waiting for a slot; more are answered 503
+    slot_prompt_similarity: float = 0.1  # llama-server's: a free slot is chosen by prompt prefix (slots.SlotPool)
     limit_concurrency: int = 1000  # connections open at once; requests on more are answered 503
     send_buffer_kib: int = 256  # the kernel's send buffer per connection (0: the system's, autotuned up to MiBs)
     verbose: bool = False
@@ -161,7 +162,6 @@ _NOTE_VALUE_FLAGS: dict[tuple[str, ...], str] = {
     ("--slot-save-path",): "slot saving is not supported",
     ("-C", "--cpu-mask", "-Cr", "--cpu-range", "--prio", "--poll"): "thread placement is left to ggml and the OS",
     ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"): "not needed: this engine keeps its own state per slot",
-    ("-sps", "--slot-prompt-similarity"): "slots are handed out first come, first served",
     ("--model-alias",): "use --alias",
     ("--draft", "--draft-max", "--draft-min", "-md", "--model-draft"): "speculative decoding is not supported",
     ("--lora", "--lora-scaled", "--control-vector"): "adapters are not supported",
@@ -268,6 +268,16 @@ def _build() -> _Parser:
         default=10.0,
         help="seconds a connection may take to send a request's headers, from connecting or from the previous "
         "answer; then it is closed (default 10, 0: no limit)",
+    )
+    _number(
+        a,
+        "-sps",
+        "--slot-prompt-similarity",
+        kind=float,
+        lo=0,
+        default=0.1,
+        help="a request takes the free slot whose last prompt shares the longest prefix with its own, if more than "
+        "this fraction of it; else the slot free the longest (default 0.1, 0: always the latter)",
     )
     _number(
         a,
@@ -394,6 +404,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         raise SettingsError("HTTPS needs both --ssl-key-file and --ssl-cert-file")
     s.max_body_mib = ns.max_body_mib
     s.header_timeout, s.max_queue, s.limit_concurrency = ns.header_timeout, ns.max_queue, ns.limit_concurrency
+    s.slot_prompt_similarity = ns.slot_prompt_similarity
     s.send_buffer_kib = ns.send_buffer_kib
     s.verbose = ns.verbose
     s.n_predict = ns.n_predict

@@ -2,7 +2,9 @@
 
 A slot is one `Llama` (its own context; the weights are the same memory-mapped file, so N slots share their
 pages) with one worker thread: everything that touches that Llama runs on that thread, one job at a time.
-Requests wait for a free slot in arrival order (the queue whose depth /metrics reports). A job runs a completion
+Requests wait for a free slot in arrival order (the queue whose depth /metrics reports); among free slots a
+request takes the one whose last request's prompt shares the longest prefix with its own (`SlotPool.enqueue`), so
+a chat's next turn lands where its earlier turns are held and reuses them. A job runs a completion
 on the slot's thread and hands its chunks to the event loop; it is stopped at the next token when its client goes
 away (`Job.cancel`), and the slot is free again as soon as the worker returns.
 """
@@ -23,12 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from ..cache import longest_token_prefix
 from ..chat.handlers import TemplateChatHandler, resolve_handler, template_from_file
 from ..chat.registry import LlamaChatCompletionHandlerNotFoundException
 from ..sampling import LogitsProcessorList
 from .settings import Settings
 
 log = logging.getLogger("llama_dsv4.server")
+
+SLOT_PROMPT_SIMILARITY = 0.1  # llama-server's default --slot-prompt-similarity
 
 
 class Cancelled(Exception):
@@ -78,6 +83,7 @@ class Slot:
     executor: ThreadPoolExecutor = field(repr=False)
     job: Job | None = None
     n_jobs: int = 0
+    prompt: Any = None  # the prompt key of the last request handed this slot (SlotPool.enqueue)
 
 
 @dataclass
@@ -190,17 +196,40 @@ class Job:
         return kind, value
 
 
-class SlotPool:
-    """Slots handed out first come, first served; `waiting` is the queue depth."""
+def overlap(held: Any, prompt: Any) -> tuple[int, int]:
+    """(how much of the prompt key `prompt` its longest common prefix with `held` covers, how much there is): the
+    characters of a text, the tokens of token ids, the characters of the whole messages a chat (a tuple of its
+    messages as JSON) shares from its first one on."""
+    if isinstance(prompt, tuple):
+        shared = 0
+        if isinstance(held, tuple):
+            for a, b in zip(held, prompt, strict=False):
+                if a != b:
+                    break
+                shared += len(b)
+        return shared, sum(len(m) for m in prompt)
+    return (longest_token_prefix(held, prompt) if type(held) is type(prompt) else 0), len(prompt)
 
-    def __init__(self, llamas: list[tuple[Any, int]], on_job_end: Callable[[Job], None] | None = None) -> None:
+
+class SlotPool:
+    """Slots handed out first come, first served; `waiting` is the queue depth. `similarity` is llama-server's
+    --slot-prompt-similarity (0: off; see enqueue)."""
+
+    def __init__(
+        self,
+        llamas: list[tuple[Any, int]],
+        on_job_end: Callable[[Job], None] | None = None,
+        similarity: float = SLOT_PROMPT_SIMILARITY,
+    ) -> None:
         self.slots = [
             Slot(i, llm, n_ctx, ThreadPoolExecutor(1, thread_name_prefix=f"slot{i}"))
             for i, (llm, n_ctx) in enumerate(llamas)
         ]
-        self._free: deque[Slot] = deque(self.slots)
+        self._free: deque[Slot] = deque(self.slots)  # the slot free the longest first
         self._waiters: deque[asyncio.Future[Slot]] = deque()
+        self._prompts: dict[asyncio.Future[Slot], Any] = {}  # the prompt key of each waiter
         self.on_job_end = on_job_end
+        self.similarity = similarity
         self.closed = False
 
     @property
@@ -211,17 +240,38 @@ class SlotPool:
     def busy(self) -> int:
         return len(self.slots) - len(self._free)
 
-    def enqueue(self) -> asyncio.Future[Slot]:
+    def enqueue(self, prompt: str | list[int] | tuple[str, ...] | None = None) -> asyncio.Future[Slot]:
         """Take a place in the queue now (synchronously, so the queue depth counts this request at once); the
-        future is done when a slot is handed over. Await it through `wait`."""
+        future is done when a slot is handed over. Await it through `wait`.
+
+        `prompt` is the request's prompt key (the prompt text or tokens of a completion, a tuple of the messages as
+        JSON of a chat). Where several slots are free, the request gets the one whose last request's key shares the
+        longest prefix with it (`overlap`), if that prefix is more than `similarity` of its key (llama-server's
+        rule, over the request's text instead of its tokens); else, and always for a waiting request, the slot free
+        the longest. A slot keeps the tokens of its last request, so the one chosen reuses the shared prefix."""
         if self.closed:
             raise RuntimeError("the server is shutting down")
         fut: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         if self._free and not self.waiting:
-            fut.set_result(self._free.popleft())
+            fut.set_result(self._hand(self._most_similar(prompt), prompt))
         else:
             self._waiters.append(fut)
+            self._prompts[fut] = prompt
         return fut
+
+    def _most_similar(self, prompt: Any) -> Slot:
+        best, best_n = self._free[0], 0
+        if prompt and self.similarity > 0:
+            for slot in self._free:
+                n, total = overlap(slot.prompt, prompt)
+                if n > best_n and n > self.similarity * total:
+                    best, best_n = slot, n
+        return best
+
+    def _hand(self, slot: Slot, prompt: Any) -> Slot:
+        self._free.remove(slot)
+        slot.prompt = prompt
+        return slot
 
     @staticmethod
     async def wait(fut: asyncio.Future[Slot]) -> Slot:
@@ -233,6 +283,7 @@ class SlotPool:
             self.release(fut.result())
         else:
             fut.cancel()
+            self._prompts.pop(fut, None)
             with contextlib.suppress(ValueError):
                 self._waiters.remove(fut)
 
@@ -240,7 +291,9 @@ class SlotPool:
         slot.job = None
         while self._waiters:
             w = self._waiters.popleft()
+            prompt = self._prompts.pop(w, None)
             if not w.done():
+                slot.prompt = prompt
                 w.set_result(slot)
                 return
         self._free.append(slot)

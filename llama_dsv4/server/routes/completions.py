@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +63,8 @@ async def chat(request: Request, state: State) -> Response:
         return one(req.seed) if req.n == 1 else choices.run(llm, ctl, [one], req.n, req.seed, req.stream)
 
     usage = usage_chunk(req, "chat.completion.chunk")
-    return await run_job(state, request, fn, req.stream, usage, "messages", model)
+    key = tuple(json.dumps(m, ensure_ascii=False, sort_keys=True) for m in raw["messages"])  # slots.overlap
+    return await run_job(state, request, fn, req.stream, usage, "messages", model, key)
 
 
 @router.post("/v1/completions")
@@ -103,4 +105,5 @@ async def completions(request: Request, state: State) -> Response:
         return choices.run(llm, ctl, [answer(q) for q in prompts], req.n, req.seed, req.stream)
 
     usage = usage_chunk(req, "text_completion")
-    return await run_job(state, request, fn, req.stream, usage, "prompt", model)
+    key = prompts[0] if len(prompts) == 1 else None
+    return await run_job(state, request, fn, req.stream, usage, "prompt", model, key)
