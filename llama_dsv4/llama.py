@@ -12,7 +12,6 @@ import contextlib
 import functools
 import os
 import sys
-import threading
 import warnings
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
@@ -164,7 +163,6 @@ class Llama:
         moe_hot_budget_mib: float | None = None,
         moe_stats_path: str | None = None,
         moe_release_cold: bool = False,
-        n_seq_max: int = 1,
         **kwargs: Any,
     ) -> None:
         """Load a deepseek4 GGUF and make a context (one sequence) for it.
@@ -274,10 +272,6 @@ class Llama:
                 ~/.llama/expert_<general.name>.dsv4.bin.
             moe_release_cold: With moe_hot_count, hand the pages of cold experts back to the kernel at start and
                 at each hot-set update, instead of leaving them for the kernel to evict first. Default False.
-            n_seq_max: Sequences the context holds (llama.cpp's name), 1 to 256, each with its own state of up to
-                n_ctx tokens. This Llama is sequence 0; `slot(i)` is a Llama over sequence i; their evaluations from
-                different threads are computed together, one ubatch for all (continuous batching,
-                docs/batching.md); `create_completions` runs several prompts at once. Default 1.
             **kwargs: Other keywords: ignored (a note on stderr when verbose).
 
         Raises:
@@ -298,8 +292,6 @@ class Llama:
             raise ValueError(f"n_ctx must be >= 0 (0: the model's training context), got {n_ctx}")
         if n_batch <= 0 or n_ubatch <= 0:
             raise ValueError(f"n_batch and n_ubatch must be positive, got {n_batch} and {n_ubatch}")
-        if not isinstance(n_seq_max, (int, np.integer)) or isinstance(n_seq_max, bool) or not 1 <= n_seq_max <= 256:
-            raise ValueError(f"n_seq_max must be an integer from 1 to 256, got {n_seq_max!r}")
         cpus = usable_cpus()
         threads, threads_note = fit_count("n_threads", n_threads, max(cpus // 2, 1), cpus)  # llama-cpp-python's
         threads_batch, batch_note = fit_count("n_threads_batch", n_threads_batch, cpus, cpus)
@@ -410,7 +402,6 @@ class Llama:
             type_k=type_k,
             verbose=verbose,
             device=device,
-            n_seq_max=n_seq_max,
         )
 
         runner = None
@@ -425,16 +416,11 @@ class Llama:
                 bool(flash_attn),
                 device,
                 max(threads, threads_batch),
-                host_bytes=(4 * self._n_ctx + 4 * rows * self._n_vocab) * int(n_seq_max),
-                n_seq=int(n_seq_max),
+                host_bytes=4 * self._n_ctx + 4 * rows * self._n_vocab,
             )
             runner = Runner(self._model, context, loading, moe=moe_config, use_mlock=bool(use_mlock))
         self._runner = runner
-        self.n_seq_max = int(n_seq_max)
-        self._owner: Llama | None = None  # the Llama a slot() belongs to (None: this one owns the context)
-        self._slots: dict[int, Llama] = {}
-        self._new_sequence = functools.partial(
-            TokenSequence,
+        self._seq = TokenSequence(
             runner,
             n_ctx=self._n_ctx,
             n_batch=self.n_batch,
@@ -448,7 +434,6 @@ class Llama:
             draft_model=draft_model,
             state_size=state_bytes(params, self._n_ctx, self.n_ubatch, type_k_name),
         )
-        self._seq = self._new_sequence(seq_id=0)
         self._chat_init(chat_format, chat_handler)
         if self.n_batch < 32 and not vocab_only:
             warnings.warn(
@@ -479,13 +464,6 @@ class Llama:
             seq = getattr(self, "_seq", None)
             if seq is not None:
                 seq.close()
-            if self._owner is not None:  # a slot: only its sequence goes
-                self._owner._slots.pop(self._seq.seq_id, None)
-                with contextlib.suppress(ValueError):  # (the owner may be closed already)
-                    runner.reset(self._seq.seq_id)
-                return
-            for other in list(self._slots.values()):
-                other.close()
             try:
                 if runner is not None:
                     runner.close()
@@ -495,29 +473,6 @@ class Llama:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
-
-    def slot(self, i: int) -> Llama:
-        """A Llama over sequence `i` of this Llama's context (n_seq_max sequences; this Llama is sequence 0): the
-        same model, engine, tokenizer, chat formats and settings; its own tokens, logits, seed and sampler. Calls on
-        different slots from different threads run together, their tokens in shared ubatches (docs/batching.md).
-        The same object for the same `i`; closing it frees only its sequence, closing this Llama closes every
-        slot."""
-        self._check_open()
-        if self._owner is not None:
-            return self._owner.slot(i)
-        if self._runner is None:
-            raise ValueError("this Llama was created with vocab_only=True: it has no sequences")
-        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < self.n_seq_max:
-            raise ValueError(f"slot {i!r} is outside this Llama's sequences [0, {self.n_seq_max})")
-        if i == 0:
-            return self
-        if i not in self._slots:
-            other = object.__new__(Llama)
-            other.__dict__.update(self.__dict__)
-            other._owner, other._slots = self, {}
-            other._seq = self._new_sequence(seq_id=int(i))
-            self._slots[int(i)] = other
-        return self._slots[int(i)]
 
     def __enter__(self) -> Llama:
         return self
@@ -799,47 +754,6 @@ class Llama:
             chunks.close()
 
     __call__ = create_completion
-
-    def create_completions(self, prompts: Sequence[str | list[int]], **kwargs: Any) -> list[CreateCompletionResponse]:
-        """Complete each of `prompts` (create_completion's keywords, the same for all; no streaming) and return the
-        responses in order. With n_seq_max > 1 up to n_seq_max of them run at once, one per sequence, their tokens
-        evaluated together (the batch API of continuous batching); with 1, one after another. The first error
-        raised by a completion is raised once the running ones have ended (the prompts not started yet are not
-        run)."""
-        self._check_open()
-        if kwargs.get("stream"):
-            raise ValueError("create_completions returns whole responses: stream with slot(i).create_completion")
-        items = list(prompts)
-        width = min(self.n_seq_max if self._runner is not None else 1, len(items))
-        if width <= 1:
-            return [self.create_completion(p, **kwargs) for p in items]
-        owner = self._owner or self
-        slots = [owner.slot(i) for i in range(width)]
-        results: list[Any] = [None] * len(items)
-        errors: list[BaseException] = []
-        todo = iter(range(len(items)))
-        guard = threading.Lock()
-
-        def work(llm: Llama) -> None:
-            while True:
-                with guard:
-                    i = None if errors else next(todo, None)
-                if i is None:
-                    return
-                try:
-                    results[i] = llm.create_completion(items[i], **kwargs)
-                except BaseException as e:  # raised in the caller's thread below
-                    with guard:
-                        errors.append(e)
-
-        threads = [threading.Thread(target=work, args=(llm,), name=f"llama-dsv4-seq{i}") for i, llm in enumerate(slots)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
 
     # ---------------------------------------------------------------------------------------------- chat
     def _chat_init(self, chat_format: str | None, chat_handler: Any) -> None:

@@ -2,22 +2,18 @@
 engine lock), shared by the sequences evaluated on it.
 
 Sequences (sequence.py) own tokens, logits and sampling; the runner owns the computation. An engine context
-may hold several sequences (docs/batching.md); the runner's methods take the sequence's id. With several, the
-sequences' evaluations from their own threads meet in a `batcher.Batcher`, which computes them together in shared
-ubatches (`eval_batch`); with one, `eval` computes directly, as always.
+may hold several sequences (docs/batching.md); the runner's methods take the sequence's id, and `eval_batch`
+evaluates the next tokens of several of them in one ubatch (for a scheduler: the API uses seq_id 0).
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .batcher import Batcher
 from .engine import runtime
 from .moe import ExpertResidency, MoEConfig, lock_all
 
@@ -34,14 +30,9 @@ class Runner:
         loading: tuple[float, float | None],
         moe: MoEConfig | None = None,
         use_mlock: bool = False,
-        batch_wait_s: float = 0.002,
     ) -> None:
         self.lock = threading.RLock()  # held while the engine computes or copies state; close() takes it
         self.context: Any = context
-        self.n_seq = int(getattr(context, "n_seq", 1))
-        self.batcher: Batcher | None = None
-        if self.n_seq > 1:
-            self.batcher = Batcher(self.eval_batch, int(context.n_ubatch), batch_wait_s)
         self.governor = runtime.thread_governor(self.context, loading)
         self.moe: ExpertResidency | None = None
         self.mlock: Any = None
@@ -60,37 +51,15 @@ class Runner:
         """How many positions the engine holds for the sequence."""
         return int(self._ctx().n_past_of(seq_id))
 
-    def hold(self) -> Any:
-        """What a sequence holds across its evaluation of several batches: the engine lock when the context has one
-        sequence (nothing else may compute meanwhile), nothing when it has several (each shared step takes the lock
-        itself; holding it would keep the other sequences' steps out)."""
-        return self.lock if self.batcher is None else contextlib.nullcontext()
-
     def eval(self, seq_id: int, tokens: list[int], all_logits: bool, n_threads: int) -> npt.NDArray[np.single]:
         """Append `tokens` (checked ids, at most one batch, fitting the context) to the sequence; the logits of every
-        token (`all_logits`) or of the last one. One sequence: call within `hold()`. Several: the call joins the
-        batcher's shared steps and returns when its tokens are evaluated."""
-        if self.batcher is not None:
-            self._ctx()
-            return self.batcher.eval(seq_id, tokens, all_logits, n_threads)
+        token (`all_logits`) or of the last one. Call with `lock` held."""
         ctx = self._ctx()
         self.governor.before(n_threads)
         try:
             return ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id)
         finally:
             self.governor.after()
-
-    @contextlib.contextmanager
-    def generating(self, seq_id: int) -> Iterator[None]:
-        """Around a generation on `seq_id`: the batcher's steps wait briefly for its next token."""
-        if self.batcher is None:
-            yield
-            return
-        self.batcher.activate(seq_id)
-        try:
-            yield
-        finally:
-            self.batcher.deactivate(seq_id)
 
     def eval_batch(
         self, seqs: list[tuple[int, list[int]]], all_logits: bool, n_threads: int

@@ -129,7 +129,7 @@ class Sequence:
             if self.n_tokens + len(tokens) > self.n_ctx:
                 n = self.n_tokens + len(tokens)
                 raise ValueError(f"Requested tokens ({n}) exceed context window of {self.n_ctx}")
-            with runner.hold():
+            with runner.lock:
                 self._sync()
                 for i in range(0, len(tokens), self.n_batch):
                     self._append(tokens[i : i + self.n_batch], self.logits_all)
@@ -139,24 +139,24 @@ class Sequence:
         """Evaluate one batch of checked token ids (at most n_batch, fitting n_ctx) after the first n_tokens: the
         logits of every token (`all_logits` or logits_all) or of the last one (llama_decode's path)."""
         runner = self._runner()
-        with self.lock.serial(), runner.hold():
+        with self.lock.serial(), runner.lock:
             self._sync()
             return self._append(tokens, all_logits)
 
     def _sync(self) -> None:
-        """Make the engine's sequence equal input_ids[:n_tokens] (it may be longer after a truncation)."""
+        """Make the engine's sequence equal input_ids[:n_tokens] (it may be longer after a truncation); the caller
+        holds the runner's lock."""
         runner = self._runner()
-        with runner.lock:
-            held = runner.n_past(self.seq_id)
-            if held == self.n_tokens:
-                return
-            if held > self.n_tokens:
-                runner.truncate(self.seq_id, self.tokens, self.n_threads_batch)
-                return
+        held = runner.n_past(self.seq_id)
+        if held == self.n_tokens:
+            return
+        if held > self.n_tokens:
+            runner.truncate(self.seq_id, self.tokens, self.n_threads_batch)
+            return
         raise RuntimeError("internal: the context is behind input_ids")
 
     def _append(self, batch: list[int], all_logits: bool) -> npt.NDArray[np.single]:
-        """Evaluate `batch` after n_tokens of a synced sequence; the caller holds the sequence and runner.hold()."""
+        """Evaluate `batch` after n_tokens of a synced sequence; the caller holds both locks."""
         n_past = self.n_tokens
         threads = self.n_threads_batch if len(batch) > 1 else self.n_threads
         logits = self._runner().eval(self.seq_id, batch, all_logits or self.logits_all, threads)
@@ -229,34 +229,31 @@ class Sequence:
         if reset:
             self.reset()
         sample_idx = self.n_tokens + len(tokens) - 1
-        with self._runner().generating(self.seq_id):
-            try:
-                while True:
-                    self.eval(tokens)
-                    if fork is not None:  # the prompt is evaluated now: saved for the next answer to it
-                        self._fork_here(fork, prompt)
-                        fork = None
-                    while sample_idx < self.n_tokens:
-                        token = self.sample(idx=sample_idx)
-                        sample_idx += 1
-                        if stopping_criteria is not None and stopping_criteria(
-                            self.input_ids[:sample_idx], self.logits_at(sample_idx - 1)
-                        ):
-                            return
-                        more = yield token
-                        tokens = [token, *(more or [])]
-                        if sample_idx < self.n_tokens and token != self.input_ids[sample_idx]:
-                            self.n_tokens = sample_idx
-                            self.requires_eval = True
-                            break
-                    if self.draft_model is not None:
-                        self.input_ids[self.n_tokens : self.n_tokens + len(tokens)] = tokens
-                        draft = self.draft_model(self.input_ids[: self.n_tokens + len(tokens)])
-                        tokens.extend(
-                            np.asarray(draft).astype(int)[: self.n_ctx - self.n_tokens - len(tokens)].tolist()
-                        )
-            finally:
-                self._sampler = None
+        try:
+            while True:
+                self.eval(tokens)
+                if fork is not None:  # the prompt is evaluated now: saved for the next answer to it
+                    self._fork_here(fork, prompt)
+                    fork = None
+                while sample_idx < self.n_tokens:
+                    token = self.sample(idx=sample_idx)
+                    sample_idx += 1
+                    if stopping_criteria is not None and stopping_criteria(
+                        self.input_ids[:sample_idx], self.logits_at(sample_idx - 1)
+                    ):
+                        return
+                    more = yield token
+                    tokens = [token, *(more or [])]
+                    if sample_idx < self.n_tokens and token != self.input_ids[sample_idx]:
+                        self.n_tokens = sample_idx
+                        self.requires_eval = True
+                        break
+                if self.draft_model is not None:
+                    self.input_ids[self.n_tokens : self.n_tokens + len(tokens)] = tokens
+                    draft = self.draft_model(self.input_ids[: self.n_tokens + len(tokens)])
+                    tokens.extend(np.asarray(draft).astype(int)[: self.n_ctx - self.n_tokens - len(tokens)].tolist())
+        finally:
+            self._sampler = None
 
     # ---------------------------------------------------------------------------------------------- shared prompts
     @contextlib.contextmanager

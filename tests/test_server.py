@@ -940,51 +940,50 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
 
     # llama-server's other spellings
     monkeypatch.setattr(flags_mod, "usable_cpus", lambda: 2)
-    spellings = [
-        "-m",
-        CARD[1],
-        "-c",
-        "8192",
-        "-b",
-        "512",
-        "-ub",
-        "256",
-        "-t",
-        "20",
-        "-tb",
-        "2",
-        "-ngl",
-        "99",
-        "-np",
-        "4",
-        "--api-key",
-        "a,b",
-        "-a",
-        "ds",
-        "-fa",
-        "-s",
-        "7",
-        "-ctk",
-        "f32",
-        "--moe-hot-count",
-        "2,3",
-        "--moe-hot-budget-mib",
-        "512",
-        "--metrics",
-        "-to",
-        "30",
-        "-n",
-        "64",
-        "--temp",
-        "0.2",
-        "-sm",
-        "row",
-        "--no-webui",
-        "--reasoning-format",
-        "none",
-    ]
     s = parse_args(
-        spellings,
+        [
+            "-m",
+            CARD[1],
+            "-c",
+            "8192",
+            "-b",
+            "512",
+            "-ub",
+            "256",
+            "-t",
+            "20",
+            "-tb",
+            "2",
+            "-ngl",
+            "99",
+            "-np",
+            "4",
+            "--api-key",
+            "a,b",
+            "-a",
+            "ds",
+            "-fa",
+            "-s",
+            "7",
+            "-ctk",
+            "f32",
+            "--moe-hot-count",
+            "2,3",
+            "--moe-hot-budget-mib",
+            "512",
+            "--metrics",
+            "-to",
+            "30",
+            "-n",
+            "64",
+            "--temp",
+            "0.2",
+            "-sm",
+            "row",
+            "--no-webui",
+            "--reasoning-format",
+            "none",
+        ],
         env={},
     )
     kw = s.llama_kwargs()
@@ -992,11 +991,9 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
         8192,
         512,
         256,
-        2,  # the 4 slots are computed together (continuous batching): all of the 2 CPUs (-t 20 fitted)
-        2,
+        1,  # 4 slots share 2 CPUs
+        1,
     )
-    nocb = parse_args([*spellings, "-nocb"], env={}).llama_kwargs()
-    assert (nocb["n_threads"], nocb["n_threads_batch"]) == (1, 1)  # 4 slots computing on their own share 2 CPUs
     assert (kw["seed"], kw["type_k"], kw["moe_hot_count"], kw["moe_hot_budget_mib"]) == (7, 0, [2, 3], 512.0)
     assert (s.parallel, s.api_keys, s.alias, s.timeout, s.n_predict, s.temperature) == (
         4,
@@ -1007,9 +1004,7 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
         0.2,
     )
     assert s.reasoning_format == "none" and kw["flash_attn"] is True
-    assert any("--threads=20 is more than the 2 CPUs" in n and "using 2" in n for n in s.notes), s.notes
-    nocb_notes = parse_args([*spellings, "-nocb"], env={}).notes
-    assert any("--threads=20 in each of 4 slots" in n and "using 1 per slot" in n for n in nocb_notes), nocb_notes
+    assert any("--threads=20 in each of 4 slots" in n and "using 1 per slot" in n for n in s.notes), s.notes
     assert any(n.startswith("-sm row: accepted") for n in s.notes)
     assert parse_args(["-m", CARD[1], "-ngl", "0"], env={}).llama_kwargs()["device"] == "cpu"  # no offload
     assert parse_args(["-m", CARD[1], "--no-mmap"], env={}).llama_kwargs()["use_mmap"] is False  # weights read in

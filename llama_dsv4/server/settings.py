@@ -80,7 +80,6 @@ class Settings:
     api_keys: list[str] = field(default_factory=list)
     alias: str | None = None
     parallel: int = 1
-    cont_batching: bool = True  # -cb / -nocb: the slots share one context, their tokens in shared ubatches
     timeout: float = 600.0
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
@@ -172,9 +171,8 @@ _NOTE_SWITCHES: dict[tuple[str, ...], str] = {
     ("--no-jinja",): "chat templates are always rendered with Jinja (sandboxed)",
     ("--metrics",): "/metrics is always served",
     ("--slots", "--props", "--no-slots"): "/props is always served; /slots is not",
-    ("-kvu", "--kv-unified", "--no-kv-unified"): (
-        "each slot holds up to --ctx-size / --parallel tokens (a context shared by the slots is not supported)"
-    ),
+    ("-cb", "--cont-batching", "-nocb", "--no-cont-batching"): "each slot runs one sequence; --parallel N serves N",
+    ("-kvu", "--kv-unified", "--no-kv-unified"): "each slot has its own context of --ctx-size / --parallel tokens",
     ("--no-webui", "--webui"): "this server has no web UI",
     ("--swa-full",): "the sliding-window state is exact without it",
     ("--no-warmup", "--warmup"): "there is no warm-up run",
@@ -232,22 +230,7 @@ def _build() -> _Parser:
         lo=1,
         hi=256,
         default=1,
-        help="slots: requests served at once, each with up to --ctx-size / N tokens (default 1)",
-    )
-    a(
-        "-cb",
-        "--cont-batching",
-        dest="cont_batching",
-        action="store_true",
-        default=True,
-        help="continuous batching (default): the slots' sequences share one context and each step's ubatch",
-    )
-    a(
-        "-nocb",
-        "--no-cont-batching",
-        dest="cont_batching",
-        action="store_false",
-        help="each slot its own context and its own forward passes",
+        help="slots: requests served at once, each with its own context of --ctx-size / N tokens (default 1)",
     )
     a("--api-key", help="API key(s), comma-separated, required on every endpoint but /health (or $LLAMA_API_KEY)")
     a("--api-key-file", help="file with one API key per line")
@@ -388,9 +371,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     s.reasoning_format = "none" if ns.reasoning_format == "none" else "deepseek"
 
     s.host, s.port, s.alias, s.parallel, s.timeout = ns.host, ns.port, ns.alias, ns.parallel, ns.timeout
-    s.cont_batching = ns.cont_batching
-    # the slots share the CPUs: computed together (one context), or each on its own
-    s.n_threads, s.n_threads_batch = fit_threads(ns, notes, 1 if s.cont_batching else s.parallel)
+    s.n_threads, s.n_threads_batch = fit_threads(ns, notes, s.parallel)  # the slots share the CPUs
     keys = [k.strip() for k in (ns.api_key or env.get("LLAMA_API_KEY") or "").split(",") if k.strip()]
     if ns.api_key_file:
         try:

@@ -371,9 +371,7 @@ def resolve_model(settings: Settings) -> str:
 
 
 def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
-    """The slots' Llamas: with continuous batching (the default) the model is opened once, in a context of --parallel
-    sequences, and slot i is that Llama's slot(i); with --no-cont-batching, once per slot (the weights are mapped,
-    not copied, where the device can read host memory)."""
+    """Open the model once per slot (the weights are mapped, not copied, where the device can read host memory)."""
     from ..llama import Llama
     from ..model.loader import load_model
 
@@ -386,36 +384,26 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
     n_ctx, notes = fit_context(settings, n_ctx_train)
     kwargs = settings.llama_kwargs()
     kwargs["n_ctx"] = n_ctx
-    batched = settings.cont_batching and settings.parallel > 1
-    if settings.parallel > 1 and not batched:
+    if settings.parallel > 1:
         notes.append(
             "slots share the mapped weights on CPU and Metal; with --no-mmap, or on a device that cannot read host "
             "memory, each slot holds its own copy"
         )
-    out: list[tuple[Any, int]] = []
-    owner = None
-    try:
-        if batched:  # one context of N sequences: the slots' tokens are computed together (docs/batching.md)
-            owner = Llama(model_path=path, n_seq_max=settings.parallel, **kwargs)
-            apply_chat_template(owner, settings)
-            _check_chat_format(owner)
-        for i in range(settings.parallel):
-            llm = owner.slot(i) if owner is not None else Llama(model_path=path, **kwargs)
-            out.append((llm, n_ctx))
-            if owner is None:
-                apply_chat_template(llm, settings)
-                _check_chat_format(llm)
+    out = []
+    for i in range(settings.parallel):
+        llm = Llama(model_path=path, **kwargs)
+        try:
+            apply_chat_template(llm, settings)
+            _check_chat_format(llm)
             if settings.prompt_cache is not None:
                 llm.set_cache(prompt_cache(*settings.prompt_cache))
-            log.info("slot %d: %s, n_ctx %d, chat format %s", i, os.path.basename(path), n_ctx, llm.chat_format)
-    except Exception:
-        for other, _ in out:
-            other.close()
-        if owner is not None:
-            owner.close()
-        raise
-    if batched:
-        log.info("continuous batching: the %d slots share one context", settings.parallel)
+        except Exception:
+            llm.close()
+            for other, _ in out:
+                other.close()
+            raise
+        out.append((llm, n_ctx))
+        log.info("slot %d: %s, n_ctx %d, chat format %s", i, os.path.basename(path), n_ctx, llm.chat_format)
     return out, notes
 
 
