@@ -100,7 +100,7 @@ def test_concurrent_slots_give_each_prompts_tokens_and_are_batched(path: str, al
             [lambda s=s, p=p: text(s.create_completion(p, **GREEDY)) for s, p in zip(slots, prompts(), strict=True)]
         )
         assert got == alone[:4]
-        assert steps.widest >= 3
+        assert steps.widest >= 2
         assert all(sum(n for _, n in step) <= 64 and len({s for s, _ in step}) == len(step) for step in steps.steps)
         # alone: one call per decode token and per 64-token prompt batch (plus the chunks of 125/127 over 64)
         alone_calls = sum(-(-n // 64) + N_GEN - 1 for n in LENGTHS)
@@ -257,6 +257,9 @@ def test_closing_fails_the_waiting_callers_and_slots_release_their_sequence(path
         make(path, n_seq_max=0)
     with pytest.raises(TypeError, match="n_seq_max must be an integer"):
         make(path, n_seq_max=2.0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="batch_wait_ms must be >= 0"):
+            make(path, n_seq_max=2, batch_wait_ms=bad)
 
 
 def test_kv_unified_shares_the_context(path: str) -> None:
