@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import queue
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -117,6 +120,33 @@ def prompt_tokens_of(llama: Llama, prompt: str | list[int], suffix: str | None =
 def create_completion(llama: Llama, prompt: str | list[int], **kw: Any) -> Iterator[Any]:
     """Yield the response (stream=False: one item) or its chunks (stream=True), holding the Llama exclusively."""
     return llama.sequence.lock.relay(_create_completion(llama, prompt, **kw))
+
+
+def on_sequences(llamas: list[Llama], prompts: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+    """`create_completion(prompt, **kwargs)` for every prompt, each on the first free Llama of `llamas` (slots of one
+    context: their completions are evaluated together), one thread per Llama; the responses in the order of
+    `prompts`. After a failure no more prompts start; the first failure in prompt order is raised once the running
+    completions have ended."""
+    free: queue.SimpleQueue[Llama] = queue.SimpleQueue()
+    for llm in llamas:
+        free.put(llm)
+    failed = threading.Event()
+
+    def one(prompt: Any) -> Any:
+        if failed.is_set():
+            return None
+        llm = free.get()
+        try:
+            return llm.create_completion(prompt, **kwargs)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            free.put(llm)
+
+    with ThreadPoolExecutor(len(llamas), thread_name_prefix="completions") as pool:
+        futures = [pool.submit(one, p) for p in prompts]
+    return [f.result() for f in futures]
 
 
 def _create_completion(

@@ -126,6 +126,9 @@ class Llama:
         n_ctx: int = 512,
         n_batch: int = 512,
         n_ubatch: int = 512,
+        n_seq_max: int = 1,
+        kv_unified: bool = False,
+        batch_wait_ms: float = 2.0,
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
         rope_scaling_type: int | None = -1,
@@ -165,7 +168,7 @@ class Llama:
         moe_release_cold: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Load a deepseek4 GGUF and make a context (one sequence) for it.
+        """Load a deepseek4 GGUF and make a context (n_seq_max sequences, one by default) for it.
 
         The keywords are llama-cpp-python's, plus `device` and the `moe_*` ones of this engine. Keywords of
         llama-cpp-python's constructor that this engine does not use are accepted, as llama-cpp-python accepts
@@ -197,6 +200,18 @@ class Llama:
             n_batch: Largest number of tokens eval() hands to the engine at once (at most n_ctx); under 32 is a
                 RuntimeWarning (slow). Default 512.
             n_ubatch: Largest number of tokens computed in one graph (at most n_batch). Default 512.
+            n_seq_max: Sequences in the context (llama.cpp's name), 1 to 256: this Llama is sequence 0 and
+                `slot(i)` a Llama over sequence i. Completions running at once on different sequences are
+                evaluated together, one graph per step for all of them (continuous batching, docs/batching.md);
+                see create_completions(). Each sequence holds up to n_ctx positions, and the memory check counts
+                n_seq_max contexts. Default 1.
+            kv_unified: With n_seq_max > 1, the sequences share n_ctx: each may hold up to n_ctx positions, and
+                those of the sequences a completion runs on stay within n_ctx together (an evaluation that would
+                exceed it is a ValueError, "Context size has been exceeded"). Each sequence's state is still
+                allocated for n_ctx. Default False.
+            batch_wait_ms: With n_seq_max > 1, how long a step waits for the next token of every sequence a
+                completion runs on, so that they are evaluated together (a single running sequence never waits).
+                Default 2.0.
             n_threads: Threads for generation (one token at a time). None, 0 or -1: half the usable CPUs, as
                 llama-cpp-python; more than the CPUs this process may use is lowered to them with a
                 RuntimeWarning. While other processes keep the CPUs busy, fewer are used for a while (the thread
@@ -276,22 +291,28 @@ class Llama:
 
         Raises:
             ValueError: The path does not exist, the file is not a usable deepseek4 GGUF, a value is out of range
-                (n_ctx < 0, n_batch or n_ubatch <= 0, type_k, moe_hot_count, moe_hot_budget_mib), moe_hot_count
-                with use_mmap=False, an unknown device, or a context that does not fit in memory.
-            TypeError: n_ctx, n_batch or n_ubatch is not an integer.
+                (n_ctx < 0, n_batch or n_ubatch <= 0, n_seq_max outside 1 .. 256, batch_wait_ms < 0, type_k,
+                moe_hot_count, moe_hot_budget_mib), moe_hot_count with use_mmap=False, an unknown device, or a
+                context that does not fit in memory.
+            TypeError: n_ctx, n_batch, n_ubatch or n_seq_max is not an integer.
         """
         self.verbose = verbose
         self.model_path = os.fspath(model_path) if model_path is not None else model_path
         self._closed = True
         if self.model_path is None or not os.path.exists(self.model_path):
             raise ValueError(f"Model path does not exist: {model_path}")
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch), ("n_seq_max", n_seq_max)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
         if n_ctx < 0:
             raise ValueError(f"n_ctx must be >= 0 (0: the model's training context), got {n_ctx}")
         if n_batch <= 0 or n_ubatch <= 0:
             raise ValueError(f"n_batch and n_ubatch must be positive, got {n_batch} and {n_ubatch}")
+        if not 1 <= n_seq_max <= 256:
+            raise ValueError(f"n_seq_max must be between 1 and 256, got {n_seq_max}")
+        if not batch_wait_ms >= 0:  # (NaN too)
+            raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        self.n_seq_max = int(n_seq_max)
         cpus = usable_cpus()
         threads, threads_note = fit_count("n_threads", n_threads, max(cpus // 2, 1), cpus)  # llama-cpp-python's
         threads_batch, batch_note = fit_count("n_threads_batch", n_threads_batch, cpus, cpus)
@@ -372,6 +393,8 @@ class Llama:
             n_ctx=self._n_ctx,
             n_batch=self.n_batch,
             n_ubatch=self.n_ubatch,
+            n_seq_max=self.n_seq_max,
+            kv_unified=bool(kv_unified),
             n_threads=threads,
             n_threads_batch=threads_batch,
             flash_attn=flash_attn,
@@ -390,6 +413,9 @@ class Llama:
             n_ctx=n_ctx,
             n_batch=n_batch,
             n_ubatch=n_ubatch,
+            n_seq_max=n_seq_max,
+            kv_unified=kv_unified,
+            batch_wait_ms=batch_wait_ms,
             n_threads=n_threads,
             n_threads_batch=n_threads_batch,
             rope_freq_base=rope_freq_base,
@@ -406,7 +432,7 @@ class Llama:
 
         runner = None
         if not vocab_only:
-            rows = self._n_ctx if self._logits_all else self.n_batch  # the sequence's input_ids and scores
+            rows = self._n_ctx if self._logits_all else self.n_batch  # each sequence's input_ids and scores
             context = runtime.create_context(
                 self._model,
                 params,
@@ -416,23 +442,37 @@ class Llama:
                 bool(flash_attn),
                 device,
                 max(threads, threads_batch),
-                host_bytes=4 * self._n_ctx + 4 * rows * self._n_vocab,
+                host_bytes=self.n_seq_max * (4 * self._n_ctx + 4 * rows * self._n_vocab),
+                n_seq=self.n_seq_max,
             )
-            runner = Runner(self._model, context, loading, moe=moe_config, use_mlock=bool(use_mlock))
+            runner = Runner(
+                self._model,
+                context,
+                loading,
+                moe=moe_config,
+                use_mlock=bool(use_mlock),
+                batch_wait_ms=float(batch_wait_ms),
+                positions_limit=self._n_ctx if kv_unified and self.n_seq_max > 1 else None,
+            )
         self._runner = runner
-        self._seq = TokenSequence(
+        self._owner: Llama | None = None  # a slot's: the Llama that owns the context
+        self._slots: dict[int, Llama] = {}  # the owner's: its open slots
+        self._new_sequence = functools.partial(
+            TokenSequence,
             runner,
             n_ctx=self._n_ctx,
             n_batch=self.n_batch,
             n_vocab=self._n_vocab,
             logits_all=self._logits_all,
+            grammar_state=functools.partial(grammar_state, self._dsv4_tokenizer),  # (no reference to self)
+            state_size=state_bytes(params, self._n_ctx, self.n_ubatch, type_k_name),
+        )
+        self._seq = self._new_sequence(
             n_threads=threads,
             n_threads_batch=threads_batch,
             last_n_tokens_size=last_n_tokens_size,
             seed=seed or LLAMA_DEFAULT_SEED,
-            grammar_state=functools.partial(grammar_state, self._dsv4_tokenizer),  # (no reference to self)
             draft_model=draft_model,
-            state_size=state_bytes(params, self._n_ctx, self.n_ubatch, type_k_name),
         )
         self._chat_init(chat_format, chat_handler)
         if self.n_batch < 32 and not vocab_only:
@@ -453,7 +493,8 @@ class Llama:
     def close(self) -> None:
         """Release the context, the token buffers and the logits, and unmap the model file (even if saving the MoE
         statistics fails: that is a warning). A computation running in another thread finishes first; a stream left
-        open fails with "closed" when it resumes."""
+        open fails with "closed" when it resumes. This closes the slots too; a slot's close() releases only its
+        sequence (its tokens and buffers; the engine forgets it)."""
         if getattr(self, "_closed", True):
             return
         runner = getattr(self, "_runner", None)
@@ -464,6 +505,14 @@ class Llama:
             seq = getattr(self, "_seq", None)
             if seq is not None:
                 seq.close()
+            owner = getattr(self, "_owner", None)
+            if owner is not None:  # a slot: the owner keeps the context
+                owner._slots.pop(seq.seq_id, None)
+                if runner is not None and runner.context is not None:
+                    runner.reset(seq.seq_id)
+                return
+            for slot in list(self._slots.values()):
+                slot.close()
             try:
                 if runner is not None:
                     runner.close()
@@ -489,6 +538,57 @@ class Llama:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("this Llama has been closed")
+
+    # ---------------------------------------------------------------------------------------------- sequences
+    def slot(self, i: int) -> Llama:
+        """A Llama over sequence `i` of this Llama's context (0 .. n_seq_max - 1; 0 is this Llama itself): the same
+        model, engine, tokenizer, chat formats and settings, its own tokens, seed, sampler and lock (no prompt
+        cache: set_cache per slot). Completions on different slots run at once in different threads and are
+        evaluated together (continuous batching). The same slot is returned until it is closed; its close()
+        releases only its sequence, this Llama's closes every slot. ValueError for a sequence the context does not
+        hold, or once closed."""
+        if self._owner is not None:
+            return self._owner.slot(i)
+        self._check_open()
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.n_seq_max:
+            raise ValueError(f"slot {i!r} is not a sequence of this Llama (0 .. {self.n_seq_max - 1}, n_seq_max)")
+        if i == 0:
+            return self
+        if self._runner is None:
+            raise ValueError("this Llama was created with vocab_only=True: it has no sequences")
+        i = int(i)
+        with self._runner.lock:
+            if i not in self._slots:
+                facade = object.__new__(Llama)
+                facade.__dict__.update(self.__dict__)
+                first = self._seq
+                facade._seq = self._new_sequence(
+                    n_threads=first.n_threads,
+                    n_threads_batch=first.n_threads_batch,
+                    last_n_tokens_size=first.last_n_tokens_size,
+                    seed=self.context_params.seed,
+                    draft_model=first.draft_model,
+                    seq_id=i,
+                )
+                facade._owner, facade._slots, facade.cache = self, {}, None
+                self._slots[i] = facade
+            return self._slots[i]
+
+    def create_completions(self, prompts: Sequence[str | list[int]], **kwargs: Any) -> list[CreateCompletionResponse]:
+        """One completion per prompt (create_completion's keywords, the same for all; no stream), returned in the
+        order of `prompts`. With n_seq_max > 1 they run at once on this Llama's sequences (at most n_seq_max at a
+        time, the others waiting for a free one) and are evaluated together, one graph per step for all of them;
+        with n_seq_max = 1 one after another. The first failure (in the order of `prompts`) is raised once the
+        completions running have finished; the ones not started yet are not run."""
+        if kwargs.get("stream"):
+            raise ValueError("create_completions returns whole responses: stream=True is not supported")
+        self._check_open()
+        prompts = list(prompts)
+        if self.n_seq_max == 1 or len(prompts) <= 1:
+            return [self.create_completion(p, **kwargs) for p in prompts]  # type: ignore[misc]
+        return _completion.on_sequences(
+            [self.slot(i) for i in range(min(self.n_seq_max, len(prompts)))], prompts, kwargs
+        )
 
     # ---------------------------------------------------------------------------------------------- properties
     @property

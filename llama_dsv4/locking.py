@@ -11,6 +11,9 @@ One completion, generation or state call runs on a sequence at a time. Three way
   paused; when it is resumed (perhaps by another thread, as a server's worker pool does) the resuming thread
   becomes the holder.
 
+`on_exclusive(held)` is told when an exclusive hold starts (True) and ends (False): the engine's batcher waits
+briefly for the calls of sequences that a completion is running on (runner.Runner.set_active).
+
 The engine's own lock (runner.Runner.lock) is separate: it is held only while the engine computes or copies
 state, so that closing a Llama waits for a computation without waiting for a paused stream.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -28,8 +31,9 @@ _T = TypeVar("_T")
 class SequenceLock:
     """The lock protocol of one sequence (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_exclusive: Callable[[bool], None] | None = None) -> None:
         self._lock = threading.Lock()
+        self._on_exclusive = on_exclusive
         self.owner: int | None = None  # the thread holding the sequence
         self.stream_paused = False  # a stream of the owner waits for its caller
         self.closed = False  # set when the sequence is closed: calls say "closed" rather than "stream open"
@@ -43,7 +47,14 @@ class SequenceLock:
                 "another completion on this Llama is still running in this thread (finish or close its stream first)"
             )
         with self._hold(me):
-            yield
+            if self._on_exclusive is None:
+                yield
+                return
+            self._on_exclusive(True)
+            try:
+                yield
+            finally:
+                self._on_exclusive(False)
 
     @contextlib.contextmanager
     def serial(self, changes_sequence: bool = True) -> Iterator[None]:

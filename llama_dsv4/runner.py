@@ -3,7 +3,9 @@ engine lock), shared by the sequences evaluated on it.
 
 Sequences (sequence.py) own tokens, logits and sampling; the runner owns the computation. An engine context
 may hold several sequences (docs/batching.md); the runner's methods take the sequence's id, and `eval_batch`
-evaluates the next tokens of several of them in one ubatch (for a scheduler: the API uses seq_id 0).
+evaluates the next tokens of several of them in one ubatch. With several sequences, `eval` calls of different
+threads meet in the runner's Batcher (batcher.py), which merges them into such ubatches; with one, `eval` is the
+engine's single-sequence evaluation under the engine lock.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .batcher import Batcher
 from .engine import runtime
 from .moe import ExpertResidency, MoEConfig, lock_all
 
@@ -21,7 +24,9 @@ from .moe import ExpertResidency, MoEConfig, lock_all
 class Runner:
     """An engine context (`runtime.create_context`) over its loaded model, with its thread governor (which starts
     from the CPUs free since `loading`) and, optionally, expert residency (`moe`) or the whole model locked in RAM
-    (`use_mlock`)."""
+    (`use_mlock`). A context of several sequences gets a Batcher (`batcher`; None with one sequence): `batch_wait_ms`
+    is how long a step waits for the active sequences' calls, `positions_limit` the positions all active sequences
+    may hold together (kv_unified; None: each its own n_ctx)."""
 
     def __init__(
         self,
@@ -30,6 +35,8 @@ class Runner:
         loading: tuple[float, float | None],
         moe: MoEConfig | None = None,
         use_mlock: bool = False,
+        batch_wait_ms: float = 2.0,
+        positions_limit: int | None = None,
     ) -> None:
         self.lock = threading.RLock()  # held while the engine computes or copies state; close() takes it
         self.context: Any = context
@@ -41,6 +48,9 @@ class Runner:
             self.context.route_sink = self.moe.on_routes
         elif use_mlock:
             self.mlock = lock_all(self.context.weight_range, list(model.tensors))
+        self.batcher: Batcher | None = None
+        if int(context.n_seq) > 1:
+            self.batcher = Batcher(self._step, int(context.n_ubatch), batch_wait_ms / 1000.0, positions_limit)
 
     def _ctx(self) -> Any:
         if self.context is None:
@@ -53,13 +63,29 @@ class Runner:
 
     def eval(self, seq_id: int, tokens: list[int], all_logits: bool, n_threads: int) -> npt.NDArray[np.single]:
         """Append `tokens` (checked ids, at most one batch, fitting the context) to the sequence; the logits of every
-        token (`all_logits`) or of the last one. Call with `lock` held."""
-        ctx = self._ctx()
-        self.governor.before(n_threads)
-        try:
-            return ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id)
-        finally:
-            self.governor.after()
+        token (`all_logits`) or of the last one. One sequence: evaluated at once, under `lock`; several: in the
+        batcher's steps, together with the other sequences' calls (call it without holding `lock`)."""
+        if self.batcher is not None:
+            return self.batcher.eval(seq_id, tokens, all_logits, n_threads)
+        with self.lock:
+            ctx = self._ctx()
+            self.governor.before(n_threads)
+            try:
+                return ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id)
+            finally:
+                self.governor.after()
+
+    def set_active(self, seq_id: int, active: bool) -> None:
+        """A completion or generation starts or ends on the sequence (its SequenceLock held exclusively): the
+        batcher's steps wait briefly for the active sequences' calls (locking.SequenceLock's `on_exclusive`)."""
+        if self.batcher is not None:
+            self.batcher.set_active(seq_id, active)
+
+    def claim(self, seq_id: int, n_positions: int) -> None:
+        """The sequence is about to hold `n_positions`: ValueError when that exceeds what the shared context leaves
+        it (`positions_limit`); nothing to check otherwise."""
+        if self.batcher is not None:
+            self.batcher.claim(seq_id, n_positions)
 
     def eval_batch(
         self, seqs: list[tuple[int, list[int]]], all_logits: bool, n_threads: int
@@ -74,6 +100,12 @@ class Runner:
                 return list(ctx.eval_batch([(s, np.asarray(t, np.int64)) for s, t in seqs], all_logits=all_logits))
             finally:
                 self.governor.after()
+
+    def _step(
+        self, seqs: list[tuple[int, list[int]]], all_logits: bool, n_threads: int
+    ) -> list[npt.NDArray[np.single]]:
+        """The batcher's step: eval_batch, looked up at each step (a test may wrap it to watch the steps)."""
+        return self.eval_batch(seqs, all_logits, n_threads)
 
     def truncate(self, seq_id: int, tokens: npt.NDArray[np.intc], n_threads: int) -> int:
         """Make the sequence hold exactly `tokens`, a prefix of what it holds, evaluating again only the positions
@@ -119,6 +151,8 @@ class Runner:
         with self.lock:
             moe, mlock = self.moe, self.mlock
             self.moe = self.mlock = None
+            if self.batcher is not None:
+                self.batcher.close("this Llama has been closed")
             try:
                 if moe is not None:
                     moe.close()

@@ -15,6 +15,7 @@ what was evaluated) is not evaluated again.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Generator, Iterator
 from collections.abc import Sequence as Tokens
 from typing import Any
@@ -75,7 +76,7 @@ class Sequence:
         self.last_n_tokens_size = last_n_tokens_size
         self.seed = seed
         self.draft_model = draft_model
-        self.lock = SequenceLock()
+        self.lock = SequenceLock(functools.partial(runner.set_active, seq_id) if runner is not None else None)
         self._grammar_state = grammar_state
         self._state_size = state_size  # bytes of one saved engine state (shared_prompt's budget)
         self.n_tokens = 0
@@ -131,21 +132,22 @@ class Sequence:
                 raise ValueError(f"Requested tokens ({n}) exceed context window of {self.n_ctx}")
             with runner.lock:
                 self._sync()
-                for i in range(0, len(tokens), self.n_batch):
-                    self._append(tokens[i : i + self.n_batch], self.logits_all)
-                self.requires_eval = False
+            for i in range(0, len(tokens), self.n_batch):
+                self._append(tokens[i : i + self.n_batch], self.logits_all)
+            self.requires_eval = False
 
     def decode(self, tokens: list[int], all_logits: bool) -> npt.NDArray[np.single]:
         """Evaluate one batch of checked token ids (at most n_batch, fitting n_ctx) after the first n_tokens: the
         logits of every token (`all_logits` or logits_all) or of the last one (llama_decode's path)."""
         runner = self._runner()
-        with self.lock.serial(), runner.lock:
-            self._sync()
+        with self.lock.serial():
+            with runner.lock:
+                self._sync()
             return self._append(tokens, all_logits)
 
     def _sync(self) -> None:
-        """Make the engine's sequence equal input_ids[:n_tokens] (it may be longer after a truncation); the caller
-        holds the runner's lock."""
+        """Make the engine's sequence equal input_ids[:n_tokens] (it may be longer after a truncation, or after an
+        evaluation that failed part-way); the caller holds the runner's lock."""
         runner = self._runner()
         held = runner.n_past(self.seq_id)
         if held == self.n_tokens:
@@ -156,13 +158,17 @@ class Sequence:
         raise RuntimeError("internal: the context is behind input_ids")
 
     def _append(self, batch: list[int], all_logits: bool) -> npt.NDArray[np.single]:
-        """Evaluate `batch` after n_tokens of a synced sequence; the caller holds both locks."""
+        """Evaluate `batch` after n_tokens of a synced sequence; the caller holds the sequence, not the runner's
+        lock (Runner.eval takes it, or meets the other sequences' calls in its batcher)."""
         n_past = self.n_tokens
         threads = self.n_threads_batch if len(batch) > 1 else self.n_threads
-        logits = self._runner().eval(self.seq_id, batch, all_logits or self.logits_all, threads)
-        self.input_ids[n_past : n_past + len(batch)] = batch
+        runner = self._runner()
+        runner.claim(self.seq_id, n_past + len(batch))
+        ids, scores = self.input_ids, self.scores  # (a close() meanwhile replaces them)
+        logits = runner.eval(self.seq_id, batch, all_logits or self.logits_all, threads)
+        ids[n_past : n_past + len(batch)] = batch
         if self.logits_all:
-            self.scores[n_past : n_past + len(batch), :] = logits
+            scores[n_past : n_past + len(batch), :] = logits
         self.last_logits = logits[-1]
         self.n_tokens += len(batch)
         return logits

@@ -958,6 +958,7 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
             "99",
             "-np",
             "4",
+            "-nocb",  # (a context per slot: the slots' computations share the CPUs)
             "--api-key",
             "a,b",
             "-a",

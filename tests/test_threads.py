@@ -358,9 +358,11 @@ def test_server_slots_share_the_cpus(micro_path: str, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(flags, "usable_cpus", lambda: 8)
     monkeypatch.setattr(flags, "physical_cores", lambda: 8)
-    s = parse_args(["-m", micro_path, "-np", "4"], env={})
+    s = parse_args(["-m", micro_path, "-np", "4"], env={})  # continuous batching: one context computes for all
+    assert (s.n_threads, s.n_threads_batch) == (8, 8) and not any("--threads" in n for n in s.notes)
+    s = parse_args(["-m", micro_path, "-np", "4", "-nocb"], env={})  # a context per slot: they share the CPUs
     assert (s.n_threads, s.n_threads_batch) == (2, 2) and not any("--threads" in n for n in s.notes)
-    s = parse_args(["-m", micro_path, "-np", "2", "-t", "6", "-tb", "3"], env={})
+    s = parse_args(["-m", micro_path, "-np", "2", "-nocb", "-t", "6", "-tb", "3"], env={})
     assert (s.n_threads, s.n_threads_batch) == (4, 3)
     assert any("--threads=6 in each of 2 slots" in n and "using 4 per slot" in n for n in s.notes), s.notes
     s = parse_args(["-m", micro_path, "-t", "1000000"], env={})
@@ -370,7 +372,7 @@ def test_server_slots_share_the_cpus(micro_path: str, monkeypatch: pytest.Monkey
     # the real thing: four slots never start more compute threads than this process has CPUs
     usable = cpus.usable_cpus()
     before = tasks()
-    s = parse_args(["-m", micro_path, "-np", "4", "-c", "256", "-t", "64", "-tb", "64"], env={})
+    s = parse_args(["-m", micro_path, "-np", "4", "-nocb", "-c", "256", "-t", "64", "-tb", "64"], env={})
     slots, _ = load_slots(s)
     try:
         pools = [llm._ctx.backends.pool_threads for llm, _ in slots]
@@ -379,6 +381,16 @@ def test_server_slots_share_the_cpus(micro_path: str, monkeypatch: pytest.Monkey
         assert len(tasks() - before) <= usable  # ggml's threads (each slot's own thread is the pool's first)
     finally:
         for llm, _ in slots:
+            llm.close()
+    # with continuous batching the four slots are the sequences of one context, which has the CPUs' threads
+    s = parse_args(["-m", micro_path, "-np", "4", "-c", "256", "-t", "64", "-tb", "64"], env={})
+    slots, _ = load_slots(s)
+    try:
+        assert len({id(llm._ctx) for llm, _ in slots}) == 1 and slots[0][0].n_seq_max == 4
+        assert slots[0][0]._ctx.backends.pool_threads == usable
+        assert len(tasks() - before) <= usable
+    finally:
+        for llm, _ in reversed(slots):
             llm.close()
 
 

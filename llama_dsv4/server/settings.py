@@ -80,6 +80,8 @@ class Settings:
     api_keys: list[str] = field(default_factory=list)
     alias: str | None = None
     parallel: int = 1
+    cont_batching: bool = True  # --parallel N: one context of N sequences evaluated together (else N contexts)
+    kv_unified: bool = False  # with cont_batching: each slot may use all of --ctx-size, the slots together too
     timeout: float = 600.0
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
@@ -171,8 +173,6 @@ _NOTE_SWITCHES: dict[tuple[str, ...], str] = {
     ("--no-jinja",): "chat templates are always rendered with Jinja (sandboxed)",
     ("--metrics",): "/metrics is always served",
     ("--slots", "--props", "--no-slots"): "/props is always served; /slots is not",
-    ("-cb", "--cont-batching", "-nocb", "--no-cont-batching"): "each slot runs one sequence; --parallel N serves N",
-    ("-kvu", "--kv-unified", "--no-kv-unified"): "each slot has its own context of --ctx-size / --parallel tokens",
     ("--no-webui", "--webui"): "this server has no web UI",
     ("--swa-full",): "the sliding-window state is exact without it",
     ("--no-warmup", "--warmup"): "there is no warm-up run",
@@ -230,8 +230,37 @@ def _build() -> _Parser:
         lo=1,
         hi=256,
         default=1,
-        help="slots: requests served at once, each with its own context of --ctx-size / N tokens (default 1)",
+        help="slots: requests served at once, each holding --ctx-size / N tokens (all of --ctx-size with "
+        "--kv-unified); with continuous batching (the default) they are sequences of one context, evaluated "
+        "together (default 1)",
     )
+    a(
+        "-cb",
+        "--cont-batching",
+        dest="cont_batching",
+        action="store_true",
+        default=True,
+        help="continuous batching (the default): the --parallel slots are sequences of one context whose tokens "
+        "are evaluated together",
+    )
+    a(
+        "-nocb",
+        "--no-cont-batching",
+        dest="cont_batching",
+        action="store_false",
+        help="each slot its own context (the model's weights shared, not its computation)",
+    )
+    a(
+        "-kvu",
+        "--kv-unified",
+        dest="kv_unified",
+        action="store_true",
+        default=False,
+        help="with continuous batching: each slot may hold all of --ctx-size tokens, the running requests together "
+        "at most --ctx-size (a request that would exceed it is answered 400); each slot's state is allocated for "
+        "all of --ctx-size",
+    )
+    a("--no-kv-unified", dest="kv_unified", action="store_false", help="each slot --ctx-size / N tokens (default)")
     a("--api-key", help="API key(s), comma-separated, required on every endpoint but /health (or $LLAMA_API_KEY)")
     a("--api-key-file", help="file with one API key per line")
     _number(
@@ -371,7 +400,14 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     s.reasoning_format = "none" if ns.reasoning_format == "none" else "deepseek"
 
     s.host, s.port, s.alias, s.parallel, s.timeout = ns.host, ns.port, ns.alias, ns.parallel, ns.timeout
-    s.n_threads, s.n_threads_batch = fit_threads(ns, notes, s.parallel)  # the slots share the CPUs
+    s.cont_batching, s.kv_unified = ns.cont_batching, ns.kv_unified
+    if s.kv_unified and (not s.cont_batching or s.parallel == 1):
+        why = "without continuous batching each slot has its own context" if s.parallel > 1 else "one slot"
+        notes.append(f"--kv-unified: no effect ({why})")
+        s.kv_unified = False
+    # the slots' contexts compute at once and share the CPUs; one context of several sequences computes one step
+    # at a time, with all of them
+    s.n_threads, s.n_threads_batch = fit_threads(ns, notes, 1 if s.cont_batching else s.parallel)
     keys = [k.strip() for k in (ns.api_key or env.get("LLAMA_API_KEY") or "").split(",") if k.strip()]
     if ns.api_key_file:
         try:

@@ -1,7 +1,10 @@
 """Concurrency: slots, the queue in front of them, and jobs that can be stopped.
 
-A slot is one `Llama` (its own context; the weights are the same memory-mapped file, so N slots share their
-pages) with one worker thread: everything that touches that Llama runs on that thread, one job at a time.
+A slot is one `Llama` with one worker thread: everything that touches that Llama runs on that thread, one job at a
+time. With continuous batching (--parallel N, the default) the slots are the N sequences of one context
+(`Llama(n_seq_max=N)` and its `slot(i)`), whose workers' tokens the engine evaluates together; with
+--no-cont-batching each slot is a Llama of its own (the weights are the same memory-mapped file, so N slots share
+their pages).
 Requests wait for a free slot in arrival order (the queue whose depth /metrics reports); among free slots a
 request takes the one whose last request's prompt shares the longest prefix with its own (`SlotPool.enqueue`), so
 a chat's next turn lands where its earlier turns are held and reuses them. A job runs a completion
@@ -332,7 +335,7 @@ class SlotPool:
                 s.job.cancel()
         deadline = time.monotonic() + wait_s
         idle = True
-        for s in self.slots:
+        for s in reversed(self.slots):  # (slot 0 last: with continuous batching it owns the others' context)
             s.executor.shutdown(wait=False, cancel_futures=True)
             job = s.job
             if job is not None and not job.finished.wait(max(0.0, deadline - time.monotonic())):
@@ -347,15 +350,16 @@ class SlotPool:
 
 def fit_context(settings: Settings, n_ctx_train: int) -> tuple[int, list[str]]:
     """Each slot's context: --ctx-size (0: the model's) clamped to the trained context, shared by the slots as
-    llama-server shares it. Returns (tokens per slot, notes)."""
+    llama-server shares it (--kv-unified: each slot may use all of it). Returns (tokens per slot, notes)."""
     notes = []
     total = settings.n_ctx or n_ctx_train
     if total > n_ctx_train:
         notes.append(f"--ctx-size {total} is more than the model's trained context: using {n_ctx_train}")
         total = n_ctx_train
-    per_slot = total // settings.parallel
+    per_slot = total if settings.kv_unified else total // settings.parallel
     if settings.parallel > 1:
-        notes.append(f"--parallel {settings.parallel}: each slot has a context of {per_slot} tokens")
+        shared = f", and the running requests {total} together (--kv-unified)" if settings.kv_unified else ""
+        notes.append(f"--parallel {settings.parallel}: each slot has a context of {per_slot} tokens{shared}")
     if per_slot < 16:
         raise ValueError(f"a context of {per_slot} tokens per slot is too small (--ctx-size / --parallel)")
     return per_slot, notes
@@ -371,7 +375,8 @@ def resolve_model(settings: Settings) -> str:
 
 
 def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
-    """Open the model once per slot (the weights are mapped, not copied, where the device can read host memory)."""
+    """Open the model: once, into a context of --parallel sequences (continuous batching), or once per slot
+    (--no-cont-batching: the weights are mapped, not copied, where the device can read host memory)."""
     from ..llama import Llama
     from ..model.loader import load_model
 
@@ -384,6 +389,8 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
     n_ctx, notes = fit_context(settings, n_ctx_train)
     kwargs = settings.llama_kwargs()
     kwargs["n_ctx"] = n_ctx
+    if settings.parallel > 1 and settings.cont_batching:
+        return _load_sequences(path, kwargs, settings), notes
     if settings.parallel > 1:
         notes.append(
             "slots share the mapped weights on CPU and Metal; with --no-mmap, or on a device that cannot read host "
@@ -393,10 +400,7 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
     for i in range(settings.parallel):
         llm = Llama(model_path=path, **kwargs)
         try:
-            apply_chat_template(llm, settings)
-            _check_chat_format(llm)
-            if settings.prompt_cache is not None:
-                llm.set_cache(prompt_cache(*settings.prompt_cache))
+            _prepare(llm, settings)
         except Exception:
             llm.close()
             for other, _ in out:
@@ -405,6 +409,40 @@ def load_slots(settings: Settings) -> tuple[list[tuple[Any, int]], list[str]]:
         out.append((llm, n_ctx))
         log.info("slot %d: %s, n_ctx %d, chat format %s", i, os.path.basename(path), n_ctx, llm.chat_format)
     return out, notes
+
+
+def _load_sequences(path: str, kwargs: dict[str, Any], settings: Settings) -> list[tuple[Any, int]]:
+    """One Llama of --parallel sequences (continuous batching); the slots are its slot(i)."""
+    from ..llama import Llama
+
+    n = settings.parallel
+    llm = Llama(model_path=path, n_seq_max=n, kv_unified=settings.kv_unified, **kwargs)
+    try:
+        _prepare(llm, settings)  # (the chat format first: the slots copy it)
+        slots = [llm.slot(i) for i in range(n)]
+        for s in slots[1:]:
+            if settings.prompt_cache is not None:
+                s.set_cache(prompt_cache(*settings.prompt_cache))
+    except Exception:
+        llm.close()
+        raise
+    log.info(
+        "%d slots: the sequences of one context (continuous batching), %s, n_ctx %d%s, chat format %s",
+        n,
+        os.path.basename(path),
+        kwargs["n_ctx"],
+        " shared (--kv-unified)" if settings.kv_unified else " each",
+        llm.chat_format,
+    )
+    return [(s, kwargs["n_ctx"]) for s in slots]
+
+
+def _prepare(llm: Any, settings: Settings) -> None:
+    """A slot's chat format (checked now) and prompt cache."""
+    apply_chat_template(llm, settings)
+    _check_chat_format(llm)
+    if settings.prompt_cache is not None:
+        llm.set_cache(prompt_cache(*settings.prompt_cache))
 
 
 def _check_chat_format(llm: Any) -> None:
