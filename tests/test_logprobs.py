@@ -129,6 +129,7 @@ def test_answers_to_one_prompt_share_its_evaluation(greedy_path: str, monkeypatc
     state saved after it, and answers exactly as a fresh Llama does (greedy, and seeded sampling)."""
     llm = make(greedy_path)
     counted = {"n": 0}
+    rebuilt: list[int] = []  # positions each truncation evaluated again
 
     class Counting:  # the engine context, counting the positions it evaluates
         def __init__(self, ctx: Any) -> None:
@@ -143,6 +144,12 @@ def test_answers_to_one_prompt_share_its_evaluation(greedy_path: str, monkeypatc
         def eval(self, toks: Any, **kw: Any) -> Any:
             counted["n"] += len(toks)
             return self.ctx.eval(toks, **kw)
+
+        def truncate(self, toks: Any, *a: Any, **kw: Any) -> Any:
+            n = self.ctx.truncate(toks, *a, **kw)
+            rebuilt.append(n)
+            counted["n"] += n
+            return n
 
     llm.sequence.runner.context = Counting(llm._ctx)
     fresh = make(greedy_path)
@@ -159,15 +166,19 @@ def test_answers_to_one_prompt_share_its_evaluation(greedy_path: str, monkeypatc
     assert answers == [greedy] * 3 + sampled and sampled[0] != sampled[1]
     assert counted["n"] == len(PROMPT) + 5 * 4  # the prompt once, then 4 positions per answer
     counted["n"] = 0
-    for _ in range(2):  # outside: each answer evaluates the prompt again
-        llm(PROMPT, max_tokens=5, temperature=0.0)
-    assert counted["n"] == 2 * (len(PROMPT) + 4)
+    rebuilt.clear()
+    for _ in range(2):  # outside: each answer cuts the sequence back into the prompt (Context.truncate rebuilds
+        llm(PROMPT, max_tokens=5, temperature=0.0)  # the compressor rows it lost) and evaluates its last token again
+    assert len(rebuilt) == 2 and all(0 < n < len(PROMPT) // 2 for n in rebuilt), rebuilt
+    assert counted["n"] == sum(rebuilt) + 2 * (1 + 4)
     assert llm.sequence._fork is None
 
-    # a saved state must take at most a quarter of the available memory: else each answer evaluates the prompt
+    # a saved state must take at most a quarter of the available memory: else no state is saved, and each answer
+    # goes back into the prompt by truncation, as outside
     monkeypatch.setattr(runtime, "available_host_memory", lambda: 1000)
     counted["n"] = 0
+    rebuilt.clear()
     with llm.sequence.shared_prompt():
         assert llm.sequence._fork is None
         assert [llm(PROMPT, max_tokens=5, temperature=0.0)["choices"][0]["text"] for _ in range(2)] == [greedy] * 2
-    assert counted["n"] == 2 * (len(PROMPT) + 4)
+    assert len(rebuilt) == 2 and counted["n"] == sum(rebuilt) + 2 * (1 + 4)
