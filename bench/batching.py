@@ -12,7 +12,6 @@ are not counted), its ratio to N = 1, and how many sequences the batcher's steps
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 from llama_dsv4 import Llama
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import model  # bench/ is not a package: beside this script
+from speed import model, seqs_arguments  # bench/ is not a package: beside this script
 
 PROMPT = 32
 
@@ -67,13 +66,7 @@ def measure(path: str, n: int, n_tokens: int, threads: int, rounds: int) -> tupl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seqs", default="1,2,4,8")
-    args = ap.parse_args()
+    args = seqs_arguments(__doc__, "tokens", "tokens per completion")
     path = model(args.model)
     print(f"{os.path.basename(path)}, {args.threads} threads, {args.tokens} tokens per completion")
     print(f"{'N':>3} {'tok/s':>9} {'per seq':>9} {'vs N=1':>7} {'seqs/step':>9}")

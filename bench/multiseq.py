@@ -14,7 +14,6 @@ with N, the rest does not.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ from llama_dsv4 import _ggml
 from llama_dsv4.model.loader import load_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import model  # bench/ is not a package: beside this script
+from speed import model, seqs_arguments  # bench/ is not a package: beside this script
 
 PROMPT = 32
 
@@ -66,13 +65,7 @@ def decode(m: Any, n_seq: int, steps: int, threads: int, seed: int) -> tuple[flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seqs", default="1,2,4,8")
-    args = ap.parse_args()
+    args = seqs_arguments(__doc__, "steps", "decode steps per measurement")
     seqs = [int(x) for x in args.seqs.split(",")]
     path = model(args.model)
     with load_model(path) as m:

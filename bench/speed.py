@@ -167,6 +167,18 @@ def bandwidth() -> float:
     return 2 * a.nbytes / best
 
 
+def seqs_arguments(doc: str | None, count: str, count_help: str) -> argparse.Namespace:
+    """The command line of the N-sequence benchmarks (bench/multiseq.py, bench/batching.py): --model, --threads,
+    --rounds, --seqs, and their own count of decode steps or tokens (`count`, default 32)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(f"--{count}", type=int, default=32, help=count_help)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seqs", default="1,2,4,8", help="the numbers of sequences, comma-separated")
+    return ap.parse_args()
+
+
 def run_child(engine: str, python: str, code: str, path: str, cfg: dict) -> dict:
     """Run a child (PRELUDE + measurement code) for one engine; the JSON object it prints last."""
     p = subprocess.run([python, "-c", code, engine, path, json.dumps(cfg)], capture_output=True, text=True)
