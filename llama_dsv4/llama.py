@@ -210,8 +210,8 @@ class Llama:
                 exceed it is a ValueError, "Context size has been exceeded"). Each sequence's state is still
                 allocated for n_ctx. Default False.
             batch_wait_ms: With n_seq_max > 1, how long a step waits for the next token of every sequence a
-                completion runs on, so that they are evaluated together (a single running sequence never waits).
-                Default 2.0.
+                completion runs on, so that they are evaluated together (a single running sequence never waits);
+                0 to 60000. Default 2.0.
             n_threads: Threads for generation (one token at a time). None, 0 or -1: half the usable CPUs, as
                 llama-cpp-python; more than the CPUs this process may use is lowered to them with a
                 RuntimeWarning. While other processes keep the CPUs busy, fewer are used for a while (the thread
@@ -291,8 +291,8 @@ class Llama:
 
         Raises:
             ValueError: The path does not exist, the file is not a usable deepseek4 GGUF, a value is out of range
-                (n_ctx < 0, n_batch or n_ubatch <= 0, n_seq_max outside 1 .. 256, batch_wait_ms < 0, type_k,
-                moe_hot_count, moe_hot_budget_mib), moe_hot_count with use_mmap=False, an unknown device, or a
+                (n_ctx < 0, n_batch or n_ubatch <= 0, n_seq_max outside 1 .. 256, batch_wait_ms outside 0 .. 60000,
+                type_k, moe_hot_count, moe_hot_budget_mib), moe_hot_count with use_mmap=False, an unknown device, or a
                 context that does not fit in memory.
             TypeError: n_ctx, n_batch, n_ubatch or n_seq_max is not an integer.
         """
@@ -310,8 +310,8 @@ class Llama:
             raise ValueError(f"n_batch and n_ubatch must be positive, got {n_batch} and {n_ubatch}")
         if not 1 <= n_seq_max <= 256:
             raise ValueError(f"n_seq_max must be between 1 and 256, got {n_seq_max}")
-        if not batch_wait_ms >= 0:  # (NaN too)
-            raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        if not 0 <= batch_wait_ms <= 60_000:  # (NaN too; an infinite wait would stall every sequence for a pause)
+            raise ValueError(f"batch_wait_ms must be >= 0 and at most 60000 (a minute), got {batch_wait_ms}")
         self.n_seq_max = int(n_seq_max)
         cpus = usable_cpus()
         threads, threads_note = fit_count("n_threads", n_threads, max(cpus // 2, 1), cpus)  # llama-cpp-python's

@@ -260,6 +260,9 @@ def test_closing_fails_the_waiting_callers_and_slots_release_their_sequence(path
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="batch_wait_ms must be >= 0"):
             make(path, n_seq_max=2, batch_wait_ms=bad)
+    for bad in (float("inf"), 60_001):  # a step could wait forever for a paused stream
+        with pytest.raises(ValueError, match="at most 60000"):
+            make(path, n_seq_max=2, batch_wait_ms=bad)
 
 
 def test_kv_unified_shares_the_context(path: str) -> None:
