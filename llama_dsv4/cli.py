@@ -2,7 +2,7 @@
 
     llama-dsv4 -m model.gguf -p "Once upon a time," -n 512      # complete a prompt, streamed
     llama-dsv4 -hf user/repo[:file] -cnv                         # chat on stdin (Llama.from_pretrained)
-    llama-dsv4                                                   # the embedded demo model (RANDOM weights)
+    llama-dsv4                                                   # the embedded demo model answers two sums
     llama-dsv4 -m model.gguf --info                              # what the file holds, and a greedy check
 
 Logs (the demo model's note and the seed included), the loading progress bar and the tokens/s line go to stderr;
@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TextIO
 import numpy as np
 
 from . import __version__, _ggml
-from .demo import _DEMO_FILE, DEMO_NAME, cache_dir, demo_model_path
+from .demo import DEMO_NAME_PREFIX, DEMO_QUESTIONS, demo_model_path
 from .engine.context import Context
 from .flags import (
     _float,
@@ -36,10 +36,11 @@ from .flags import (
 from .model.loader import ModelFile, load_model
 
 DEFAULT_PROMPT = "Once upon a time,"
-DEMO_N_PREDICT = 48
+DEMO_N_PREDICT = 160  # a worked 3-digit sum and its answer
 DEMO_NOTE = (
-    "NOTE: no model given: running the embedded demo model, a tiny deepseek4 with RANDOM WEIGHTS and the real "
-    "DeepSeek V4 tokenizer, so its text is gibberish. Pass -m MODEL.gguf (or -hf user/repo) for a real model."
+    "NOTE: no model given: running the embedded demo model ({name}): a tiny deepseek4 trained on worked arithmetic, "
+    "two demo tools, JSON and a little English, with its own small vocabulary. Pass -m MODEL.gguf (or -hf user/repo) "
+    "for a real model."
 )
 
 
@@ -53,7 +54,7 @@ def _parser() -> _Parser:
     p = _Parser(
         prog="llama-dsv4",
         description="Run DeepSeek V4 GGUF models (deepseek4) on ggml: complete a prompt or chat. Without a model, "
-        "runs the embedded demo model (random weights).",
+        "runs the embedded demo model (a tiny trained deepseek4) on two arithmetic questions.",
         allow_abbrev=False,
     )
     a = p.add_argument
@@ -69,7 +70,13 @@ def _parser() -> _Parser:
         help=f"tokens to generate (-1: until the end of the text or the context; default -1, {DEMO_N_PREDICT} for "
         "the demo model)",
     )
-    a("--temp", dest="temperature", type=_float("--temp"), default=0.8, help="temperature (0: greedy; default 0.8)")
+    a(
+        "--temp",
+        dest="temperature",
+        type=_float("--temp"),
+        default=None,
+        help="temperature (0: greedy; default 0.8, and 0 for the demo model's own questions)",
+    )
     a("--top-k", type=_int("--top-k", 0), default=40)
     a("--top-p", type=_float("--top-p", 0), default=0.95)
     a("--min-p", type=_float("--min-p", 0), default=0.05)
@@ -146,8 +153,8 @@ def _summary(path: str, device: str, threads: int, n_predict: int, use_mmap: boo
         f"{weights.device}",
         f"loaded in   {dt * 1e3:.1f} ms",
     ]
-    if name == DEMO_NAME:
-        lines.insert(0, "NOTE: the embedded demo model has RANDOM weights; pass -m MODEL.gguf for a real model.")
+    if name.startswith(DEMO_NAME_PREFIX):
+        lines.insert(0, "NOTE: the embedded demo model (tiny, trained on a 2-core CPU); -m MODEL.gguf runs a real one.")
     if n_predict > 0:
         lines.append(_decode(model, backends, n_predict))
     del weights
@@ -255,6 +262,8 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
     for name in ("moe_hot_count", "moe_hot_budget_mib", "moe_stats_path"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    if args.spec_type == "draft-mtp":
+        kw["spec_type"], kw["spec_draft_n_max"] = "mtp", args.spec_draft_n_max
     path = _model_path(args)
     model = load_model(path)  # the header: shards, trained context
     paths, n_train = list(model.paths), model.params.n_ctx_train
@@ -348,8 +357,6 @@ def _complete(llm: Any, prompt: str, n_predict: int, args: argparse.Namespace, o
 
 
 def _chat(llm: Any, n_predict: int, args: argparse.Namespace, inp: TextIO, out: TextIO, err: TextIO) -> None:
-    from .sampling import LogitsProcessorList
-
     messages: list[dict[str, Any]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -365,45 +372,55 @@ def _chat(llm: Any, n_predict: int, args: argparse.Namespace, inp: TextIO, out: 
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
-        meter = _Meter()
-        answer, thinking, finish = [], False, None
-        chunks: Iterator[dict[str, Any]] = llm.create_chat_completion(
-            messages,
-            max_tokens=n_predict if n_predict > 0 else None,
-            stream=True,
-            logits_processor=LogitsProcessorList([meter]),
-            chat_template_kwargs={"thinking": bool(args.think)},
-            **_sampling(args),
-        )
-        try:
-            for c in chunks:
-                ch = c["choices"][0]
-                delta = ch["delta"]
-                if delta.get("reasoning_content"):
-                    if not thinking:
-                        out.write("[thinking] ")
-                        thinking = True
-                    out.write(delta["reasoning_content"])
-                if delta.get("content"):
-                    if thinking:
-                        out.write(" [/thinking]\n")
-                        thinking = False
-                    out.write(delta["content"])
-                    answer.append(delta["content"])
-                for call in delta.get("tool_calls") or []:
-                    out.write(f"[tool call {call['function']['name']}({call['function']['arguments']})]")
-                out.flush()
-                finish = ch["finish_reason"] or finish
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-        if thinking:
-            out.write(" [/thinking]")
-        out.write("\n")
-        messages.append({"role": "assistant", "content": "".join(answer)})
-        n = meter.n - 1 if finish in ("stop", "tool_calls") and meter.n else meter.n
-        err.write(meter.line(n) + "\n")
+        messages.append({"role": "assistant", "content": _turn(llm, messages, n_predict, args, out, err)})
+
+
+def _turn(
+    llm: Any, messages: list[dict[str, Any]], n_predict: int, args: argparse.Namespace, out: TextIO, err: TextIO
+) -> str:
+    """One assistant turn streamed to `out` (thinking between [thinking] and [/thinking], tool calls shown); the
+    tokens/s line to `err`. Returns the answer's text."""
+    from .sampling import LogitsProcessorList
+
+    meter = _Meter()
+    answer, thinking, finish = [], False, None
+    chunks: Iterator[dict[str, Any]] = llm.create_chat_completion(
+        messages,
+        max_tokens=n_predict if n_predict > 0 else None,
+        stream=True,
+        logits_processor=LogitsProcessorList([meter]),
+        chat_template_kwargs={"thinking": bool(args.think)},
+        **_sampling(args),
+    )
+    try:
+        for c in chunks:
+            ch = c["choices"][0]
+            delta = ch["delta"]
+            if delta.get("reasoning_content"):
+                if not thinking:
+                    out.write("[thinking] ")
+                    thinking = True
+                out.write(delta["reasoning_content"])
+            if delta.get("content"):
+                if thinking:
+                    out.write(" [/thinking]\n")
+                    thinking = False
+                out.write(delta["content"])
+                answer.append(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                out.write(f"[tool call {call['function']['name']}({call['function']['arguments']})]")
+            out.flush()
+            finish = ch["finish_reason"] or finish
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if thinking:
+        out.write(" [/thinking]")
+    out.write("\n")
+    n = meter.n - 1 if finish in ("stop", "tool_calls") and meter.n else meter.n
+    err.write(meter.line(n) + "\n")
+    return "".join(answer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,10 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             out.write(_summary(path, args.device, threads, n, not args.no_mmap) + "\n")
             return 0
         if demo:
-            err.write(DEMO_NOTE + "\n")
-            if not os.path.exists(os.path.join(cache_dir(), _DEMO_FILE)):
-                err.write(f"llama-dsv4: writing the demo model to {cache_dir()} (once)\n")
             args.model = demo_model_path()
+            with load_model(args.model) as m:
+                err.write(DEMO_NOTE.format(name=m.metadata.get("general.name", "?")) + "\n")
         if args.model and not os.path.exists(args.model):
             raise ValueError(f"model file {args.model} does not exist")
         prompt = args.prompt
@@ -436,10 +452,17 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.file, encoding="utf-8") as f:
                 prompt = f.read()
         n_predict = args.n_predict if args.n_predict is not None else (DEMO_N_PREDICT if demo else -1)
+        if args.temperature is None:  # the demo's answers are shown greedy: what the model knows, not a sample
+            args.temperature = 0.0 if demo and prompt is None and not args.chat else 0.8
         llm = _open(args, err)
         try:
             if args.chat:
                 _chat(llm, n_predict, args, sys.stdin, out, err)
+            elif demo and prompt is None:  # the main job: the demo model answers questions it never saw
+                messages = [{"role": "system", "content": args.system}] if args.system else []
+                for q in DEMO_QUESTIONS:
+                    out.write(f"> {q}\n")
+                    _turn(llm, [*messages, {"role": "user", "content": q}], n_predict, args, out, err)
             else:
                 _complete(llm, prompt if prompt is not None else DEFAULT_PROMPT, n_predict, args, out, err)
         finally:

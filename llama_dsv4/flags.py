@@ -166,3 +166,16 @@ def add_model_flags(p: argparse.ArgumentParser, model_help: str, ctx_note: str =
     a("--moe-hot-count", type=parse_hot_count, help="MoE experts kept resident per layer: N, auto, or a,b,c per layer")
     a("--moe-hot-budget-mib", type=_float("--moe-hot-budget-mib", 0), help="memory budget for resident experts")
     a("--moe-stats-path", help="file where expert-use statistics persist between runs")
+    a(
+        "--spec-type",
+        choices=("none", "draft-mtp"),
+        default="none",
+        help="speculative decoding: draft-mtp (the model's MTP layer drafts, the model verifies; greedy output "
+        "unchanged) or none (default)",
+    )
+    a(
+        "--spec-draft-n-max",
+        type=_int("--spec-draft-n-max", 1, 16),
+        default=2,
+        help="tokens drafted per step with --spec-type draft-mtp (default 2)",
+    )

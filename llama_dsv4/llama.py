@@ -35,6 +35,7 @@ from .runner import Runner
 from .sampling import LogitsProcessorList, StoppingCriteriaList
 from .sampling.constrained import grammar_state
 from .sequence import Sequence as TokenSequence
+from .speculative import check_draft_n_max
 from .state import LlamaState
 from .tokenizer import BaseLlamaTokenizer, DSV4Tokenizer, LlamaTokenizer
 
@@ -156,6 +157,8 @@ class Llama:
         chat_format: str | None = None,
         chat_handler: Any = None,
         draft_model: Any = None,
+        spec_type: str | None = None,
+        spec_draft_n_max: int = 2,
         tokenizer: BaseLlamaTokenizer | None = None,
         type_k: int | None = None,
         type_v: int | None = None,
@@ -259,6 +262,11 @@ class Llama:
                 LlamaPromptLookupDecoding): a callable from the token ids so far to proposed next ids, which are
                 evaluated with each sampled token and kept as long as the samples agree with them. Turns on
                 logits_all. Default None.
+            spec_type: "mtp" (or llama.cpp's spelling "draft-mtp"): speculative decoding with the model's own MTP
+                (nextn) block, which drafts tokens that the model verifies several at a time (docs/speculative.md);
+                greedy decoding gives exactly the tokens it gives without. Needs a file with the MTP layer and
+                n_seq_max=1; not with draft_model. None or "none": off. Default None.
+            spec_draft_n_max: Tokens the MTP block drafts per step with spec_type="mtp" (1 to 16). Default 2.
             tokenizer: A tokenizer with llama-cpp-python's BaseLlamaTokenizer interface (LlamaHFTokenizer, ...)
                 used by tokenize() and detokenize(), so also for the text that completions return and for chat
                 prompts; None: the model's own. Text prompts of completions are tokenized with the model's own
@@ -365,6 +373,7 @@ class Llama:
             if note is not None:
                 warnings.warn(note, RuntimeWarning, stacklevel=2)
         self._logits_all = bool(logits_all) or draft_model is not None
+        spec_n = self._spec(spec_type, spec_draft_n_max, draft_model, params)
         self._embedding = embedding
         self.cache: BaseLlamaCache | None = None
         self.lora_base, self.lora_scale, self.lora_path = lora_base, lora_scale, lora_path
@@ -428,6 +437,8 @@ class Llama:
             type_k=type_k,
             verbose=verbose,
             device=device,
+            spec_type=spec_type,
+            spec_draft_n_max=spec_draft_n_max,
         )
 
         runner = None
@@ -444,6 +455,8 @@ class Llama:
                 max(threads, threads_batch),
                 host_bytes=self.n_seq_max * (4 * self._n_ctx + 4 * rows * self._n_vocab),
                 n_seq=self.n_seq_max,
+                mtp=spec_n is not None,
+                keep_back=min(spec_n or 0, self.n_ubatch - 1),  # a rejected draft's rows come back from a backup
             )
             runner = Runner(
                 self._model,
@@ -453,6 +466,7 @@ class Llama:
                 use_mlock=bool(use_mlock),
                 batch_wait_ms=float(batch_wait_ms),
                 positions_limit=self._n_ctx if kv_unified and self.n_seq_max > 1 else None,
+                spec_draft_n_max=spec_n,
             )
         self._runner = runner
         self._owner: Llama | None = None  # a slot's: the Llama that owns the context
@@ -695,6 +709,13 @@ class Llama:
         self._check_open()
         return self.tokenizer_.detokenize(tokens, prev_tokens=prev_tokens, special=special)
 
+    def spec_stats(self) -> dict[str, Any] | None:
+        """Speculative decoding with the MTP block so far (None when spec_type is off): draft steps, drafted and
+        accepted tokens, and the accepted drafts by their position in a draft (docs/speculative.md)."""
+        runner = self._runner
+        mtp = runner.mtp if runner is not None else None
+        return mtp.stats() if mtp is not None else None
+
     def moe_stats(self) -> dict[str, Any] | None:
         """MoE expert residency figures (None when moe_hot_count is off): locked and resident bytes as the kernel
         reports them, online hit rate, per-layer hot counts, updates and their time (docs/moe-residency.md)."""
@@ -856,6 +877,23 @@ class Llama:
     __call__ = create_completion
 
     # ---------------------------------------------------------------------------------------------- chat
+    def _spec(self, spec_type: str | None, n_max: Any, draft_model: Any, params: Any) -> int | None:
+        """The MTP drafts per step that spec_type asks for (None: no MTP speculation), or ValueError."""
+        if spec_type in (None, "none"):
+            return None
+        if spec_type not in ("mtp", "draft-mtp"):
+            raise ValueError(f"spec_type must be 'mtp' (or 'draft-mtp'), 'none' or None, got {spec_type!r}")
+        if draft_model is not None:
+            raise ValueError("give either draft_model or spec_type='mtp', not both")
+        if self.n_seq_max != 1:
+            raise ValueError("spec_type='mtp' needs n_seq_max=1 (one sequence per context)")
+        if params.n_nextn < 1:
+            raise ValueError(
+                f"spec_type='mtp' needs the model's MTP (nextn) layer, and {os.path.basename(self.model_path)} has "
+                "none (no blk.N.nextn.* tensors)"
+            )
+        return check_draft_n_max(n_max)
+
     def _chat_init(self, chat_format: str | None, chat_handler: Any) -> None:
         from .chat import handlers
 

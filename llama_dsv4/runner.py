@@ -19,6 +19,7 @@ import numpy.typing as npt
 from .batcher import Batcher
 from .engine import runtime
 from .moe import ExpertResidency, MoEConfig, lock_all
+from .speculative import MtpDrafter
 
 
 class Runner:
@@ -26,7 +27,8 @@ class Runner:
     from the CPUs free since `loading`) and, optionally, expert residency (`moe`) or the whole model locked in RAM
     (`use_mlock`). A context of several sequences gets a Batcher (`batcher`; None with one sequence): `batch_wait_ms`
     is how long a step waits for the active sequences' calls, `positions_limit` the positions all active sequences
-    may hold together (kv_unified; None: each its own n_ctx)."""
+    may hold together (kv_unified; None: each its own n_ctx). `spec_draft_n_max`: the context runs the model's MTP
+    block (mtp=True) and `mtp` drafts that many tokens per step (speculative.py)."""
 
     def __init__(
         self,
@@ -37,6 +39,7 @@ class Runner:
         use_mlock: bool = False,
         batch_wait_ms: float = 2.0,
         positions_limit: int | None = None,
+        spec_draft_n_max: int | None = None,
     ) -> None:
         self.lock = threading.RLock()  # held while the engine computes or copies state; close() takes it
         self.context: Any = context
@@ -48,6 +51,9 @@ class Runner:
             self.context.route_sink = self.moe.on_routes
         elif use_mlock:
             self.mlock = lock_all(self.context.weight_range, list(model.tensors))
+        self.mtp: MtpDrafter | None = None  # MTP drafts (a context made with mtp=True; one sequence)
+        if spec_draft_n_max is not None:
+            self.mtp = MtpDrafter(context, spec_draft_n_max)
         self.batcher: Batcher | None = None
         if int(context.n_seq) > 1:
             self.batcher = Batcher(self._step, int(context.n_ubatch), batch_wait_ms / 1000.0, positions_limit)
@@ -71,9 +77,24 @@ class Runner:
             ctx = self._ctx()
             self.governor.before(n_threads)
             try:
-                return ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id)
+                if self.mtp is None:
+                    return ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id)
+                logits = ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id, want_h=True)
+                self.mtp.after_eval(seq_id, tokens)
+                return logits
             finally:
                 self.governor.after()
+
+    def draft(self, seq_id: int, held: npt.NDArray[np.intc], token: int, n_threads: int) -> list[int]:
+        """The MTP block's drafts after `token`, sampled after `held` (exactly what the engine holds for the
+        sequence); empty without MTP drafting. Call with `lock` held."""
+        if self.mtp is None:
+            return []
+        self.governor.before(n_threads)
+        try:
+            return self.mtp.draft(seq_id, held, token)
+        finally:
+            self.governor.after()
 
     def set_active(self, seq_id: int, active: bool) -> None:
         """A completion or generation starts or ends on the sequence (its SequenceLock held exclusively): the
@@ -114,13 +135,18 @@ class Runner:
         ctx = self._ctx()
         self.governor.before(n_threads)
         try:
-            return int(ctx.truncate(np.asarray(tokens, np.int64), seq_id))
+            n = int(ctx.truncate(np.asarray(tokens, np.int64), seq_id))
         finally:
             self.governor.after()
+        if self.mtp is not None:
+            self.mtp.reevaluated += n
+        return n
 
     def reset(self, seq_id: int = 0) -> None:
         """Forget the sequence's state in the engine."""
         self._ctx().reset(seq_id)
+        if self.mtp is not None:
+            self.mtp.forget(seq_id)
 
     def save_state(self, seq_id: int = 0) -> bytes:
         """The engine's state of the sequence, as bytes (engine/context.pyx's format)."""
@@ -134,6 +160,8 @@ class Runner:
     def load_state(self, seq_id: int, blob: bytes) -> None:
         """Restore a state from save_state() (checked with check_state first)."""
         self._ctx().load_state(blob, seq_id)
+        if self.mtp is not None:
+            self.mtp.forget(seq_id)
 
     def compute_seconds(self) -> float:
         """Time the engine has spent on evaluations so far: graph building, inputs and compute."""

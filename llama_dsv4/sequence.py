@@ -84,6 +84,7 @@ class Sequence:
         self.scores: npt.NDArray[np.single] = np.zeros((n_ctx if logits_all else n_batch, n_vocab), dtype=np.single)
         self.last_logits: npt.NDArray[np.single] | None = None
         self.requires_eval = False  # the held logits are not those of the last position (a restored state)
+        self._recent: tuple[int, npt.NDArray[np.single]] | None = None  # (first position, logits) of a drafted eval
         self._sampler: Sampler | None = None
         self._fork: _Fork | None = None  # see shared_prompt
 
@@ -99,6 +100,10 @@ class Sequence:
             if self.last_logits is None:
                 raise ValueError("no logits: evaluate tokens first")
             return self.last_logits
+        recent = self._recent  # a drafted evaluation's rows: readable while they are held
+        held = recent is not None and recent[0] <= idx < min(recent[0] + len(recent[1]), self.n_tokens)
+        if held and not self.logits_all:
+            return recent[1][idx - recent[0]]  # type: ignore[index]
         if not self.logits_all:
             raise ValueError("logits of earlier positions need logits_all=True")
         return self.scores[idx]
@@ -120,8 +125,9 @@ class Sequence:
         with self.lock.serial():
             self.n_tokens = 0
 
-    def eval(self, tokens: Tokens[int]) -> None:
-        """Evaluate tokens after the first n_tokens (anything evaluated beyond n_tokens is discarded first)."""
+    def eval(self, tokens: Tokens[int], all_logits: bool = False) -> None:
+        """Evaluate tokens after the first n_tokens (anything evaluated beyond n_tokens is discarded first); with
+        all_logits, every position's logits are readable (logits_at) until the next evaluation."""
         with self.lock.serial():
             runner = self._runner()
             tokens = check_token_ids(tokens, self.n_vocab)
@@ -132,8 +138,9 @@ class Sequence:
                 raise ValueError(f"Requested tokens ({n}) exceed context window of {self.n_ctx}")
             with runner.lock:
                 self._sync()
+            self._recent = None
             for i in range(0, len(tokens), self.n_batch):
-                self._append(tokens[i : i + self.n_batch], self.logits_all)
+                self._append(tokens[i : i + self.n_batch], self.logits_all or all_logits)
             self.requires_eval = False
 
     def decode(self, tokens: list[int], all_logits: bool) -> npt.NDArray[np.single]:
@@ -169,6 +176,8 @@ class Sequence:
         ids[n_past : n_past + len(batch)] = batch
         if self.logits_all:
             scores[n_past : n_past + len(batch), :] = logits
+        elif all_logits and len(batch) > 1:
+            self._recent = (n_past, logits)
         self.last_logits = logits[-1]
         self.n_tokens += len(batch)
         return logits
@@ -235,9 +244,11 @@ class Sequence:
         if reset:
             self.reset()
         sample_idx = self.n_tokens + len(tokens) - 1
+        runner = self._runner()
+        mtp = self.draft_model is None and runner.mtp is not None
         try:
             while True:
-                self.eval(tokens)
+                self.eval(tokens, all_logits=mtp)
                 if fork is not None:  # the prompt is evaluated now: saved for the next answer to it
                     self._fork_here(fork, prompt)
                     fork = None
@@ -258,6 +269,10 @@ class Sequence:
                     self.input_ids[self.n_tokens : self.n_tokens + len(tokens)] = tokens
                     draft = self.draft_model(self.input_ids[: self.n_tokens + len(tokens)])
                     tokens.extend(np.asarray(draft).astype(int)[: self.n_ctx - self.n_tokens - len(tokens)].tolist())
+                elif mtp and len(tokens) == 1:  # the model's MTP block drafts; the next eval verifies
+                    with runner.lock:
+                        self._sync()
+                        tokens.extend(runner.draft(self.seq_id, self.tokens, tokens[0], self.n_threads))
         finally:
             self._sampler = None
 

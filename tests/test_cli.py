@@ -1,6 +1,6 @@
-"""`llama-dsv4`, the command line: README's main-job command on a fresh cache (the embedded demo model, labelled as
-random weights, no download, no stdin), a prompt completed exactly as Llama completes it, chat on stdin, -hf
-through the hub download, --info, and bad arguments."""
+"""`llama-dsv4`, the command line: README's main-job command (the embedded trained demo model answers two sums
+it never saw; it ships in the package: no download, nothing written, no stdin), a prompt completed exactly as
+Llama completes it, chat on stdin, -hf through the hub download, --info, and bad arguments."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from llama_dsv4 import Llama
-from llama_dsv4.cli import DEFAULT_PROMPT
 from llama_dsv4.cli import main as cli_main
+from llama_dsv4.demo import DEMO_NAME_PREFIX, DEMO_QUESTIONS
 
 GENERATED = re.compile(r"generated (\d+) tokens in [\d.]+ s \(([\d.]+|-) tokens/s\)")
 
@@ -30,23 +30,24 @@ def command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "llama_dsv4"]
 
 
-@pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("demo-cache"))
-
-
-def test_readme_main_job_runs_the_demo_model(demo_cache: str) -> None:
-    env = {**os.environ, "LLAMA_DSV4_CACHE": demo_cache}
+def test_readme_main_job_runs_the_demo_model(tmp_path: Any) -> None:
+    env = {**os.environ, "LLAMA_DSV4_CACHE": str(tmp_path), "HOME": str(tmp_path)}  # nothing cached, nothing fetched
     r = subprocess.run(command(), capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "RANDOM WEIGHTS" in r.stderr and "demo model" in r.stderr  # the note is a log line: stderr
-    assert "NOTE" not in r.stdout and "RANDOM" not in r.stdout  # stdout is the text alone
-    assert r.stdout.startswith(DEFAULT_PROMPT) and len(r.stdout.strip()) > len(DEFAULT_PROMPT)
+    assert "embedded demo model" in r.stderr and DEMO_NAME_PREFIX in r.stderr  # the note is a log line: stderr
+    assert "NOTE" not in r.stdout  # stdout is the conversation alone
     assert "loading [" in r.stderr and "100%" in r.stderr  # the progress bar (one line when not a terminal)
+    # the trained model answers the questions (held out of its training), greedy: the working, then the answer
+    (q1, q2) = DEMO_QUESTIONS
+    assert r.stdout.startswith(f"> {q1}\n") and f"\n> {q2}\n" in r.stdout
+    for q, answer in zip(DEMO_QUESTIONS, r.stdout.split(f"> {q2}\n"), strict=True):
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", q).groups()  # type: ignore[union-attr]
+        value = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert f"= {value}\n" in answer, r.stdout
     m = GENERATED.search(r.stderr)
     assert m, r.stderr
-    assert 1 <= int(m.group(1)) <= 48 and m.group(2) != "-"
-    assert os.path.exists(os.path.join(demo_cache, "demo-v1-q8xq5.gguf"))  # written on first use, no download
+    assert 1 <= int(m.group(1)) <= 160 and m.group(2) != "-"
+    assert os.listdir(tmp_path) == []  # the model ships with the package: nothing written
 
 
 def test_prompt_is_completed_as_llama_completes_it(real_vocab_path: str) -> None:
@@ -153,13 +154,10 @@ def test_hf_goes_through_the_hub_download(
     assert calls[-1] == ("someone/repo", "") and "129280 tokens" in capsys.readouterr().out
 
 
-def test_info_keeps_the_model_summary(
-    demo_cache: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("LLAMA_DSV4_CACHE", demo_cache)
+def test_info_keeps_the_model_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["--info", "-t", "1"]) == 0
     out = capsys.readouterr().out
-    assert "RANDOM weights" in out and "129280 tokens" in out and "178 (" in out and "zero-copy" in out
+    assert "embedded demo model" in out and "2048 tokens" in out and "1 MTP" in out and "zero-copy" in out
     assert "greedy      [" in out and "tokens/s" in out
     assert cli_main(["--info", "-t", "1", "-n", "2", "--no-mmap"]) == 0  # llama.cpp's spelling of use_mmap=False
     out = capsys.readouterr().out

@@ -215,12 +215,16 @@ def test_the_tensor_table_and_the_engine_name_the_same_destinations() -> None:
     from llama_dsv4.engine import graph
     from llama_dsv4.engine.memory import state_tensors
     from llama_dsv4.model.params import LayerKind
-    from llama_dsv4.model.tensors import global_tensors, layer_tensors
+    from llama_dsv4.model.tensors import global_tensors, layer_tensors, optional_nextn_tensors
 
-    layer_fields, global_fields, state_fields = binding_fields()
-    p = DSV4Params(compress_ratios=(0, 4, 128, 4, 128, 0), hash_layer_count=1)
+    layer_fields, global_fields, state_fields, mtp_fields = binding_fields()
+    p = DSV4Params(compress_ratios=(0, 4, 128, 4, 128, 0), hash_layer_count=1, n_layer=5, n_nextn=1)
     main_layers = [s for il in range(p.n_layer) for s in layer_tensors(p, il)]
     assert {s.dest for s in main_layers} == layer_fields  # the hash layer brings tid2eid, the others probs_b
     assert {s.dest for s in global_tensors(p)} == global_fields
     assert {t.name for t in state_tensors(p, 256, 32, "f16")} == state_fields
+    mtp = layer_tensors(p, p.n_layer) + optional_nextn_tensors(p, p.n_layer)  # the MTP block: a layer + its own
+    mtp_dests = {s.dest for s in mtp}
+    assert mtp_fields <= mtp_dests <= layer_fields | mtp_fields and "ffn.probs_b" in mtp_dests
+    assert [(t.layer, t.name) for t in state_tensors(p, 256, 32, "f16", mtp=True)][-1] == (p.n_layer, "raw")
     assert {k.name: int(k) for k in LayerKind} == {k.name: int(k) for k in graph.LayerKind}

@@ -1,6 +1,6 @@
-"""The training recipe's data (train/data.py): worked arithmetic that reaches the right answer, held-out problems
-never generated for training, and a trained BPE vocabulary that keeps DeepSeek V4's special tokens (no torch
-needed)."""
+"""The training recipe's data (train/data.py): worked arithmetic that reaches the right answer (each step's digits
+and the answer so far), held-out problems never generated for training, and a trained BPE vocabulary that keeps
+DeepSeek V4's special tokens (no torch needed)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def test_worked_arithmetic_reaches_the_answer() -> None:
         if op == "-" and a < b:
             steps = steps.split("negate. ", 1)[1]
         assert column_digits(steps) == abs(ans), (a, op, b, steps)
+        assert int(re.findall(r"so far (\d+)", steps)[-1]) == abs(ans), steps  # the running answer ends on it
         assert msgs[1]["content"].endswith(f"= {ans}")
 
 

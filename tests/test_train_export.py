@@ -4,6 +4,7 @@ gives the engine's logits. Needs the training extra (`pip install ".[train]"`); 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -55,6 +56,49 @@ def test_torch_forward_equals_the_engine_on_the_exported_file(tmp_path: os.PathL
     rel = np.abs(ours - ref_np).max(axis=1) / np.abs(ref_np).max(axis=1)
     assert rel.max() <= 1e-5, (float(rel.max()), int(rel.argmax()))
     assert (ours.argmax(1) == ref_np.argmax(1)).all()
+
+
+def test_the_mtp_block_equals_the_recipes(tmp_path: os.PathLike[str]) -> None:
+    """The MTP (nextn) block run by the engine (Context(mtp=True): eval(want_h=True) gives the main model's final
+    streams, mtp_eval reads them with the next tokens, in ubatches through its own sliding window) against the
+    recipe's MTP head, DeepSeek's formula, at every one of 299 positions; and a chained draft (the MTP's own streams
+    fed back, as speculation uses them) is the same computation one row at a time."""
+    torch.manual_seed(0)
+    net = DSV4(PARAMS, seed=3).double().eval()
+    net.exact_top_k = True
+    tokens = torch.randint(0, PARAMS.n_vocab, (1, N_TOKENS))
+    with torch.no_grad():
+        _, mtp, _ = net(tokens, mtp=True)
+    ref = mtp[0].numpy()
+    toks = tokens[0].numpy().astype(np.int32)
+    with load_model(export(net, os.path.join(tmp_path, "m.gguf"))) as m:
+        ctx = Context(m, 1024, n_ubatch=UBATCH, type_k="f32", backends=_ggml.Backends("cpu", 1), flash_attn=False,
+                      mtp=True)  # fmt: skip
+        hs = []
+        for i in range(0, N_TOKENS, UBATCH):
+            ctx.eval(toks[i : i + UBATCH], all_logits=True, want_h=True)
+            hs.append(ctx.last_h)
+        h = np.concatenate(hs)
+        assert h.shape == (N_TOKENS, PARAMS.hc_mult * PARAMS.n_embd)
+        ours = np.concatenate([
+            ctx.mtp_eval(toks[i + 1 : i + 1 + UBATCH], h[i : min(i + UBATCH, N_TOKENS - 1)])
+            for i in range(0, N_TOKENS - 1, UBATCH)
+        ])  # fmt: skip
+        assert ctx.mtp_n_past() == N_TOKENS - 1
+        # one row at a time from position 250 on: the same logits, and the streams it returns feed the next row
+        ctx.mtp_truncate(250)
+        one = [ctx.mtp_eval(toks[i + 1 : i + 2], h[i : i + 1], want_h=True)[0] for i in range(250, N_TOKENS - 1)]
+        assert ctx.last_h.shape == (1, h.shape[1])
+        del ctx
+    rel = np.abs(ours - ref).max(axis=1) / np.abs(ref).max(axis=1)
+    assert rel.max() <= 1e-5, (float(rel.max()), int(rel.argmax()))
+    np.testing.assert_allclose(np.array(one), ours[250:], rtol=0, atol=1e-5 * np.abs(ours[250:]).max())
+    with load_model(os.path.join(tmp_path, "m.gguf")) as m:
+        params = m.params
+    cut = {k: getattr(params, k)[:-1] for k in ("compress_ratios", "swiglu_clamp_exp", "swiglu_clamp_shexp")}
+    no_mtp = dataclasses.replace(params, n_nextn=0, **cut)
+    with pytest.raises(ValueError, match="no MTP"), load_model(os.path.join(tmp_path, "m.gguf")) as m:
+        Context(m, 64, params=no_mtp, backends=_ggml.Backends("cpu", 1), mtp=True)
 
 
 def test_training_step_reduces_the_loss_and_moves_the_bias() -> None:

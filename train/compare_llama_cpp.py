@@ -5,20 +5,22 @@
 PY is a Python with llama-cpp-python 0.3.36 (the reference build); SCRIPT is a llama.cpp driver taking the
 commands `logits MODEL --tokens-file ids.npy --ubatch U --out ref.npz` (tokens, logits per position) and
 `greedy MODEL --tokens 1,2,3 -n N --ubatch U --out gen.json` (generated ids). llama.cpp runs in that subprocess,
-never in this one. Prints: greedy continuations of held-out chat prompts identical to llama.cpp's (f32 and f16, ubatch
-1 and 64), logits max|diff|/max|logit| per position on held-out text, held-out perplexity of every variant by
-both engines.
+never in this one. Prints: greedy continuations of held-out chat prompts identical to llama.cpp's (f32, f16
+and q8xq5, ubatch 1 and 64), logits max|diff|/max|logit| per position on held-out text, held-out perplexity of
+every variant by both engines.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
 import subprocess
 import tempfile
+from typing import Any
 
 import numpy as np
 from llama_dsv4.engine.context import Context
@@ -66,6 +68,21 @@ def nll(logits: np.ndarray, tokens: np.ndarray) -> tuple[float, int]:
     return float(lse.sum()), len(lg)
 
 
+def write_reference(a: argparse.Namespace, path: str, prompts: list[list[int]], requests: list[Any], tmp: str) -> None:
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    cases = []
+    for pr, req in zip(prompts, requests, strict=True):
+        out = os.path.join(tmp, "g.json")
+        oracle(a, "greedy", path, "--tokens", ",".join(map(str, pr)), "-n", "48", "--ubatch", "64", "--out", out)
+        with open(out) as f:
+            cases.append({**req, "prompt": pr, "llama_cpp_greedy": json.load(f)["generated"]})
+    with open(a.write_reference, "w", encoding="utf-8") as f:
+        json.dump({"model_sha256": sha, "ubatch": 64, "n": 48, "cases": cases}, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    print(f"wrote {a.write_reference}: llama.cpp's greedy continuations of {len(cases)} prompts")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True)
@@ -75,13 +92,19 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--windows", type=int, default=4, help="held-out text windows of 448 tokens for perplexity")
+    ap.add_argument(
+        "--write-reference",
+        metavar="JSON",
+        help="write llama.cpp's greedy continuations of the first 6 prompts on the q8xq5 file (the shipped demo "
+        "model), with the prompts and the file's SHA-256, for tests/test_demo_model.py",
+    )
     a = ap.parse_args()
     with open(os.path.join(a.data, "vocab.json"), encoding="utf-8") as f:
         tk = DSV4Tokenizer(D.vocab_from_json(json.load(f)))
     with open(os.path.join(a.data, "heldout.json")) as f:
         held = json.load(f)
     rng = random.Random(2)
-    prompts = []
+    prompts, requests = [], []
     for i in range(a.prompts):
         kind = ("arith", "tool", "json")[i % 3]
         p = held[kind][i // 3]
@@ -93,10 +116,13 @@ def main() -> None:
             msgs, tools = D.json_messages((p[0], tuple(tuple(x) for x in p[1])))[0][:1], None
         text = D.render_chat(msgs, tools=tools, gen=True)
         prompts.append(tk.tokenize(text.encode(), add_bos=False, special=True))
+        requests.append({"kind": kind, "messages": msgs, "tools": bool(tools)})
     paths = {dt: os.path.join(a.run, f"model-{dt}.gguf") for dt in ("f32", "f16", "q8xq5")}
     held_text = np.fromfile(os.path.join(a.data, "heldout_text.bin"), np.uint16).astype(np.int32)
     with tempfile.TemporaryDirectory() as tmp:
-        for dt in ("f32", "f16"):
+        if a.write_reference:
+            write_reference(a, paths["q8xq5"], prompts[:6], requests[:6], tmp)
+        for dt in ("f32", "f16", "q8xq5"):
             for ub in (1, 64):
                 same = 0
                 first_diff = []

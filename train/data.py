@@ -10,7 +10,8 @@ never appear in training data.
 Vocabulary: a byte-level BPE trained on this corpus with DeepSeek V4's pre-tokenizer (llama_dsv4/tokenizer.py),
 digits kept one per token (merges of digits dropped, so arithmetic is digit by digit), and DeepSeek V4's special
 tokens. `python -m train.data --out DIR` writes DIR/vocab.json, DIR/train.bin, DIR/heldout_text.bin and
-DIR/heldout.json.
+DIR/heldout.json
+(and DIR/train_mask.bin, DIR/train_starts.bin: which tokens are trained, where windows start).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 from llama_dsv4.chat.template import render
 from llama_dsv4.chat.templates import default_chat_template
+from llama_dsv4.demo import DEMO_TOOLS
 from llama_dsv4.model.vocab import (
     BOS_TEXT,
     CHAT_TOKENS,
@@ -46,36 +48,7 @@ from llama_dsv4.tokenizer import _SPLITS, DSV4Tokenizer
 GENSIM_WHEEL_GLOB = "gensim-4.4.0-*.whl"
 LEE = "gensim/test/test_data/lee_background.cor"
 
-TOOLS: list[dict[str, Any]] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Get the current weather in a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string", "description": "The city name"}},
-                "required": ["city"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "convert_currency",
-            "description": "Convert an amount of money from one currency to another.",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "amount": {"type": "number", "description": "The amount to convert"},
-                    "from": {"type": "string", "description": "Currency code to convert from, e.g. USD"},
-                    "to": {"type": "string", "description": "Currency code to convert to, e.g. EUR"},
-                },
-                "required": ["amount", "from", "to"],
-            },
-        },
-    },
-]
+TOOLS: list[dict[str, Any]] = DEMO_TOOLS  # get_weather(city), convert_currency(amount, from, to)
 
 # fmt: off
 CITIES = (
@@ -92,6 +65,41 @@ CITIES = (
 HELDOUT_CITIES = ("Edinburgh", "Krakow", "Valencia", "Bordeaux", "Nagoya", "Perth", "Ottawa", "Calgary", "Cusco",
                   "Marrakesh", "Tbilisi", "Yerevan")
 # fmt: on
+# invented place names: most weather requests name one, so the model learns to copy the city from the request
+# rather than to recall one of the cities it has seen (the held-out cities are real ones it never saw)
+SYLLABLES = (
+    "ba",
+    "bel",
+    "dor",
+    "ka",
+    "len",
+    "mar",
+    "ni",
+    "os",
+    "pra",
+    "quen",
+    "ri",
+    "sal",
+    "tor",
+    "ul",
+    "ven",
+    "wes",
+    "zan",
+    "gra",
+    "fel",
+    "hav",
+    "ist",
+    "jor",
+    "lu",
+    "mo",
+    "nor",
+    "per",
+    "rav",
+    "sten",
+    "tam",
+    "vik",
+)
+PLACE_ENDS = ("", "", "a", "burg", "ton", "ville", "ford", "holm", "grad", "polis", "stad", "mouth")
 CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "CNY", "INR", "SEK")
 RATES = {"USD": 1.0, "EUR": 0.92, "GBP": 0.79, "JPY": 151.0, "CHF": 0.88, "CAD": 1.36, "AUD": 1.52, "CNY": 7.2,
          "INR": 83.0, "SEK": 10.4}  # fmt: skip
@@ -119,34 +127,43 @@ def digits(n: int) -> list[int]:
 
 
 def add_steps(a: int, b: int) -> str:
-    da, db, carry, out = digits(a), digits(b), 0, []
+    """Units first; each step writes the digits' sum and the answer so far (the new digit in front of the last
+    answer so far), so every step reads only nearby tokens: `2 + 1 = 3, so far 3. 9 + 2 = 11, so far 13. ...`"""
+    da, db, carry, out, far = digits(a), digits(b), 0, [], ""
     for i in range(max(len(da), len(db))):
         x, y = da[i] if i < len(da) else 0, db[i] if i < len(db) else 0
         s = x + y + carry
-        out.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}")
+        far = str(s % 10) + far
+        out.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}, so far {far}.")
         carry = s // 10
-    return ", ".join(out) + (", carry 1" if carry else "") + "."
+    if carry:
+        out.append(f"Carry 1, so far 1{far}.")
+    return " ".join(out)
 
 
 def sub_steps(a: int, b: int) -> str:
+    """As add_steps, with a borrow: `2 - 9 = 3 borrow 1, so far 3. ...`; a < b is worked as -(b - a)."""
     if a < b:
         return f"{a} is less than {b}, so compute {b} - {a} and negate. " + sub_steps(b, a)
-    da, db, borrow, out = digits(a), digits(b), 0, []
+    da, db, borrow, out, far = digits(a), digits(b), 0, [], ""
     for i in range(len(da)):
         x, y, b_in = da[i], db[i] if i < len(db) else 0, borrow
         s = x - y - b_in
         borrow = 1 if s < 0 else 0
-        out.append(f"{x} - {y}" + (" - 1" if b_in else "") + f" = {s + 10 * borrow}" + (" borrow 1" if borrow else ""))
-    return ", ".join(out) + "."
+        far = str(s + 10 * borrow) + far
+        out.append(f"{x} - {y}" + (" - 1" if b_in else "") + f" = {s + 10 * borrow}" + (" borrow 1" if borrow else "")
+                   + f", so far {far}.")  # fmt: skip
+    return " ".join(out)
 
 
 def mul_steps(a: int, b: int) -> str:
-    da, carry, out = digits(a), 0, []
-    for x in da:
+    da, carry, out, far = digits(a), 0, [], ""
+    for i, x in enumerate(da):
         s = x * b + carry
-        out.append(f"{x} * {b}" + (f" + {carry}" if carry else "") + f" = {s}")
         carry = s // 10
-    return ", ".join(out) + "."
+        far = (str(s) if i == len(da) - 1 else str(s % 10)) + far
+        out.append(f"{x} * {b}" + (f" + {s - x * b}" if s - x * b else "") + f" = {s}, so far {far}.")
+    return " ".join(out)
 
 
 OPS = {"+": (lambda a, b: a + b, add_steps), "-": (lambda a, b: a - b, sub_steps), "*": (lambda a, b: a * b, mul_steps)}
@@ -206,8 +223,15 @@ def currency_messages(n: int, f: str, t: str, rng: random.Random) -> tuple[list[
     ], call
 
 
+def invented_place(rng: random.Random) -> str:
+    name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((1, 2, 2, 3)))) + rng.choice(PLACE_ENDS)
+    return name.capitalize()
+
+
 def tool_problem(rng: random.Random) -> tuple:
     if rng.random() < 0.5:
+        if rng.random() < 0.6:
+            return ("weather", invented_place(rng))
         return ("weather", rng.choice(CITIES + HELDOUT_CITIES))
     f, t = rng.sample(CURRENCIES, 2)
     return ("currency", rng.choice([rng.randrange(1, 1000), rng.randrange(1, 100) * 10]), f, t)
@@ -271,7 +295,7 @@ def synthetic(rng: random.Random, kind: str) -> str | None:
         thinking = rng.random() < 0.5
         if not thinking:  # the working goes in the answer when thinking is off
             msgs[1] = {"role": "assistant", "content": msgs[1]["reasoning_content"] + " So " + msgs[1]["content"]}
-        return render_chat(msgs, tools=TOOLS if rng.random() < 0.2 else None, thinking=thinking)
+        return render_chat(msgs, tools=TOOLS if rng.random() < 0.02 else None, thinking=thinking)
     if kind == "tool":
         prob = tool_problem(rng)
         if tool_is_heldout(prob):
@@ -393,37 +417,76 @@ def vocab_from_json(d: dict[str, Any]) -> Vocab:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def build(out: str, wheel_dir: str, seed: int, n_synthetic: int, vocab_size: int) -> None:
+def assistant_mask(ids: list[int], assistant: int, eos: int) -> list[int]:
+    """1 for the tokens the model writes in a conversation (after each `<｜Assistant｜>` up to its end-of-sentence
+    token, inclusive), 0 for the prompt, the tool definitions and the tool results: only the former are trained."""
+    out, on = [], False
+    for t in ids:
+        out.append(int(on))
+        if t == assistant:
+            on = True
+        elif t == eos:
+            on = False
+    return out
+
+
+def build(
+    out: str, wheel_dir: str, seed: int, counts: dict[str, int], vocab_size: int, vocab_json: str | None = None
+) -> None:
+    """Writes train.bin (uint16 tokens), train_mask.bin (uint8: 1 where the token is a training target),
+    train_starts.bin (int64: window starts, the start of every document and every `seq` tokens inside text), the
+    held-out text and problems and the vocabulary."""
     rng = random.Random(seed)
     text = lee_corpus(wheel_dir) + stdlib_docstrings(3_000_000)
     rng.shuffle(text)
     n_held = max(1, len(text) // 40)
     held_text, text = text[:n_held], text[n_held:]
-    convs = []
-    kinds = ["arith"] * 5 + ["tool"] * 3 + ["json"] * 2
-    while len(convs) < n_synthetic:
-        c = synthetic(rng, rng.choice(kinds))
-        if c is not None:
-            convs.append(c)
-    vocab = train_vocab(text[:4000] + convs[:20000], vocab_size)
+    convs: list[tuple[str, str]] = []
+    for kind, n in counts.items():
+        made = 0
+        while made < n:
+            c = synthetic(rng, kind)
+            if c is not None:
+                convs.append((kind, c))
+                made += 1
+    rng.shuffle(convs)
+    if vocab_json:  # the vocabulary of an earlier phase (its weights' token ids)
+        with open(vocab_json, encoding="utf-8") as f:
+            vocab = vocab_from_json(json.load(f))
+    else:
+        vocab = train_vocab(text[:4000] + [c for _, c in convs[:20000]], vocab_size)
     tok = DSV4Tokenizer(vocab)
     bos, eos = vocab.bos_id, vocab.eos_id
-    docs = [[bos, *tok.tokenize(t.encode(), add_bos=False, special=True), eos] for t in text]
-    docs += [tok.tokenize(c.encode(), add_bos=False, special=True) for c in convs]
+    assistant = vocab.tokens.index("<｜Assistant｜>")
+    docs: list[tuple[str, list[int], list[int]]] = []
+    for t in text:
+        ids = [bos, *tok.tokenize(t.encode(), add_bos=False, special=True), eos]
+        docs.append(("text", ids, [1] * len(ids)))
+    for kind, c in convs:
+        ids = tok.tokenize(c.encode(), add_bos=False, special=True)
+        docs.append((kind, ids, assistant_mask(ids, assistant, eos)))
     rng.shuffle(docs)
-    stream = np.array([t for d in docs for t in d], np.uint16)
+    stream, mask, starts, per_kind = [], [], [], dict.fromkeys(["text", *counts], 0)
+    for kind, ids, m in docs:
+        starts.extend(range(len(stream), len(stream) + len(ids), 448 if kind == "text" else len(ids)))
+        stream.extend(ids)
+        mask.extend(m)
+        per_kind[kind] += len(ids)
     held = np.array([t for d in ([bos, *tok.tokenize(t.encode(), add_bos=False), eos] for t in held_text) for t in d],
                     np.uint16)  # fmt: skip
     os.makedirs(out, exist_ok=True)
-    stream.tofile(os.path.join(out, "train.bin"))
+    np.array(stream, np.uint16).tofile(os.path.join(out, "train.bin"))
+    np.array(mask, np.uint8).tofile(os.path.join(out, "train_mask.bin"))
+    np.array(starts, np.int64).tofile(os.path.join(out, "train_starts.bin"))
     held.tofile(os.path.join(out, "heldout_text.bin"))
     with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab_to_json(vocab), f)
     with open(os.path.join(out, "heldout.json"), "w", encoding="utf-8") as f:
         json.dump(heldout_problems(100, seed + 1), f)
-    n_conv_tokens = sum(len(tok.tokenize(c.encode(), add_bos=False, special=True)) for c in convs[:500]) / 500
-    print(f"vocab {vocab.n_tokens} tokens; train stream {len(stream)} tokens ({len(text)} text documents, "
-          f"{len(convs)} conversations of ~{n_conv_tokens:.0f} tokens); held-out text {len(held)} tokens")  # fmt: skip
+    shares = ", ".join(f"{k} {v / len(stream):.0%}" for k, v in per_kind.items())
+    print(f"vocab {vocab.n_tokens} tokens; train stream {len(stream)} tokens ({shares}; {len(text)} text documents, "
+          f"{len(convs)} conversations; {sum(mask) / len(mask):.0%} of the tokens are targets); "
+          f"held-out text {len(held)} tokens")  # fmt: skip
 
 
 def main() -> None:
@@ -431,10 +494,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--wheels", required=True, help="folder holding gensim's wheel (pip download gensim==4.4.0)")
     ap.add_argument("--seed", type=int, default=17)
-    ap.add_argument("--synthetic", type=int, default=40000)
+    ap.add_argument("--arith", type=int, default=80000, help="arithmetic conversations")
+    ap.add_argument("--tool", type=int, default=6000, help="tool-calling conversations")
+    ap.add_argument("--json", type=int, default=8000, help="JSON conversations")
     ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--vocab-json", help="use this vocabulary (an earlier phase's vocab.json) instead of training one")
     a = ap.parse_args()
-    build(a.out, a.wheels, a.seed, a.synthetic, a.vocab)
+    build(a.out, a.wheels, a.seed, {"arith": a.arith, "tool": a.tool, "json": a.json}, a.vocab, a.vocab_json)
 
 
 if __name__ == "__main__":

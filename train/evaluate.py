@@ -11,6 +11,7 @@ parse. The figures also go to RUN/eval.json.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -116,6 +117,18 @@ def routing(net: DSV4, tokens: np.ndarray, seq: int, hot: int) -> dict[str, Any]
     return out
 
 
+def auto_residency(path: str, tokens: np.ndarray, seq: int) -> dict[str, Any]:
+    """What `moe_hot_count="auto"` chooses on this model after reading the held-out text: the hot experts per
+    routed layer (of n_expert) and the online hit rate of those hot sets."""
+    llm = Llama(model_path=path, n_ctx=seq, n_threads=2, moe_hot_count="auto", verbose=False)
+    for s in range(0, len(tokens) - 1, seq):
+        llm.reset()
+        llm.eval(tokens[s : s + seq].tolist())
+    st = llm.moe_stats() or {}
+    llm.close()
+    return {"hot_per_layer": st.get("hot_per_layer"), "hit_rate": st.get("hit_rate")}
+
+
 def last_int(text: str) -> int | None:
     m = re.findall(r"-?\d+", text.replace(",", ""))
     return int(m[-1]) if m else None
@@ -181,6 +194,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50, help="held-out problems per skill")
     ap.add_argument("--variant", default="q8xq5", help="the exported variant the skills are measured on")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--earlier", nargs="*", default=[], help="earlier phases' runs (their tokens and time count too)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     net, vocab = load_run(a.run, a.data)
@@ -191,7 +205,12 @@ def main() -> None:
         with open(os.path.join(a.run, "done.json")) as f:
             done = json.load(f)
     total, active = count_params(net.p)
-    minutes = done.get("seconds", cfg["minutes"] * 60) / 60
+    seconds, tokens = float(done.get("seconds", cfg["minutes"] * 60)), int(done.get("tokens") or 0)
+    for run in a.earlier:  # an earlier phase (stopped by --stop-minutes or by hand): its last logged row
+        with open(os.path.join(run, "loss.csv"), newline="") as f:
+            last = list(csv.DictReader(f))[-1]
+        seconds, tokens = seconds + float(last["seconds"]), tokens + int(last["tokens"])
+    minutes = seconds / 60
     name = f"llama-dsv4 demo: a {total / 1e6:.1f}M-parameter deepseek4 trained {minutes:.0f} minutes on a 2-core CPU"
     paths = {}
     for dt in ("f32", "f16", "q8xq5"):
@@ -212,16 +231,18 @@ def main() -> None:
     ppl_conv = perplexity(net, conv_docs, 1024)
     routes = routing(net, tok_held, cfg["seq"], hot=4)
     ppl_engine = {dt: engine_perplexity(p, tok_held, cfg["seq"]) for dt, p in paths.items()}
+    auto = auto_residency(paths[a.variant], tok_held, cfg["seq"])
     sk = skills(paths[a.variant], held, a.n)
     res = {
         "params_total": total,
         "params_active": active,
-        "tokens_seen": done.get("tokens"),
+        "tokens_seen": tokens,
         "train_minutes": round(minutes, 1),
         "text": ppl_text,
         "conversations": ppl_conv,
         "engine_ppl_text": ppl_engine,
         "routing": routes,
+        "moe_hot_count_auto": auto,
         "skills_variant": a.variant,
         "skills": sk,
         "file_bytes": {k: os.path.getsize(v) for k, v in paths.items()},
@@ -241,6 +262,8 @@ def main() -> None:
     for k, v in routes.items():
         print(f"| routing {k}: busiest / idlest expert share; 4 hot of 8 static / LRU coverage | "
               f"{v['max_share']:.1%} / {v['min_share']:.1%}; {v['static_hot']:.1%} / {v['lru']:.1%} |")  # fmt: skip
+    print(f"| moe_hot_count=\"auto\" on held-out text: hot experts per layer (of {net.p.n_expert}); hit rate | "
+          f"{auto['hot_per_layer']}; {auto['hit_rate']:.1%} |")  # fmt: skip
     for k, v in sk.items():
         if k != "examples":
             print(f"| {k} ({a.variant}, held out) | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")

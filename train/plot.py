@@ -1,26 +1,49 @@
-"""Plot a run's loss curves: `python -m train.plot RUN/loss.csv docs/demo-model-loss.png`."""
+"""Plot a training's loss curves, over its phases:
+`python -m train.plot run1/loss.csv run2/loss.csv --png docs/demo-model-loss.png --csv docs/demo-model-loss.csv`
+(the phases' rows one after another, steps, tokens and seconds counted from the start of the first; the CSV gets a
+`phase` column)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
-import sys
+import itertools
+from typing import Any
 
 
-def plot(csv_path: str, png_path: str) -> None:
+def merged(paths: list[str]) -> list[dict[str, Any]]:
+    """The rows of each phase's loss.csv, their step, tokens and seconds continuing from the previous phase's."""
+    out: list[dict[str, Any]] = []
+    base = {"step": 0, "tokens": 0, "seconds": 0.0}
+    for phase, path in enumerate(paths, 1):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            out.append({"phase": phase, "step": base["step"] + int(r["step"]),
+                        "tokens": base["tokens"] + int(r["tokens"]),
+                        "seconds": round(base["seconds"] + float(r["seconds"]), 1),
+                        **{k: r[k] for k in ("lr", "main", "mtp", "indexer")}})  # fmt: skip
+        if out:
+            base = {"step": out[-1]["step"], "tokens": out[-1]["tokens"], "seconds": out[-1]["seconds"]}
+    return out
+
+
+def plot(rows: list[dict[str, Any]], png_path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
     tokens = [int(r["tokens"]) / 1e6 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("main", "main head (next token)"), ("mtp", "MTP head (next-next token)"),
                        ("indexer", "lightning indexer KL")):  # fmt: skip
         ax.plot(tokens, [float(r[key]) for r in rows], label=label)
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("loss (nats)")
+    for prev, r in itertools.pairwise(rows):
+        if r["phase"] != prev["phase"]:
+            ax.axvline(int(prev["tokens"]) / 1e6, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("training tokens (millions); dashed: the next phase's data mixture")
+    ax.set_ylabel("loss on the trained tokens (nats)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -29,5 +52,20 @@ def plot(csv_path: str, png_path: str) -> None:
     fig.savefig(png_path, dpi=100)
 
 
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("csvs", nargs="+", help="each phase's loss.csv, in order")
+    ap.add_argument("--png", required=True)
+    ap.add_argument("--csv", help="write the merged rows here")
+    a = ap.parse_args()
+    rows = merged(a.csvs)
+    if a.csv:
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    plot(rows, a.png)
+
+
 if __name__ == "__main__":
-    plot(sys.argv[1], sys.argv[2])
+    main()

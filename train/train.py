@@ -1,6 +1,8 @@
 """Train the demo deepseek4 network on the CPU: `python -m train.train --data DIR --out RUN --minutes M`.
 
-Random windows of `--seq` tokens from DIR/train.bin (train/data.py); AdamW with warmup and cosine decay; the loss is
+Windows of `--seq` tokens from DIR/train.bin (train/data.py), each starting at a document's start (or every `seq`
+tokens inside a long text), the loss on the tokens DIR/train_mask.bin marks (text, and what the assistant writes in
+a conversation: not the prompts, tool definitions or tool results); AdamW with warmup and cosine decay; the loss is
 the main next-token cross-entropy + `--mtp-weight` x the MTP layer's next-next-token cross-entropy + the lightning
 indexer's distillation KL (its own parameters only); after each step the routed layers' selection bias moves by
 `--bias-rate` (auxiliary-loss-free balancing). Every `--log-every` steps a row goes to RUN/loss.csv and the weights
@@ -38,15 +40,25 @@ def demo_params(n_vocab: int) -> DSV4Params:
     )  # fmt: skip
 
 
-def losses(net: DSV4, tokens: torch.Tensor, mtp_weight: float = 0.3) -> tuple[torch.Tensor, dict[str, float], Any]:
-    """(total loss, its parts as floats, aux) for a batch [B, T]."""
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    if mask is None:
+        return ce.mean()
+    m = mask.reshape(-1).to(ce.dtype)
+    return (ce * m).sum() / m.sum().clamp(min=1)
+
+
+def losses(
+    net: DSV4, tokens: torch.Tensor, mtp_weight: float = 0.3, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float], Any]:
+    """(total loss, its parts as floats, aux) for a batch [B, T]; `mask` [B, T] (1 where the token is a training
+    target: text, and what the assistant writes in a conversation) restricts both heads' cross-entropy."""
     logits, mtp, aux = net(tokens, mtp=True)
-    V = logits.shape[-1]
-    main = F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
+    main = _masked_ce(logits[:, :-1], tokens[:, 1:], None if mask is None else mask[:, 1:])
     total = main
     parts = {"main": float(main.detach())}
     if mtp is not None:
-        m = F.cross_entropy(mtp[:, :-1].reshape(-1, V), tokens[:, 2:].reshape(-1))
+        m = _masked_ce(mtp[:, :-1], tokens[:, 2:], None if mask is None else mask[:, 2:])
         total = total + mtp_weight * m
         parts["mtp"] = float(m.detach())
     if "indexer" in aux:
@@ -70,19 +82,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--est-step-s", type=float, default=3.0, help="a first guess of a step's time, for the schedule")
+    ap.add_argument("--init", help="start from these weights (an earlier phase's model.pt) instead of random ones")
+    ap.add_argument("--stop-minutes", type=float, help="stop after this many minutes (the schedule stays --minutes')")
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     data = np.fromfile(os.path.join(a.data, "train.bin"), np.uint16).astype(np.int64)
+    mask = np.fromfile(os.path.join(a.data, "train_mask.bin"), np.uint8)
+    starts = np.fromfile(os.path.join(a.data, "train_starts.bin"), np.int64)
+    starts = starts[starts <= len(data) - a.seq]
     with open(os.path.join(a.data, "vocab.json"), encoding="utf-8") as f:
         n_vocab = len(json.load(f)["tokens"])
     p = demo_params(n_vocab)
     net = DSV4(p, seed=a.seed, max_pos=a.seq).train()
-    with torch.no_grad():  # training starts with a neutral selection bias
-        for il in range(p.hash_layer_count, p.block_count):
-            net.t(f"blk.{il}.exp_probs_b.bias").zero_()
+    if a.init:  # a later phase: the earlier phase's weights and selection bias
+        net.load_state_dict(torch.load(a.init), strict=False)
+    else:
+        with torch.no_grad():  # training starts with a neutral selection bias
+            for il in range(p.hash_layer_count, p.block_count):
+                net.t(f"blk.{il}.exp_probs_b.bias").zero_()
     decay = [w for w in net.parameters() if w.dim() >= 2]
     other = [w for w in net.parameters() if w.dim() < 2]
     opt = torch.optim.AdamW(
@@ -100,7 +120,8 @@ def main() -> None:
     w = csv.writer(log)
     w.writerow(["step", "tokens", "seconds", "lr", "main", "mtp", "indexer"])
     acc: dict[str, list[float]] = {}
-    while time.time() - t0 < budget:
+    stop = a.stop_minutes * 60 if a.stop_minutes is not None else budget
+    while time.time() - t0 < min(budget, stop):
         elapsed = time.time() - t0
         if step >= 20:  # the cosine schedule follows the measured speed: it ends when the time does
             est_steps = max(step + 1, int(step * budget / elapsed))
@@ -108,9 +129,10 @@ def main() -> None:
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * cosine)
         for g in opt.param_groups:
             g["lr"] = lr
-        starts = rng.integers(0, len(data) - a.seq, a.batch)
-        batch = torch.from_numpy(np.stack([data[s : s + a.seq] for s in starts]))
-        total, parts, aux = losses(net, batch, a.mtp_weight)
+        at = starts[rng.integers(0, len(starts), a.batch)]
+        batch = torch.from_numpy(np.stack([data[s : s + a.seq] for s in at]))
+        bmask = torch.from_numpy(np.stack([mask[s : s + a.seq] for s in at]))
+        total, parts, aux = losses(net, batch, a.mtp_weight, bmask)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -17,11 +17,11 @@ from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport calloc, free, malloc
 
 from .._ggml cimport Backends, WeightMap
-from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, CompPlan, GlobalW, Hparams, Inputs, LayerState,
-                    LayerW, SeqInputs, SeqPlan, UBatch, build_graph)
+from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, SWA, CompPlan, GlobalW, Hparams, Inputs,
+                    LayerState, LayerW, MtpW, SeqInputs, SeqPlan, UBatch, build_graph, build_mtp_graph)
 
 from .. import _ggml
-from ..model.tensors import global_tensors, layer_tensors
+from ..model.tensors import global_tensors, layer_tensors, optional_nextn_tensors
 from .memory import bytes_per_token, ring_rows, state_bytes, state_tensors, window
 
 _CACHE_TYPES = {"f32": g.GGML_TYPE_F32, "f16": g.GGML_TYPE_F16}
@@ -46,7 +46,23 @@ cdef g.c_bool _capture_cb(g.ggml_tensor * t, g.c_bool ask, void * user_data) noe
     return True
 
 
-cdef void plan_compressor(CompPlan * cp, int ratio, int p0, int n) noexcept nogil:
+cdef int first_kept_row(int ratio, int cut) noexcept nogil:
+    """The first position whose compressor rows a sequence holding `cut` positions keeps (s1 of §11.2): the start of
+    the block holding position cut, one block earlier for ratio 4 (its next entry reads the previous block)."""
+    cdef int B = cut // ratio * ratio
+    return B - ratio if ratio == CSA else B
+
+
+cdef int backup_start(int ratio, int p0, int n, int keep_back) noexcept nogil:
+    """The first position whose compressor rows the backup of a ubatch p0 .. p0+n-1 holds: those a truncation to
+    any position from p0 + n - keep_back (at least p0) on needs (first_kept_row of that position)."""
+    cdef int x = p0 + n - keep_back
+    if x < p0:
+        x = p0
+    return first_kept_row(ratio, x)
+
+
+cdef void plan_compressor(CompPlan * cp, int ratio, int p0, int n, int keep_back) noexcept nogil:
     cdef int B0 = p0 // ratio * ratio
     cdef int B1 = (p0 + n) // ratio * ratio
     cp.ratio = ratio
@@ -59,13 +75,13 @@ cdef void plan_compressor(CompPlan * cp, int ratio, int p0, int n) noexcept nogi
     cp.n_vis = (p0 + n) // ratio
     cp.keep_from = s1 - s0
     cp.l1 = p0 + n - s1
-
-
-cdef int first_kept_row(int ratio, int cut) noexcept nogil:
-    """The first position whose compressor rows a sequence holding `cut` positions keeps (s1 of §11.2): the start of
-    the block holding position cut, one block earlier for ratio 4 (its next entry reads the previous block)."""
-    cdef int B = cut // ratio * ratio
-    return B - ratio if ratio == CSA else B
+    cp.bk_row = 2 * ratio if cp.overlap else ratio  # the backup rows follow the state's own (engine/memory.py)
+    cp.nbk = cp.bk_from = 0
+    cdef int lo
+    if keep_back > 0:
+        lo = backup_start(ratio, p0, n, keep_back)
+        if lo < s1:
+            cp.nbk, cp.bk_from = s1 - lo, lo - s0
 
 
 cdef void plan_rebuild(CompPlan * cp, int ratio, int p0, int n, int cut) noexcept nogil:
@@ -84,6 +100,15 @@ cdef void plan_rebuild(CompPlan * cp, int ratio, int p0, int n, int cut) noexcep
     cp.n_vis = (p0 + n) // ratio
     cp.keep_from = s1 - s0
     cp.l1 = p0 + n - s1
+    cp.nbk = cp.bk_from = cp.bk_row = 0
+
+
+cdef void set_rows(g.ggml_tensor * t, arr) except *:
+    """Write the first rows of a state tensor (float32 [rows, ne0], at most its rows)."""
+    cdef const uint8_t[::1] b = np.ascontiguousarray(arr, np.float32).view(np.uint8).reshape(-1)
+    if <size_t> b.shape[0] > g.ggml_nbytes(t):
+        raise RuntimeError(f"{b.shape[0]} bytes for a {g.ggml_nbytes(t)}-byte tensor")
+    g.ggml_backend_tensor_set(t, &b[0], 0, b.shape[0])
 
 
 cdef void set_input(g.ggml_tensor * t, arr) except *:
@@ -98,6 +123,7 @@ cdef void set_input(g.ggml_tensor * t, arr) except *:
 # Where each weight goes: a tensor's `dest` (model/tensors.py) -> the byte offset of its field in LayerW or GlobalW.
 cdef LayerW _lw_probe
 cdef GlobalW _gw_probe
+cdef MtpW _mw_probe
 
 
 cdef size_t _off(void * field, void * base) noexcept:
@@ -149,6 +175,14 @@ _GLOBAL_FIELDS = {
     "hc_base": _off(&_gw_probe.hc_base, &_gw_probe),
     "hc_scale": _off(&_gw_probe.hc_scale, &_gw_probe),
 }
+_MTP_FIELDS = {
+    "mtp.eh_proj": _off(&_mw_probe.eh_proj, &_mw_probe),
+    "mtp.enorm": _off(&_mw_probe.enorm, &_mw_probe),
+    "mtp.hnorm": _off(&_mw_probe.hnorm, &_mw_probe),
+    "mtp.embed": _off(&_mw_probe.embed, &_mw_probe),
+    "mtp.head": _off(&_mw_probe.head, &_mw_probe),
+    "mtp.head_norm": _off(&_mw_probe.head_norm, &_mw_probe),
+}
 cdef LayerState _st_probe
 _STATE_FIELDS = {  # engine/memory.py's state tensor names -> LayerState fields
     "raw": _off(&_st_probe.raw, &_st_probe),
@@ -167,8 +201,8 @@ cdef inline void _bind(void * base, size_t offset, g.ggml_tensor * t) noexcept:
 
 def binding_fields():
     """The weight and state destinations this engine binds (for tests: model/tensors.py and engine/memory.py must
-    name exactly these)."""
-    return frozenset(_LAYER_FIELDS), frozenset(_GLOBAL_FIELDS), frozenset(_STATE_FIELDS)
+    name exactly these): a layer's, the globals, the state's, the MTP block's own."""
+    return frozenset(_LAYER_FIELDS), frozenset(_GLOBAL_FIELDS), frozenset(_STATE_FIELDS), frozenset(_MTP_FIELDS)
 
 
 # Graph tensors per layer: a single-sequence ubatch takes at most about 512 (with room), each further sequence of a
@@ -196,8 +230,10 @@ cdef class Context:
     cdef readonly object params
     cdef Hparams hp
     cdef GlobalW gw
-    cdef LayerW * lw
-    cdef LayerState * st         # [n_seq * n_layer]: sequence s's layers from st + s * n_layer
+    cdef LayerW * lw             # [n_blocks]: the layers, then the MTP block when the context runs it
+    cdef MtpW mw
+    cdef readonly int n_blocks   # n_layer, + 1 with mtp
+    cdef LayerState * st         # [n_seq * n_blocks]: sequence s's layers from st + s * n_blocks
     cdef SeqPlan * plans         # [n_seq]: a ubatch's per-sequence plans
     cdef SeqInputs * seq_inputs  # [n_seq]: ... and graph inputs
     cdef g.ggml_context * st_ctx
@@ -212,6 +248,11 @@ cdef class Context:
     cdef readonly str type_k
     cdef list past               # per sequence: positions held
     cdef list slot_pos           # per sequence: the position each ring slot holds
+    cdef readonly int keep_back  # truncations by up to this many positions need no evaluation again (backup rows)
+    cdef list backup             # per sequence: (positions held, {ratio: first position of the backup rows}) or None
+    cdef list mtp_past           # per sequence: positions the MTP block has read (mtp)
+    cdef list mtp_slot_pos       # per sequence: the position each slot of the MTP block's ring holds (mtp)
+    cdef readonly object last_h  # mtp: float32 [rows, D*hc], the final streams of the last eval's logits rows
     cdef object overlap_init
     cdef tuple comp_ratios       # the compressed kinds the model's layers have (4, 128)
     cdef dict _capture
@@ -220,8 +261,15 @@ cdef class Context:
     cdef public double t_graph, t_inputs, t_compute  # seconds: graph build + allocation (C), inputs, compute
 
     def __cinit__(self, model, int n_ctx, int n_ubatch=512, str type_k="f16", Backends backends=None,
-                  bint flash_attn=True, params=None, str gemm="auto", int gemm_min_tokens=8, int n_seq=1):
+                  bint flash_attn=True, params=None, str gemm="auto", int gemm_min_tokens=8, int n_seq=1,
+                  bint mtp=False, int keep_back=0):
         p = params if params is not None else model.params
+        if mtp and p.n_nextn < 1:
+            raise ValueError("this model has no MTP (nextn) layer (blk.N.nextn.* tensors with nextn_predict_layers "
+                             ">= 1): speculative decoding with MTP needs a file that holds it")
+        if mtp and p.kind(p.n_layer) != SWA:
+            raise ValueError(f"the MTP layer has compressed attention (ratio {int(p.kind(p.n_layer))}): only a "
+                             "sliding-window MTP layer is supported, as in llama.cpp")
         if n_ctx <= 0:
             raise ValueError(f"n_ctx must be positive, got {n_ctx}")
         if n_ubatch <= 0:
@@ -233,6 +281,11 @@ cdef class Context:
         self.model = model
         self.params = p
         self.n_ctx, self.n_ubatch, self.type_k, self.n_seq = n_ctx, min(n_ubatch, n_ctx), type_k, n_seq
+        self.n_blocks = p.n_layer + (1 if mtp else 0)
+        if not 0 <= keep_back < self.n_ubatch:
+            raise ValueError(f"keep_back must be between 0 and n_ubatch - 1 = {self.n_ubatch - 1}, got {keep_back}")
+        self.keep_back = keep_back
+        self.backup = [None] * n_seq
         self.be = backends if backends is not None else Backends("auto")
         self.wm = model.weights(self.be)
         self.ring = ring_rows(p, n_ctx, self.n_ubatch)
@@ -253,6 +306,9 @@ cdef class Context:
         self._graph_room(1)
         self.past = [0] * n_seq
         self.slot_pos = [None] * n_seq
+        self.mtp_past = [0] * n_seq
+        self.mtp_slot_pos = [None] * n_seq
+        self.last_h = None
         for s in range(n_seq):
             self.reset(s)
 
@@ -312,12 +368,12 @@ cdef class Context:
         w = self.wm
         for spec in global_tensors(p):
             _bind(&self.gw, _GLOBAL_FIELDS[spec.dest], w.get(spec.name))
-        self.lw = <LayerW *> calloc(p.n_layer, sizeof(LayerW))
+        self.lw = <LayerW *> calloc(self.n_blocks, sizeof(LayerW))
         if self.lw == NULL:
             raise MemoryError()
         cdef LayerW * L
         cdef dsv4_rope_params * rope
-        for il in range(p.n_layer):
+        for il in range(self.n_blocks):
             L = &self.lw[il]
             L.attn.kind = p.kind(il)
             L.ffn.hash = p.is_hash_layer(il)
@@ -326,17 +382,23 @@ cdef class Context:
             (rope.n_ctx_orig, rope.freq_base, rope.freq_scale, rope.ext_factor, rope.attn_factor, rope.beta_fast,
              rope.beta_slow) = p.rope(il)
             for spec in layer_tensors(p, il):
-                if spec.dest is not None:
+                if spec.dest in _MTP_FIELDS:
+                    _bind(&self.mw, _MTP_FIELDS[spec.dest], w.get(spec.name))
+                elif spec.dest is not None:
                     _bind(L, _LAYER_FIELDS[spec.dest], w.get(spec.name))
+            if il >= p.n_layer:  # the MTP block's optional own embedding and head (else the model's)
+                for spec in optional_nextn_tensors(p, il):
+                    if spec.name in w:
+                        _bind(&self.mw, _MTP_FIELDS[spec.dest], w.get(spec.name))
 
     cdef _alloc_state(self, p):
-        layout = state_tensors(p, self.n_ctx, self.n_ubatch, self.type_k)
+        layout = state_tensors(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_blocks > p.n_layer, self.keep_back)
         cdef g.ggml_init_params ip
         ip.mem_size = (self.n_seq * len(layout) + 1) * g.ggml_tensor_overhead()
         ip.mem_buffer = NULL
         ip.no_alloc = True
         self.st_ctx = g.ggml_init(ip)
-        self.st = <LayerState *> calloc(self.n_seq * p.n_layer, sizeof(LayerState))
+        self.st = <LayerState *> calloc(self.n_seq * self.n_blocks, sizeof(LayerState))
         if self.st_ctx == NULL or self.st == NULL:
             raise MemoryError()
         cdef g.ggml_tensor * t
@@ -344,13 +406,14 @@ cdef class Context:
         for s in range(self.n_seq):
             for spec in layout:
                 t = g.ggml_new_tensor_2d(self.st_ctx, _CACHE_TYPES[spec.dtype], spec.ne[0], spec.ne[1])
-                _bind(&self.st[s * p.n_layer + spec.layer], _STATE_FIELDS[spec.name], t)
+                _bind(&self.st[s * self.n_blocks + spec.layer], _STATE_FIELDS[spec.name], t)
         self.overlap_init = [il for il in range(p.n_layer) if p.kind(il) == CSA]
         self.comp_ratios = tuple(sorted({int(p.kind(il)) for il in range(p.n_layer)} - {0}))
         cdef g.ggml_backend_buffer_type_t buft = g.ggml_backend_dev_buffer_type(self.be.primary_dev())
         self.st_buf = g.ggml_backend_alloc_ctx_tensors_from_buft(self.st_ctx, buft)
         if self.st_buf == NULL:
-            need = state_bytes(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_seq)
+            need = state_bytes(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_seq, self.n_blocks > p.n_layer,
+                               self.keep_back)
             raise MemoryError(f"could not allocate {need} bytes of context state for n_ctx={self.n_ctx}, "
                               f"n_seq={self.n_seq}")
         g.ggml_backend_buffer_clear(self.st_buf, 0)  # finite everywhere: masked slots must not hold NaNs
@@ -399,15 +462,18 @@ cdef class Context:
         cdef int sid = self._seq(seq_id)
         self.past[sid] = 0
         self.slot_pos[sid] = np.full(self.ring, -(1 << 40), np.int64)
+        self.mtp_past[sid] = 0
+        self.mtp_slot_pos[sid] = np.full(self.ring, -(1 << 40), np.int64)
+        self.backup[sid] = None
         cdef LayerState * s
         for il in self.overlap_init:  # overlapping compressors read a block "before" block 0: value 0, score -inf
-            s = &self.st[sid * self.hp.n_layer + il]
+            s = &self.st[sid * self.n_blocks + il]
             for kv_t, sc_t in ((<size_t> s.c.kv, <size_t> s.c.sc), (<size_t> s.ic.kv, <size_t> s.ic.sc)):
                 width = (<g.ggml_tensor *> kv_t).ne[0]
-                set_input(<g.ggml_tensor *> kv_t, np.zeros((8, width), np.float32))
+                set_rows(<g.ggml_tensor *> kv_t, np.zeros((8, width), np.float32))
                 sc = np.zeros((8, width), np.float32)
                 sc[:4] = -np.inf
-                set_input(<g.ggml_tensor *> sc_t, sc)
+                set_rows(<g.ggml_tensor *> sc_t, sc)
 
     def truncate(self, tokens, seq_id=0) -> int:
         """Make a sequence hold exactly `tokens`, which the caller says are the first k of the tokens it holds (the
@@ -422,8 +488,18 @@ cdef class Context:
         if k:
             toks = self._tokens(sid, toks, 0)  # checked before anything changes
         cdef int a = self.rebuild_start(sid, k), cut = k
+        if self.mtp_past[sid] > max(k - 1, 0):  # its row p read the token at p + 1: rows from k - 1 go
+            self.mtp_truncate(max(k - 1, 0), sid)
+        if a != k and self._restore(sid, k):  # a short truncation after a ubatch: its backup rows suffice
+            slot_pos = self.slot_pos[sid]
+            slot_pos[slot_pos >= k] = -(1 << 40)
+            self.past[sid] = k
+            self.backup[sid] = None
+            return 0
         if a < 0:
+            mtp_kept = self.mtp_past[sid], self.mtp_slot_pos[sid]  # the MTP block's window stays exact
             self.reset(sid)
+            self.mtp_past[sid], self.mtp_slot_pos[sid] = mtp_kept
             a, cut = 0, -1  # a plain evaluation: it pools every block again
         else:
             slot_pos = self.slot_pos[sid]
@@ -435,6 +511,43 @@ cdef class Context:
             self._ubatch([(sid, toks[s : min(s + self.n_ubatch, k)], 0)], cut)
         self._end_capture()
         return k - a
+
+    def _restore(self, int sid, int k):
+        """Make the compressor rows of a sequence those of its first k positions from the backup rows its last
+        ubatch wrote (docs/speculative.md), when they cover them and the window before k is still in the ring;
+        False (nothing changed) otherwise."""
+        got = self.backup[sid]
+        cdef int e = self.past[sid]
+        if got is None or got[0] != e or not 0 < k < e or e - k > self.keep_back:
+            return False
+        held = np.arange(max(0, k - self.hp.window + 1), k, dtype=np.int64)
+        if not np.array_equal(self.slot_pos[sid][held % self.ring], held):
+            return False
+        cdef LayerState * s
+        cdef g.ggml_tensor * t
+        plans = []
+        for R in self.comp_ratios:
+            lo, s1, need = got[1][R], first_kept_row(R, e), first_kept_row(R, k)
+            if need == s1:
+                continue  # the rows of k's blocks are the state's own
+            if need < lo:
+                return False
+            plans.append((R, lo, s1, need))
+        for R, lo, s1, need in plans:
+            pos = np.arange(need, k)
+            src = np.where(pos < s1, (2 * R if R == CSA else R) + pos - lo, pos - s1)
+            for il in range(self.hp.n_layer):
+                if self.lw[il].attn.kind != R:
+                    continue
+                s = &self.st[sid * self.n_blocks + il]
+                for ptr in (<size_t> s.c.kv, <size_t> s.c.sc, <size_t> s.ic.kv, <size_t> s.ic.sc):
+                    if not ptr:
+                        continue
+                    t = <g.ggml_tensor *> ptr
+                    rows = np.empty((t.ne[1], t.ne[0]), np.float32)
+                    g.ggml_backend_tensor_get(t, <void *> (<size_t> rows.ctypes.data), 0, rows.nbytes)
+                    set_rows(t, rows[src])
+        return True
 
     def rebuild_start(self, seq_id, int k) -> int:
         """Where truncate(k tokens) starts evaluating again, or -1 where it starts over (docs/architecture.md §11.4):
@@ -507,12 +620,15 @@ cdef class Context:
             off += size
         self.past[sid] = n_past
         self.slot_pos[sid] = slot_pos
+        self.backup[sid] = None
+        self.mtp_past[sid] = 0  # the MTP block's window is not in a saved state: it reads the positions again
+        self.mtp_slot_pos[sid] = np.full(self.ring, -(1 << 40), np.int64)
 
     def _state_tensors(self, int sid):
         out = []
         cdef LayerState * s
         for il in range(self.hp.n_layer):
-            s = &self.st[sid * self.hp.n_layer + il]
+            s = &self.st[sid * self.n_blocks + il]
             for t in (<size_t> s.raw, <size_t> s.comp, <size_t> s.lid, <size_t> s.c.kv, <size_t> s.c.sc,
                       <size_t> s.ic.kv, <size_t> s.ic.sc):
                 if t:
@@ -549,21 +665,26 @@ cdef class Context:
             raise ValueError(f"{at} + {n} tokens exceed the context of {self.n_ctx} tokens")
         return toks.astype(np.int32)
 
-    def eval(self, tokens, bint all_logits=False, seq_id=0):
+    def eval(self, tokens, bint all_logits=False, seq_id=0, bint want_h=False):
         """Append `tokens` (int ids) to a sequence; returns float32 logits [n_tokens, n_vocab] (all_logits) or
-        [1, n_vocab] for the last token. Tokens are computed in ubatches of at most n_ubatch."""
+        [1, n_vocab] for the last token. Tokens are computed in ubatches of at most n_ubatch. want_h: last_h holds
+        the final hyper-connection streams of every token, float32 [n_tokens, D*hc] (the MTP block's input)."""
         cdef int sid = self._seq(seq_id)
         toks = self._tokens(sid, tokens)
         n = toks.shape[0]
-        out = []
+        out, hs = [], []
         for s in range(0, n, self.n_ubatch):
             chunk = toks[s : s + self.n_ubatch]
             last = s + self.n_ubatch >= n
             n_out = chunk.shape[0] if all_logits else (1 if last else 0)
-            res = self._ubatch([(sid, chunk, n_out)])
+            res = self._ubatch([(sid, chunk, n_out)], -1, want_h)
+            if want_h:
+                hs.append(self.last_h)
             if res is not None:
                 out.append(res)
         self._end_capture()
+        if want_h:
+            self.last_h = np.concatenate(hs) if len(hs) > 1 else hs[0]
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def eval_batch(self, seqs, bint all_logits=False):
@@ -597,32 +718,48 @@ cdef class Context:
             row += n_out
         return out
 
-    cdef _ubatch(self, list batch, int cut=-1):
+    cdef _ubatch(self, list batch, int cut=-1, bint want_h=False):
         """One graph compute over `batch`: (seq_id, int32 tokens, logits rows wanted: its last n_out) per sequence,
         distinct sequences; returns the logits wanted, in order (None if none). cut >= 0: positions evaluated again
-        by truncate(cut), whose compressors only keep rows (plan_rebuild)."""
-        cdef UBatch ub
+        by truncate(cut), whose compressors only keep rows (plan_rebuild). want_h: last_h gets the final streams of
+        every row."""
         cdef SeqPlan * sp
-        cdef int s, sid, n = 0, n_out = 0, p0, ns
+        cdef int s, sid, n = 0, p0, ns
         self._graph_room(len(batch))
         for s in range(len(batch)):
             sid, toks, want = batch[s]
             sp = &self.plans[s]
             p0, ns = self.past[sid], toks.shape[0]
             sp.n, sp.t0, sp.p0 = ns, n, p0
-            sp.st = &self.st[sid * self.hp.n_layer]
+            sp.st = &self.st[sid * self.n_blocks]
             if cut >= 0:
                 plan_rebuild(&sp.comp[COMP_CSA], CSA, p0, ns, cut)
                 plan_rebuild(&sp.comp[COMP_HCA], HCA, p0, ns, cut)
             else:
-                plan_compressor(&sp.comp[COMP_CSA], CSA, p0, ns)
-                plan_compressor(&sp.comp[COMP_HCA], HCA, p0, ns)
+                plan_compressor(&sp.comp[COMP_CSA], CSA, p0, ns, self.keep_back)
+                plan_compressor(&sp.comp[COMP_HCA], HCA, p0, ns, self.keep_back)
             n += ns
+        res = self._compute(batch, self.past, self.slot_pos, None, want_h)
+        for sid, toks, _ in batch:  # the backup rows this ubatch wrote: (positions held after it, first position)
+            p0 = self.past[sid] - toks.shape[0]
+            self.backup[sid] = (self.past[sid], {R: backup_start(R, p0, toks.shape[0], self.keep_back)
+                                                 for R in self.comp_ratios}) if self.keep_back and cut < 0 else None
+        return res
+
+    cdef _compute(self, list batch, list past, list slot_pos, h_in, bint want_h):
+        """Build, allocate, fill and compute the graph of the ubatch self.plans describes: the main model's, or
+        with h_in (float32 [n, D*hc]) the MTP block's; past / slot_pos are the positions and ring of what it
+        reads and writes (the main model's or the MTP block's); advances past."""
+        cdef UBatch ub
+        cdef int n = 0, n_out = 0
+        for _, toks, want in batch:
+            n += toks.shape[0]
             n_out += want
         ub.n, ub.n_seq, ub.seq, ub.ring = n, len(batch), self.plans, self.ring
         ub.n_out = n_out if n_out > 0 else 1
-        sink = self.route_sink
+        sink = self.route_sink if h_in is None else None
         ub.want_routes = sink is not None
+        ub.want_h = want_h
         cdef g.ggml_init_params ip
         ip.mem_size = self.arena_size
         ip.mem_buffer = self.arena
@@ -637,10 +774,15 @@ cdef class Context:
         cdef g.ggml_tensor * logits
         cdef g.ggml_status status
         cdef double t0 = _now()
+        cdef bint mtp = h_in is not None
+        cdef int il = self.hp.n_layer
         try:
             gf = g.ggml_new_graph_custom(ctx, self.graph_size, False)
             with nogil:
-                logits = build_graph(ctx, gf, &self.hp, &self.gw, self.lw, &ub, &inp)
+                if mtp:
+                    logits = build_mtp_graph(ctx, gf, &self.hp, &self.gw, self.lw, &self.mw, il, &ub, &inp)
+                else:
+                    logits = build_graph(ctx, gf, &self.hp, &self.gw, self.lw, &ub, &inp)
             self.last_graph_nodes = g.ggml_graph_n_nodes(gf)
             self.last_graph_mem = g.ggml_used_mem(ctx)
             self.last_graph_tensors = ((self.last_graph_mem - g.ggml_graph_overhead_custom(self.graph_size, False))
@@ -649,7 +791,9 @@ cdef class Context:
             if not g.ggml_backend_sched_alloc_graph(self.sched, gf):
                 raise MemoryError("ggml could not allocate the compute graph")
             ti = _now()
-            toks_all = self._set_inputs(&ub, &inp, batch)
+            toks_all = self._set_inputs(&ub, &inp, batch, past, slot_pos)
+            if mtp:
+                set_input(inp.h_in, h_in)
             t1 = _now()
             self.t_graph += ti - t0
             self.t_inputs += t1 - ti
@@ -659,9 +803,13 @@ cdef class Context:
             if status != g.GGML_STATUS_SUCCESS:
                 raise RuntimeError(f"graph compute failed (status {<int> status})")
             for sid, toks, _ in batch:
-                self.past[sid] += toks.shape[0]
+                past[sid] += toks.shape[0]
             if ub.want_routes:
                 sink(self._routes(n), toks_all)
+            if want_h:
+                self.last_h = np.empty((n, self.hp.n_embd * self.hp.hc), np.float32)
+                g.ggml_backend_tensor_get(inp.h_out, <void *> (<size_t> self.last_h.ctypes.data), 0,
+                                          self.last_h.nbytes)
             if n_out == 0:
                 return None
             res = np.empty((ub.n_out, self.hp.n_vocab), np.float32)
@@ -669,6 +817,53 @@ cdef class Context:
             return res
         finally:
             g.ggml_free(ctx)
+
+    def mtp_eval(self, tokens, h, seq_id=0, bint all_logits=True, bint want_h=False):
+        """Run the MTP block (docs/speculative.md) on a sequence's next MTP positions (from mtp_n_past): row t reads
+        tokens[t], the token after its position, and h[t] (float32 [n, D*hc]: the main model's final streams at
+        that position, last_h of eval(want_h=True), or for a further draft the MTP's own); returns the logits of
+        the token after that, [n, n_vocab] (all_logits) or [1, n_vocab], and with want_h sets last_h to the MTP
+        block's streams of every row. Needs a context made with mtp=True."""
+        if self.n_blocks == self.hp.n_layer:
+            raise ValueError("this context does not run the MTP block: create it with mtp=True")
+        cdef int sid = self._seq(seq_id)
+        toks = self._tokens(sid, tokens, self.mtp_past[sid])
+        cdef int n = toks.shape[0]
+        hh = np.ascontiguousarray(h, dtype=np.float32)
+        if hh.shape != (n, self.hp.n_embd * self.hp.hc):
+            raise ValueError(f"h must be float32 [{n}, {self.hp.n_embd * self.hp.hc}], got {hh.shape}")
+        if n > self.n_ubatch:
+            raise ValueError(f"{n} MTP rows, more than n_ubatch={self.n_ubatch}")
+        cdef SeqPlan * sp = &self.plans[0]
+        sp.n, sp.t0, sp.p0 = n, 0, self.mtp_past[sid]
+        sp.st = &self.st[sid * self.n_blocks]
+        plan_compressor(&sp.comp[COMP_CSA], CSA, sp.p0, n, 0)  # not read: the MTP block has no compressor
+        plan_compressor(&sp.comp[COMP_HCA], HCA, sp.p0, n, 0)
+        self._graph_room(1)
+        res = self._compute([(sid, toks, n if all_logits else 1)], self.mtp_past, self.mtp_slot_pos, hh, want_h)
+        self._end_capture()
+        return res
+
+    def mtp_n_past(self, seq_id=0) -> int:
+        """Positions of a sequence the MTP block has read."""
+        return self.mtp_past[self._seq(seq_id)]
+
+    def mtp_truncate(self, int k, seq_id=0):
+        """Forget the MTP block's positions from k on (its window is a ring: what it held before k stays)."""
+        cdef int sid = self._seq(seq_id)
+        if not 0 <= k <= self.mtp_past[sid]:
+            raise ValueError(f"k must be between 0 and {self.mtp_past[sid]}, got {k}")
+        self.mtp_past[sid] = k
+        slot_pos = self.mtp_slot_pos[sid]
+        slot_pos[slot_pos >= k] = -(1 << 40)
+
+    def mtp_skip(self, int k, seq_id=0):
+        """Let the MTP block go on at position k without reading the positions before it that it missed (a restored
+        state, whose main streams are gone): its window simply lacks them."""
+        cdef int sid = self._seq(seq_id)
+        if not self.mtp_past[sid] <= k <= self.past[sid]:
+            raise ValueError(f"k must be between {self.mtp_past[sid]} and {self.past[sid]}, got {k}")
+        self.mtp_past[sid] = k
 
     cdef _routes(self, int n):
         """The experts of every (layer, token) of the ubatch just computed: int32 [n_layer, n, n_expert_used]."""
@@ -683,11 +878,11 @@ cdef class Context:
             g.ggml_backend_tensor_get(self.routes[il], <void *> (base + il * row), 0, row)
         return out
 
-    cdef _set_inputs(self, const UBatch * ub, Inputs * inp, list batch):
+    cdef _set_inputs(self, const UBatch * ub, Inputs * inp, list batch, list past, list slot_pos):
         """Fill the graph's inputs: token-wise ones over all rows, each sequence's from its state; returns the
         ubatch's tokens."""
         toks = np.concatenate([t for _, t, _ in batch])
-        pos = np.concatenate([np.arange(self.past[sid], self.past[sid] + t.shape[0], dtype=np.int64)
+        pos = np.concatenate([np.arange(past[sid], past[sid] + t.shape[0], dtype=np.int64)
                               for sid, t, _ in batch])
         set_input(inp.tokens, toks)
         set_input(inp.pos, pos.astype(np.int32))
@@ -699,7 +894,7 @@ cdef class Context:
         for s in range(ub.n_seq):
             sid, _, n_out = batch[s]
             sp = &ub.seq[s]
-            self._set_seq_inputs(sp, &inp.seq[s], self.slot_pos[sid], pos[sp.t0 : sp.t0 + sp.n])
+            self._set_seq_inputs(sp, &inp.seq[s], slot_pos[sid], pos[sp.t0 : sp.t0 + sp.n])
             rows.append(np.arange(sp.t0 + sp.n - n_out, sp.t0 + sp.n, dtype=np.int32))
         set_input(inp.out_rows, np.concatenate(rows))
         return toks

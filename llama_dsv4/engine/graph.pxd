@@ -99,6 +99,15 @@ cdef struct LayerW:
     MoeW ffn
 
 
+cdef struct MtpW:           # the MTP (nextn) block's own tensors, beside its LayerW (docs/speculative.md)
+    g.ggml_tensor * eh_proj     # [2D, D]: [enorm(embedding of the next token) ; hnorm(the main model's streams)]
+    g.ggml_tensor * enorm
+    g.ggml_tensor * hnorm
+    g.ggml_tensor * embed       # optional: its own embedding (NULL: the model's)
+    g.ggml_tensor * head        # optional: its own output head (NULL: the model's)
+    g.ggml_tensor * head_norm   # optional: its own output norm (NULL: the model's)
+
+
 cdef struct GlobalW:
     g.ggml_tensor * tok_embd
     g.ggml_tensor * out_norm
@@ -135,6 +144,9 @@ cdef struct CompPlan:
     int n_vis        # entries visible to the last token: (p0 + n) / ratio
     int keep_from    # first row of [state ; ubatch] that stays in the state
     int l1           # state rows after this ubatch
+    int nbk          # rows also copied to the state's backup rows (a truncation by up to keep_back positions
+    int bk_from      # needs them again: docs/speculative.md), from this row of [state ; ubatch]
+    int bk_row       # to this row of the state (its backup rows start there)
 
 
 cdef enum:
@@ -154,6 +166,7 @@ cdef struct UBatch:
     int n_out        # logits rows wanted (one sequence: its last n_out tokens; several: the rows inp.out_rows names)
     int ring         # rows of the raw ring
     int want_routes  # 1: expose every layer's selected experts (inp.routes) for MoE statistics
+    int want_h       # 1: expose the final hyper-connection streams of every row (inp.h_out), the MTP's input
     int n_seq
     const SeqPlan * seq  # [n_seq], in row order
 
@@ -174,6 +187,8 @@ cdef struct Inputs:
     g.ggml_tensor * out_rows   # I32 [n_out]: the rows whose logits are wanted (several sequences, n_out < n)
     SeqInputs * seq            # [n_seq] (the context's array; the builder fills it)
     g.ggml_tensor ** routes    # [n_layer] I32 [k, n] outputs: the experts each token was routed to (want_routes)
+    g.ggml_tensor * h_in       # F32 [D*hc, n]: the MTP graph's streams in (the main model's, or the MTP's own)
+    g.ggml_tensor * h_out      # F32 [D*hc, n] output: the final streams of every row (want_h)
 
 
 cdef inline int comp_index(int kind) noexcept nogil:
@@ -181,5 +196,8 @@ cdef inline int comp_index(int kind) noexcept nogil:
     return COMP_CSA if kind == CSA else COMP_HCA
 
 
+cdef g.ggml_tensor * build_mtp_graph(g.ggml_context * ctx, g.ggml_cgraph * gf, const Hparams * hp,
+                                     const GlobalW * gw, const LayerW * lw, const MtpW * mw, int il,
+                                     const UBatch * ub, Inputs * inp) noexcept nogil
 cdef g.ggml_tensor * build_graph(g.ggml_context * ctx, g.ggml_cgraph * gf, const Hparams * hp,
                                  const GlobalW * gw, const LayerW * lw, const UBatch * ub, Inputs * inp) noexcept nogil

@@ -15,7 +15,8 @@ from libc.math cimport INFINITY, sqrtf
 from libc.stdint cimport int64_t
 
 from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, SWA, AttnW, CompPlan, CompressorState, CompressorW,
-                    GlobalW, Hparams, HcW, Inputs, LayerState, LayerW, MoeW, SeqInputs, SeqPlan, UBatch, comp_index)
+                    GlobalW, Hparams, HcW, Inputs, LayerState, LayerW, MoeW, MtpW, SeqInputs, SeqPlan, UBatch,
+                    comp_index)
 
 ctypedef g.ggml_tensor T
 ctypedef g.ggml_context C
@@ -163,6 +164,11 @@ cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPl
     if cp.l1 > 0:
         g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xk, cp.l1, cp.keep_from), rows(ctx, st.kv, cp.l1, 0)))
         g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xs, cp.l1, cp.keep_from), rows(ctx, st.sc, cp.l1, 0)))
+    if cp.nbk > 0:  # the rows before those kept that a short truncation needs again (speculative decoding)
+        g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xk, cp.nbk, cp.bk_from),
+                                                   rows(ctx, st.kv, cp.nbk, cp.bk_row)))
+        g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, rows(ctx, xs, cp.nbk, cp.bk_from),
+                                                   rows(ctx, st.sc, cp.nbk, cp.bk_row)))
 
 # ------------------------------------------------------------------------------------------ attention
 
@@ -349,15 +355,57 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, co
 # ------------------------------------------------------------------------------------------ the whole model
 
 
-cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const GlobalW * gw, const LayerW * lw,
-                     const UBatch * ub, Inputs * inp) noexcept nogil:
-    """docs/architecture.md §6 for one ubatch of ub.n_seq sequences (docs/batching.md); returns the logits
-    [n_vocab, n_out] of the rows wanted (one sequence: its last n_out tokens; several: inp.out_rows)."""
-    cdef int64_t n = ub.n, D = hp.n_embd, hc = hp.hc
+cdef T * block(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * L, int il, const UBatch * ub,
+               Inputs * inp, T * S) noexcept nogil:
+    """One decoder block on the streams S [D, hc, n]: attention, then the MoE, each between its hyper-connection
+    mixes (docs/architecture.md §6)."""
+    cdef T * res = S
+    cdef T * post
+    cdef T * comb
+    cdef T * a = norm(ctx, named(hc_pre(ctx, hp, &L.hc_attn, S, &post, &comb, il), "hc_attn_pre", il), L.attn.norm,
+                      hp.eps)
+    a = attention(ctx, gf, hp, &L.attn, il, ub, inp, named(a, "attn_norm", il))
+    S = named(hc_post(ctx, hp, a, res, post, comb), "hc_attn_post", il)
+    res = S
+    a = norm(ctx, named(hc_pre(ctx, hp, &L.hc_ffn, S, &post, &comb, il), "hc_ffn_pre", il), L.ffn.norm, hp.eps)
+    a = named(moe(ctx, gf, hp, &L.ffn, ub, inp, named(a, "ffn_norm", il), il), "ffn_out", il)
+    return named(hc_post(ctx, hp, a, res, post, comb), "l_out", il)
+
+
+cdef T * head(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const GlobalW * gw, T * out_norm, T * output,
+              const UBatch * ub, Inputs * inp, T * S) noexcept nogil:
+    """The final streams S [D, hc, n], exposed whole as inp.h_out [D*hc, n] when ub.want_h; their rows wanted (one
+    sequence: its last n_out tokens; several: inp.out_rows) collapsed, normed and projected to logits
+    [n_vocab, n_out]."""
+    cdef int64_t n = S.ne[2], D = hp.n_embd, hc = hp.hc
+    inp.h_out = NULL
+    if ub.want_h:
+        inp.h_out = g.ggml_cont_2d(ctx, S, D * hc, n)
+        g.ggml_set_output(inp.h_out)
+        g.ggml_build_forward_expand(gf, inp.h_out)
+    if inp.out_rows != NULL:  # several sequences: the rows the host names
+        if not g.ggml_is_contiguous(S):
+            S = g.ggml_cont(ctx, S)
+        S = g.ggml_reshape_3d(ctx, g.ggml_get_rows(ctx, g.ggml_reshape_2d(ctx, S, D * hc, n), inp.out_rows), D, hc,
+                              ub.n_out)
+    elif ub.n_out < n:
+        S = g.ggml_cont(ctx, g.ggml_view_3d(ctx, S, D, hc, ub.n_out, S.nb[1], S.nb[2], (n - ub.n_out) * S.nb[2]))
+    cdef T * y = named(norm(ctx, hc_head(ctx, hp, gw, S), out_norm, hp.eps), "result_norm", -1)
+    cdef T * logits = named(g.ggml_mul_mat(ctx, output, y), "result_output", -1)
+    g.ggml_set_output(logits)
+    g.ggml_build_forward_expand(gf, logits)
+    return logits
+
+
+cdef void ubatch_inputs(C * ctx, const Hparams * hp, const LayerW * lw, int l0, int l1, const UBatch * ub,
+                        Inputs * inp) noexcept nogil:
+    """The graph inputs of a ubatch through layers l0 .. l1-1: tokens, positions, position mod ratio of the
+    compressed kinds those layers have, each sequence's ring slots, masks, completed blocks and visible entries."""
+    cdef int64_t n = ub.n
     cdef int il, c, s
     cdef bint has[N_COMP]
     has[COMP_CSA] = has[COMP_HCA] = False
-    for il in range(hp.n_layer):
+    for il in range(l0, l1):
         if lw[il].attn.kind != SWA:
             has[comp_index(lw[il].attn.kind)] = True
     inp.tokens = input_1d(ctx, g.GGML_TYPE_I32, n)
@@ -376,33 +424,37 @@ cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const Glob
             si.blk[c] = input_1d(ctx, g.GGML_TYPE_I32, cp.nb) if has[c] and cp.nb > 0 else NULL
             si.vis[c] = input_2d(ctx, g.GGML_TYPE_F32, cp.n_vis, sp.n) if has[c] and cp.n_vis > 0 else NULL
     inp.out_rows = input_1d(ctx, g.GGML_TYPE_I32, ub.n_out) if ub.n_seq > 1 and ub.n_out < n else NULL
+    inp.h_in = NULL
 
+
+cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const GlobalW * gw, const LayerW * lw,
+                     const UBatch * ub, Inputs * inp) noexcept nogil:
+    """docs/architecture.md §6 for one ubatch of ub.n_seq sequences (docs/batching.md); returns the logits
+    [n_vocab, n_out] of the rows wanted (one sequence: its last n_out tokens; several: inp.out_rows)."""
+    cdef int64_t n = ub.n, D = hp.n_embd, hc = hp.hc
+    cdef int il
+    ubatch_inputs(ctx, hp, lw, 0, hp.n_layer, ub, inp)
     cdef T * x = g.ggml_get_rows(ctx, gw.tok_embd, inp.tokens)  # [D, n]
     cdef T * S = g.ggml_repeat_4d(ctx, g.ggml_reshape_3d(ctx, x, D, 1, n), D, hc, n, 1)  # hc identical streams
-    cdef T * res
-    cdef T * a
-    cdef T * post
-    cdef T * comb
-    cdef const LayerW * L
     for il in range(hp.n_layer):
-        L = &lw[il]
-        res = S
-        a = norm(ctx, named(hc_pre(ctx, hp, &L.hc_attn, S, &post, &comb, il), "hc_attn_pre", il), L.attn.norm, hp.eps)
-        a = attention(ctx, gf, hp, &L.attn, il, ub, inp, named(a, "attn_norm", il))
-        S = named(hc_post(ctx, hp, a, res, post, comb), "hc_attn_post", il)
-        res = S
-        a = norm(ctx, named(hc_pre(ctx, hp, &L.hc_ffn, S, &post, &comb, il), "hc_ffn_pre", il), L.ffn.norm, hp.eps)
-        a = named(moe(ctx, gf, hp, &L.ffn, ub, inp, named(a, "ffn_norm", il), il), "ffn_out", il)
-        S = named(hc_post(ctx, hp, a, res, post, comb), "l_out", il)
-    if inp.out_rows != NULL:  # several sequences: the rows the host names
-        if not g.ggml_is_contiguous(S):
-            S = g.ggml_cont(ctx, S)
-        S = g.ggml_reshape_3d(ctx, g.ggml_get_rows(ctx, g.ggml_reshape_2d(ctx, S, D * hc, n), inp.out_rows), D, hc,
-                              ub.n_out)
-    elif ub.n_out < n:
-        S = g.ggml_cont(ctx, g.ggml_view_3d(ctx, S, D, hc, ub.n_out, S.nb[1], S.nb[2], (n - ub.n_out) * S.nb[2]))
-    cdef T * y = named(norm(ctx, hc_head(ctx, hp, gw, S), gw.out_norm, hp.eps), "result_norm", -1)
-    cdef T * logits = named(g.ggml_mul_mat(ctx, gw.output, y), "result_output", -1)
-    g.ggml_set_output(logits)
-    g.ggml_build_forward_expand(gf, logits)
-    return logits
+        S = block(ctx, gf, hp, &lw[il], il, ub, inp, S)
+    return head(ctx, gf, hp, gw, gw.out_norm, gw.output, ub, inp, S)
+
+
+cdef T * build_mtp_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const GlobalW * gw, const LayerW * lw,
+                         const MtpW * mw, int il, const UBatch * ub, Inputs * inp) noexcept nogil:
+    """The MTP (nextn) block il (docs/speculative.md) on the ubatch's rows: row t, at position p, reads the
+    embedding of its token (the token at p + 1) and the streams inp.h_in[t] (the main model's final streams at p,
+    or for a further draft the MTP's own), goes through the block with its own sliding window, and gives the
+    logits of the token at p + 2 [n_vocab, n_out] (and with ub.want_h its streams, inp.h_out)."""
+    cdef int64_t n = ub.n, D = hp.n_embd, hc = hp.hc
+    ubatch_inputs(ctx, hp, lw, il, il + 1, ub, inp)
+    inp.h_in = input_2d(ctx, g.GGML_TYPE_F32, D * hc, n)
+    cdef T * e = g.ggml_get_rows(ctx, mw.embed if mw.embed != NULL else gw.tok_embd, inp.tokens)  # [D, n]
+    e = named(norm(ctx, e, mw.enorm, hp.eps), "mtp_enorm", il)
+    e = g.ggml_repeat_4d(ctx, g.ggml_reshape_3d(ctx, e, D, 1, n), D, hc, n, 1)
+    cdef T * h = named(norm(ctx, g.ggml_reshape_3d(ctx, inp.h_in, D, hc, n), mw.hnorm, hp.eps), "mtp_hnorm", il)
+    cdef T * S = named(g.ggml_mul_mat(ctx, mw.eh_proj, g.ggml_concat(ctx, e, h, 0)), "mtp_eh_proj", il)  # [D, hc, n]
+    S = block(ctx, gf, hp, &lw[il], il, ub, inp, S)
+    return head(ctx, gf, hp, gw, mw.head_norm if mw.head_norm != NULL else gw.out_norm,
+                mw.head if mw.head != NULL else gw.output, ub, inp, S)

@@ -36,8 +36,17 @@ def ring_rows(p: DSV4Params, n_ctx: int, n_ubatch: int) -> int:
     return min(window(p, n_ctx) - 1 + min(n_ubatch, n_ctx), n_ctx)
 
 
-def state_tensors(p: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str) -> list[StateTensor]:
-    """Every tensor of one sequence's state."""
+def backup_rows(kind: int, keep_back: int) -> int:
+    """Compressor rows kept aside so that a truncation by up to keep_back positions needs no evaluation again: the
+    blocks those positions may reach back into (docs/speculative.md)."""
+    return kind * -(-keep_back // kind) if keep_back > 0 else 0
+
+
+def state_tensors(
+    p: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str, mtp: bool = False, keep_back: int = 0
+) -> list[StateTensor]:
+    """Every tensor of one sequence's state (with mtp: also the MTP block's, layer n_layer: its sliding-window ring
+    only; with keep_back: the compressors' backup rows; docs/speculative.md)."""
     if type_k not in CACHE_BYTES:
         raise ValueError(f"type_k must be one of {sorted(CACHE_BYTES)}, got {type_k!r}")
     d, di = p.head_dim, p.indexer_head_dim
@@ -48,19 +57,30 @@ def state_tensors(p: DSV4Params, n_ctx: int, n_ubatch: int, type_k: str) -> list
         if kind != LayerKind.SWA:
             coff = 2 if kind == LayerKind.CSA else 1  # CSA pools overlapping blocks: two halves of each row
             out.append(StateTensor(il, "comp", type_k, (d, -(-n_ctx // kind))))
-            out.append(StateTensor(il, "c.kv", "f32", (coff * d, coff * kind)))
-            out.append(StateTensor(il, "c.sc", "f32", (coff * d, coff * kind)))
+            rows = coff * kind + backup_rows(kind, keep_back)
+            out.append(StateTensor(il, "c.kv", "f32", (coff * d, rows)))
+            out.append(StateTensor(il, "c.sc", "f32", (coff * d, rows)))
         if kind == LayerKind.CSA:
             out.append(StateTensor(il, "lid", type_k, (di, -(-n_ctx // kind))))
-            out.append(StateTensor(il, "ic.kv", "f32", (2 * di, 2 * kind)))
-            out.append(StateTensor(il, "ic.sc", "f32", (2 * di, 2 * kind)))
+            out.append(StateTensor(il, "ic.kv", "f32", (2 * di, 2 * kind + backup_rows(kind, keep_back))))
+            out.append(StateTensor(il, "ic.sc", "f32", (2 * di, 2 * kind + backup_rows(kind, keep_back))))
+    if mtp:
+        out.append(StateTensor(p.n_layer, "raw", type_k, (d, ring_rows(p, n_ctx, n_ubatch))))
     return out
 
 
-def state_bytes(p: DSV4Params, n_ctx: int, n_ubatch: int = 512, type_k: str = "f16", n_seq: int = 1) -> int:
+def state_bytes(
+    p: DSV4Params,
+    n_ctx: int,
+    n_ubatch: int = 512,
+    type_k: str = "f16",
+    n_seq: int = 1,
+    mtp: bool = False,
+    keep_back: int = 0,
+) -> int:
     """Bytes of the state of n_seq sequences at this context length (before the allocator's alignment padding):
     a context holding several sequences allocates state_tensors once per sequence."""
-    return n_seq * sum(t.nbytes for t in state_tensors(p, n_ctx, n_ubatch, type_k))
+    return n_seq * sum(t.nbytes for t in state_tensors(p, n_ctx, n_ubatch, type_k, mtp, keep_back))
 
 
 def bytes_per_token(p: DSV4Params, type_k: str = "f16") -> float:

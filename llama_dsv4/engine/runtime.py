@@ -107,9 +107,13 @@ def create_context(
     n_threads: int,
     host_bytes: int = 0,
     n_seq: int = 1,
+    mtp: bool = False,
+    keep_back: int = 0,
 ) -> Context:
-    """A Context of n_seq sequences, after checking that their state, the model's weights where they are copied
-    (use_mmap=False) and `host_bytes` more on the host fit in memory."""
+    """A Context of n_seq sequences (with mtp: running the MTP block too, docs/speculative.md), after checking that
+    their state, the model's weights where they are copied (use_mmap=False) and `host_bytes` more on the host fit
+    in memory. keep_back: truncations by up to that many positions need no evaluation again (backup rows for
+    speculative decoding's rejected drafts)."""
     gemm, gemm_min = gemm_settings()  # a bad switch fails before anything is allocated
     governor_enabled()  # a bad switch fails before anything is allocated
     backends = _ggml.Backends(device, n_threads)
@@ -125,6 +129,8 @@ def create_context(
         gemm=gemm,
         gemm_min_tokens=gemm_min,
         n_seq=n_seq,
+        mtp=mtp,
+        keep_back=keep_back,
     )
 
 

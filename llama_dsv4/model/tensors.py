@@ -97,9 +97,9 @@ def layer_tensors(p: DSV4Params, il: int) -> list[TensorSpec]:
         ]
     if il >= p.n_layer:  # an MTP layer
         out += [
-            TensorSpec(b + "nextn.eh_proj.weight", (2 * D, D), Role.NEXTN),
-            TensorSpec(b + "nextn.enorm.weight", (D,), N),
-            TensorSpec(b + "nextn.hnorm.weight", (D,), N),
+            TensorSpec(b + "nextn.eh_proj.weight", (2 * D, D), Role.NEXTN, "mtp.eh_proj"),
+            TensorSpec(b + "nextn.enorm.weight", (D,), N, "mtp.enorm"),
+            TensorSpec(b + "nextn.hnorm.weight", (D,), N, "mtp.hnorm"),
         ]
     return out
 
@@ -109,9 +109,9 @@ def optional_nextn_tensors(p: DSV4Params, il: int) -> list[TensorSpec]:
     D, V = p.n_embd, p.n_vocab
     b = f"blk.{il}.nextn."
     return [
-        TensorSpec(b + "embed_tokens.weight", (D, V), Role.EMBED),
-        TensorSpec(b + "shared_head_head.weight", (D, V), Role.OUTPUT),
-        TensorSpec(b + "shared_head_norm.weight", (D,), Role.NORM),
+        TensorSpec(b + "embed_tokens.weight", (D, V), Role.EMBED, "mtp.embed"),
+        TensorSpec(b + "shared_head_head.weight", (D, V), Role.OUTPUT, "mtp.head"),
+        TensorSpec(b + "shared_head_norm.weight", (D,), Role.NORM, "mtp.head_norm"),
     ]
 
 

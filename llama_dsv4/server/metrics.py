@@ -156,7 +156,35 @@ class Metrics:
         w.add("n_ctx", "gauge", "context size of each slot, tokens", [({"slot": s.id}, s.n_ctx) for s in slots])
         w.add("uptime_seconds", "gauge", "seconds since the server started", [({}, time.time() - self.started)])
         _moe(w, slots)
+        _spec(w, slots)
         return w.text()
+
+
+def _spec(w: _Writer, slots: list[Any]) -> None:
+    """Speculative decoding with the MTP layer (--spec-type draft-mtp), under llama-server's names: drafted and
+    accepted tokens, verification steps, accepted tokens per draft position, all slots."""
+    stats = []
+    for s in slots:
+        get = getattr(s.llm, "spec_stats", None)
+        st = get() if callable(get) else None
+        if isinstance(st, dict):
+            stats.append(st)
+    if not stats:
+        return
+    for name, key, what in (
+        ("spec_decode_num_draft_tokens_total", "drafted", "tokens drafted by the MTP layer"),
+        ("spec_decode_num_accepted_tokens_total", "accepted", "drafted tokens the model accepted"),
+        ("spec_decode_num_drafts_total", "steps", "drafts verified"),
+    ):
+        w.add(name, "counter", what, [({}, sum(st[key] for st in stats))])
+    n_pos = max(len(st["accepted_at"]) for st in stats)
+    per_pos = [sum(st["accepted_at"][i] for st in stats if i < len(st["accepted_at"])) for i in range(n_pos)]
+    w.add(
+        "spec_decode_num_accepted_tokens_per_pos_total",
+        "counter",
+        "accepted tokens per draft position",
+        [({"position": i}, v) for i, v in enumerate(per_pos)],
+    )
 
 
 def _moe(w: _Writer, slots: list[Any]) -> None:

@@ -38,7 +38,7 @@ _LLAMA_FIELDS = (
     "n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "flash_attn", "use_mlock", "use_mmap", "device",
     "logits_all", "verbose",
 )  # fmt: skip
-_LLAMA_IF_SET = ("seed", "type_k", "moe_hot_count", "moe_hot_budget_mib", "moe_stats_path")
+_LLAMA_IF_SET = ("seed", "type_k", "moe_hot_count", "moe_hot_budget_mib", "moe_stats_path", "spec_type")
 
 
 @dataclass
@@ -68,6 +68,8 @@ class Settings:
     moe_hot_count: int | str | list[int] | None = None
     moe_hot_budget_mib: float | None = None
     moe_stats_path: str | None = None
+    spec_type: str | None = None  # "mtp": speculative decoding with the model's MTP layer (--spec-type draft-mtp)
+    spec_draft_n_max: int = 2
     logits_all: bool = False
     # chat
     chat_template: str | None = None  # a template name of the model ("deepseek-v4", "chat_template.default") or Jinja
@@ -114,6 +116,8 @@ class Settings:
         kw: dict[str, Any] = {name: getattr(self, name) for name in _LLAMA_FIELDS}
         kw["n_threads_batch"] = self.n_threads_batch if self.n_threads_batch is not None else self.n_threads
         kw.update((name, getattr(self, name)) for name in _LLAMA_IF_SET if getattr(self, name) is not None)
+        if self.spec_type is not None:
+            kw["spec_draft_n_max"] = self.spec_draft_n_max
         kw.update(self.llama_extra)
         return kw
 
@@ -164,7 +168,8 @@ _NOTE_VALUE_FLAGS: dict[tuple[str, ...], str] = {
     ("-C", "--cpu-mask", "-Cr", "--cpu-range", "--prio", "--poll"): "thread placement is left to ggml and the OS",
     ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"): "not needed: this engine keeps its own state per slot",
     ("--model-alias",): "use --alias",
-    ("--draft", "--draft-max", "--draft-min", "-md", "--model-draft"): "speculative decoding is not supported",
+    ("--draft", "--draft-max", "--draft-min", "-md", "--model-draft"): "a separate draft model is not supported: "
+    "use --spec-type draft-mtp (the model's own MTP layer)",
     ("--lora", "--lora-scaled", "--control-vector"): "adapters are not supported",
     ("-ot", "--override-tensor", "--override-kv"): "tensor and metadata overrides are not supported",
 }
@@ -389,6 +394,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     s.type_k = CACHE_TYPES[ns.cache_type_k] if ns.cache_type_k else None
     s.moe_hot_count, s.moe_hot_budget_mib, s.moe_stats_path = ns.moe_hot_count, ns.moe_hot_budget_mib, ns.moe_stats_path
     s.logits_all = ns.logits_all
+    s.spec_type = "mtp" if ns.spec_type == "draft-mtp" else None
+    s.spec_draft_n_max = ns.spec_draft_n_max
 
     s.chat_template = ns.chat_template
     s.chat_template_file = ns.chat_template_file
@@ -405,6 +412,11 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         why = "without continuous batching each slot has its own context" if s.parallel > 1 else "one slot"
         notes.append(f"--kv-unified: no effect ({why})")
         s.kv_unified = False
+    if s.spec_type is not None and s.cont_batching and s.parallel > 1:
+        raise SettingsError(
+            "--spec-type draft-mtp drafts for one sequence per context: use --parallel 1, or --no-cont-batching "
+            "(each slot its own context)"
+        )
     # the slots' contexts compute at once and share the CPUs; one context of several sequences computes one step
     # at a time, with all of them
     s.n_threads, s.n_threads_batch = fit_threads(ns, notes, 1 if s.cont_batching else s.parallel)

@@ -14,6 +14,10 @@ llama_dsv4 (both load a libggml, of different versions, and the first one loaded
       The inverse: one string per id list (bytes decoded as UTF-8, errors replaced).
   greedy     MODEL.gguf --tokens 1,2,3 [-n N] [--ubatch U] [--kv-f32] [--threads T] --out gen.json
       The prompt, then N argmax steps one token at a time: {"generated": [...], "seconds_per_token": s}.
+  mtp        MODEL.gguf --tokens-file ids.npy --h-file h.npy [--ubatch U] [--threads T] --out ref.npz
+      llama.cpp's MTP graph (a context of type LLAMA_CONTEXT_TYPE_MTP over the model loaded with load_mtp): row t
+      at position t reads token ids[t] and the streams h[t] (float32 [n, n_embd * hc], given to the batch as the
+      entry's embedding); the .npz has `logits`, one row per row.
   quantize   MODEL.gguf OUT [--ftype N] [--pure] [--imatrix sizes.json] [--dry-run]
       llama.cpp's quantizer (llama_model_quantize) to file type N; --imatrix gives every tensor named in the JSON
       object {name: number of values} a uniform importance matrix (all ones). --dry-run writes no model: OUT is
@@ -182,6 +186,55 @@ def run_detokenize(a: argparse.Namespace) -> None:
     L.llama_model_free(model)
 
 
+def run_mtp(a: argparse.Namespace) -> None:
+    L.llama_log_set(_QUIET, None)
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    mp.load_mtp = True
+    if os.environ.get("DSV4_ORACLE_NO_REPACK") == "1":
+        mp.use_extra_bufts = False
+    model = L.llama_model_load_from_file(a.model.encode(), mp)
+    if not model:
+        sys.exit(f"llama.cpp could not load {a.model} with its MTP layer")
+    if L.llama_model_n_layer_nextn(model) < 1:
+        sys.exit(f"{a.model} has no MTP layer for llama.cpp")
+    toks = np.load(a.tokens_file).astype(np.int64)
+    h = np.ascontiguousarray(np.load(a.h_file), np.float32)
+    nv = n_vocab(model)
+    cp = L.llama_context_default_params()
+    cp.n_ctx = max(256, len(toks) + 16)
+    cp.n_batch = cp.n_ubatch = a.ubatch
+    cp.n_threads = cp.n_threads_batch = a.threads
+    cp.ctx_type = L.LLAMA_CONTEXT_TYPE_MTP
+    cp.n_rs_seq = 0
+    ctx = L.llama_init_from_model(model, cp)  # (llama.cpp 0.3.36 divides by zero here when the attention head and
+    if not ctx:  # the indexer's head have the same width: give test models different ones)
+        sys.exit("llama.cpp could not create an MTP context")
+    batch = L.llama_batch_ext_init(ctx)
+    logits = np.zeros((len(toks), nv), np.float32)
+    for s0 in range(0, len(toks), a.ubatch):
+        L.llama_batch_ext_clear(batch)
+        n = min(a.ubatch, len(toks) - s0)
+        for i in range(n):
+            idx = L.llama_batch_ext_add_token(batch, 0, int(toks[s0 + i]))
+            pos = (L.llama_pos * 4)(s0 + i, 0, 0, 0)
+            L.llama_batch_ext_set_pos(batch, idx, pos)
+            row = h[s0 + i]
+            e = L.llama_embd(row.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 1, row.shape[0])
+            if not L.llama_batch_ext_set_embd_token(batch, idx, e):  # (as llama.cpp's draft-mtp passes them)
+                sys.exit(f"could not set the streams of row {s0 + i}")
+            L.llama_batch_ext_set_output_logits(batch, idx, True)
+        rc = L.llama_process(ctx, L.LLAMA_PROCESS_TYPE_DECODE, batch)
+        if rc != 0:
+            sys.exit(f"llama_process returned {rc} at row {s0}")
+        for i in range(n):
+            logits[s0 + i] = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(nv,))
+    np.savez(a.out, logits=logits)
+    L.llama_batch_ext_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+
+
 def run_greedy(a: argparse.Namespace) -> None:
     model = open_model(a.model)
     nv = n_vocab(model)
@@ -279,6 +332,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
     p.set_defaults(run=run_greedy)
+
+    p = sub.add_parser("mtp", help="llama.cpp's MTP graph on given tokens and streams")
+    p.add_argument("model")
+    p.add_argument("--tokens-file", required=True)
+    p.add_argument("--h-file", required=True)
+    p.add_argument("--ubatch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=run_mtp)
 
     p = sub.add_parser("quantize", help="llama.cpp's quantizer")
     p.add_argument("model")
