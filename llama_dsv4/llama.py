@@ -441,6 +441,7 @@ class Llama:
             spec_draft_n_max=spec_draft_n_max,
         )
 
+        keep_back = min(spec_n or 0, self.n_ubatch - 1)  # a rejected draft's compressor rows come back from a backup
         runner = None
         if not vocab_only:
             rows = self._n_ctx if self._logits_all else self.n_batch  # each sequence's input_ids and scores
@@ -456,7 +457,7 @@ class Llama:
                 host_bytes=self.n_seq_max * (4 * self._n_ctx + 4 * rows * self._n_vocab),
                 n_seq=self.n_seq_max,
                 mtp=spec_n is not None,
-                keep_back=min(spec_n or 0, self.n_ubatch - 1),  # a rejected draft's rows come back from a backup
+                keep_back=keep_back,
             )
             runner = Runner(
                 self._model,
@@ -479,7 +480,9 @@ class Llama:
             n_vocab=self._n_vocab,
             logits_all=self._logits_all,
             grammar_state=functools.partial(grammar_state, self._dsv4_tokenizer),  # (no reference to self)
-            state_size=state_bytes(params, self._n_ctx, self.n_ubatch, type_k_name),
+            state_size=state_bytes(
+                params, self._n_ctx, self.n_ubatch, type_k_name, mtp=spec_n is not None, keep_back=keep_back
+            ),
         )
         self._seq = self._new_sequence(
             n_threads=threads,

@@ -46,13 +46,15 @@ GGML_TYPE_F32 = 0
 _QUIET = L.llama_log_callback(lambda level, text, user_data: None)
 
 
-def open_model(path: str, vocab_only: bool = False) -> Any:
-    """The model, or exit with a message. DSV4_ORACLE_NO_REPACK=1 turns off the extra CPU buffer types: llama.cpp
-    0c1e570 repacks Q8_0 weights for AMX and then aborts on quantized deepseek4 files on CPUs that have AMX."""
+def open_model(path: str, vocab_only: bool = False, load_mtp: bool = False) -> Any:
+    """The model (with load_mtp: its MTP layer too), or exit with a message. DSV4_ORACLE_NO_REPACK=1 turns off the
+    extra CPU buffer types: llama.cpp 0c1e570 repacks Q8_0 weights for AMX and then aborts on quantized deepseek4
+    files on CPUs that have AMX."""
     L.llama_log_set(_QUIET, None)
     L.llama_backend_init()
     params = L.llama_model_default_params()
     params.vocab_only = vocab_only
+    params.load_mtp = load_mtp
     if os.environ.get("DSV4_ORACLE_NO_REPACK") == "1":
         params.use_extra_bufts = False
     model = L.llama_model_load_from_file(path.encode(), params)
@@ -187,15 +189,7 @@ def run_detokenize(a: argparse.Namespace) -> None:
 
 
 def run_mtp(a: argparse.Namespace) -> None:
-    L.llama_log_set(_QUIET, None)
-    L.llama_backend_init()
-    mp = L.llama_model_default_params()
-    mp.load_mtp = True
-    if os.environ.get("DSV4_ORACLE_NO_REPACK") == "1":
-        mp.use_extra_bufts = False
-    model = L.llama_model_load_from_file(a.model.encode(), mp)
-    if not model:
-        sys.exit(f"llama.cpp could not load {a.model} with its MTP layer")
+    model = open_model(a.model, load_mtp=True)
     if L.llama_model_n_layer_nextn(model) < 1:
         sys.exit(f"{a.model} has no MTP layer for llama.cpp")
     toks = np.load(a.tokens_file).astype(np.int64)
