@@ -20,8 +20,9 @@ with its own venv) in the same alternating rounds, and adds its column and the r
 moved our figures, measured side by side rather than against a table from another day.
 
 Models: "tiny" (docs/architecture.md §15.1, q8xq5, real vocabulary) and "medium" (written once to
-~/.cache/llama-dsv4/bench/: 8 layers of every kind, n_embd 1024, 128 experts top-6, q8xq5, 1.06 GiB), or any
-deepseek4 GGUF.
+~/.cache/llama-dsv4/bench/: 8 layers of every kind, n_embd 1024, 128 experts top-6, q8xq5, 1.06 GiB), each also as
+"tiny-DTYPE" / "medium-DTYPE" in any of the writer's dtypes and llama.cpp's file types (medium-Q4_K_M,
+medium-Q2_K, ...), or any deepseek4 GGUF.
 """
 
 from __future__ import annotations
@@ -128,12 +129,16 @@ def model(name: str) -> str:
 
     if os.path.exists(name):
         return name
+    size, _, dtype = name.partition("-")  # "medium" (q8xq5) or "medium-Q4_K_M": any of the writer's dtypes
+    if size not in ("tiny", "medium"):
+        raise SystemExit(f"--model: {name!r} is neither a file nor tiny/medium[-DTYPE]")
+    dtype = dtype or "q8xq5"
     d = os.path.join(os.path.expanduser("~"), ".cache", "llama-dsv4", "bench")
     os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"speed-{name}-q8xq5.gguf")
+    path = os.path.join(d, f"speed-{size}-{dtype.lower()}.gguf")
     if not os.path.exists(path):
-        p = DSV4Params() if name == "tiny" else DSV4Params(**MEDIUM)
-        write_model(path + ".part", p, dtype="q8xq5", vocab="real", name=f"speed bench {name}")
+        p = DSV4Params() if size == "tiny" else DSV4Params(**MEDIUM)
+        write_model(path + ".part", p, dtype=dtype, vocab="real", name=f"speed bench {size} {dtype}")
         os.replace(path + ".part", path)
     return path
 

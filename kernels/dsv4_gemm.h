@@ -1,16 +1,16 @@
 /* Matrix products for prompt processing on the CPU, where ggml 0.20.2 has no tiled kernel for our types.
  *
- * 1. Routed experts: Q5_K experts x Q8_K activations (mul_mat_id), kernels/dsv4_moe_gemm.c.
+ * 1. Routed experts: K-quant (Q2_K to Q6_K) experts x Q8_K activations (mul_mat_id), kernels/dsv4_moe_gemm.c.
  *
- * ggml 0.20.2's mul_mat_id computes each (weight row, token) pair with one vec_dot, unpacking the 5-bit
+ * ggml 0.20.2's mul_mat_id computes each (weight row, token) pair with one vec_dot, unpacking the 2- to 6-bit
  * weights again for every token. Here each 4-row group of an expert is unpacked once into bytes and scale
  * vectors, then multiplied with all the tokens routed to that expert, 1-2 tokens at a time in registers.
  * Integer sums are exact and the same as ggml's; only the float accumulation order differs.
  *
  *   prep = dsv4_q8k_prep(ctx, b)                   b [K, n1, n] F32 -> one Q8_K row per activation row
- *   out  = dsv4_mul_mat_id_q5k(ctx, as, prep, ids, isa)   = ggml_mul_mat_id(ctx, as, b, ids): [M, k, n] F32
+ *   out  = dsv4_mul_mat_id_kq(ctx, as, prep, ids, isa)    = ggml_mul_mat_id(ctx, as, b, ids): [M, k, n] F32
  *
- * as [K, M, E] Q5_K; ids [k, n] I32 (strided views allowed); n1 is 1 (one row for all k slots) or k.
+ * as [K, M, E] Q2_K, Q3_K, Q4_K, Q5_K or Q6_K; ids [k, n] I32 (strided views allowed); n1 is 1 (one row for all k slots) or k.
  * 2. Dense Q8_0 weights (attention, shared expert, router) x Q8_0 activations (mul_mat), AVX-512 VNNI only,
  *    kernels/dsv4_gemm_vnni.c:
  *
@@ -44,7 +44,7 @@ int dsv4_gemm_isa_best(void);
 /* Whether this CPU can run `isa` (DSV4_GEMM_SCALAR always can). */
 int dsv4_gemm_isa_supported(int isa);
 
-/* Whether dsv4_mul_mat_id_q5k accepts these operands (types, shapes, limits below). */
+/* Whether dsv4_mul_mat_id_kq accepts these operands (types, shapes, limits below). */
 int dsv4_moe_gemm_ok(const struct ggml_tensor * as, const struct ggml_tensor * b, const struct ggml_tensor * ids);
 
 #define DSV4_GEMM_MAX_K 8192      /* unpacked rows live on the worker's stack */
@@ -54,10 +54,14 @@ int dsv4_moe_gemm_ok(const struct ggml_tensor * as, const struct ggml_tensor * b
  * a float correction (Q8_K: scale * sum of the block's quants); a 64-byte multiple. */
 size_t dsv4_act_row_bytes(int64_t K);
 
+/* Bytes of one prepared Q8_K activation row (dsv4_q8k_prep): the above, then per block of 16 an int32 sum of its
+ * quants (Q6_K's correction); a 64-byte multiple. */
+size_t dsv4_q8k_row_bytes(int64_t K);
+
 struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor * b);
 
 /* NULL when the operands are not accepted or isa is not supported. */
-struct ggml_tensor * dsv4_mul_mat_id_q5k(struct ggml_context * ctx, struct ggml_tensor * as, struct ggml_tensor * prep,
+struct ggml_tensor * dsv4_mul_mat_id_kq(struct ggml_context * ctx, struct ggml_tensor * as, struct ggml_tensor * prep,
                                          struct ggml_tensor * ids, int isa);
 
 /* Whether dsv4_mul_mat_q80 accepts these operands (this CPU has AVX-512 VNNI, K % 256 == 0, M % 16 == 0). */

@@ -6,12 +6,18 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "ggml.h"
+
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define DSV4_X86 1
 #endif
 
 #define QK 256         /* a K-quant super-block; the K of every matrix here is a multiple of it */
+#define Q2K_BYTES 84   /* block_q2_K: 16 bytes 4-bit scales and mins, 64 bytes 2-bit quants, d, dmin (fp16) */
+#define Q3K_BYTES 110  /* block_q3_K: 32 bytes high bits, 64 bytes 2-bit quants, 12 bytes 6-bit scales, d (fp16) */
+#define Q4K_BYTES 144  /* block_q4_K: d, dmin (fp16), 12 bytes scales/mins, 128 bytes nibbles */
 #define Q5K_BYTES 176  /* block_q5_K: d, dmin (fp16), 12 bytes scales/mins, 32 bytes high bits, 128 bytes nibbles */
+#define Q6K_BYTES 210  /* block_q6_K: 128 bytes low nibbles, 64 bytes high bit pairs, 16 int8 scales, d (fp16) */
 #define Q80_BYTES 34   /* block_q8_0: d (fp16), 32 int8 */
 #define SLAB_ROWS 16   /* weight rows of one VNNI slab (one per 32-bit lane) */
 
@@ -39,8 +45,8 @@ static inline int dsv4_nearest_int8(float v) {
     return i > 127 ? 127 : (i < -127 ? -127 : i);
 }
 
-/* Q5_K sub-block j's 6-bit scale and min from the block's 12 packed bytes (ggml's get_scale_min_k4). */
-static inline void dsv4_q5k_scale_min(int j, const uint8_t * s, int * sc, int * m) {
+/* Q4_K / Q5_K sub-block j's 6-bit scale and min from the block's 12 packed bytes (ggml's get_scale_min_k4). */
+static inline void dsv4_scale_min_k4(int j, const uint8_t * s, int * sc, int * m) {
     if (j < 4) {
         *sc = s[j] & 63;
         *m = s[j + 4] & 63;
@@ -50,12 +56,37 @@ static inline void dsv4_q5k_scale_min(int j, const uint8_t * s, int * sc, int * 
     }
 }
 
-/* The 256 quants (0..31) of the Q5_K super-block at b, in order: low nibbles of 32 bytes then their high nibbles,
- * four times, each with its bit of the 32 high-bit bytes. */
-void dsv4_q5k_quants(const uint8_t * b, uint8_t * q);
-#ifdef DSV4_X86
-void dsv4_q5k_quants_avx2(const uint8_t * b, uint8_t * q); /* the same with AVX2 */
-#endif
+/* The K-quant types of the expert products. Scales per block of 32: Q4_K and Q5_K, 6-bit scales and mins
+ * (w = d*sc_j*q - dmin*m_j, q in 0..15 / 0..31). Scales per block of 16 ("k16"): Q2_K (4-bit scales and mins,
+ * w = d*sc_i*q - dmin*m_i, q in 0..3), Q3_K (6-bit scales, w = d*(sc_i - 32)*(q - 4), q in 0..7) and Q6_K (int8
+ * scales, w = d*sc_i*(q - 32), q in 0..63). Bytes of one super-block of `type` (a ggml_type), 0 for any other. */
+size_t dsv4_kq_bytes(int type);
+
+static inline int dsv4_is_k16(int type) {
+    return type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K || type == GGML_TYPE_Q6_K;
+}
+
+/* The 256 unsigned quants of a Q4_K / Q5_K super-block at b, in the order of the weights: low nibbles of 32 bytes
+ * then their high nibbles, four times, Q5_K's each with its bit of the 32 high-bit bytes; `avx2`: this CPU runs
+ * AVX2. */
+void dsv4_kq_quants(int type, const uint8_t * b, uint8_t * q, int avx2);
+
+/* A k16 super-block in integers: w_e = d * sc_i * (q_e - off) - dmin * m_i for weight e of block i = e / 16. */
+struct dsv4_k16 {
+    uint8_t q[QK];
+    int32_t sc[16], m[16];
+    float d, dmin;
+    int off, has_min;
+};
+
+/* Unpack the k16 super-block of `type` at b as ggml's dequantize_row_q{2,3,6}_K orders its weights. */
+void dsv4_k16_block(int type, const uint8_t * b, struct dsv4_k16 * k);
+
+/* A prepared Q8_K activation row (dsv4_q8k_prep): K int8 quants, then per block of 32 the float scale and a float
+ * correction (scale * sum of the block's quants), then per block of 16 the int32 sum of its quants (k16 types). */
+static inline const int32_t * dsv4_q8k_bsums16(const uint8_t * row, int64_t K) {
+    return (const int32_t *) (row + K + 8 * (size_t) (K / 32));
+}
 
 struct ggml_tensor;
 /* A prep op's body: quantize the rows of dst->src[0] (F32 [K, n1, n2]) into dst's rows, rows across threads. */
@@ -70,13 +101,28 @@ struct dsv4_slab {
     float mn[8][SLAB_ROWS];
 };
 
+/* The same for the k16 types: per block of 16 columns, the rows' scales and mins (as int32), the rows' d and dmin;
+ * row r's product is d * ds * sum_i sc[i][r] * (dot_i(w, a) - off * bsum_i) - dmin * ds * sum_i m[i][r] * bsum_i,
+ * the sums in integers as ggml's. */
+struct dsv4_slab16 {
+    uint8_t w[QK / 4][64];
+    int32_t sc[16][SLAB_ROWS], m[16][SLAB_ROWS];
+    float d[SLAB_ROWS], dmin[SLAB_ROWS];
+    int off, has_min;
+};
+
 int dsv4_vnni_supported(void);
 
-/* Fill `slab` from super-block `sb` of 16 Q5_K rows starting at `rows`, `stride` bytes apart. */
-void dsv4_vnni_slab_q5k(const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab);
+/* Fill `slab` from super-block `sb` of 16 rows of `type` (Q4_K or Q5_K) starting at `rows`, `stride` bytes apart. */
+void dsv4_vnni_slab_kq(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab);
 
 /* acc[c][r] += row r of the slab times prepared activation row a[c] over super-block sb, c < nc (nc <= 8). */
 void dsv4_vnni_columns(const struct dsv4_slab * slab, const uint8_t * const * a, int nc, int64_t K, int64_t sb,
                        float (*acc)[SLAB_ROWS]);
+
+/* k16: fill `slab` from super-block `sb` of 16 rows of `type`; the columns as dsv4_vnni_columns (Q8_K rows). */
+void dsv4_vnni_slab_k16(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab16 * slab);
+void dsv4_vnni_columns_k16(const struct dsv4_slab16 * slab, const uint8_t * const * a, int nc, int64_t K, int64_t sb,
+                           float (*acc)[SLAB_ROWS]);
 
 #endif

@@ -5,8 +5,9 @@
  * per-row sums, and every block of 32 columns is scaled once, in float, per row (a vector) and activation
  * (a scalar). No horizontal sums: a column of 16 outputs is one vector. The integer sums are ggml's.
  *
- * Q5_K rows (quants 0..31) go in as they are; Q8_0 rows (int8) go in offset by 128, and the offset's products
- * (128 * the activation block's sum) come off through the correction term.
+ * Q4_K / Q5_K rows (quants 0..15 / 0..31) go in as they are, and so do the k16 types' (Q2_K, Q3_K, Q6_K: their
+ * offsets, scales and mins per 16 columns applied in integers per super-block, as ggml does); Q8_0 rows (int8) go in offset by 128, and the
+ * offset's products (128 * the activation block's sum) come off through the correction term.
  */
 #include "dsv4_gemm.h"
 #include "dsv4_gemm_impl.h"
@@ -49,8 +50,8 @@ VNNI static inline void transpose16(__m512i x[16]) {
     }
 }
 
-/* tmp: 16 rows of 256 unsigned bytes -> slab->w */
-VNNI static void interleave(const uint8_t tmp[SLAB_ROWS][QK], struct dsv4_slab * slab) {
+/* tmp: 16 rows of 256 unsigned bytes -> w (a slab's) */
+VNNI static void interleave(const uint8_t tmp[SLAB_ROWS][QK], uint8_t (*w)[64]) {
     for (int q = 0; q < 4; q++) {
         __m512i x[16];
         for (int r = 0; r < 16; r++) {
@@ -58,28 +59,29 @@ VNNI static void interleave(const uint8_t tmp[SLAB_ROWS][QK], struct dsv4_slab *
         }
         transpose16(x);
         for (int c = 0; c < 16; c++) {
-            _mm512_storeu_si512((void *) slab->w[16 * q + c], x[c]);
+            _mm512_storeu_si512((void *) w[16 * q + c], x[c]);
         }
     }
 }
 
-VNNI void dsv4_vnni_slab_q5k(const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
+VNNI void dsv4_vnni_slab_kq(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
     uint8_t tmp[SLAB_ROWS][QK];
+    const size_t bytes = dsv4_kq_bytes(type);
     for (int r = 0; r < SLAB_ROWS; r++) {
-        const uint8_t * b = rows + r * stride + sb * Q5K_BYTES;
+        const uint8_t * b = rows + r * stride + (size_t) sb * bytes;
         uint16_t hd, hm;
         memcpy(&hd, b, 2);
         memcpy(&hm, b + 2, 2);
         const float d = dsv4_half_to_float(hd), dmin = dsv4_half_to_float(hm);
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            dsv4_q5k_scale_min(j, b + 4, &sc, &m);
+            dsv4_scale_min_k4(j, b + 4, &sc, &m);
             slab->s[j][r] = d * (float) sc;
             slab->mn[j][r] = dmin * (float) m;
         }
-        dsv4_q5k_quants_avx2(b, tmp[r]);
+        dsv4_kq_quants(type, b, tmp[r], 1);
     }
-    interleave((const uint8_t(*)[QK]) tmp, slab);
+    interleave((const uint8_t(*)[QK]) tmp, slab->w);
 }
 
 VNNI static void slab_q80(const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
@@ -95,7 +97,82 @@ VNNI static void slab_q80(const uint8_t * rows, size_t stride, int64_t sb, struc
                                 _mm256_xor_si256(_mm256_loadu_si256((const __m256i *) (b + 2)), bias));
         }
     }
-    interleave((const uint8_t(*)[QK]) tmp, slab);
+    interleave((const uint8_t(*)[QK]) tmp, slab->w);
+}
+
+VNNI void dsv4_vnni_slab_k16(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab16 * slab) {
+    uint8_t tmp[SLAB_ROWS][QK];
+    const size_t bytes = dsv4_kq_bytes(type);
+    struct dsv4_k16 k;
+    for (int r = 0; r < SLAB_ROWS; r++) {
+        dsv4_k16_block(type, rows + r * stride + (size_t) sb * bytes, &k);
+        slab->d[r] = k.d;
+        slab->dmin[r] = k.dmin;
+        for (int i = 0; i < 16; i++) {
+            slab->sc[i][r] = k.sc[i];
+            slab->m[i][r] = k.m[i];
+        }
+        memcpy(tmp[r], k.q, QK);
+        slab->off = k.off;
+        slab->has_min = k.has_min;
+    }
+    interleave((const uint8_t(*)[QK]) tmp, slab->w);
+}
+
+/* k16: per block i of 16 columns, 4 vpdpbusd give each row's dot; minus off * bsum_i, times its scale (vpmulld),
+ * summed in integers over the super-block (and the mins' sum_i m_i * bsum_i), then scaled in float. */
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inline)) static inline void columns16_n(
+    const struct dsv4_slab16 * slab, const uint8_t * const * a, int64_t K, int64_t sb, float (*acc)[SLAB_ROWS],
+    const int NC) {
+    __m512i tot[8], mt[8];
+    for (int c = 0; c < NC; c++) {
+        tot[c] = mt[c] = _mm512_setzero_si512();
+    }
+    for (int i = 0; i < 16; i++) {
+        __m512i ia[8];
+        for (int c = 0; c < NC; c++) {
+            ia[c] = _mm512_setzero_si512();
+        }
+        for (int t = 0; t < 4; t++) {
+            const __m512i w = _mm512_loadu_si512((const void *) slab->w[i * 4 + t]);
+            for (int c = 0; c < NC; c++) {
+                int32_t a4;
+                memcpy(&a4, a[c] + sb * QK + i * 16 + t * 4, 4);
+                ia[c] = _mm512_dpbusd_epi32(ia[c], w, _mm512_set1_epi32(a4));
+            }
+        }
+        const __m512i sc = _mm512_loadu_si512((const void *) slab->sc[i]);
+        const __m512i m = _mm512_loadu_si512((const void *) slab->m[i]);
+        for (int c = 0; c < NC; c++) {
+            const __m512i bs = _mm512_set1_epi32(dsv4_q8k_bsums16(a[c], K)[sb * 16 + i]);
+            ia[c] = _mm512_sub_epi32(ia[c], _mm512_mullo_epi32(_mm512_set1_epi32(slab->off), bs));
+            tot[c] = _mm512_add_epi32(tot[c], _mm512_mullo_epi32(ia[c], sc));
+            mt[c] = _mm512_add_epi32(mt[c], _mm512_mullo_epi32(m, bs));
+        }
+    }
+    const __m512 d = _mm512_loadu_ps(slab->d), dmin = _mm512_loadu_ps(slab->dmin);
+    for (int c = 0; c < NC; c++) {
+        const __m512 ds = _mm512_set1_ps(((const float *) (a[c] + K))[sb * 8]);
+        __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[c]), _mm512_mul_ps(d, ds), _mm512_loadu_ps(acc[c]));
+        if (slab->has_min) {
+            f = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mt[c]), _mm512_mul_ps(dmin, ds), f);
+        }
+        _mm512_storeu_ps(acc[c], f);
+    }
+}
+
+VNNI void dsv4_vnni_columns_k16(const struct dsv4_slab16 * slab, const uint8_t * const * a, int nc, int64_t K,
+                                int64_t sb, float (*acc)[SLAB_ROWS]) {
+    switch (nc) {
+    case 1: columns16_n(slab, a, K, sb, acc, 1); break;
+    case 2: columns16_n(slab, a, K, sb, acc, 2); break;
+    case 3: columns16_n(slab, a, K, sb, acc, 3); break;
+    case 4: columns16_n(slab, a, K, sb, acc, 4); break;
+    case 5: columns16_n(slab, a, K, sb, acc, 5); break;
+    case 6: columns16_n(slab, a, K, sb, acc, 6); break;
+    case 7: columns16_n(slab, a, K, sb, acc, 7); break;
+    default: columns16_n(slab, a, K, sb, acc, 8); break;
+    }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inline)) static inline void columns_n(
@@ -216,12 +293,21 @@ int dsv4_vnni_supported(void) {
     return 0;
 }
 
-void dsv4_vnni_slab_q5k(const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
-    (void) rows, (void) stride, (void) sb, (void) slab;
+void dsv4_vnni_slab_kq(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
+    (void) type, (void) rows, (void) stride, (void) sb, (void) slab;
 }
 
 void dsv4_vnni_columns(const struct dsv4_slab * slab, const uint8_t * const * a, int nc, int64_t K, int64_t sb,
                        float (*acc)[SLAB_ROWS]) {
+    (void) slab, (void) a, (void) nc, (void) K, (void) sb, (void) acc;
+}
+
+void dsv4_vnni_slab_k16(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab16 * slab) {
+    (void) type, (void) rows, (void) stride, (void) sb, (void) slab;
+}
+
+void dsv4_vnni_columns_k16(const struct dsv4_slab16 * slab, const uint8_t * const * a, int nc, int64_t K, int64_t sb,
+                           float (*acc)[SLAB_ROWS]) {
     (void) slab, (void) a, (void) nc, (void) K, (void) sb, (void) acc;
 }
 

@@ -2,6 +2,11 @@
  *
  * Formats (ggml's): a Q5_K super-block holds 256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins
  * for 8 sub-blocks of 32, 32 bytes of high bits, 128 bytes of low nibbles; w = d*sc_j*q - dmin*m_j, q in 0..31.
+ * A Q4_K super-block is the same without the high bits (q in 0..15). The k16 types (Q2_K, Q3_K, Q6_K) have a
+ * scale (and Q2_K a min) per block of 16 weights: w = d*sc_i*(q - off) - dmin*m_i (dsv4_gemm_impl.h); per
+ * super-block their product is d_w*d_a * sum_i sc_i * (sum_16(q*a) - off*bsum_i) - dmin*d_a * sum_i m_i*bsum_i, with
+ * bsum_i the int sum of the activation's quants over block i of 16 (made in the prep op), all sums in integers
+ * as ggml's.
  * A Q8_K activation block holds 256 int8 quants with one float scale; its quants are made exactly as ggml's
  * quantize_row_q8_K_ref makes them, so the integer products below are ggml's.
  *
@@ -29,6 +34,7 @@ static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
     int8_t * qs = (int8_t *) row;
     float * d = (float *) (row + K);
     float * bf = d + K / 32;
+    int32_t * bs = (int32_t *) (bf + K / 32);
     for (int64_t sb = 0; sb < K / QK; sb++) {
         const float * xs = x + sb * QK;
         int8_t * q = qs + sb * QK;
@@ -46,6 +52,7 @@ static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
                 d[sb * 8 + j] = 0.0f;
                 bf[sb * 8 + j] = 0.0f;
             }
+            memset(bs + sb * 16, 0, 16 * sizeof(int32_t));
             continue;
         }
         const float iscale = -127.f / max;
@@ -54,12 +61,15 @@ static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
         }
         const float dsb = 1.0f / iscale;
         for (int j = 0; j < QK / 32; j++) {
-            int s = 0;
-            for (int l = 0; l < 32; l++) {
-                s += q[j * 32 + l];
+            int s0 = 0, s1 = 0;
+            for (int l = 0; l < 16; l++) {
+                s0 += q[j * 32 + l];
+                s1 += q[j * 32 + 16 + l];
             }
             d[sb * 8 + j] = dsb;
-            bf[sb * 8 + j] = dsb * (float) s;
+            bf[sb * 8 + j] = dsb * (float) (s0 + s1);
+            bs[sb * 16 + 2 * j] = s0;
+            bs[sb * 16 + 2 * j + 1] = s1;
         }
     }
 }
@@ -71,12 +81,34 @@ struct unpacked {
     int16_t sc[ROWS][DSV4_GEMM_MAX_K / 32][16];
     float dw[ROWS][DSV4_GEMM_MAX_K / QK];
     float mf[ROWS][DSV4_GEMM_MAX_K / 32];
+    /* the k16 types (Q2_K, Q3_K, Q6_K): each block of 16's scale and min, dmin per super-block, the offset */
+    int32_t sci[ROWS][DSV4_GEMM_MAX_K / 16], mi[ROWS][DSV4_GEMM_MAX_K / 16];
+    float dmn[ROWS][DSV4_GEMM_MAX_K / QK];
+    int off, has_min;
 };
 
-/* Row r of `u` from the K/256 Q5_K super-blocks at `blocks`. */
-static void unpack_row(const uint8_t * blocks, int64_t K, struct unpacked * u, int r, int avx2) {
+/* Row r of `u` from the K/256 super-blocks of `type` (Q4_K or Q5_K) at `blocks`. */
+static void unpack_row(int type, const uint8_t * blocks, int64_t K, struct unpacked * u, int r, int avx2) {
+    const size_t bytes = dsv4_kq_bytes(type);
     for (int64_t sb = 0; sb < K / QK; sb++) {
-        const uint8_t * b = blocks + sb * Q5K_BYTES;
+        const uint8_t * b = blocks + (size_t) sb * bytes;
+        if (dsv4_is_k16(type)) { /* the 16 scales: lanes 0-7 of a 32-block's vector are its first 16 weights' */
+            struct dsv4_k16 k;
+            dsv4_k16_block(type, b, &k);
+            u->dw[r][sb] = k.d;
+            u->dmn[r][sb] = k.dmin;
+            u->off = k.off;
+            u->has_min = k.has_min;
+            for (int i = 0; i < 16; i++) {
+                u->sci[r][sb * 16 + i] = k.sc[i];
+                u->mi[r][sb * 16 + i] = k.m[i];
+                for (int l = 0; l < 8; l++) {
+                    u->sc[r][sb * 8 + i / 2][(i % 2) * 8 + l] = (int16_t) k.sc[i];
+                }
+            }
+            memcpy(u->q[r] + sb * QK, k.q, QK);
+            continue;
+        }
         uint16_t hd, hm;
         memcpy(&hd, b, 2);
         memcpy(&hm, b + 2, 2);
@@ -84,28 +116,54 @@ static void unpack_row(const uint8_t * blocks, int64_t K, struct unpacked * u, i
         u->dw[r][sb] = dsv4_half_to_float(hd);
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            dsv4_q5k_scale_min(j, b + 4, &sc, &m);
+            dsv4_scale_min_k4(j, b + 4, &sc, &m);
             for (int l = 0; l < 16; l++) {
                 u->sc[r][sb * 8 + j][l] = (int16_t) sc;
             }
             u->mf[r][sb * 8 + j] = dmin * (float) m;
         }
-#ifdef DSV4_X86
-        if (avx2) {
-            dsv4_q5k_quants_avx2(b, u->q[r] + sb * QK);
-            continue;
-        }
-#endif
-        (void) avx2;
-        dsv4_q5k_quants(b, u->q[r] + sb * QK);
+        dsv4_kq_quants(type, b, u->q[r] + sb * QK, avx2);
     }
 }
 
 /* ---------------------------------------------------------------------------------------------- kernels */
 
+/* A k16 row's super-block sb against prepared activation row a, from its integer sum isum = sum_e sc*q*a:
+ * d*da*(isum - off * sum_i sc_i*bsum_i) - dmin*da*sum_i m_i*bsum_i (the sums exact integers, as ggml's). */
+static inline float k16_finish(const struct unpacked * u, int r, const uint8_t * a, int64_t K, int64_t sb,
+                               int32_t isum) {
+    const int32_t * bs = dsv4_q8k_bsums16(a, K) + sb * 16;
+    const float da = ((const float *) (a + K))[sb * 8];
+    int32_t c = 0, m = 0;
+    for (int i = 0; i < 16; i++) {
+        c += u->sci[r][sb * 16 + i] * bs[i];
+        m += u->mi[r][sb * 16 + i] * bs[i];
+    }
+    const float v = u->dw[r][sb] * da * (float) (isum - u->off * c);
+    return u->has_min ? v - u->dmn[r][sb] * da * (float) m : v;
+}
+
 /* out[r][c] for the ROWS unpacked rows and nc (1 or 2) prepared activation rows a[c]. */
 typedef void (*kernel_fn)(const struct unpacked * u, int64_t K, const uint8_t * const * a, int nc,
                           float out[ROWS][2]);
+
+static void kernel16_scalar(const struct unpacked * u, int64_t K, const uint8_t * const * a, int nc,
+                            float out[ROWS][2]) {
+    for (int c = 0; c < nc; c++) {
+        const int8_t * qa = (const int8_t *) a[c];
+        for (int r = 0; r < ROWS; r++) {
+            float sum = 0.0f;
+            for (int64_t sb = 0; sb < K / QK; sb++) {
+                int32_t isum = 0;
+                for (int e = 0; e < QK; e++) {
+                    isum += u->sci[r][sb * 16 + e / 16] * (int32_t) u->q[r][sb * QK + e] * qa[sb * QK + e];
+                }
+                sum += k16_finish(u, r, a[c], K, sb, isum);
+            }
+            out[r][c] = sum;
+        }
+    }
+}
 
 static void kernel_scalar(const struct unpacked * u, int64_t K, const uint8_t * const * a, int nc,
                           float out[ROWS][2]) {
@@ -152,11 +210,21 @@ __attribute__((target("avx2,fma"))) static inline float mins_avx2(const float * 
     return hsum256(acc);
 }
 
-/* AVX2: two weight rows x NC activation rows; one 32-byte chunk is one sub-block. */
+__attribute__((target("avx2"))) static inline int32_t hsum256_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* AVX2: two weight rows x NC activation rows; one 32-byte chunk is one sub-block. K16: rows of a k16 type (each
+ * super-block's sum in integers, its corrections taken there, as ggml's), else Q4_K / Q5_K. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void avx2_2xN(
-    const struct unpacked * u, int r0, int64_t K, const uint8_t * const * a, const int NC, float out[ROWS][2]) {
+    const struct unpacked * u, int r0, int64_t K, const uint8_t * const * a, const int NC, float out[ROWS][2],
+    const int K16) {
     const int64_t nsb = K / QK;
     __m256 facc[2][2];
+    float fsum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     for (int r = 0; r < 2; r++) {
         for (int c = 0; c < NC; c++) {
             facc[r][c] = _mm256_setzero_ps();
@@ -185,6 +253,10 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void avx2_2xN(
         for (int r = 0; r < 2; r++) {
             for (int c = 0; c < NC; c++) {
                 const float da = ((const float *) (a[c] + K))[sb * 8];
+                if (K16) {
+                    fsum[r][c] += k16_finish(u, r0 + r, a[c], K, sb, hsum256_i32(iacc[r][c]));
+                    continue;
+                }
                 facc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][c]),
                                              _mm256_set1_ps(u->dw[r0 + r][sb] * da), facc[r][c]);
             }
@@ -193,7 +265,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void avx2_2xN(
     for (int r = 0; r < 2; r++) {
         for (int c = 0; c < NC; c++) {
             const float * bf = (const float *) (a[c] + K) + K / 32;
-            out[r0 + r][c] = hsum256(facc[r][c]) - mins_avx2(u->mf[r0 + r], bf, K / 32);
+            out[r0 + r][c] = K16 ? fsum[r][c] : hsum256(facc[r][c]) - mins_avx2(u->mf[r0 + r], bf, K / 32);
         }
     }
 }
@@ -202,9 +274,20 @@ __attribute__((target("avx2,fma"))) static void kernel_avx2(const struct unpacke
                                                              const uint8_t * const * a, int nc, float out[ROWS][2]) {
     for (int r0 = 0; r0 < ROWS; r0 += 2) {
         if (nc == 2) {
-            avx2_2xN(u, r0, K, a, 2, out);
+            avx2_2xN(u, r0, K, a, 2, out, 0);
         } else {
-            avx2_2xN(u, r0, K, a, 1, out);
+            avx2_2xN(u, r0, K, a, 1, out, 0);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void kernel16_avx2(const struct unpacked * u, int64_t K,
+                                                              const uint8_t * const * a, int nc, float out[ROWS][2]) {
+    for (int r0 = 0; r0 < ROWS; r0 += 2) {
+        if (nc == 2) {
+            avx2_2xN(u, r0, K, a, 2, out, 1);
+        } else {
+            avx2_2xN(u, r0, K, a, 1, out, 1);
         }
     }
 }
@@ -212,8 +295,9 @@ __attribute__((target("avx2,fma"))) static void kernel_avx2(const struct unpacke
 /* AVX-512: four weight rows x NC activation rows; one 64-byte chunk is two sub-blocks, and the two sub-blocks'
  * 16-lane scale vectors lie next to each other. */
 __attribute__((target("avx512f,avx512bw,avx2,fma"), always_inline)) static inline void avx512_4xN(
-    const struct unpacked * u, int64_t K, const uint8_t * const * a, const int NC, float out[ROWS][2]) {
+    const struct unpacked * u, int64_t K, const uint8_t * const * a, const int NC, float out[ROWS][2], const int K16) {
     const int64_t nsb = K / QK;
+    float fsum[ROWS][2] = {{0.0f}};
     __m512 facc[ROWS][2];
     for (int r = 0; r < ROWS; r++) {
         for (int c = 0; c < NC; c++) {
@@ -243,6 +327,10 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"), always_inline)) static inlin
         for (int r = 0; r < ROWS; r++) {
             for (int c = 0; c < NC; c++) {
                 const float da = ((const float *) (a[c] + K))[sb * 8];
+                if (K16) {
+                    fsum[r][c] += k16_finish(u, r, a[c], K, sb, _mm512_reduce_add_epi32(iacc[r][c]));
+                    continue;
+                }
                 facc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][c]), _mm512_set1_ps(u->dw[r][sb] * da),
                                              facc[r][c]);
             }
@@ -251,7 +339,7 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"), always_inline)) static inlin
     for (int r = 0; r < ROWS; r++) {
         for (int c = 0; c < NC; c++) {
             const float * bf = (const float *) (a[c] + K) + K / 32;
-            out[r][c] = _mm512_reduce_add_ps(facc[r][c]) - mins_avx2(u->mf[r], bf, K / 32);
+            out[r][c] = K16 ? fsum[r][c] : _mm512_reduce_add_ps(facc[r][c]) - mins_avx2(u->mf[r], bf, K / 32);
         }
     }
 }
@@ -259,9 +347,18 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"), always_inline)) static inlin
 __attribute__((target("avx512f,avx512bw,avx2,fma"))) static void kernel_avx512(
     const struct unpacked * u, int64_t K, const uint8_t * const * a, int nc, float out[ROWS][2]) {
     if (nc == 2) {
-        avx512_4xN(u, K, a, 2, out);
+        avx512_4xN(u, K, a, 2, out, 0);
     } else {
-        avx512_4xN(u, K, a, 1, out);
+        avx512_4xN(u, K, a, 1, out, 0);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) static void kernel16_avx512(
+    const struct unpacked * u, int64_t K, const uint8_t * const * a, int nc, float out[ROWS][2]) {
+    if (nc == 2) {
+        avx512_4xN(u, K, a, 2, out, 1);
+    } else {
+        avx512_4xN(u, K, a, 1, out, 1);
     }
 }
 
@@ -298,16 +395,17 @@ int dsv4_gemm_isa_best(void) {
     return DSV4_GEMM_OFF;
 }
 
-static kernel_fn kernel_for(int isa) {
+static kernel_fn kernel_for(int isa, int type) {
+    const int k16 = dsv4_is_k16(type);
 #ifdef DSV4_X86
     if (isa == DSV4_GEMM_AVX512 || isa == DSV4_GEMM_VNNI) { /* VNNI: for row counts not a multiple of 16 */
-        return kernel_avx512;
+        return k16 ? kernel16_avx512 : kernel_avx512;
     }
     if (isa == DSV4_GEMM_AVX2) {
-        return kernel_avx2;
+        return k16 ? kernel16_avx2 : kernel_avx2;
     }
 #endif
-    return isa == DSV4_GEMM_SCALAR ? kernel_scalar : NULL;
+    return isa == DSV4_GEMM_SCALAR ? (k16 ? kernel16_scalar : kernel_scalar) : NULL;
 }
 
 /* ---------------------------------------------------------------------------------------------- ops */
@@ -322,14 +420,15 @@ struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor
         return NULL;
     }
     struct ggml_tensor * args[1] = {b};
-    return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_act_row_bytes(b->ne[0]), b->ne[1], b->ne[2], 1, args, 1,
+    return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_q8k_row_bytes(b->ne[0]), b->ne[1], b->ne[2], 1, args, 1,
                           prep_op, GGML_N_TASKS_MAX, NULL);
 }
 
 int dsv4_moe_gemm_ok(const struct ggml_tensor * as, const struct ggml_tensor * b, const struct ggml_tensor * ids) {
     const int64_t K = as->ne[0], M = as->ne[1], E = as->ne[2];
-    return as->type == GGML_TYPE_Q5_K && K % QK == 0 && K > 0 && K <= DSV4_GEMM_MAX_K && M % ROWS == 0 && M > 0 &&
-           E > 0 && E <= DSV4_GEMM_MAX_EXPERTS && as->ne[3] == 1 && as->nb[1] == (size_t) (K / QK) * Q5K_BYTES &&
+    const size_t bytes = dsv4_kq_bytes(as->type);
+    return bytes > 0 && K % QK == 0 && K > 0 && K <= DSV4_GEMM_MAX_K && M % ROWS == 0 && M > 0 && E > 0 &&
+           E <= DSV4_GEMM_MAX_EXPERTS && as->ne[3] == 1 && as->nb[1] == (size_t) (K / QK) * bytes &&
            b->type == GGML_TYPE_F32 && b->ne[0] == K && b->nb[0] == sizeof(float) && b->ne[3] == 1 &&
            ids->type == GGML_TYPE_I32 && ids->ne[2] == 1 && ids->ne[3] == 1 && b->ne[2] == ids->ne[1] &&
            (b->ne[1] == 1 || b->ne[1] == ids->ne[0]);
@@ -342,14 +441,22 @@ static inline int32_t id_at(const struct ggml_tensor * ids, int64_t s, int64_t t
 }
 
 /* Rows [m0, m1) (multiples of 16) of one expert times its nc gathered activation rows, lanes-are-rows. */
-static void vnni_units(const uint8_t * w, size_t stride, int64_t K, int64_t m0, int64_t m1, const uint8_t * const * arow,
-                       float * const * orow, int nc) {
+static void vnni_units(int type, const uint8_t * w, size_t stride, int64_t K, int64_t m0, int64_t m1,
+                       const uint8_t * const * arow, float * const * orow, int nc) {
     struct dsv4_slab slab;
+    struct dsv4_slab16 slab16;
     float acc[COLS][SLAB_ROWS];
     for (int64_t m = m0; m < m1; m += SLAB_ROWS) {
         memset(acc, 0, sizeof(float) * SLAB_ROWS * (size_t) nc);
         for (int64_t sb = 0; sb < K / QK; sb++) {
-            dsv4_vnni_slab_q5k(w + m * stride, stride, sb, &slab);
+            if (dsv4_is_k16(type)) {
+                dsv4_vnni_slab_k16(type, w + m * stride, stride, sb, &slab16);
+                for (int c = 0; c < nc; c += 8) {
+                    dsv4_vnni_columns_k16(&slab16, arow + c, nc - c < 8 ? nc - c : 8, K, sb, acc + c);
+                }
+                continue;
+            }
+            dsv4_vnni_slab_kq(type, w + m * stride, stride, sb, &slab);
             for (int c = 0; c < nc; c += 8) {
                 dsv4_vnni_columns(&slab, arow + c, nc - c < 8 ? nc - c : 8, K, sb, acc + c);
             }
@@ -362,7 +469,7 @@ static void vnni_units(const uint8_t * w, size_t stride, int64_t K, int64_t m0, 
 
 static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int isa = (int) (intptr_t) userdata;
-    const kernel_fn kernel = kernel_for(isa);
+    const kernel_fn kernel = kernel_for(isa, dst->src[0]->type);
     const int vnni = isa == DSV4_GEMM_VNNI && dst->src[0]->ne[1] % SLAB_ROWS == 0;
     const struct ggml_tensor *as = dst->src[0], *prep = dst->src[1], *ids = dst->src[2];
     const int64_t K = as->ne[0], M = as->ne[1], E = as->ne[2], k = ids->ne[0], n = ids->ne[1], n1 = prep->ne[1];
@@ -417,12 +524,12 @@ static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata)
                 }
             }
             if (vnni) {
-                vnni_units(w, as->nb[1], K, u0 * UNIT, u1 * UNIT < M ? u1 * UNIT : M, arow, orow, nc);
+                vnni_units(as->type, w, as->nb[1], K, u0 * UNIT, u1 * UNIT < M ? u1 * UNIT : M, arow, orow, nc);
                 continue;
             }
             for (int64_t m0 = u0 * UNIT; m0 < u1 * UNIT && m0 < M; m0 += ROWS) {
                 for (int r = 0; r < ROWS; r++) {
-                    unpack_row(w + (m0 + r) * as->nb[1], K, &u, r, isa >= DSV4_GEMM_AVX2);
+                    unpack_row(as->type, w + (m0 + r) * as->nb[1], K, &u, r, isa >= DSV4_GEMM_AVX2);
                 }
                 for (int c = 0; c < nc; c += 2) {
                     float out[ROWS][2];
@@ -439,11 +546,11 @@ static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata)
     }
 }
 
-struct ggml_tensor * dsv4_mul_mat_id_q5k(struct ggml_context * ctx, struct ggml_tensor * as, struct ggml_tensor * prep,
+struct ggml_tensor * dsv4_mul_mat_id_kq(struct ggml_context * ctx, struct ggml_tensor * as, struct ggml_tensor * prep,
                                          struct ggml_tensor * ids, int isa) {
-    const kernel_fn kernel = dsv4_gemm_isa_supported(isa) ? kernel_for(isa) : NULL;
+    const kernel_fn kernel = dsv4_gemm_isa_supported(isa) ? kernel_for(isa, as->type) : NULL;
     const int64_t K = as->ne[0];
-    if (kernel == NULL || prep->type != GGML_TYPE_I8 || prep->ne[0] != (int64_t) dsv4_act_row_bytes(K)) {
+    if (kernel == NULL || prep->type != GGML_TYPE_I8 || prep->ne[0] != (int64_t) dsv4_q8k_row_bytes(K)) {
         return NULL;
     }
     /* the shape checks of dsv4_moe_gemm_ok, on a stand-in for the F32 activations */

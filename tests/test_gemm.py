@@ -1,5 +1,5 @@
 """Our prompt-processing products (kernels/dsv4_gemm.h) against ggml's, on every instruction set this CPU runs:
-routed experts (Q5_K x Q8_K, mul_mat_id) and dense Q8_0 weights (Q8_0 x Q8_0, mul_mat, AVX-512 VNNI); and the
+routed experts (Q2_K to Q6_K x Q8_K, mul_mat_id) and dense Q8_0 weights (Q8_0 x Q8_0, mul_mat, AVX-512 VNNI); and the
 whole model with and without them.
 
 The integer products are ggml's own (the activations quantized exactly as ggml quantizes them, ties included;
@@ -21,7 +21,7 @@ from llama_dsv4 import _ggml
 from llama_dsv4.model.loader import load_model
 from llama_dsv4.model.writer import write_model
 
-Q8_0, Q5_K = 8, 13
+Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 8, 10, 11, 12, 13, 14
 
 
 def supported(name: str) -> bool:
@@ -35,9 +35,11 @@ def supported(name: str) -> bool:
 ISAS = [name for name in ("scalar", "avx2", "avx512", "vnni") if supported(name)]
 
 
-def products(raw: np.ndarray, shape: tuple[int, int, int], b: np.ndarray, ids: np.ndarray, isa: str) -> np.ndarray:
+def products(
+    raw: np.ndarray, shape: tuple[int, int, int], b: np.ndarray, ids: np.ndarray, isa: str, qtype: int = Q5_K
+) -> np.ndarray:
     g = OpGraph()
-    a = g.input_raw(raw, Q5_K, shape)
+    a = g.input_raw(raw, qtype, shape)
     bh, ih = g.input(b), g.input(ids)
     h = g.mul_mat_id(a, bh, ih) if isa == "off" else g.moe_gemm(a, bh, ih, _ggml.gemm_isa(isa))
     (out,) = g.compute([h])
@@ -54,6 +56,7 @@ def routed(rng: np.random.Generator, n: int, k: int, n_expert: int, hot: int | N
 
 
 @pytest.mark.skipif(not ISAS, reason="no GEMM instruction set")
+@pytest.mark.parametrize("qtype", [Q2_K, Q3_K, Q4_K, Q5_K, Q6_K], ids=["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
     ("K", "M", "E", "k", "n", "shared"),
@@ -66,17 +69,19 @@ def routed(rng: np.random.Generator, n: int, k: int, n_expert: int, hot: int | N
         (256, 32, 4, 2, 300, False),
     ],
 )
-def test_gemm_matches_ggml_mul_mat_id(isa: str, K: int, M: int, E: int, k: int, n: int, shared: bool) -> None:
+def test_gemm_matches_ggml_mul_mat_id(
+    qtype: int, isa: str, K: int, M: int, E: int, k: int, n: int, shared: bool
+) -> None:
     rng = np.random.default_rng([K, M, E, n])
     w = (rng.standard_normal((E, M, K)) * 0.05).astype(np.float32)
     w[0, 0, :256] = 0.0  # an all-zero super-block
-    raw = _ggml.quantize(w.reshape(-1, K), Q5_K).reshape(-1)
+    raw = _ggml.quantize(w.reshape(-1, K), qtype).reshape(-1)
     b = rng.standard_normal((n, 1 if shared else k, K)).astype(np.float32)
     b[0, 0, :256] = 0.0  # an all-zero activation block (scale 0)
     b[-1, 0, :] *= 1e3  # large values
     ids = routed(rng, n, k, E, hot=E - 1 if n > 256 else None)
-    ref = products(raw, (K, M, E), b, ids, "off")
-    got = products(raw, (K, M, E), b, ids, isa)
+    ref = products(raw, (K, M, E), b, ids, "off", qtype)
+    got = products(raw, (K, M, E), b, ids, isa, qtype)
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() <= 2e-6 * scale, (np.abs(got - ref).max(), scale)
 

@@ -8,7 +8,7 @@ of its rows. Cache and state writes are expanded into the graph as soon as they 
 nodes that read the same memory later in the graph.
 """
 cimport ggml as g
-from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_hc_post_cpu, dsv4_moe_gemm_ok, dsv4_mul_mat_id_q5k, dsv4_mul_mat_q80,
+from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_hc_post_cpu, dsv4_moe_gemm_ok, dsv4_mul_mat_id_kq, dsv4_mul_mat_q80,
                        dsv4_q8k_prep, dsv4_q80_prep, dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back,
                        dsv4_swiglu_clamp, dsv4_top_k)
 from libc.math cimport INFINITY, sqrtf
@@ -301,14 +301,14 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW 
 
 
 cdef T * mm_id(C * ctx, const Hparams * hp, T * w, T * x, T * sel, T ** prep) noexcept nogil:
-    """ggml_mul_mat_id(w, x, sel), or for prompt processing on the CPU our Q5_K product (kernels/dsv4_moe_gemm.c);
+    """ggml_mul_mat_id(w, x, sel), or for prompt processing on the CPU our K-quant product (kernels/dsv4_moe_gemm.c);
     *prep keeps x's quantization for the next product of the same x (prep may be NULL)."""
     cdef T * p
     if hp.gemm_isa != 0 and x.ne[2] >= hp.gemm_min_tokens and dsv4_moe_gemm_ok(w, x, sel):
         p = prep[0] if prep != NULL and prep[0] != NULL else dsv4_q8k_prep(ctx, x)
         if prep != NULL:
             prep[0] = p
-        return dsv4_mul_mat_id_q5k(ctx, w, p, sel, hp.gemm_isa)
+        return dsv4_mul_mat_id_kq(ctx, w, p, sel, hp.gemm_isa)
     return g.ggml_mul_mat_id(ctx, w, x, sel)
 
 
@@ -391,7 +391,7 @@ cdef T * head(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const GlobalW * g
     elif ub.n_out < n:
         S = g.ggml_cont(ctx, g.ggml_view_3d(ctx, S, D, hc, ub.n_out, S.nb[1], S.nb[2], (n - ub.n_out) * S.nb[2]))
     cdef T * y = named(norm(ctx, hc_head(ctx, hp, gw, S), out_norm, hp.eps), "result_norm", -1)
-    cdef T * logits = named(g.ggml_mul_mat(ctx, output, y), "result_output", -1)
+    cdef T * logits = named(mm(ctx, hp, output, y, NULL), "result_output", -1)
     g.ggml_set_output(logits)
     g.ggml_build_forward_expand(gf, logits)
     return logits
