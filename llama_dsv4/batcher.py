@@ -5,9 +5,12 @@ several sequences in one context, `Batcher.eval` hands the caller's tokens over 
 caller that finds no step running leads the next step (no thread of its own):
 
 1. it waits until every active sequence (one whose SequenceLock is held exclusively: a completion or generation
-   is running on it) has work pending, or `wait_s` has passed since the step could start (the later of the
-   previous step's end and the oldest pending call), so that the decode calls of running streams line up; a
-   single active sequence never waits;
+   is running on it) has work pending, or until the wait bound has passed since the step could start (the later
+   of the previous step's end and the oldest pending call), so that the decode calls of running streams line up;
+   the bound is `wait_s`, or a quarter of the previous step's compute time when that is longer (a sequence that
+   comes back a little late costs less waited for than left to a step of its own); a sequence that missed a
+   step's bound is not waited for again until its next call (a paused stream costs one bounded wait); a single
+   active sequence never waits, and wait_s 0 never waits;
 2. it takes every pending one-token (decode) call whole, then prompt chunks, oldest call first, up to n_ubatch
    tokens (a long prompt is split over steps);
 3. it computes them in one `compute` call (Runner.eval_batch: Context.eval_batch under the engine lock), outside
@@ -16,6 +19,9 @@ caller that finds no step running leads the next step (no thread of its own):
 
 A ValueError or MemoryError of a step of several calls is retried with each call alone (nothing was evaluated):
 only the calls at fault fail. Any other error fails the calls of the step. Closing fails every pending call.
+
+`stats()` counts the steps, the sequences and tokens they held and the seconds spent computing them and gathering
+their calls (the server's batch-size and ubatch-occupancy metrics).
 
 With `limit` (kv_unified), the positions the active sequences hold together stay within it: `claim` refuses a
 sequence's new length when the others' claims and it exceed the limit; a sequence that stops being active gives
@@ -56,6 +62,8 @@ class Batcher:
     step waits for active sequences' calls; `limit`: the positions all active sequences may hold together (None:
     no shared limit)."""
 
+    WAIT_SHARE = 0.25  # of the previous step's compute time: the longest a step waits for active sequences
+
     def __init__(self, compute: Compute, n_ubatch: int, wait_s: float = 0.002, limit: int | None = None) -> None:
         self._compute = compute
         self.n_ubatch = n_ubatch
@@ -69,6 +77,9 @@ class Batcher:
         self._leading = False
         self._closed: str | None = None
         self._step_end = 0.0
+        self._last_compute = 0.0  # seconds, the previous step's
+        self._late: set[int] = set()  # active sequences that missed a step's wait: not waited for till they call
+        self._stats = {"steps": 0, "sequences": 0, "tokens": 0, "compute_seconds": 0.0, "gather_seconds": 0.0}
 
     # ---------------------------------------------------------------------------------------------- sequences
     def set_active(self, seq_id: int, active: bool) -> None:
@@ -78,6 +89,7 @@ class Batcher:
                 self._active.add(seq_id)
             else:
                 self._active.discard(seq_id)
+                self._late.discard(seq_id)
                 self._claims.pop(seq_id, None)
             self._cond.notify_all()
 
@@ -104,6 +116,7 @@ class Batcher:
             if self._closed is not None:
                 raise ValueError(self._closed)
             self._pending.append(call)
+            self._late.discard(seq_id)
             self._cond.notify_all()
             try:
                 while not call.finished:
@@ -123,6 +136,17 @@ class Batcher:
             raise call.error
         return call.logits()
 
+    def stats(self) -> dict[str, float]:
+        """Steps computed, the sequences and tokens they held (sums), seconds computing them, seconds a leader
+        waited for active sequences' calls, and the averages: sequences per step and ubatch occupancy (tokens
+        per step / n_ubatch)."""
+        with self._cond:
+            st: dict[str, float] = dict(self._stats)
+        steps = max(1, int(st["steps"]))
+        st["sequences_per_step"] = st["sequences"] / steps
+        st["ubatch_occupancy"] = st["tokens"] / steps / self.n_ubatch
+        return st
+
     def close(self, reason: str) -> None:
         """Fail every call waiting (ValueError(reason)) and every later one."""
         with self._cond:
@@ -135,13 +159,16 @@ class Batcher:
     # ---------------------------------------------------------------------------------------------- the leader
     def _lead(self) -> None:
         """One step (module docstring); called and returning with the lock held, released while computing."""
+        t0 = time.monotonic()
         self._gather()
+        self._stats["gather_seconds"] += time.monotonic() - t0
         if self._closed is not None or not self._pending:
             return
         step = self._compose()
         for call, _ in step:
             call.in_step = True
         self._cond.release()
+        t0 = time.monotonic()
         try:
             results = self._run(step)
         except BaseException as e:  # the leader's thread was interrupted: the step's calls must not hang
@@ -150,6 +177,12 @@ class Batcher:
         finally:
             self._cond.acquire()
             self._step_end = time.monotonic()
+            self._last_compute = self._step_end - t0
+            st = self._stats
+            st["steps"] += 1
+            st["sequences"] += len(step)
+            st["tokens"] += sum(n for _, n in step)
+            st["compute_seconds"] += self._step_end - t0
             for (call, n), out in zip(step, results, strict=True):
                 call.in_step = False
                 if isinstance(out, BaseException):
@@ -163,13 +196,16 @@ class Batcher:
                     self._finish(call, ValueError(self._closed))
 
     def _gather(self) -> None:
-        """Wait (lock held) until every active sequence has a call pending, or wait_s has passed."""
+        """Wait (lock held) until every active sequence has a call pending, or the wait bound has passed (module
+        docstring); the sequences still missing then are late."""
+        bound = max(self.wait_s, self.WAIT_SHARE * self._last_compute) if self.wait_s > 0 else 0.0
         while self._closed is None and self._pending:
-            ready = {c.seq_id for c in self._pending}
-            if not self._active - ready:
+            missing = self._active - {c.seq_id for c in self._pending} - self._late
+            if not missing:
                 return
-            left = max(self._step_end, self._pending[0].arrived) + self.wait_s - time.monotonic()
+            left = max(self._step_end, self._pending[0].arrived) + bound - time.monotonic()
             if left <= 0:
+                self._late |= missing
                 return
             self._cond.wait(left)
 

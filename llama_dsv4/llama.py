@@ -212,8 +212,9 @@ class Llama:
                 those of the sequences a completion runs on stay within n_ctx together (an evaluation that would
                 exceed it is a ValueError, "Context size has been exceeded"). Each sequence's state is still
                 allocated for n_ctx. Default False.
-            batch_wait_ms: With n_seq_max > 1, how long a step waits for the next token of every sequence a
-                completion runs on, so that they are evaluated together (a single running sequence never waits);
+            batch_wait_ms: With n_seq_max > 1, how long a step at least waits for the next token of every
+                sequence a completion runs on, so that they are evaluated together (a quarter of the previous
+                step's compute time when that is longer; a single running sequence never waits, 0 never waits);
                 0 to 60000. Default 2.0.
             n_threads: Threads for generation (one token at a time). None, 0 or -1: half the usable CPUs, as
                 llama-cpp-python; more than the CPUs this process may use is lowered to them with a
@@ -719,16 +720,36 @@ class Llama:
         mtp = runner.mtp if runner is not None else None
         return mtp.stats() if mtp is not None else None
 
+    def batch_stats(self) -> dict[str, float] | None:
+        """Continuous batching of this Llama's context so far (None with n_seq_max 1), shared by all its slots:
+        steps computed, the sequences and tokens they held, seconds computing and gathering, sequences per step
+        and ubatch occupancy (docs/batching.md)."""
+        runner = self._runner
+        batcher = runner.batcher if runner is not None else None
+        return batcher.stats() if batcher is not None else None
+
     def moe_stats(self) -> dict[str, Any] | None:
         """MoE expert residency figures (None when moe_hot_count is off): locked and resident bytes as the kernel
         reports them, online hit rate, per-layer hot counts, updates and their time (docs/moe-residency.md)."""
         moe = self._moe
-        return moe.stats() if moe is not None else None
+        if moe is None:
+            return None
+        self._commit_routes()
+        return moe.stats()
 
     def moe_save_stats(self) -> bool:
         """Merge the routing statistics into their file now (also done periodically and at close)."""
         moe = self._moe
-        return moe.save() if moe is not None else False
+        if moe is None:
+            return False
+        self._commit_routes()
+        return moe.save()
+
+    def _commit_routes(self) -> None:
+        runner = self._runner
+        if runner is not None:
+            with runner.lock:
+                runner.commit_routes()
 
     @property
     def _moe(self) -> Any:

@@ -52,8 +52,14 @@ class Runner:
         elif use_mlock:
             self.mlock = lock_all(self.context.weight_range, list(model.tensors))
         self.mtp: MtpDrafter | None = None  # MTP drafts (a context made with mtp=True; one sequence)
+        # with MTP drafts, the routing of evaluated rows waits until they are kept (a rejected draft's rows are
+        # dropped by the truncation, rows evaluated again by it are not counted twice): (first position, routes)
+        self._routes: list[tuple[int, npt.NDArray[Any]]] = []
+        self._route_at: int | None = None  # the position of the next routed row; None: not counted
         if spec_draft_n_max is not None:
             self.mtp = MtpDrafter(context, spec_draft_n_max)
+            if self.moe is not None:
+                self.context.route_sink = self._route_pending
         self.batcher: Batcher | None = None
         if int(context.n_seq) > 1:
             self.batcher = Batcher(self._step, int(context.n_ubatch), batch_wait_ms / 1000.0, positions_limit)
@@ -62,6 +68,11 @@ class Runner:
         if self.context is None:
             raise ValueError("this Llama has been closed")
         return self.context
+
+    @property
+    def n_ubatch(self) -> int:
+        """The most tokens one graph computes."""
+        return int(self._ctx().n_ubatch)
 
     def n_past(self, seq_id: int = 0) -> int:
         """How many positions the engine holds for the sequence."""
@@ -79,7 +90,12 @@ class Runner:
             try:
                 if self.mtp is None:
                     return ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id)
-                logits = ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id, want_h=True)
+                self.commit_routes()  # what the engine holds now is kept: a truncation came first
+                self._route_at = int(ctx.n_past_of(seq_id))
+                try:
+                    logits = ctx.eval(np.asarray(tokens, np.int64), all_logits=all_logits, seq_id=seq_id, want_h=True)
+                finally:
+                    self._route_at = None
                 self.mtp.after_eval(seq_id, tokens)
                 return logits
             finally:
@@ -135,15 +151,34 @@ class Runner:
         ctx = self._ctx()
         self.governor.before(n_threads)
         try:
-            n = int(ctx.truncate(np.asarray(tokens, np.int64), seq_id))
+            n = int(ctx.truncate(np.asarray(tokens, np.int64), seq_id))  # (rows evaluated again: not routed again)
         finally:
             self.governor.after()
         if self.mtp is not None:
             self.mtp.reevaluated += n
+            k = len(tokens)  # the routing of positions cut off (rejected drafts) is dropped
+            self._routes = [(p, r[:, : max(0, k - p)]) for p, r in self._routes if p < k]
         return n
+
+    def _route_pending(self, routes: npt.NDArray[Any], tokens: Any = None) -> None:
+        """The engine's route sink with MTP drafts: keep the rows' routing until they are kept."""
+        if self._route_at is None:
+            return
+        self._routes.append((self._route_at, routes))
+        self._route_at += int(routes.shape[1])
+
+    def commit_routes(self) -> None:
+        """Hand the routing of every evaluated row the engine still holds to the expert residency (with MTP drafts,
+        where it waits: Runner.eval, truncate)."""
+        pending, self._routes = self._routes, []
+        if self.moe is not None:
+            for _, r in pending:
+                if r.shape[1]:
+                    self.moe.on_routes(r)
 
     def reset(self, seq_id: int = 0) -> None:
         """Forget the sequence's state in the engine."""
+        self.commit_routes()
         self._ctx().reset(seq_id)
         if self.mtp is not None:
             self.mtp.forget(seq_id)
@@ -159,6 +194,7 @@ class Runner:
 
     def load_state(self, seq_id: int, blob: bytes) -> None:
         """Restore a state from save_state() (checked with check_state first)."""
+        self.commit_routes()
         self._ctx().load_state(blob, seq_id)
         if self.mtp is not None:
             self.mtp.forget(seq_id)
@@ -177,6 +213,7 @@ class Runner:
         """Save the residency statistics, unlock what is locked and free the context; a computation in another
         thread finishes first."""
         with self.lock:
+            self.commit_routes()
             moe, mlock = self.moe, self.mlock
             self.moe = self.mlock = None
             if self.batcher is not None:

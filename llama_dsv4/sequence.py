@@ -173,14 +173,27 @@ class Sequence:
         runner.claim(self.seq_id, n_past + len(batch))
         ids, scores = self.input_ids, self.scores  # (a close() meanwhile replaces them)
         logits = runner.eval(self.seq_id, batch, all_logits or self.logits_all, threads)
+        self._record(n_past, batch, logits, all_logits, ids, scores)
+        return logits
+
+    def _record(
+        self,
+        n_past: int,
+        batch: list[int],
+        logits: npt.NDArray[np.single],
+        all_logits: bool,
+        ids: npt.NDArray[np.intc],
+        scores: npt.NDArray[np.single],
+    ) -> None:
+        """`batch` was evaluated after n_past: keep its tokens and logits (into the arrays taken before the
+        evaluation: a close() meanwhile replaces them)."""
         ids[n_past : n_past + len(batch)] = batch
         if self.logits_all:
             scores[n_past : n_past + len(batch), :] = logits
         elif all_logits and len(batch) > 1:
             self._recent = (n_past, logits)
         self.last_logits = logits[-1]
-        self.n_tokens += len(batch)
-        return logits
+        self.n_tokens = n_past + len(batch)
 
     # ---------------------------------------------------------------------------------------------- sampling
     def sampler(
@@ -363,3 +376,52 @@ class Sequence:
         self.input_ids = np.zeros(0, np.intc)
         self.scores = np.zeros((0, self.n_vocab), np.single)
         self.last_logits = self._sampler = None
+
+
+def decode_together(parts: list[tuple[Sequence, list[int], bool]]) -> list[npt.NDArray[np.single]]:
+    """Evaluate tokens on several distinct sequences of one engine context in mixed ubatches (the low-level
+    llama_decode of a batch of several sequences): `parts` are (sequence, checked tokens fitting it, all_logits);
+    each step takes a chunk of every sequence with tokens left, up to n_ubatch tokens in all. Returns each
+    sequence's logits (every token's with all_logits or its logits_all, else its last token's), in the order of
+    parts. An error part-way leaves the engine ahead of the sequences, which their next evaluation cuts back."""
+    seqs = [p[0] for p in parts]
+    runner = seqs[0]._runner()
+    if any(s._runner() is not runner for s in seqs) or len({s.seq_id for s in seqs}) != len(seqs):
+        raise ValueError("decode_together needs distinct sequences of one context")
+    want = [every or s.logits_all for s, _, every in parts]
+    n_threads = max(s.n_threads_batch if sum(len(t) for _, t, _ in parts) > len(parts) else s.n_threads
+                    for s in seqs)  # fmt: skip
+    with contextlib.ExitStack() as held:
+        for s in sorted(seqs, key=lambda s: s.seq_id):  # one order for every caller: no deadlock
+            held.enter_context(s.lock.serial())
+        with runner.lock:
+            for s in seqs:
+                s._sync()
+        past = [s.n_tokens for s in seqs]
+        for s, (_, toks, _) in zip(seqs, parts, strict=True):
+            runner.claim(s.seq_id, s.n_tokens + len(toks))
+        arrays = [(s.input_ids, s.scores) for s in seqs]
+        rows: list[list[npt.NDArray[np.single]]] = [[] for _ in parts]
+        done = [0] * len(parts)
+        n_ubatch = runner.n_ubatch
+        while True:
+            step, room = [], n_ubatch
+            for i, (_, toks, _) in enumerate(parts):
+                if done[i] < len(toks) and room > 0:
+                    n = min(len(toks) - done[i], room)
+                    step.append((i, n))
+                    room -= n
+            if not step:
+                break
+            every = any(want[i] for i, _ in step)
+            out = runner.eval_batch([(seqs[i].seq_id, parts[i][1][done[i] : done[i] + n]) for i, n in step], every,
+                                    n_threads)  # fmt: skip
+            for (i, n), lg in zip(step, out, strict=True):
+                rows[i].append(lg if want[i] else lg[-1:])
+                done[i] += n
+        result = []
+        for i, (s, toks, _) in enumerate(parts):
+            logits = rows[i][-1] if not want[i] or len(rows[i]) == 1 else np.concatenate(rows[i])
+            s._record(past[i], toks, logits, want[i], *arrays[i])
+            result.append(logits)
+        return result

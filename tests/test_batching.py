@@ -288,3 +288,70 @@ def test_a_single_active_sequence_never_waits(path: str) -> None:
         t0 = time.monotonic()
         llm.create_completion(prompts()[0], **GREEDY)
         assert time.monotonic() - t0 < 2.0  # 8 steps that waited would take 16 s
+
+
+def _fake_batcher(step_s: float, wait_s: float = 0.002) -> tuple[Any, list[list[int]]]:
+    """A Batcher over a compute that sleeps `step_s` per step and records each step's sequence ids."""
+    from llama_dsv4.batcher import Batcher
+
+    steps: list[list[int]] = []
+
+    def compute(seqs: list[tuple[int, list[int]]], all_logits: bool, n_threads: int) -> list[Any]:
+        steps.append([s for s, _ in seqs])
+        time.sleep(step_s)
+        return [np.zeros((len(t), 4), np.float32) for _, t in seqs]
+
+    return Batcher(compute, 64, wait_s), steps
+
+
+def _stream(b: Any, seq_id: int, n: int, host_s: float = 0.0, pause_at: int = -1, pause_s: float = 0.0) -> int:
+    """A decoding sequence: n one-token calls, `host_s` of work after each (sampling, streaming), and one pause."""
+    b.set_active(seq_id, True)
+    try:
+        for i in range(n):
+            b.eval(seq_id, [1], False, 1)
+            time.sleep(pause_s if i == pause_at else host_s)
+    finally:
+        b.set_active(seq_id, False)
+    return n
+
+
+def test_a_step_waits_for_a_sequence_a_little_late() -> None:
+    """A stream whose work between tokens outlasts batch_wait_ms but not a quarter of a step is waited for: the
+    decode steps hold every stream (before, such streams fell into steps of their own, each step reading every
+    weight again); stats() counts the steps and their sequences."""
+    b, steps = _fake_batcher(step_s=0.08)
+    barrier = threading.Barrier(4)
+
+    def stream(seq_id: int, host_s: float) -> Any:
+        barrier.wait()
+        return _stream(b, seq_id, 8, host_s)
+
+    run_threads([lambda i=i: stream(i, 0.006 if i == 3 else 0.0) for i in range(4)])
+    full = sum(len(s) == 4 for s in steps)
+    assert full >= len(steps) - 2, steps  # (the first step may start before every stream's first call)
+    st = b.stats()
+    assert st["steps"] == len(steps) and st["sequences"] == 32 and st["tokens"] == 32
+    assert st["sequences_per_step"] == pytest.approx(32 / len(steps))
+    assert st["ubatch_occupancy"] == pytest.approx(32 / len(steps) / 64)
+    assert st["compute_seconds"] >= 0.08 * len(steps) * 0.9
+
+
+def test_a_paused_sequence_costs_one_bounded_wait() -> None:
+    """A stream that stops calling for a while (a client reading slowly) while it stays active is waited for once,
+    at most a quarter of a step, then the others step without it until it calls again."""
+    b, steps = _fake_batcher(step_s=0.04)
+    barrier = threading.Barrier(3)
+
+    def stream(seq_id: int, pause: bool) -> Any:
+        barrier.wait()
+        return _stream(b, seq_id, 12, pause_at=1 if pause else -1, pause_s=0.6 if pause else 0.0)
+
+    t0 = time.monotonic()
+    run_threads([lambda i=i: stream(i, i == 2) for i in range(3)])
+    # the two other streams finish their 12 tokens during the pause: about 12 steps of 40 ms, plus one wait of
+    # at most 10 ms (the pause is 600 ms; had every step waited its bound, their steps would take 50 ms each)
+    assert b.stats()["gather_seconds"] < 0.1
+    assert time.monotonic() - t0 < 1.5
+    alone = [s for s in steps if 2 not in s]
+    assert len(alone) >= 8, steps

@@ -91,6 +91,11 @@ def test_16_concurrent_streams_on_4_slots_get_their_own_tokens(parallel4: Server
     assert all(f in ("length", "stop") for _, f in got)
     m = wait_idle(parallel4)
     assert m["llamadsv4:completions_total"] - before["llamadsv4:completions_total"] == n
+    # the batcher's figures: steps of the concurrent streams held several sequences
+    steps = m["llamadsv4:batch_steps_total"] - before["llamadsv4:batch_steps_total"]
+    seqs = m["llamadsv4:batch_sequences_total"] - before["llamadsv4:batch_sequences_total"]
+    assert 0 < steps < seqs and m["llamadsv4:batch_tokens_total"] > before["llamadsv4:batch_tokens_total"]
+    assert 1 < m["llamadsv4:batch_size"] <= 4 and 0 < m["llamadsv4:ubatch_occupancy"] <= 1
 
 
 def test_kv_unified_slots_share_the_context(f32_path: str, tmp_path: Any) -> None:

@@ -96,6 +96,34 @@ def test_rejected_drafts_leave_no_trace(random_mtp_model: str) -> None:
     plain.close()
 
 
+def test_rejected_drafts_leave_no_trace_in_the_routing_statistics(random_mtp_model: str, tmp_path: Any) -> None:
+    """With expert residency on, the routing counted after a run with speculation (drafts mostly rejected) is the
+    routing of the tokens the engine holds, each counted once:
+    equal to a plain evaluation of those tokens (lifetime counts and tokens exactly; the decayed counts within a
+    rounding, their decay being applied per ubatch)."""
+    kw: dict[str, Any] = dict(model_path=random_mtp_model, n_ctx=512, n_threads=1, verbose=False, type_k=0,
+                              moe_hot_count=2)  # fmt: skip
+    spec = Llama(**kw, spec_type="mtp", spec_draft_n_max=3, moe_stats_path=os.path.join(tmp_path, "a.stats"))
+    plain = Llama(**kw, moe_stats_path=os.path.join(tmp_path, "b.stats"))
+    try:
+        greedy(spec, [1, 2, 3], 200)
+        st = spec.spec_stats()
+        assert st is not None and st["accepted"] < st["drafted"]  # rejections: truncations dropped their rows
+        held = [int(t) for t in spec.input_ids[: spec.n_tokens]]
+        assert spec.moe_stats() is not None  # (commits what the engine holds)
+        plain.eval(held[:3])
+        for t in held[3:]:  # decoded one by one
+            plain.eval([t])
+        assert plain.moe_stats() is not None
+        a, b = spec._runner.moe.counts, plain._runner.moe.counts
+        assert a.tokens == b.tokens == len(held)
+        assert np.array_equal(a.lifetime, b.lifetime)
+        np.testing.assert_allclose(a.decayed, b.decayed, rtol=1e-3)  # (a verification's rows decay together)
+    finally:
+        spec.close()
+        plain.close()
+
+
 def test_what_cannot_work_is_refused(tmp_path: Any) -> None:
     no_mtp = write_model(os.path.join(tmp_path, "n.gguf"), seed=1)[0]
     with pytest.raises(ValueError, match="MTP"):

@@ -14,10 +14,16 @@ batch larger than n_batch) these raise ValueError or TypeError naming the argume
 error code for a condition of the run (a model file that does not load: NULL; no room left in the context:
 llama_decode returns 1; an output buffer too small: the negative size needed) they return the same code.
 
-The limits of our engine: one sequence per context (seq_id 0; n_seq_max = 1), positions that continue the sequence
-(a decode at position p needs the context to hold exactly p tokens: llama_memory_seq_rm cuts it back, and the
-engine re-evaluates the kept prefix, since its compressed state cannot be cut), no position shifts, token input
-only (no embeddings batches), logits only (no embeddings output). Each raises an error that says so.
+A context with n_seq_max > 1 holds that many sequences (a `Llama` and its `slot(i)`): a batch may mix tokens of
+several sequences (a token in several of them: a shared prompt), evaluated in shared ubatches; llama_memory_seq_cp
+copies a sequence's state onto another (from its start), seq_rm / seq_keep / pos_min / pos_max work per sequence.
+n_ctx is shared as llama.cpp shares it: split evenly among the sequences, or with kv_unified each up to n_ctx and
+all of them together within it.
+
+The limits of our engine: positions that continue each sequence (a decode at position p needs the sequence to
+hold exactly p tokens: llama_memory_seq_rm cuts it back, and the engine re-evaluates what its compressed state lost),
+no position shifts, token input only (no embeddings batches), logits only (no embeddings output). Each raises an
+error that says so.
 
 This module holds what the others share (handle kinds, logging, argument checks) and the system functions; models
 and vocabularies are in lowlevel_model.py, contexts, batches, decoding and the memory in lowlevel_context.py, the
@@ -40,7 +46,7 @@ _MODEL = ("model",)
 _CTX = ("context",)
 _MEM = ("memory", "context")  # the older llama_kv_* names take the context
 INT32_MAX = 2**31 - 1
-ONE_SEQUENCE = "a llama-dsv4 context holds one sequence (seq_id 0, n_seq_max = 1)"
+ONE_SEQUENCE = "this context holds one sequence (seq_id 0, n_seq_max = 1)"
 
 
 def _llama(h: Any, kinds: tuple[str, ...]) -> Any:

@@ -1,7 +1,8 @@
 """Contexts of the low-level API (lowlevel.py says how it maps onto llama-dsv4): a context is a `Llama`
 (llama_init_from_model makes one; `Llama.ctx` is one's own), llama_batch_init / llama_batch_get_one / llama_decode
 append to its sequence through `Sequence.decode`, llama_get_logits(_ith) read the outputs of the last decode, and the
-llama_memory_* functions (and the older llama_kv_cache_* / llama_kv_self_* names) work on its one sequence."""
+llama_memory_* functions (and the older llama_kv_cache_* / llama_kv_self_* names) work on its sequences (one, or
+n_seq_max: a batch of several sequences is evaluated in shared ubatches, sequence.decode_together)."""
 
 from __future__ import annotations
 
@@ -20,25 +21,39 @@ from .handles import handle_of, register, release, resolve
 from .lowlevel import _CTX, _MEM, _MODEL, ONE_SEQUENCE, _limit, _llama, log
 from .lowlevel_types import llama_batch, llama_context_default_params, llama_context_params
 
+MAX_SEQUENCES = 256  # n_seq_max's bound (the engine's)
+
 
 def llama_init_from_model(model: int, params: llama_context_params | None = None) -> int | None:
     """A context over `model` (a Llama of its own over the model's file): its handle, or None (and the reason
-    logged) if it cannot be made, as llama.cpp. n_ctx 0 means the model's training context."""
+    logged) if it cannot be made, as llama.cpp. n_ctx 0 means the model's training context. With n_seq_max > 1
+    it holds that many sequences (seq_id 0 .. n_seq_max - 1, `Llama.slot`), which share n_ctx as llama.cpp's:
+    split evenly, or with kv_unified each up to n_ctx and all of them together within it."""
     from ..llama import Llama
 
     llm = _llama(model, _MODEL)
     p = params if params is not None else llama_context_default_params()
-    if int(p.n_seq_max) > 1:
-        raise ValueError(f"n_seq_max={p.n_seq_max}: {ONE_SEQUENCE}")
+    n_seq = int(p.n_seq_max)
+    if not 1 <= n_seq <= MAX_SEQUENCES:
+        raise ValueError(f"n_seq_max must be between 1 and {MAX_SEQUENCES}, got {n_seq}")
     if bool(p.embeddings):
         raise ValueError("embeddings=True: llama-dsv4's low-level contexts return logits; use Llama.embed()")
     load = getattr(llm, "_lowlevel_load", {"use_mmap": llm.model_params.use_mmap, "use_mlock": False})
+    from .lowlevel_model import llama_model_n_ctx_train
+
+    total = int(p.n_ctx) if int(p.n_ctx) > 0 else llama_model_n_ctx_train(model)
+    unified = n_seq > 1 and bool(p.kv_unified)
+    per_seq = total if n_seq == 1 or unified else total // n_seq
+    if per_seq < 1:
+        log(C.GGML_LOG_LEVEL_ERROR, f"llama_init_from_model: n_ctx {total} is less than one position per sequence")
+        return None
     try:
         ctx = Llama(
             llm.model_path,
-            n_ctx=int(p.n_ctx),
+            n_ctx=per_seq,
             n_batch=max(int(p.n_batch), 1),
             n_ubatch=max(int(p.n_ubatch), 1),
+            n_seq_max=n_seq,
             n_threads=int(p.n_threads) if p.n_threads > 0 else None,
             n_threads_batch=int(p.n_threads_batch) if p.n_threads_batch > 0 else None,
             flash_attn=int(p.flash_attn_type) == C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -51,6 +66,8 @@ def llama_init_from_model(model: int, params: llama_context_params | None = None
     except ValueError as e:
         log(C.GGML_LOG_LEVEL_ERROR, f"llama_init_from_model: failed to create the context: {e}")
         return None
+    ctx._lowlevel_shared = total if unified else None  # the positions all sequences hold together (kv_unified)
+    ctx._lowlevel_n_batch = max(1, min(int(p.n_batch), total))  # a batch's tokens, all sequences together
     return register(ctx, "context", model=int(model))
 
 
@@ -72,14 +89,20 @@ def llama_get_memory(ctx: int) -> int:
 
 
 def llama_n_ctx(ctx: int) -> int:
+    """The context's positions, all sequences together (as llama.cpp)."""
+    llm = _llama(ctx, _CTX)
+    shared = getattr(llm, "_lowlevel_shared", None)
+    return int(shared) if shared is not None else int(llm.n_ctx()) * int(llm.n_seq_max)
+
+
+def llama_n_ctx_seq(ctx: int) -> int:
+    """The positions one sequence may hold."""
     return int(_llama(ctx, _CTX).n_ctx())
 
 
-llama_n_ctx_seq = llama_n_ctx
-
-
 def llama_n_batch(ctx: int) -> int:
-    return int(_llama(ctx, _CTX).n_batch)
+    llm = _llama(ctx, _CTX)
+    return int(getattr(llm, "_lowlevel_n_batch", llm.n_batch))
 
 
 def llama_n_ubatch(ctx: int) -> int:
@@ -87,8 +110,7 @@ def llama_n_ubatch(ctx: int) -> int:
 
 
 def llama_n_seq_max(ctx: int) -> int:
-    _llama(ctx, _CTX)
-    return 1
+    return int(_llama(ctx, _CTX).n_seq_max)
 
 
 def llama_n_threads(ctx: int) -> int:
@@ -177,8 +199,13 @@ def llama_batch_get_one(tokens: Any, n_tokens: int) -> llama_batch:
     return b
 
 
-def _batch_tokens(b: llama_batch, n_past: int) -> tuple[list[int], list[bool]]:
-    """The tokens of a batch and which of them want logits, after checking the batch against our limits."""
+def _holds(n_seq: int) -> str:
+    return ONE_SEQUENCE if n_seq == 1 else f"this context holds sequences 0 .. {n_seq - 1} (n_seq_max = {n_seq})"
+
+
+def _batch_tokens(b: llama_batch, n_seq: int, n_past: Any) -> tuple[list[int], list[bool], list[list[int]]]:
+    """The tokens of a batch, which of them want logits and each one's sequences, after checking the batch
+    against our limits: sequences of the context, positions that continue each sequence (`n_past(seq_id)`)."""
     n = int(b.n_tokens)
     room = vars(b).get("_dsv4_room")
     if n <= 0:
@@ -189,14 +216,7 @@ def _batch_tokens(b: llama_batch, n_past: int) -> tuple[list[int], list[bool]]:
         what = "a batch of embeddings is not supported" if b.embd else "batch.token is NULL"
         raise ValueError(f"llama_decode: {what}")
     tokens = list(b.token[:n])
-    if b.pos:
-        pos = list(b.pos[:n])
-        if pos != list(range(n_past, n_past + n)):
-            bad = next(i for i in range(n) if pos[i] != n_past + i)
-            raise ValueError(
-                f"llama_decode: batch.pos[{bad}] = {pos[bad]}, expected {n_past + bad}: positions must continue the "
-                f"sequence, which holds {n_past} tokens (remove the rest first with llama_memory_seq_rm)"
-            )
+    seqs: list[list[int]] = [[0]] * n
     if b.seq_id:
         counts = list(b.n_seq_id[:n]) if b.n_seq_id else [1] * n
         for i, k in enumerate(counts):
@@ -206,10 +226,27 @@ def _batch_tokens(b: llama_batch, n_past: int) -> tuple[list[int], list[bool]]:
             if not row:
                 raise ValueError(f"llama_decode: batch.seq_id[{i}] is NULL")
             ids = list(row[:k])
-            if any(s != 0 for s in ids):
-                raise ValueError(f"llama_decode: token {i} is in sequence(s) {ids}: {ONE_SEQUENCE}")
+            bad = [s for s in ids if not 0 <= s < n_seq]
+            if bad:
+                raise ValueError(f"llama_decode: token {i} is in sequence(s) {ids}: {_holds(n_seq)}")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"llama_decode: token {i} names a sequence twice: {ids}")
+            seqs[i] = ids
+    if b.pos:
+        pos = list(b.pos[:n])
+        nxt: dict[int, int] = {}
+        for i in range(n):
+            for s in seqs[i]:
+                want = nxt.setdefault(s, n_past(s))
+                if pos[i] != want:
+                    raise ValueError(
+                        f"llama_decode: batch.pos[{i}] = {pos[i]}, expected {want}: positions must continue the "
+                        f"sequence {s}, which holds {n_past(s)} tokens (remove the rest first with "
+                        "llama_memory_seq_rm)"
+                    )
+                nxt[s] = want + 1
     flags = [bool(v) for v in b.logits[:n]] if b.logits else [False] * (n - 1) + [True]
-    return tokens, flags
+    return tokens, flags, seqs
 
 
 class _Outputs:
@@ -234,33 +271,74 @@ class _Outputs:
 def llama_decode(ctx: int, batch: llama_batch) -> int:
     """Evaluate a batch after the tokens the context holds: 0 on success, 1 when the context has no room for it
     (nothing evaluated), as llama.cpp. Logits of the tokens whose batch.logits flag is set are kept for
-    llama_get_logits / llama_get_logits_ith until the next decode."""
+    llama_get_logits / llama_get_logits_ith until the next decode. A batch may hold tokens of several sequences
+    (a context with n_seq_max > 1), a token in several of them (a shared prompt): each sequence's tokens are
+    evaluated after its own, all sequences in shared ubatches (continuous batching, docs/batching.md)."""
     entry, llm = resolve(ctx, _CTX)
     if not isinstance(batch, llama_batch):
         raise TypeError(f"batch must be a llama_batch, got {type(batch).__name__}")
-    seq = llm.sequence
-    with seq.lock.serial():
-        seq.check_usable()
-        n_past = seq.n_tokens
-        tokens, flags = _batch_tokens(batch, n_past)
-        if len(tokens) > llm.n_batch:
-            raise ValueError(
-                f"llama_decode: batch.n_tokens ({len(tokens)}) is beyond the context's n_batch ({llm.n_batch})"
-            )
-        tokens = check_token_ids(tokens, llm.n_vocab())
-        if n_past + len(tokens) > llm.n_ctx():
-            log(
-                C.GGML_LOG_LEVEL_WARN,
-                f"llama_decode: {n_past} + {len(tokens)} tokens do not fit in n_ctx {llm.n_ctx()}",
-            )
+    n_seq = int(llm.n_seq_max)
+    if n_seq == 1:
+        seq = llm.sequence
+        with seq.lock.serial():
+            seq.check_usable()
+            tokens, flags, _ = _batch_tokens(batch, 1, lambda s: seq.n_tokens)
+            return _decode_one(entry, llm, seq, tokens, flags)
+    slots = [llm.slot(i) for i in range(n_seq)]
+    llm.sequence.check_usable()
+    tokens, flags, seqs = _batch_tokens(batch, n_seq, lambda s: slots[s].n_tokens)
+    n_batch = int(getattr(llm, "_lowlevel_n_batch", llm.n_batch))
+    if len(tokens) > n_batch:
+        raise ValueError(f"llama_decode: batch.n_tokens ({len(tokens)}) is beyond the context's n_batch ({n_batch})")
+    tokens = check_token_ids(tokens, llm.n_vocab())
+    order: dict[int, list[int]] = {}  # sequence -> its batch indices, in batch order
+    for i, ss in enumerate(seqs):
+        for s in ss:
+            order.setdefault(s, []).append(i)
+    shared = getattr(llm, "_lowlevel_shared", None)
+    held = sum(sl.n_tokens for sl in slots)
+    for s, idx in order.items():
+        if slots[s].n_tokens + len(idx) > llm.n_ctx():
+            log(C.GGML_LOG_LEVEL_WARN, f"llama_decode: sequence {s} holds {slots[s].n_tokens} tokens, and "
+                f"{len(idx)} more do not fit in its {llm.n_ctx()} positions")  # fmt: skip
             return 1
-        wanted = [i for i, f in enumerate(flags) if f]
-        logits = seq.decode(tokens, all_logits=any(flags[:-1]))
-        # every token's row, or the last token's only
-        rows = logits[wanted] if logits.shape[0] == len(tokens) else logits[-1:] if flags[-1] else logits[:0]
-        if entry.state is None:
-            entry.state = _Outputs()
-        entry.state.store(rows, wanted)
+    if shared is not None and held + sum(len(v) for v in order.values()) > shared:
+        log(C.GGML_LOG_LEVEL_WARN, f"llama_decode: the sequences hold {held} tokens and {len(tokens)} more do not "
+            f"fit in n_ctx {shared} (kv_unified)")  # fmt: skip
+        return 1
+    from ..sequence import decode_together
+
+    want_all = {s: any(flags[i] for i in idx[:-1]) for s, idx in order.items()}
+    parts = [(slots[s].sequence, [tokens[i] for i in idx], want_all[s]) for s, idx in order.items()]
+    out = dict(zip(order, decode_together(parts), strict=True))
+    wanted = [i for i, f in enumerate(flags) if f]
+    rows = []
+    for i in wanted:
+        s = seqs[i][0]
+        j = order[s].index(i)
+        rows.append(out[s][j] if want_all[s] else out[s][-1])
+    if entry.state is None:
+        entry.state = _Outputs()
+    entry.state.store(np.stack(rows) if rows else np.zeros((0, llm.n_vocab()), np.float32), wanted)
+    return 0
+
+
+def _decode_one(entry: Any, llm: Any, seq: Any, tokens: list[int], flags: list[bool]) -> int:
+    """llama_decode on a context of one sequence (its lock held)."""
+    n_past, n_batch = seq.n_tokens, llm.n_batch
+    if len(tokens) > n_batch:
+        raise ValueError(f"llama_decode: batch.n_tokens ({len(tokens)}) is beyond the context's n_batch ({n_batch})")
+    tokens = check_token_ids(tokens, llm.n_vocab())
+    if n_past + len(tokens) > llm.n_ctx():
+        log(C.GGML_LOG_LEVEL_WARN, f"llama_decode: {n_past} + {len(tokens)} tokens do not fit in n_ctx {llm.n_ctx()}")
+        return 1
+    wanted = [i for i, f in enumerate(flags) if f]
+    logits = seq.decode(tokens, all_logits=any(flags[:-1]))
+    # every token's row, or the last token's only
+    rows = logits[wanted] if logits.shape[0] == len(tokens) else logits[-1:] if flags[-1] else logits[:0]
+    if entry.state is None:
+        entry.state = _Outputs()
+    entry.state.store(rows, wanted)
     return 0
 
 
@@ -298,56 +376,80 @@ def llama_get_logits_ith(ctx: int, i: int) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ memory (the cache)
-def _seq(seq_id: Any, any_ok: bool) -> int:
+def _slots(mem: int, seq_id: Any, any_ok: bool) -> list[Any]:
+    """The Llamas of the sequences `seq_id` names: one, or every one for a negative id where `any_ok`."""
+    llm = _llama(mem, _MEM)
+    n_seq = int(llm.n_seq_max)
     seq_id = as_int(seq_id, "seq_id")
-    if seq_id == 0 or (any_ok and seq_id < 0):
-        return seq_id
-    raise ValueError(f"seq_id {seq_id}: {ONE_SEQUENCE}")
+    if any_ok and seq_id < 0:
+        return [llm.slot(i) for i in range(n_seq)]
+    if not 0 <= seq_id < n_seq:
+        raise ValueError(f"seq_id {seq_id}: {_holds(n_seq)}")
+    return [llm.slot(seq_id)]
 
 
 def llama_memory_clear(mem: int, data: bool = True) -> None:
-    """Forget the whole sequence."""
-    _llama(mem, _MEM).reset()
+    """Forget every sequence."""
+    for sl in _slots(mem, -1, any_ok=True):
+        sl.reset()
 
 
 def llama_memory_seq_rm(mem: int, seq_id: int, p0: int, p1: int) -> bool:
-    """Remove positions [p0, p1) (p0 < 0: from 0; p1 < 0: to the end) of sequence 0 (seq_id 0 or -1). Cutting
-    the end off works (the next decode re-evaluates the kept prefix: our engine's compressed state cannot be cut);
+    """Remove positions [p0, p1) (p0 < 0: from 0; p1 < 0: to the end) of a sequence (seq_id < 0: of every one).
+    Cutting the end off works (the next decode re-evaluates what the compressed state lost: docs/batching.md);
     removing a part that the sequence continues after returns False, as llama.cpp does for a cache that cannot."""
-    llm = _llama(mem, _MEM)
-    _seq(seq_id, any_ok=True)
-    n = llm.n_tokens
+    slots = _slots(mem, seq_id, any_ok=True)
     start = max(as_int(p0, "p0"), 0)
     p1 = as_int(p1, "p1")
-    end = n if p1 < 0 else p1
-    if start >= min(end, n):
-        return True  # nothing held there
-    if end < n:
-        return False
-    with llm.sequence.lock.serial():
-        llm.n_tokens = start
-    return True
+    ok = True
+    for llm in slots:
+        n = llm.n_tokens
+        end = n if p1 < 0 else p1
+        if start >= min(end, n):
+            continue  # nothing held there
+        if end < n:
+            ok = False
+            continue
+        with llm.sequence.lock.serial():
+            llm.n_tokens = start
+    return ok
 
 
 def llama_memory_seq_pos_min(mem: int, seq_id: int) -> int:
-    _seq(seq_id, any_ok=False)
-    return 0 if _llama(mem, _MEM).n_tokens else -1
+    (llm,) = _slots(mem, seq_id, any_ok=False)
+    return 0 if llm.n_tokens else -1
 
 
 def llama_memory_seq_pos_max(mem: int, seq_id: int) -> int:
-    _seq(seq_id, any_ok=False)
-    return int(_llama(mem, _MEM).n_tokens) - 1
+    (llm,) = _slots(mem, seq_id, any_ok=False)
+    return int(llm.n_tokens) - 1
 
 
 def llama_memory_seq_keep(mem: int, seq_id: int) -> None:
-    _llama(mem, _MEM)
-    _seq(seq_id, any_ok=False)  # keeping sequence 0, the only one, changes nothing
+    """Forget every sequence but `seq_id`."""
+    (keep,) = _slots(mem, seq_id, any_ok=False)
+    for llm in _slots(mem, -1, any_ok=True):
+        if llm is not keep:
+            llm.reset()
 
 
 def llama_memory_seq_cp(mem: int, seq_id_src: int, seq_id_dst: int, p0: int, p1: int) -> None:
-    _llama(mem, _MEM)
-    _seq(seq_id_src, any_ok=False)
-    _seq(seq_id_dst, any_ok=False)  # copying sequence 0 onto itself changes nothing
+    """Make sequence dst hold positions [0, p1) of sequence src (p1 < 0: all of them): a shared prompt evaluated
+    once, then continued differently (the engine's state of src is copied, then cut as llama_memory_seq_rm does).
+    What dst held is replaced. A copy that does not start at position 0 (p0 > 0) is a ValueError."""
+    (src,) = _slots(mem, seq_id_src, any_ok=False)
+    (dst,) = _slots(mem, seq_id_dst, any_ok=False)
+    if as_int(p0, "p0") > 0:
+        raise ValueError(f"llama_memory_seq_cp: p0 = {p0}: llama-dsv4 copies a sequence from its start (p0 <= 0)")
+    p1 = as_int(p1, "p1")
+    if src is dst:
+        return
+    n = src.n_tokens
+    end = n if p1 < 0 else min(p1, n)
+    dst.load_state(src.save_state())
+    if end < n:
+        with dst.sequence.lock.serial():
+            dst.n_tokens = end
 
 
 def llama_memory_seq_add(mem: int, seq_id: int, p0: int, p1: int, delta: int) -> None:

@@ -3,7 +3,8 @@
 Counters: HTTP requests by route and status, completions, cancelled completions, prompt and generated tokens and
 the seconds spent on each. Gauges: tokens/s (prompt and generation, over the server's life and over the last
 completion), slots busy, requests waiting for a slot (the queue depth), context size. MoE expert residency
-figures, from `Llama.moe_stats()` of each slot, labelled by slot.
+figures, from `Llama.moe_stats()` of each slot, labelled by slot; speculative decoding (`spec_stats()`) and
+continuous batching (`batch_stats()`: steps, batch size, ubatch occupancy).
 """
 
 from __future__ import annotations
@@ -157,7 +158,30 @@ class Metrics:
         w.add("uptime_seconds", "gauge", "seconds since the server started", [({}, time.time() - self.started)])
         _moe(w, slots)
         _spec(w, slots)
+        _batch(w, slots)
         return w.text()
+
+
+def _batch(w: _Writer, slots: list[Any]) -> None:
+    """Continuous batching (-cb: the slots share one context, so one set of figures): steps, the sequences and
+    tokens they held, compute seconds, and the averages (batch size, ubatch occupancy)."""
+    for s in slots:
+        get = getattr(s.llm, "batch_stats", None)
+        st = get() if callable(get) else None
+        if isinstance(st, dict):
+            break
+    else:
+        return
+    for name, key, kind, what in (
+        ("batch_steps_total", "steps", "counter", "engine steps (ubatches) computed"),
+        ("batch_sequences_total", "sequences", "counter", "sequences in those steps, summed"),
+        ("batch_tokens_total", "tokens", "counter", "tokens in those steps, summed"),
+        ("batch_compute_seconds_total", "compute_seconds", "counter", "seconds spent computing steps"),
+        ("batch_gather_seconds_total", "gather_seconds", "counter", "seconds steps waited for active sequences"),
+        ("batch_size", "sequences_per_step", "gauge", "average sequences per step"),
+        ("ubatch_occupancy", "ubatch_occupancy", "gauge", "average tokens per step / n_ubatch"),
+    ):
+        w.add(name, kind, what, [({}, st[key])])
 
 
 def _spec(w: _Writer, slots: list[Any]) -> None:
