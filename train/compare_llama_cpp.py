@@ -5,9 +5,9 @@
 PY is a Python with llama-cpp-python 0.3.36 (the reference build); SCRIPT is a llama.cpp driver taking the
 commands `logits MODEL --tokens-file ids.npy --ubatch U --out ref.npz` (tokens, logits per position) and
 `greedy MODEL --tokens 1,2,3 -n N --ubatch U --out gen.json` (generated ids). llama.cpp runs in that subprocess,
-never in this one. Prints: greedy continuations of held-out chat prompts identical to llama.cpp's (f32, f16
-and q8xq5, ubatch 1 and 64), logits max|diff|/max|logit| per position on held-out text, held-out perplexity of
-every variant by both engines.
+never in this one. Prints: greedy continuations of held-out chat prompts (up to the end token, at most --steps
+tokens) identical to llama.cpp's (f32, f16 and q8xq5, ubatch 1 and 64), logits max|diff|/max|logit| per position
+on held-out text, held-out perplexity of every variant by both engines.
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ def ours_logits(path: str, tokens: np.ndarray, ubatch: int) -> np.ndarray:
     return out
 
 
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    """A greedy continuation as generated: up to and with the end token (what follows it nobody generates)."""
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
 def oracle(a: argparse.Namespace, *args: str) -> None:
     subprocess.run([a.oracle_python, a.logits_script, *args], check=True, env=ENV, capture_output=True)
 
@@ -100,7 +105,8 @@ def main() -> None:
     )
     a = ap.parse_args()
     with open(os.path.join(a.data, "vocab.json"), encoding="utf-8") as f:
-        tk = DSV4Tokenizer(D.vocab_from_json(json.load(f)))
+        vocab = D.vocab_from_json(json.load(f))
+    tk, eos = DSV4Tokenizer(vocab), vocab.eos_id
     with open(os.path.join(a.data, "heldout.json")) as f:
         held = json.load(f)
     rng = random.Random(2)
@@ -124,7 +130,7 @@ def main() -> None:
             write_reference(a, paths["q8xq5"], prompts[:6], requests[:6], tmp)
         for dt in ("f32", "f16", "q8xq5"):
             for ub in (1, 64):
-                same = 0
+                same = ended = same_full = 0
                 first_diff = []
                 for pr in prompts:
                     out = os.path.join(tmp, "g.json")
@@ -133,10 +139,16 @@ def main() -> None:
                     with open(out) as f:
                         ref = json.load(f)["generated"]
                     ours = ours_greedy(paths[dt], pr, a.steps, ub)
+                    ended += eos in ref
+                    same_full += ours == ref
+                    ours, ref = until_eos(ours, eos), until_eos(ref, eos)  # a continuation ends with its end token
                     same += ours == ref
                     if ours != ref:
-                        first_diff.append(next(i for i, (x, y) in enumerate(zip(ours, ref, strict=True)) if x != y))
-                print(f"greedy {dt} ubatch {ub}: {same}/{len(prompts)} continuations of {a.steps} tokens identical"
+                        first_diff.append(next((i for i, (x, y) in enumerate(zip(ours, ref, strict=False)) if x != y),
+                                               min(len(ours), len(ref))))  # fmt: skip
+                print(f"greedy {dt} ubatch {ub}: {same}/{len(prompts)} continuations identical (up to the end token, "
+                      f"at most {a.steps} tokens; llama.cpp's ended in {ended}; all {a.steps} tokens, past the end "
+                      f"token too: {same_full})"
                       + (f" (first differences at steps {first_diff})" if first_diff else ""))  # fmt: skip
         for dt, path in paths.items():
             tot = [0.0, 0.0]

@@ -224,13 +224,21 @@ def currency_messages(n: int, f: str, t: str, rng: random.Random) -> tuple[list[
 
 
 def invented_place(rng: random.Random) -> str:
-    name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((1, 2, 2, 3)))) + rng.choice(PLACE_ENDS)
+    """A place that does not exist: syllables and a town ending, or letters in consonant-vowel turns (which the
+    vocabulary splits into pieces of every kind, so the model learns to copy any name, not only syllables)."""
+    if rng.random() < 0.5:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((1, 2, 2, 3)))) + rng.choice(PLACE_ENDS)
+    else:
+        cons, vow = "bcdfghjklmnprstvwyz", "aeiou"
+        parts = [rng.choice(cons) + rng.choice(vow) + (rng.choice(cons) if rng.random() < 0.3 else "")
+                 for _ in range(rng.randrange(2, 5))]  # fmt: skip
+        name = "".join(parts)
     return name.capitalize()
 
 
 def tool_problem(rng: random.Random) -> tuple:
-    if rng.random() < 0.5:
-        if rng.random() < 0.6:
+    if rng.random() < 0.6:
+        if rng.random() < 0.75:
             return ("weather", invented_place(rng))
         return ("weather", rng.choice(CITIES + HELDOUT_CITIES))
     f, t = rng.sample(CURRENCIES, 2)
@@ -431,7 +439,13 @@ def assistant_mask(ids: list[int], assistant: int, eos: int) -> list[int]:
 
 
 def build(
-    out: str, wheel_dir: str, seed: int, counts: dict[str, int], vocab_size: int, vocab_json: str | None = None
+    out: str,
+    wheel_dir: str,
+    seed: int,
+    counts: dict[str, int],
+    vocab_size: int,
+    vocab_json: str | None = None,
+    seq: int = 576,
 ) -> None:
     """Writes train.bin (uint16 tokens), train_mask.bin (uint8: 1 where the token is a training target),
     train_starts.bin (int64: window starts, the start of every document and every `seq` tokens inside text), the
@@ -468,7 +482,7 @@ def build(
     rng.shuffle(docs)
     stream, mask, starts, per_kind = [], [], [], dict.fromkeys(["text", *counts], 0)
     for kind, ids, m in docs:
-        starts.extend(range(len(stream), len(stream) + len(ids), 448 if kind == "text" else len(ids)))
+        starts.extend(range(len(stream), len(stream) + len(ids), seq if kind == "text" else len(ids)))
         stream.extend(ids)
         mask.extend(m)
         per_kind[kind] += len(ids)
@@ -494,13 +508,14 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--wheels", required=True, help="folder holding gensim's wheel (pip download gensim==4.4.0)")
     ap.add_argument("--seed", type=int, default=17)
-    ap.add_argument("--arith", type=int, default=80000, help="arithmetic conversations")
-    ap.add_argument("--tool", type=int, default=6000, help="tool-calling conversations")
+    ap.add_argument("--arith", type=int, default=70000, help="arithmetic conversations")
+    ap.add_argument("--tool", type=int, default=40000, help="tool-calling conversations")
     ap.add_argument("--json", type=int, default=8000, help="JSON conversations")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--vocab-json", help="use this vocabulary (an earlier phase's vocab.json) instead of training one")
+    ap.add_argument("--seq", type=int, default=576, help="the training window (a long text gets a start every seq)")
     a = ap.parse_args()
-    build(a.out, a.wheels, a.seed, {"arith": a.arith, "tool": a.tool, "json": a.json}, a.vocab, a.vocab_json)
+    build(a.out, a.wheels, a.seed, {"arith": a.arith, "tool": a.tool, "json": a.json}, a.vocab, a.vocab_json, a.seq)
 
 
 if __name__ == "__main__":

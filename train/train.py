@@ -35,7 +35,7 @@ def demo_params(n_vocab: int) -> DSV4Params:
     return DSV4Params(
         n_vocab=n_vocab, n_ctx_train=4096, n_embd=256, n_layer=4, n_nextn=1, compress_ratios=(0, 4, 128, 4, 0),
         hash_layer_count=1, n_head=4, head_dim=64, rope_dim=16, q_lora_rank=64, o_group_count=2, o_lora_rank=64,
-        sliding_window=64, indexer_n_head=2, indexer_head_dim=64, indexer_top_k=8, n_expert=8, n_expert_used=2,
+        sliding_window=64, indexer_n_head=2, indexer_head_dim=128, indexer_top_k=8, n_expert=8, n_expert_used=2,
         expert_ff=256, n_expert_shared=1, swiglu_clamp_exp=(10.0,), swiglu_clamp_shexp=(10.0,),
     )  # fmt: skip
 
@@ -73,8 +73,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--minutes", type=float, required=True)
     ap.add_argument("--seed", type=int, default=17)
-    ap.add_argument("--seq", type=int, default=448)
-    ap.add_argument("--batch", type=int, default=9)
+    ap.add_argument("--seq", type=int, default=576)
+    ap.add_argument("--batch", type=int, default=7)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--mtp-weight", type=float, default=0.3)
