@@ -42,7 +42,8 @@ def plot(rows: list[dict[str, Any]], png_path: str) -> None:
     for prev, r in itertools.pairwise(rows):
         if r["phase"] != prev["phase"]:
             ax.axvline(int(prev["tokens"]) / 1e6, color="gray", linestyle="--", linewidth=1)
-    ax.set_xlabel("training tokens (millions); dashed: the next phase's data mixture")
+    phases = len({r["phase"] for r in rows})
+    ax.set_xlabel("training tokens (millions)" + ("; dashed: the next phase's data mixture" if phases > 1 else ""))
     ax.set_ylabel("loss on the trained tokens (nats)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
