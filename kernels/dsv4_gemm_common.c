@@ -76,6 +76,19 @@ __attribute__((target("avx2"))) static void q4k_quants_avx2(const uint8_t * b, u
 }
 #endif
 
+/* The scale-only k16 types' rest (Q3_K, Q6_K): no mins, fp16 d at `d`, offset `off`. */
+static void k16_scales_only(struct dsv4_k16 * k, const uint8_t * d, int off) {
+    uint16_t hd;
+    memcpy(&hd, d, 2);
+    for (int i = 0; i < 16; i++) {
+        k->m[i] = 0;
+    }
+    k->d = dsv4_half_to_float(hd);
+    k->dmin = 0.0f;
+    k->off = off;
+    k->has_min = 0;
+}
+
 static void q6k_block(const uint8_t * b, struct dsv4_k16 * k) {
     for (int n = 0; n < 2; n++) {
         const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
@@ -89,14 +102,8 @@ static void q6k_block(const uint8_t * b, struct dsv4_k16 * k) {
     }
     for (int i = 0; i < 16; i++) {
         k->sc[i] = ((const int8_t *) (b + 192))[i];
-        k->m[i] = 0;
     }
-    uint16_t hd;
-    memcpy(&hd, b + 208, 2);
-    k->d = dsv4_half_to_float(hd);
-    k->dmin = 0.0f;
-    k->off = 32;
-    k->has_min = 0;
+    k16_scales_only(k, b + 208, 32);
 }
 
 static void q2k_block(const uint8_t * b, struct dsv4_k16 * k) {
@@ -145,14 +152,8 @@ static void q3k_block(const uint8_t * b, struct dsv4_k16 * k) {
     }
     for (int i = 0; i < 16; i++) {
         k->sc[i] = scales[i] - 32;
-        k->m[i] = 0;
     }
-    uint16_t hd;
-    memcpy(&hd, b + 108, 2);
-    k->d = dsv4_half_to_float(hd);
-    k->dmin = 0.0f;
-    k->off = 4;
-    k->has_min = 0;
+    k16_scales_only(k, b + 108, 4);
 }
 
 void dsv4_k16_block(int type, const uint8_t * b, struct dsv4_k16 * k) {

@@ -389,8 +389,8 @@ def decode_together(parts: list[tuple[Sequence, list[int], bool]]) -> list[npt.N
     if any(s._runner() is not runner for s in seqs) or len({s.seq_id for s in seqs}) != len(seqs):
         raise ValueError("decode_together needs distinct sequences of one context")
     want = [every or s.logits_all for s, _, every in parts]
-    n_threads = max(s.n_threads_batch if sum(len(t) for _, t, _ in parts) > len(parts) else s.n_threads
-                    for s in seqs)  # fmt: skip
+    decoding = all(len(t) == 1 for _, t, _ in parts)  # one token each: generation's threads, else the batch's
+    n_threads = max(s.n_threads if decoding else s.n_threads_batch for s in seqs)
     with contextlib.ExitStack() as held:
         for s in sorted(seqs, key=lambda s: s.seq_id):  # one order for every caller: no deadlock
             held.enter_context(s.lock.serial())

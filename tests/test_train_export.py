@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,15 +42,22 @@ def engine_logits(path: str, tokens: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def test_torch_forward_equals_the_engine_on_the_exported_file(tmp_path: os.PathLike[str]) -> None:
-    """float64 torch with the engine's tie-breaking top-k vs the engine in f32 with exact attention: the bound of
-    tests/test_forward.py's exact-attention test (1e-5 of the largest logit) at every one of 300 positions."""
+def reference_run(seed: int) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float64 recipe network with the engine's tie-breaking top-k, N_TOKENS random tokens, and its main and MTP
+    logits on them."""
     torch.manual_seed(0)
-    net = DSV4(PARAMS, seed=1).double().eval()
+    net = DSV4(PARAMS, seed=seed).double().eval()
     net.exact_top_k = True
     tokens = torch.randint(0, PARAMS.n_vocab, (1, N_TOKENS))
     with torch.no_grad():
         ref, mtp, _ = net(tokens, mtp=True)
+    return net, tokens, ref, mtp
+
+
+def test_torch_forward_equals_the_engine_on_the_exported_file(tmp_path: os.PathLike[str]) -> None:
+    """float64 torch with the engine's tie-breaking top-k vs the engine in f32 with exact attention: the bound of
+    tests/test_forward.py's exact-attention test (1e-5 of the largest logit) at every one of 300 positions."""
+    net, tokens, ref, mtp = reference_run(seed=1)
     assert mtp is not None and mtp.shape == (1, N_TOKENS - 1, PARAMS.n_vocab)
     ours = engine_logits(export(net, os.path.join(tmp_path, "t.gguf")), tokens[0].numpy().astype(np.int32))
     ref_np = ref[0].numpy()
@@ -63,12 +71,7 @@ def test_the_mtp_block_equals_the_recipes(tmp_path: os.PathLike[str]) -> None:
     streams, mtp_eval reads them with the next tokens, in ubatches through its own sliding window) against the
     recipe's MTP head, DeepSeek's formula, at every one of 299 positions; and a chained draft (the MTP's own streams
     fed back, as speculation uses them) is the same computation one row at a time."""
-    torch.manual_seed(0)
-    net = DSV4(PARAMS, seed=3).double().eval()
-    net.exact_top_k = True
-    tokens = torch.randint(0, PARAMS.n_vocab, (1, N_TOKENS))
-    with torch.no_grad():
-        _, mtp, _ = net(tokens, mtp=True)
+    net, tokens, _, mtp = reference_run(seed=3)
     ref = mtp[0].numpy()
     toks = tokens[0].numpy().astype(np.int32)
     with load_model(export(net, os.path.join(tmp_path, "m.gguf"))) as m:
