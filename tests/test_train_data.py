@@ -40,13 +40,16 @@ def test_held_out_problems_are_never_training_data() -> None:
     held = D.heldout_problems(40, seed=5)
     assert all(len(v) == 40 for v in held.values())
     rng = random.Random(1)
-    texts = [t for k in ("arith", "tool", "json") * 700 if (t := D.synthetic(rng, k)) is not None]
+    names = D.proper_nouns(["Perth and Krakow met Anna Smith; Anna Smith left Perth for Lyon and Lyon."])
+    assert names == ["Anna", "Lyon", "Smith"]  # seen twice, the held-out cities left out
+    kinds = ("arith", "tool", "json", "copy") * 700
+    texts = [t for k in kinds if (t := D.synthetic(rng, k, names)) is not None]
     user = "\n".join(re.findall(r"<｜User｜>(.*?)<｜Assistant｜>", "".join(texts)))
     for a, op, b in held["arith"]:
         assert not re.search(rf"(?<!\d){a} \{op} {b}(?!\d)", user), (a, op, b)
     for city in D.HELDOUT_CITIES:
         assert city not in user
-    assert len(texts) > 1800  # about 1 in 10 arithmetic and JSON problems held out
+    assert len(texts) > 2500  # about 1 in 10 arithmetic and JSON problems held out
 
 
 def test_trained_vocabulary_keeps_specials_and_single_digits() -> None:

@@ -23,8 +23,10 @@ import hashlib
 import json
 import os
 import random
+import re
 import sysconfig
 import zipfile
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -236,6 +238,22 @@ def invented_place(rng: random.Random) -> str:
     return name.capitalize()
 
 
+def proper_nouns(texts: list[str], least: int = 2) -> list[str]:
+    """Capitalised words of the training text seen at least `least` times (people, places, organisations of the
+    news corpus), the held-out cities left out: names the vocabulary splits as it splits real names, for copying."""
+    seen: dict[str, int] = {}
+    for t in texts:
+        for w in re.findall(r"\b[A-Z][a-z]{2,}\b", t):
+            seen[w] = seen.get(w, 0) + 1
+    return sorted(w for w, c in seen.items() if c >= least and not any(h in w for h in HELDOUT_CITIES))
+
+
+def train_place(rng: random.Random, names: Sequence[str]) -> str:
+    """A name to copy in a training conversation: an invented place, or (a third of the time, given `names`) a
+    capitalised word of the training text."""
+    return rng.choice(names) if names and rng.random() < 1 / 3 else invented_place(rng)
+
+
 def tool_problem(rng: random.Random) -> tuple:
     if rng.random() < 0.6:
         if rng.random() < 0.75:
@@ -293,8 +311,22 @@ def render_chat(messages: list[dict[str, Any]], *, tools: Any = None, thinking: 
     return render(default_chat_template(), **v)
 
 
-def synthetic(rng: random.Random, kind: str) -> str | None:
-    """One training conversation of `kind`, or None when the drawn problem is held out."""
+COPY_Q = ("Repeat after me: {x}", "Say {x}.", "Copy this exactly: {x}", "Please write {x} back to me.",
+          "Put {x} in quotes.")  # fmt: skip
+
+
+def copy_messages(rng: random.Random, names: Sequence[str]) -> list[dict[str, Any]]:
+    """A drill in copying: one to three names (invented, or words of the training text) said back, plain or
+    quoted, as a tool call's argument copies a city from the request."""
+    x = " ".join(train_place(rng, names) for _ in range(rng.choice((1, 1, 2, 3))))
+    i = rng.randrange(len(COPY_Q))
+    return [{"role": "user", "content": COPY_Q[i].format(x=x)},
+            {"role": "assistant", "content": f'"{x}"' if i == len(COPY_Q) - 1 else x}]  # fmt: skip
+
+
+def synthetic(rng: random.Random, kind: str, names: Sequence[str] = ()) -> str | None:
+    """One training conversation of `kind`, or None when the drawn problem is held out; `names` (words of the
+    training text) join the invented places that weather requests, JSON people and copy drills name."""
     if kind == "arith":
         a, op, b = arithmetic_problem(rng)
         if heldout(a, op, b):
@@ -308,11 +340,19 @@ def synthetic(rng: random.Random, kind: str) -> str | None:
         prob = tool_problem(rng)
         if tool_is_heldout(prob):
             return None
+        if names and prob[0] == "weather" and prob[1] not in CITIES:  # an invented place: or a word of the text
+            prob = ("weather", train_place(rng, names))
         msgs, _ = tool_messages(prob, rng)
         return render_chat(msgs, tools=rng.sample(TOOLS, 2))
+    if kind == "copy":
+        return render_chat(copy_messages(rng, names))
     prob = json_problem(rng)
     if heldout(prob):
         return None
+    if names and rng.random() < 0.5:  # the person lives somewhere the model has to copy
+        slots = dict(prob[1])
+        slots["city"] = train_place(rng, names)
+        prob = (prob[0], tuple(sorted(slots.items())))
     msgs, _ = json_messages(prob)
     return render_chat(msgs, tools=TOOLS if rng.random() < 0.1 else None)
 
@@ -446,6 +486,7 @@ def build(
     vocab_size: int,
     vocab_json: str | None = None,
     seq: int = 576,
+    copy_names: bool = False,
 ) -> None:
     """Writes train.bin (uint16 tokens), train_mask.bin (uint8: 1 where the token is a training target),
     train_starts.bin (int64: window starts, the start of every document and every `seq` tokens inside text), the
@@ -455,11 +496,12 @@ def build(
     rng.shuffle(text)
     n_held = max(1, len(text) // 40)
     held_text, text = text[:n_held], text[n_held:]
+    names = proper_nouns(text) if copy_names else []
     convs: list[tuple[str, str]] = []
     for kind, n in counts.items():
         made = 0
         while made < n:
-            c = synthetic(rng, kind)
+            c = synthetic(rng, kind, names)
             if c is not None:
                 convs.append((kind, c))
                 made += 1
@@ -511,11 +553,18 @@ def main() -> None:
     ap.add_argument("--arith", type=int, default=70000, help="arithmetic conversations")
     ap.add_argument("--tool", type=int, default=40000, help="tool-calling conversations")
     ap.add_argument("--json", type=int, default=8000, help="JSON conversations")
+    ap.add_argument("--copy", type=int, default=0, help="copy drills (an experiment: docs/demo-model.md)")
+    ap.add_argument(
+        "--copy-names",
+        action="store_true",
+        help="weather requests, JSON people and copy drills also name capitalised words of the text",
+    )
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--vocab-json", help="use this vocabulary (an earlier phase's vocab.json) instead of training one")
     ap.add_argument("--seq", type=int, default=576, help="the training window (a long text gets a start every seq)")
     a = ap.parse_args()
-    build(a.out, a.wheels, a.seed, {"arith": a.arith, "tool": a.tool, "json": a.json}, a.vocab, a.vocab_json, a.seq)
+    counts = {"arith": a.arith, "tool": a.tool, "json": a.json, "copy": a.copy}
+    build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names)
 
 
 if __name__ == "__main__":
