@@ -96,6 +96,49 @@ def test_rejected_drafts_leave_no_trace(random_mtp_model: str) -> None:
     plain.close()
 
 
+def test_held_mtp_graph_gives_the_numbers_of_a_fresh_build(random_mtp_model: str) -> None:
+    """The MTP block's one-row graph is built once per sequence and want_h, and run again for each further one-row
+    step: its logits and streams equal, bit for bit, those of a graph built afresh for every step (a debug capture
+    takes that path), through a ring that wraps (window 8), a truncation and a change of sequence."""
+    from llama_dsv4.engine.context import Context
+
+    from llama_dsv4 import _ggml
+    from llama_dsv4.model.loader import load_model
+
+    with load_model(random_mtp_model) as m:
+        held, fresh = (Context(m, 256, n_ubatch=16, backends=_ggml.Backends("cpu", 1), n_seq=2, mtp=True)
+                       for _ in range(2))  # fmt: skip
+        rng = np.random.default_rng(3)
+        toks, h = {}, {}
+        for s in (0, 1):
+            toks[s] = [int(t) for t in rng.integers(3, m.params.n_vocab, 40)]
+            for ctx in (held, fresh):
+                ctx.eval(toks[s], seq_id=s, want_h=True)
+            h[s] = held.last_h  # (the main graph is the same in both)
+        pos, steps = {0: 0, 1: 0}, 0
+        # (sequence, want_h, rows read one at a time; None: sequence 0's block goes back 6 rows)
+        for s, want_h, count in [(0, True, 20), (0, None, 0), (0, True, 25), (1, False, 10), (1, True, 29)]:
+            if want_h is None:
+                for ctx in (held, fresh):
+                    ctx.mtp_truncate(pos[0] - 6, 0)
+                pos[0] -= 6
+                continue
+            for _ in range(count):
+                i = pos[s]
+                got = []
+                for ctx in (held, fresh):
+                    if ctx is fresh:
+                        ctx.capture([])
+                    lg = ctx.mtp_eval([toks[s][i + 1]], h[s][i : i + 1], s, all_logits=False, want_h=want_h)
+                    got.append((lg, ctx.last_h))
+                assert np.array_equal(got[0][0], got[1][0]), (s, i)
+                assert not want_h or np.array_equal(got[0][1], got[1][1]), (s, i)
+                pos[s] += 1
+                steps += 1
+        assert (held.mtp_n_past(0), held.mtp_n_past(1)) == (fresh.mtp_n_past(0), fresh.mtp_n_past(1)) == (39, 39)
+        assert held.mtp_graph_builds == 3 and fresh.mtp_graph_builds == 0 and steps == 84
+
+
 def test_rejected_drafts_leave_no_trace_in_the_routing_statistics(random_mtp_model: str, tmp_path: Any) -> None:
     """With expert residency on, the routing counted after a run with speculation (drafts mostly rejected) is the
     routing of the tokens the engine holds, each counted once:

@@ -259,6 +259,18 @@ cdef class Context:
     cdef g.ggml_tensor ** routes
     cdef public object route_sink
     cdef public double t_graph, t_inputs, t_compute  # seconds: graph build + allocation (C), inputs, compute
+    # the MTP block's one-row graph, built and allocated once and run again for each further draft (its shapes do not
+    # depend on the position: a sliding window only); mtp_key = 2 * seq_id + want_h of the graph held, -1 none
+    cdef g.ggml_backend_sched_t mtp_sched
+    cdef void * mtp_arena
+    cdef g.ggml_context * mtp_gctx
+    cdef g.ggml_cgraph * mtp_gf
+    cdef g.ggml_tensor * mtp_logits
+    cdef Inputs mtp_inp
+    cdef SeqInputs mtp_si
+    cdef int mtp_key
+    cdef readonly int mtp_graph_builds  # one-row MTP graphs built (the rest of the one-row steps reused one)
+    cdef public bint hold_mtp_graph     # False: every MTP step builds its graph afresh (for benchmarks)
 
     def __cinit__(self, model, int n_ctx, int n_ubatch=512, str type_k="f16", Backends backends=None,
                   bint flash_attn=True, params=None, str gemm="auto", int gemm_min_tokens=8, int n_seq=1,
@@ -303,6 +315,8 @@ cdef class Context:
         if self.routes == NULL or self.plans == NULL or self.seq_inputs == NULL:
             raise MemoryError()
         self.route_sink = None
+        self.mtp_key = -1
+        self.hold_mtp_graph = True
         self._graph_room(1)
         self.past = [0] * n_seq
         self.slot_pos = [None] * n_seq
@@ -313,6 +327,9 @@ cdef class Context:
             self.reset(s)
 
     def __dealloc__(self):
+        self._mtp_drop()
+        if self.mtp_sched != NULL:
+            g.ggml_backend_sched_free(self.mtp_sched)
         if self.sched != NULL:
             g.ggml_backend_sched_free(self.sched)
         if self.st_buf != NULL:
@@ -806,17 +823,21 @@ cdef class Context:
                 past[sid] += toks.shape[0]
             if ub.want_routes:
                 sink(self._routes(n), toks_all)
-            if want_h:
-                self.last_h = np.empty((n, self.hp.n_embd * self.hp.hc), np.float32)
-                g.ggml_backend_tensor_get(inp.h_out, <void *> (<size_t> self.last_h.ctypes.data), 0,
-                                          self.last_h.nbytes)
-            if n_out == 0:
-                return None
-            res = np.empty((ub.n_out, self.hp.n_vocab), np.float32)
-            g.ggml_backend_tensor_get(logits, <void *> (<size_t> res.ctypes.data), 0, res.nbytes)
-            return res
+            return self._outputs(&inp, logits, n, n_out, want_h)
         finally:
             g.ggml_free(ctx)
+
+    cdef _outputs(self, const Inputs * inp, g.ggml_tensor * logits, int n, int n_out, bint want_h):
+        """After a compute: last_h from the final streams (want_h), and the logits of the n_out rows wanted (None
+        when none is)."""
+        if want_h:
+            self.last_h = np.empty((n, self.hp.n_embd * self.hp.hc), np.float32)
+            g.ggml_backend_tensor_get(inp.h_out, <void *> (<size_t> self.last_h.ctypes.data), 0, self.last_h.nbytes)
+        if n_out == 0:
+            return None
+        res = np.empty((n_out, self.hp.n_vocab), np.float32)
+        g.ggml_backend_tensor_get(logits, <void *> (<size_t> res.ctypes.data), 0, res.nbytes)
+        return res
 
     def mtp_eval(self, tokens, h, seq_id=0, bint all_logits=True, bint want_h=False):
         """Run the MTP block (docs/speculative.md) on a sequence's next MTP positions (from mtp_n_past): row t reads
@@ -839,10 +860,88 @@ cdef class Context:
         sp.st = &self.st[sid * self.n_blocks]
         plan_compressor(&sp.comp[COMP_CSA], CSA, sp.p0, n, 0)  # not read: the MTP block has no compressor
         plan_compressor(&sp.comp[COMP_HCA], HCA, sp.p0, n, 0)
+        if n == 1 and self._capture is None and self.hold_mtp_graph:
+            return self._mtp_row(sid, toks, hh, want_h)
         self._graph_room(1)
         res = self._compute([(sid, toks, n if all_logits else 1)], self.mtp_past, self.mtp_slot_pos, hh, want_h)
         self._end_capture()
         return res
+
+    cdef _mtp_row(self, int sid, toks, hh, bint want_h):
+        """mtp_eval of one row (self.plans[0] planned): the held one-row graph of this sequence, built and allocated
+        on the first such step, run again with this row's inputs (the same nodes as a fresh build: the same
+        numbers)."""
+        cdef UBatch ub
+        ub.n, ub.n_seq, ub.seq, ub.ring, ub.n_out = 1, 1, self.plans, self.ring, 1
+        ub.want_routes, ub.want_h = False, want_h
+        cdef double t0 = _now()
+        if self.mtp_key != 2 * sid + want_h:
+            self._mtp_build(&ub)
+            self.mtp_key = 2 * sid + want_h
+        batch = [(sid, toks, 1)]
+        cdef double ti = _now()
+        self._set_inputs(&ub, &self.mtp_inp, batch, self.mtp_past, self.mtp_slot_pos)
+        set_input(self.mtp_inp.h_in, hh)
+        cdef double t1 = _now()
+        self.t_graph += ti - t0
+        self.t_inputs += t1 - ti
+        cdef g.ggml_status status
+        with nogil:
+            status = g.ggml_backend_sched_graph_compute(self.mtp_sched, self.mtp_gf)
+        self.t_compute += _now() - t1
+        if status != g.GGML_STATUS_SUCCESS:
+            self._mtp_drop()
+            raise RuntimeError(f"graph compute failed (status {<int> status})")
+        self.mtp_past[sid] += 1
+        return self._outputs(&self.mtp_inp, self.mtp_logits, 1, 1, want_h)
+
+    cdef _mtp_build(self, const UBatch * ub):
+        """Build and allocate the MTP block's one-row graph of ub (its own arena and scheduler, so the main model's
+        graphs in between leave it allocated)."""
+        self._mtp_drop()
+        cdef size_t size = _NODES_PER_LAYER + 1024
+        cdef size_t arena_size = size * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(size, False)
+        self.mtp_arena = malloc(arena_size)
+        if self.mtp_arena == NULL:
+            raise MemoryError()
+        cdef g.ggml_init_params ip
+        ip.mem_size = arena_size
+        ip.mem_buffer = self.mtp_arena
+        ip.no_alloc = True
+        self.mtp_gctx = g.ggml_init(ip)
+        if self.mtp_gctx == NULL:
+            self._mtp_drop()
+            raise MemoryError()
+        if self.mtp_sched == NULL:
+            self.mtp_sched = g.ggml_backend_sched_new(self.be.backends, NULL, self.be.n, size, False, True)
+            if self.mtp_sched == NULL:
+                self._mtp_drop()
+                raise RuntimeError("ggml could not create a scheduler")
+        self.mtp_inp.routes = self.routes
+        self.mtp_inp.seq = &self.mtp_si
+        self.mtp_gf = g.ggml_new_graph_custom(self.mtp_gctx, size, False)
+        cdef int il = self.hp.n_layer
+        with nogil:
+            self.mtp_logits = build_mtp_graph(self.mtp_gctx, self.mtp_gf, &self.hp, &self.gw, self.lw, &self.mw, il, ub,
+                                              &self.mtp_inp)
+        g.ggml_backend_sched_reset(self.mtp_sched)
+        if not g.ggml_backend_sched_alloc_graph(self.mtp_sched, self.mtp_gf):
+            self._mtp_drop()
+            raise MemoryError("ggml could not allocate the MTP graph")
+        self.mtp_graph_builds += 1
+
+    cdef _mtp_drop(self):
+        """Forget the held one-row MTP graph (its scheduler stays, reset)."""
+        if self.mtp_gctx != NULL:
+            g.ggml_free(self.mtp_gctx)
+            self.mtp_gctx = NULL
+        free(self.mtp_arena)
+        self.mtp_arena = NULL
+        self.mtp_gf = NULL
+        self.mtp_logits = NULL
+        self.mtp_key = -1
+        if self.mtp_sched != NULL:
+            g.ggml_backend_sched_reset(self.mtp_sched)
 
     def mtp_n_past(self, seq_id=0) -> int:
         """Positions of a sequence the MTP block has read."""
