@@ -2,13 +2,14 @@
 llama.cpp's, on the same GGUF.
 
     python bench/speculative.py [--model demo|medium|PATH] [--n 1,2,3] [--tokens 96] [--threads 2] [--rounds 3]
-        [--llama-server "$(tools/oracle/build_server.sh | tail -n1)"] [--ceiling]
+        [--llama-server "$(tools/oracle/build_server.sh | tail -n1)"] [--ceiling] [--fresh-mtp-graph]
 
 Our engine, in this process (greedy, the chat prompts below rendered with the file's template, `--tokens` tokens
 each): decode tokens/s without speculation and with `spec_type="mtp", spec_draft_n_max=N`, the acceptance rate
 per draft position, and the cost of verifying N+1 tokens in one evaluation relative to one decode step (same
 depth). `--ceiling`: also the speed when every draft is right (drafts taken from a plain greedy run, through
-llama-cpp-python's draft_model protocol): the limit for a model whose MTP head always agrees. With
+llama-cpp-python's draft_model protocol): the limit for a model whose MTP head always agrees. `--fresh-mtp-graph`:
+the MTP block's graph built afresh for every draft instead of held (what the held graph saves). With
 `--llama-server`: both servers (ours `llama-dsv4-server`, llama.cpp's built from the reference's source), one
 stream, the same prompt tokens to /v1/completions, plain and `--spec-type draft-mtp --spec-draft-n-max N`: decode
 tokens/s (from the first streamed token to the last) and the accepted share from each server's /metrics; the
@@ -80,22 +81,29 @@ def prompt_tokens(llm: Llama) -> list[list[int]]:
     return out
 
 
-def decode_rate(llm: Llama, prompts: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
-    """Greedy decode tokens/s over the prompts (from the first generated token to the n-th), and the tokens."""
-    tokens, seconds, outs = 0, 0.0, []
+def decode_rate(llm: Llama, prompts: list[list[int]], n: int) -> tuple[float, list[list[int]], list[float]]:
+    """Greedy decode tokens/s over the prompts (from the first generated token to the n-th), the tokens, and the
+    milliseconds per token the engine spent building and allocating graphs, filling their inputs and computing
+    them (Context.t_graph, t_inputs, t_compute) and in the rest (sampling, drafting's and the sequence's Python)."""
+    ctx = llm._runner.context  # the engine context (bench only)
+    tokens, seconds, outs, split = 0, 0.0, [], [0.0, 0.0, 0.0]
     for p in prompts:
         out: list[int] = []
         t0 = 0.0
         for tok in llm.generate(p, temp=0.0, reset=True):
             if not out:
                 t0 = time.perf_counter()
+                before = (ctx.t_graph, ctx.t_inputs, ctx.t_compute)
             out.append(tok)
             if len(out) == n:
                 break
         seconds += time.perf_counter() - t0
+        for i, (b, e) in enumerate(zip(before, (ctx.t_graph, ctx.t_inputs, ctx.t_compute), strict=True)):
+            split[i] += e - b
         tokens += len(out) - 1
         outs.append(out)
-    return tokens / seconds, outs
+    ms = [1e3 * x / tokens for x in split]
+    return tokens / seconds, outs, [*ms, 1e3 * seconds / tokens - sum(ms)]
 
 
 def verify_cost(llm: Llama, prompt: list[int], n_max: int, reps: int = 20) -> float:
@@ -136,30 +144,37 @@ def engine_table(a: argparse.Namespace, path: str) -> None:
     plain = Llama(**kw)
     prompts = prompt_tokens(plain)
     rates: dict[str, list[float]] = {}
+    splits: dict[str, list[list[float]]] = {}
     ref: list[list[int]] = []
     stats: dict[int, dict[str, Any]] = {}
     same: dict[int, int] = {}
     spec = {n: Llama(**kw, spec_type="mtp", spec_draft_n_max=n) for n in ns}
+    for llm in spec.values():
+        llm._runner.context.hold_mtp_graph = not a.fresh_mtp_graph  # (bench only)
     for _ in range(a.rounds):
-        r, ref = decode_rate(plain, prompts, a.tokens)
+        r, ref, sp = decode_rate(plain, prompts, a.tokens)
         rates.setdefault("plain", []).append(r)
+        splits.setdefault("plain", []).append(sp)
         for n, llm in spec.items():
-            r, outs = decode_rate(llm, prompts, a.tokens)
+            r, outs, sp = decode_rate(llm, prompts, a.tokens)
             same[n] = sum(o == f for o, f in zip(outs, ref, strict=True))  # (a near-tie may part them: see docs)
             rates.setdefault(f"mtp {n}", []).append(r)
+            splits.setdefault(f"mtp {n}", []).append(sp)
             stats[n] = llm.spec_stats() or {}
         if a.ceiling:
             for n in ns:
                 with Llama(**kw, draft_model=Replay(prompts, ref, n)) as llm:
-                    r, outs = decode_rate(llm, prompts, a.tokens)
+                    r, outs, sp = decode_rate(llm, prompts, a.tokens)
                     rates.setdefault(f"all drafts right {n}", []).append(r)
+                    splits.setdefault(f"all drafts right {n}", []).append(sp)
     base = statistics.median(rates["plain"])
     print(f"our engine, {os.path.basename(path)}, {a.threads} threads, greedy, {len(prompts)} prompts x {a.tokens} "
           f"tokens, {a.rounds} rounds (medians); {time.strftime('%Y-%m-%d')}")  # fmt: skip
     print("| decoding | tokens/s | x plain | accepted / drafted | accepted by draft position | verify N+1 / 1 step "
-          "| evaluated again per step |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "| evaluated again per step | ms/token: graphs / inputs / compute / rest |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name, rs in rates.items():
+        key = name
         med = statistics.median(rs)
         acc = pos = cost = again = ""
         if name.startswith("mtp"):
@@ -170,7 +185,8 @@ def engine_table(a: argparse.Namespace, path: str) -> None:
             cost = f"{verify_cost(plain, prompts[0], n):.2f}"
             again = f"{st['reevaluated'] / max(1, st['steps']):.2f}"
             name += f" ({same[n]}/{len(prompts)} texts = plain)"
-        print(f"| {name} | {med:.1f} | {med / base:.2f} | {acc} | {pos} | {cost} | {again} |")
+        split = " / ".join(f"{statistics.median(x[i] for x in splits[key]):.3f}" for i in range(4))
+        print(f"| {name} | {med:.1f} | {med / base:.2f} | {acc} | {pos} | {cost} | {again} | {split} |")
     for llm in spec.values():
         llm.close()
     plain.close()
@@ -244,6 +260,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ceiling", action="store_true", help="also the speed with every draft right")
+    ap.add_argument(
+        "--fresh-mtp-graph",
+        action="store_true",
+        help="build the MTP block's graph afresh for every draft (the held graph's gain, by comparison)",
+    )
     ap.add_argument("--llama-server", help="llama.cpp's llama-server (tools/oracle/build_server.sh)")
     a = ap.parse_args()
     path = model_path(a.model)
