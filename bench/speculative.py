@@ -169,13 +169,14 @@ def engine_table(a: argparse.Namespace, path: str) -> None:
                     splits.setdefault(f"all drafts right {n}", []).append(sp)
     base = statistics.median(rates["plain"])
     print(f"our engine, {os.path.basename(path)}, {a.threads} threads, greedy, {len(prompts)} prompts x {a.tokens} "
-          f"tokens, {a.rounds} rounds (medians); {time.strftime('%Y-%m-%d')}")  # fmt: skip
+          f"tokens, {a.rounds} rounds (medians); {time.strftime('%Y-%m-%d')}; a plain decode step's graph has "
+          f"{plain._runner.context.last_graph_nodes} nodes")  # fmt: skip
     print("| decoding | tokens/s | x plain | accepted / drafted | accepted by draft position | verify N+1 / 1 step "
           "| evaluated again per step | ms/token: graphs / inputs / compute / rest |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for name, rs in rates.items():
-        key = name
         med = statistics.median(rs)
+        split = " / ".join(f"{statistics.median(x[i] for x in splits[name]):.3f}" for i in range(4))
         acc = pos = cost = again = ""
         if name.startswith("mtp"):
             n = int(name.split()[1])
@@ -185,7 +186,6 @@ def engine_table(a: argparse.Namespace, path: str) -> None:
             cost = f"{verify_cost(plain, prompts[0], n):.2f}"
             again = f"{st['reevaluated'] / max(1, st['steps']):.2f}"
             name += f" ({same[n]}/{len(prompts)} texts = plain)"
-        split = " / ".join(f"{statistics.median(x[i] for x in splits[key]):.3f}" for i in range(4))
         print(f"| {name} | {med:.1f} | {med / base:.2f} | {acc} | {pos} | {cost} | {again} | {split} |")
     for llm in spec.values():
         llm.close()
