@@ -38,6 +38,7 @@ KERNELS = [
     "kernels/dsv4_moe_gemm.c",
     "kernels/dsv4_hc.c",
     "kernels/dsv4_threads.c",
+    "kernels/dsv4_prefetch.c",
 ]
 CFLAGS = ["-O3", "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
 GGML_LIBS = ["ggml", "ggml-base", "ggml-cpu"]

@@ -44,3 +44,12 @@ cdef extern from "dsv4_hc.h" nogil:
 
 cdef extern from "dsv4_threads.h" nogil:
     ggml_tensor * dsv4_thread_ids(ggml_context * ctx, int n)
+
+cdef extern from "dsv4_prefetch.h" nogil:
+    struct dsv4_prefetch_stats:
+        unsigned long long calls
+        unsigned long long slices
+        unsigned long long missing_slices
+        unsigned long long missing_bytes
+    ggml_tensor * dsv4_moe_prefetch(ggml_context * ctx, ggml_tensor * ids, ggml_tensor * gate, ggml_tensor * up,
+                                    ggml_tensor * down, dsv4_prefetch_stats * stats)

@@ -262,6 +262,7 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
     for name in ("moe_hot_count", "moe_hot_budget_mib", "moe_stats_path"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    kw["moe_prefetch"] = args.moe_prefetch
     if args.spec_type == "draft-mtp":
         kw["spec_type"], kw["spec_draft_n_max"] = "mtp", args.spec_draft_n_max
     path = _model_path(args)

@@ -167,6 +167,16 @@ def add_model_flags(p: argparse.ArgumentParser, model_help: str, ctx_note: str =
     a("--moe-hot-budget-mib", type=_float("--moe-hot-budget-mib", 0), help="memory budget for resident experts")
     a("--moe-stats-path", help="file where expert-use statistics persist between runs")
     a(
+        "--moe-prefetch",
+        dest="moe_prefetch",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="as soon as a layer has chosen its experts, ask the kernel for their pages not in memory (results "
+        "unchanged; default: on where the model is larger than 90%% of the memory the process may hold)",
+    )
+    a("--no-moe-prefetch", dest="moe_prefetch", action="store_const", const=False, help="never prefetch experts")
+    a(
         "--spec-type",
         choices=("none", "draft-mtp"),
         default="none",

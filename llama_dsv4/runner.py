@@ -10,6 +10,7 @@ engine's single-sequence evaluation under the engine lock.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -28,7 +29,9 @@ class Runner:
     (`use_mlock`). A context of several sequences gets a Batcher (`batcher`; None with one sequence): `batch_wait_ms`
     is how long a step waits for the active sequences' calls, `positions_limit` the positions all active sequences
     may hold together (kv_unified; None: each its own n_ctx). `spec_draft_n_max`: the context runs the model's MTP
-    block (mtp=True) and `mtp` drafts that many tokens per step (speculative.py)."""
+    block (mtp=True) and `mtp` drafts that many tokens per step (speculative.py). `moe_prefetch` (True, False or
+    "auto": on where the model is larger than 90 % of the memory the process may hold): the context asks for the
+    routed experts' missing pages as soon as each layer's routing is known (docs/moe-residency.md)."""
 
     def __init__(
         self,
@@ -40,6 +43,7 @@ class Runner:
         batch_wait_ms: float = 2.0,
         positions_limit: int | None = None,
         spec_draft_n_max: int | None = None,
+        moe_prefetch: bool | str = False,
     ) -> None:
         self.lock = threading.RLock()  # held while the engine computes or copies state; close() takes it
         self.context: Any = context
@@ -51,6 +55,12 @@ class Runner:
             self.context.route_sink = self.moe.on_routes
         elif use_mlock:
             self.mlock = lock_all(self.context.weight_range, list(model.tensors))
+        if moe_prefetch == "auto":  # on where the mapped model cannot stay in memory (and the context allows it)
+            if runtime.memory_short_of(int(model.n_bytes)):
+                with contextlib.suppress(ValueError):  # weights on a device: off
+                    self.context.moe_prefetch = True
+        elif moe_prefetch:
+            self.context.moe_prefetch = True  # (a ValueError on a context whose weights are not all in host memory)
         self.mtp: MtpDrafter | None = None  # MTP drafts (a context made with mtp=True; one sequence)
         # with MTP drafts, the routing of evaluated rows waits until they are kept (a rejected draft's rows are
         # dropped by the truncation, rows evaluated again by it are not counted twice): (first position, routes)
@@ -63,6 +73,11 @@ class Runner:
         self.batcher: Batcher | None = None
         if int(context.n_seq) > 1:
             self.batcher = Batcher(self._step, int(context.n_ubatch), batch_wait_ms / 1000.0, positions_limit)
+
+    def prefetch_stats(self) -> dict[str, int] | None:
+        """The context's moe_prefetch counters, or None when prefetch is off (or the runner is closed)."""
+        ctx = self.context
+        return dict(ctx.prefetch_stats()) if ctx is not None and ctx.moe_prefetch else None
 
     def _ctx(self) -> Any:
         if self.context is None:

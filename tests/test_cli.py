@@ -164,6 +164,18 @@ def test_info_keeps_the_model_summary(capsys: pytest.CaptureFixture[str]) -> Non
     assert "weights read into memory on CPU" in out and "greedy      [" in out
 
 
+def test_moe_prefetch_reaches_llama(real_vocab_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--moe-prefetch is Llama's moe_prefetch: with --no-mmap it is refused as Llama refuses it; with the mapped file
+    the completion is the one without it (prefetch changes no result)."""
+    assert cli_main(["-m", real_vocab_path, "--moe-prefetch", "--no-mmap", "-n", "1", "-t", "1"]) == 1
+    assert "moe_prefetch asks the kernel" in capsys.readouterr().err
+    args = ["-m", real_vocab_path, "-p", "Once upon a time,", "-n", "6", "-t", "1", "--temp", "0", "--no-preload"]
+    assert cli_main(args) == 0
+    plain = capsys.readouterr().out
+    assert cli_main([*args, "--moe-prefetch"]) == 0
+    assert capsys.readouterr().out == plain and plain.startswith("Once upon a time,")
+
+
 def test_bad_arguments(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         cli_main(["--bogus"])

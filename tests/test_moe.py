@@ -24,7 +24,7 @@ from conftest import MICRO
 from llama_dsv4 import Llama
 from llama_dsv4.model.loader import load_model
 from llama_dsv4.model.writer import write_model
-from llama_dsv4.moe import ExpertResidency, MoEConfig, parse_hot_count, policy, statsfile
+from llama_dsv4.moe import ExpertResidency, MoEConfig, parse_hot_count, parse_prefetch, policy, statsfile
 from llama_dsv4.moe.counts import ExpertCounts
 from llama_dsv4.moe.memory import PAGE, Syscalls, subtract, union
 
@@ -305,6 +305,91 @@ def test_logits_bit_identical_with_the_feature_off_uniform_and_auto_budget(moe_p
     off = run()
     for kw in ({"moe_hot_count": 4}, {"moe_hot_count": "auto", "moe_hot_budget_mib": 3}, {"moe_hot_count": [16]}):
         assert np.array_equal(run(**kw), off), kw
+
+
+# ---------------------------------------------------------------------------------------------- prefetch
+
+
+def _evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def test_prefetch_changes_no_result(moe_path: str, home: str) -> None:
+    def run(**kw: object) -> np.ndarray:
+        _evict(moe_path)  # pages missing: the prefetch nodes issue their reads
+        llm = llama(moe_path, logits_all=True, **kw)
+        llm.eval(PROMPT)
+        for _ in range(12):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        out = llm.scores[: llm.n_tokens].copy()
+        llm.close()
+        return out
+
+    off = run()
+    for kw in ({"moe_prefetch": True}, {"moe_prefetch": True, "moe_hot_count": "auto", "moe_hot_budget_mib": 8}):
+        assert np.array_equal(run(**kw), off), kw
+
+
+def test_prefetch_checks_each_chosen_expert_and_asks_for_missing_pages(moe_path: str) -> None:
+    llm = llama(moe_path, moe_prefetch=True)
+    assert llm.moe_stats() == {
+        "prefetch_calls": 0, "prefetch_slices": 0, "prefetch_missing_slices": 0, "prefetch_missing_bytes": 0,
+    }  # fmt: skip
+    L, k = MOE.n_layer, MOE.n_expert_used
+    model = load_model(moe_path)
+    expert_bytes = sum(t.nbytes for n, t in model.tensors.items() if n.endswith("_exps.weight"))
+    model.close()
+    _evict(moe_path)
+    seen: list[np.ndarray] = []
+    llm._ctx.route_sink = lambda r, t=None: seen.append(r.copy())
+    llm.eval([PROMPT[0]])  # one token: every layer checks its k experts' gate, up and down slices
+    st = llm.moe_stats()
+    assert st["prefetch_calls"] == L and st["prefetch_slices"] == 3 * k * L
+    assert 0 < st["prefetch_missing_bytes"] <= expert_bytes + 3 * k * L * PAGE and st["prefetch_missing_slices"] > 0
+    llm.eval(PROMPT[1:65])  # a ubatch of 64 tokens: each distinct expert of a layer checked once
+    routes = np.concatenate(seen, axis=1)[:, 1:]
+    distinct = sum(len(np.unique(routes[il])) for il in range(L))
+    st2 = llm.moe_stats()
+    assert st2["prefetch_calls"] == 2 * L and st2["prefetch_slices"] == st["prefetch_slices"] + 3 * distinct
+    missing = st2["prefetch_missing_bytes"]
+    llm.reset()
+    llm.eval(PROMPT[1:65])  # the same experts again: in memory now, nothing asked for
+    st3 = llm.moe_stats()
+    assert st3["prefetch_slices"] == st2["prefetch_slices"] + 3 * distinct and st3["prefetch_missing_bytes"] == missing
+    llm.close()
+
+
+def test_prefetch_setting_and_its_auto_rule(moe_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [parse_prefetch(v) for v in (True, "on", False, None, "off", "auto", " AUTO ")] == [
+        True, True, False, False, False, "auto", "auto",
+    ]  # fmt: skip
+    for bad in ("sometimes", 2, [True]):
+        with pytest.raises(ValueError, match="moe_prefetch"):
+            parse_prefetch(bad)
+    with pytest.raises(ValueError, match=r"moe_prefetch .* needs use_mmap=True"):
+        llama(moe_path, moe_prefetch=True, use_mmap=False)
+    # auto (the default): on where the model is larger than 90 % of the memory the process may hold
+    from llama_dsv4.engine import runtime
+
+    size = load_model(moe_path)
+    n_bytes = size.n_bytes
+    size.close()
+    assert runtime.memory_short_of(n_bytes) is False  # this machine holds the test model
+    for total, want in ((n_bytes, True), (int(n_bytes / 0.91), True), (int(n_bytes / 0.89), False), (None, False)):
+        monkeypatch.setattr(runtime, "host_memory_total", lambda total=total: total)
+        assert runtime.memory_short_of(n_bytes) is want, total
+        llm = llama(moe_path)
+        assert llm._ctx.moe_prefetch is want and (llm.moe_stats() is not None) is want
+        llm.close()
+        llm = llama(moe_path, moe_prefetch=False)
+        assert llm._ctx.moe_prefetch is False
+        llm.close()
+    monkeypatch.setattr(runtime, "host_memory_total", lambda: n_bytes)
+    llm = llama(moe_path, use_mmap=False)  # auto with the weights read into memory: nothing to prefetch
+    assert llm._ctx.moe_prefetch is False
+    llm.close()
 
 
 # ---------------------------------------------------------------------------------------------- the file

@@ -972,6 +972,7 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
             "2,3",
             "--moe-hot-budget-mib",
             "512",
+            "--moe-prefetch",
             "--metrics",
             "-to",
             "30",
@@ -996,6 +997,7 @@ def test_card_command_line_maps_to_llama_kwargs(tmp_path: Any, monkeypatch: pyte
         1,
     )
     assert (kw["seed"], kw["type_k"], kw["moe_hot_count"], kw["moe_hot_budget_mib"]) == (7, 0, [2, 3], 512.0)
+    assert kw["moe_prefetch"] is True
     assert (s.parallel, s.api_keys, s.alias, s.timeout, s.n_predict, s.temperature) == (
         4,
         ["a", "b"],
@@ -1090,6 +1092,10 @@ def test_moe_figures_in_metrics_from_a_stub() -> None:
                 "reclassify_total": 5,
                 "reclassify_seconds_total": 0.5,
                 "hot_per_layer": [4, 0, 7],
+                "prefetch_calls": 16,
+                "prefetch_slices": 288,
+                "prefetch_missing_slices": 40,
+                "prefetch_missing_bytes": 1 << 20,
             }
 
     class Off:
@@ -1112,6 +1118,8 @@ def test_moe_figures_in_metrics_from_a_stub() -> None:
     assert values[("llamadsv4:moe_hot_locked_bytes", (("slot", "0"),))] == 1 << 30
     assert values[("llamadsv4:moe_hit_rate", (("slot", "0"),))] == 0.75
     assert values[("llamadsv4:moe_hits_total", (("slot", "0"),))] == 300
+    assert values[("llamadsv4:moe_prefetch_calls_total", (("slot", "0"),))] == 16
+    assert values[("llamadsv4:moe_prefetch_missing_bytes_total", (("slot", "0"),))] == 1 << 20
     assert [values[("llamadsv4:moe_hot_experts_per_layer", (("layer", str(i)), ("slot", "0")))] for i in range(3)] == [
         4,
         0,

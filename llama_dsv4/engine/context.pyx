@@ -11,7 +11,7 @@ import operator
 import numpy as np
 
 cimport ggml as g
-from dsv4_ops cimport dsv4_rope_params
+from dsv4_ops cimport dsv4_prefetch_stats, dsv4_rope_params
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport calloc, free, malloc
@@ -271,6 +271,7 @@ cdef class Context:
     cdef int mtp_key
     cdef readonly int mtp_graph_builds  # one-row MTP graphs built (the rest of the one-row steps reused one)
     cdef public bint hold_mtp_graph     # False: every MTP step builds its graph afresh (for benchmarks)
+    cdef dsv4_prefetch_stats pf_stats   # kernels/dsv4_prefetch.h's counters (moe_prefetch)
 
     def __cinit__(self, model, int n_ctx, int n_ubatch=512, str type_k="f16", Backends backends=None,
                   bint flash_attn=True, params=None, str gemm="auto", int gemm_min_tokens=8, int n_seq=1,
@@ -450,6 +451,29 @@ cdef class Context:
         """(address, nbytes) of a weight tensor's data in host memory (the mapped file, or memory the weights were
         read into), or None on a device."""
         return self.wm.host_range(name)
+
+    @property
+    def moe_prefetch(self) -> bool:
+        """Routing-aware prefetch (docs/moe-residency.md, "Prefetch"): as soon as a layer's routing is known (hash
+        layers: at the start of the ubatch), the routed experts' pages that are not in memory are asked for with
+        madvise(MADV_WILLNEED), and the shared expert computes while they come. Results never change. Needs every
+        weight in host memory (a CPU-only backend set); off by default."""
+        return self.hp.prefetch != NULL
+
+    @moe_prefetch.setter
+    def moe_prefetch(self, bint on):
+        if on and not self.hp.cpu_only:
+            raise ValueError("moe_prefetch needs every weight in host memory (the CPU backend alone)")
+        self._mtp_drop()  # a held graph was built with the earlier setting
+        self.hp.prefetch = &self.pf_stats if on else NULL
+
+    def prefetch_stats(self) -> dict:
+        """moe_prefetch's counters since the context was made: `calls` (prefetch nodes run: layers x ubatches),
+        `slices` (expert slices of the gate, up and down tensors checked), `missing_slices` (of which some pages were
+        not in memory: a madvise was issued), `missing_bytes` (bytes of the spans advised)."""
+        st = self.pf_stats
+        return {"calls": st.calls, "slices": st.slices, "missing_slices": st.missing_slices,
+                "missing_bytes": st.missing_bytes}
 
     @property
     def backends(self):

@@ -1,7 +1,7 @@
 # The deepseek4 graph: the C-level structs the builder reads (filled once by the context from DSV4Params and the
 # mapped weights) and the builder itself. No Python objects cross this boundary.
 cimport ggml as g
-from dsv4_ops cimport dsv4_rope_params
+from dsv4_ops cimport dsv4_prefetch_stats, dsv4_rope_params
 
 
 cdef struct Hparams:
@@ -29,6 +29,8 @@ cdef struct Hparams:
     bint cpu_only        # every tensor in host memory (CPU-only backend set): our CPU custom ops may be used
     int gemm_isa         # prompt-processing products through kernels/dsv4_gemm.h with this instruction set; 0: ggml's
     int gemm_min_tokens  # ... for ubatches of at least this many tokens
+    dsv4_prefetch_stats * prefetch  # not NULL (cpu_only): each layer's routed experts' missing pages are asked for
+                                    # as soon as its routing is known (kernels/dsv4_prefetch.h); the counters
 
 
 # A layer's attention kind, named by its compression ratio (model/params.py LayerKind holds the same values)

@@ -8,8 +8,8 @@ of its rows. Cache and state writes are expanded into the graph as soon as they 
 nodes that read the same memory later in the graph.
 """
 cimport ggml as g
-from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_hc_post_cpu, dsv4_moe_gemm_ok, dsv4_mul_mat_id_kq, dsv4_mul_mat_q80,
-                       dsv4_q8k_prep, dsv4_q80_prep, dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back,
+from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_hc_post_cpu, dsv4_moe_gemm_ok, dsv4_moe_prefetch,
+                       dsv4_mul_mat_id_kq, dsv4_mul_mat_q80, dsv4_q8k_prep, dsv4_q80_prep, dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back,
                        dsv4_swiglu_clamp, dsv4_top_k)
 from libc.math cimport INFINITY, sqrtf
 from libc.stdint cimport int64_t
@@ -312,6 +312,32 @@ cdef T * mm_id(C * ctx, const Hparams * hp, T * w, T * x, T * sel, T ** prep) no
     return g.ggml_mul_mat_id(ctx, w, x, sel)
 
 
+cdef bint prefetch(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, T * sel) noexcept nogil:
+    """With hp.prefetch: a node that asks the kernel for the missing pages of the experts sel names, expanded into
+    the graph now so that it runs as soon as sel is known (kernels/dsv4_prefetch.h). Whether one was built."""
+    if hp.prefetch == NULL:
+        return False
+    cdef T * p = dsv4_moe_prefetch(ctx, sel, F.gate_exps, F.up_exps, F.down_exps, hp.prefetch)
+    if p != NULL:
+        g.ggml_build_forward_expand(gf, p)
+    return p != NULL
+
+
+cdef void prefetch_hash_layers(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const LayerW * lw, int l0, int l1,
+                               Inputs * inp) noexcept nogil:
+    """With hp.prefetch, at the start of a graph: hash-routed layers' experts depend on the tokens alone, so their
+    pages are asked for before any layer computes."""
+    cdef int il
+    for il in range(l0, l1):
+        if hp.prefetch != NULL and lw[il].ffn.hash:
+            prefetch(ctx, gf, hp, &lw[il].ffn, g.ggml_get_rows(ctx, lw[il].ffn.tid2eid, inp.tokens))
+
+
+cdef inline T * shared_expert(C * ctx, const Hparams * hp, const MoeW * F, T * f, T ** prep) noexcept nogil:
+    return mm(ctx, hp, F.down_sh, dsv4_swiglu_clamp(ctx, mm(ctx, hp, F.gate_sh, f, prep), mm(ctx, hp, F.up_sh, f, prep),
+                                                    F.clamp_sh), NULL)
+
+
 cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, const UBatch * ub, Inputs * inp,
              T * f, int il) noexcept nogil:
     """docs/architecture.md §9: sqrt-softplus scores, biased top-k (or the token's hash row), normalised and scaled weights,
@@ -327,6 +353,10 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, co
         sel = g.ggml_get_rows(ctx, F.tid2eid, inp.tokens)  # the token's row of the hash table
     else:
         sel = g.ggml_argsort_top_k(ctx, g.ggml_add(ctx, probs, F.probs_b), <int> k)  # bias for selection only
+    cdef T * sh_out = NULL
+    if not F.hash and prefetch(ctx, gf, hp, F, sel):  # the shared expert computes while the routed experts' pages come
+        sh_out = shared_expert(ctx, hp, F, f, &pf)
+        g.ggml_build_forward_expand(gf, sh_out)
     cdef T * r
     if ub.want_routes:  # a contiguous copy marked as an output: argsort_top_k's result is a strided view
         r = g.ggml_cont(ctx, sel)
@@ -349,8 +379,9 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, co
     cdef T * y = g.ggml_view_2d(ctx, down, D, n, down.nb[2], 0)
     for i in range(1, k):  # in selection order, as the reference sums
         y = g.ggml_add(ctx, y, g.ggml_view_2d(ctx, down, D, n, down.nb[2], i * down.nb[1]))
-    cdef T * sh = dsv4_swiglu_clamp(ctx, mm(ctx, hp, F.gate_sh, f, &pf), mm(ctx, hp, F.up_sh, f, &pf), F.clamp_sh)
-    return g.ggml_add(ctx, y, mm(ctx, hp, F.down_sh, sh, NULL))
+    if sh_out == NULL:
+        sh_out = shared_expert(ctx, hp, F, f, &pf)
+    return g.ggml_add(ctx, y, sh_out)
 
 # ------------------------------------------------------------------------------------------ the whole model
 
@@ -434,6 +465,7 @@ cdef T * build_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const Glob
     cdef int64_t n = ub.n, D = hp.n_embd, hc = hp.hc
     cdef int il
     ubatch_inputs(ctx, hp, lw, 0, hp.n_layer, ub, inp)
+    prefetch_hash_layers(ctx, gf, hp, lw, 0, hp.n_layer, inp)
     cdef T * x = g.ggml_get_rows(ctx, gw.tok_embd, inp.tokens)  # [D, n]
     cdef T * S = g.ggml_repeat_4d(ctx, g.ggml_reshape_3d(ctx, x, D, 1, n), D, hc, n, 1)  # hc identical streams
     for il in range(hp.n_layer):
@@ -449,6 +481,7 @@ cdef T * build_mtp_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const 
     logits of the token at p + 2 [n_vocab, n_out] (and with ub.want_h its streams, inp.h_out)."""
     cdef int64_t n = ub.n, D = hp.n_embd, hc = hp.hc
     ubatch_inputs(ctx, hp, lw, il, il + 1, ub, inp)
+    prefetch_hash_layers(ctx, gf, hp, lw, il, il + 1, inp)
     inp.h_in = input_2d(ctx, g.GGML_TYPE_F32, D * hc, n)
     cdef T * e = g.ggml_get_rows(ctx, mw.embed if mw.embed != NULL else gw.tok_embd, inp.tokens)  # [D, n]
     e = named(norm(ctx, e, mw.enorm, hp.eps), "mtp_enorm", il)

@@ -51,6 +51,52 @@ def available_host_memory() -> int | None:
     return avail
 
 
+def memory_limit() -> int | None:
+    """The smallest memory limit on this process's cgroup path (cgroup v2 `memory.max` or v1
+    `memory.limit_in_bytes`, of its own group and of each group above it), None where there is none."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return None
+    for _, controllers, path in lines:
+        if controllers == "" or "memory" in controllers.split(","):
+            root, knob = (
+                ("/sys/fs/cgroup", "memory.max")
+                if controllers == ""
+                else ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+            )
+            limits = []
+            parts = [p for p in path.split("/") if p and p not in (".", "..")]
+            for depth in range(len(parts), -1, -1):
+                try:
+                    with open(os.path.join(root, *parts[:depth], knob)) as f:
+                        value = f.read().strip()
+                except OSError:
+                    continue
+                if value.isdigit() and int(value) < 1 << 60:
+                    limits.append(int(value))
+            if limits:
+                return min(limits)
+    return None
+
+
+def host_memory_total() -> int | None:
+    """Bytes of memory this process may ever hold: the physical memory, or its cgroup's limit where lower."""
+    try:
+        total: int | None = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        total = None
+    limit = memory_limit()
+    return limit if total is None else total if limit is None else min(total, limit)
+
+
+def memory_short_of(nbytes: int) -> bool:
+    """Whether a mapped model of nbytes cannot stay in memory: more than 90 % of host_memory_total()."""
+    total = host_memory_total()
+    return total is not None and nbytes > 0.9 * total
+
+
 def check_memory(
     params: DSV4Params,
     n_ctx: int,

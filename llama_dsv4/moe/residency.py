@@ -60,6 +60,22 @@ def parse_hot_count(value: Any) -> int | str | list[int] | None:
     raise ValueError(f"moe_hot_count must be N, 'auto' or a list of N per layer, got {value!r}")
 
 
+def parse_prefetch(value: Any) -> bool | str:
+    """`moe_prefetch` as given on Llama(...) or the command line: True / "on" / "true", False / None / "off" /
+    "false", or "auto". Anything else is a ValueError naming the value."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("on", "true", "1"):
+            return True
+        if v in ("off", "false", "0"):
+            return False
+        if v == "auto":
+            return "auto"
+    raise ValueError(f"moe_prefetch must be True, False or 'auto' (or on/off), got {value!r}")
+
+
 @dataclass
 class MoEConfig:
     """The settings of MoE expert residency (Llama's moe_* keywords): `hot_count` as parse_hot_count returns it,

@@ -33,8 +33,17 @@ _MOE_HELP = {
     "routed": "experts routed",
     "reclassify_total": "hot-set updates",
     "reclassify_seconds_total": "seconds spent updating the hot set",
+    "prefetch_calls": "prefetch nodes run (layers x ubatches, --moe-prefetch)",
+    "prefetch_slices": "expert weight slices checked for missing pages",
+    "prefetch_missing_slices": "expert weight slices with pages missing, asked for",
+    "prefetch_missing_bytes": "bytes of expert weights asked for",
 }
-_MOE_NAMED = {"locked_bytes": "moe_hot_locked_bytes", "hits": "moe_hits_total", "routed": "moe_routed_total"}
+_MOE_NAMED = {
+    "locked_bytes": "moe_hot_locked_bytes",
+    "hits": "moe_hits_total",
+    "routed": "moe_routed_total",
+    **{f"prefetch_{k}": f"moe_prefetch_{k}_total" for k in ("calls", "slices", "missing_slices", "missing_bytes")},
+}
 
 
 def _moe_metric(key: str) -> tuple[str, str, str]:

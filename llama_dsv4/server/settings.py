@@ -39,6 +39,7 @@ _LLAMA_FIELDS = (
     "logits_all", "verbose",
 )  # fmt: skip
 _LLAMA_IF_SET = ("seed", "type_k", "moe_hot_count", "moe_hot_budget_mib", "moe_stats_path", "spec_type")
+_LLAMA_IF_NOT_AUTO = ("moe_prefetch",)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Settings:
     moe_hot_count: int | str | list[int] | None = None
     moe_hot_budget_mib: float | None = None
     moe_stats_path: str | None = None
+    moe_prefetch: bool | str = "auto"  # ask for routed experts' missing pages as they are chosen (--[no-]moe-prefetch)
     spec_type: str | None = None  # "mtp": speculative decoding with the model's MTP layer (--spec-type draft-mtp)
     spec_draft_n_max: int = 2
     logits_all: bool = False
@@ -116,6 +118,7 @@ class Settings:
         kw: dict[str, Any] = {name: getattr(self, name) for name in _LLAMA_FIELDS}
         kw["n_threads_batch"] = self.n_threads_batch if self.n_threads_batch is not None else self.n_threads
         kw.update((name, getattr(self, name)) for name in _LLAMA_IF_SET if getattr(self, name) is not None)
+        kw.update((name, getattr(self, name)) for name in _LLAMA_IF_NOT_AUTO if getattr(self, name) != "auto")
         if self.spec_type is not None:
             kw["spec_draft_n_max"] = self.spec_draft_n_max
         kw.update(self.llama_extra)
@@ -393,6 +396,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     s.seed = None if ns.seed is None or ns.seed < 0 else ns.seed
     s.type_k = CACHE_TYPES[ns.cache_type_k] if ns.cache_type_k else None
     s.moe_hot_count, s.moe_hot_budget_mib, s.moe_stats_path = ns.moe_hot_count, ns.moe_hot_budget_mib, ns.moe_stats_path
+    s.moe_prefetch = ns.moe_prefetch
     s.logits_all = ns.logits_all
     s.spec_type = "mtp" if ns.spec_type == "draft-mtp" else None
     s.spec_draft_n_max = ns.spec_draft_n_max
