@@ -292,22 +292,18 @@ def test_real_back_off_without_lock_privilege(moe_path: str, home: str) -> None:
 # ---------------------------------------------------------------------------------------------- logits
 
 
-def test_logits_bit_identical_with_the_feature_off_uniform_and_auto_budget(moe_path: str, home: str) -> None:
-    def run(**kw: object) -> np.ndarray:
-        llm = llama(moe_path, logits_all=True, **kw)
-        llm.eval(PROMPT)  # prefill in ubatches of 64, then greedy decode
-        for _ in range(12):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        out = llm.scores[: llm.n_tokens].copy()
-        llm.close()
-        return out
-
-    off = run()
-    for kw in ({"moe_hot_count": 4}, {"moe_hot_count": "auto", "moe_hot_budget_mib": 3}, {"moe_hot_count": [16]}):
-        assert np.array_equal(run(**kw), off), kw
-
-
-# ---------------------------------------------------------------------------------------------- prefetch
+def greedy_scores(path: str, evict: bool = False, **kw: object) -> np.ndarray:
+    """The logits of every position of PROMPT (prefill in ubatches of 64) and 12 greedy steps after it; with evict,
+    the model's pages leave the page cache first."""
+    if evict:
+        _evict(path)
+    llm = llama(path, logits_all=True, **kw)
+    llm.eval(PROMPT)
+    for _ in range(12):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    out = llm.scores[: llm.n_tokens].copy()
+    llm.close()
+    return out
 
 
 def _evict(path: str) -> None:
@@ -316,20 +312,19 @@ def _evict(path: str) -> None:
     os.close(fd)
 
 
-def test_prefetch_changes_no_result(moe_path: str, home: str) -> None:
-    def run(**kw: object) -> np.ndarray:
-        _evict(moe_path)  # pages missing: the prefetch nodes issue their reads
-        llm = llama(moe_path, logits_all=True, **kw)
-        llm.eval(PROMPT)
-        for _ in range(12):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        out = llm.scores[: llm.n_tokens].copy()
-        llm.close()
-        return out
+def test_logits_bit_identical_with_the_feature_off_uniform_and_auto_budget(moe_path: str, home: str) -> None:
+    off = greedy_scores(moe_path)
+    for kw in ({"moe_hot_count": 4}, {"moe_hot_count": "auto", "moe_hot_budget_mib": 3}, {"moe_hot_count": [16]}):
+        assert np.array_equal(greedy_scores(moe_path, **kw), off), kw
 
-    off = run()
+
+# ---------------------------------------------------------------------------------------------- prefetch
+
+
+def test_prefetch_changes_no_result(moe_path: str, home: str) -> None:
+    off = greedy_scores(moe_path, evict=True, moe_prefetch=False)  # pages missing: prefetch nodes issue their reads
     for kw in ({"moe_prefetch": True}, {"moe_prefetch": True, "moe_hot_count": "auto", "moe_hot_budget_mib": 8}):
-        assert np.array_equal(run(**kw), off), kw
+        assert np.array_equal(greedy_scores(moe_path, evict=True, **kw), off), kw
 
 
 def test_prefetch_checks_each_chosen_expert_and_asks_for_missing_pages(moe_path: str) -> None:
