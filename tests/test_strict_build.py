@@ -1,0 +1,64 @@
+"""Our C under the strictest warnings of the compilers at hand (issue 21, item 1): the kernels with -Wall -Wextra
+-Werror, and the C that Cython generates from our .pyx files with the errors GCC 14 and recent clang turn on by
+default (incompatible pointer types, int conversion, implicit declarations), which an older GCC only warns about.
+Syntax-only compiles: a few seconds. Each compiler found on PATH (gcc, clang) is tried; gcc must be there (the
+package's own build needs a C compiler)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPILERS = [c for c in ("gcc", "clang") if shutil.which(c)]
+GCC14_DEFAULT_ERRORS = [
+    "-Werror=incompatible-pointer-types",
+    "-Werror=int-conversion",
+    "-Werror=implicit-function-declaration",
+    "-Werror=implicit-int",
+]
+
+
+def ggml_include() -> str:
+    import libggml
+
+    return os.path.join(os.path.dirname(libggml.__file__), "include")
+
+
+def compile_only(cc: str, source: Path, flags: list[str], includes: list[str]) -> subprocess.CompletedProcess[str]:
+    cmd = [cc, "-fsyntax-only", *flags, *(f"-I{i}" for i in includes), str(source)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_a_compiler_is_there() -> None:
+    assert "gcc" in COMPILERS, "gcc is needed to build the package"
+
+
+@pytest.mark.parametrize("cc", COMPILERS)
+def test_kernels_compile_with_wall_wextra_werror(cc: str) -> None:
+    sources = sorted((ROOT / "kernels").glob("*.c"))
+    assert len(sources) >= 8
+    for src in sources:
+        r = compile_only(cc, src, ["-std=c11", "-Wall", "-Wextra", "-Werror"], [str(ROOT / "kernels"), ggml_include()])
+        assert r.returncode == 0, f"{cc} {src.name}:\n{r.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("cc", COMPILERS)
+def test_generated_c_has_none_of_the_new_default_errors(cc: str, tmp_path: Path) -> None:
+    numpy = pytest.importorskip("numpy")
+    pyx = sorted(ROOT.glob("llama_dsv4/**/*.pyx"))
+    assert len(pyx) >= 3
+    includes = [str(ROOT / "kernels"), ggml_include(), sysconfig.get_paths()["include"], numpy.get_include()]
+    for src in pyx:
+        out = tmp_path / (src.stem + ".c")
+        cy = [sys.executable, "-m", "cython", "-3", "-I", str(ROOT / "vendor"), "-I", str(ROOT / "kernels"), "-I"]
+        r = subprocess.run([*cy, str(ROOT), str(src), "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, f"cython {src.name}:\n{r.stderr[-3000:]}"
+        r = compile_only(cc, out, GCC14_DEFAULT_ERRORS, includes)
+        assert r.returncode == 0, f"{cc} on the C of {src.relative_to(ROOT)}:\n{r.stderr[-3000:]}"
