@@ -232,9 +232,7 @@ for x in decode:
     llm.eval([x])
 dt = time.perf_counter() - t
 ru2 = resource.getrusage(resource.RUSAGE_SELF)
-st = llm.moe_stats() if engine == "ours" else None
-print(json.dumps({"tps": len(decode) / dt, "majflt": (ru2.ru_majflt - ru.ru_majflt) / len(decode),
-                  "hit": st.get("hit_rate") if st else None}))
+print(json.dumps({"tps": len(decode) / dt, "majflt": (ru2.ru_majflt - ru.ru_majflt) / len(decode)}))
 """
 
 

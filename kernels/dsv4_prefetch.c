@@ -68,19 +68,14 @@ static void prefetch_op(struct ggml_tensor * dst, int ith, int nth, void * userd
     uint64_t seen[DSV4_PREFETCH_MAX_EXPERTS / 64] = {0};
     int32_t list[DSV4_PREFETCH_MAX_EXPERTS];
     int64_t n = 0;
-    for (int64_t i3 = 0; i3 < ids->ne[3]; i3++) {
-        for (int64_t i2 = 0; i2 < ids->ne[2]; i2++) {
-            for (int64_t i1 = 0; i1 < ids->ne[1]; i1++) {
-                for (int64_t i0 = 0; i0 < ids->ne[0]; i0++) {
-                    const int32_t e = *(const int32_t *) ((const char *) ids->data + i0 * ids->nb[0] +
-                                                          i1 * ids->nb[1] + i2 * ids->nb[2] + i3 * ids->nb[3]);
-                    if (e < 0 || e >= n_expert || (seen[e / 64] >> (e % 64)) & 1) {
-                        continue;
-                    }
-                    seen[e / 64] |= (uint64_t) 1 << (e % 64);
-                    list[n++] = e;
-                }
+    for (int64_t i1 = 0; i1 < ids->ne[1]; i1++) {  /* ids is 2-D (dsv4_moe_prefetch checks it) */
+        for (int64_t i0 = 0; i0 < ids->ne[0]; i0++) {
+            const int32_t e = *(const int32_t *) ((const char *) ids->data + i0 * ids->nb[0] + i1 * ids->nb[1]);
+            if (e < 0 || e >= n_expert || (seen[e / 64] >> (e % 64)) & 1) {
+                continue;
             }
+            seen[e / 64] |= (uint64_t) 1 << (e % 64);
+            list[n++] = e;
         }
     }
     const long page_size = sysconf(_SC_PAGESIZE);
@@ -116,7 +111,7 @@ struct ggml_tensor * dsv4_moe_prefetch(struct ggml_context * ctx, struct ggml_te
                                        struct ggml_tensor * up, struct ggml_tensor * down,
                                        struct dsv4_prefetch_stats * stats) {
     struct ggml_tensor * w[N_TENSORS] = {gate, up, down};
-    if (ids == NULL || ids->type != GGML_TYPE_I32) {
+    if (ids == NULL || ids->type != GGML_TYPE_I32 || ids->ne[2] != 1 || ids->ne[3] != 1) {
         return NULL;
     }
     for (int i = 0; i < N_TENSORS; i++) {

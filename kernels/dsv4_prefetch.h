@@ -7,7 +7,7 @@
  * to the last. The reads proceed in the background while the graph goes on; the products that need the pages then
  * wait only for what has not arrived. It reads no tensor data but the ids and writes a dummy I32 [1]; it never
  * changes a result. Ids outside [0, n_expert) are skipped. The counters in `stats` (may be NULL) grow atomically.
- * Returns NULL where the op does not apply (ids not I32, tensors not 3-D with the same expert count, more than
+ * Returns NULL where the op does not apply (ids not 2-D I32, tensors not 3-D with the same expert count, more than
  * DSV4_PREFETCH_MAX_EXPERTS experts): the caller then builds no prefetch. A no-op on systems without mincore. */
 #ifndef LLAMA_DSV4_PREFETCH_H
 #define LLAMA_DSV4_PREFETCH_H
