@@ -7,11 +7,18 @@
  * vectors, then multiplied with all the tokens routed to that expert, 1-2 tokens at a time in registers.
  * Integer sums are exact and the same as ggml's; only the float accumulation order differs.
  *
- *   prep = dsv4_q8k_prep(ctx, b)                   b [K, n1, n] F32 -> one Q8_K row per activation row
+ *   prep = dsv4_q8k_prep(ctx, b, isa)              b [K, n1, n] F32 -> one Q8_K row per activation row
  *   out  = dsv4_mul_mat_id_kq(ctx, as, prep, ids, isa)    = ggml_mul_mat_id(ctx, as, b, ids): [M, k, n] F32
  *
  * as [K, M, E] Q2_K, Q3_K, Q4_K, Q5_K or Q6_K; ids [k, n] I32 (strided views allowed); n1 is 1 (one row for all k slots) or k.
- * 2. Dense Q8_0 weights (attention, shared expert, router) x Q8_0 activations (mul_mat), AVX-512 VNNI only,
+ * 2. The same kernels for dense K-quant weights (attention, shared expert, compressors, indexer, mixers in files
+ *    whose dense weights are K-quants: Q4_K_M and the like), mul_mat; batch b of x times batch b of w, each batch
+ *    taken as an expert that every row of its batch is routed to:
+ *
+ *   prep = dsv4_q8k_prep(ctx, x, isa)              x [K, N, B] F32
+ *   out  = dsv4_mul_mat_kq(ctx, w, prep, isa)      = ggml_mul_mat(ctx, w, x): [M, N, B] F32, w [K, M, B] K-quant
+ *
+ * 3. Dense Q8_0 weights (attention, shared expert, router) x Q8_0 activations (mul_mat), AVX-512 VNNI only,
  *    kernels/dsv4_gemm_vnni.c:
  *
  *   prep = dsv4_q80_prep(ctx, x)                   x [K, N, B] F32 -> one Q8_0 row per activation row
@@ -58,11 +65,20 @@ size_t dsv4_act_row_bytes(int64_t K);
  * quants (Q6_K's correction); a 64-byte multiple. */
 size_t dsv4_q8k_row_bytes(int64_t K);
 
-struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor * b);
+/* isa: the quantizer's instruction set (AVX2 and above: SIMD; the same bytes either way). NULL where b is not
+ * F32 rows of whole super-blocks or isa is not supported. */
+struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor * b, int isa);
 
 /* NULL when the operands are not accepted or isa is not supported. */
 struct ggml_tensor * dsv4_mul_mat_id_kq(struct ggml_context * ctx, struct ggml_tensor * as, struct ggml_tensor * prep,
                                          struct ggml_tensor * ids, int isa);
+
+/* Whether dsv4_mul_mat_kq accepts these operands (w's type, shapes and limits as dsv4_moe_gemm_ok's). */
+int dsv4_dense_kq_ok(const struct ggml_tensor * w, const struct ggml_tensor * x);
+
+/* NULL when the operands are not accepted or isa is not supported. */
+struct ggml_tensor * dsv4_mul_mat_kq(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * prep,
+                                      int isa);
 
 /* Whether dsv4_mul_mat_q80 accepts these operands (this CPU has AVX-512 VNNI, K % 256 == 0, M % 16 == 0). */
 int dsv4_dense_gemm_ok(const struct ggml_tensor * w, const struct ggml_tensor * x);

@@ -89,10 +89,10 @@ static void k16_scales_only(struct dsv4_k16 * k, const uint8_t * d, int off) {
     k->has_min = 0;
 }
 
-static void q6k_block(const uint8_t * b, struct dsv4_k16 * k) {
+static void q6k_quants(const uint8_t * b, uint8_t * q) {
     for (int n = 0; n < 2; n++) {
         const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
-        uint8_t * y = k->q + 128 * n;
+        uint8_t * y = q + 128 * n;
         for (int l = 0; l < 32; l++) {
             y[l] = (uint8_t) ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4));
             y[l + 32] = (uint8_t) ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
@@ -100,6 +100,79 @@ static void q6k_block(const uint8_t * b, struct dsv4_k16 * k) {
             y[l + 96] = (uint8_t) ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
         }
     }
+}
+
+static void q2k_quants(const uint8_t * b, uint8_t * q) {
+    const uint8_t * qs = b + 16;
+    for (int n = 0; n < 2; n++) {
+        for (int j = 0; j < 4; j++) {
+            for (int l = 0; l < 32; l++) {
+                q[128 * n + 32 * j + l] = (uint8_t) ((qs[32 * n + l] >> (2 * j)) & 3);
+            }
+        }
+    }
+}
+
+static void q3k_quants(const uint8_t * b, uint8_t * q) {
+    const uint8_t *hm = b, *qs = b + 32;
+    for (int n = 0; n < 2; n++) {
+        for (int j = 0; j < 4; j++) {
+            const uint8_t bit = (uint8_t) (1u << (4 * n + j));
+            for (int l = 0; l < 32; l++) {
+                const int low = (qs[32 * n + l] >> (2 * j)) & 3;
+                q[128 * n + 32 * j + l] = (uint8_t) (low + ((hm[l] & bit) ? 4 : 0));
+            }
+        }
+    }
+}
+
+#ifdef DSV4_X86
+/* The same three with AVX2: 32 quants per vector op. */
+__attribute__((target("avx2"))) static void q6k_quants_avx2(const uint8_t * b, uint8_t * q) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+    for (int n = 0; n < 2; n++) {
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *) (b + 64 * n));
+        const __m256i l1 = _mm256_loadu_si256((const __m256i *) (b + 64 * n + 32));
+        const __m256i h = _mm256_loadu_si256((const __m256i *) (b + 128 + 32 * n));
+        uint8_t * y = q + 128 * n;
+        const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(h, m2), 4);
+        const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4);
+        const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4);
+        const __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4);
+        _mm256_storeu_si256((__m256i *) y, _mm256_or_si256(_mm256_and_si256(l0, m4), h0));
+        _mm256_storeu_si256((__m256i *) (y + 32), _mm256_or_si256(_mm256_and_si256(l1, m4), h1));
+        _mm256_storeu_si256((__m256i *) (y + 64), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), h2));
+        _mm256_storeu_si256((__m256i *) (y + 96), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), h3));
+    }
+}
+
+__attribute__((target("avx2"))) static void q2k_quants_avx2(const uint8_t * b, uint8_t * q) {
+    const __m256i m2 = _mm256_set1_epi8(0x03);
+    for (int n = 0; n < 2; n++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *) (b + 16 + 32 * n));
+        for (int j = 0; j < 4; j++) {
+            _mm256_storeu_si256((__m256i *) (q + 128 * n + 32 * j),
+                                _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m2));
+        }
+    }
+}
+
+__attribute__((target("avx2"))) static void q3k_quants_avx2(const uint8_t * b, uint8_t * q) {
+    const __m256i m2 = _mm256_set1_epi8(0x03), four = _mm256_set1_epi8(4);
+    const __m256i hm = _mm256_loadu_si256((const __m256i *) b);
+    for (int n = 0; n < 2; n++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *) (b + 32 + 32 * n));
+        for (int j = 0; j < 4; j++) {
+            const __m256i bit = _mm256_set1_epi8((char) (1u << (4 * n + j)));
+            const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), four);
+            _mm256_storeu_si256((__m256i *) (q + 128 * n + 32 * j),
+                                _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m2), high));
+        }
+    }
+}
+#endif
+
+static void q6k_block(const uint8_t * b, struct dsv4_k16 * k) {
     for (int i = 0; i < 16; i++) {
         k->sc[i] = ((const int8_t *) (b + 192))[i];
     }
@@ -107,16 +180,7 @@ static void q6k_block(const uint8_t * b, struct dsv4_k16 * k) {
 }
 
 static void q2k_block(const uint8_t * b, struct dsv4_k16 * k) {
-    const uint8_t *sc = b, *qs = b + 16;
-    for (int n = 0; n < 2; n++) {
-        for (int j = 0; j < 4; j++) {
-            for (int h = 0; h < 2; h++) {
-                for (int l = 0; l < 16; l++) {
-                    k->q[128 * n + 32 * j + 16 * h + l] = (uint8_t) ((qs[32 * n + 16 * h + l] >> (2 * j)) & 3);
-                }
-            }
-        }
-    }
+    const uint8_t * sc = b;
     for (int i = 0; i < 16; i++) {
         k->sc[i] = sc[i] & 0xF;
         k->m[i] = sc[i] >> 4;
@@ -131,7 +195,6 @@ static void q2k_block(const uint8_t * b, struct dsv4_k16 * k) {
 }
 
 static void q3k_block(const uint8_t * b, struct dsv4_k16 * k) {
-    const uint8_t *hm = b, *qs = b + 32;
     uint32_t aux[4];
     memcpy(aux, b + 96, 12);
     const uint32_t tmp = aux[2], m1 = 0x03030303u, m2 = 0x0f0f0f0fu;
@@ -141,22 +204,13 @@ static void q3k_block(const uint8_t * b, struct dsv4_k16 * k) {
     aux[1] = (aux[1] & m2) | (((tmp >> 2) & m1) << 4);
     int8_t scales[16];
     memcpy(scales, aux, 16);
-    for (int n = 0; n < 2; n++) {
-        for (int j = 0; j < 4; j++) {
-            const uint8_t bit = (uint8_t) (1u << (4 * n + j));
-            for (int l = 0; l < 32; l++) {
-                const int low = (qs[32 * n + l] >> (2 * j)) & 3;
-                k->q[128 * n + 32 * j + l] = (uint8_t) (low + ((hm[l] & bit) ? 4 : 0));
-            }
-        }
-    }
     for (int i = 0; i < 16; i++) {
         k->sc[i] = scales[i] - 32;
     }
     k16_scales_only(k, b + 108, 4);
 }
 
-void dsv4_k16_block(int type, const uint8_t * b, struct dsv4_k16 * k) {
+void dsv4_k16_scales(int type, const uint8_t * b, struct dsv4_k16 * k) {
     if (type == GGML_TYPE_Q2_K) {
         q2k_block(b, k);
     } else if (type == GGML_TYPE_Q3_K) {
@@ -164,6 +218,19 @@ void dsv4_k16_block(int type, const uint8_t * b, struct dsv4_k16 * k) {
     } else {
         q6k_block(b, k);
     }
+}
+
+void dsv4_k16_block(int type, const uint8_t * b, struct dsv4_k16 * k, int avx2) {
+    dsv4_k16_scales(type, b, k);
+    void (*quants)(const uint8_t *, uint8_t *) =
+        type == GGML_TYPE_Q2_K ? q2k_quants : type == GGML_TYPE_Q3_K ? q3k_quants : q6k_quants;
+#ifdef DSV4_X86
+    if (avx2) {
+        quants = type == GGML_TYPE_Q2_K ? q2k_quants_avx2 : type == GGML_TYPE_Q3_K ? q3k_quants_avx2 : q6k_quants_avx2;
+    }
+#endif
+    (void) avx2;
+    quants(b, k->q);
 }
 
 void dsv4_kq_quants(int type, const uint8_t * b, uint8_t * q, int avx2) {

@@ -79,8 +79,11 @@ struct dsv4_k16 {
     int off, has_min;
 };
 
-/* Unpack the k16 super-block of `type` at b as ggml's dequantize_row_q{2,3,6}_K orders its weights. */
-void dsv4_k16_block(int type, const uint8_t * b, struct dsv4_k16 * k);
+/* Unpack the k16 super-block of `type` at b as ggml's dequantize_row_q{2,3,6}_K orders its weights (avx2: the
+ * quants with AVX2; the same bytes). */
+void dsv4_k16_block(int type, const uint8_t * b, struct dsv4_k16 * k, int avx2);
+/* The same without the quants (k->q untouched). */
+void dsv4_k16_scales(int type, const uint8_t * b, struct dsv4_k16 * k);
 
 /* A prepared Q8_K activation row (dsv4_q8k_prep): K int8 quants, then per block of 32 the float scale and a float
  * correction (scale * sum of the block's quants), then per block of 16 the int32 sum of its quants (k16 types). */
@@ -101,12 +104,14 @@ struct dsv4_slab {
     float mn[8][SLAB_ROWS];
 };
 
-/* The same for the k16 types: per block of 16 columns, the rows' scales and mins (as int32), the rows' d and dmin;
+/* The same for the k16 types: per block of 16 columns, the rows' scales (as int32), the rows' d and dmin;
  * row r's product is d * ds * sum_i sc[i][r] * (dot_i(w, a) - off * bsum_i) - dmin * ds * sum_i m[i][r] * bsum_i,
- * the sums in integers as ggml's. */
+ * the sums in integers as ggml's. The bsum terms are one sum_i v_i * bsum_i with v the mins (types with mins, where
+ * off is 0) or the scales (the others): v2[p] holds v_2p and v_2p+1 as the int16 pair vpdpwssd multiplies. */
 struct dsv4_slab16 {
     uint8_t w[QK / 4][64];
-    int32_t sc[16][SLAB_ROWS], m[16][SLAB_ROWS];
+    int32_t sc[16][SLAB_ROWS];
+    int32_t v2[8][SLAB_ROWS];
     float d[SLAB_ROWS], dmin[SLAB_ROWS];
     int off, has_min;
 };

@@ -64,6 +64,26 @@ VNNI static void interleave(const uint8_t tmp[SLAB_ROWS][QK], uint8_t (*w)[64]) 
     }
 }
 
+/* Q4_K quants straight from the packed nibbles: byte l of group g (32 bytes) holds column 64g + l (low nibble) and
+ * 64g + 32 + l (high), so the transposed dwords of the packed bytes are two slab vectors each (half the transposing
+ * of unpacked bytes, and no unpacking pass). */
+VNNI static void slab_q4k_quants(const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int h = 0; h < 2; h++) { /* groups 2h and 2h+1: 64 packed bytes of each row */
+        __m512i x[16];
+        for (int r = 0; r < SLAB_ROWS; r++) {
+            x[r] = _mm512_loadu_si512((const void *) (rows + r * stride + (size_t) sb * Q4K_BYTES + 16 + 64 * h));
+        }
+        transpose16(x);
+        for (int c = 0; c < 16; c++) { /* dword c: bytes 4(c % 8).. of group 2h + c / 8 */
+            const int g = 2 * h + c / 8, i = c % 8;
+            _mm512_storeu_si512((void *) slab->w[(2 * g) * 8 + i], _mm512_and_si512(x[c], m4));
+            _mm512_storeu_si512((void *) slab->w[(2 * g + 1) * 8 + i],
+                                _mm512_and_si512(_mm512_srli_epi16(x[c], 4), m4));
+        }
+    }
+}
+
 VNNI void dsv4_vnni_slab_kq(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab * slab) {
     uint8_t tmp[SLAB_ROWS][QK];
     const size_t bytes = dsv4_kq_bytes(type);
@@ -79,7 +99,13 @@ VNNI void dsv4_vnni_slab_kq(int type, const uint8_t * rows, size_t stride, int64
             slab->s[j][r] = d * (float) sc;
             slab->mn[j][r] = dmin * (float) m;
         }
-        dsv4_kq_quants(type, b, tmp[r], 1);
+        if (type != GGML_TYPE_Q4_K) {
+            dsv4_kq_quants(type, b, tmp[r], 1);
+        }
+    }
+    if (type == GGML_TYPE_Q4_K) {
+        slab_q4k_quants(rows, stride, sb, slab);
+        return;
     }
     interleave((const uint8_t(*)[QK]) tmp, slab->w);
 }
@@ -100,33 +126,78 @@ VNNI static void slab_q80(const uint8_t * rows, size_t stride, int64_t sb, struc
     interleave((const uint8_t(*)[QK]) tmp, slab->w);
 }
 
+/* Q2_K and Q3_K quants from the packed 2-bit fields: byte l of group n (32 bytes of qs) holds columns 128n + 32j + l,
+ * j = 0..3, two bits each (Q3_K: plus bit 4n + j of hmask byte l, worth 4); one transpose of the packed bytes
+ * gives all 16 slab vectors of a group (instead of unpacking to bytes and transposing four times as much). */
+VNNI static void slab_k16_packed_quants(int type, const uint8_t * rows, size_t stride, int64_t sb,
+                                        struct dsv4_slab16 * slab) {
+    const int q3 = type == GGML_TYPE_Q3_K;
+    const size_t bytes = q3 ? Q3K_BYTES : Q2K_BYTES, qs_at = q3 ? 32 : 16;
+    const __m512i m2 = _mm512_set1_epi8(0x03), four = _mm512_set1_epi8(4);
+    __m512i x[16], h[16];
+    for (int r = 0; r < SLAB_ROWS; r++) {
+        const uint8_t * b = rows + r * stride + (size_t) sb * bytes;
+        x[r] = _mm512_loadu_si512((const void *) (b + qs_at));
+        h[r] = q3 ? _mm512_loadu_si512((const void *) b) : _mm512_setzero_si512(); /* hmask, then qs (unused) */
+    }
+    transpose16(x);
+    if (q3) {
+        transpose16(h);
+    }
+    for (int c = 0; c < 16; c++) { /* dword c: bytes 4(c % 8).. of group c / 8 */
+        const int n = c / 8, i = c % 8;
+        for (int j = 0; j < 4; j++) {
+            __m512i q = _mm512_and_si512(_mm512_srli_epi16(x[c], 2 * j), m2);
+            if (q3) {
+                const __mmask64 hi = _mm512_test_epi8_mask(h[i], _mm512_set1_epi8((char) (1u << (4 * n + j))));
+                q = _mm512_mask_add_epi8(q, hi, q, four);
+            }
+            _mm512_storeu_si512((void *) slab->w[32 * n + 8 * j + i], q);
+        }
+    }
+}
+
 VNNI void dsv4_vnni_slab_k16(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab16 * slab) {
     uint8_t tmp[SLAB_ROWS][QK];
     const size_t bytes = dsv4_kq_bytes(type);
+    const int packed = type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K;
     struct dsv4_k16 k;
     for (int r = 0; r < SLAB_ROWS; r++) {
-        dsv4_k16_block(type, rows + r * stride + (size_t) sb * bytes, &k);
+        const uint8_t * b = rows + r * stride + (size_t) sb * bytes;
+        if (packed) {
+            dsv4_k16_scales(type, b, &k);
+        } else {
+            dsv4_k16_block(type, b, &k, 1);
+            memcpy(tmp[r], k.q, QK);
+        }
         slab->d[r] = k.d;
         slab->dmin[r] = k.dmin;
         for (int i = 0; i < 16; i++) {
             slab->sc[i][r] = k.sc[i];
-            slab->m[i][r] = k.m[i];
         }
-        memcpy(tmp[r], k.q, QK);
+        const int32_t * v = k.has_min ? k.m : k.sc;
+        for (int p = 0; p < 8; p++) {
+            slab->v2[p][r] = (int32_t) ((uint32_t) (uint16_t) v[2 * p] | ((uint32_t) (uint16_t) v[2 * p + 1] << 16));
+        }
         slab->off = k.off;
         slab->has_min = k.has_min;
+    }
+    if (packed) {
+        slab_k16_packed_quants(type, rows, stride, sb, slab);
+        return;
     }
     interleave((const uint8_t(*)[QK]) tmp, slab->w);
 }
 
-/* k16: per block i of 16 columns, 4 vpdpbusd give each row's dot; minus off * bsum_i, times its scale (vpmulld),
- * summed in integers over the super-block (and the mins' sum_i m_i * bsum_i), then scaled in float. */
+/* k16: per block i of 16 columns, 4 vpdpbusd give each row's dot, times its scale (vpmulld), summed in integers
+ * over the super-block; the bsum terms (sum_i v_i * bsum_i, the mins' or the offset's) by 8 vpdpwssd on int16 pairs
+ * (|v| <= 128, |bsum| <= 16 * 128), then scaled in float. */
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inline)) static inline void columns16_n(
     const struct dsv4_slab16 * slab, const uint8_t * const * a, int64_t K, int64_t sb, float (*acc)[SLAB_ROWS],
     const int NC) {
-    __m512i tot[8], mt[8];
+    __m512i tot[8], cor[8];
     for (int c = 0; c < NC; c++) {
-        tot[c] = mt[c] = _mm512_setzero_si512();
+        tot[c] = cor[c] = _mm512_setzero_si512();
     }
     for (int i = 0; i < 16; i++) {
         __m512i ia[8];
@@ -142,22 +213,29 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inlin
             }
         }
         const __m512i sc = _mm512_loadu_si512((const void *) slab->sc[i]);
-        const __m512i m = _mm512_loadu_si512((const void *) slab->m[i]);
         for (int c = 0; c < NC; c++) {
-            const __m512i bs = _mm512_set1_epi32(dsv4_q8k_bsums16(a[c], K)[sb * 16 + i]);
-            ia[c] = _mm512_sub_epi32(ia[c], _mm512_mullo_epi32(_mm512_set1_epi32(slab->off), bs));
             tot[c] = _mm512_add_epi32(tot[c], _mm512_mullo_epi32(ia[c], sc));
-            mt[c] = _mm512_add_epi32(mt[c], _mm512_mullo_epi32(m, bs));
+        }
+    }
+    for (int p = 0; p < 8; p++) {
+        const __m512i v = _mm512_loadu_si512((const void *) slab->v2[p]);
+        for (int c = 0; c < NC; c++) {
+            const int32_t * bs = dsv4_q8k_bsums16(a[c], K) + sb * 16 + 2 * p;
+            const uint32_t pair = (uint32_t) (uint16_t) bs[0] | ((uint32_t) (uint16_t) bs[1] << 16);
+            cor[c] = _mm512_dpwssd_epi32(cor[c], v, _mm512_set1_epi32((int32_t) pair));
         }
     }
     const __m512 d = _mm512_loadu_ps(slab->d), dmin = _mm512_loadu_ps(slab->dmin);
     for (int c = 0; c < NC; c++) {
         const __m512 ds = _mm512_set1_ps(((const float *) (a[c] + K))[sb * 8]);
-        __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[c]), _mm512_mul_ps(d, ds), _mm512_loadu_ps(acc[c]));
         if (slab->has_min) {
-            f = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mt[c]), _mm512_mul_ps(dmin, ds), f);
+            __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[c]), _mm512_mul_ps(d, ds), _mm512_loadu_ps(acc[c]));
+            f = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(cor[c]), _mm512_mul_ps(dmin, ds), f);
+            _mm512_storeu_ps(acc[c], f);
+        } else {
+            const __m512i t = _mm512_sub_epi32(tot[c], _mm512_mullo_epi32(cor[c], _mm512_set1_epi32(slab->off)));
+            _mm512_storeu_ps(acc[c], _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(d, ds), _mm512_loadu_ps(acc[c])));
         }
-        _mm512_storeu_ps(acc[c], f);
     }
 }
 

@@ -74,6 +74,68 @@ static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
     }
 }
 
+#ifdef DSV4_X86
+/* quantize_row_q8k with AVX2, bit for bit: the same first-largest |x| (its sign sets the scale's), the same product
+ * x * iscale (not fused) rounded to nearest-even by cvtps (as the magic-number addition rounds), clamped to 127. */
+__attribute__((target("avx2,fma"))) static void quantize_row_q8k_avx2(const float * x, int64_t K, uint8_t * row) {
+    int8_t * qs = (int8_t *) row;
+    float * d = (float *) (row + K);
+    float * bf = d + K / 32;
+    int32_t * bs = (int32_t *) (bf + K / 32);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t sb = 0; sb < K / QK; sb++) {
+        const float * xs = x + sb * QK;
+        __m256 vmax = _mm256_setzero_ps();
+        for (int j = 0; j < QK; j += 8) {
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xs + j)));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        if (amax == 0.0f) {
+            memset(qs + sb * QK, 0, QK);
+            for (int j = 0; j < QK / 32; j++) {
+                d[sb * 8 + j] = 0.0f;
+                bf[sb * 8 + j] = 0.0f;
+            }
+            memset(bs + sb * 16, 0, 16 * sizeof(int32_t));
+            continue;
+        }
+        float max = 0.0f;
+        for (int j = 0; j < QK; j++) { /* the first entry whose |x| is amax, as the scalar scan picks */
+            if (fabsf(xs[j]) == amax) {
+                max = xs[j];
+                break;
+            }
+        }
+        const float iscale = -127.f / max;
+        const __m256 vs = _mm256_set1_ps(iscale);
+        const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+        for (int j = 0; j < QK / 32; j++) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) {
+                const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xs + j * 32 + i * 8), vs));
+                q[i] = _mm256_max_epi32(_mm256_min_epi32(v, hi), lo);
+            }
+            const __m256i s0 = _mm256_add_epi32(q[0], q[1]), s1 = _mm256_add_epi32(q[2], q[3]);
+            __m256i h = _mm256_hadd_epi32(s0, s1); /* s0: 0+1 2+3 | s1: 0+1 2+3 | s0: 4+5 6+7 | s1: 4+5 6+7 */
+            h = _mm256_hadd_epi32(h, h);
+            const int32_t sum0 = _mm256_extract_epi32(h, 0) + _mm256_extract_epi32(h, 4);
+            const int32_t sum1 = _mm256_extract_epi32(h, 1) + _mm256_extract_epi32(h, 5);
+            const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i *) (qs + sb * QK + j * 32), _mm256_permutevar8x32_epi32(p, perm));
+            const float dsb = 1.0f / iscale;
+            d[sb * 8 + j] = dsb;
+            bf[sb * 8 + j] = dsb * (float) (sum0 + sum1);
+            bs[sb * 16 + 2 * j] = sum0;
+            bs[sb * 16 + 2 * j + 1] = sum1;
+        }
+    }
+}
+#endif
+
 /* Weight rows unpacked: quants as bytes, each sub-block's scale as 16 int16 lanes (the multiplier vector of
  * one 32-byte chunk after a byte-pair multiply-add), super-block scales and dmin*m per sub-block. */
 struct unpacked {
@@ -94,7 +156,7 @@ static void unpack_row(int type, const uint8_t * blocks, int64_t K, struct unpac
         const uint8_t * b = blocks + (size_t) sb * bytes;
         if (dsv4_is_k16(type)) { /* the 16 scales: lanes 0-7 of a 32-block's vector are its first 16 weights' */
             struct dsv4_k16 k;
-            dsv4_k16_block(type, b, &k);
+            dsv4_k16_block(type, b, &k, avx2);
             u->dw[r][sb] = k.d;
             u->dmn[r][sb] = k.dmin;
             u->off = k.off;
@@ -411,17 +473,25 @@ static kernel_fn kernel_for(int isa, int type) {
 /* ---------------------------------------------------------------------------------------------- ops */
 
 static void prep_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+#ifdef DSV4_X86
+    if ((int) (intptr_t) userdata >= DSV4_GEMM_AVX2) {
+        dsv4_prep_rows(dst, ith, nth, quantize_row_q8k_avx2);
+        return;
+    }
+#else
     (void) userdata;
+#endif
     dsv4_prep_rows(dst, ith, nth, quantize_row_q8k);
 }
 
-struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor * b) {
-    if (b->type != GGML_TYPE_F32 || b->nb[0] != sizeof(float) || b->ne[0] % QK != 0 || b->ne[3] != 1) {
+struct ggml_tensor * dsv4_q8k_prep(struct ggml_context * ctx, struct ggml_tensor * b, int isa) {
+    if (b->type != GGML_TYPE_F32 || b->nb[0] != sizeof(float) || b->ne[0] % QK != 0 || b->ne[3] != 1 ||
+        !dsv4_gemm_isa_supported(isa)) {
         return NULL;
     }
     struct ggml_tensor * args[1] = {b};
     return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_q8k_row_bytes(b->ne[0]), b->ne[1], b->ne[2], 1, args, 1,
-                          prep_op, GGML_N_TASKS_MAX, NULL);
+                          prep_op, GGML_N_TASKS_MAX, (void *) (intptr_t) isa);
 }
 
 int dsv4_moe_gemm_ok(const struct ggml_tensor * as, const struct ggml_tensor * b, const struct ggml_tensor * ids) {
@@ -447,6 +517,13 @@ static void vnni_units(int type, const uint8_t * w, size_t stride, int64_t K, in
     struct dsv4_slab16 slab16;
     float acc[COLS][SLAB_ROWS];
     for (int64_t m = m0; m < m1; m += SLAB_ROWS) {
+        if (m + SLAB_ROWS < m1) { /* the next slab's rows (contiguous) come from memory while this one computes: the
+                                   * strided reads of a slab's blocks were the kernel's largest stall */
+            const uint8_t * next = w + (m + SLAB_ROWS) * stride;
+            for (size_t o = 0; o < SLAB_ROWS * stride; o += 64) {
+                __builtin_prefetch(next + o, 0, 3);
+            }
+        }
         memset(acc, 0, sizeof(float) * SLAB_ROWS * (size_t) nc);
         for (int64_t sb = 0; sb < K / QK; sb++) {
             if (dsv4_is_k16(type)) {
@@ -467,26 +544,67 @@ static void vnni_units(int type, const uint8_t * w, size_t stride, int64_t K, in
     }
 }
 
+/* The activation rows each expert takes: those ids names (mul_mat_id), or in a dense product (ids NULL) every row
+ * of batch e for "expert" e. counts[e] gets their number; returns the total. Thread 0 zeroes the output of slots
+ * whose id is out of range (ggml would abort). */
+static int64_t count_columns(const struct ggml_tensor * dst, const struct ggml_tensor * ids, int64_t E,
+                             int64_t * counts, int ith) {
+    const int64_t M = dst->ne[0];
+    if (ids == NULL) {
+        for (int64_t e = 0; e < E; e++) {
+            counts[e] = dst->ne[1];
+        }
+        return dst->ne[1] * E;
+    }
+    int64_t total = 0;
+    for (int64_t t = 0; t < ids->ne[1]; t++) {
+        for (int64_t s = 0; s < ids->ne[0]; s++) {
+            const int32_t e = id_at(ids, s, t);
+            if (e >= 0 && e < E) {
+                counts[e]++;
+                total++;
+            } else if (ith == 0) {
+                memset((char *) dst->data + s * dst->nb[1] + t * dst->nb[2], 0, (size_t) M * sizeof(float));
+            }
+        }
+    }
+    return total;
+}
+
+/* The next (at most COLS) activation rows of expert e from the scan position (t, s), with their output rows;
+ * their number (0 at the end). */
+static int gather_columns(const struct ggml_tensor * dst, const struct ggml_tensor * prep,
+                          const struct ggml_tensor * ids, int64_t e, int64_t * t, int64_t * s, const uint8_t ** arow,
+                          float ** orow) {
+    int nc = 0;
+    if (ids == NULL) {
+        for (; *t < dst->ne[1] && nc < COLS; (*t)++, nc++) {
+            arow[nc] = (const uint8_t *) prep->data + *t * prep->nb[1] + e * prep->nb[2];
+            orow[nc] = (float *) ((char *) dst->data + *t * dst->nb[1] + e * dst->nb[2]);
+        }
+        return nc;
+    }
+    const int64_t k = ids->ne[0], n = ids->ne[1], n1 = prep->ne[1];
+    for (; *t < n && nc < COLS; *s = (*s + 1 == k) ? 0 : *s + 1, *t += (*s == 0)) {
+        if (id_at(ids, *s, *t) == e) {
+            arow[nc] = (const uint8_t *) prep->data + (n1 == 1 ? 0 : *s) * prep->nb[1] + *t * prep->nb[2];
+            orow[nc] = (float *) ((char *) dst->data + *s * dst->nb[1] + *t * dst->nb[2]);
+            nc++;
+        }
+    }
+    return nc;
+}
+
+/* dst = as x prep, by expert: src[2] the ids (mul_mat_id), or none (a dense, possibly batched, product). */
 static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int isa = (int) (intptr_t) userdata;
     const kernel_fn kernel = kernel_for(isa, dst->src[0]->type);
     const int vnni = isa == DSV4_GEMM_VNNI && dst->src[0]->ne[1] % SLAB_ROWS == 0;
     const struct ggml_tensor *as = dst->src[0], *prep = dst->src[1], *ids = dst->src[2];
-    const int64_t K = as->ne[0], M = as->ne[1], E = as->ne[2], k = ids->ne[0], n = ids->ne[1], n1 = prep->ne[1];
+    const int64_t K = as->ne[0], M = as->ne[1], E = as->ne[2];
     const int64_t n_units = (M + UNIT - 1) / UNIT;
     int64_t counts[DSV4_GEMM_MAX_EXPERTS] = {0};
-    int64_t total = 0;
-    for (int64_t t = 0; t < n; t++) {
-        for (int64_t s = 0; s < k; s++) {
-            const int32_t e = id_at(ids, s, t);
-            if (e >= 0 && e < E) {
-                counts[e]++;
-                total++;
-            } else if (ith == 0) { /* an id out of range (ggml would abort): that slot's output is zero */
-                memset((char *) dst->data + s * dst->nb[1] + t * dst->nb[2], 0, (size_t) M * sizeof(float));
-            }
-        }
-    }
+    const int64_t total = count_columns(dst, ids, E, counts, ith);
     /* Work = (expert, 16-row unit) pairs costed by the expert's token count; thread ith takes the units that
      * start in its share [ith, ith+1) * total_cost / nth of the running cost. */
     const int64_t cost = total * n_units;
@@ -513,16 +631,9 @@ static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata)
             continue;
         }
         const uint8_t * w = (const uint8_t *) as->data + e * as->nb[2];
-        int64_t t = 0, s = 0; /* scan position in ids */
-        while (t < n) {
-            int nc = 0;
-            for (; t < n && nc < COLS; s = (s + 1 == k) ? 0 : s + 1, t += (s == 0)) {
-                if (id_at(ids, s, t) == e) {
-                    arow[nc] = (const uint8_t *) prep->data + (n1 == 1 ? 0 : s) * prep->nb[1] + t * prep->nb[2];
-                    orow[nc] = (float *) ((char *) dst->data + s * dst->nb[1] + t * dst->nb[2]);
-                    nc++;
-                }
-            }
+        int64_t t = 0, s = 0; /* scan position */
+        int nc;
+        while ((nc = gather_columns(dst, prep, ids, e, &t, &s, arow, orow)) > 0) {
             if (vnni) {
                 vnni_units(as->type, w, as->nb[1], K, u0 * UNIT, u1 * UNIT < M ? u1 * UNIT : M, arow, orow, nc);
                 continue;
@@ -563,5 +674,34 @@ struct ggml_tensor * dsv4_mul_mat_id_kq(struct ggml_context * ctx, struct ggml_t
     }
     struct ggml_tensor * args[3] = {as, prep, ids};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, as->ne[1], ids->ne[0], ids->ne[1], 1, args, 3, gemm_op,
+                          GGML_N_TASKS_MAX, (void *) (intptr_t) isa);
+}
+
+int dsv4_dense_kq_ok(const struct ggml_tensor * w, const struct ggml_tensor * x) {
+    const int64_t K = w->ne[0], M = w->ne[1], B = w->ne[2];
+    const size_t bytes = dsv4_kq_bytes(w->type);
+    return bytes > 0 && K % QK == 0 && K > 0 && K <= DSV4_GEMM_MAX_K && M % ROWS == 0 && M > 0 && B > 0 &&
+           B <= DSV4_GEMM_MAX_EXPERTS && w->ne[3] == 1 && w->nb[1] == (size_t) (K / QK) * bytes &&
+           x->type == GGML_TYPE_F32 && x->ne[0] == K && x->nb[0] == sizeof(float) && x->ne[1] > 0 &&
+           x->ne[2] == B && x->ne[3] == 1;
+}
+
+struct ggml_tensor * dsv4_mul_mat_kq(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * prep,
+                                      int isa) {
+    const kernel_fn kernel = dsv4_gemm_isa_supported(isa) ? kernel_for(isa, w->type) : NULL;
+    const int64_t K = w->ne[0];
+    if (kernel == NULL || prep == NULL || prep->type != GGML_TYPE_I8 ||
+        prep->ne[0] != (int64_t) dsv4_q8k_row_bytes(K)) {
+        return NULL;
+    }
+    struct ggml_tensor x = *prep; /* the shape checks of dsv4_dense_kq_ok, on a stand-in for the F32 activations */
+    x.type = GGML_TYPE_F32;
+    x.ne[0] = K;
+    x.nb[0] = sizeof(float);
+    if (!dsv4_dense_kq_ok(w, &x)) {
+        return NULL;
+    }
+    struct ggml_tensor * args[2] = {w, prep};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], prep->ne[1], prep->ne[2], 1, args, 2, gemm_op,
                           GGML_N_TASKS_MAX, (void *) (intptr_t) isa);
 }

@@ -31,9 +31,11 @@ cdef extern from "dsv4_gemm.h" nogil:
     int dsv4_gemm_isa_best()
     int dsv4_gemm_isa_supported(int isa)
     int dsv4_moe_gemm_ok(const ggml_tensor * a, const ggml_tensor * b, const ggml_tensor * ids)
-    ggml_tensor * dsv4_q8k_prep(ggml_context * ctx, ggml_tensor * b)
+    ggml_tensor * dsv4_q8k_prep(ggml_context * ctx, ggml_tensor * b, int isa)
     ggml_tensor * dsv4_mul_mat_id_kq(ggml_context * ctx, ggml_tensor * a, ggml_tensor * prep, ggml_tensor * ids,
                                       int isa)
+    int dsv4_dense_kq_ok(const ggml_tensor * w, const ggml_tensor * x)
+    ggml_tensor * dsv4_mul_mat_kq(ggml_context * ctx, ggml_tensor * w, ggml_tensor * prep, int isa)
     int dsv4_dense_gemm_ok(const ggml_tensor * w, const ggml_tensor * x)
     ggml_tensor * dsv4_q80_prep(ggml_context * ctx, ggml_tensor * x)
     ggml_tensor * dsv4_mul_mat_q80(ggml_context * ctx, ggml_tensor * w, ggml_tensor * prep)

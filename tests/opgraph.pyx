@@ -98,11 +98,19 @@ cdef class OpGraph:
 
     def moe_gemm(self, int a, int b, int ids, int isa):
         """mul_mat_id through our K-quant x Q8_K kernels (kernels/dsv4_moe_gemm.c) with instruction set `isa`."""
-        cdef g.ggml_tensor * prep = k.dsv4_q8k_prep(self.ctx, self._get(b))
+        cdef g.ggml_tensor * prep = k.dsv4_q8k_prep(self.ctx, self._get(b), isa)
         if prep == NULL:
             raise ValueError("dsv4_q8k_prep rejected the activations")
         self._add(prep)
         return self._add(k.dsv4_mul_mat_id_kq(self.ctx, self._get(a), prep, self._get(ids), isa))
+
+    def dense_kq(self, int w, int x, int isa):
+        """mul_mat of K-quant weights through our kernels (kernels/dsv4_moe_gemm.c) with instruction set `isa`."""
+        cdef g.ggml_tensor * prep = k.dsv4_q8k_prep(self.ctx, self._get(x), isa)
+        if prep == NULL:
+            raise ValueError("dsv4_q8k_prep rejected the activations")
+        self._add(prep)
+        return self._add(k.dsv4_mul_mat_kq(self.ctx, self._get(w), prep, isa))
 
     def dense_q80(self, int w, int x):
         """mul_mat of Q8_0 weights through our AVX-512 VNNI kernel (kernels/dsv4_gemm_vnni.c)."""

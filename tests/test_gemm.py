@@ -121,6 +121,31 @@ def test_dense_q80_matches_ggml_mul_mat(K: int, M: int, N: int, B: int) -> None:
     assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max(), np.abs(got - ref).max() / np.abs(ref).max()
 
 
+@pytest.mark.skipif(not ISAS, reason="no GEMM instruction set")
+@pytest.mark.parametrize("qtype", [Q2_K, Q3_K, Q4_K, Q5_K, Q6_K], ids=["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("K", "M", "N", "B"),
+    [(256, 4, 1, 1), (512, 36, 37, 1), (1024, 48, 300, 2), (256, 16, 9, 3)],  # smallest; odd; two passes; batches
+)
+def test_dense_kq_matches_ggml_mul_mat(qtype: int, isa: str, K: int, M: int, N: int, B: int) -> None:
+    """Dense K-quant weights (the attention and shared-expert weights of Q4_K_M-style files) through the expert
+    kernels, batch b of x times batch b of w (the grouped output projection), against ggml's mul_mat; the
+    activations' Q8_K quantization (scalar or AVX2) with ties and a negative largest entry."""
+    rng = np.random.default_rng([K, M, N, B, qtype])
+    w = (rng.standard_normal((B, M, K)) * 0.05).astype(np.float32)
+    raw = _ggml.quantize(w.reshape(-1, K), qtype).reshape(-1)
+    x = rng.standard_normal((B, N, K)).astype(np.float32)
+    x[0, 0, :256] = 0.0  # an all-zero super-block (scale 0)
+    x[-1, -1, :256] = (np.arange(256) % 9 - 4) * np.float32(1.25)  # ties (2.5, -2.5) once scaled by -127/max = 1
+    x[-1, -1, 7] = -127.0  # the largest |x| negative, and equal to a later positive one
+    x[-1, -1, 200] = 127.0
+    g = OpGraph(_ggml.Backends("cpu", 2))
+    a, xh = g.input_raw(raw, qtype, (K, M, B)), g.input(x)
+    ref, got = g.compute([g.mul_mat(a, xh), g.dense_kq(a, xh, _ggml.gemm_isa(isa))])
+    assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max(), np.abs(got - ref).max() / np.abs(ref).max()
+
+
 def test_gemm_refuses_what_it_cannot_compute() -> None:
     g = OpGraph()
     f32 = g.input(np.zeros((4, 2, 256), np.float32))  # F32 experts: not ours
@@ -135,6 +160,12 @@ def test_gemm_refuses_what_it_cannot_compute() -> None:
     w8 = g.input_raw(rows, Q8_0, (256, 8))  # 8 rows: not a whole 16-row slab
     with pytest.raises(ValueError):
         g.dense_q80(w8, g.input(np.zeros((3, 256), np.float32)))
+    g = OpGraph()
+    w2 = g.input_raw(_ggml.quantize(np.zeros((6, 256), np.float32), Q4_K).reshape(-1), Q4_K, (256, 6))
+    with pytest.raises(ValueError):  # 6 rows: not whole 4-row groups
+        g.dense_kq(w2, g.input(np.zeros((3, 256), np.float32)), _ggml.gemm_isa("scalar"))
+    with pytest.raises(ValueError):  # Q8_0 weights: not a K-quant
+        g.dense_kq(g.input_raw(rows, Q8_0, (256, 8)), g.input(np.zeros((3, 256), np.float32)), _ggml.gemm_isa("scalar"))
 
 
 @pytest.mark.skipif(not ISAS, reason="no GEMM instruction set")

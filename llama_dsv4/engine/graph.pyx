@@ -8,9 +8,10 @@ of its rows. Cache and state writes are expanded into the graph as soon as they 
 nodes that read the same memory later in the graph.
 """
 cimport ggml as g
-from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_hc_post_cpu, dsv4_moe_gemm_ok, dsv4_moe_prefetch,
-                       dsv4_mul_mat_id_kq, dsv4_mul_mat_q80, dsv4_q8k_prep, dsv4_q80_prep, dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back,
-                       dsv4_swiglu_clamp, dsv4_top_k)
+from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_dense_kq_ok, dsv4_hc_post_cpu, dsv4_moe_gemm_ok,
+                       dsv4_moe_prefetch, dsv4_mul_mat_id_kq, dsv4_mul_mat_kq, dsv4_mul_mat_q80, dsv4_q8k_prep,
+                       dsv4_q80_prep, dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back, dsv4_swiglu_clamp,
+                       dsv4_top_k)
 from libc.math cimport INFINITY, sqrtf
 from libc.stdint cimport int64_t
 
@@ -47,16 +48,33 @@ cdef inline T * norm(C * ctx, T * x, T * w, float eps) noexcept nogil:
     return g.ggml_mul(ctx, g.ggml_rms_norm(ctx, x, eps), w)
 
 
-cdef T * mm(C * ctx, const Hparams * hp, T * w, T * x, T ** prep) noexcept nogil:
-    """ggml_mul_mat(w, x), or for prompt processing our Q8_0 product (kernels/dsv4_gemm_vnni.c); *prep keeps x's
-    quantization for the next product of the same x (prep may be NULL)."""
-    cdef T * p
-    if hp.gemm_isa == DSV4_GEMM_VNNI and x.ne[1] >= hp.gemm_min_tokens and dsv4_dense_gemm_ok(w, x):
-        p = prep[0] if prep != NULL and prep[0] != NULL else dsv4_q80_prep(ctx, x)
-        if prep != NULL:
-            prep[0] = p
-        return dsv4_mul_mat_q80(ctx, w, p)
-    return g.ggml_mul_mat(ctx, w, x)
+# One activation tensor quantized for our dense products, made at its first product and kept for the next ones of
+# the same x: Q8_0 rows (dsv4_q80_prep) and Q8_K rows (dsv4_q8k_prep), NULL until needed.
+cdef struct Prep:
+    T * q80
+    T * q8k
+
+
+cdef T * mm(C * ctx, const Hparams * hp, T * w, T * x, Prep * prep) noexcept nogil:
+    """ggml_mul_mat(w, x), or for prompt processing on the CPU our product for w's type: Q8_0 with AVX-512 VNNI
+    (kernels/dsv4_gemm_vnni.c), or Q2_K..Q6_K (kernels/dsv4_moe_gemm.c). prep (or NULL) keeps x's quantizations
+    for the next product of the same x."""
+    cdef Prep local
+    cdef T * out = NULL
+    if hp.gemm_isa == 0 or x.ne[1] < hp.gemm_min_tokens:
+        return g.ggml_mul_mat(ctx, w, x)
+    if prep == NULL:
+        local.q80 = local.q8k = NULL
+        prep = &local
+    if hp.gemm_isa == DSV4_GEMM_VNNI and dsv4_dense_gemm_ok(w, x):
+        if prep.q80 == NULL:
+            prep.q80 = dsv4_q80_prep(ctx, x)
+        out = dsv4_mul_mat_q80(ctx, w, prep.q80) if prep.q80 != NULL else NULL
+    elif dsv4_dense_kq_ok(w, x):
+        if prep.q8k == NULL:
+            prep.q8k = dsv4_q8k_prep(ctx, x, hp.gemm_isa)
+        out = dsv4_mul_mat_kq(ctx, w, prep.q8k, hp.gemm_isa) if prep.q8k != NULL else NULL
+    return out if out != NULL else g.ggml_mul_mat(ctx, w, x)
 
 
 cdef T * hc_post(C * ctx, const Hparams * hp, T * x, T * res, T * post, T * comb) noexcept nogil:
@@ -94,7 +112,7 @@ cdef T * hc_pre(C * ctx, const Hparams * hp, const HcW * W, T * S, T ** post, T 
     """Mix the HC streams S [D, hc, n] into one [D, n]; also the post weights [hc, n] and the Sinkhorn-normalised
     combination [hc(dst), hc(src), n] that hc_post needs (docs/architecture.md §7.1)."""
     cdef int64_t n = S.ne[2], hc = hp.hc
-    cdef T * mix = g.ggml_mul_mat(ctx, W.fn, g.ggml_rms_norm(ctx, g.ggml_reshape_2d(ctx, S, hc * hp.n_embd, n), hp.eps))
+    cdef T * mix = mm(ctx, hp, W.fn, g.ggml_rms_norm(ctx, g.ggml_reshape_2d(ctx, S, hc * hp.n_embd, n), hp.eps), NULL)
     named(mix, "hc_mixes", il)
     cdef T * pre = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], 0)
     pre = g.ggml_add(ctx, g.ggml_mul(ctx, pre, g.ggml_view_1d(ctx, W.scale, 1, 0)), g.ggml_view_1d(ctx, W.base, hc, 0))
@@ -109,8 +127,8 @@ cdef T * hc_pre(C * ctx, const Hparams * hp, const HcW * W, T * S, T ** post, T 
 
 cdef T * hc_head(C * ctx, const Hparams * hp, const GlobalW * gw, T * S) noexcept nogil:
     """The final collapse of the streams (docs/architecture.md §7.3)."""
-    cdef T * mix = g.ggml_mul_mat(ctx, gw.hc_fn, g.ggml_rms_norm(
-        ctx, g.ggml_reshape_2d(ctx, S, hp.hc * hp.n_embd, S.ne[2]), hp.eps))
+    cdef T * mix = mm(ctx, hp, gw.hc_fn, g.ggml_rms_norm(
+        ctx, g.ggml_reshape_2d(ctx, S, hp.hc * hp.n_embd, S.ne[2]), hp.eps), NULL)
     cdef T * pre = g.ggml_add(ctx, g.ggml_mul(ctx, mix, g.ggml_view_1d(ctx, gw.hc_scale, 1, 0)), gw.hc_base)
     pre = g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps)
     return g.ggml_dsv4_hc_pre(ctx, S, pre)
@@ -118,11 +136,12 @@ cdef T * hc_head(C * ctx, const Hparams * hp, const GlobalW * gw, T * S) noexcep
 # ------------------------------------------------------------------------------------------ compressors
 
 
-cdef void compressor_rows(C * ctx, const CompressorW * W, T * ape, T * x, T ** ckv, T ** csc) noexcept nogil:
+cdef void compressor_rows(C * ctx, const Hparams * hp, const CompressorW * W, T * ape, T * x, Prep * px, T ** ckv,
+                          T ** csc) noexcept nogil:
     """A compressor's token-wise part, on the rows of all sequences: its values [width, n] and scores (the gate plus
     the slot's position bias, ape = position mod ratio)."""
-    ckv[0] = g.ggml_mul_mat(ctx, W.kv, x)
-    csc[0] = g.ggml_add(ctx, g.ggml_mul_mat(ctx, W.gate, x), g.ggml_get_rows(ctx, W.ape, ape))
+    ckv[0] = mm(ctx, hp, W.kv, x, px)
+    csc[0] = g.ggml_add(ctx, mm(ctx, hp, W.gate, x, px), g.ggml_get_rows(ctx, W.ape, ape))
 
 
 cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPlan * cp, T * starts,
@@ -262,9 +281,10 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW 
     sliding window and the visible compressed entries (per sequence, attend), de-rope, grouped output projection."""
     cdef int64_t n = x.ne[1], d = hp.head_dim, H = hp.n_head, G = hp.o_groups
     cdef AttnRows r
-    cdef T * px = NULL
+    cdef Prep px, pqr  # x and qr quantized once for all their products
+    px.q80 = px.q8k = pqr.q80 = pqr.q8k = NULL
     cdef T * qr = norm(ctx, mm(ctx, hp, A.q_a, x, &px), A.q_a_norm, hp.eps)
-    cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, A.q_b, qr, NULL), d, H, n), hp.eps)
+    cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, A.q_b, qr, &pqr), d, H, n), hp.eps)
     r.q = named(dsv4_rope_tail(ctx, q, inp.pos, hp.rope_dim, &A.rope), "q", il)
     cdef T * kv = norm(ctx, mm(ctx, hp, A.kv, x, &px), A.kv_norm, hp.eps)
     kv = named(dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, kv, d, 1, n), inp.pos, hp.rope_dim, &A.rope), "kv", il)
@@ -274,15 +294,15 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW 
     cdef bint any_vis = False
     if A.kind != SWA:
         c = comp_index(A.kind)
-        compressor_rows(ctx, &A.comp, inp.ape[c], x, &r.ckv, &r.csc)
+        compressor_rows(ctx, hp, &A.comp, inp.ape[c], x, &px, &r.ckv, &r.csc)
         if A.kind == CSA:
-            compressor_rows(ctx, &A.idx.comp, inp.ape[c], x, &r.ickv, &r.icsc)
+            compressor_rows(ctx, hp, &A.idx.comp, inp.ape[c], x, &px, &r.ickv, &r.icsc)
             for s in range(ub.n_seq):
                 any_vis = any_vis or ub.seq[s].comp[c].n_vis > 0
         if any_vis:  # the indexer's token-wise part (docs/architecture.md §8.6)
-            r.iq = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, g.ggml_mul_mat(ctx, A.idx.q_b, qr), hp.idx_dim,
+            r.iq = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, A.idx.q_b, qr, &pqr), hp.idx_dim,
                                                          hp.idx_heads, n), inp.pos, hp.rope_dim, &A.rope)
-            r.iw = g.ggml_scale(ctx, g.ggml_mul_mat(ctx, A.idx.proj, x),
+            r.iw = g.ggml_scale(ctx, mm(ctx, hp, A.idx.proj, x, &px),
                                 1.0 / sqrtf(<float> (hp.idx_dim * hp.idx_heads)))
 
     cdef T * parts[MAX_SEQ]
@@ -305,7 +325,7 @@ cdef T * mm_id(C * ctx, const Hparams * hp, T * w, T * x, T * sel, T ** prep) no
     *prep keeps x's quantization for the next product of the same x (prep may be NULL)."""
     cdef T * p
     if hp.gemm_isa != 0 and x.ne[2] >= hp.gemm_min_tokens and dsv4_moe_gemm_ok(w, x, sel):
-        p = prep[0] if prep != NULL and prep[0] != NULL else dsv4_q8k_prep(ctx, x)
+        p = prep[0] if prep != NULL and prep[0] != NULL else dsv4_q8k_prep(ctx, x, hp.gemm_isa)
         if prep != NULL:
             prep[0] = p
         return dsv4_mul_mat_id_kq(ctx, w, p, sel, hp.gemm_isa)
@@ -333,7 +353,7 @@ cdef void prefetch_hash_layers(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, 
             prefetch(ctx, gf, hp, &lw[il].ffn, g.ggml_get_rows(ctx, lw[il].ffn.tid2eid, inp.tokens))
 
 
-cdef inline T * shared_expert(C * ctx, const Hparams * hp, const MoeW * F, T * f, T ** prep) noexcept nogil:
+cdef inline T * shared_expert(C * ctx, const Hparams * hp, const MoeW * F, T * f, Prep * prep) noexcept nogil:
     return mm(ctx, hp, F.down_sh, dsv4_swiglu_clamp(ctx, mm(ctx, hp, F.gate_sh, f, prep), mm(ctx, hp, F.up_sh, f, prep),
                                                     F.clamp_sh), NULL)
 
@@ -343,9 +363,10 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, co
     """docs/architecture.md §9: sqrt-softplus scores, biased top-k (or the token's hash row), normalised and scaled weights,
     clamped SwiGLU experts, plus the shared expert."""
     cdef int64_t n = f.ne[1], k = hp.n_used, D = hp.n_embd, i
-    cdef T * pf = NULL
+    cdef Prep pf
+    pf.q80 = pf.q8k = NULL
     cdef T * logits = mm(ctx, hp, F.gate_inp, f, &pf)
-    if pf == NULL:  # ggml's product (ours, which set pf, computes in f32)
+    if pf.q80 == NULL and pf.q8k == NULL:  # ggml's product (ours, which set pf, computes in f32)
         g.ggml_mul_mat_set_prec(logits, g.GGML_PREC_F32)
     cdef T * probs = g.ggml_sqrt(ctx, g.ggml_softplus(ctx, logits))  # [E, n]
     cdef T * sel
