@@ -12,8 +12,11 @@ llama_dsv4 (both load a libggml, of different versions, and the first one loaded
       Each string of a JSON list tokenized with the model's vocabulary: a JSON list of id lists.
   detokenize MODEL.gguf --ids ids.json --out texts.json
       The inverse: one string per id list (bytes decoded as UTF-8, errors replaced).
-  greedy     MODEL.gguf --tokens 1,2,3 [-n N] [--ubatch U] [--kv-f32] [--threads T] --out gen.json
-      The prompt, then N argmax steps one token at a time: {"generated": [...], "seconds_per_token": s}.
+  greedy     MODEL.gguf (--tokens 1,2,3 | --prompts P.json) [-n N] [--ubatch U] [--kv-f32] [--threads T]
+             [--logits L.npy] --out gen.json
+      The prompt, then N argmax steps one token at a time: {"generated": [...], "seconds_per_token": s}; with
+      --prompts, each prompt in a fresh context: {"generated": [[...], ...]}. --logits saves the row each token
+      was chosen from (float32 [prompts, N, n_vocab]).
   mtp        MODEL.gguf --tokens-file ids.npy --h-file h.npy [--ubatch U] [--threads T] --out ref.npz
       llama.cpp's MTP graph (a context of type LLAMA_CONTEXT_TYPE_MTP over the model loaded with load_mtp): row t
       at position t reads token ids[t] and the streams h[t] (float32 [n, n_embd * hc], given to the batch as the
@@ -230,27 +233,42 @@ def run_mtp(a: argparse.Namespace) -> None:
 
 
 def run_greedy(a: argparse.Namespace) -> None:
+    """Argmax decoding of -n tokens after a prompt (--tokens), or after each of several (--prompts, a JSON list of
+    token lists; each in a fresh context). --logits also saves the rows each choice was made from (n per prompt)."""
+    if (a.tokens is None) == (a.prompts is None):
+        sys.exit("greedy: give --tokens or --prompts")
+    if a.prompts is not None:
+        with open(a.prompts, encoding="utf-8") as f:
+            prompts = [[int(t) for t in p] for p in json.load(f)]
+    else:
+        prompts = [[int(t) for t in a.tokens.split(",")]]
     model = open_model(a.model)
     nv = n_vocab(model)
-    toks = [int(t) for t in a.tokens.split(",")]
-    ctx = open_context(model, max(256, len(toks) + a.n + 16), a.ubatch, a.threads, a.kv_f32)
-    decode = Decoder(ctx, max(a.ubatch, 1), nv)
-    last = np.zeros((1, nv), np.float32)
-    for pos in range(0, len(toks), a.ubatch):
-        last = decode(toks[pos : pos + a.ubatch], pos, all_logits=False)
-    pos = len(toks)
-    generated = []
-    start = time.perf_counter()
-    for _ in range(a.n):
-        tok = int(last[0].argmax())
-        generated.append(tok)
-        last = decode([tok], pos, all_logits=False)
-        pos += 1
-    per_token = (time.perf_counter() - start) / max(1, a.n)
+    runs, rows, per_token = [], [], []
+    for toks in prompts:
+        ctx = open_context(model, max(256, len(toks) + a.n + 16), a.ubatch, a.threads, a.kv_f32)
+        decode = Decoder(ctx, max(a.ubatch, 1), nv)
+        last = np.zeros((1, nv), np.float32)
+        for pos in range(0, len(toks), a.ubatch):
+            last = decode(toks[pos : pos + a.ubatch], pos, all_logits=False)
+        pos = len(toks)
+        generated = []
+        start = time.perf_counter()
+        for _ in range(a.n):
+            rows.append(last[0].copy())
+            tok = int(last[0].argmax())
+            generated.append(tok)
+            last = decode([tok], pos, all_logits=False)
+            pos += 1
+        per_token.append((time.perf_counter() - start) / max(1, a.n))
+        runs.append(generated)
+        decode.free()
+        L.llama_free(ctx)
+    out = {"generated": runs[0], "seconds_per_token": per_token[0]} if a.prompts is None else {"generated": runs}
     with open(a.out, "w") as f:
-        json.dump({"generated": generated, "seconds_per_token": per_token}, f)
-    decode.free()
-    L.llama_free(ctx)
+        json.dump(out, f)
+    if a.logits:
+        np.save(a.logits, np.array(rows, np.float32).reshape(len(prompts), a.n, nv))
     L.llama_model_free(model)
 
 
@@ -319,8 +337,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("greedy", help="argmax decoding after a prompt")
     p.add_argument("model")
-    p.add_argument("--tokens", required=True)
+    p.add_argument("--tokens")
+    p.add_argument("--prompts", help="a JSON file: a list of prompts (token lists), each decoded in a fresh context")
     p.add_argument("-n", type=int, default=16)
+    p.add_argument("--logits", help="an .npy file for the logits each token was chosen from: (prompts, n, vocab)")
     p.add_argument("--ubatch", type=int, default=64)
     p.add_argument("--kv-f32", action="store_true")
     p.add_argument("--threads", type=int, default=2)

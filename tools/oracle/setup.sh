@@ -33,7 +33,8 @@ python3 -m venv "$venv"
 "$python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$sdist" >&2
 tar -xzf "$sdist/llama_cpp_python-$version.tar.gz" -C "$sdist"
 # the library only, tuned for this CPU; no tests, examples, tools, server or multimodal projector
-export CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF"
+# (DSV4_ORACLE_CMAKE_EXTRA: more CMake arguments, e.g. a build without AMX for "Speed", "Quantized files")
+export CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF ${DSV4_ORACLE_CMAKE_EXTRA:-}"
 export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
 "$python" -m pip install "$sdist/llama_cpp_python-$version.tar.gz" >&2
 "$python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)" >&2
