@@ -17,13 +17,20 @@
 #define COLS 256 /* activation rows per pass (their 16 running sums live on the stack) */
 
 #ifdef DSV4_X86
+#include <cpuid.h>
 #include <immintrin.h>
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
 
+/* F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know "f16c". */
+static int has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+}
+
 int dsv4_vnni_supported(void) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && has_f16c();
 }
 
 /* 16 rows of 16 dwords (x) -> 16 vectors, vector c holding dword c of every row (row r in lane r). */
