@@ -30,6 +30,15 @@
 
 /* ---------------------------------------------------------------------------------------------- formats */
 
+/* A prepared Q8_K row's per-32-block entries (dsv4_gemm_impl.h): block i's scale dsb, its correction dsb * (s0 + s1),
+ * and the sums s0, s1 of its two halves' quants. */
+static inline void block32_sums(float * d, float * bf, int32_t * bs, int64_t i, float dsb, int32_t s0, int32_t s1) {
+    d[i] = dsb;
+    bf[i] = dsb * (float) (s0 + s1);
+    bs[2 * i] = s0;
+    bs[2 * i + 1] = s1;
+}
+
 static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
     int8_t * qs = (int8_t *) row;
     float * d = (float *) (row + K);
@@ -49,10 +58,8 @@ static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
         if (amax == 0.0f) {
             memset(q, 0, QK);
             for (int j = 0; j < QK / 32; j++) {
-                d[sb * 8 + j] = 0.0f;
-                bf[sb * 8 + j] = 0.0f;
+                block32_sums(d, bf, bs, sb * 8 + j, 0.0f, 0, 0);
             }
-            memset(bs + sb * 16, 0, 16 * sizeof(int32_t));
             continue;
         }
         const float iscale = -127.f / max;
@@ -66,10 +73,7 @@ static void quantize_row_q8k(const float * x, int64_t K, uint8_t * row) {
                 s0 += q[j * 32 + l];
                 s1 += q[j * 32 + 16 + l];
             }
-            d[sb * 8 + j] = dsb;
-            bf[sb * 8 + j] = dsb * (float) (s0 + s1);
-            bs[sb * 16 + 2 * j] = s0;
-            bs[sb * 16 + 2 * j + 1] = s1;
+            block32_sums(d, bf, bs, sb * 8 + j, dsb, s0, s1);
         }
     }
 }
@@ -97,10 +101,8 @@ __attribute__((target("avx2,fma"))) static void quantize_row_q8k_avx2(const floa
         if (amax == 0.0f) {
             memset(qs + sb * QK, 0, QK);
             for (int j = 0; j < QK / 32; j++) {
-                d[sb * 8 + j] = 0.0f;
-                bf[sb * 8 + j] = 0.0f;
+                block32_sums(d, bf, bs, sb * 8 + j, 0.0f, 0, 0);
             }
-            memset(bs + sb * 16, 0, 16 * sizeof(int32_t));
             continue;
         }
         float max = 0.0f;
@@ -110,7 +112,7 @@ __attribute__((target("avx2,fma"))) static void quantize_row_q8k_avx2(const floa
                 break;
             }
         }
-        const float iscale = -127.f / max;
+        const float iscale = -127.f / max, dsb = 1.0f / iscale;
         const __m256 vs = _mm256_set1_ps(iscale);
         const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
         for (int j = 0; j < QK / 32; j++) {
@@ -126,11 +128,7 @@ __attribute__((target("avx2,fma"))) static void quantize_row_q8k_avx2(const floa
             const int32_t sum1 = _mm256_extract_epi32(h, 1) + _mm256_extract_epi32(h, 5);
             const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
             _mm256_storeu_si256((__m256i *) (qs + sb * QK + j * 32), _mm256_permutevar8x32_epi32(p, perm));
-            const float dsb = 1.0f / iscale;
-            d[sb * 8 + j] = dsb;
-            bf[sb * 8 + j] = dsb * (float) (sum0 + sum1);
-            bs[sb * 16 + 2 * j] = sum0;
-            bs[sb * 16 + 2 * j + 1] = sum1;
+            block32_sums(d, bf, bs, sb * 8 + j, dsb, sum0, sum1);
         }
     }
 }
