@@ -39,6 +39,7 @@ KERNELS = [
     "kernels/dsv4_hc.c",
     "kernels/dsv4_threads.c",
     "kernels/dsv4_prefetch.c",
+    "kernels/dsv4_rpc_buft.c",
 ]
 CFLAGS = ["-O3", "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
 GGML_LIBS = ["ggml", "ggml-base", "ggml-cpu"]

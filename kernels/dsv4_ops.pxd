@@ -1,5 +1,5 @@
 # Cython declarations of kernels/dsv4_ops.h (our own DeepSeek V4 ops, composed from ggml ops).
-from ggml cimport ggml_context, ggml_tensor
+from ggml cimport ggml_backend_buffer_type_t, ggml_context, ggml_tensor
 
 cdef extern from "dsv4_ops.h" nogil:
     struct dsv4_rope_params:
@@ -55,3 +55,8 @@ cdef extern from "dsv4_prefetch.h" nogil:
         unsigned long long missing_bytes
     ggml_tensor * dsv4_moe_prefetch(ggml_context * ctx, ggml_tensor * ids, ggml_tensor * gate, ggml_tensor * up,
                                     ggml_tensor * down, dsv4_prefetch_stats * stats)
+
+cdef extern from "dsv4_rpc_buft.h" nogil:
+    ggml_backend_buffer_type_t dsv4_rpc_buft_new(ggml_backend_buffer_type_t inner)
+    void dsv4_rpc_buft_free(ggml_backend_buffer_type_t buft)
+    void dsv4_rpc_buft_stats(ggml_backend_buffer_type_t buft, size_t * hits, size_t * misses)

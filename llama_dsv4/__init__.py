@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from . import _extensions  # noqa: F401  first: a clear error where the compiled extensions are not built
 from .cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache
+from .engine.isolated import RPCError
 from .grammar import LlamaGrammar
 from .llama import LLAMA_DEFAULT_SEED, Llama, LlamaState
 from .sampling import (
@@ -30,6 +31,7 @@ __all__ = [
     "LogitsProcessor",
     "LogitsProcessorList",
     "MinTokensLogitsProcessor",
+    "RPCError",
     "StoppingCriteria",
     "StoppingCriteriaList",
     "__version__",

@@ -218,19 +218,102 @@ cdef g.ggml_backend_dev_t _dev_by_type(g.ggml_backend_dev_type t) noexcept:
     return NULL
 
 
+# ---------------------------------------------------------------------------------------------- RPC
+
+# The one command that gives this package ggml's RPC backend (README, "Beyond one machine"): the pinned ggml built
+# from its sdist with RPC on. The PyPI wheel of libggml-python has none.
+RPC_INSTALL = ('CMAKE_ARGS="-DGGML_RPC=ON -DGGML_NATIVE=ON" pip install --force-reinstall --no-binary libggml-python '
+               '"libggml-python==0.20.2.post1" && pip install .')
+
+ctypedef g.ggml_backend_reg_t (*_rpc_add_server_t)(const char * endpoint) noexcept nogil
+ctypedef void (*_rpc_start_server_t)(const char * endpoint, const char * cache_dir, size_t n_threads,
+                                     size_t n_devices, g.ggml_backend_dev_t * devices) noexcept nogil
+
+
+cdef void * _rpc_proc(const char * name) except NULL:
+    """An entry point of ggml's RPC backend, found through the backend registry (so this extension links and runs
+    against a libggml without RPC); RuntimeError naming the install that has it."""
+    cdef g.ggml_backend_reg_t reg = g.ggml_backend_reg_by_name(b"RPC")
+    cdef void * fn = g.ggml_backend_reg_get_proc_address(reg, name) if reg != NULL else NULL
+    if fn == NULL:
+        raise RuntimeError("this libggml has no RPC backend (the PyPI wheel of libggml-python is built without it); "
+                           f"install the RPC-enabled build: {RPC_INSTALL}")
+    return fn
+
+
+def rpc_available():
+    """Whether this libggml has ggml's RPC backend."""
+    return g.ggml_backend_reg_by_name(b"RPC") != NULL
+
+
+def rpc_serve(str endpoint, str cache_dir=None, int n_threads=1, str device="cpu"):
+    """Serve this machine's `device` to RPC clients at endpoint ("host:port") with ggml's RPC server, caching large
+    tensors under cache_dir (None: no cache). Blocks until the server fails to start or to accept (it returns
+    then); the protocol has no authentication. n_threads: the CPU backend's threads."""
+    cdef _rpc_start_server_t start = <_rpc_start_server_t> _rpc_proc(b"ggml_backend_rpc_start_server")
+    names = [d["name"] for d in devices()]
+    if device.lower() not in [n.lower() for n in names]:
+        raise ValueError(f"unknown device {device!r}; this build has {names}")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    cdef g.ggml_backend_dev_t dev = g.ggml_backend_dev_get([n.lower() for n in names].index(device.lower()))
+    cdef bytes ep = endpoint.encode()
+    cdef bytes cd = cache_dir.encode() if cache_dir else b""
+    cdef const char * ep_c = ep
+    cdef const char * cd_c = NULL
+    if cache_dir:
+        cd_c = cd
+    cdef size_t nt = n_threads
+    with nogil:
+        start(ep_c, cd_c, nt, 1, &dev)
+
+
+cdef list _rpc_devices(list endpoints):
+    """The devices of each RPC server, in order (ggml connects to each and asks; None-free or RuntimeError)."""
+    cdef _rpc_add_server_t add = <_rpc_add_server_t> _rpc_proc(b"ggml_backend_rpc_add_server")
+    cdef g.ggml_backend_reg_t reg
+    cdef bytes ep
+    cdef const char * ep_c
+    out = []
+    for endpoint in endpoints:
+        ep = endpoint.encode()
+        ep_c = ep
+        with nogil:
+            reg = add(ep_c)
+        if reg == NULL or g.ggml_backend_reg_dev_count(reg) == 0:
+            raise ConnectionError(f"RPC server {endpoint} cannot be reached (is llama-dsv4-rpc-server running "
+                                  "there, and the address host:port right?)")
+        for i in range(g.ggml_backend_reg_dev_count(reg)):
+            out.append(<uintptr_t> g.ggml_backend_reg_dev_get(reg, i))
+    return out
+
+
+def rpc_connect(endpoints):
+    """Connect to each RPC server ("host:port") and ask for its devices (ggml keeps the connections for the
+    backends made next); their names. ConnectionError for a server that cannot be reached."""
+    return [g.ggml_backend_dev_name(<g.ggml_backend_dev_t> <uintptr_t> d).decode() for d in _rpc_devices(list(endpoints))]
+
+
 cdef class Backends:
-    """The compute backends of one engine: the chosen device first, the CPU last (the scheduler's fallback).
+    """The compute backends of one engine: the RPC devices (rpc), then the chosen local device, the CPU last (the
+    scheduler's fallback).
 
     device: "auto" (the first GPU if the build has one, else the CPU), "cpu", or a device name from devices().
     n_threads: the size of the CPU backend's thread pool (<= 0: the usable CPUs), at most the CPUs this process
     may use (engine/cpus.py); the pool is made once and each compute uses `threads` of it (set_threads).
     poll: how long idle pool threads spin for the next graph before they sleep (ggml's threadpool `poll`, 0-100;
     None: POLL).
+    rpc: "host:port" endpoints of RPC servers (llama-dsv4-rpc-server) whose devices take a share of the layers
+    (layer_devices); needs the RPC-enabled libggml (RPC_INSTALL).
+    tensor_split: the shares of the layers per split device (the RPC devices in order, then the local one), as
+    llama.cpp's --tensor-split; None: in proportion to the devices' free memory.
+    portable: only ggml's own ops in the graph (none of our CPU kernels), as a graph with RPC devices has; a CPU
+    run with portable=True computes exactly what a split run computes.
     """
 
     POLL = 0  # idle threads sleep at once: see docs/design.md, "Threads"
 
-    def __cinit__(self, str device="auto", n_threads=0, poll=None):
+    def __cinit__(self, str device="auto", n_threads=0, poll=None, rpc=(), tensor_split=None, bint portable=False):
         from .engine.cpus import usable_cpus
 
         cdef g.ggml_backend_dev_t cpu = _dev_by_type(g.GGML_BACKEND_DEVICE_TYPE_CPU)
@@ -254,19 +337,43 @@ cdef class Backends:
         cdef int poll_level = self.POLL if poll is None else operator.index(poll)
         if not 0 <= poll_level <= 100:
             raise ValueError(f"poll must be in [0, 100], got {poll_level}")
-        self.n = 2 if main != NULL else 1
+        rpc = list(rpc)
+        remote = _rpc_devices(rpc) if rpc else []
+        self.n_rpc = len(remote)
+        self.portable = portable or self.n_rpc > 0
+        self.n = self.n_rpc + (2 if main != NULL else 1)
         self.backends = <g.ggml_backend_t *> calloc(self.n, sizeof(g.ggml_backend_t))
         self.devs = <g.ggml_backend_dev_t *> calloc(self.n, sizeof(g.ggml_backend_dev_t))
         if self.backends == NULL or self.devs == NULL:
             raise MemoryError()
+        for i in range(self.n_rpc):
+            self.devs[i] = <g.ggml_backend_dev_t> <uintptr_t> remote[i]
         if main != NULL:
-            self.devs[0] = main
+            self.devs[self.n_rpc] = main
         self.devs[self.n - 1] = cpu
+        self.tensor_split = None
+        if tensor_split is not None:
+            shares = [float(x) for x in tensor_split]
+            if len(shares) > self.n_rpc + 1 or any(not x >= 0 for x in shares) or not sum(shares) > 0:
+                raise ValueError(f"tensor_split must be at most {self.n_rpc + 1} non-negative shares (the RPC devices, "
+                                 f"then the local one) with a positive sum, got {list(tensor_split)}")
+            self.tensor_split = shares + [0.0] * (self.n_rpc + 1 - len(shares))
+        self.bufts = <g.ggml_backend_buffer_type_t *> calloc(self.n, sizeof(g.ggml_backend_buffer_type_t))
+        if self.bufts == NULL:
+            raise MemoryError()
         for i in range(self.n):
             self.backends[i] = g.ggml_backend_dev_init(self.devs[i], NULL)
             if self.backends[i] == NULL:
                 raise RuntimeError(f"ggml could not start the backend of device "
                                    f"{g.ggml_backend_dev_name(self.devs[i]).decode()}")
+            # compute buffers on an RPC device: through a view that keeps the server's answers about allocation
+            # sizes (kernels/dsv4_rpc_buft.h), else a round trip per attention and MoE node of every graph
+            self.bufts[i] = k.dsv4_rpc_buft_new(g.ggml_backend_get_default_buffer_type(self.backends[i])) \
+                if i < self.n_rpc else NULL
+        self.view_flags = [self.bufts[i] != NULL for i in range(self.n)]
+        for i in range(self.n):
+            if self.bufts[i] == NULL:
+                self.bufts[i] = g.ggml_backend_get_default_buffer_type(self.backends[i])
         # one persistent pool for the CPU backend, made here once: its threads live across graph computes (ggml
         # otherwise starts and joins them on every compute); a compute uses the first `threads` of them
         cdef g.ggml_threadpool_params tpp = g.ggml_threadpool_params_default(size)
@@ -279,7 +386,65 @@ cdef class Backends:
         self.set_threads(size)
         self._thread_ids = self._pool_thread_ids() if size > 1 else []
 
+    def layer_devices(self, int n_layer, list weight_bytes=None):
+        """The backend index (in `names`) of each of n_layer layers: contiguous runs over the split devices (the RPC
+        devices in order, then the local device), as tensor_split says or else in proportion to each device's free
+        memory (llama.cpp's rule); all local without RPC. weight_bytes: unused (the shares are of layers)."""
+        home = self.n_rpc  # the local device: the GPU if any, else the CPU
+        if self.n_rpc == 0:
+            return [home] * n_layer
+        shares = self.tensor_split
+        if shares is None:
+            shares = [float(d["memory_free"]) for d in self.device_info()[: self.n_rpc + 1]]
+        total = sum(shares)
+        bounds, acc = [], 0.0
+        for x in shares:
+            acc += x
+            bounds.append(acc / total)
+        out = []
+        for il in range(n_layer):
+            pos = (il + 0.5) / n_layer
+            out.append(next(i for i, b in enumerate(bounds) if pos < b or i == len(bounds) - 1))
+        return out
+
+    def device_info(self):
+        """Name, description and memory of each backend's device, in backend order."""
+        cdef g.ggml_backend_dev_props props
+        out = []
+        for i in range(self.n):
+            g.ggml_backend_dev_get_props(self.devs[i], &props)
+            out.append({"name": props.name.decode() if props.name else "",
+                        "description": props.description.decode() if props.description else "",
+                        "memory_free": int(props.memory_free), "memory_total": int(props.memory_total)})
+        return out
+
+    def alloc_size_stats(self):
+        """(answered from the cache, asked of the servers): the allocation sizes the schedulers asked for on RPC
+        devices since these backends were made (kernels/dsv4_rpc_buft.h); (0, 0) without RPC."""
+        cdef size_t h = 0, m = 0, hi, mi
+        for i, view in enumerate(self.view_flags):
+            if view:
+                k.dsv4_rpc_buft_stats(self.bufts[i], &hi, &mi)
+                h += hi
+                m += mi
+        return int(h), int(m)
+
+    @property
+    def n_remote(self):
+        """The RPC devices among the backends (the first n_remote)."""
+        return self.n_rpc
+
+    @property
+    def is_portable(self):
+        """Whether graphs on these backends use ggml's ops only (RPC devices, or portable=True)."""
+        return self.portable
+
     def __dealloc__(self):
+        if self.bufts != NULL:
+            for i, view in enumerate(self.view_flags or []):
+                if view:
+                    k.dsv4_rpc_buft_free(self.bufts[i])
+            free(self.bufts)
         if self.backends != NULL:
             for i in range(self.n):
                 if self.backends[i] != NULL:
@@ -335,7 +500,11 @@ cdef class Backends:
             g.ggml_free(ctx)
 
     cdef g.ggml_backend_dev_t primary_dev(self):
-        return self.devs[0]
+        """The local device (the GPU if any, else the CPU)."""
+        return self.devs[self.n_rpc]
+
+    cdef g.ggml_backend_dev_t dev_at(self, int i):
+        return self.devs[i]
 
     @property
     def names(self):
@@ -408,7 +577,7 @@ cdef class WeightMap:
              the tensors the graph uses as indices): a later change of the file cannot reach them.
     """
 
-    def __cinit__(self, tensors, Backends backends=None, *, maps=None, files=None, private=None):
+    def __cinit__(self, tensors, Backends backends=None, *, maps=None, files=None, private=None, placement=None):
         self._views = []
         self._index = {}
         self._names = []
@@ -416,6 +585,7 @@ cdef class WeightMap:
         if (maps is None) == (files is None):
             raise ValueError("give the shards either as maps or as files")
         private = dict(private or {})
+        backends = backends or default_backends()
         cdef const uint8_t[::1] mv
         sizes = []
         for s in maps or []:
@@ -427,16 +597,24 @@ cdef class WeightMap:
         if any(n == 0 for n in sizes):
             raise ValueError("cannot load an empty file")
         cdef size_t n_t = len(tensors)
+        home = backends.n_rpc
+        dev_of = [home] * n_t if placement is None else [operator.index(d) for d in placement]
+        if len(dev_of) != n_t or any(not 0 <= d < backends.n for d in dev_of):
+            raise ValueError(f"placement: one backend index (0 ... {backends.n - 1}) per tensor")
         self._tensors = <g.ggml_tensor **> calloc(max(n_t, <size_t> 1), sizeof(g.ggml_tensor *))
-        if self._tensors == NULL:
+        self.n_ctxs = backends.n
+        self.ctxs = <g.ggml_context **> calloc(self.n_ctxs, sizeof(g.ggml_context *))
+        if self._tensors == NULL or self.ctxs == NULL:
             raise MemoryError()
         cdef g.ggml_init_params ip
-        ip.mem_size = (n_t + 1) * g.ggml_tensor_overhead()
         ip.mem_buffer = NULL
         ip.no_alloc = True
-        self.ctx = g.ggml_init(ip)
-        if self.ctx == NULL:
-            raise MemoryError("ggml_init failed")
+        for d in set(dev_of) | {home}:
+            ip.mem_size = (dev_of.count(d) + 1) * g.ggml_tensor_overhead()
+            self.ctxs[<int> d] = g.ggml_init(ip)
+            if self.ctxs[<int> d] == NULL:
+                raise MemoryError("ggml_init failed")
+        self.ctx = self.ctxs[home]
         cdef int64_t ne[4]
         cdef const g.ggml_type_traits * tr
         cdef g.ggml_tensor * t
@@ -455,7 +633,7 @@ cdef class WeightMap:
                 raise ValueError(f"tensor {name!r}: shard {shard} does not exist")
             for d in range(4):
                 ne[d] = shape[d] if d < len(shape) else 1
-            t = g.ggml_new_tensor(self.ctx, <g.ggml_type> type_id, len(shape), ne)
+            t = g.ggml_new_tensor(self.ctxs[<int> dev_of[i]], <g.ggml_type> type_id, len(shape), ne)
             if t == NULL:
                 raise MemoryError()
             g.ggml_set_name(t, bname)
@@ -468,9 +646,10 @@ cdef class WeightMap:
             self._tensors[i] = t
             self._index[name] = i
             self._names.append(name)
-        self._place(tensors, backends or default_backends(), files, private)
+        self._place(tensors, backends, files, private, dev_of)
 
-    cdef _place(self, tensors, Backends backends, files, dict private):
+    cdef _place(self, tensors, Backends backends, files, dict private, list dev_of):
+        cdef int home = backends.n_rpc
         cdef g.ggml_backend_dev_t dev = backends.primary_dev()
         cdef g.ggml_backend_dev_props props
         g.ggml_backend_dev_get_props(dev, &props)
@@ -479,49 +658,57 @@ cdef class WeightMap:
         cdef size_t max_t
         self.zero_copy = files is None and (props.type == g.GGML_BACKEND_DEVICE_TYPE_CPU or
                                             props.caps.buffer_from_host_ptr)
-        self.n_bufs = len(self._views) + 1 if self.zero_copy else 1  # the mappings, then the allocated buffer
+        n_maps = len(self._views) if self.zero_copy else 0
+        self.n_bufs = n_maps + backends.n  # the mappings, then the memory allocated on each device
         self.bufs = <g.ggml_backend_buffer_t *> calloc(self.n_bufs, sizeof(g.ggml_backend_buffer_t))
         if self.bufs == NULL:
             raise MemoryError()
+        local = [i for i in range(len(tensors)) if dev_of[i] == home]
         if self.zero_copy:
             for s in range(len(self._views)):
                 mv = self._views[s]
-                max_t = max([nb for (_, _, _, sh, _, nb) in tensors if sh == s], default=1)
+                max_t = max([tensors[i][5] for i in local if tensors[i][3] == s], default=1)
                 self.bufs[s] = g.ggml_backend_dev_buffer_from_host_ptr(dev, <void *> &mv[0], mv.shape[0], max_t)
                 if self.bufs[s] == NULL:
                     raise RuntimeError(f"{self.device} could not map the model file into a buffer")
                 g.ggml_backend_buffer_set_usage(self.bufs[s], g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-            for i, (name, _, _, shard, offset, _) in enumerate(tensors):
+            for i in local:
+                name, _, _, shard, offset, _ = tensors[i]
                 if name in private:
                     continue
                 mv = self._views[shard]
                 if g.ggml_backend_tensor_alloc(self.bufs[shard], self._tensors[i], <void *> (&mv[0] + <size_t> offset)) != g.GGML_STATUS_SUCCESS:
                     raise RuntimeError(f"ggml could not place tensor {name!r}")
-        # every tensor not placed in a mapping: memory allocated on the device (ggml pads and aligns each tensor as
+        # every tensor not placed in a mapping: memory allocated on its device (ggml pads and aligns each tensor as
         # the device needs), filled from the private copies, the files or the mappings
-        cdef g.ggml_backend_buffer_type_t buft = g.ggml_backend_dev_buffer_type(dev)
-        cdef g.ggml_backend_buffer_t own = g.ggml_backend_alloc_ctx_tensors_from_buft(self.ctx, buft)
-        self._owned = frozenset(name for (name, *_) in tensors if not self.zero_copy or name in private)
-        cdef size_t need = sum(nb for (name, _, _, _, _, nb) in tensors if name in self._owned)
-        if own == NULL and need:
-            raise MemoryError(f"{self.device} could not allocate {need} bytes for the model weights")
-        self.bufs[self.n_bufs - 1] = own
-        if own == NULL:
-            return
-        g.ggml_backend_buffer_set_usage(own, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        self._owned = frozenset(name for i, (name, *_) in enumerate(tensors)
+                                if dev_of[i] != home or not self.zero_copy or name in private)
+        cdef g.ggml_backend_buffer_t own
         cdef g.ggml_tensor * t
-        for i, (name, _, _, shard, offset, nb) in enumerate(tensors):
-            t = self._tensors[i]
-            if name not in self._owned:
+        for d in range(backends.n):
+            if self.ctxs[d] == NULL:
                 continue
-            if name in private:
-                mv = memoryview(private[name]).cast("B")
-                g.ggml_backend_tensor_set(t, &mv[0], 0, <size_t> nb)
-            elif files is None:
-                mv = self._views[shard]
-                g.ggml_backend_tensor_set(t, &mv[<size_t> offset], 0, <size_t> nb)
-            else:
-                self._read(t, files[shard], offset)
+            own = g.ggml_backend_alloc_ctx_tensors_from_buft(self.ctxs[d], g.ggml_backend_dev_buffer_type(backends.dev_at(d)))
+            need = sum(nb for i, (name, _, _, _, _, nb) in enumerate(tensors) if dev_of[i] == d and name in self._owned)
+            if own == NULL and need:
+                raise MemoryError(f"{g.ggml_backend_dev_name(backends.dev_at(d)).decode()} could not allocate {need} "
+                                  "bytes for the model weights")
+            self.bufs[n_maps + d] = own
+            if own == NULL:
+                continue
+            g.ggml_backend_buffer_set_usage(own, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            for i, (name, _, _, shard, offset, nb) in enumerate(tensors):
+                t = self._tensors[i]
+                if dev_of[i] != d or name not in self._owned:
+                    continue
+                if name in private:
+                    mv = memoryview(private[name]).cast("B")
+                    g.ggml_backend_tensor_set(t, &mv[0], 0, <size_t> nb)
+                elif files is None:
+                    mv = self._views[shard]
+                    g.ggml_backend_tensor_set(t, &mv[<size_t> offset], 0, <size_t> nb)
+                else:
+                    self._read(t, files[shard], offset)
         if not self.zero_copy:
             self._views = []  # nothing points into the mappings: they may be closed
 
@@ -553,9 +740,17 @@ cdef class WeightMap:
                 if self.bufs[i] != NULL:
                     g.ggml_backend_buffer_free(self.bufs[i])
             free(self.bufs)
-        if self.ctx != NULL:
-            g.ggml_free(self.ctx)
+        self._free_ctxs()
         free(self._tensors)
+
+    cdef _free_ctxs(self):
+        if self.ctxs != NULL:
+            for i in range(self.n_ctxs):
+                if self.ctxs[i] != NULL:
+                    g.ggml_free(self.ctxs[i])
+            free(self.ctxs)
+            self.ctxs = NULL
+        self.ctx = NULL
 
     def close(self):
         """Release the ggml tensors, their memory and the mapped views (the mmaps can be closed after this)."""
@@ -565,9 +760,7 @@ cdef class WeightMap:
                     g.ggml_backend_buffer_free(self.bufs[i])
             free(self.bufs)
             self.bufs = NULL
-        if self.ctx != NULL:
-            g.ggml_free(self.ctx)
-            self.ctx = NULL
+        self._free_ctxs()
         self._index = {}
         self._names = []
         self._views = []

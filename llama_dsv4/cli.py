@@ -263,6 +263,10 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     kw["moe_prefetch"] = args.moe_prefetch
+    if args.rpc_servers:
+        kw["rpc_servers"], kw["tensor_split"] = args.rpc_servers, args.tensor_split
+        if args.rpc_timeout is not None:
+            kw["rpc_timeout"] = args.rpc_timeout
     if args.spec_type == "draft-mtp":
         kw["spec_type"], kw["spec_draft_n_max"] = "mtp", args.spec_draft_n_max
     path = _model_path(args)

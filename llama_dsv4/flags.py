@@ -11,6 +11,19 @@ from .engine.cpus import fit_count, physical_cores, usable_cpus
 from .moe import parse_hot_count as _parse_hot_count
 
 
+def _split(flag: str) -> Any:
+    def parse(text: str) -> list[float]:
+        try:
+            shares = [float(x) for x in text.replace("/", ",").split(",")]
+        except ValueError:
+            shares = []
+        if not shares or any(not x >= 0 for x in shares) or not sum(shares) > 0:
+            raise argparse.ArgumentTypeError(f"{flag} takes non-negative shares such as 3,1, got {text!r}")
+        return shares
+
+    return parse
+
+
 def gpu_layers_device(n_gpu_layers: int, device: str) -> tuple[str, str | None]:
     """llama.cpp's -ngl on an engine that runs the whole model on one device: 0 means the CPU (no offload), all /
     auto / N >= the layer count the device; a partial offload is not supported (noted)."""
@@ -144,6 +157,27 @@ def add_model_flags(p: argparse.ArgumentParser, model_help: str, ctx_note: str =
         help="0: run on the CPU; N, auto or all: the whole model runs on --device (no partial offload)",
     )
     a("-dev", "--device", default="auto", help="ggml device: auto, cpu, or a device name (llama-dsv4 --list-devices)")
+    a(
+        "--rpc",
+        dest="rpc_servers",
+        metavar="SERVERS",
+        help="comma-separated host:port of llama-dsv4-rpc-server processes that hold a share of the layers (needs "
+        "the RPC-enabled install; the protocol has no authentication: use a private network or an SSH tunnel)",
+    )
+    a(
+        "--rpc-timeout",
+        dest="rpc_timeout",
+        type=_float("--rpc-timeout", 0.001),
+        help="with --rpc: seconds one evaluation may take before the split counts as failed (default 120)",
+    )
+    a(
+        "-ts",
+        "--tensor-split",
+        dest="tensor_split",
+        type=_split("--tensor-split"),
+        help="with --rpc: shares of the layers, the RPC servers in order then this machine, e.g. 3,3,2 "
+        "(default: by free memory)",
+    )
     a(
         "-fa",
         "--flash-attn",

@@ -47,7 +47,6 @@ _ACCEPTED = (
     "n_gpu_layers",
     "split_mode",
     "main_gpu",
-    "tensor_split",
     "kv_overrides",
     "rope_scaling_type",
     "pooling_type",
@@ -170,6 +169,8 @@ class Llama:
         moe_stats_path: str | None = None,
         moe_release_cold: bool = False,
         moe_prefetch: bool | str = "auto",
+        rpc_servers: str | None = None,
+        rpc_timeout: float = 120.0,
         **kwargs: Any,
     ) -> None:
         """Load a deepseek4 GGUF and make a context (n_seq_max sequences, one by default) for it.
@@ -185,7 +186,9 @@ class Llama:
             n_gpu_layers: Not used: the whole model runs on `device` (no partial offload). Default 0.
             split_mode: Not used (one device). Default 1.
             main_gpu: Not used (see `device`). Default 0.
-            tensor_split: Not used (one device). Default None.
+            tensor_split: With rpc_servers, each device's share of the layers: the RPC servers in order, then this
+                machine (llama.cpp's --tensor-split order); None: in proportion to their free memory. Without
+                rpc_servers, only None or one share. Default None.
             vocab_only: Load the vocabulary and metadata without a context: tokenize(), detokenize() and
                 `metadata` work, evaluation raises ValueError. Default False.
             use_mmap: Memory-map the weights, as llama.cpp does: the file must not be modified or truncated while
@@ -305,6 +308,13 @@ class Llama:
                 use_mmap=True and the CPU device; off otherwise (with memory to spare, pages read by madvise cost
                 about 5 % of decode speed against pages read by faults: docs/moe-residency.md). Results never
                 change. True needs use_mmap=True and the CPU device. Default "auto".
+            rpc_servers: "host:port,host:port": llama-dsv4-rpc-server processes that hold a share of the layers
+                (tensor_split), as llama.cpp's --rpc. Needs the RPC-enabled install (README, "Beyond one
+                machine"). The local part and the connections run in a child process, so a server that dies,
+                answers garbage or stops answering is an RPCError (a ConnectionError) within rpc_timeout seconds,
+                never a crash or a hang; the next call connects again and evaluates the sequence again (docs/rpc.md).
+                Default None.
+            rpc_timeout: Seconds one evaluation on the split may take before it counts as failed. Default 120.
             **kwargs: Other keywords: ignored (a note on stderr when verbose).
 
         Raises:
@@ -458,6 +468,9 @@ class Llama:
             device=device,
             spec_type=spec_type,
             spec_draft_n_max=spec_draft_n_max,
+            rpc_servers=rpc_servers,
+            tensor_split=tensor_split,
+            rpc_timeout=rpc_timeout,
         )
 
         keep_back = min(spec_n or 0, self.n_ubatch - 1)  # a rejected draft's compressor rows come back from a backup
@@ -466,17 +479,20 @@ class Llama:
             rows = self._n_ctx if self._logits_all else self.n_batch  # each sequence's input_ids and scores
             context = runtime.create_context(
                 self._model,
-                params,
-                self._n_ctx,
-                self.n_ubatch,
-                type_k_name,
-                bool(flash_attn),
-                device,
-                max(threads, threads_batch),
+                params=params,
+                n_ctx=self._n_ctx,
+                n_ubatch=self.n_ubatch,
+                type_k=type_k_name,
+                flash_attn=bool(flash_attn),
+                device=device,
+                n_threads=max(threads, threads_batch),
                 host_bytes=self.n_seq_max * (4 * self._n_ctx + 4 * rows * self._n_vocab),
                 n_seq=self.n_seq_max,
                 mtp=spec_n is not None,
                 keep_back=keep_back,
+                rpc_servers=runtime.parse_endpoints(rpc_servers) if rpc_servers else None,
+                tensor_split=list(tensor_split) if tensor_split is not None else None,
+                rpc_timeout=float(rpc_timeout),
             )
             runner = Runner(
                 self._model,

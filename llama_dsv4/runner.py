@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from .batcher import Batcher
 from .engine import runtime
+from .engine.isolated import IsolatedContext
 from .moe import ExpertResidency, MoEConfig, lock_all
 from .speculative import MtpDrafter
 
@@ -239,5 +240,7 @@ class Runner:
                 if mlock is not None:
                     mlock.unlock_all()
             finally:
+                if isinstance(self.context, IsolatedContext):
+                    self.context.close()  # its child process ends now, its connections to the servers with it
                 self.context = None
                 self.governor = runtime.thread_governor(None)  # it holds the context: its threads end now

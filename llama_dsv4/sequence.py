@@ -162,7 +162,12 @@ class Sequence:
         if held > self.n_tokens:
             runner.truncate(self.seq_id, self.tokens, self.n_threads_batch)
             return
-        raise RuntimeError("internal: the context is behind input_ids")
+        # the engine lost the sequence's state (a split whose RPC part failed and connected again,
+        # engine/isolated.py): evaluate its tokens again
+        tokens = [int(t) for t in self.input_ids[held : self.n_tokens]]
+        step = int(runner.context.n_ubatch)
+        for i in range(0, len(tokens), step):
+            runner.eval_batch([(self.seq_id, tokens[i : i + step])], False, self.n_threads_batch)
 
     def _append(self, batch: list[int], all_logits: bool) -> npt.NDArray[np.single]:
         """Evaluate `batch` after n_tokens of a synced sequence; the caller holds the sequence, not the runner's

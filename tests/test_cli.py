@@ -199,7 +199,7 @@ def test_console_scripts_resolve() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert set(scripts) == {"llama-dsv4", "llama-dsv4-server"}
+    assert set(scripts) == {"llama-dsv4", "llama-dsv4-server", "llama-dsv4-rpc-server"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func))

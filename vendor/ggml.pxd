@@ -134,6 +134,8 @@ cdef extern from "ggml.h" nogil:
     ggml_cgraph * ggml_new_graph_custom(ggml_context * ctx, size_t size, bint grads)
     void ggml_build_forward_expand(ggml_cgraph * cgraph, ggml_tensor * tensor)
     int ggml_graph_n_nodes(ggml_cgraph * cgraph)
+    ggml_tensor * ggml_graph_node(ggml_cgraph * cgraph, int i)
+    const char * ggml_op_desc(const ggml_tensor * t)
     size_t ggml_used_mem(const ggml_context * ctx)
     void ggml_time_init()
     int64_t ggml_time_us()
@@ -269,6 +271,7 @@ cdef extern from "ggml-backend.h" nogil:
     void ggml_backend_free(ggml_backend_t backend)
     ggml_status ggml_backend_graph_compute(ggml_backend_t backend, ggml_cgraph * cgraph)
     ggml_backend_dev_t ggml_backend_get_device(ggml_backend_t backend)
+    ggml_backend_buffer_type_t ggml_backend_get_default_buffer_type(ggml_backend_t backend)
     void ggml_backend_tensor_set(ggml_tensor * tensor, const void * data, size_t offset, size_t size)
     void ggml_backend_tensor_get(const ggml_tensor * tensor, void * data, size_t offset, size_t size)
     bint ggml_backend_supports_op(ggml_backend_t backend, const ggml_tensor * op)
@@ -288,6 +291,9 @@ cdef extern from "ggml-backend.h" nogil:
     void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name)
     size_t ggml_backend_dev_count()
     ggml_backend_dev_t ggml_backend_dev_get(size_t index)
+    ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
+    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
+    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
 
     # scheduler
     ggml_backend_sched_t ggml_backend_sched_new(ggml_backend_t * backends, ggml_backend_buffer_type_t * bufts,
@@ -302,6 +308,9 @@ cdef extern from "ggml-backend.h" nogil:
     void ggml_backend_sched_set_eval_callback(ggml_backend_sched_t sched, ggml_backend_sched_eval_callback callback,
                                               void * user_data)
     size_t ggml_backend_sched_get_buffer_size(ggml_backend_sched_t sched, ggml_backend_t backend)
+    int ggml_backend_sched_get_n_splits(ggml_backend_sched_t sched)
+    int ggml_backend_sched_get_n_copies(ggml_backend_sched_t sched)
+    ggml_backend_t ggml_backend_sched_get_tensor_backend(ggml_backend_sched_t sched, ggml_tensor * node)
 
 
 cdef extern from "ggml-alloc.h" nogil:

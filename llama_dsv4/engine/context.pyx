@@ -236,14 +236,16 @@ cdef class Context:
     cdef LayerState * st         # [n_seq * n_blocks]: sequence s's layers from st + s * n_blocks
     cdef SeqPlan * plans         # [n_seq]: a ubatch's per-sequence plans
     cdef SeqInputs * seq_inputs  # [n_seq]: ... and graph inputs
-    cdef g.ggml_context * st_ctx
-    cdef g.ggml_backend_buffer_t st_buf
+    cdef g.ggml_context ** st_ctx         # the state's tensors, one context per backend that holds layers
+    cdef g.ggml_backend_buffer_t * st_buf  # and their memory on that backend
+    cdef int n_st                          # entries of both (the backends)
     cdef g.ggml_backend_sched_t sched
     cdef void * arena
     cdef size_t arena_size
     cdef readonly size_t graph_size  # graph tensors the arena and the scheduler have room for
     cdef readonly int n_ctx, n_ubatch, ring, n_seq
     cdef readonly int last_graph_nodes, last_graph_tensors
+    cdef readonly int last_graph_splits  # the scheduler's splits of the last graph (one per change of backend)
     cdef readonly size_t last_graph_mem
     cdef readonly str type_k
     cdef list past               # per sequence: positions held
@@ -254,6 +256,7 @@ cdef class Context:
     cdef list mtp_slot_pos       # per sequence: the position each slot of the MTP block's ring holds (mtp)
     cdef readonly object last_h  # mtp: float32 [rows, D*hc], the final streams of the last eval's logits rows
     cdef object overlap_init
+    cdef readonly object layer_dev  # split across RPC devices: the backend index of each layer; else None
     cdef tuple comp_ratios       # the compressed kinds the model's layers have (4, 128)
     cdef dict _capture
     cdef g.ggml_tensor ** routes
@@ -300,13 +303,15 @@ cdef class Context:
         self.keep_back = keep_back
         self.backup = [None] * n_seq
         self.be = backends if backends is not None else Backends("auto")
-        self.wm = model.weights(self.be)
+        # a split across RPC devices: each layer's weights and state on its device, the rest (and the MTP block) local
+        self.layer_dev = self.be.layer_devices(p.n_layer) if self.be.n_remote else None
+        self.wm = model.weights(self.be, self.layer_dev) if self.layer_dev is not None else model.weights(self.be)
         self.ring = ring_rows(p, n_ctx, self.n_ubatch)
         self._fill_params(p)
         self.hp.window = window(p, n_ctx)
         self.hp.attn_f16 = flash_attn
         # our CPU custom ops (kernels/dsv4_gemm.h, dsv4_hc.h) read every tensor in host memory: CPU-only backend sets
-        self.hp.cpu_only = self.be.n == 1
+        self.hp.cpu_only = self.be.n == 1 and not self.be.is_portable
         self.hp.gemm_isa = _ggml.gemm_isa(gemm) if self.hp.cpu_only else 0
         self.hp.gemm_min_tokens = max(gemm_min_tokens, 1)
         self._alloc_state(p)
@@ -333,10 +338,13 @@ cdef class Context:
             g.ggml_backend_sched_free(self.mtp_sched)
         if self.sched != NULL:
             g.ggml_backend_sched_free(self.sched)
-        if self.st_buf != NULL:
-            g.ggml_backend_buffer_free(self.st_buf)
-        if self.st_ctx != NULL:
-            g.ggml_free(self.st_ctx)
+        for i in range(self.n_st):
+            if self.st_buf != NULL and self.st_buf[i] != NULL:
+                g.ggml_backend_buffer_free(self.st_buf[i])
+            if self.st_ctx != NULL and self.st_ctx[i] != NULL:
+                g.ggml_free(self.st_ctx[i])
+        free(self.st_buf)
+        free(self.st_ctx)
         free(self.lw)
         free(self.st)
         free(self.plans)
@@ -370,7 +378,7 @@ cdef class Context:
             self.sched = NULL
         free(self.arena)
         self.arena, self.arena_size, self.graph_size = arena, arena_size, size
-        self.sched = g.ggml_backend_sched_new(self.be.backends, NULL, self.be.n, size, False, True)
+        self.sched = g.ggml_backend_sched_new(self.be.backends, self.be.bufts, self.be.n, size, False, True)
         if self.sched == NULL:
             raise RuntimeError("ggml could not create a scheduler")
         if self._capture is not None:
@@ -411,37 +419,48 @@ cdef class Context:
 
     cdef _alloc_state(self, p):
         layout = state_tensors(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_blocks > p.n_layer, self.keep_back)
+        home = self.be.n_remote
+        dev = [self.layer_dev[il] if self.layer_dev is not None and il < p.n_layer else home
+               for il in range(self.n_blocks)]
+        self.n_st = self.be.n
+        self.st_ctx = <g.ggml_context **> calloc(self.n_st, sizeof(g.ggml_context *))
+        self.st_buf = <g.ggml_backend_buffer_t *> calloc(self.n_st, sizeof(g.ggml_backend_buffer_t))
+        self.st = <LayerState *> calloc(self.n_seq * self.n_blocks, sizeof(LayerState))
+        if self.st_ctx == NULL or self.st_buf == NULL or self.st == NULL:
+            raise MemoryError()
         cdef g.ggml_init_params ip
-        ip.mem_size = (self.n_seq * len(layout) + 1) * g.ggml_tensor_overhead()
         ip.mem_buffer = NULL
         ip.no_alloc = True
-        self.st_ctx = g.ggml_init(ip)
-        self.st = <LayerState *> calloc(self.n_seq * self.n_blocks, sizeof(LayerState))
-        if self.st_ctx == NULL or self.st == NULL:
-            raise MemoryError()
+        for d in set(dev):
+            ip.mem_size = (self.n_seq * len(layout) + 1) * g.ggml_tensor_overhead()
+            self.st_ctx[<int> d] = g.ggml_init(ip)
+            if self.st_ctx[<int> d] == NULL:
+                raise MemoryError()
         cdef g.ggml_tensor * t
         cdef int s
         for s in range(self.n_seq):
             for spec in layout:
-                t = g.ggml_new_tensor_2d(self.st_ctx, _CACHE_TYPES[spec.dtype], spec.ne[0], spec.ne[1])
+                t = g.ggml_new_tensor_2d(self.st_ctx[<int> dev[spec.layer]], _CACHE_TYPES[spec.dtype], spec.ne[0],
+                                         spec.ne[1])
                 _bind(&self.st[s * self.n_blocks + spec.layer], _STATE_FIELDS[spec.name], t)
         self.overlap_init = [il for il in range(p.n_layer) if p.kind(il) == CSA]
         self.comp_ratios = tuple(sorted({int(p.kind(il)) for il in range(p.n_layer)} - {0}))
-        cdef g.ggml_backend_buffer_type_t buft = g.ggml_backend_dev_buffer_type(self.be.primary_dev())
-        self.st_buf = g.ggml_backend_alloc_ctx_tensors_from_buft(self.st_ctx, buft)
-        if self.st_buf == NULL:
-            need = state_bytes(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_seq, self.n_blocks > p.n_layer,
-                               self.keep_back)
-            raise MemoryError(f"could not allocate {need} bytes of context state for n_ctx={self.n_ctx}, "
-                              f"n_seq={self.n_seq}")
-        g.ggml_backend_buffer_clear(self.st_buf, 0)  # finite everywhere: masked slots must not hold NaNs
+        for d in set(dev):
+            self.st_buf[<int> d] = g.ggml_backend_alloc_ctx_tensors_from_buft(
+                self.st_ctx[<int> d], g.ggml_backend_dev_buffer_type(self.be.dev_at(d)))
+            if self.st_buf[<int> d] == NULL:
+                need = state_bytes(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_seq, self.n_blocks > p.n_layer,
+                                   self.keep_back)
+                raise MemoryError(f"could not allocate {need} bytes of context state for n_ctx={self.n_ctx}, "
+                                  f"n_seq={self.n_seq}" + (f" on {self.be.names[d]}" if self.layer_dev else ""))
+            g.ggml_backend_buffer_clear(self.st_buf[<int> d], 0)  # finite everywhere: masked slots hold no NaNs
 
     # ---------------------------------------------------------------------------------------------- state
 
     @property
     def state_bytes(self) -> int:
         """Bytes of the per-sequence state (caches and compressor rows) this context allocated, all sequences."""
-        return g.ggml_backend_buffer_get_size(self.st_buf)
+        return sum(g.ggml_backend_buffer_get_size(self.st_buf[i]) for i in range(self.n_st) if self.st_buf[i] != NULL)
 
     def bytes_per_token(self) -> float:
         """The state bytes that grow with n_ctx, per token of context of one sequence (the compressed caches)."""
@@ -831,6 +850,9 @@ cdef class Context:
             g.ggml_backend_sched_reset(self.sched)
             if not g.ggml_backend_sched_alloc_graph(self.sched, gf):
                 raise MemoryError("ggml could not allocate the compute graph")
+            self.last_graph_splits = g.ggml_backend_sched_get_n_splits(self.sched)
+            if self.be.n_remote:
+                self._check_remote(self.sched, gf)
             ti = _now()
             toks_all = self._set_inputs(&ub, &inp, batch, past, slot_pos)
             if mtp:
@@ -850,6 +872,20 @@ cdef class Context:
             return self._outputs(&inp, logits, n, n_out, want_h)
         finally:
             g.ggml_free(ctx)
+
+    cdef _check_remote(self, g.ggml_backend_sched_t sched, g.ggml_cgraph * gf):
+        """No node with a function pointer (a CPU custom op) may go to an RPC device: its server would call an
+        address of this process. The graph of a split is portable; this checks the scheduler's assignment."""
+        cdef g.ggml_backend_t cpu = self.be.backends[self.be.n - 1]
+        cdef g.ggml_backend_t b
+        cdef g.ggml_tensor * t
+        for i in range(g.ggml_graph_n_nodes(gf)):
+            t = g.ggml_graph_node(gf, i)
+            if b"CUSTOM" in <bytes> g.ggml_op_desc(t):
+                b = g.ggml_backend_sched_get_tensor_backend(sched, t)
+                if b != NULL and b != cpu:
+                    raise RuntimeError(f"node {t.name.decode()!r} (a CPU custom op) was scheduled on "
+                                       f"{g.ggml_backend_name(b).decode()}")
 
     cdef _outputs(self, const Inputs * inp, g.ggml_tensor * logits, int n, int n_out, bint want_h):
         """After a compute: last_h from the final streams (want_h), and the logits of the n_out rows wanted (None
@@ -937,7 +973,7 @@ cdef class Context:
             self._mtp_drop()
             raise MemoryError()
         if self.mtp_sched == NULL:
-            self.mtp_sched = g.ggml_backend_sched_new(self.be.backends, NULL, self.be.n, size, False, True)
+            self.mtp_sched = g.ggml_backend_sched_new(self.be.backends, self.be.bufts, self.be.n, size, False, True)
             if self.mtp_sched == NULL:
                 self._mtp_drop()
                 raise RuntimeError("ggml could not create a scheduler")

@@ -200,7 +200,9 @@ cdef T * indexer_top(C * ctx, const Hparams * hp, const LayerState * st, const C
     cdef int64_t nv = cp.n_vis
     cdef T * keys = g.ggml_view_3d(ctx, st.lid, hp.idx_dim, 1, nv, st.lid.nb[1], st.lid.nb[1], 0)
     cdef T * score = g.ggml_lightning_indexer(ctx, iq, keys, iw, g.ggml_cast(ctx, vis, g.GGML_TYPE_F16))
-    return dsv4_top_k(ctx, score, hp.idx_topk if hp.idx_topk < nv else <int> nv)
+    cdef int k = hp.idx_topk if hp.idx_topk < nv else <int> nv
+    # our kernel breaks ties as llama.cpp's CPU top-k does; ggml's op where the graph must be portable (RPC devices)
+    return dsv4_top_k(ctx, score, k) if hp.cpu_only else g.ggml_top_k(ctx, score, k)
 
 
 cdef T * selection_mask(C * ctx, T * top, T * vis, int64_t nv) noexcept nogil:

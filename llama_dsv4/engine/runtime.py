@@ -11,6 +11,7 @@ from ..model.loader import ModelFile
 from ..model.params import DSV4Params
 from .context import Context
 from .governor import Governor, Sensors, governor_enabled, proc_stat_idle, schedstat_delays
+from .isolated import ChildSpec, IsolatedContext
 from .memory import state_bytes
 
 MAX_CTX = 1 << 30  # positions (kept in C ints and int32 graph inputs by the engine)
@@ -144,6 +145,59 @@ def _gib(n: int) -> str:
 
 def create_context(
     model: ModelFile,
+    *,
+    rpc_servers: list[str] | None = None,
+    tensor_split: list[float] | None = None,
+    rpc_timeout: float = 120.0,
+    **kwargs: Any,
+) -> Context | IsolatedContext:
+    """A Context of n_seq sequences (with mtp: running the MTP block too, docs/speculative.md), after checking that
+    their state, the model's weights where they are copied (use_mmap=False) and `host_bytes` more on the host fit
+    in memory. keep_back: truncations by up to that many positions need no evaluation again (backup rows for
+    speculative decoding's rejected drafts).
+
+    kwargs: build_context's (params, n_ctx, n_ubatch, type_k, flash_attn, device, n_threads, host_bytes, n_seq,
+    mtp, keep_back). rpc_servers: "host:port" endpoints of llama-dsv4-rpc-server processes that take a share of
+    the layers (tensor_split: the shares, the servers in order, then this machine; default: by free memory). The
+    context then runs in a child process (engine/isolated.py), and a failure of the split is an RPCError within
+    rpc_timeout seconds per call (docs/rpc.md)."""
+    if not rpc_servers:
+        if tensor_split is not None and len(tensor_split) > 1:
+            raise ValueError("tensor_split needs rpc_servers: this build runs the model on one local device")
+        return build_context(model, **kwargs)
+    endpoints = parse_endpoints(rpc_servers)
+    if kwargs.get("mtp"):
+        raise ValueError("speculative decoding with the MTP layer does not run on a split across RPC servers yet")
+    if not _ggml.rpc_available():
+        raise RuntimeError(
+            "rpc_servers needs ggml's RPC backend, which this libggml lacks (the PyPI wheel of "
+            f"libggml-python is built without it); install the RPC-enabled build: {_ggml.RPC_INSTALL}"
+        )
+    spec = ChildSpec(
+        str(model.path), bool(model.use_mmap), {**kwargs, "rpc_servers": endpoints, "tensor_split": tensor_split}
+    )
+    return IsolatedContext(spec, timeout=rpc_timeout)
+
+
+def parse_endpoints(servers: str | list[str]) -> list[str]:
+    """ "host:port,host:port" (or a list) as checked endpoints; ValueError naming a bad one."""
+    items = servers.split(",") if isinstance(servers, str) else list(servers)
+    out = []
+    for item in items:
+        ep = str(item).strip()
+        host, sep, port = ep.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+            raise ValueError(f"RPC server {ep!r}: expected host:port (for example 127.0.0.1:50052)")
+        out.append(ep)
+    if not out:
+        raise ValueError("rpc_servers is empty")
+    if len(out) > 16:
+        raise ValueError(f"at most 16 RPC servers (ggml's limit), got {len(out)}")
+    return out
+
+
+def build_context(
+    model: ModelFile,
     params: DSV4Params,
     n_ctx: int,
     n_ubatch: int,
@@ -155,14 +209,15 @@ def create_context(
     n_seq: int = 1,
     mtp: bool = False,
     keep_back: int = 0,
+    rpc_servers: list[str] | None = None,
+    tensor_split: list[float] | None = None,
 ) -> Context:
-    """A Context of n_seq sequences (with mtp: running the MTP block too, docs/speculative.md), after checking that
-    their state, the model's weights where they are copied (use_mmap=False) and `host_bytes` more on the host fit
-    in memory. keep_back: truncations by up to that many positions need no evaluation again (backup rows for
-    speculative decoding's rejected drafts)."""
+    """create_context's local half: the Context in this process (with rpc_servers: the client of the split, which
+    only a child process should be, engine/isolated.py)."""
     gemm, gemm_min = gemm_settings()  # a bad switch fails before anything is allocated
     governor_enabled()  # a bad switch fails before anything is allocated
-    backends = _ggml.Backends(device, n_threads)
+    portable = os.environ.get("LLAMA_DSV4_GEMM") == "portable"
+    backends = _ggml.Backends(device, n_threads, rpc=rpc_servers or (), tensor_split=tensor_split, portable=portable)
     check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes, model.n_bytes, model.use_mmap, n_seq)
     return Context(
         model,
@@ -182,9 +237,12 @@ def create_context(
 
 def gemm_settings() -> tuple[str, int]:
     """The benchmark switches of our prompt-processing products (kernels/README.md): LLAMA_DSV4_GEMM (auto, off,
-    scalar, avx2, avx512, vnni; off = ggml's products everywhere) and LLAMA_DSV4_GEMM_MIN_TOKENS (the smallest
+    scalar, avx2, avx512, vnni; off = ggml's products everywhere; portable = ggml's ops for everything, as a split
+    across RPC servers computes) and LLAMA_DSV4_GEMM_MIN_TOKENS (the smallest
     ubatch that uses them, default 8). ValueError naming the variable for a value that cannot be used."""
     gemm = os.environ.get("LLAMA_DSV4_GEMM", "auto")
+    if gemm == "portable":  # ggml's ops only, none of our CPU kernels: the graph a split across RPC servers runs
+        gemm = "off"
     try:
         _ggml.gemm_isa(gemm)
     except ValueError as e:
@@ -208,9 +266,9 @@ def cpu_look() -> tuple[float, float | None]:
 def thread_governor(ctx: Context | None, since: tuple[float, float | None] | None = None) -> Governor:
     """The context's Governor (engine/governor.py): each compute's thread count within the pool, lowered while
     the CPUs are contended unless LLAMA_DSV4_GOVERNOR=off. No context (vocab_only): one that does nothing."""
-    if ctx is None:
+    be = ctx.backends if ctx is not None else None
+    if be is None:  # no context (vocab_only), or one in a child process (engine/isolated.py)
         return Governor(1, lambda n: None, None)
-    be = ctx.backends
     delays = schedstat_delays(be.worker_ids) if governor_enabled() and be.pool_threads > 1 else None
     sensors = Sensors(lambda: ctx.t_compute, delays, proc_stat_idle()) if delays is not None else None
     return Governor(be.pool_threads, be.set_threads, sensors, since=since)

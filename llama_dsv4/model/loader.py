@@ -98,6 +98,7 @@ class ModelFile:
     _files: list[int] | None = field(default=None, repr=False)  # use_mmap=False: one descriptor per shard
     _private: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _weights: Any = field(default=None, repr=False)
+    _placement: list[int] | None = field(default=None, repr=False)
 
     @property
     def use_mmap(self) -> bool:
@@ -112,18 +113,27 @@ class ModelFile:
     def n_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def weights(self, backends: Any = None) -> _ggml.WeightMap:
+    def weights(self, backends: Any = None, layer_devices: list[int] | None = None) -> _ggml.WeightMap:
         """The tensors as ggml tensors, created once: zero-copy views of the mappings on the CPU (use_mmap), else
-        read into memory allocated on the backends' device."""
+        read into memory allocated on the backends' device. layer_devices: the backend index of each layer's
+        tensors (blk.N.*; the rest, and layers past the list, stay on the local device), for a model split across
+        devices."""
         if self._maps is None:
             raise ValueError(f"{self.path}: the model file has been closed")
+        placement = None
+        if layer_devices is not None:
+            home = backends.n_remote
+            placement = [_layer_device(t.name, layer_devices, home) for t in self.tensors.values()]
+        if self._weights is not None and placement != self._placement:
+            raise ValueError(f"{self.path}: its weights are already placed on other devices (one context per model)")
         if self._weights is None:
             table = [(t.name, t.type, t.ne, t.shard, t.offset, t.nbytes) for t in self.tensors.values()]
             source = {"maps": self._maps} if self._files is None else {"files": self._files}
             try:
-                self._weights = _ggml.WeightMap(table, backends, private=self._private, **source)
+                self._weights = _ggml.WeightMap(table, backends, private=self._private, placement=placement, **source)
             except ValueError as e:  # use_mmap=False: a file that changed since it was validated
                 raise ValueError(f"{self.path}: {e}") from None
+            self._placement = placement
         return self._weights
 
     def array(self, name: str) -> np.ndarray:
@@ -287,3 +297,12 @@ def _validate(paths: list[str], headers: list[GGUFHeader], maps: list[mmap.mmap]
             )
         model._private[name] = ids
     return model
+
+
+def _layer_device(name: str, layer_devices: list[int], home: int) -> int:
+    """The backend of a tensor: its layer's (blk.N.*) where layer_devices has one, else the local device."""
+    if name.startswith("blk."):
+        head = name.split(".", 2)[1]
+        if head.isdigit() and int(head) < len(layer_devices):
+            return layer_devices[int(head)]
+    return home

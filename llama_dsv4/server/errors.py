@@ -92,6 +92,8 @@ def from_exception(e: BaseException, prompt_param: str = "messages") -> APIError
             param=prompt_param,
             code="context_length_exceeded",
         )
+    if isinstance(e, ConnectionError):  # the model's RPC servers failed (engine/isolated.py's RPCError)
+        return APIError(503, f"the model is unavailable: {text}", "server_error")
     if isinstance(e, NotImplementedError):
         return APIError(501, text or "not implemented", "not_implemented_error")
     if isinstance(e, (ValueError, TypeError, KeyError)):

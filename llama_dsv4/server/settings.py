@@ -38,7 +38,10 @@ _LLAMA_FIELDS = (
     "n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "flash_attn", "use_mlock", "use_mmap", "device",
     "logits_all", "verbose",
 )  # fmt: skip
-_LLAMA_IF_SET = ("seed", "type_k", "moe_hot_count", "moe_hot_budget_mib", "moe_stats_path", "spec_type")
+_LLAMA_IF_SET = (
+    "seed", "type_k", "moe_hot_count", "moe_hot_budget_mib", "moe_stats_path", "spec_type", "rpc_servers",
+    "tensor_split", "rpc_timeout",
+)  # fmt: skip
 _LLAMA_IF_NOT_AUTO = ("moe_prefetch",)
 
 
@@ -72,6 +75,9 @@ class Settings:
     moe_prefetch: bool | str = "auto"  # ask for routed experts' missing pages as they are chosen (--[no-]moe-prefetch)
     spec_type: str | None = None  # "mtp": speculative decoding with the model's MTP layer (--spec-type draft-mtp)
     spec_draft_n_max: int = 2
+    rpc_servers: str | None = None  # host:port,... of RPC servers holding a share of the layers (--rpc)
+    tensor_split: list[float] | None = None  # their shares, then this machine's (--tensor-split)
+    rpc_timeout: float | None = None  # seconds one evaluation on the split may take (--rpc-timeout; None: 120)
     logits_all: bool = False
     # chat
     chat_template: str | None = None  # a template name of the model ("deepseek-v4", "chat_template.default") or Jinja
@@ -153,7 +159,6 @@ def _json_object(s: str) -> dict[str, Any]:
 _NOTE_VALUE_FLAGS: dict[tuple[str, ...], str] = {
     ("-sm", "--split-mode"): "one device per process on this build",
     ("-mg", "--main-gpu"): "one device per process on this build; pick it with --device",
-    ("-ts", "--tensor-split"): "one device per process on this build",
     ("-ctv", "--cache-type-v"): "DeepSeek V4's attention has no separate value cache (keys are values)",
     ("--threads-http",): "HTTP is served by one asyncio loop; generation runs on one thread per slot",
     ("--numa",): "NUMA placement is left to the OS",
@@ -397,6 +402,9 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     s.type_k = CACHE_TYPES[ns.cache_type_k] if ns.cache_type_k else None
     s.moe_hot_count, s.moe_hot_budget_mib, s.moe_stats_path = ns.moe_hot_count, ns.moe_hot_budget_mib, ns.moe_stats_path
     s.moe_prefetch = ns.moe_prefetch
+    s.rpc_servers, s.tensor_split, s.rpc_timeout = ns.rpc_servers, ns.tensor_split, ns.rpc_timeout
+    if s.tensor_split is not None and not s.rpc_servers:
+        raise SettingsError("--tensor-split needs --rpc: without RPC servers the model runs on one device")
     s.logits_all = ns.logits_all
     s.spec_type = "mtp" if ns.spec_type == "draft-mtp" else None
     s.spec_draft_n_max = ns.spec_draft_n_max

@@ -24,8 +24,6 @@ from .settings import LLAMA_DEFAULT_SEED, ModelSettings, ServerSettings
 _NO_EFFECT = {
     "split_mode": "one device per process on this build",
     "main_gpu": "one device per process on this build",
-    "tensor_split": "one device per process on this build",
-    "rpc_servers": "offloading to RPC servers is not supported: the model runs in this process",
     "mul_mat_q": "ggml chooses its matrix kernels",
     "offload_kqv": "the context lives on the device that computes",
     "numa": "NUMA placement is left to the OS",
@@ -105,6 +103,13 @@ def model_config(m: ModelSettings, server: ServerSettings) -> Model:
         notes.append(note.replace("--n-gpu-layers", "n_gpu_layers"))
     s.n_gpu_layers = m.n_gpu_layers
     s.flash_attn, s.use_mmap, s.use_mlock, s.logits_all = m.flash_attn, m.use_mmap, m.use_mlock, m.logits_all
+    s.rpc_servers = m.rpc_servers  # a split across RPC servers (docs/rpc.md), tensor_split its shares
+    if m.tensor_split is not None and not m.rpc_servers:
+        notes.append(
+            f"tensor_split={m.tensor_split!r}: accepted, no effect (without rpc_servers: one device per process)"
+        )
+    elif m.tensor_split is not None:
+        s.tensor_split = list(m.tensor_split)
     s.seed = None if m.seed in (-1, LLAMA_DEFAULT_SEED) else m.seed
     if m.type_k is not None:
         if m.type_k in CACHE_TYPES:

@@ -59,12 +59,16 @@ class ModelSettings(_Base):
     n_gpu_layers: int = Field(default=0, ge=-1, description="0: run on the CPU; -1 or N: the whole model on the GPU")
     split_mode: int = Field(default=1, description="how to split over GPUs (one device per process here)")
     main_gpu: int = Field(default=0, ge=0, description="main GPU (one device per process here)")
-    tensor_split: list[float] | None = Field(default=None, description="split over GPUs (one device here)")
+    tensor_split: list[float] | None = Field(
+        default=None, description="with rpc_servers: shares of the layers, the servers in order, then this machine"
+    )
     vocab_only: bool = Field(default=False, description="load only the vocabulary (refused: nothing to serve)")
     use_mmap: bool = Field(default=True, description="map the model file instead of reading it")
     use_mlock: bool = Field(default=True, description="lock the weights in RAM (a failure warns)")
     kv_overrides: list[str] | None = Field(default=None, description="metadata overrides (refused: not supported)")
-    rpc_servers: str | None = Field(default=None, description="RPC servers to offload to (not supported)")
+    rpc_servers: str | None = Field(
+        default=None, description="host:port,... of llama-dsv4-rpc-server processes holding a share of the layers"
+    )
     seed: int = Field(default=LLAMA_DEFAULT_SEED, description="random seed; -1: random")
     n_ctx: int = Field(default=2048, ge=0, description="context size (0: the model's trained context)")
     n_batch: int = Field(default=512, ge=1, description="logical batch size")
