@@ -1,14 +1,18 @@
 """Build of the Cython layer over ggml.
 
-The extension links the ggml shipped by the pinned PyPI package libggml-python (a build and run dependency)
-and finds it at run time through an rpath relative to itself, so it imports with no environment variables.
+The extensions link the ggml shipped by the pinned PyPI package libggml-python (a build and run dependency)
+and find it at run time through an rpath relative to themselves, so they import with no environment variables.
+A wheel's extensions carry only those relative rpaths and are stripped; an in-place (editable) build adds the
+build environment's absolute library directory, since it runs from the source tree.
 """
 
 import importlib.util
 import os
+import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 
 def libggml_dirs() -> tuple[str, list[str]]:
@@ -24,9 +28,35 @@ def libggml_dirs() -> tuple[str, list[str]]:
 
 inc, lib_dirs = libggml_dirs()
 here = os.path.dirname(os.path.abspath(__file__))
-# Installed: site-packages/llama_dsv4/_ggml*.so -> site-packages/libggml/{lib64,lib}. The absolute build-time
-# directories come last, for in-place (editable) builds.
-rpaths = ["$ORIGIN/../libggml/lib64", "$ORIGIN/../libggml/lib", *lib_dirs]
+DARWIN = sys.platform == "darwin"
+
+
+def relative_rpaths(name: str) -> list[str]:
+    """Installed: site-packages/llama_dsv4/_ggml*.so (and engine/*.so one level deeper) -> site-packages/libggml/
+    {lib64,lib} (the PyPI wheel has lib64, a build from its sdist lib)."""
+    up = "/".join([".."] * name.count("."))
+    origin = "@loader_path" if DARWIN else "$ORIGIN"
+    return [f"{origin}/{up}/libggml/{d}" for d in ("lib64", "lib")]
+
+
+def rpath_flags(dirs: list[str]) -> list[str]:
+    return [f"-Wl,-rpath,{d}" for d in dirs]
+
+
+class BuildExt(build_ext):
+    """A wheel: relative rpaths only, stripped (Linux). In place (editable): the build environment's libggml too."""
+
+    def build_extensions(self) -> None:
+        in_place = bool(self.inplace or getattr(self, "editable_mode", False))
+        if not in_place:  # the interpreter's own link flags may carry its build machine's rpath (pyenv's do)
+            linker = getattr(self.compiler, "linker_so", None)
+            if isinstance(linker, list):
+                self.compiler.linker_so = [a for a in linker if not a.startswith("-Wl,-rpath,")]
+        for ext in self.extensions:
+            dirs = relative_rpaths(ext.name) + (lib_dirs if in_place else [])
+            ext.extra_link_args = rpath_flags(dirs) + (["-Wl,-s"] if not in_place and not DARWIN else [])
+        super().build_extensions()
+
 
 # Our kernels (kernels/README.md), compiled once into a static library that the extensions link (each takes only
 # the objects it uses).
@@ -53,7 +83,6 @@ def extension(name: str, pyx: str) -> Extension:
         include_dirs=[inc, os.path.join(here, "kernels")],
         library_dirs=lib_dirs,
         libraries=["dsv4_kernels", *GGML_LIBS],
-        runtime_library_dirs=rpaths,
         extra_compile_args=CFLAGS,
     )
 
@@ -65,6 +94,7 @@ exts = [
 ]
 
 setup(
+    cmdclass={"build_ext": BuildExt},
     libraries=[kernels_lib],
     ext_modules=cythonize(
         exts,

@@ -7,9 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import llama_dsv4
-
-PACKAGE = Path(llama_dsv4.__file__).parent
+# the source tree's package (an installed wheel has no .pyx, whose imports count too)
+PACKAGE = Path(__file__).resolve().parent.parent / "llama_dsv4"
 
 
 def _modules() -> dict[str, Path]:

@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_DIRS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache"}
 TEXT_SUFFIXES = (".py", ".pyx", ".pxd", ".c", ".h", ".md", ".jinja", ".sh", ".toml", ".in", ".txt", ".json", ".cfg")
@@ -88,8 +90,12 @@ def test_the_module_map_lists_every_module() -> None:
     assert sorted(m for m in want if m not in listed) == []
 
 
-def test_the_reference_setup_script_parses() -> None:
-    script = os.path.join(ROOT, "tools", "oracle", "setup.sh")
-    r = subprocess.run(["bash", "-n", script], capture_output=True, text=True, timeout=30)
+@pytest.mark.parametrize(
+    "script", [os.path.join("tools", "oracle", "setup.sh"), os.path.join("tools", "check_wheel.sh")]
+)
+def test_the_tool_scripts_parse(script: str) -> None:
+    """The reference's setup and the wheel check (each run by hand: minutes of building; README says when)."""
+    path = os.path.join(ROOT, *script.split("/"))
+    r = subprocess.run(["bash", "-n", path], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    assert os.access(script, os.X_OK)
+    assert os.access(path, os.X_OK)

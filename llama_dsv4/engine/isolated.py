@@ -131,6 +131,9 @@ class IsolatedContext:
                 f"{what}: the RPC client process ended ({how}): a server died, closed the connection or answered "
                 "something malformed (its message is above)"
             ) from None
+        except BaseException:  # KeyboardInterrupt while waiting: the answer would come to the next request
+            self._stop()
+            raise
         if status == "err":
             if what.startswith(("connecting", "loading")):
                 self._stop()

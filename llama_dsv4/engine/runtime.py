@@ -176,7 +176,8 @@ def create_context(
     spec = ChildSpec(
         str(model.path), bool(model.use_mmap), {**kwargs, "rpc_servers": endpoints, "tensor_split": tensor_split}
     )
-    return IsolatedContext(spec, timeout=rpc_timeout)
+    # sending the weights: at least 20 MB/s, and never less than 10 minutes, before a silent server counts as failed
+    return IsolatedContext(spec, timeout=rpc_timeout, load_timeout=max(600.0, model.n_bytes / 20e6))
 
 
 def parse_endpoints(servers: str | list[str]) -> list[str]:
