@@ -192,22 +192,32 @@ _DEV_TYPES = {g.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", g.GGML_BACKEND_DEVICE_TYPE_
               g.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu", g.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel"}
 
 
+cdef dict _dev_props(g.ggml_backend_dev_t dev):
+    """A device's name, description, type and memory, as devices() and Backends.device_info() give them."""
+    cdef g.ggml_backend_dev_props props
+    g.ggml_backend_dev_get_props(dev, &props)
+    return {
+        "name": props.name.decode() if props.name else "",
+        "description": props.description.decode() if props.description else "",
+        "type": _DEV_TYPES.get(props.type, str(props.type)),
+        "memory_free": int(props.memory_free),
+        "memory_total": int(props.memory_total),
+        "buffer_from_host_ptr": bool(props.caps.buffer_from_host_ptr),
+    }
+
+
 def devices():
     """The devices of this libggml build, from ggml's backend registry."""
-    cdef g.ggml_backend_dev_props props
-    out = []
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
-        g.ggml_backend_dev_get_props(dev, &props)
-        out.append({
-            "name": props.name.decode() if props.name else "",
-            "description": props.description.decode() if props.description else "",
-            "type": _DEV_TYPES.get(props.type, str(props.type)),
-            "memory_free": int(props.memory_free),
-            "memory_total": int(props.memory_total),
-            "buffer_from_host_ptr": bool(props.caps.buffer_from_host_ptr),
-        })
-    return out
+    return [_dev_props(g.ggml_backend_dev_get(i)) for i in range(g.ggml_backend_dev_count())]
+
+
+cdef g.ggml_backend_dev_t _dev_by_name(str name) except NULL:
+    """A device of the registry by its name (any case: "cpu" is "CPU"); ValueError naming the ones there are."""
+    names = [d["name"] for d in devices()]
+    lowered = [n.lower() for n in names]
+    if name.lower() not in lowered:
+        raise ValueError(f"unknown device {name!r}; this build has {names}")
+    return g.ggml_backend_dev_get(lowered.index(name.lower()))
 
 
 cdef g.ggml_backend_dev_t _dev_by_type(g.ggml_backend_dev_type t) noexcept:
@@ -251,12 +261,9 @@ def rpc_serve(str endpoint, str cache_dir=None, int n_threads=1, str device="cpu
     tensors under cache_dir (None: no cache). Blocks until the server fails to start or to accept (it returns
     then); the protocol has no authentication. n_threads: the CPU backend's threads."""
     cdef _rpc_start_server_t start = <_rpc_start_server_t> _rpc_proc(b"ggml_backend_rpc_start_server")
-    names = [d["name"] for d in devices()]
-    if device.lower() not in [n.lower() for n in names]:
-        raise ValueError(f"unknown device {device!r}; this build has {names}")
+    cdef g.ggml_backend_dev_t dev = _dev_by_name(device)
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    cdef g.ggml_backend_dev_t dev = g.ggml_backend_dev_get([n.lower() for n in names].index(device.lower()))
     cdef bytes ep = endpoint.encode()
     cdef bytes cd = cache_dir.encode() if cache_dir else b""
     cdef const char * ep_c = ep
@@ -325,10 +332,7 @@ cdef class Backends:
             if main == NULL:
                 main = _dev_by_type(g.GGML_BACKEND_DEVICE_TYPE_IGPU)
         elif device != "cpu":
-            names = [d["name"] for d in devices()]
-            if device not in names:
-                raise ValueError(f"unknown device {device!r}; this build has {names}")
-            main = g.ggml_backend_dev_get(names.index(device))
+            main = _dev_by_name(device)
             if main == cpu:
                 main = NULL
         requested = operator.index(n_threads)
@@ -386,10 +390,10 @@ cdef class Backends:
         self.set_threads(size)
         self._thread_ids = self._pool_thread_ids() if size > 1 else []
 
-    def layer_devices(self, int n_layer, list weight_bytes=None):
+    def layer_devices(self, int n_layer):
         """The backend index (in `names`) of each of n_layer layers: contiguous runs over the split devices (the RPC
         devices in order, then the local device), as tensor_split says or else in proportion to each device's free
-        memory (llama.cpp's rule); all local without RPC. weight_bytes: unused (the shares are of layers)."""
+        memory (llama.cpp's rule); all local without RPC."""
         home = self.n_rpc  # the local device: the GPU if any, else the CPU
         if self.n_rpc == 0:
             return [home] * n_layer
@@ -408,15 +412,8 @@ cdef class Backends:
         return out
 
     def device_info(self):
-        """Name, description and memory of each backend's device, in backend order."""
-        cdef g.ggml_backend_dev_props props
-        out = []
-        for i in range(self.n):
-            g.ggml_backend_dev_get_props(self.devs[i], &props)
-            out.append({"name": props.name.decode() if props.name else "",
-                        "description": props.description.decode() if props.description else "",
-                        "memory_free": int(props.memory_free), "memory_total": int(props.memory_total)})
-        return out
+        """Name, description, type and memory of each backend's device, in backend order."""
+        return [_dev_props(self.devs[i]) for i in range(self.n)]
 
     def alloc_size_stats(self):
         """(answered from the cache, asked of the servers): the allocation sizes the schedulers asked for on RPC

@@ -15,6 +15,7 @@ from dsv4_ops cimport dsv4_prefetch_stats, dsv4_rope_params
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport strstr
 
 from .._ggml cimport Backends, WeightMap
 from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, SWA, CompPlan, GlobalW, Hparams, Inputs,
@@ -881,7 +882,7 @@ cdef class Context:
         cdef g.ggml_tensor * t
         for i in range(g.ggml_graph_n_nodes(gf)):
             t = g.ggml_graph_node(gf, i)
-            if b"CUSTOM" in <bytes> g.ggml_op_desc(t):
+            if strstr(g.ggml_op_desc(t), b"CUSTOM") != NULL:  # (C strings: no Python object per node and token)
                 b = g.ggml_backend_sched_get_tensor_backend(sched, t)
                 if b != NULL and b != cpu:
                     raise RuntimeError(f"node {t.name.decode()!r} (a CPU custom op) was scheduled on "
