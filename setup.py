@@ -33,7 +33,7 @@ DARWIN = sys.platform == "darwin"
 
 def relative_rpaths(name: str) -> list[str]:
     """Installed: site-packages/llama_dsv4/_ggml*.so (and engine/*.so one level deeper) -> site-packages/libggml/
-    {lib64,lib} (the PyPI wheel has lib64, a build from its sdist lib)."""
+    {lib64,lib} (the Linux wheels on PyPI have lib64; the macOS arm64 wheel and a build from the sdist, lib)."""
     up = "/".join([".."] * name.count("."))
     origin = "@loader_path" if DARWIN else "$ORIGIN"
     return [f"{origin}/{up}/libggml/{d}" for d in ("lib64", "lib")]

@@ -211,6 +211,19 @@ def devices():
     return [_dev_props(g.ggml_backend_dev_get(i)) for i in range(g.ggml_backend_dev_count())]
 
 
+def registered_backends():
+    """The backends this libggml registered and how many devices each found ({name: devices}): a CUDA build on a
+    machine without a GPU or driver has {"CUDA": 0, "CPU": 1}."""
+    return {g.ggml_backend_reg_name(g.ggml_backend_reg_get(i)).decode(): g.ggml_backend_reg_dev_count(
+        g.ggml_backend_reg_get(i)) for i in range(g.ggml_backend_reg_count())}
+
+
+def idle_accelerators():
+    """The backends besides the CPU, RPC and BLAS that this libggml has but that found no device (a CUDA build on a
+    machine with no NVIDIA GPU or driver): what "auto" passes over, for a note."""
+    return [name for name, n in registered_backends().items() if n == 0 and name not in ("CPU", "RPC", "BLAS")]
+
+
 cdef g.ggml_backend_dev_t _dev_by_name(str name) except NULL:
     """A device of the registry by its name (any case: "cpu" is "CPU"); ValueError naming the ones there are."""
     names = [d["name"] for d in devices()]

@@ -434,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_devices:
         for d in _ggml.devices():
             print(f"{d['name']:12s} {d['type']:6s} {d['description']} ({d['memory_total'] / 2**30:.1f} GiB)")
+        for name in _ggml.idle_accelerators():
+            print(
+                f"{name}: ggml's {name} backend is in this build but found no device (no GPU, or no driver): "
+                "models run on the CPU"
+            )
         return 0
     if args.model and args.hf_repo:
         err.write("llama-dsv4: error: give either -m or -hf, not both\n")

@@ -10,6 +10,7 @@ float32 roundings.
 from __future__ import annotations
 
 import os
+import platform
 
 import numpy as np
 import pytest
@@ -33,6 +34,11 @@ def supported(name: str) -> bool:
 
 
 ISAS = [name for name in ("scalar", "avx2", "avx512", "vnni") if supported(name)]
+# How close our K-quant products must come to ggml's mul_mat, relative to the largest output. On x86-64 ours follow
+# ggml's x86 products (the same Q8_K activations, the same sums): 2e-6. Elsewhere ggml's products take other
+# paths (aarch64: for large batches its int8 matrix-multiply path, two rows at a time, summing in another order;
+# 1.4e-4 measured under qemu, tools/aarch64_check.sh) and the engine does not use ours there (no GEMM ISA).
+KQ_BOUND = 2e-6 if platform.machine().lower() in ("x86_64", "amd64") else 5e-4
 
 
 def products(
@@ -143,7 +149,7 @@ def test_dense_kq_matches_ggml_mul_mat(qtype: int, isa: str, K: int, M: int, N: 
     g = OpGraph(_ggml.Backends("cpu", 2))
     a, xh = g.input_raw(raw, qtype, (K, M, B)), g.input(x)
     ref, got = g.compute([g.mul_mat(a, xh), g.dense_kq(a, xh, _ggml.gemm_isa(isa))])
-    assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max(), np.abs(got - ref).max() / np.abs(ref).max()
+    assert np.abs(got - ref).max() <= KQ_BOUND * np.abs(ref).max(), np.abs(got - ref).max() / np.abs(ref).max()
 
 
 def test_gemm_refuses_what_it_cannot_compute() -> None:

@@ -91,10 +91,18 @@ def test_the_module_map_lists_every_module() -> None:
 
 
 @pytest.mark.parametrize(
-    "script", [os.path.join("tools", "oracle", "setup.sh"), os.path.join("tools", "check_wheel.sh")]
+    "script",
+    [
+        "tools/oracle/setup.sh",
+        "tools/check_wheel.sh",
+        "tools/aarch64_check.sh",
+        "tools/cuda_build.sh",
+        "bench/device_check.sh",
+    ],
 )
 def test_the_tool_scripts_parse(script: str) -> None:
-    """The reference's setup and the wheel check (each run by hand: minutes of building; README says when)."""
+    """The reference's setup, the wheel check, the aarch64 check under emulation, the CUDA build and the device
+    check (each run by hand: minutes to an hour of building, or a GPU machine; docs/install.md says when)."""
     path = os.path.join(ROOT, *script.split("/"))
     r = subprocess.run(["bash", "-n", path], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

@@ -3,7 +3,9 @@
 default (incompatible pointer types, int conversion, implicit declarations), which an older GCC only warns about.
 Syntax-only compiles: a few seconds. Each compiler found on PATH (gcc, clang, aarch64-linux-gnu-gcc: the x86
 kernels sit behind DSV4_X86, so the ARM build compiles the portable paths) is tried; gcc must be there (the
-package's own build needs a C compiler)."""
+package's own build needs a C compiler). Where the `ziglang` package is installed (README's strict check: PyPI's
+zig, whose `zig cc` is a current clang, 22 in ziglang 0.17.1), its clang compiles the kernels for x86-64 Linux,
+aarch64 Linux and arm64 macOS, and the generated C for this machine, with clang's own defaults."""
 
 from __future__ import annotations
 
@@ -17,8 +19,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# gcc and clang of this machine; Debian's aarch64 cross compiler where installed (the C of the ARM build)
+
+
+def _zig_cc() -> list[str]:
+    """PyPI's zig as a C compiler (clang), if the ziglang package is installed; zig passes -c itself, so the
+    compiles write to /dev/null instead of -fsyntax-only."""
+    try:
+        import ziglang  # noqa: F401
+    except ImportError:
+        return []
+    return [sys.executable, "-m", "ziglang", "cc"]
+
+
+ZIG = _zig_cc()
+ZIG_TARGETS = ("x86_64-linux-gnu", "aarch64-linux-gnu", "aarch64-macos")
+# gcc and clang of this machine; Debian's aarch64 cross compiler where installed (the C of the ARM build); zig's
+# clang for three targets where ziglang is installed
 COMPILERS = [c for c in ("gcc", "clang", "aarch64-linux-gnu-gcc") if shutil.which(c)]
+COMPILERS += [f"zig:{t}" for t in ZIG_TARGETS] if ZIG else []
 GCC14_DEFAULT_ERRORS = [
     "-Werror=incompatible-pointer-types",
     "-Werror=int-conversion",
@@ -34,7 +52,9 @@ def ggml_include() -> str:
 
 
 def compile_only(cc: str, source: Path, flags: list[str], includes: list[str]) -> subprocess.CompletedProcess[str]:
-    cmd = [cc, "-fsyntax-only", *flags, *(f"-I{i}" for i in includes), str(source)]
+    """Compile `source` for diagnostics only: cc is a program on PATH or "zig:<target>"."""
+    head = [*ZIG, "-target", cc[4:], "-c", "-o", os.devnull] if cc.startswith("zig:") else [cc, "-fsyntax-only"]
+    cmd = [*head, *flags, *(f"-I{i}" for i in includes), str(source)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -51,7 +71,8 @@ def test_kernels_compile_with_wall_wextra_werror(cc: str) -> None:
         assert r.returncode == 0, f"{cc} {src.name}:\n{r.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("cc", COMPILERS)
+# the generated C includes this interpreter's headers (pyconfig.h): compiled for this machine only
+@pytest.mark.parametrize("cc", [c for c in COMPILERS if not c.startswith("zig:")] + (["zig:native"] if ZIG else []))
 def test_generated_c_has_none_of_the_new_default_errors(cc: str, tmp_path: Path) -> None:
     numpy = pytest.importorskip("numpy")
     pyx = sorted(ROOT.glob("llama_dsv4/**/*.pyx"))

@@ -15,7 +15,7 @@ from dsv4_ops cimport dsv4_prefetch_stats, dsv4_rope_params
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport strstr
+from libc.string cimport memset, strstr
 
 from .._ggml cimport Backends, WeightMap
 from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, SWA, CompPlan, GlobalW, Hparams, Inputs,
@@ -23,6 +23,7 @@ from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, SWA, CompPla
 
 from .. import _ggml
 from ..model.tensors import global_tensors, layer_tensors, optional_nextn_tensors
+from .device_limits import check_device_limits
 from .memory import bytes_per_token, ring_rows, state_bytes, state_tensors, window
 
 _CACHE_TYPES = {"f32": g.GGML_TYPE_F32, "f16": g.GGML_TYPE_F16}
@@ -247,6 +248,7 @@ cdef class Context:
     cdef readonly int n_ctx, n_ubatch, ring, n_seq
     cdef readonly int last_graph_nodes, last_graph_tensors
     cdef readonly int last_graph_splits  # the scheduler's splits of the last graph (one per change of backend)
+    cdef readonly tuple last_node_backends  # with more than one backend: the last graph's nodes on each backend
     cdef readonly size_t last_graph_mem
     cdef readonly str type_k
     cdef list past               # per sequence: positions held
@@ -304,6 +306,7 @@ cdef class Context:
         self.keep_back = keep_back
         self.backup = [None] * n_seq
         self.be = backends if backends is not None else Backends("auto")
+        check_device_limits([d["name"] for d in self.be.device_info()], p.n_expert_used)
         # a split across RPC devices: each layer's weights and state on its device, the rest (and the MTP block) local
         self.layer_dev = self.be.layer_devices(p.n_layer) if self.be.n_remote else None
         self.wm = model.weights(self.be, self.layer_dev) if self.layer_dev is not None else model.weights(self.be)
@@ -852,8 +855,8 @@ cdef class Context:
             if not g.ggml_backend_sched_alloc_graph(self.sched, gf):
                 raise MemoryError("ggml could not allocate the compute graph")
             self.last_graph_splits = g.ggml_backend_sched_get_n_splits(self.sched)
-            if self.be.n_remote:
-                self._check_remote(self.sched, gf)
+            if self.be.n > 1:
+                self._check_placement(self.sched, gf)
             ti = _now()
             toks_all = self._set_inputs(&ub, &inp, batch, past, slot_pos)
             if mtp:
@@ -874,19 +877,37 @@ cdef class Context:
         finally:
             g.ggml_free(ctx)
 
-    cdef _check_remote(self, g.ggml_backend_sched_t sched, g.ggml_cgraph * gf):
-        """No node with a function pointer (a CPU custom op) may go to an RPC device: its server would call an
-        address of this process. The graph of a split is portable; this checks the scheduler's assignment."""
-        cdef g.ggml_backend_t cpu = self.be.backends[self.be.n - 1]
+    cdef _check_placement(self, g.ggml_backend_sched_t sched, g.ggml_cgraph * gf):
+        """With a device besides the CPU (a GPU, an RPC server): count the nodes the scheduler gave each backend
+        (last_node_backends), and refuse a node with a function pointer (a CPU custom op) anywhere but on the CPU:
+        it reads host memory, and an RPC server would call an address of this process. The graph is portable then
+        (no custom op of ours); this checks the scheduler's assignment."""
+        cdef int nb = self.be.n
+        cdef g.ggml_backend_t cpu = self.be.backends[nb - 1]
         cdef g.ggml_backend_t b
         cdef g.ggml_tensor * t
+        cdef int counts[64]
+        cdef int j
+        memset(counts, 0, sizeof(counts))
         for i in range(g.ggml_graph_n_nodes(gf)):
             t = g.ggml_graph_node(gf, i)
-            if strstr(g.ggml_op_desc(t), b"CUSTOM") != NULL:  # (C strings: no Python object per node and token)
-                b = g.ggml_backend_sched_get_tensor_backend(sched, t)
-                if b != NULL and b != cpu:
-                    raise RuntimeError(f"node {t.name.decode()!r} (a CPU custom op) was scheduled on "
-                                       f"{g.ggml_backend_name(b).decode()}")
+            b = g.ggml_backend_sched_get_tensor_backend(sched, t)
+            for j in range(min(nb, 64)):
+                if self.be.backends[j] == b:
+                    counts[j] += 1
+                    break
+            if strstr(g.ggml_op_desc(t), b"CUSTOM") != NULL and b != NULL and b != cpu:  # (C strings)
+                raise RuntimeError(f"node {t.name.decode()!r} (a CPU custom op) was scheduled on "
+                                   f"{g.ggml_backend_name(b).decode()}")
+        self.last_node_backends = tuple(counts[j] for j in range(min(nb, 64)))
+
+    def node_backends(self) -> dict:
+        """The last graph's nodes per backend ({device name: nodes}, in backend order: the device(s), the CPU
+        last), as ggml's scheduler assigned them; a CPU-only context has every node on the CPU."""
+        names = [d["name"] for d in self.be.device_info()]
+        if self.be.n == 1 or self.last_node_backends is None:
+            return {names[-1]: self.last_graph_nodes}
+        return dict(zip(names, self.last_node_backends))
 
     cdef _outputs(self, const Inputs * inp, g.ggml_tensor * logits, int n, int n_out, bint want_h):
         """After a compute: last_h from the final streams (want_h), and the logits of the n_out rows wanted (None

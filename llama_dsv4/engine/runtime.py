@@ -236,6 +236,24 @@ def build_context(
     )
 
 
+def device_summary(ctx: Context | IsolatedContext) -> str:
+    """The devices a context computes on, for loading summaries ("CUDA0 + CPU", "CPU"); where this libggml has an
+    accelerator backend that found no device (a CUDA build with no NVIDIA GPU or driver), a note that the CPU runs
+    everything instead."""
+    be = ctx.backends
+    if be is None:  # a split across RPC servers: the child process holds the backends
+        return "split across RPC servers"
+    names = [d["name"] for d in be.device_info()]
+    text = " + ".join(names)
+    idle = _ggml.idle_accelerators()
+    if idle and len(names) == 1:
+        text += (
+            f" (this libggml has ggml's {', '.join(idle)} backend, which found no device: no GPU, or no driver; "
+            "everything runs on the CPU)"
+        )
+    return text
+
+
 def gemm_settings() -> tuple[str, int]:
     """The benchmark switches of our prompt-processing products (kernels/README.md): LLAMA_DSV4_GEMM (auto, off,
     scalar, avx2, avx512, vnni; off = ggml's products everywhere; portable = ggml's ops for everything, as a split
