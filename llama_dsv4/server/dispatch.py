@@ -88,6 +88,7 @@ async def run_job(
         if kind == "error":
             raise from_exception(value, prompt_param)
         if kind == "result":
+            await watcher.race(job.released.wait())  # the worker's last bookkeeping: microseconds
             return JSONResponse(value)
         if kind != "chunk":  # cancelled (shutdown) or a stream without any chunk
             raise APIError(503, "the request was stopped before it produced anything", "server_error")
@@ -141,6 +142,7 @@ async def _events(job: Job, first: Any, usage_chunk: dict[str, Any] | None) -> A
                         },
                     }
                     yield {"data": json.dumps(tail)}
+                await job.released.wait()
                 yield {"data": "[DONE]"}
                 return
     finally:

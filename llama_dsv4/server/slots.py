@@ -116,6 +116,9 @@ class Job:
         self.finished = threading.Event()  # set by the worker when it returns
         self.stats: JobStats | None = None
         self._loop = asyncio.get_running_loop()
+        # set on the loop once the slot is released: a response waits for it, so a client holding its whole answer
+        # sees the slot idle (/health, /slots, metrics), as llama-server's clients do
+        self.released = asyncio.Event()
 
     def cancel(self) -> None:
         self.ctl.cancelled.set()
@@ -317,6 +320,7 @@ class SlotPool:
                 except Exception:  # metrics must never take a slot down
                     log.exception("recording a job's metrics failed")
             self.release(slot)
+            job.released.set()
             if then is not None:
                 then()
 
