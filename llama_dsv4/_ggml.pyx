@@ -214,8 +214,12 @@ def devices():
 def registered_backends():
     """The backends this libggml registered and how many devices each found ({name: devices}): a CUDA build on a
     machine without a GPU or driver has {"CUDA": 0, "CPU": 1}."""
-    return {g.ggml_backend_reg_name(g.ggml_backend_reg_get(i)).decode(): g.ggml_backend_reg_dev_count(
-        g.ggml_backend_reg_get(i)) for i in range(g.ggml_backend_reg_count())}
+    cdef g.ggml_backend_reg_t reg
+    out = {}
+    for i in range(g.ggml_backend_reg_count()):
+        reg = g.ggml_backend_reg_get(i)
+        out[g.ggml_backend_reg_name(reg).decode()] = g.ggml_backend_reg_dev_count(reg)
+    return out
 
 
 def idle_accelerators():

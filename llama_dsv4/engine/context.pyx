@@ -887,19 +887,19 @@ cdef class Context:
         cdef g.ggml_backend_t b
         cdef g.ggml_tensor * t
         cdef int counts[64]
-        cdef int j
+        cdef int i, j, n_nodes = g.ggml_graph_n_nodes(gf), n_count = min(nb, 64)
         memset(counts, 0, sizeof(counts))
-        for i in range(g.ggml_graph_n_nodes(gf)):
+        for i in range(n_nodes):  # (C ints: no Python object per node and token)
             t = g.ggml_graph_node(gf, i)
             b = g.ggml_backend_sched_get_tensor_backend(sched, t)
-            for j in range(min(nb, 64)):
+            for j in range(n_count):
                 if self.be.backends[j] == b:
                     counts[j] += 1
                     break
             if strstr(g.ggml_op_desc(t), b"CUSTOM") != NULL and b != NULL and b != cpu:  # (C strings)
                 raise RuntimeError(f"node {t.name.decode()!r} (a CPU custom op) was scheduled on "
                                    f"{g.ggml_backend_name(b).decode()}")
-        self.last_node_backends = tuple(counts[j] for j in range(min(nb, 64)))
+        self.last_node_backends = tuple(counts[j] for j in range(n_count))
 
     def node_backends(self) -> dict:
         """The last graph's nodes per backend ({device name: nodes}, in backend order: the device(s), the CPU
