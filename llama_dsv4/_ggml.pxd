@@ -37,3 +37,12 @@ cdef class WeightMap:
     cdef _place(self, tensors, Backends backends, files, dict private, list dev_of)
     cdef _free_ctxs(self)
     cdef _read(self, g.ggml_tensor * t, int fd, size_t offset)
+
+
+cdef class DeviceTensors:
+    cdef g.ggml_context * ctx
+    cdef g.ggml_backend_buffer_t buf
+    cdef g.ggml_tensor ** _tensors
+    cdef dict _index
+    cdef readonly str device
+    cdef g.ggml_tensor * get(self, str name) except NULL

@@ -576,6 +576,13 @@ cdef int _pread_all(int fd, uint8_t * dst, size_t n, size_t offset) noexcept nog
     return 0
 
 
+cdef bint _can_map(g.ggml_backend_dev_t dev) noexcept:
+    """Whether a device computes on host memory it is given (ggml_backend_dev_buffer_from_host_ptr)."""
+    cdef g.ggml_backend_dev_props props
+    g.ggml_backend_dev_get_props(dev, &props)
+    return props.type == g.GGML_BACKEND_DEVICE_TYPE_CPU or props.caps.buffer_from_host_ptr
+
+
 cdef class WeightMap:
     """Model tensors as ggml tensors, their data either pages of the memory-mapped GGUF shards or memory allocated
     for them on the device and filled from the files.
@@ -665,51 +672,55 @@ cdef class WeightMap:
     cdef _place(self, tensors, Backends backends, files, dict private, list dev_of):
         cdef int home = backends.n_rpc
         cdef g.ggml_backend_dev_t dev = backends.primary_dev()
-        cdef g.ggml_backend_dev_props props
-        g.ggml_backend_dev_get_props(dev, &props)
         self.device = g.ggml_backend_dev_name(dev).decode()
         cdef const uint8_t[::1] mv
         cdef size_t max_t
-        self.zero_copy = files is None and (props.type == g.GGML_BACKEND_DEVICE_TYPE_CPU or
-                                            props.caps.buffer_from_host_ptr)
-        n_maps = len(self._views) if self.zero_copy else 0
-        self.n_bufs = n_maps + backends.n  # the mappings, then the memory allocated on each device
+        cdef g.ggml_backend_buffer_t buf
+        n_shards = len(self._views)
+        # a device that can wrap host memory (the CPU, or caps.buffer_from_host_ptr) reads its tensors in place from
+        # the mappings; the CPU may hold a share beside another local device (the experts with hot experts on it)
+        mapping = [files is None and _can_map(backends.dev_at(d)) for d in range(backends.n)]
+        self.zero_copy = mapping[home]
+        self.n_bufs = n_shards * backends.n + backends.n  # per device: its mappings, then memory allocated on it
         self.bufs = <g.ggml_backend_buffer_t *> calloc(self.n_bufs, sizeof(g.ggml_backend_buffer_t))
         if self.bufs == NULL:
             raise MemoryError()
-        local = [i for i in range(len(tensors)) if dev_of[i] == home]
-        if self.zero_copy:
-            for s in range(len(self._views)):
+        for d in sorted(set(dev_of)):
+            if not mapping[d]:
+                continue
+            mine = [i for i in range(len(tensors)) if dev_of[i] == d and tensors[i][0] not in private]
+            for s in sorted({tensors[i][3] for i in mine}):
                 mv = self._views[s]
-                max_t = max([tensors[i][5] for i in local if tensors[i][3] == s], default=1)
-                self.bufs[s] = g.ggml_backend_dev_buffer_from_host_ptr(dev, <void *> &mv[0], mv.shape[0], max_t)
-                if self.bufs[s] == NULL:
-                    raise RuntimeError(f"{self.device} could not map the model file into a buffer")
-                g.ggml_backend_buffer_set_usage(self.bufs[s], g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-            for i in local:
+                max_t = max([tensors[i][5] for i in mine if tensors[i][3] == s], default=1)
+                buf = g.ggml_backend_dev_buffer_from_host_ptr(backends.dev_at(d), <void *> &mv[0], mv.shape[0], max_t)
+                if buf == NULL:
+                    raise RuntimeError(f"{g.ggml_backend_dev_name(backends.dev_at(d)).decode()} could not map the "
+                                       "model file into a buffer")
+                self.bufs[d * n_shards + s] = buf
+                g.ggml_backend_buffer_set_usage(buf, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            for i in mine:
                 name, _, _, shard, offset, _ = tensors[i]
-                if name in private:
-                    continue
                 mv = self._views[shard]
-                if g.ggml_backend_tensor_alloc(self.bufs[shard], self._tensors[i], <void *> (&mv[0] + <size_t> offset)) != g.GGML_STATUS_SUCCESS:
+                if g.ggml_backend_tensor_alloc(self.bufs[d * n_shards + shard], self._tensors[i],
+                                               <void *> (&mv[0] + <size_t> offset)) != g.GGML_STATUS_SUCCESS:
                     raise RuntimeError(f"ggml could not place tensor {name!r}")
         # every tensor not placed in a mapping: memory allocated on its device (ggml pads and aligns each tensor as
         # the device needs), filled from the private copies, the files or the mappings
         self._owned = frozenset(name for i, (name, *_) in enumerate(tensors)
-                                if dev_of[i] != home or not self.zero_copy or name in private)
+                                if not mapping[dev_of[i]] or name in private)
         cdef g.ggml_backend_buffer_t own
         cdef g.ggml_tensor * t
         for d in range(backends.n):
             if self.ctxs[d] == NULL:
                 continue
-            own = g.ggml_backend_alloc_ctx_tensors_from_buft(self.ctxs[d], g.ggml_backend_dev_buffer_type(backends.dev_at(d)))
             need = sum(nb for i, (name, _, _, _, _, nb) in enumerate(tensors) if dev_of[i] == d and name in self._owned)
-            if own == NULL and need:
+            if not need:
+                continue
+            own = g.ggml_backend_alloc_ctx_tensors_from_buft(self.ctxs[d], g.ggml_backend_dev_buffer_type(backends.dev_at(d)))
+            if own == NULL:
                 raise MemoryError(f"{g.ggml_backend_dev_name(backends.dev_at(d)).decode()} could not allocate {need} "
                                   "bytes for the model weights")
-            self.bufs[n_maps + d] = own
-            if own == NULL:
-                continue
+            self.bufs[n_shards * backends.n + d] = own
             g.ggml_backend_buffer_set_usage(own, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
             for i, (name, _, _, shard, offset, nb) in enumerate(tensors):
                 t = self._tensors[i]
@@ -723,7 +734,7 @@ cdef class WeightMap:
                     g.ggml_backend_tensor_set(t, &mv[<size_t> offset], 0, <size_t> nb)
                 else:
                     self._read(t, files[shard], offset)
-        if not self.zero_copy:
+        if not any(mapping[d] for d in set(dev_of)):
             self._views = []  # nothing points into the mappings: they may be closed
 
     cdef _read(self, g.ggml_tensor * t, int fd, size_t offset):
@@ -796,7 +807,7 @@ cdef class WeightMap:
     def mapped(self, str name):
         """Whether a tensor's data are pages of the model file's mapping (which madvise may hand back to the file)."""
         self.get(name)
-        return self.zero_copy and name not in self._owned
+        return name not in self._owned
 
     def __contains__(self, name):
         return name in self._index
@@ -831,3 +842,114 @@ cdef class WeightMap:
         if t.type == g.GGML_TYPE_I32:
             return raw.view(np.int32).reshape(shape[::-1])
         return dequantize(raw, t.type, g.ggml_nelements(t)).reshape(shape[::-1])
+
+    def read(self, str name, size_t offset, size_t n):
+        """n bytes of a tensor's data from byte offset (a copy); ValueError outside the tensor."""
+        cdef g.ggml_tensor * t = self.get(name)
+        if offset > g.ggml_nbytes(t) or n > g.ggml_nbytes(t) - offset:
+            raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + n}) lie outside its {g.ggml_nbytes(t)}")
+        out = np.empty(n, dtype=np.uint8)
+        cdef uint8_t[::1] dst = out
+        if n:
+            g.ggml_backend_tensor_get(t, &dst[0], offset, n)
+        return out
+
+
+cdef class DeviceTensors:
+    """Tensors the engine owns beside the model's weights (not from the file), in memory allocated on one backend's
+    device: for example the hot experts' copies and their lookup rows (engine/hot_experts.py).
+
+    specs: (name, ggml type id, ne tuple in ggml order) per tensor; backend: its index in backends. Zero-filled.
+    """
+
+    def __cinit__(self, Backends backends, int backend, specs):
+        specs = list(specs)
+        self._index = {}
+        if not 0 <= backend < backends.n:
+            raise ValueError(f"backend must be in [0, {backends.n}), got {backend}")
+        cdef g.ggml_init_params ip
+        ip.mem_buffer = NULL
+        ip.no_alloc = True
+        ip.mem_size = (len(specs) + 1) * g.ggml_tensor_overhead()
+        self.ctx = g.ggml_init(ip)
+        if self.ctx == NULL:
+            raise MemoryError("ggml_init failed")
+        cdef int64_t ne[4]
+        cdef g.ggml_tensor * t
+        self._tensors = <g.ggml_tensor **> calloc(max(len(specs), 1), sizeof(g.ggml_tensor *))
+        if self._tensors == NULL:
+            raise MemoryError()
+        for i, (name, type_id, shape) in enumerate(specs):
+            bname = name.encode()
+            if not 0 < len(bname) < g.GGML_MAX_NAME or name in self._index:
+                raise ValueError(f"tensor name {name!r} is empty, too long or given twice")
+            _traits(type_id)
+            if not 1 <= len(shape) <= 4 or any(d <= 0 for d in shape):
+                raise ValueError(f"tensor {name!r}: bad shape {shape}")
+            for d in range(4):
+                ne[d] = shape[d] if d < len(shape) else 1
+            t = g.ggml_new_tensor(self.ctx, <g.ggml_type> type_id, len(shape), ne)
+            if t == NULL:
+                raise MemoryError()
+            g.ggml_set_name(t, bname)
+            self._tensors[i] = t
+            self._index[name] = i
+        dev = backends.dev_at(backend)
+        self.device = g.ggml_backend_dev_name(dev).decode()
+        self.buf = g.ggml_backend_alloc_ctx_tensors_from_buft(self.ctx, g.ggml_backend_dev_buffer_type(dev)) \
+            if specs else NULL
+        if specs and self.buf == NULL:
+            need = sum(g.ggml_nbytes(self._tensors[i]) for i in range(len(specs)))
+            raise MemoryError(f"{self.device} could not allocate {need} bytes")
+        if self.buf != NULL:
+            g.ggml_backend_buffer_clear(self.buf, 0)
+
+    def __dealloc__(self):
+        self.close()
+
+    def close(self):
+        """Release the tensors and their memory (nothing may compute with them afterwards)."""
+        if self.buf != NULL:
+            g.ggml_backend_buffer_free(self.buf)
+            self.buf = NULL
+        if self.ctx != NULL:
+            g.ggml_free(self.ctx)
+            self.ctx = NULL
+        free(self._tensors)
+        self._tensors = NULL
+        self._index = {}
+
+    cdef g.ggml_tensor * get(self, str name) except NULL:
+        i = self._index.get(name)
+        if i is None:
+            raise KeyError(f"no tensor {name!r} here")
+        return self._tensors[<int> i]
+
+    @property
+    def nbytes(self):
+        """Bytes allocated on the device."""
+        return g.ggml_backend_buffer_get_size(self.buf) if self.buf != NULL else 0
+
+    def write(self, str name, size_t offset, data):
+        """Copy the bytes of data into a tensor from byte offset; ValueError outside the tensor."""
+        cdef g.ggml_tensor * t = self.get(name)
+        cdef const uint8_t[::1] b = np.ascontiguousarray(np.frombuffer(data, np.uint8) if isinstance(data, bytes)
+                                                         else np.asarray(data)).view(np.uint8).reshape(-1)
+        cdef size_t n = b.shape[0]
+        if offset > g.ggml_nbytes(t) or n > g.ggml_nbytes(t) - offset:
+            raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + n}) lie outside its {g.ggml_nbytes(t)}")
+        if n:
+            g.ggml_backend_tensor_set(t, &b[0], offset, n)
+
+    def read(self, str name, size_t offset=0, n=None):
+        """Bytes of a tensor from byte offset (all the rest by default), as a uint8 array."""
+        cdef g.ggml_tensor * t = self.get(name)
+        cdef size_t total = g.ggml_nbytes(t)
+        cdef size_t k = total - min(offset, total) if n is None else <size_t> n
+        if offset > total or k > total - offset:
+            raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + k}) lie outside its {total}")
+        out = np.empty(k, dtype=np.uint8)
+        cdef uint8_t[::1] dst = out
+        if k:
+            g.ggml_backend_tensor_get(t, &dst[0], offset, k)
+        return out

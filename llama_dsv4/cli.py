@@ -263,6 +263,8 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     kw["moe_prefetch"] = args.moe_prefetch
+    if args.moe_device_experts:
+        kw["moe_device_experts"] = args.moe_device_experts
     if args.rpc_servers:
         kw["rpc_servers"], kw["tensor_split"] = args.rpc_servers, args.tensor_split
         if args.rpc_timeout is not None:

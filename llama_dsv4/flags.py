@@ -201,6 +201,14 @@ def add_model_flags(p: argparse.ArgumentParser, model_help: str, ctx_note: str =
     a("--moe-hot-budget-mib", type=_float("--moe-hot-budget-mib", 0), help="memory budget for resident experts")
     a("--moe-stats-path", help="file where expert-use statistics persist between runs")
     a(
+        "--moe-device-experts",
+        type=_int("--moe-device-experts", 0),
+        default=0,
+        metavar="N",
+        help="each MoE layer's N most used experts in the device's memory, the others in host memory computed by the "
+        "CPU, every other weight on the device (for a GPU smaller than the model; 0: off)",
+    )
+    a(
         "--moe-prefetch",
         dest="moe_prefetch",
         action="store_const",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 import sys
 import warnings
@@ -169,6 +170,7 @@ class Llama:
         moe_stats_path: str | None = None,
         moe_release_cold: bool = False,
         moe_prefetch: bool | str = "auto",
+        moe_device_experts: int = 0,
         rpc_servers: str | None = None,
         rpc_timeout: float = 120.0,
         **kwargs: Any,
@@ -308,6 +310,13 @@ class Llama:
                 use_mmap=True and the CPU device; off otherwise (with memory to spare, pages read by madvise cost
                 about 5 % of decode speed against pages read by faults: docs/moe-residency.md). Results never
                 change. True needs use_mmap=True and the CPU device. Default "auto".
+            moe_device_experts: Hot experts on the device (docs/moe-residency.md): each MoE layer's N most used
+                experts (the ranking of the routing statistics, persisted in moe_stats_path's file; experts 0 ...
+                N-1 before there are any) copied into the device's memory and computed there, the others left in
+                host memory (the mapped file) and computed by the CPU; every other weight goes to the device.
+                For a GPU with less memory than the model. The set follows the statistics every 1,024 tokens,
+                copying only the experts that changed. Results do not depend on which experts are hot. 0: off.
+                With the CPU as the device it runs too (every expert computed twice: for tests only). Default 0.
             rpc_servers: "host:port,host:port": llama-dsv4-rpc-server processes that hold a share of the layers
                 (tensor_split), as llama.cpp's --rpc. Needs the RPC-enabled install (README, "Beyond one
                 machine"). The local part and the connections run in a child process, so a server that dies,
@@ -320,7 +329,8 @@ class Llama:
         Raises:
             ValueError: The path does not exist, the file is not a usable deepseek4 GGUF, a value is out of range
                 (n_ctx < 0, n_batch or n_ubatch <= 0, n_seq_max outside 1 .. 256, batch_wait_ms outside 0 .. 60000,
-                type_k, moe_hot_count, moe_hot_budget_mib), moe_hot_count or moe_prefetch with use_mmap=False,
+                type_k, moe_hot_count, moe_hot_budget_mib, moe_device_experts), moe_hot_count or moe_prefetch
+                with use_mmap=False, moe_device_experts with rpc_servers,
                 moe_prefetch on a device other than the CPU, an unknown device, or a
                 context that does not fit in memory.
             TypeError: n_ctx, n_batch, n_ubatch or n_seq_max is not an integer.
@@ -348,6 +358,9 @@ class Llama:
         if type_k not in (None, *_CACHE_TYPE_NAMES):
             raise ValueError(f"type_k {type_k} is not supported; use GGML_TYPE_F16 (1) or GGML_TYPE_F32 (0)")
         hot_count = parse_hot_count(moe_hot_count)  # a ValueError before anything is loaded
+        device_experts = operator.index(moe_device_experts)
+        if device_experts < 0:
+            raise ValueError(f"moe_device_experts must be >= 0 (0: off), got {moe_device_experts}")
         moe_config = (
             MoEConfig(
                 hot_count, budget_mib=moe_hot_budget_mib, stats_path=moe_stats_path, release_cold=bool(moe_release_cold)
@@ -490,6 +503,7 @@ class Llama:
                 n_seq=self.n_seq_max,
                 mtp=spec_n is not None,
                 keep_back=keep_back,
+                hot_experts=device_experts,
                 rpc_servers=runtime.parse_endpoints(rpc_servers) if rpc_servers else None,
                 tensor_split=list(tensor_split) if tensor_split is not None else None,
                 rpc_timeout=float(rpc_timeout),
@@ -768,7 +782,8 @@ class Llama:
         """MoE expert residency figures (None when moe_hot_count and moe_prefetch are off): locked and resident
         bytes as the kernel reports them, online hit rate, per-layer hot counts, updates and their time; with
         moe_prefetch its counters `prefetch_calls`, `prefetch_slices`, `prefetch_missing_slices`,
-        `prefetch_missing_bytes` (docs/moe-residency.md)."""
+        `prefetch_missing_bytes`; with moe_device_experts `device`, `device_hot_experts`, `device_hot_bytes`,
+        `device_slot_copies`, `device_updates` (docs/moe-residency.md)."""
         moe = self._moe
         runner = self._runner
         prefetch = runner.prefetch_stats() if runner is not None else None
@@ -778,6 +793,9 @@ class Llama:
         if moe is not None:
             self._commit_routes()
             out.update(moe.stats())
+        device_hot = runner.device_hot if runner is not None else None
+        if device_hot is not None:
+            out.update(device_hot.stats())
         out.update({f"prefetch_{k}": v for k, v in (prefetch or {}).items()})
         return out
 

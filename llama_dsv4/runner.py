@@ -21,6 +21,7 @@ from .batcher import Batcher
 from .engine import runtime
 from .engine.isolated import IsolatedContext
 from .moe import ExpertResidency, MoEConfig, lock_all
+from .moe.device import DeviceHotSets
 from .speculative import MtpDrafter
 
 
@@ -32,7 +33,9 @@ class Runner:
     may hold together (kv_unified; None: each its own n_ctx). `spec_draft_n_max`: the context runs the model's MTP
     block (mtp=True) and `mtp` drafts that many tokens per step (speculative.py). `moe_prefetch` (True, False or
     "auto": on where the model is larger than 90 % of the memory the process may hold): the context asks for the
-    routed experts' missing pages as soon as each layer's routing is known (docs/moe-residency.md)."""
+    routed experts' missing pages as soon as each layer's routing is known (docs/moe-residency.md). A context with
+    hot experts on its device (`hot_experts`) gets `device_hot`, which keeps them on the first experts of the
+    residency's ranking (without `moe`, a residency that counts and ranks but locks nothing)."""
 
     def __init__(
         self,
@@ -51,11 +54,17 @@ class Runner:
         self.governor = runtime.thread_governor(self.context, loading)
         self.moe: ExpertResidency | None = None
         self.mlock: Any = None
+        hot = getattr(context, "hot_experts", None)  # (an RPC split's IsolatedContext has none)
+        if moe is None and hot is not None:  # the device's hot experts need the routing counts, not the locking
+            moe = MoEConfig(hot.count, lock=False)
         if moe is not None:
-            self.moe = ExpertResidency(model, self.context.weight_range, moe, use_mlock=use_mlock)
+            self.moe = ExpertResidency(model, self.context.weight_range, moe, use_mlock=use_mlock and moe.lock)
             self.context.route_sink = self.moe.on_routes
-        elif use_mlock:
+        if use_mlock and (self.moe is None or not moe.lock):
             self.mlock = lock_all(self.context.weight_range, list(model.tensors))
+        self.device_hot: DeviceHotSets | None = None  # the context's hot experts on its device follow the ranking
+        if hot is not None and self.moe is not None:
+            self.device_hot = DeviceHotSets(hot, self.moe)
         if moe_prefetch == "auto":  # on where the mapped model cannot stay in memory (and the context allows it)
             if runtime.memory_short_of(int(model.n_bytes)):
                 with contextlib.suppress(ValueError):  # weights on a device: off
@@ -231,7 +240,7 @@ class Runner:
         with self.lock:
             self.commit_routes()
             moe, mlock = self.moe, self.mlock
-            self.moe = self.mlock = None
+            self.moe = self.mlock = self.device_hot = None
             if self.batcher is not None:
                 self.batcher.close("this Llama has been closed")
             try:

@@ -28,7 +28,10 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_device_check_runs_with_the_cpu_as_the_device(tmp_path: Path) -> None:
     p = DSV4Params(n_embd=256, n_layer=2, compress_ratios=(4, 128), n_expert=8, n_expert_used=2, expert_ff=256)
     path = write_model(str(tmp_path / "m.gguf"), p, dtype="q8xq5", vocab="small")[0]
-    r = run(tmp_path, "--device", "cpu", "--forward-models", "decisive-q8xq5", "--model", path, "--tokens", "4")
+    r = run(
+        tmp_path, "--device", "cpu", "--forward-models", "decisive-q8xq5", "--model", path, "--tokens", "4",
+        "--hot-experts", "2",
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     row = next(line for line in lines if line.startswith("| decisive-q8xq5 |")).split("|")
@@ -37,7 +40,12 @@ def test_device_check_runs_with_the_cpu_as_the_device(tmp_path: Path) -> None:
     assert int(nodes[2]) > 100, nodes  # every node of a decode step on the CPU
     speed = next(line for line in lines if line.startswith("| cpu |")).split("|")
     assert all(float(x) > 0 for x in speed[2:5]), speed
-    assert any("hot experts on the device | not built" in line for line in lines)
+    hot = next(line for line in lines if line.startswith("| decisive-q8xq5 (hot experts) |")).split("|")
+    assert hot[-2].strip() == "ok" and hot[2:6] == row[2:6], (row, hot)  # on the CPU: the same logits, bit for bit
+    nodes_hot = next(line for line in lines if line.startswith("| tiny q8xq5, one token, hot experts |")).split("|")
+    assert int(nodes_hot[2]) > int(nodes[2]), (nodes, nodes_hot)  # the split graph: both sides of every MoE
+    speed_hot = next(line for line in lines if line.startswith("| cpu, 2 hot experts |")).split("|")
+    assert all(float(x) > 0 for x in speed_hot[2:5]), speed_hot
 
 
 def test_device_check_defaults_to_the_first_gpu_or_says_how_to_run(tmp_path: Path) -> None:

@@ -17,13 +17,14 @@ from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset, strstr
 
-from .._ggml cimport Backends, WeightMap
-from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, SWA, CompPlan, GlobalW, Hparams, Inputs,
-                    LayerState, LayerW, MtpW, SeqInputs, SeqPlan, UBatch, build_graph, build_mtp_graph)
+from .._ggml cimport Backends, DeviceTensors, WeightMap
+from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, SWA, CompPlan, GlobalW, Hparams, HotW,
+                    Inputs, LayerState, LayerW, MtpW, SeqInputs, SeqPlan, UBatch, build_graph, build_mtp_graph)
 
 from .. import _ggml
 from ..model.tensors import global_tensors, layer_tensors, optional_nextn_tensors
 from .device_limits import check_device_limits
+from .hot_experts import HotExperts
 from .memory import bytes_per_token, ring_rows, state_bytes, state_tensors, window
 
 _CACHE_TYPES = {"f32": g.GGML_TYPE_F32, "f16": g.GGML_TYPE_F16}
@@ -224,7 +225,10 @@ cdef class Context:
     number of tokens computed in one graph; type_k is the cache type ("f16" as llama.cpp's default, or "f32");
     flash_attn=True computes attention as llama.cpp's flash-attention path does (keys and values rounded to f16),
     False in f32 throughout (with type_k="f32": exact up to summation order). Sequences are numbered 0 .. n_seq-1;
-    the methods that take a seq_id default to sequence 0.
+    the methods that take a seq_id default to sequence 0. hot_experts=H: each MoE layer's H hot experts copied into
+    the local device's memory (experts 0 ... H-1 until `hot_experts.assign` says otherwise), the rest computed by
+    the CPU from the mapping (engine/hot_experts.py); with a GPU, the experts' tensors stay in host memory and the
+    other weights go to the GPU.
     """
     cdef Backends be
     cdef WeightMap wm
@@ -259,6 +263,7 @@ cdef class Context:
     cdef list mtp_slot_pos       # per sequence: the position each slot of the MTP block's ring holds (mtp)
     cdef readonly object last_h  # mtp: float32 [rows, D*hc], the final streams of the last eval's logits rows
     cdef object overlap_init
+    cdef object hot              # HotExperts, or None (hot_experts)
     cdef readonly object layer_dev  # split across RPC devices: the backend index of each layer; else None
     cdef tuple comp_ratios       # the compressed kinds the model's layers have (4, 128)
     cdef dict _capture
@@ -281,7 +286,7 @@ cdef class Context:
 
     def __cinit__(self, model, int n_ctx, int n_ubatch=512, str type_k="f16", Backends backends=None,
                   bint flash_attn=True, params=None, str gemm="auto", int gemm_min_tokens=8, int n_seq=1,
-                  bint mtp=False, int keep_back=0):
+                  bint mtp=False, int keep_back=0, int hot_experts=0):
         p = params if params is not None else model.params
         if mtp and p.n_nextn < 1:
             raise ValueError("this model has no MTP (nextn) layer (blk.N.nextn.* tensors with nextn_predict_layers "
@@ -309,9 +314,22 @@ cdef class Context:
         check_device_limits([d["name"] for d in self.be.device_info()], p.n_expert_used)
         # a split across RPC devices: each layer's weights and state on its device, the rest (and the MTP block) local
         self.layer_dev = self.be.layer_devices(p.n_layer) if self.be.n_remote else None
-        self.wm = model.weights(self.be, self.layer_dev) if self.layer_dev is not None else model.weights(self.be)
+        if hot_experts and self.be.n_remote:
+            raise ValueError("hot experts on a device do not combine with a split across RPC servers")
+        if not 0 <= hot_experts <= p.n_expert:
+            raise ValueError(f"hot_experts must be between 0 (off) and the model's {p.n_expert} experts, got "
+                             f"{hot_experts}")
+        if self.layer_dev is not None:
+            self.wm = model.weights(self.be, self.layer_dev)
+        elif hot_experts and self.be.n > 1:  # the experts stay in host memory, the rest goes to the device
+            self.wm = model.weights(self.be, experts_on_cpu=True)
+        else:
+            self.wm = model.weights(self.be)
         self.ring = ring_rows(p, n_ctx, self.n_ubatch)
         self._fill_params(p)
+        self.hot = None
+        if hot_experts:
+            self._bind_hot(HotExperts(self.wm, self.be, self.be.n_remote, range(p.n_layer), hot_experts))
         self.hp.window = window(p, n_ctx)
         self.hp.attn_f16 = flash_attn
         # our CPU custom ops (kernels/dsv4_gemm.h, dsv4_hc.h) read every tensor in host memory: CPU-only backend sets
@@ -420,6 +438,23 @@ cdef class Context:
                 for spec in optional_nextn_tensors(p, il):
                     if spec.name in w:
                         _bind(&self.mw, _MTP_FIELDS[spec.dest], w.get(spec.name))
+
+    cdef _bind_hot(self, hot):
+        """Point each layer's HotW at its hot tensors (engine/hot_experts.py)."""
+        cdef DeviceTensors dt = hot.tensors
+        cdef HotW * H
+        for il in hot.layers:
+            H = &self.lw[<int> il].ffn.hot
+            H.gate, H.up, H.down = dt.get(hot.name(il, "gate")), dt.get(hot.name(il, "up")), dt.get(hot.name(il, "down"))
+            H.slot, H.cold, H.is_hot = dt.get(hot.name(il, "slot")), dt.get(hot.name(il, "cold")), dt.get(hot.name(il, "is_hot"))
+            H.all_hot = hot.count == hot.n_expert
+        self.hot = hot
+
+    @property
+    def hot_experts(self):
+        """The hot experts on the device (engine/hot_experts.py's HotExperts: `hot(il)`, `assign(il, experts)`,
+        `nbytes`, `device`), or None when the context was made without them."""
+        return self.hot
 
     cdef _alloc_state(self, p):
         layout = state_tensors(p, self.n_ctx, self.n_ubatch, self.type_k, self.n_blocks > p.n_layer, self.keep_back)

@@ -79,6 +79,15 @@ cdef struct AttnW:
     CompressorW comp        # compressed kinds
     IndexerW idx            # CSA
 
+cdef struct HotW:            # a layer's hot experts in a device's memory (engine/hot_experts.py; NULL gate: none)
+    g.ggml_tensor * gate       # [K, M, H]: slot j holds the rows of gate_exps of the expert in slot j
+    g.ggml_tensor * up         # [K, M, H]
+    g.ggml_tensor * down       # [M, K, H]
+    g.ggml_tensor * slot       # I32 [1, E]: expert e's slot (0 for a cold expert, whose weight there is 0)
+    g.ggml_tensor * cold       # I32 [1, E]: e for a cold expert, else one cold expert (whose weight there is 0)
+    g.ggml_tensor * is_hot     # F32 [1, E]: 1 for a hot expert, else 0
+    bint all_hot               # every expert is hot: no product on the CPU
+
 cdef struct MoeW:
     bint hash               # hash-routed layer: the token's row of tid2eid picks the experts
     float clamp_exp
@@ -93,6 +102,7 @@ cdef struct MoeW:
     g.ggml_tensor * gate_sh
     g.ggml_tensor * up_sh
     g.ggml_tensor * down_sh
+    HotW hot
 
 cdef struct LayerW:
     HcW hc_attn

@@ -16,7 +16,7 @@ from libc.math cimport INFINITY, sqrtf
 from libc.stdint cimport int64_t
 
 from .graph cimport (COMP_CSA, COMP_HCA, CSA, HCA, MAX_SEQ, N_COMP, SWA, AttnW, CompPlan, CompressorState, CompressorW,
-                    GlobalW, Hparams, HcW, Inputs, LayerState, LayerW, MoeW, MtpW, SeqInputs, SeqPlan, UBatch,
+                    GlobalW, Hparams, HcW, HotW, Inputs, LayerState, LayerW, MoeW, MtpW, SeqInputs, SeqPlan, UBatch,
                     comp_index)
 
 ctypedef g.ggml_tensor T
@@ -360,6 +360,37 @@ cdef inline T * shared_expert(C * ctx, const Hparams * hp, const MoeW * F, T * f
                                                     F.clamp_sh), NULL)
 
 
+cdef T * experts(C * ctx, const Hparams * hp, T * gate, T * up, T * down, float clamp, T * xe, T * sel, T * w
+                 ) noexcept nogil:
+    """The picked experts' clamped SwiGLU outputs, each times its weight: [D, k, n] (sel: [k, n] ids into the
+    [*, *, E] expert tensors; w: [1, k, n])."""
+    cdef T * pe = NULL
+    cdef T * h = dsv4_swiglu_clamp(ctx, mm_id(ctx, hp, gate, xe, sel, &pe), mm_id(ctx, hp, up, xe, sel, &pe), clamp)
+    return g.ggml_mul(ctx, mm_id(ctx, hp, down, h, sel, NULL), w)
+
+
+cdef inline T * routed(C * ctx, const Hparams * hp, const MoeW * F, T * xe, T * sel, T * w) noexcept nogil:
+    return experts(ctx, hp, F.gate_exps, F.up_exps, F.down_exps, F.clamp_exp, xe, sel, w)
+
+
+cdef T * routed_split(C * ctx, const Hparams * hp, const MoeW * F, T * xe, T * sel, T * w) noexcept nogil:
+    """routed() with the layer's hot experts read from their copies on a device and the cold ones from the expert
+    tensors (docs/moe-residency.md, "Hot experts on a device"): every pick runs once on each side, with its weight
+    on one side and 0 on the other, and the two outputs are added pick by pick before the sum over the picks, so a
+    run with both sides on the CPU computes exactly what routed() does."""
+    cdef const HotW * H = &F.hot
+    cdef int64_t k = sel.ne[0], n = sel.ne[1]
+    cdef T * flat = g.ggml_reshape_1d(ctx, sel if g.ggml_is_contiguous(sel) else g.ggml_cont(ctx, sel), k * n)
+    cdef T * w_hot = g.ggml_mul(ctx, w, g.ggml_reshape_3d(ctx, g.ggml_get_rows(ctx, H.is_hot, flat), 1, k, n))
+    cdef T * out = experts(ctx, hp, H.gate, H.up, H.down, F.clamp_exp, xe,
+                           g.ggml_reshape_2d(ctx, g.ggml_get_rows(ctx, H.slot, flat), k, n), w_hot)
+    if H.all_hot:
+        return out
+    return g.ggml_add(ctx, out, experts(ctx, hp, F.gate_exps, F.up_exps, F.down_exps, F.clamp_exp, xe,
+                                        g.ggml_reshape_2d(ctx, g.ggml_get_rows(ctx, H.cold, flat), k, n),
+                                        g.ggml_sub(ctx, w, w_hot)))
+
+
 cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, const UBatch * ub, Inputs * inp,
              T * f, int il) noexcept nogil:
     """docs/architecture.md §9: sqrt-softplus scores, biased top-k (or the token's hash row), normalised and scaled weights,
@@ -395,10 +426,7 @@ cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, co
     if hp.w_scale != 1.0:
         w = g.ggml_scale(ctx, w, hp.w_scale)
     cdef T * xe = g.ggml_reshape_3d(ctx, f, D, 1, n)
-    cdef T * pe = NULL
-    cdef T * h = dsv4_swiglu_clamp(ctx, mm_id(ctx, hp, F.gate_exps, xe, sel, &pe),
-                                   mm_id(ctx, hp, F.up_exps, xe, sel, &pe), F.clamp_exp)
-    cdef T * down = g.ggml_mul(ctx, mm_id(ctx, hp, F.down_exps, h, sel, NULL), w)  # [D, k, n]
+    cdef T * down = routed(ctx, hp, F, xe, sel, w) if F.hot.gate == NULL else routed_split(ctx, hp, F, xe, sel, w)
     cdef T * y = g.ggml_view_2d(ctx, down, D, n, down.nb[2], 0)
     for i in range(1, k):  # in selection order, as the reference sums
         y = g.ggml_add(ctx, y, g.ggml_view_2d(ctx, down, D, n, down.nb[2], i * down.nb[1]))

@@ -157,9 +157,10 @@ def create_context(
     speculative decoding's rejected drafts).
 
     kwargs: build_context's (params, n_ctx, n_ubatch, type_k, flash_attn, device, n_threads, host_bytes, n_seq,
-    mtp, keep_back). rpc_servers: "host:port" endpoints of llama-dsv4-rpc-server processes that take a share of
-    the layers (tensor_split: the shares, the servers in order, then this machine; default: by free memory). The
-    context then runs in a child process (engine/isolated.py), and a failure of the split is an RPCError within
+    mtp, keep_back, hot_experts: each MoE layer's hot experts copied to the device, engine/hot_experts.py).
+    rpc_servers: "host:port" endpoints of llama-dsv4-rpc-server processes that take a share of the layers
+    (tensor_split: the shares, the servers in order, then this machine; default: by free memory). The context then
+    runs in a child process (engine/isolated.py), and a failure of the split is an RPCError within
     rpc_timeout seconds per call (docs/rpc.md)."""
     if not rpc_servers:
         if tensor_split is not None and len(tensor_split) > 1:
@@ -168,6 +169,8 @@ def create_context(
     endpoints = parse_endpoints(rpc_servers)
     if kwargs.get("mtp"):
         raise ValueError("speculative decoding with the MTP layer does not run on a split across RPC servers yet")
+    if kwargs.get("hot_experts"):
+        raise ValueError("hot experts on a device (moe_device_experts) do not combine with a split across RPC servers")
     if not _ggml.rpc_available():
         raise RuntimeError(
             "rpc_servers needs ggml's RPC backend, which this libggml lacks (the PyPI wheel of "
@@ -212,6 +215,7 @@ def build_context(
     keep_back: int = 0,
     rpc_servers: list[str] | None = None,
     tensor_split: list[float] | None = None,
+    hot_experts: int = 0,
 ) -> Context:
     """create_context's local half: the Context in this process (with rpc_servers: the client of the split, which
     only a child process should be, engine/isolated.py)."""
@@ -219,7 +223,11 @@ def build_context(
     governor_enabled()  # a bad switch fails before anything is allocated
     portable = os.environ.get("LLAMA_DSV4_GEMM") == "portable"
     backends = _ggml.Backends(device, n_threads, rpc=rpc_servers or (), tensor_split=tensor_split, portable=portable)
-    check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes, model.n_bytes, model.use_mmap, n_seq)
+    weight_bytes = model.n_bytes
+    if hot_experts:  # the hot experts' copies too; on a device beside the CPU, instead of all the experts
+        weight_bytes += model.expert_bytes * hot_experts // params.n_expert
+        weight_bytes -= model.expert_bytes if len(backends.names) > 1 else 0
+    check_memory(params, n_ctx, n_ubatch, type_k, backends, host_bytes, weight_bytes, model.use_mmap, n_seq)
     return Context(
         model,
         n_ctx,
@@ -233,6 +241,7 @@ def build_context(
         n_seq=n_seq,
         mtp=mtp,
         keep_back=keep_back,
+        hot_experts=hot_experts,
     )
 
 

@@ -113,17 +113,30 @@ class ModelFile:
     def n_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def weights(self, backends: Any = None, layer_devices: list[int] | None = None) -> _ggml.WeightMap:
+    @property
+    def expert_bytes(self) -> int:
+        """The bytes of the routed experts' tensors (ffn_{gate,up,down}_exps of every layer)."""
+        return sum(t.nbytes for name, t in self.tensors.items() if _EXPERTS.fullmatch(name))
+
+    def weights(
+        self, backends: Any = None, layer_devices: list[int] | None = None, experts_on_cpu: bool = False
+    ) -> _ggml.WeightMap:
         """The tensors as ggml tensors, created once: zero-copy views of the mappings on the CPU (use_mmap), else
         read into memory allocated on the backends' device. layer_devices: the backend index of each layer's
         tensors (blk.N.*; the rest, and layers past the list, stay on the local device), for a model split across
-        devices."""
+        devices. experts_on_cpu: the routed experts' tensors (ffn_{gate,up,down}_exps) on the CPU backend (the
+        last), read in place from the mapping, whatever device the rest is on (hot experts on a device)."""
         if self._maps is None:
             raise ValueError(f"{self.path}: the model file has been closed")
         placement = None
-        if layer_devices is not None:
+        if layer_devices is not None or experts_on_cpu:
             home = backends.n_remote
-            placement = [_layer_device(t.name, layer_devices, home) for t in self.tensors.values()]
+            cpu = len(backends.names) - 1
+            on_cpu = [experts_on_cpu and _EXPERTS.fullmatch(name) is not None for name in self.tensors]
+            placement = [
+                cpu if cpu_side else _layer_device(name, layer_devices or [], home)
+                for name, cpu_side in zip(self.tensors, on_cpu, strict=True)
+            ]
         if self._weights is not None and placement != self._placement:
             raise ValueError(f"{self.path}: its weights are already placed on other devices (one context per model)")
         if self._weights is None:
@@ -297,6 +310,9 @@ def _validate(paths: list[str], headers: list[GGUFHeader], maps: list[mmap.mmap]
             )
         model._private[name] = ids
     return model
+
+
+_EXPERTS = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps\.weight")  # the routed experts' tensors
 
 
 def _layer_device(name: str, layer_devices: list[int], home: int) -> int:

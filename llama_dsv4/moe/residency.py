@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +91,7 @@ class MoEConfig:
     save_every: int = 10  # updates between saves (and at close)
     half_life: float = DEFAULT_HALF_LIFE
     release_cold: bool = False  # drop cold experts' pages at each update (else the kernel evicts them first)
+    lock: bool = True  # False: count and rank only (the hot experts on a device follow the ranking: moe/device.py)
 
     def __post_init__(self) -> None:
         if self.budget_mib is not None and (not np.isfinite(self.budget_mib) or self.budget_mib < 0):
@@ -114,7 +116,7 @@ class ExpertResidency:
         use_mlock: bool = False,
         syscalls: Syscalls | None = None,
     ) -> None:
-        if not model.use_mmap:
+        if config.lock and not model.use_mmap:
             raise ValueError("MoE expert residency manages pages of the mapped model file: it needs use_mmap=True")
         p = model.params
         self.model, self.config = model, config
@@ -165,6 +167,7 @@ class ExpertResidency:
         self._sync_decayed = np.zeros((self.L, self.E), np.float64)
         self._sync_tokens = 0
         self.loaded_from: str | None = None
+        self.listeners: list[Callable[[np.ndarray], None]] = []  # called with the ranking after each update
         self._load()
         if self.auto:
             start = np.full(self.L, min(AUTO_START, self.E), np.int64)
@@ -176,7 +179,7 @@ class ExpertResidency:
             self.hot = np.full(self.L, min(int(config.hot_count), self.E), np.int64)
         self.requested = self.hot.copy()
         self._update(first=True)
-        if config.release_cold:
+        if config.release_cold and config.lock:
             self.released_bytes += self.memory.release_cold(self.hot_sets)
         log.info(
             "MoE hot experts: per-layer counts %d..%d, %.1f MiB locked, statistics %s",
@@ -284,11 +287,13 @@ class ExpertResidency:
                 if warning and warning not in self.warnings:
                     self._warn(warning)
             self.hot = hot
-            order = policy.ranking(self.counts.decayed, self.counts.lifetime)
-            self._hot_sets = [order[li, : hot[li]] for li in range(self.L)]
+            self.order = policy.ranking(self.counts.decayed, self.counts.lifetime)
+            self._hot_sets = [self.order[li, : hot[li]] for li in range(self.L)]
             self.mask = np.zeros((self.L, self.E), bool)
             for li in range(self.L):
                 self.mask[li, self._hot_sets[li]] = True
+            if not self.config.lock:
+                break
             _, released = self.memory.apply(self._hot_sets, release=self.config.release_cold)
             self.released_bytes += released
             if not self.memory.lock_failed_bytes:
@@ -301,6 +306,8 @@ class ExpertResidency:
             if self.backoff is not None and new_cap >= self.backoff:
                 break
             self.backoff = new_cap
+        for listener in self.listeners:
+            listener(self.order)
         self.update_seconds += time.perf_counter() - t0
         if not first:
             self.updates += 1

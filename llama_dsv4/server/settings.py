@@ -40,7 +40,7 @@ _LLAMA_FIELDS = (
 )  # fmt: skip
 _LLAMA_IF_SET = (
     "seed", "type_k", "moe_hot_count", "moe_hot_budget_mib", "moe_stats_path", "spec_type", "rpc_servers",
-    "tensor_split", "rpc_timeout",
+    "tensor_split", "rpc_timeout", "moe_device_experts",
 )  # fmt: skip
 _LLAMA_IF_NOT_AUTO = ("moe_prefetch",)
 
@@ -71,6 +71,7 @@ class Settings:
     device: str = "auto"
     moe_hot_count: int | str | list[int] | None = None
     moe_hot_budget_mib: float | None = None
+    moe_device_experts: int | None = None  # hot experts per MoE layer on the device (None or 0: off)
     moe_stats_path: str | None = None
     moe_prefetch: bool | str = "auto"  # ask for routed experts' missing pages as they are chosen (--[no-]moe-prefetch)
     spec_type: str | None = None  # "mtp": speculative decoding with the model's MTP layer (--spec-type draft-mtp)
@@ -402,6 +403,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     s.type_k = CACHE_TYPES[ns.cache_type_k] if ns.cache_type_k else None
     s.moe_hot_count, s.moe_hot_budget_mib, s.moe_stats_path = ns.moe_hot_count, ns.moe_hot_budget_mib, ns.moe_stats_path
     s.moe_prefetch = ns.moe_prefetch
+    s.moe_device_experts = ns.moe_device_experts or None
     s.rpc_servers, s.tensor_split, s.rpc_timeout = ns.rpc_servers, ns.tensor_split, ns.rpc_timeout
     if s.tensor_split is not None and not s.rpc_servers:
         raise SettingsError("--tensor-split needs --rpc: without RPC servers the model runs on one device")
