@@ -445,8 +445,12 @@ cdef class Context:
         cdef HotW * H
         for il in hot.layers:
             H = &self.lw[<int> il].ffn.hot
-            H.gate, H.up, H.down = dt.get(hot.name(il, "gate")), dt.get(hot.name(il, "up")), dt.get(hot.name(il, "down"))
-            H.slot, H.cold, H.is_hot = dt.get(hot.name(il, "slot")), dt.get(hot.name(il, "cold")), dt.get(hot.name(il, "is_hot"))
+            H.gate = dt.get(hot.name(il, "gate"))
+            H.up = dt.get(hot.name(il, "up"))
+            H.down = dt.get(hot.name(il, "down"))
+            H.slot = dt.get(hot.name(il, "slot"))
+            H.cold = dt.get(hot.name(il, "cold"))
+            H.is_hot = dt.get(hot.name(il, "is_hot"))
             H.all_hot = hot.count == hot.n_expert
         self.hot = hot
 
