@@ -845,14 +845,19 @@ cdef class WeightMap:
 
     def read(self, str name, size_t offset, size_t n):
         """n bytes of a tensor's data from byte offset (a copy); ValueError outside the tensor."""
-        cdef g.ggml_tensor * t = self.get(name)
-        if offset > g.ggml_nbytes(t) or n > g.ggml_nbytes(t) - offset:
-            raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + n}) lie outside its {g.ggml_nbytes(t)}")
-        out = np.empty(n, dtype=np.uint8)
-        cdef uint8_t[::1] dst = out
-        if n:
-            g.ggml_backend_tensor_get(t, &dst[0], offset, n)
-        return out
+        return _read_bytes(self.get(name), name, offset, n)
+
+
+cdef object _read_bytes(g.ggml_tensor * t, str name, size_t offset, size_t n):
+    """n bytes of t's data from byte offset, wherever they are, as a uint8 array; ValueError outside the tensor."""
+    cdef size_t total = g.ggml_nbytes(t)
+    if offset > total or n > total - offset:
+        raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + n}) lie outside its {total}")
+    out = np.empty(n, dtype=np.uint8)
+    cdef uint8_t[::1] dst = out
+    if n:
+        g.ggml_backend_tensor_get(t, &dst[0], offset, n)
+    return out
 
 
 cdef class DeviceTensors:
@@ -945,11 +950,4 @@ cdef class DeviceTensors:
         """Bytes of a tensor from byte offset (all the rest by default), as a uint8 array."""
         cdef g.ggml_tensor * t = self.get(name)
         cdef size_t total = g.ggml_nbytes(t)
-        cdef size_t k = total - min(offset, total) if n is None else <size_t> n
-        if offset > total or k > total - offset:
-            raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + k}) lie outside its {total}")
-        out = np.empty(k, dtype=np.uint8)
-        cdef uint8_t[::1] dst = out
-        if k:
-            g.ggml_backend_tensor_get(t, &dst[0], offset, k)
-        return out
+        return _read_bytes(t, name, offset, total - min(offset, total) if n is None else <size_t> n)

@@ -103,6 +103,18 @@ def test_bad_hot_sets_are_refused(tiny_paths: dict[str, str]) -> None:
         with pytest.raises(ValueError, match="layer 99 has no hot experts"):
             hot.assign(99, [0, 1])
         assert hot.hot(0) == [0, 1]  # nothing changed by a refused assignment
+        size = len(hot.tensors.read(hot.name(0, "slot")))  # 8 experts x 4 bytes
+        assert size == 32 and len(hot.tensors.read(hot.name(0, "slot"), 8, 24)) == 24
+        for bad_read in (
+            lambda: hot.tensors.read(hot.name(0, "slot"), 8, 25),
+            lambda: m.weights().read("blk.0.ffn_gate_exps.weight", 1 << 40, 1),
+        ):
+            with pytest.raises(ValueError, match="lie outside its"):
+                bad_read()
+        with pytest.raises(ValueError, match=r"bytes \[30, 34\) lie outside its 32"):
+            hot.tensors.write(hot.name(0, "slot"), 30, np.zeros(4, np.uint8))
+        with pytest.raises(KeyError, match=r"no tensor 'hot\.99\.slot'"):
+            hot.tensors.read("hot.99.slot")
         del ctx
     finally:
         m.close()
