@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__, _ggml
 from .demo import DEMO_NAME_PREFIX, DEMO_QUESTIONS, demo_model_path
+from .engine import runtime
 from .engine.context import Context
 from .flags import (
     _float,
@@ -148,7 +149,7 @@ def _summary(path: str, device: str, threads: int, n_predict: int, use_mmap: boo
         + (f", pre-tokenizer {v.pre}" if v else " (no tokenizer)"),
         f"tensors     {len(model.tensors)} ({', '.join(f'{n} {t}' for t, n in types.most_common())}), "
         f"{model.n_bytes / 2**20:.1f} MiB",
-        f"backends    {', '.join(backends.names)}, {backends.threads} threads; weights "
+        f"backends    {runtime.device_summary(backends)}, {backends.threads} threads; weights "
         f"{'mapped zero-copy' if weights.zero_copy else 'copied' if use_mmap else 'read into memory'} on "
         f"{weights.device}",
         f"loaded in   {dt * 1e3:.1f} ms",
@@ -289,7 +290,9 @@ def _open(args: argparse.Namespace, err: TextIO) -> Any:
         template_from_file(llm, args.chat_template_file)
     err.write(
         f"llama-dsv4: opened {os.path.basename(path)} in {time.perf_counter() - t0:.1f} s: n_ctx {llm.n_ctx()}, "
-        f"threads {threads}, seed {seed}{'' if args.seed >= 0 else f' (-s {seed} repeats this run)'}\n"
+        f"threads {threads}, seed {seed}{'' if args.seed >= 0 else f' (-s {seed} repeats this run)'}"
+        + (f", on {runtime.device_summary(llm._ctx.backends)}" if llm._ctx is not None else "")
+        + "\n"
     )
     return llm
 

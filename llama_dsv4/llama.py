@@ -553,7 +553,7 @@ class Llama:
             print(
                 f"llama-dsv4: loaded {self.model_path} ({params.n_layer} layers, {self._n_vocab} tokens), "
                 f"n_ctx={self._n_ctx}, n_batch={self.n_batch}, cache {type_k_name}"
-                + (f", on {runtime.device_summary(self._runner.context)}" if self._runner is not None else ""),
+                + (f", on {runtime.device_summary(self._runner.context.backends)}" if self._runner is not None else ""),
                 file=sys.stderr,
             )
 

