@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -125,17 +126,30 @@ def node_placement(device: str, hot: bool = False) -> dict[str, int]:
 
 
 def speed(model: str, device: str, threads: int, n_tokens: int, hot: int = 0) -> dict[str, float]:
+    """Load seconds, pp512 and decode tokens/s. hot: that many experts per layer on the device; the warm-up then
+    evaluates the prompt twice, 1,024 routed tokens, after which the device holds the experts that routing chose
+    most (the statistics go to a temporary file, not the user's ~/.llama)."""
     import llama_dsv4
 
-    t = time.perf_counter()
-    llm = llama_dsv4.Llama(
-        model, n_ctx=1024, n_batch=512, n_threads=threads, device=device, verbose=False, moe_device_experts=hot
-    )
-    out = {"load": time.perf_counter() - t}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        llm = llama_dsv4.Llama(
+            model, n_ctx=1024, n_batch=512, n_threads=threads, device=device, verbose=False, moe_device_experts=hot,
+            moe_stats_path=os.path.join(tmp, "stats.bin"),
+        )  # fmt: skip
+        out = {"load": time.perf_counter() - t}
+        try:
+            return _timed(llm, n_tokens, out, warm_ups=2 if hot else 1)
+        finally:
+            llm.close()
+
+
+def _timed(llm: Any, n_tokens: int, out: dict[str, float], warm_ups: int) -> dict[str, float]:
     nv = llm.n_vocab()
     prompt = [int(x) % nv for x in np.random.default_rng(0).integers(100, 1000, 512)]
-    llm.eval(prompt)  # warm-up
-    llm.reset()
+    for _ in range(warm_ups):
+        llm.eval(prompt)
+        llm.reset()
     t = time.perf_counter()
     llm.eval(prompt)
     out["pp512"] = 512 / (time.perf_counter() - t)
@@ -143,7 +157,6 @@ def speed(model: str, device: str, threads: int, n_tokens: int, hot: int = 0) ->
     for i in range(n_tokens):
         llm.eval([(100 + i) % nv])
     out["tg"] = n_tokens / (time.perf_counter() - t)
-    llm.close()
     return out
 
 

@@ -583,6 +583,37 @@ cdef bint _can_map(g.ggml_backend_dev_t dev) noexcept:
     return props.type == g.GGML_BACKEND_DEVICE_TYPE_CPU or props.caps.buffer_from_host_ptr
 
 
+cdef g.ggml_tensor * _new_tensor(g.ggml_context * ctx, str name, type_id, shape, dict taken) except NULL:
+    """A named tensor of ctx (no data) after checking what a file or a caller gives: the name (not empty, not too
+    long, not in `taken`), the type, the shape (1-4 positive dimensions, ggml order) and its first dimension against
+    the type's block size."""
+    bname = name.encode()
+    if not 0 < len(bname) < g.GGML_MAX_NAME:
+        raise ValueError(f"tensor name {name!r} is empty or longer than {g.GGML_MAX_NAME - 1} bytes")
+    if name in taken:
+        raise ValueError(f"duplicate tensor {name!r}")
+    cdef const g.ggml_type_traits * tr = _traits(type_id)
+    if not 1 <= len(shape) <= 4 or any(d <= 0 for d in shape):
+        raise ValueError(f"tensor {name!r}: bad shape {shape}")
+    if shape[0] % tr.blck_size:
+        raise ValueError(f"tensor {name!r}: ne0={shape[0]} is not a multiple of {tr.blck_size}")
+    cdef int64_t ne[4]
+    for d in range(4):
+        ne[d] = shape[d] if d < len(shape) else 1
+    cdef g.ggml_tensor * t = g.ggml_new_tensor(ctx, <g.ggml_type> type_id, len(shape), ne)
+    if t == NULL:
+        raise MemoryError()
+    g.ggml_set_name(t, bname)
+    return t
+
+
+cdef _check_range(g.ggml_tensor * t, str name, size_t offset, size_t n):
+    """ValueError unless bytes [offset, offset + n) lie inside t's data."""
+    cdef size_t total = g.ggml_nbytes(t)
+    if offset > total or n > total - offset:
+        raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + n}) lie outside its {total}")
+
+
 cdef class WeightMap:
     """Model tensors as ggml tensors, their data either pages of the memory-mapped GGUF shards or memory allocated
     for them on the device and filled from the files.
@@ -636,28 +667,11 @@ cdef class WeightMap:
             if self.ctxs[<int> d] == NULL:
                 raise MemoryError("ggml_init failed")
         self.ctx = self.ctxs[home]
-        cdef int64_t ne[4]
-        cdef const g.ggml_type_traits * tr
         cdef g.ggml_tensor * t
         for i, (name, type_id, shape, shard, offset, nbytes) in enumerate(tensors):
-            bname = name.encode()
-            if not 0 < len(bname) < g.GGML_MAX_NAME:
-                raise ValueError(f"tensor name {name!r} is empty or longer than {g.GGML_MAX_NAME - 1} bytes")
-            if name in self._index:
-                raise ValueError(f"duplicate tensor {name!r}")
-            tr = _traits(type_id)
-            if not 1 <= len(shape) <= 4 or any(d <= 0 for d in shape):
-                raise ValueError(f"tensor {name!r}: bad shape {shape}")
-            if shape[0] % tr.blck_size:
-                raise ValueError(f"tensor {name!r}: ne0={shape[0]} is not a multiple of {tr.blck_size}")
+            t = _new_tensor(self.ctxs[<int> dev_of[i]], name, type_id, shape, self._index)
             if not 0 <= shard < len(sizes):
                 raise ValueError(f"tensor {name!r}: shard {shard} does not exist")
-            for d in range(4):
-                ne[d] = shape[d] if d < len(shape) else 1
-            t = g.ggml_new_tensor(self.ctxs[<int> dev_of[i]], <g.ggml_type> type_id, len(shape), ne)
-            if t == NULL:
-                raise MemoryError()
-            g.ggml_set_name(t, bname)
             if g.ggml_nbytes(t) != <size_t> nbytes:
                 raise ValueError(f"tensor {name!r}: {nbytes} bytes given, its shape and type need {g.ggml_nbytes(t)}")
             if offset < 0 or offset + nbytes > sizes[shard]:
@@ -850,9 +864,7 @@ cdef class WeightMap:
 
 cdef object _read_bytes(g.ggml_tensor * t, str name, size_t offset, size_t n):
     """n bytes of t's data from byte offset, wherever they are, as a uint8 array; ValueError outside the tensor."""
-    cdef size_t total = g.ggml_nbytes(t)
-    if offset > total or n > total - offset:
-        raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + n}) lie outside its {total}")
+    _check_range(t, name, offset, n)
     out = np.empty(n, dtype=np.uint8)
     cdef uint8_t[::1] dst = out
     if n:
@@ -879,25 +891,11 @@ cdef class DeviceTensors:
         self.ctx = g.ggml_init(ip)
         if self.ctx == NULL:
             raise MemoryError("ggml_init failed")
-        cdef int64_t ne[4]
-        cdef g.ggml_tensor * t
         self._tensors = <g.ggml_tensor **> calloc(max(len(specs), 1), sizeof(g.ggml_tensor *))
         if self._tensors == NULL:
             raise MemoryError()
         for i, (name, type_id, shape) in enumerate(specs):
-            bname = name.encode()
-            if not 0 < len(bname) < g.GGML_MAX_NAME or name in self._index:
-                raise ValueError(f"tensor name {name!r} is empty, too long or given twice")
-            _traits(type_id)
-            if not 1 <= len(shape) <= 4 or any(d <= 0 for d in shape):
-                raise ValueError(f"tensor {name!r}: bad shape {shape}")
-            for d in range(4):
-                ne[d] = shape[d] if d < len(shape) else 1
-            t = g.ggml_new_tensor(self.ctx, <g.ggml_type> type_id, len(shape), ne)
-            if t == NULL:
-                raise MemoryError()
-            g.ggml_set_name(t, bname)
-            self._tensors[i] = t
+            self._tensors[i] = _new_tensor(self.ctx, name, type_id, shape, self._index)
             self._index[name] = i
         dev = backends.dev_at(backend)
         self.device = g.ggml_backend_dev_name(dev).decode()
@@ -941,8 +939,7 @@ cdef class DeviceTensors:
         cdef const uint8_t[::1] b = np.ascontiguousarray(np.frombuffer(data, np.uint8) if isinstance(data, bytes)
                                                          else np.asarray(data)).view(np.uint8).reshape(-1)
         cdef size_t n = b.shape[0]
-        if offset > g.ggml_nbytes(t) or n > g.ggml_nbytes(t) - offset:
-            raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + n}) lie outside its {g.ggml_nbytes(t)}")
+        _check_range(t, name, offset, n)
         if n:
             g.ggml_backend_tensor_set(t, &b[0], offset, n)
 

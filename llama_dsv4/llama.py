@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import operator
 import os
 import sys
 import warnings
@@ -358,7 +357,11 @@ class Llama:
         if type_k not in (None, *_CACHE_TYPE_NAMES):
             raise ValueError(f"type_k {type_k} is not supported; use GGML_TYPE_F16 (1) or GGML_TYPE_F32 (0)")
         hot_count = parse_hot_count(moe_hot_count)  # a ValueError before anything is loaded
-        device_experts = operator.index(moe_device_experts)
+        if isinstance(moe_device_experts, bool) or not isinstance(moe_device_experts, (int, np.integer)):
+            raise TypeError(
+                f"moe_device_experts must be an integer (experts per layer, 0: off), got {moe_device_experts!r}"
+            )
+        device_experts = int(moe_device_experts)
         if device_experts < 0:
             raise ValueError(f"moe_device_experts must be >= 0 (0: off), got {moe_device_experts}")
         moe_config = (

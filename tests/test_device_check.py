@@ -20,8 +20,9 @@ ENV = {**os.environ, "LLAMA_DSV4_GOVERNOR": "off"}
 
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**ENV, "HOME": str(tmp_path)}  # whatever the script writes under ~ stays in the test's folder
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=300
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
     )
 
 

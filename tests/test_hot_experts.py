@@ -120,6 +120,13 @@ def test_bad_hot_sets_are_refused(tiny_paths: dict[str, str]) -> None:
         m.close()
     with pytest.raises(ValueError, match="moe_device_experts must be >= 0"):
         Llama(model_path=tiny_paths["f32"], moe_device_experts=-1, verbose=False)
+    for bad in ("4", True, 2.0):
+        with pytest.raises(TypeError, match="moe_device_experts must be an integer"):
+            Llama(model_path=tiny_paths["f32"], moe_device_experts=bad, verbose=False)
+    with pytest.raises(ValueError, match="ne0=33 is not a multiple of 32"):  # a Q8_0 row is whole blocks
+        _ggml.DeviceTensors(_ggml.Backends("cpu", 1), 0, [("x", 8, (33, 2))])
+    with pytest.raises(ValueError, match="duplicate tensor 'x'"):
+        _ggml.DeviceTensors(_ggml.Backends("cpu", 1), 0, [("x", 0, (4,)), ("x", 0, (4,))])
     with pytest.raises(ValueError, match="do not combine with a split across RPC"):
         runtime.create_context(load_model(tiny_paths["f32"]), rpc_servers=["127.0.0.1:1"], hot_experts=2)
 

@@ -318,7 +318,7 @@ cdef class Context:
             raise ValueError("hot experts on a device do not combine with a split across RPC servers")
         if not 0 <= hot_experts <= p.n_expert:
             raise ValueError(f"hot_experts must be between 0 (off) and the model's {p.n_expert} experts, got "
-                             f"{hot_experts}")
+                             f"{hot_experts} (Llama's moe_device_experts, --moe-device-experts)")
         if self.layer_dev is not None:
             self.wm = model.weights(self.be, self.layer_dev)
         elif hot_experts and self.be.n > 1:  # the experts stay in host memory, the rest goes to the device

@@ -386,9 +386,8 @@ cdef T * routed_split(C * ctx, const Hparams * hp, const MoeW * F, T * xe, T * s
                            g.ggml_reshape_2d(ctx, g.ggml_get_rows(ctx, H.slot, flat), k, n), w_hot)
     if H.all_hot:
         return out
-    return g.ggml_add(ctx, out, experts(ctx, hp, F.gate_exps, F.up_exps, F.down_exps, F.clamp_exp, xe,
-                                        g.ggml_reshape_2d(ctx, g.ggml_get_rows(ctx, H.cold, flat), k, n),
-                                        g.ggml_sub(ctx, w, w_hot)))
+    cdef T * cold = g.ggml_reshape_2d(ctx, g.ggml_get_rows(ctx, H.cold, flat), k, n)
+    return g.ggml_add(ctx, out, routed(ctx, hp, F, xe, cold, g.ggml_sub(ctx, w, w_hot)))
 
 
 cdef T * moe(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const MoeW * F, const UBatch * ub, Inputs * inp,
