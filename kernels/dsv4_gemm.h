@@ -1,4 +1,5 @@
-/* Matrix products for prompt processing on the CPU, where ggml 0.20.2 has no tiled kernel for our types.
+/* Matrix products on the CPU, where ggml 0.20.2 has no tiled kernel for our types (prompt processing) or, as PyPI
+ * builds it, no VNNI dot product (decode: the dense Q8_0 product, 3. below).
  *
  * 1. Routed experts: K-quant (Q2_K to Q6_K) experts x Q8_K activations (mul_mat_id), kernels/dsv4_moe_gemm.c.
  *
@@ -18,8 +19,9 @@
  *   prep = dsv4_q8k_prep(ctx, x, isa)              x [K, N, B] F32
  *   out  = dsv4_mul_mat_kq(ctx, w, prep, isa)      = ggml_mul_mat(ctx, w, x): [M, N, B] F32, w [K, M, B] K-quant
  *
- * 3. Dense Q8_0 weights (attention, shared expert, router) x Q8_0 activations (mul_mat), AVX-512 VNNI only,
- *    kernels/dsv4_gemm_vnni.c:
+ * 3. Dense Q8_0 weights (attention, shared expert, router, output head) x Q8_0 activations (mul_mat), AVX-512 VNNI
+ *    only, kernels/dsv4_gemm_vnni.c; for any number of activation rows (below Q80_ROWS_MAX, decode, the weight rows
+ *    are read in place instead of in slabs):
  *
  *   prep = dsv4_q80_prep(ctx, x)                   x [K, N, B] F32 -> one Q8_0 row per activation row
  *   out  = dsv4_mul_mat_q80(ctx, w, prep)          = ggml_mul_mat(ctx, w, x): [M, N, B] F32, w [K, M, B] Q8_0
@@ -82,6 +84,13 @@ struct ggml_tensor * dsv4_mul_mat_kq(struct ggml_context * ctx, struct ggml_tens
 
 /* Whether dsv4_mul_mat_q80 accepts these operands (this CPU has AVX-512 VNNI, K % 256 == 0, M % 16 == 0). */
 int dsv4_dense_gemm_ok(const struct ggml_tensor * w, const struct ggml_tensor * x);
+
+/* Activation rows up to which (exclusive) dsv4_mul_mat_q80 multiplies weight rows in place instead of in slabs. */
+#define Q80_ROWS_MAX 8
+
+/* Bytes of one row of dsv4_q80_prep's result for N activation rows of length K: dsv4_act_row_bytes(K), plus 2K of
+ * per-block tables where N < Q80_ROWS_MAX. */
+size_t dsv4_q80_row_bytes(int64_t K, int64_t N);
 
 struct ggml_tensor * dsv4_q80_prep(struct ggml_context * ctx, struct ggml_tensor * x);
 

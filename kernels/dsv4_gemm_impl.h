@@ -125,6 +125,11 @@ void dsv4_vnni_slab_kq(int type, const uint8_t * rows, size_t stride, int64_t sb
 void dsv4_vnni_columns(const struct dsv4_slab * slab, const uint8_t * const * a, int nc, int64_t K, int64_t sb,
                        float (*acc)[SLAB_ROWS]);
 
+/* Q4_K / Q5_K rows m0 .. m0 + n - 1 (`stride` bytes apart from w) times nc (1 or 2) prepared Q8_K activation rows,
+ * read in place (no slab): orow[c][m0 + r]. */
+void dsv4_vnni_rows_kq(int type, const uint8_t * w, size_t stride, int64_t m0, int64_t n, const uint8_t * const * a,
+                       int nc, int64_t K, float * const * orow);
+
 /* k16: fill `slab` from super-block `sb` of 16 rows of `type`; the columns as dsv4_vnni_columns (Q8_K rows). */
 void dsv4_vnni_slab_k16(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab16 * slab);
 void dsv4_vnni_columns_k16(const struct dsv4_slab16 * slab, const uint8_t * const * a, int nc, int64_t K, int64_t sb,

@@ -1,4 +1,5 @@
-/* AVX-512 VNNI products for prompt processing: weight rows in the lanes.
+/* AVX-512 VNNI products: weight rows in the lanes (prompt processing), and for Q8_0 also weight rows read in place
+ * against fewer than 8 activation rows (decode; q80_rows_n below).
  *
  * 16 weight rows are unpacked to unsigned bytes and transposed so that one 64-byte vector holds 4 consecutive
  * columns of each of the 16 rows; vpdpbusd with 4 activation bytes broadcast then adds 64 products into 16
@@ -28,9 +29,17 @@ static int has_f16c(void) {
     return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
 }
 
+/* Asked at every graph build: CPUID is slow under a hypervisor (a VM exit), so the answer is kept (relaxed atomics:
+ * every thread computes the same value). */
 int dsv4_vnni_supported(void) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && has_f16c();
+    static int known = -1;
+    int v = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (v < 0) {
+        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && has_f16c();
+        __atomic_store_n(&known, v, __ATOMIC_RELAXED);
+    }
+    return v;
 }
 
 /* 16 rows of 16 dwords (x) -> 16 vectors, vector c holding dword c of every row (row r in lane r). */
@@ -307,6 +316,90 @@ VNNI void dsv4_vnni_columns(const struct dsv4_slab * slab, const uint8_t * const
     }
 }
 
+/* Q4_K / Q5_K weight rows read in place against 1 or 2 prepared Q8_K activation rows (an expert's one or two tokens
+ * in a decode step of several sequences, where a slab's transposing does not pay): each super-block's quants
+ * unpacked in registers, 64 at a time (lanes 0-7 sum one sub-block of 32, lanes 8-15 the next), the 6-bit scales
+ * applied in integers and the mins through the activation's block sums, as ggml's vec_dot does; nothing written
+ * back but the results. orow[c][m0 + r] = row m0 + r times a[c], r < n. */
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inline)) static inline void rows_kq_n(
+    int type, const uint8_t * w, size_t stride, int64_t m0, int64_t n, const uint8_t * const * a, int64_t K,
+    float * const * orow, const int NC) {
+    const size_t bytes = dsv4_kq_bytes(type);
+    const int q5 = type == GGML_TYPE_Q5_K;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16), zero = _mm512_setzero_si512();
+    const __mmask64 high = 0xFFFFFFFF00000000ull; /* bytes 32..63: the high nibbles */
+    const size_t row_bytes = (size_t) (K / QK) * bytes;
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t * row = w + (size_t) (m0 + r) * stride;
+        if (r + 2 < n) { /* the row after next comes from memory while this one computes (it waited on its loads) */
+            for (size_t o = 0; o < row_bytes; o += 64) {
+                __builtin_prefetch(row + 2 * stride + o, 0, 3);
+            }
+        }
+        __m512 f[2];
+        __m256 mn[2];
+        for (int c = 0; c < NC; c++) {
+            f[c] = _mm512_setzero_ps();
+            mn[c] = _mm256_setzero_ps();
+        }
+        for (int64_t sb = 0; sb < K / QK; sb++) {
+            const uint8_t * b = row + (size_t) sb * bytes;
+            uint16_t hd, hm;
+            memcpy(&hd, b, 2);
+            memcpy(&hm, b + 2, 2);
+            int32_t sc[8], m[8];
+            for (int j = 0; j < 8; j++) {
+                int s, mj;
+                dsv4_scale_min_k4(j, b + 4, &s, &mj);
+                sc[j] = s;
+                m[j] = mj;
+            }
+            const uint8_t * ql = b + (q5 ? 48 : 16);
+            const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *) (b + 16)) : _mm256_setzero_si256();
+            const __m512i qh2 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), qh, 1);
+            __m512i tot[2] = {zero, zero};
+            for (int g = 0; g < 4; g++) {
+                const __m256i l = _mm256_loadu_si256((const __m256i *) (ql + 32 * g));
+                const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(l), l, 1);
+                __m512i q = _mm512_mask_blend_epi8(high, _mm512_and_si512(x, m4),
+                                                   _mm512_and_si512(_mm512_srli_epi16(x, 4), m4));
+                if (q5) { /* bit 2g of qh[l] for the low nibbles, bit 2g + 1 for the high ones: worth 16 */
+                    const __m512i bit = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8((char) (1 << (2 * g)))),
+                                                           _mm256_set1_epi8((char) (1 << (2 * g + 1))), 1);
+                    q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(qh2, bit), q, sixteen);
+                }
+                const __m512i scv = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(sc[2 * g]), _mm512_set1_epi32(sc[2 * g + 1]));
+                for (int c = 0; c < NC; c++) {
+                    const __m512i av = _mm512_loadu_si512((const void *) (a[c] + sb * QK + 64 * g));
+                    tot[c] = _mm512_add_epi32(tot[c], _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, q, av), scv));
+                }
+            }
+            const float d = dsv4_half_to_float(hd);
+            const __m256 mv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *) m)),
+                                            _mm256_set1_ps(dsv4_half_to_float(hm)));
+            for (int c = 0; c < NC; c++) {
+                const float * ds = (const float *) (a[c] + K);
+                f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[c]), _mm512_set1_ps(d * ds[sb * 8]), f[c]);
+                mn[c] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(ds + K / 32 + sb * 8), mn[c]);
+            }
+        }
+        for (int c = 0; c < NC; c++) {
+            const __m128 h = _mm_add_ps(_mm256_castps256_ps128(mn[c]), _mm256_extractf128_ps(mn[c], 1));
+            const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            orow[c][m0 + r] = _mm512_reduce_add_ps(f[c]) - _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+        }
+    }
+}
+
+VNNI void dsv4_vnni_rows_kq(int type, const uint8_t * w, size_t stride, int64_t m0, int64_t n,
+                            const uint8_t * const * a, int nc, int64_t K, float * const * orow) {
+    if (nc >= 2) {
+        rows_kq_n(type, w, stride, m0, n, a, K, orow, 2);
+    } else {
+        rows_kq_n(type, w, stride, m0, n, a, K, orow, 1);
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------- Q8_0 dense */
 
 /* One activation row as ggml's x86 quantize_row_q8_0 makes it (scale max|x|/127 stored in fp16, quants
@@ -335,9 +428,83 @@ VNNI static void quantize_row_q80(const float * x, int64_t K, uint8_t * row) {
     }
 }
 
+/* The wide row (dsv4_q80_row_bytes, fewer than Q80_ROWS_MAX rows): the above, then for q80_rows_n, per pair p of
+ * blocks, 16 floats (lanes 0-7 the scale of block 2p, lanes 8-15 that of block 2p+1) and 16 int32 (lane 0 and lane 8
+ * -128 times the sum of the block's quants, the others 0: the start of vpdpbusd's sums, taking the offset's products
+ * off in integers). */
+VNNI static void quantize_row_q80_wide(const float * x, int64_t K, uint8_t * row) {
+    quantize_row_q80(x, K, row);
+    const int8_t * qs = (const int8_t *) row;
+    const float * ds = (const float *) (row + K);
+    float * da = (float *) (row + dsv4_act_row_bytes(K));
+    int32_t * start = (int32_t *) (da + K / 4);
+    for (int64_t j = 0; j < K / 32; j++) {
+        int s = 0;
+        for (int l = 0; l < 32; l++) {
+            s += qs[j * 32 + l];
+        }
+        for (int l = 0; l < 8; l++) {
+            da[8 * j + l] = ds[j];
+            start[8 * j + l] = l == 0 ? -128 * s : 0;
+        }
+    }
+}
+
 static void q80_prep_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
-    dsv4_prep_rows(dst, ith, nth, quantize_row_q80);
+    const int64_t K = dst->src[0]->ne[0];
+    dsv4_prep_rows(dst, ith, nth,
+                   dst->ne[0] == (int64_t) dsv4_act_row_bytes(K) ? quantize_row_q80 : quantize_row_q80_wide);
+}
+
+/* Fewer than Q80_ROWS_MAX activation rows: each weight row straight from the file, 64 bytes (two blocks) at a time,
+ * multiplied with every activation row while it is in a register (no slab, whose transposing only pays for 8 rows
+ * or more). Lanes 0-7 hold block 2p's sums, 8-15 block 2p+1's; each block scaled once in float per activation row;
+ * one horizontal sum per weight row and activation row. acc[c][r] = row r times activation row c (wide rows). */
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inline)) static inline void q80_rows_n(
+    const uint8_t * rows, size_t stride, const uint8_t * const * a, int64_t K, float (*acc)[SLAB_ROWS], const int NC) {
+    const size_t base = dsv4_act_row_bytes(K);
+    const __m512i bias = _mm512_set1_epi8((char) 0x80);
+    for (int r = 0; r < SLAB_ROWS; r++) {
+        const uint8_t * row = rows + r * stride;
+        __m512 f[Q80_ROWS_MAX - 1];
+        for (int c = 0; c < NC; c++) {
+            f[c] = _mm512_setzero_ps();
+        }
+        for (int64_t p = 0; p < K / 64; p++) {
+            const uint8_t * b = row + (size_t) p * 2 * Q80_BYTES;
+            const __m256i lo = _mm256_loadu_si256((const __m256i *) (b + 2));
+            const __m256i hi = _mm256_loadu_si256((const __m256i *) (b + Q80_BYTES + 2));
+            const __m512i w = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), bias);
+            uint16_t h0, h1;
+            memcpy(&h0, b, 2);
+            memcpy(&h1, b + Q80_BYTES, 2);
+            const __m512 dw = _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16((short) h1), _mm_set1_epi16((short) h0)));
+            for (int c = 0; c < NC; c++) {
+                const float * da = (const float *) (a[c] + base) + 16 * p;
+                const int32_t * start = (const int32_t *) (a[c] + base + K) + 16 * p;
+                const __m512i s = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *) start), w,
+                                                      _mm512_loadu_si512((const void *) (a[c] + 64 * p)));
+                f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_loadu_ps(da)), f[c]);
+            }
+        }
+        for (int c = 0; c < NC; c++) {
+            acc[c][r] = _mm512_reduce_add_ps(f[c]);
+        }
+    }
+}
+
+VNNI static void q80_rows(const uint8_t * rows, size_t stride, const uint8_t * const * a, int nc, int64_t K,
+                          float (*acc)[SLAB_ROWS]) {
+    switch (nc) {
+    case 1: q80_rows_n(rows, stride, a, K, acc, 1); break;
+    case 2: q80_rows_n(rows, stride, a, K, acc, 2); break;
+    case 3: q80_rows_n(rows, stride, a, K, acc, 3); break;
+    case 4: q80_rows_n(rows, stride, a, K, acc, 4); break;
+    case 5: q80_rows_n(rows, stride, a, K, acc, 5); break;
+    case 6: q80_rows_n(rows, stride, a, K, acc, 6); break;
+    default: q80_rows_n(rows, stride, a, K, acc, 7); break;
+    }
 }
 
 static void q80_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
@@ -357,8 +524,12 @@ static void q80_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userd
             for (int c = 0; c < nc; c++) {
                 arow[c] = (const uint8_t *) prep->data + (c0 + c) * prep->nb[1] + b * prep->nb[2];
             }
-            memset(acc, 0, sizeof(float) * SLAB_ROWS * (size_t) nc);
-            for (int64_t sb = 0; sb < K / QK; sb++) {
+            if (N < Q80_ROWS_MAX) {
+                q80_rows(rows, w->nb[1], arow, nc, K, acc);
+            } else {
+                memset(acc, 0, sizeof(float) * SLAB_ROWS * (size_t) nc);
+            }
+            for (int64_t sb = 0; N >= Q80_ROWS_MAX && sb < K / QK; sb++) {
                 slab_q80(rows, w->nb[1], sb, &slab);
                 for (int c = 0; c < nc; c += 8) {
                     dsv4_vnni_columns(&slab, arow + c, nc - c < 8 ? nc - c : 8, K, sb, acc + c);
@@ -387,6 +558,11 @@ void dsv4_vnni_columns(const struct dsv4_slab * slab, const uint8_t * const * a,
     (void) slab, (void) a, (void) nc, (void) K, (void) sb, (void) acc;
 }
 
+void dsv4_vnni_rows_kq(int type, const uint8_t * w, size_t stride, int64_t m0, int64_t n,
+                       const uint8_t * const * a, int nc, int64_t K, float * const * orow) {
+    (void) type, (void) w, (void) stride, (void) m0, (void) n, (void) a, (void) nc, (void) K, (void) orow;
+}
+
 void dsv4_vnni_slab_k16(int type, const uint8_t * rows, size_t stride, int64_t sb, struct dsv4_slab16 * slab) {
     (void) type, (void) rows, (void) stride, (void) sb, (void) slab;
 }
@@ -406,6 +582,10 @@ static void q80_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userd
 
 #endif
 
+size_t dsv4_q80_row_bytes(int64_t K, int64_t N) {
+    return dsv4_act_row_bytes(K) + (N < Q80_ROWS_MAX ? 2 * (size_t) K : 0);
+}
+
 int dsv4_dense_gemm_ok(const struct ggml_tensor * w, const struct ggml_tensor * x) {
     const int64_t K = w->ne[0], M = w->ne[1];
     return dsv4_vnni_supported() && w->type == GGML_TYPE_Q8_0 && K > 0 && K % QK == 0 && M > 0 &&
@@ -420,12 +600,12 @@ struct ggml_tensor * dsv4_q80_prep(struct ggml_context * ctx, struct ggml_tensor
         return NULL;
     }
     struct ggml_tensor * args[1] = {x};
-    return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_act_row_bytes(x->ne[0]), x->ne[1], x->ne[2], 1, args, 1,
+    return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_q80_row_bytes(x->ne[0], x->ne[1]), x->ne[1], x->ne[2], 1, args, 1,
                           q80_prep_op, GGML_N_TASKS_MAX, NULL);
 }
 
 struct ggml_tensor * dsv4_mul_mat_q80(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * prep) {
-    if (prep->type != GGML_TYPE_I8 || prep->ne[0] != (int64_t) dsv4_act_row_bytes(w->ne[0])) {
+    if (prep->type != GGML_TYPE_I8 || prep->ne[0] != (int64_t) dsv4_q80_row_bytes(w->ne[0], prep->ne[1])) {
         return NULL;
     }
     struct ggml_tensor x = *prep; /* the shape checks, on a stand-in for the F32 activations */

@@ -27,6 +27,14 @@
 #define ROWS 4     /* weight rows unpacked together */
 #define UNIT 16    /* weight rows per work unit */
 #define COLS 256   /* activation rows gathered per pass */
+/* With VNNI, the tokens of an expert (or the rows of a dense product's batch) from which its weight rows go through
+ * the lanes-are-rows slabs: transposing a slab pays for itself from about 3. A decode step of a few sequences gives
+ * most experts 1 or 2 tokens: their Q4_K/Q5_K rows are read in place and unpacked in registers (dsv4_vnni_rows_kq),
+ * the k16 types' go through the 4-row AVX-512 kernel (8 sequences on bench/multiseq.py's medium model: 90 ms a step
+ * with slabs for every expert, 66 with the 4-row kernel below 3 tokens, 54 with rows in place; choosing by the
+ * product's token count instead of each expert's, 86). The kernels sum in different orders, so a token's result
+ * depends, within float rounding, on how many other tokens chose its expert. */
+#define SLAB_MIN_COLS 3
 
 /* ---------------------------------------------------------------------------------------------- formats */
 
@@ -458,7 +466,7 @@ int dsv4_gemm_isa_best(void) {
 static kernel_fn kernel_for(int isa, int type) {
     const int k16 = dsv4_is_k16(type);
 #ifdef DSV4_X86
-    if (isa == DSV4_GEMM_AVX512 || isa == DSV4_GEMM_VNNI) { /* VNNI: for row counts not a multiple of 16 */
+    if (isa == DSV4_GEMM_AVX512 || isa == DSV4_GEMM_VNNI) { /* VNNI: rows not a multiple of 16, < SLAB_MIN_COLS tokens */
         return k16 ? kernel16_avx512 : kernel_avx512;
     }
     if (isa == DSV4_GEMM_AVX2) {
@@ -597,8 +605,8 @@ static int gather_columns(const struct ggml_tensor * dst, const struct ggml_tens
 static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int isa = (int) (intptr_t) userdata;
     const kernel_fn kernel = kernel_for(isa, dst->src[0]->type);
-    const int vnni = isa == DSV4_GEMM_VNNI && dst->src[0]->ne[1] % SLAB_ROWS == 0;
     const struct ggml_tensor *as = dst->src[0], *prep = dst->src[1], *ids = dst->src[2];
+    const int vnni = isa == DSV4_GEMM_VNNI && as->ne[1] % SLAB_ROWS == 0;
     const int64_t K = as->ne[0], M = as->ne[1], E = as->ne[2];
     const int64_t n_units = (M + UNIT - 1) / UNIT;
     int64_t counts[DSV4_GEMM_MAX_EXPERTS] = {0};
@@ -632,7 +640,14 @@ static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata)
         int64_t t = 0, s = 0; /* scan position */
         int nc;
         while ((nc = gather_columns(dst, prep, ids, e, &t, &s, arow, orow)) > 0) {
-            if (vnni) {
+            if (vnni && nc < SLAB_MIN_COLS && !dsv4_is_k16(as->type)) {
+                const int64_t m1 = u1 * UNIT < M ? u1 * UNIT : M;
+                for (int c = 0; c < nc; c += 2) {
+                    dsv4_vnni_rows_kq(as->type, w, as->nb[1], u0 * UNIT, m1 - u0 * UNIT, arow + c, nc - c, K, orow + c);
+                }
+                continue;
+            }
+            if (vnni && nc >= SLAB_MIN_COLS) {
                 vnni_units(as->type, w, as->nb[1], K, u0 * UNIT, u1 * UNIT < M ? u1 * UNIT : M, arow, orow, nc);
                 continue;
             }

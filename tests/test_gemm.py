@@ -71,7 +71,9 @@ def routed(rng: np.random.Generator, n: int, k: int, n_expert: int, hot: int | N
         (512, 36, 8, 3, 37, True),  # gate/up: one activation row for all k slots; odd token counts per expert
         (512, 36, 8, 3, 37, False),  # down: one activation row per slot
         (1024, 20, 16, 6, 300, True),  # an expert with more tokens than one gathering pass (256)
-        (512, 48, 8, 3, 37, True),  # rows a multiple of 16: the VNNI path's slabs (the others fall back)
+        # rows a multiple of 16: with VNNI, slabs for the experts with 3 tokens or more, the 4-row kernel below
+        (512, 48, 8, 3, 37, True),
+        (512, 48, 64, 2, 40, True),
         (256, 32, 4, 2, 300, False),
     ],
 )
@@ -111,7 +113,20 @@ def test_gemm_takes_a_strided_id_view() -> None:
 @pytest.mark.skipif("vnni" not in ISAS, reason="this CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize(
     ("K", "M", "N", "B"),
-    [(256, 16, 1, 1), (512, 48, 37, 1), (1024, 32, 300, 2), (256, 16, 9, 3)],  # one row; odd; two passes; batches
+    # one row, and every count below 8 (weight rows in place); odd; two passes; batches
+    [
+        (256, 16, 1, 1),
+        (512, 32, 2, 1),
+        (512, 32, 3, 2),
+        (768, 16, 4, 1),
+        (256, 16, 5, 1),
+        (256, 48, 6, 1),
+        (1024, 16, 7, 1),
+        (256, 16, 8, 1),
+        (512, 48, 37, 1),
+        (1024, 32, 300, 2),
+        (256, 16, 9, 3),
+    ],
 )
 def test_dense_q80_matches_ggml_mul_mat(K: int, M: int, N: int, B: int) -> None:
     rng = np.random.default_rng([K, M, N, B])

@@ -44,8 +44,17 @@ def chunk(step: int, s: int) -> int:
 def check(name: str, ours: np.ndarray, alone: np.ndarray) -> None:
     a = agreement(ours, alone)
     report(f"{name} mixed vs alone", a)
-    if name == "decisive-q8xq5":  # our prompt-processing products from 8 rows on: another summation order
-        assert a["argmax"] >= 0.99 and a["mean"] <= 2e-2, a
+    if name == "decisive-q8xq5":  # our products: slabs from 8 rows on, another summation order than below 8
+        # Differences of 1-2 % of the largest logit on this random quantized network: the argmax must agree on every
+        # row where the reference's top two differ by more than twice the row's own largest difference (a near tie
+        # within that may flip: seen with a margin of 0.2 % against a difference of 1.8 %).
+        top2 = np.sort(alone, axis=1)[:, -2:]
+        scale = np.abs(alone).max(axis=1)
+        margin = (top2[:, 1] - top2[:, 0]) / scale
+        diff = np.abs(ours - alone).max(axis=1) / scale
+        decided = margin > 2 * diff
+        assert decided.mean() >= 0.8, (decided.mean(), a)  # most rows decide (89 % here)
+        assert (ours.argmax(1) == alone.argmax(1))[decided].all() and a["mean"] <= 2e-2 and a["max"] <= 5e-2, a
     elif name in PRUNED:
         assert a["p99"] <= 1e-2 and a["argmax"] >= 0.99, a
     else:

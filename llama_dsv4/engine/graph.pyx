@@ -56,17 +56,19 @@ cdef struct Prep:
 
 
 cdef T * mm(C * ctx, const Hparams * hp, T * w, T * x, Prep * prep) noexcept nogil:
-    """ggml_mul_mat(w, x), or for prompt processing on the CPU our product for w's type: Q8_0 with AVX-512 VNNI
-    (kernels/dsv4_gemm_vnni.c), or Q2_K..Q6_K (kernels/dsv4_moe_gemm.c). prep (or NULL) keeps x's quantizations
-    for the next product of the same x."""
+    """ggml_mul_mat(w, x), or on the CPU our product for w's type: Q8_0 with AVX-512 VNNI for any number of tokens
+    (kernels/dsv4_gemm_vnni.c: decode too, where PyPI's ggml has no VNNI dot product), or Q2_K..Q6_K for ubatches of
+    hp.gemm_min_tokens or more (kernels/dsv4_moe_gemm.c). prep (or NULL) keeps x's quantizations for the next product
+    of the same x."""
     cdef Prep local
     cdef T * out = NULL
-    if hp.gemm_isa == 0 or x.ne[1] < hp.gemm_min_tokens:
+    cdef bint q80 = hp.gemm_isa == DSV4_GEMM_VNNI and dsv4_dense_gemm_ok(w, x)
+    if hp.gemm_isa == 0 or (x.ne[1] < hp.gemm_min_tokens and not q80):
         return g.ggml_mul_mat(ctx, w, x)
     if prep == NULL:
         local.q80 = local.q8k = NULL
         prep = &local
-    if hp.gemm_isa == DSV4_GEMM_VNNI and dsv4_dense_gemm_ok(w, x):
+    if q80:
         if prep.q80 == NULL:
             prep.q80 = dsv4_q80_prep(ctx, x)
         out = dsv4_mul_mat_q80(ctx, w, prep.q80) if prep.q80 != NULL else NULL
