@@ -17,6 +17,11 @@
 
 #define COLS 256 /* activation rows per pass (their 16 running sums live on the stack) */
 
+/* Bytes ahead of the weight rows being read that the in-place kernels ask for: the rows are one stream, which the
+ * hardware prefetcher alone did not keep up with (the kernels waited on each block's first load; on the medium
+ * model, 4 KiB ahead: a decode step of 1 sequence 21.5 -> 16.5 ms, of 4 sequences 42 -> 35 ms). */
+#define AHEAD 4096
+
 #ifdef DSV4_X86
 #include <cpuid.h>
 #include <immintrin.h>
@@ -329,11 +334,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inlin
     const __m512i m4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16), zero = _mm512_setzero_si512();
     const __mmask64 high = 0xFFFFFFFF00000000ull; /* bytes 32..63: the high nibbles */
     const size_t row_bytes = (size_t) (K / QK) * bytes;
+    const int64_t ahead = stride >= AHEAD ? 1 : (int64_t) (AHEAD / stride); /* rows */
     for (int64_t r = 0; r < n; r++) {
         const uint8_t * row = w + (size_t) (m0 + r) * stride;
-        if (r + 2 < n) { /* the row after next comes from memory while this one computes (it waited on its loads) */
+        if (r + ahead < n) {
             for (size_t o = 0; o < row_bytes; o += 64) {
-                __builtin_prefetch(row + 2 * stride + o, 0, 3);
+                __builtin_prefetch(row + (size_t) ahead * stride + o, 0, 3);
             }
         }
         __m512 f[2];
@@ -457,6 +463,7 @@ static void q80_prep_op(struct ggml_tensor * dst, int ith, int nth, void * userd
                    dst->ne[0] == (int64_t) dsv4_act_row_bytes(K) ? quantize_row_q80 : quantize_row_q80_wide);
 }
 
+
 /* Fewer than Q80_ROWS_MAX activation rows: each weight row straight from the file, 64 bytes (two blocks) at a time,
  * multiplied with every activation row while it is in a register (no slab, whose transposing only pays for 8 rows
  * or more). Lanes 0-7 hold block 2p's sums, 8-15 block 2p+1's; each block scaled once in float per activation row;
@@ -473,6 +480,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inlin
         }
         for (int64_t p = 0; p < K / 64; p++) {
             const uint8_t * b = row + (size_t) p * 2 * Q80_BYTES;
+            __builtin_prefetch(b + AHEAD, 0, 3);
             const __m256i lo = _mm256_loadu_si256((const __m256i *) (b + 2));
             const __m256i hi = _mm256_loadu_si256((const __m256i *) (b + Q80_BYTES + 2));
             const __m512i w = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), bias);
@@ -519,6 +527,11 @@ static void q80_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userd
     for (int64_t un = u0; un < u1; un++) {
         const int64_t b = un / groups, m0 = (un % groups) * SLAB_ROWS;
         const uint8_t * rows = (const uint8_t *) w->data + b * w->nb[2] + m0 * w->nb[1];
+        if (N >= Q80_ROWS_MAX && un + 1 < u1 && m0 + SLAB_ROWS < M) { /* the next slab's rows while this one computes */
+            for (size_t o = 0; o < SLAB_ROWS * w->nb[1]; o += 64) {
+                __builtin_prefetch(rows + SLAB_ROWS * w->nb[1] + o, 0, 3);
+            }
+        }
         for (int64_t c0 = 0; c0 < N; c0 += COLS) {
             const int nc = (int) (N - c0 < COLS ? N - c0 : COLS);
             for (int c = 0; c < nc; c++) {
