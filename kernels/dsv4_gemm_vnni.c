@@ -19,7 +19,8 @@
 
 /* Bytes ahead of the weight rows being read that the in-place kernels ask for: the rows are one stream, which the
  * hardware prefetcher alone did not keep up with (the kernels waited on each block's first load; on the medium
- * model, 4 KiB ahead: a decode step of 1 sequence 21.5 -> 16.5 ms, of 4 sequences 42 -> 35 ms). */
+ * model, 4 KiB ahead: a decode step of 1 sequence 21.5 -> 16.5 ms, of 4 sequences 42 -> 35 ms; builds with 0.5 to
+ * 8 KiB measured side by side with bench/multiseq.py on 2026-12-06, 2 to 8 KiB alike). */
 #define AHEAD 4096
 
 #ifdef DSV4_X86
@@ -370,11 +371,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"), always_inlin
                 __m512i q = _mm512_mask_blend_epi8(high, _mm512_and_si512(x, m4),
                                                    _mm512_and_si512(_mm512_srli_epi16(x, 4), m4));
                 if (q5) { /* bit 2g of qh[l] for the low nibbles, bit 2g + 1 for the high ones: worth 16 */
-                    const __m512i bit = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8((char) (1 << (2 * g)))),
+                    const __m256i lo = _mm256_set1_epi8((char) (1 << (2 * g)));
+                    const __m512i bit = _mm512_inserti64x4(_mm512_castsi256_si512(lo),
                                                            _mm256_set1_epi8((char) (1 << (2 * g + 1))), 1);
                     q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(qh2, bit), q, sixteen);
                 }
-                const __m512i scv = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(sc[2 * g]), _mm512_set1_epi32(sc[2 * g + 1]));
+                const __m512i scv =
+                    _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(sc[2 * g]), _mm512_set1_epi32(sc[2 * g + 1]));
                 for (int c = 0; c < NC; c++) {
                     const __m512i av = _mm512_loadu_si512((const void *) (a[c] + sb * QK + 64 * g));
                     tot[c] = _mm512_add_epi32(tot[c], _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, q, av), scv));
@@ -458,11 +461,8 @@ VNNI static void quantize_row_q80_wide(const float * x, int64_t K, uint8_t * row
 
 static void q80_prep_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
-    const int64_t K = dst->src[0]->ne[0];
-    dsv4_prep_rows(dst, ith, nth,
-                   dst->ne[0] == (int64_t) dsv4_act_row_bytes(K) ? quantize_row_q80 : quantize_row_q80_wide);
+    dsv4_prep_rows(dst, ith, nth, dst->ne[1] < Q80_ROWS_MAX ? quantize_row_q80_wide : quantize_row_q80);
 }
-
 
 /* Fewer than Q80_ROWS_MAX activation rows: each weight row straight from the file, 64 bytes (two blocks) at a time,
  * multiplied with every activation row while it is in a register (no slab, whose transposing only pays for 8 rows
@@ -541,11 +541,11 @@ static void q80_gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userd
                 q80_rows(rows, w->nb[1], arow, nc, K, acc);
             } else {
                 memset(acc, 0, sizeof(float) * SLAB_ROWS * (size_t) nc);
-            }
-            for (int64_t sb = 0; N >= Q80_ROWS_MAX && sb < K / QK; sb++) {
-                slab_q80(rows, w->nb[1], sb, &slab);
-                for (int c = 0; c < nc; c += 8) {
-                    dsv4_vnni_columns(&slab, arow + c, nc - c < 8 ? nc - c : 8, K, sb, acc + c);
+                for (int64_t sb = 0; sb < K / QK; sb++) {
+                    slab_q80(rows, w->nb[1], sb, &slab);
+                    for (int c = 0; c < nc; c += 8) {
+                        dsv4_vnni_columns(&slab, arow + c, nc - c < 8 ? nc - c : 8, K, sb, acc + c);
+                    }
                 }
             }
             for (int c = 0; c < nc; c++) {
@@ -613,8 +613,8 @@ struct ggml_tensor * dsv4_q80_prep(struct ggml_context * ctx, struct ggml_tensor
         return NULL;
     }
     struct ggml_tensor * args[1] = {x};
-    return ggml_custom_4d(ctx, GGML_TYPE_I8, (int64_t) dsv4_q80_row_bytes(x->ne[0], x->ne[1]), x->ne[1], x->ne[2], 1, args, 1,
-                          q80_prep_op, GGML_N_TASKS_MAX, NULL);
+    const int64_t row = (int64_t) dsv4_q80_row_bytes(x->ne[0], x->ne[1]);
+    return ggml_custom_4d(ctx, GGML_TYPE_I8, row, x->ne[1], x->ne[2], 1, args, 1, q80_prep_op, GGML_N_TASKS_MAX, NULL);
 }
 
 struct ggml_tensor * dsv4_mul_mat_q80(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * prep) {

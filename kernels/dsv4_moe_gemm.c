@@ -32,8 +32,9 @@
  * most experts 1 or 2 tokens: their Q4_K/Q5_K rows are read in place and unpacked in registers (dsv4_vnni_rows_kq),
  * the k16 types' go through the 4-row AVX-512 kernel (8 sequences on bench/multiseq.py's medium model: 90 ms a step
  * with slabs for every expert, 66 with the 4-row kernel below 3 tokens, 54 with rows in place; choosing by the
- * product's token count instead of each expert's, 86). The kernels sum in different orders, so a token's result
- * depends, within float rounding, on how many other tokens chose its expert. */
+ * product's token count instead of each expert's, 86: one-off builds measured side by side on 2026-12-06). The
+ * kernels sum in different orders, so a token's result depends, within float rounding, on how many other tokens
+ * chose its expert. */
 #define SLAB_MIN_COLS 3
 
 /* ---------------------------------------------------------------------------------------------- formats */
@@ -466,7 +467,8 @@ int dsv4_gemm_isa_best(void) {
 static kernel_fn kernel_for(int isa, int type) {
     const int k16 = dsv4_is_k16(type);
 #ifdef DSV4_X86
-    if (isa == DSV4_GEMM_AVX512 || isa == DSV4_GEMM_VNNI) { /* VNNI: rows not a multiple of 16, < SLAB_MIN_COLS tokens */
+    /* VNNI: rows not a multiple of 16, the k16 types' experts of fewer than SLAB_MIN_COLS tokens */
+    if (isa == DSV4_GEMM_AVX512 || isa == DSV4_GEMM_VNNI) {
         return k16 ? kernel16_avx512 : kernel_avx512;
     }
     if (isa == DSV4_GEMM_AVX2) {
@@ -639,19 +641,17 @@ static void gemm_op(struct ggml_tensor * dst, int ith, int nth, void * userdata)
         const uint8_t * w = (const uint8_t *) as->data + e * as->nb[2];
         int64_t t = 0, s = 0; /* scan position */
         int nc;
+        const int64_t r0 = u0 * UNIT, r1 = u1 * UNIT < M ? u1 * UNIT : M; /* my rows of this expert */
         while ((nc = gather_columns(dst, prep, ids, e, &t, &s, arow, orow)) > 0) {
-            if (vnni && nc < SLAB_MIN_COLS && !dsv4_is_k16(as->type)) {
-                const int64_t m1 = u1 * UNIT < M ? u1 * UNIT : M;
-                for (int c = 0; c < nc; c += 2) {
-                    dsv4_vnni_rows_kq(as->type, w, as->nb[1], u0 * UNIT, m1 - u0 * UNIT, arow + c, nc - c, K, orow + c);
-                }
-                continue;
-            }
             if (vnni && nc >= SLAB_MIN_COLS) {
-                vnni_units(as->type, w, as->nb[1], K, u0 * UNIT, u1 * UNIT < M ? u1 * UNIT : M, arow, orow, nc);
+                vnni_units(as->type, w, as->nb[1], K, r0, r1, arow, orow, nc);
                 continue;
             }
-            for (int64_t m0 = u0 * UNIT; m0 < u1 * UNIT && m0 < M; m0 += ROWS) {
+            if (vnni && !dsv4_is_k16(as->type)) { /* 1 or 2 tokens */
+                dsv4_vnni_rows_kq(as->type, w, as->nb[1], r0, r1 - r0, arow, nc, K, orow);
+                continue;
+            }
+            for (int64_t m0 = r0; m0 < r1; m0 += ROWS) {
                 for (int r = 0; r < ROWS; r++) {
                     unpack_row(as->type, w + (m0 + r) * as->nb[1], K, &u, r, isa >= DSV4_GEMM_AVX2);
                 }
