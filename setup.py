@@ -67,6 +67,7 @@ KERNELS = [
     "kernels/dsv4_gemm_vnni.c",
     "kernels/dsv4_moe_gemm.c",
     "kernels/dsv4_hc.c",
+    "kernels/dsv4_concat.c",
     "kernels/dsv4_threads.c",
     "kernels/dsv4_prefetch.c",
     "kernels/dsv4_rpc_buft.c",

@@ -1,7 +1,9 @@
 /* See dsv4_hc.h. */
 #include "dsv4_hc.h"
 
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define MAX_HC 16
 
@@ -59,4 +61,45 @@ struct ggml_tensor * dsv4_hc_post_cpu(struct ggml_context * ctx, struct ggml_ten
         return NULL;
     }
     return ggml_custom_4d(ctx, GGML_TYPE_F32, D, hc, n, 1, t, 4, hc_post_op, GGML_N_TASKS_MAX, NULL);
+}
+
+static void hc_gates_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const struct ggml_tensor *mix = dst->src[0], *scale = dst->src[1], *base = dst->src[2];
+    const uint32_t bits = (uint32_t) (uintptr_t) userdata; /* eps's bits, carried in the pointer (no lifetime) */
+    float eps;
+    memcpy(&eps, &bits, sizeof eps);
+    const int64_t hc = dst->ne[0], n = dst->ne[1], gates = dst->ne[2];
+    const float * sc = (const float *) scale->data;
+    const float * b = (const float *) base->data;
+    for (int64_t t = ith; t < n; t += nth) {
+        const float * m = AT(mix, t, 0);
+        for (int64_t k = 0; k < gates; k++) {
+            float * out = (float *) ((char *) dst->data + t * dst->nb[1] + k * dst->nb[2]);
+            for (int64_t i = 0; i < hc; i++) {
+                float v = m[k * hc + i] * sc[k];
+                v = v + b[k * hc + i];
+                v = 1.f / (1.f + expf(-v));
+                out[i] = k == 0 ? v + eps : v * 2.f;
+            }
+        }
+    }
+}
+
+struct ggml_tensor * dsv4_hc_gates_cpu(struct ggml_context * ctx, struct ggml_tensor * mix, struct ggml_tensor * scale,
+                                       struct ggml_tensor * base, int hc, int n_gates, float eps) {
+    struct ggml_tensor * t[3] = {mix, scale, base};
+    for (int k = 0; k < 3; k++) {
+        if (t[k]->type != GGML_TYPE_F32 || t[k]->nb[0] != sizeof(float) || t[k]->ne[2] != 1 || t[k]->ne[3] != 1) {
+            return NULL;
+        }
+    }
+    if (hc < 1 || hc > MAX_HC || n_gates < 1 || n_gates > 2 || mix->ne[0] < n_gates * hc ||
+        ggml_nelements(scale) < n_gates || ggml_nelements(base) < n_gates * hc || !ggml_is_contiguous(scale) ||
+        !ggml_is_contiguous(base)) {
+        return NULL;
+    }
+    uint32_t bits;
+    memcpy(&bits, &eps, sizeof bits);
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, hc, mix->ne[1], n_gates, 1, t, 3, hc_gates_op, GGML_N_TASKS_MAX,
+                          (void *) (uintptr_t) bits);
 }

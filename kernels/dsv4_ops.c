@@ -14,7 +14,7 @@ struct ggml_tensor * dsv4_swiglu_clamp(struct ggml_context * ctx, struct ggml_te
 
 static struct ggml_tensor * rope_tail(struct ggml_context * ctx, struct ggml_tensor * x,
                                       struct ggml_tensor * pos, int n_rot,
-                                      const struct dsv4_rope_params * p, int inverse) {
+                                      const struct dsv4_rope_params * p, int inverse, dsv4_concat_fn cat) {
     const int64_t d = x->ne[0];
     if (n_rot <= 0 || (n_rot & 1) || n_rot > d || x->ne[3] != 1 || x->type != GGML_TYPE_F32 ||
         pos->type != GGML_TYPE_I32 || pos->ne[0] != x->ne[2]) {
@@ -34,17 +34,18 @@ static struct ggml_tensor * rope_tail(struct ggml_context * ctx, struct ggml_ten
         return rot;
     }
     struct ggml_tensor * head = ggml_view_3d(ctx, x, d - n_rot, x->ne[1], x->ne[2], x->nb[1], x->nb[2], 0);
-    return ggml_concat(ctx, head, rot, 0);
+    struct ggml_tensor * out = cat != NULL ? cat(ctx, head, rot, 0) : NULL;
+    return out != NULL ? out : ggml_concat(ctx, head, rot, 0);
 }
 
 struct ggml_tensor * dsv4_rope_tail(struct ggml_context * ctx, struct ggml_tensor * x,
                                     struct ggml_tensor * pos, int n_rot,
-                                    const struct dsv4_rope_params * p) {
-    return rope_tail(ctx, x, pos, n_rot, p, 0);
+                                    const struct dsv4_rope_params * p, dsv4_concat_fn cat) {
+    return rope_tail(ctx, x, pos, n_rot, p, 0, cat);
 }
 
 struct ggml_tensor * dsv4_rope_tail_back(struct ggml_context * ctx, struct ggml_tensor * x,
                                          struct ggml_tensor * pos, int n_rot,
-                                         const struct dsv4_rope_params * p) {
-    return rope_tail(ctx, x, pos, n_rot, p, 1);
+                                         const struct dsv4_rope_params * p, dsv4_concat_fn cat) {
+    return rope_tail(ctx, x, pos, n_rot, p, 1, cat);
 }

@@ -32,17 +32,22 @@ struct dsv4_rope_params {
 struct ggml_tensor * dsv4_swiglu_clamp(struct ggml_context * ctx, struct ggml_tensor * gate,
                                        struct ggml_tensor * up, float limit);
 
+/* How the rope ops join a head's plain and rotated parts: ggml_concat's signature (NULL: ggml_concat itself; a
+ * CPU-only graph passes dsv4_concat_cpu, kernels/dsv4_concat.h). */
+typedef struct ggml_tensor * (*dsv4_concat_fn)(struct ggml_context * ctx, struct ggml_tensor * a,
+                                               struct ggml_tensor * b, int dim);
+
 /* x: F32 [head_dim, n_head, n_tokens] (may be a strided view); pos: I32 [n_tokens].
  * Returns a new contiguous tensor of x's shape: dims [0, head_dim - n_rot) copied, dims
  * [head_dim - n_rot, head_dim) rotated in adjacent pairs. Returns NULL if the shapes do not fit
  * (n_rot odd, n_rot > head_dim, pos length != n_tokens, 4-D input). */
 struct ggml_tensor * dsv4_rope_tail(struct ggml_context * ctx, struct ggml_tensor * x,
                                     struct ggml_tensor * pos, int n_rot,
-                                    const struct dsv4_rope_params * p);
+                                    const struct dsv4_rope_params * p, dsv4_concat_fn cat);
 
 struct ggml_tensor * dsv4_rope_tail_back(struct ggml_context * ctx, struct ggml_tensor * x,
                                          struct ggml_tensor * pos, int n_rot,
-                                         const struct dsv4_rope_params * p);
+                                         const struct dsv4_rope_params * p, dsv4_concat_fn cat);
 
 #ifdef __cplusplus
 }

@@ -11,11 +11,15 @@ cdef extern from "dsv4_ops.h" nogil:
         float beta_fast
         float beta_slow
 
+    ctypedef ggml_tensor * (*dsv4_concat_fn)(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b, int dim)
     ggml_tensor * dsv4_swiglu_clamp(ggml_context * ctx, ggml_tensor * gate, ggml_tensor * up, float limit)
     ggml_tensor * dsv4_rope_tail(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, int n_rot,
-                                 const dsv4_rope_params * p)
+                                 const dsv4_rope_params * p, dsv4_concat_fn cat)
     ggml_tensor * dsv4_rope_tail_back(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, int n_rot,
-                                      const dsv4_rope_params * p)
+                                      const dsv4_rope_params * p, dsv4_concat_fn cat)
+
+cdef extern from "dsv4_concat.h" nogil:
+    ggml_tensor * dsv4_concat_cpu(ggml_context * ctx, ggml_tensor * a, ggml_tensor * b, int dim)
 
 cdef extern from "dsv4_topk.h" nogil:
     ggml_tensor * dsv4_top_k(ggml_context * ctx, ggml_tensor * a, int k)
@@ -41,6 +45,8 @@ cdef extern from "dsv4_gemm.h" nogil:
     ggml_tensor * dsv4_mul_mat_q80(ggml_context * ctx, ggml_tensor * w, ggml_tensor * prep)
 
 cdef extern from "dsv4_hc.h" nogil:
+    ggml_tensor * dsv4_hc_gates_cpu(ggml_context * ctx, ggml_tensor * mix, ggml_tensor * scale, ggml_tensor * base,
+                                    int hc, int n_gates, float eps)
     ggml_tensor * dsv4_hc_post_cpu(ggml_context * ctx, ggml_tensor * x, ggml_tensor * residual, ggml_tensor * post,
                                    ggml_tensor * comb)
 

@@ -129,13 +129,35 @@ cdef class OpGraph:
         a, r, p, c = self._get(x), self._get(res), self._get(post), self._get(comb)
         return self._add(k.dsv4_hc_post_cpu(self.ctx, a, r, p, c) if ours else g.ggml_dsv4_hc_post(self.ctx, a, r, p, c))
 
+    def hc_gates(self, int mix, int scale, int base, int hc, int n_gates, float eps, bint ours=True):
+        """The hyper-connection gates [hc, n, n_gates]: ours (kernels/dsv4_hc.c) or ggml's ops as the graph spelled
+        them (mul, add, sigmoid, then + eps for pre, x 2 for post)."""
+        cdef g.ggml_tensor * m = self._get(mix)
+        cdef g.ggml_tensor * sc = self._get(scale)
+        cdef g.ggml_tensor * b = self._get(base)
+        if ours:
+            return self._add(k.dsv4_hc_gates_cpu(self.ctx, m, sc, b, hc, n_gates, eps))
+        cdef g.ggml_tensor * out = NULL
+        cdef g.ggml_tensor * x
+        cdef int j
+        for j in range(n_gates):
+            x = g.ggml_view_2d(self.ctx, m, hc, m.ne[1], m.nb[1], j * hc * sizeof(float))
+            x = g.ggml_add(self.ctx, g.ggml_mul(self.ctx, x, g.ggml_view_1d(self.ctx, sc, 1, j * sizeof(float))),
+                           g.ggml_view_1d(self.ctx, b, hc, j * hc * sizeof(float)))
+            x = g.ggml_sigmoid(self.ctx, x)
+            x = g.ggml_scale_bias(self.ctx, x, 1.0, eps) if j == 0 else g.ggml_scale(self.ctx, x, 2.0)
+            out = x if out == NULL else g.ggml_concat(self.ctx, out, x, 2)
+        return self._add(out)
+
     def swiglu_clamp(self, int gate, int up, float limit):
         return self._add(k.dsv4_swiglu_clamp(self.ctx, self._get(gate), self._get(up), limit))
 
     def rope_tail(self, int x, int pos, int n_rot, *, int n_ctx_orig=0, float freq_base=10000.0,
                   float freq_scale=1.0, float ext_factor=0.0, float attn_factor=1.0, float beta_fast=32.0,
-                  float beta_slow=1.0, bint inverse=False):
+                  float beta_slow=1.0, bint inverse=False, bint ours=False):
+        """dsv4_rope_tail (or its inverse), its parts joined by ggml_concat or (ours) by our row-copying op."""
         cdef k.dsv4_rope_params p
+        cdef k.dsv4_concat_fn cat = k.dsv4_concat_cpu if ours else <k.dsv4_concat_fn> NULL
         p.n_ctx_orig = n_ctx_orig
         p.freq_base = freq_base
         p.freq_scale = freq_scale
@@ -144,8 +166,18 @@ cdef class OpGraph:
         p.beta_fast = beta_fast
         p.beta_slow = beta_slow
         if inverse:
-            return self._add(k.dsv4_rope_tail_back(self.ctx, self._get(x), self._get(pos), n_rot, &p))
-        return self._add(k.dsv4_rope_tail(self.ctx, self._get(x), self._get(pos), n_rot, &p))
+            return self._add(k.dsv4_rope_tail_back(self.ctx, self._get(x), self._get(pos), n_rot, &p, cat))
+        return self._add(k.dsv4_rope_tail(self.ctx, self._get(x), self._get(pos), n_rot, &p, cat))
+
+    def concat(self, int a, int b, int dim, bint ours=True):
+        """ggml_concat, or ours (kernels/dsv4_concat.c: ValueError where it does not apply)."""
+        if ours:
+            return self._add(k.dsv4_concat_cpu(self.ctx, self._get(a), self._get(b), dim))
+        return self._add(g.ggml_concat(self.ctx, self._get(a), self._get(b), dim))
+
+    def cast(self, int a, int type_id):
+        """ggml_cast to ggml type `type_id`."""
+        return self._add(g.ggml_cast(self.ctx, self._get(a), <g.ggml_type> type_id))
 
     def top_k(self, int a, int n_top):
         """Indices [n_top, rows] of the largest entries of each row (ties broken as the reference's CPU top-k)."""

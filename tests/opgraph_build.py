@@ -21,7 +21,15 @@ from llama_cpp_sdist import cache_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-KERNELS = ["dsv4_ops.c", "dsv4_topk.c", "dsv4_gemm_common.c", "dsv4_gemm_vnni.c", "dsv4_moe_gemm.c", "dsv4_hc.c"]
+KERNELS = [
+    "dsv4_ops.c",
+    "dsv4_topk.c",
+    "dsv4_gemm_common.c",
+    "dsv4_gemm_vnni.c",
+    "dsv4_moe_gemm.c",
+    "dsv4_hc.c",
+    "dsv4_concat.c",
+]
 
 _SETUP = """
 import importlib.util, os, sys
@@ -55,7 +63,7 @@ setup(
 
 
 def _key() -> str:
-    h = hashlib.sha256(repr((sys.version_info[:2], sys.executable)).encode())
+    h = hashlib.sha256(repr((sys.version_info[:2], sys.executable, KERNELS)).encode())
     sources = [os.path.join(HERE, "opgraph.pyx"), os.path.join(ROOT, "vendor", "ggml.pxd")]
     sources += sorted(
         [*glob.glob(os.path.join(ROOT, "kernels", "*.[ch]")), os.path.join(ROOT, "kernels", "dsv4_ops.pxd")]

@@ -205,3 +205,65 @@ def test_hc_post_matches_numpy_and_ggml(D: int, hc: int, n: int) -> None:
     assert np.abs(ours - ggml).max() <= 1e-6 * np.abs(want).max()
     with pytest.raises(ValueError, match="rejected"):
         g.hc_post(h[0], h[1], h[3], h[3])  # comb where post goes
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.float16])
+def test_concat_matches_numpy_and_ggml(dim: int, dtype: type) -> None:
+    """kernels/dsv4_concat.c copies whole rows, on both threads: the bytes of numpy's concatenation and ggml's concat,
+    in every dimension and type it takes (F16 through a cast, as the attention's keys are)."""
+    rng = np.random.default_rng(dim)
+    shape_a, shape_b = [2, 3, 5, 7], [2, 3, 5, 7]  # numpy order: ggml dim d is numpy axis 3 - d
+    shape_b[3 - dim] = 4
+    a = (rng.standard_normal(shape_a) * 100).astype(np.float32)
+    b = (rng.standard_normal(shape_b) * 100).astype(np.float32)
+    if dtype is np.int32:
+        a, b = a.astype(np.int32), b.astype(np.int32)
+    g = OpGraph(_ggml.Backends("cpu", 2))
+    ha, hb = g.input(a), g.input(b)
+    if dtype is np.float16:
+        ha, hb = g.cast(ha, 1), g.cast(hb, 1)  # GGML_TYPE_F16
+        ours, ggml = g.cast(g.concat(ha, hb, dim), 0), g.cast(g.concat(ha, hb, dim, ours=False), 0)
+    else:
+        ours, ggml = g.concat(ha, hb, dim), g.concat(ha, hb, dim, ours=False)
+    o, r = g.compute([ours, ggml])
+    want = np.concatenate([a.astype(dtype).astype(np.float32), b.astype(dtype).astype(np.float32)], axis=3 - dim)
+    assert o.tobytes() == r.tobytes()
+    np.testing.assert_array_equal(o.reshape(want.shape), want.astype(o.dtype))
+
+
+def test_concat_rope_tail_strided_and_rejections() -> None:
+    """Our concat on the rope ops' strided views (each head's plain part, rows of a larger tensor) gives ggml's
+    bytes; mismatched shapes or types are refused (the graph then uses ggml_concat)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    g = OpGraph(_ggml.Backends("cpu", 2))
+    h, p = g.input(x), g.input(np.array([0, 7, 300], np.int32))
+    outs = g.compute([g.rope_tail(h, p, 16, ours=True), g.rope_tail(h, p, 16), g.rope_tail(h, p, 16, inverse=True,
+                                                                                         ours=True),
+                      g.rope_tail(h, p, 16, inverse=True)])  # fmt: skip
+    assert outs[0].tobytes() == outs[1].tobytes() and outs[2].tobytes() == outs[3].tobytes()
+    assert not np.array_equal(outs[0], x)
+    g = OpGraph()
+    a, b = g.input(np.zeros((2, 3), np.float32)), g.input(np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="rejected"):
+        g.concat(a, b, 0)  # shapes differ outside dim 0 (numpy axis 1)
+    with pytest.raises(ValueError, match="rejected"):
+        g.concat(a, g.input(np.zeros((2, 3), np.int32)), 1)  # types differ
+
+
+@pytest.mark.parametrize(("hc", "n", "n_gates"), [(4, 1, 2), (4, 37, 2), (3, 5, 1), (4, 2, 1)])
+def test_hc_gates_equal_ggml_ops(hc: int, n: int, n_gates: int) -> None:
+    """kernels/dsv4_hc.c's gates: the bytes of the ggml ops they replace (mul, add, sigmoid, + eps or x 2), on both
+    threads, with the mixer's comb columns after the gates ignored; shapes that do not fit are refused."""
+    rng = np.random.default_rng([hc, n])
+    mix = (rng.standard_normal((n, (2 + hc) * hc)) * 4).astype(np.float32)
+    scale, base = rng.standard_normal(3).astype(np.float32), rng.standard_normal((2 + hc) * hc).astype(np.float32)
+    g = OpGraph(_ggml.Backends("cpu", 2))
+    h = [g.input(a) for a in (mix, scale, base)]
+    ours, ggml = g.compute([g.hc_gates(*h, hc, n_gates, 1e-6), g.hc_gates(*h, hc, n_gates, 1e-6, ours=False)])
+    assert ours.tobytes() == ggml.tobytes()
+    want = 1 / (1 + np.exp(-(mix[:, :hc] * scale[0] + base[:hc]))) + 1e-6
+    np.testing.assert_allclose(ours.reshape(n_gates, n, hc)[0], want, rtol=1e-6)
+    with pytest.raises(ValueError, match="rejected"):
+        g.hc_gates(h[0], h[1], h[2], 17, 1, 1e-6)  # more streams than the kernel takes

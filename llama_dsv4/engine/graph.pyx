@@ -8,7 +8,8 @@ of its rows. Cache and state writes are expanded into the graph as soon as they 
 nodes that read the same memory later in the graph.
 """
 cimport ggml as g
-from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_dense_gemm_ok, dsv4_dense_kq_ok, dsv4_hc_post_cpu, dsv4_moe_gemm_ok,
+from dsv4_ops cimport (DSV4_GEMM_VNNI, dsv4_concat_cpu, dsv4_concat_fn, dsv4_dense_gemm_ok, dsv4_dense_kq_ok,
+                       dsv4_hc_gates_cpu, dsv4_hc_post_cpu, dsv4_moe_gemm_ok,
                        dsv4_moe_prefetch, dsv4_mul_mat_id_kq, dsv4_mul_mat_kq, dsv4_mul_mat_q80, dsv4_q8k_prep,
                        dsv4_q80_prep, dsv4_rope_params, dsv4_rope_tail, dsv4_rope_tail_back, dsv4_swiglu_clamp,
                        dsv4_top_k)
@@ -85,6 +86,17 @@ cdef T * hc_post(C * ctx, const Hparams * hp, T * x, T * res, T * post, T * comb
     return out if out != NULL else g.ggml_dsv4_hc_post(ctx, x, res, post, comb)
 
 
+cdef inline T * cat(C * ctx, const Hparams * hp, T * a, T * b, int dim) noexcept nogil:
+    """ggml_concat(a, b, dim); on a CPU-only backend set our row-copying op (kernels/dsv4_concat.h) where it applies."""
+    cdef T * out = dsv4_concat_cpu(ctx, a, b, dim) if hp.cpu_only else NULL
+    return out if out != NULL else g.ggml_concat(ctx, a, b, dim)
+
+
+cdef inline dsv4_concat_fn rope_cat(const Hparams * hp) noexcept nogil:
+    """How the rope ops join a head's plain and rotated parts (kernels/dsv4_ops.h)."""
+    return dsv4_concat_cpu if hp.cpu_only else <dsv4_concat_fn> NULL
+
+
 cdef inline T * rows(C * ctx, T * t, int64_t n, int64_t first) noexcept nogil:
     """Rows [first, first + n) of a 2-D tensor."""
     return g.ggml_view_2d(ctx, t, t.ne[0], n, t.nb[1], first * t.nb[1])
@@ -95,13 +107,13 @@ cdef inline T * tokens_3d(C * ctx, T * t, const SeqPlan * sp) noexcept nogil:
     return g.ggml_view_3d(ctx, t, t.ne[0], t.ne[1], sp.n, t.nb[1], t.nb[2], sp.t0 * t.nb[2])
 
 
-cdef T * concat_all(C * ctx, T ** parts, int m, int dim) noexcept nogil:
+cdef T * concat_all(C * ctx, const Hparams * hp, T ** parts, int m, int dim) noexcept nogil:
     """parts[0] .. parts[m-1] concatenated along `dim`, in order, as a balanced tree (each row copied log2(m) times,
     not m times); overwrites parts."""
     cdef int i
     while m > 1:
         for i in range(m // 2):
-            parts[i] = g.ggml_concat(ctx, parts[2 * i], parts[2 * i + 1], dim)
+            parts[i] = cat(ctx, hp, parts[2 * i], parts[2 * i + 1], dim)
         if m % 2:
             parts[m // 2] = parts[m - 1]
         m = (m + 1) // 2
@@ -116,13 +128,23 @@ cdef T * hc_pre(C * ctx, const Hparams * hp, const HcW * W, T * S, T ** post, T 
     cdef int64_t n = S.ne[2], hc = hp.hc
     cdef T * mix = mm(ctx, hp, W.fn, g.ggml_rms_norm(ctx, g.ggml_reshape_2d(ctx, S, hc * hp.n_embd, n), hp.eps), NULL)
     named(mix, "hc_mixes", il)
-    cdef T * pre = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], 0)
-    pre = g.ggml_add(ctx, g.ggml_mul(ctx, pre, g.ggml_view_1d(ctx, W.scale, 1, 0)), g.ggml_view_1d(ctx, W.base, hc, 0))
-    pre = named(g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps), "hc_pre", il)
-    cdef T * p = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], hc * sizeof(float))
-    p = g.ggml_add(ctx, g.ggml_mul(ctx, p, g.ggml_view_1d(ctx, W.scale, 1, sizeof(float))),
-                   g.ggml_view_1d(ctx, W.base, hc, hc * sizeof(float)))
-    post[0] = named(g.ggml_scale(ctx, g.ggml_sigmoid(ctx, p), 2.0), "hc_post", il)
+    cdef T * gates = dsv4_hc_gates_cpu(ctx, mix, W.scale, W.base, <int> hc, 2, hp.hc_eps) if hp.cpu_only else NULL
+    cdef T * pre
+    cdef T * p
+    if gates != NULL:  # both gates in one CPU op, the same bytes (kernels/dsv4_hc.h)
+        pre = g.ggml_view_2d(ctx, gates, hc, n, gates.nb[1], 0)
+        post[0] = g.ggml_view_2d(ctx, gates, hc, n, gates.nb[1], gates.nb[2])
+    else:
+        pre = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], 0)
+        pre = g.ggml_add(ctx, g.ggml_mul(ctx, pre, g.ggml_view_1d(ctx, W.scale, 1, 0)),
+                         g.ggml_view_1d(ctx, W.base, hc, 0))
+        pre = g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps)
+        p = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], hc * sizeof(float))
+        p = g.ggml_add(ctx, g.ggml_mul(ctx, p, g.ggml_view_1d(ctx, W.scale, 1, sizeof(float))),
+                       g.ggml_view_1d(ctx, W.base, hc, hc * sizeof(float)))
+        post[0] = g.ggml_scale(ctx, g.ggml_sigmoid(ctx, p), 2.0)
+    named(pre, "hc_pre", il)
+    named(post[0], "hc_post", il)
     comb[0] = named(g.ggml_dsv4_hc_comb(ctx, mix, W.scale, W.base, hp.hc_eps, hp.hc_iters), "hc_comb", il)
     return g.ggml_dsv4_hc_pre(ctx, S, pre)
 
@@ -131,8 +153,12 @@ cdef T * hc_head(C * ctx, const Hparams * hp, const GlobalW * gw, T * S) noexcep
     """The final collapse of the streams (docs/architecture.md §7.3)."""
     cdef T * mix = mm(ctx, hp, gw.hc_fn, g.ggml_rms_norm(
         ctx, g.ggml_reshape_2d(ctx, S, hp.hc * hp.n_embd, S.ne[2]), hp.eps), NULL)
-    cdef T * pre = g.ggml_add(ctx, g.ggml_mul(ctx, mix, g.ggml_view_1d(ctx, gw.hc_scale, 1, 0)), gw.hc_base)
-    pre = g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps)
+    cdef T * pre = dsv4_hc_gates_cpu(ctx, mix, gw.hc_scale, gw.hc_base, hp.hc, 1, hp.hc_eps) if hp.cpu_only else NULL
+    if pre != NULL:
+        pre = g.ggml_reshape_2d(ctx, pre, hp.hc, S.ne[2])
+    else:
+        pre = g.ggml_add(ctx, g.ggml_mul(ctx, mix, g.ggml_view_1d(ctx, gw.hc_scale, 1, 0)), gw.hc_base)
+        pre = g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps)
     return g.ggml_dsv4_hc_pre(ctx, S, pre)
 
 # ------------------------------------------------------------------------------------------ compressors
@@ -155,8 +181,8 @@ cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPl
     cdef T * xk = ckv
     cdef T * xs = csc
     if cp.l0 > 0:  # [state rows ; this ubatch's rows], in position order
-        xk = g.ggml_concat(ctx, rows(ctx, st.kv, cp.l0, 0), ckv, 1)
-        xs = g.ggml_concat(ctx, rows(ctx, st.sc, cp.l0, 0), csc, 1)
+        xk = cat(ctx, hp, rows(ctx, st.kv, cp.l0, 0), ckv, 1)
+        xs = cat(ctx, hp, rows(ctx, st.sc, cp.l0, 0), csc, 1)
     cdef int64_t R = cp.ratio, nb = cp.nb
     cdef size_t blk = R * xk.nb[1]
     cdef T * vk
@@ -165,10 +191,10 @@ cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPl
     if nb > 0:
         if cp.overlap:
             # entry m pools the first half of block m-1's channels and the second half of block m's: 2R slots
-            vk = g.ggml_concat(ctx, g.ggml_cont(ctx, g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk, 0)),
+            vk = cat(ctx, hp, g.ggml_cont(ctx, g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk, 0)),
                                g.ggml_cont(ctx, g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk,
                                                                blk + width * sizeof(float))), 1)
-            vs = g.ggml_concat(ctx, g.ggml_cont(ctx, g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk, 0)),
+            vs = cat(ctx, hp, g.ggml_cont(ctx, g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk, 0)),
                                g.ggml_cont(ctx, g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk,
                                                                blk + width * sizeof(float))), 1)
         else:
@@ -179,7 +205,7 @@ cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPl
         vs = g.ggml_cont(ctx, g.ggml_permute(ctx, vs, 1, 0, 2, 3))
         e = g.ggml_sum_rows(ctx, g.ggml_mul(ctx, vk, g.ggml_soft_max(ctx, vs)))  # [1, width, nb]
         e = norm(ctx, g.ggml_reshape_2d(ctx, e, width, nb), W.norm, hp.eps)
-        e = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, e, width, 1, nb), starts, hp.rope_dim, rope)
+        e = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, e, width, 1, nb), starts, hp.rope_dim, rope, rope_cat(hp))
         g.ggml_build_forward_expand(gf, g.ggml_cpy(ctx, g.ggml_reshape_2d(ctx, e, width, nb),
                                                    rows(ctx, cache, nb, cp.b0)))
     if cp.l1 > 0:
@@ -249,20 +275,22 @@ cdef T * attend(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW * A
             compress(ctx, gf, hp, cp, si.blk[c], &A.idx.comp, &st.ic, st.lid, rows(ctx, r.ickv, n, t0),
                      rows(ctx, r.icsc, n, t0), hp.idx_dim, &A.rope)
         if cp.n_vis > 0 and A.kind == HCA:  # every visible entry
-            keys = g.ggml_concat(ctx, keys, rows(ctx, st.comp, cp.n_vis, 0), 1)
-            mask = g.ggml_concat(ctx, mask, si.vis[c], 0)
+            keys = cat(ctx, hp, keys, rows(ctx, st.comp, cp.n_vis, 0), 1)
+            mask = cat(ctx, hp, mask, si.vis[c], 0)
         elif cp.n_vis > 0:  # CSA: the entries the indexer selects
             top = indexer_top(ctx, hp, st, cp, si.vis[c], tokens_3d(ctx, r.iq, sp), rows(ctx, r.iw, n, t0))
             if n == 1:  # decode: gather the selected entries (all visible to the one token), O(top_k) per token
                 sel = g.ggml_get_rows(ctx, rows(ctx, st.comp, cp.n_vis, 0), g.ggml_reshape_1d(ctx, top, top.ne[0]))
-                if keys.type != g.GGML_TYPE_F32:
+                if hp.attn_f16 and keys.type == g.GGML_TYPE_F16:  # the type attention casts them to: same bytes
+                    sel = g.ggml_cast(ctx, sel, g.GGML_TYPE_F16)
+                elif keys.type != g.GGML_TYPE_F32:
                     keys = g.ggml_cast(ctx, keys, g.GGML_TYPE_F32)
-                keys = g.ggml_concat(ctx, keys, sel, 1)
-                mask = g.ggml_concat(ctx, mask, g.ggml_fill(ctx, g.ggml_new_tensor_2d(
+                keys = cat(ctx, hp, keys, sel, 1)
+                mask = cat(ctx, hp, mask, g.ggml_fill(ctx, g.ggml_new_tensor_2d(
                     ctx, g.GGML_TYPE_F32, top.ne[0], 1), 0.0), 0)
             else:  # a batch: every visible entry, masked to each token's selection
-                keys = g.ggml_concat(ctx, keys, rows(ctx, st.comp, cp.n_vis, 0), 1)
-                mask = g.ggml_concat(ctx, mask, selection_mask(ctx, top, si.vis[c], cp.n_vis), 0)
+                keys = cat(ctx, hp, keys, rows(ctx, st.comp, cp.n_vis, 0), 1)
+                mask = cat(ctx, hp, mask, selection_mask(ctx, top, si.vis[c], cp.n_vis), 0)
 
     # With attn_f16, exactly llama.cpp's flash-attention path: keys and values as one f16 tensor whatever the cache
     # type, so the same CPU kernels run (values accumulated in f16 for small batches, in f32 tiles for large ones).
@@ -289,9 +317,10 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW 
     px.q80 = px.q8k = pqr.q80 = pqr.q8k = NULL
     cdef T * qr = norm(ctx, mm(ctx, hp, A.q_a, x, &px), A.q_a_norm, hp.eps)
     cdef T * q = g.ggml_rms_norm(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, A.q_b, qr, &pqr), d, H, n), hp.eps)
-    r.q = named(dsv4_rope_tail(ctx, q, inp.pos, hp.rope_dim, &A.rope), "q", il)
+    r.q = named(dsv4_rope_tail(ctx, q, inp.pos, hp.rope_dim, &A.rope, rope_cat(hp)), "q", il)
     cdef T * kv = norm(ctx, mm(ctx, hp, A.kv, x, &px), A.kv_norm, hp.eps)
-    kv = named(dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, kv, d, 1, n), inp.pos, hp.rope_dim, &A.rope), "kv", il)
+    kv = named(dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, kv, d, 1, n), inp.pos, hp.rope_dim, &A.rope, rope_cat(hp)),
+               "kv", il)
     r.kv = g.ggml_reshape_2d(ctx, kv, d, n)
     r.ckv = r.csc = r.ickv = r.icsc = r.iq = r.iw = NULL
     cdef int s, c
@@ -305,15 +334,17 @@ cdef T * attention(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW 
                 any_vis = any_vis or ub.seq[s].comp[c].n_vis > 0
         if any_vis:  # the indexer's token-wise part (docs/architecture.md §8.6)
             r.iq = dsv4_rope_tail(ctx, g.ggml_reshape_3d(ctx, mm(ctx, hp, A.idx.q_b, qr, &pqr), hp.idx_dim,
-                                                         hp.idx_heads, n), inp.pos, hp.rope_dim, &A.rope)
+                                                         hp.idx_heads, n), inp.pos, hp.rope_dim, &A.rope,
+                                  rope_cat(hp))
             r.iw = g.ggml_scale(ctx, mm(ctx, hp, A.idx.proj, x, &px),
                                 1.0 / sqrtf(<float> (hp.idx_dim * hp.idx_heads)))
 
     cdef T * parts[MAX_SEQ]
     for s in range(ub.n_seq):
         parts[s] = attend(ctx, gf, hp, A, &ub.seq[s].st[il], &ub.seq[s], &inp.seq[s], &r)
-    cdef T * out = named(concat_all(ctx, parts, ub.n_seq, 2), "attn_raw", il)
-    out = named(dsv4_rope_tail_back(ctx, out, inp.pos, hp.rope_dim, &A.rope), "attn_derope", il)  # [d, H, n]
+    cdef T * out = named(concat_all(ctx, hp, parts, ub.n_seq, 2), "attn_raw", il)
+    out = named(dsv4_rope_tail_back(ctx, out, inp.pos, hp.rope_dim, &A.rope, rope_cat(hp)), "attn_derope",
+                il)  # [d, H, n]
 
     # grouped output LoRA: group g = heads g*H/G .. (g+1)*H/G - 1, each with its own Ro rows of o_a
     out = g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, out, d * H // G, G, n), 0, 2, 1, 3)  # [d*H/G, n, G]
@@ -539,7 +570,7 @@ cdef T * build_mtp_graph(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const 
     e = named(norm(ctx, e, mw.enorm, hp.eps), "mtp_enorm", il)
     e = g.ggml_repeat_4d(ctx, g.ggml_reshape_3d(ctx, e, D, 1, n), D, hc, n, 1)
     cdef T * h = named(norm(ctx, g.ggml_reshape_3d(ctx, inp.h_in, D, hc, n), mw.hnorm, hp.eps), "mtp_hnorm", il)
-    cdef T * S = named(g.ggml_mul_mat(ctx, mw.eh_proj, g.ggml_concat(ctx, e, h, 0)), "mtp_eh_proj", il)  # [D, hc, n]
+    cdef T * S = named(g.ggml_mul_mat(ctx, mw.eh_proj, cat(ctx, hp, e, h, 0)), "mtp_eh_proj", il)  # [D, hc, n]
     S = block(ctx, gf, hp, &lw[il], il, ub, inp, S)
     return head(ctx, gf, hp, gw, mw.head_norm if mw.head_norm != NULL else gw.out_norm,
                 mw.head if mw.head != NULL else gw.output, ub, inp, S)
