@@ -3,6 +3,7 @@ llama.cpp's, on the same GGUF.
 
     python bench/speculative.py [--model demo|medium|PATH] [--n 1,2,3] [--tokens 96] [--threads 2] [--rounds 3]
         [--llama-server "$(tools/oracle/build_server.sh | tail -n1)"] [--ceiling] [--fresh-mtp-graph]
+        [--llama-speculative "$(tools/oracle/build_server.sh llama-speculative-simple | tail -n1)"]
 
 Our engine, in this process (greedy, the chat prompts below rendered with the file's template, `--tokens` tokens
 each): decode tokens/s without speculation and with `spec_type="mtp", spec_draft_n_max=N`, the acceptance rate
@@ -13,7 +14,9 @@ the MTP block's graph built afresh for every draft instead of held (what the hel
 `--llama-server`: both servers (ours `llama-dsv4-server`, llama.cpp's built from the reference's source), one
 stream, the same prompt tokens to /v1/completions, plain and `--spec-type draft-mtp --spec-draft-n-max N`: decode
 tokens/s (from the first streamed token to the last) and the accepted share from each server's /metrics; the
-ratio ours / llama.cpp (> 1: ours faster). Rounds alternate the engines; medians.
+ratio ours / llama.cpp (> 1: ours faster). Rounds alternate the engines; medians. With `--llama-speculative`:
+llama.cpp's own in-process driver (llama-speculative-simple, built from the reference's source) on the same
+prompt texts, draft-mtp at each N, run in the same rounds as ours; its decode tokens/s beside ours in process.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,19 +71,23 @@ def model_path(name: str) -> str:
     return name
 
 
-def prompt_tokens(llm: Llama) -> list[list[int]]:
+def prompt_texts(llm: Llama) -> list[str] | None:
+    """The prompts rendered with the file's chat template (BOS text included), or None without a template."""
     from llama_dsv4.chat.template import render
 
     tmpl = llm.metadata.get("tokenizer.chat_template")
-    out = []
-    for q in PROMPTS:
-        if tmpl:
-            text = render(tmpl, messages=[{"role": "user", "content": q}], add_generation_prompt=True,
-                          bos_token=llm.detokenize([llm.token_bos()], special=True).decode())  # fmt: skip
-            out.append(llm.tokenize(text.encode(), add_bos=False, special=True))
-        else:
-            out.append(llm.tokenize(q.encode()))
-    return out
+    if not tmpl:
+        return None
+    bos = llm.detokenize([llm.token_bos()], special=True).decode()
+    return [render(tmpl, messages=[{"role": "user", "content": q}], add_generation_prompt=True, bos_token=bos)
+            for q in PROMPTS]  # fmt: skip
+
+
+def prompt_tokens(llm: Llama) -> list[list[int]]:
+    texts = prompt_texts(llm)
+    if texts is None:
+        return [llm.tokenize(q.encode()) for q in PROMPTS]
+    return [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
 
 
 def decode_rate(llm: Llama, prompts: list[list[int]], n: int) -> tuple[float, list[list[int]], list[float]]:
@@ -138,6 +147,34 @@ class Replay:
         return np.zeros(0, np.intc)
 
 
+def llama_cpp_spec(a: argparse.Namespace, path: str, texts: list[str], n: int) -> tuple[float, float, int]:
+    """llama.cpp's own speculative driver (llama-speculative-simple, in its process) on each prompt text: greedy,
+    `--tokens` tokens, --spec-type draft-mtp --spec-draft-n-max n, the end token banned (ours decodes past it too).
+    Returns (decode tokens/s over all prompts, accepted / drafted, prompt tokens of the first prompt as it read
+    them)."""
+    import serve
+
+    tokens, seconds, drafted, accepted, n_first = 0, 0.0, 0, 0, -1
+    for text in texts:
+        cmd = [a.llama_speculative, "-m", path, "-p", text, "-n", str(a.tokens), "--temp", "0", "--ignore-eos",
+               "-t", str(a.threads), "-tb", str(a.threads), "-c", "2048", "--spec-type", "draft-mtp",
+               "--spec-draft-n-max", str(n), *(["--no-repack"] if serve.has_amx() else [])]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        out = r.stdout + r.stderr
+        got = {k: re.search(pat, out) for k, pat in (
+            ("enc", r"encoded\s+(\d+) tokens"), ("dec", r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds"),
+            ("drafted", r"n_drafted\s*=\s*(\d+)"), ("accept", r"n_accept\s*=\s*(\d+)"))}  # fmt: skip
+        if r.returncode != 0 or not all(got.values()):
+            raise RuntimeError(f"{a.llama_speculative} failed (exit {r.returncode}):\n{out[-3000:]}")
+        if n_first < 0:
+            n_first = int(got["enc"].group(1))
+        tokens += int(got["dec"].group(1))
+        seconds += float(got["dec"].group(2))
+        drafted += int(got["drafted"].group(1))
+        accepted += int(got["accept"].group(1))
+    return tokens / seconds, accepted / max(1, drafted), n_first
+
+
 def engine_table(a: argparse.Namespace, path: str) -> None:
     ns = [int(x) for x in a.n.split(",")]
     kw = dict(model_path=path, n_ctx=2048, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
@@ -148,6 +185,10 @@ def engine_table(a: argparse.Namespace, path: str) -> None:
     ref: list[list[int]] = []
     stats: dict[int, dict[str, Any]] = {}
     same: dict[int, int] = {}
+    texts = prompt_texts(plain) if a.llama_speculative else None
+    if a.llama_speculative and texts is None:
+        raise SystemExit("--llama-speculative needs a file with a chat template (the prompts are sent as text)")
+    theirs: dict[int, list[tuple[float, float, int]]] = {}
     spec = {n: Llama(**kw, spec_type="mtp", spec_draft_n_max=n) for n in ns}
     for llm in spec.values():
         llm._runner.context.hold_mtp_graph = not a.fresh_mtp_graph  # (bench only)
@@ -161,6 +202,8 @@ def engine_table(a: argparse.Namespace, path: str) -> None:
             rates.setdefault(f"mtp {n}", []).append(r)
             splits.setdefault(f"mtp {n}", []).append(sp)
             stats[n] = llm.spec_stats() or {}
+        for n in ns if texts else ():  # llama.cpp's in-process driver, in the same rounds
+            theirs.setdefault(n, []).append(llama_cpp_spec(a, path, texts, n))
         if a.ceiling:
             for n in ns:
                 with Llama(**kw, draft_model=Replay(prompts, ref, n)) as llm:
@@ -187,6 +230,18 @@ def engine_table(a: argparse.Namespace, path: str) -> None:
             again = f"{st['reevaluated'] / max(1, st['steps']):.2f}"
             name += f" ({same[n]}/{len(prompts)} texts = plain)"
         print(f"| {name} | {med:.1f} | {med / base:.2f} | {acc} | {pos} | {cost} | {again} | {split} |")
+    if theirs:
+        print(f"\nllama.cpp's {os.path.basename(a.llama_speculative)} (the same file, prompts and threads, in its "
+              f"own process; it read {theirs[ns[0]][0][2]} tokens of the first prompt, ours {len(prompts[0])}), "
+              f"medians of {a.rounds} rounds run between ours:")  # fmt: skip
+        print("| draft-mtp | ours in process, tok/s | llama.cpp in process, tok/s | ours / llama.cpp | "
+              "accepted / drafted: ours / llama.cpp |")  # fmt: skip
+        print("|---|---|---|---|---|")
+        for n in ns:
+            o = statistics.median(rates[f"mtp {n}"])
+            t = statistics.median(x[0] for x in theirs[n])
+            acc = f"{stats[n]['accepted'] / max(1, stats[n]['drafted']):.2f} / {theirs[n][-1][1]:.2f}"
+            print(f"| N = {n} | {o:.1f} | {t:.1f} | **{o / t:.2f}** | {acc} |")
     for llm in spec.values():
         llm.close()
     plain.close()
@@ -266,6 +321,10 @@ def main() -> None:
         help="build the MTP block's graph afresh for every draft (the held graph's gain, by comparison)",
     )
     ap.add_argument("--llama-server", help="llama.cpp's llama-server (tools/oracle/build_server.sh)")
+    ap.add_argument(
+        "--llama-speculative",
+        help="llama.cpp's llama-speculative-simple (tools/oracle/build_server.sh llama-speculative-simple)",
+    )
     a = ap.parse_args()
     path = model_path(a.model)
     engine_table(a, path)
