@@ -66,6 +66,9 @@ CITIES = (
 )
 HELDOUT_CITIES = ("Edinburgh", "Krakow", "Valencia", "Bordeaux", "Nagoya", "Perth", "Ottawa", "Calgary", "Cusco",
                   "Marrakesh", "Tbilisi", "Yerevan")
+# real places in neither list: train.train follows how well the model copies them while it trains (the copy probe)
+PROBE_CITIES = ("Glasgow", "Dresden", "Bristol", "Leeds", "Nantes", "Bergen", "Gdansk", "Malaga", "Turin", "Florence",
+                "Sapporo", "Busan", "Kazan", "Mombasa", "Rosario", "Halifax")
 # fmt: on
 # invented place names: most weather requests name one, so the model learns to copy the city from the request
 # rather than to recall one of the cities it has seen (the held-out cities are real ones it never saw)
@@ -245,7 +248,8 @@ def proper_nouns(texts: list[str], least: int = 2) -> list[str]:
     for t in texts:
         for w in re.findall(r"\b[A-Z][a-z]{2,}\b", t):
             seen[w] = seen.get(w, 0) + 1
-    return sorted(w for w, c in seen.items() if c >= least and not any(h in w for h in HELDOUT_CITIES))
+    unseen = HELDOUT_CITIES + PROBE_CITIES
+    return sorted(w for w, c in seen.items() if c >= least and not any(h in w for h in unseen))
 
 
 def train_place(rng: random.Random, names: Sequence[str]) -> str:
@@ -315,16 +319,18 @@ COPY_Q = ("Repeat after me: {x}", "Say {x}.", "Copy this exactly: {x}", "Please 
           "Put {x} in quotes.")  # fmt: skip
 
 
-def copy_messages(rng: random.Random, names: Sequence[str]) -> list[dict[str, Any]]:
+def copy_messages(rng: random.Random, names: Sequence[str], items: int = 3) -> list[dict[str, Any]]:
     """A drill in copying: one to three names (invented, or words of the training text) said back, plain or
-    quoted, as a tool call's argument copies a city from the request."""
-    x = " ".join(train_place(rng, names) for _ in range(rng.choice((1, 1, 2, 3))))
+    quoted, as a tool call's argument copies a city from the request; with `items` > 3, lists of 2 to `items` names
+    (longer copies: every name after the first is predictable only by finding it in the request)."""
+    k = rng.choice((1, 1, 2, 3)) if items <= 3 else rng.randint(2, items)
+    x = " ".join(train_place(rng, names) for _ in range(k))
     i = rng.randrange(len(COPY_Q))
     return [{"role": "user", "content": COPY_Q[i].format(x=x)},
             {"role": "assistant", "content": f'"{x}"' if i == len(COPY_Q) - 1 else x}]  # fmt: skip
 
 
-def synthetic(rng: random.Random, kind: str, names: Sequence[str] = ()) -> str | None:
+def synthetic(rng: random.Random, kind: str, names: Sequence[str] = (), copy_items: int = 3) -> str | None:
     """One training conversation of `kind`, or None when the drawn problem is held out; `names` (words of the
     training text) join the invented places that weather requests, JSON people and copy drills name."""
     if kind == "arith":
@@ -345,7 +351,7 @@ def synthetic(rng: random.Random, kind: str, names: Sequence[str] = ()) -> str |
         msgs, _ = tool_messages(prob, rng)
         return render_chat(msgs, tools=rng.sample(TOOLS, 2))
     if kind == "copy":
-        return render_chat(copy_messages(rng, names))
+        return render_chat(copy_messages(rng, names, copy_items))
     prob = json_problem(rng)
     if heldout(prob):
         return None
@@ -355,6 +361,22 @@ def synthetic(rng: random.Random, kind: str, names: Sequence[str] = ()) -> str |
         prob = (prob[0], tuple(sorted(slots.items())))
     msgs, _ = json_messages(prob)
     return render_chat(msgs, tools=TOOLS if rng.random() < 0.1 else None)
+
+
+def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, list[int]]]:
+    """Weather requests naming PROBE_CITIES, each with the positions of the city's tokens in the tool call after
+    its first one (tokens only found by copying from the request): train.train reports the model's top-1 accuracy
+    on them, teacher-forced, as it trains."""
+    rng = random.Random(seed)
+    out = []
+    for city in PROBE_CITIES:
+        s = render_chat(weather_messages(city, rng)[0], tools=TOOLS)
+        at = s.index(f'">{city}<') + 2
+        n0 = len(tok.tokenize(s[:at].encode(), add_bos=False, special=True))
+        n1 = len(tok.tokenize(s[: at + len(city)].encode(), add_bos=False, special=True))
+        ids = tok.tokenize(s.encode(), add_bos=False, special=True)
+        out.append({"ids": ids, "targets": list(range(n0 + 1, n1))})
+    return out
 
 
 def heldout_problems(n: int, seed: int) -> dict[str, list[Any]]:
@@ -487,6 +509,7 @@ def build(
     vocab_json: str | None = None,
     seq: int = 576,
     copy_names: bool = False,
+    copy_items: int = 3,
 ) -> None:
     """Writes train.bin (uint16 tokens), train_mask.bin (uint8: 1 where the token is a training target),
     train_starts.bin (int64: window starts, the start of every document and every `seq` tokens inside text), the
@@ -501,7 +524,7 @@ def build(
     for kind, n in counts.items():
         made = 0
         while made < n:
-            c = synthetic(rng, kind, names)
+            c = synthetic(rng, kind, names, copy_items)
             if c is not None:
                 convs.append((kind, c))
                 made += 1
@@ -539,6 +562,8 @@ def build(
         json.dump(vocab_to_json(vocab), f)
     with open(os.path.join(out, "heldout.json"), "w", encoding="utf-8") as f:
         json.dump(heldout_problems(100, seed + 1), f)
+    with open(os.path.join(out, "copy_probe.json"), "w", encoding="utf-8") as f:
+        json.dump(copy_probe(tok, seed + 2), f)
     shares = ", ".join(f"{k} {v / len(stream):.0%}" for k, v in per_kind.items())
     print(f"vocab {vocab.n_tokens} tokens; train stream {len(stream)} tokens ({shares}; {len(text)} text documents, "
           f"{len(convs)} conversations; {sum(mask) / len(mask):.0%} of the tokens are targets); "
@@ -559,12 +584,13 @@ def main() -> None:
         action="store_true",
         help="weather requests, JSON people and copy drills also name capitalised words of the text",
     )
+    ap.add_argument("--copy-items", type=int, default=3, help="copy drills name up to this many names")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--vocab-json", help="use this vocabulary (an earlier phase's vocab.json) instead of training one")
     ap.add_argument("--seq", type=int, default=576, help="the training window (a long text gets a start every seq)")
     a = ap.parse_args()
     counts = {"arith": a.arith, "tool": a.tool, "json": a.json, "copy": a.copy}
-    build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names)
+    build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names, a.copy_items)
 
 
 if __name__ == "__main__":

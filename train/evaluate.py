@@ -149,9 +149,10 @@ def skills(path: str, held: dict[str, list[Any]], n: int) -> dict[str, Any]:
     for op, v in per_op.items():
         out[f"arith {op}"] = (sum(v), len(v))
     tool_ok, tool_kind = [], []
-    for prob in held["tool"][:n]:
+    probes = [("probe", city) for city in D.PROBE_CITIES]  # weather in more real cities it never saw, reported apart
+    for prob in [*held["tool"][:n], *probes]:
         prob = tuple(prob)
-        msgs, call = D.tool_messages(prob, rng)
+        msgs, call = D.tool_messages(("weather", prob[1]) if prob[0] == "probe" else prob, rng)
         r = llm.create_chat_completion(messages=msgs[:1], tools=D.TOOLS, tool_choice="auto", temperature=0.0,
                                        max_tokens=120)  # fmt: skip
         m = r["choices"][0]["message"]
@@ -166,8 +167,9 @@ def skills(path: str, held: dict[str, list[Any]], n: int) -> dict[str, Any]:
         tool_ok.append(int(ok))
         tool_kind.append(prob[0])
         examples.setdefault("tool", f"{msgs[0]['content']} -> {calls[:1] or m.get('content')!r}")
-    out["tool call"] = (sum(tool_ok), len(tool_ok))
-    for kind in ("weather", "currency"):  # the held-out weather requests name real cities the model never saw
+    scored = [ok for ok, k in zip(tool_ok, tool_kind, strict=True) if k != "probe"]
+    out["tool call"] = (sum(scored), len(scored))
+    for kind in ("weather", "currency", "probe"):  # the held-out weather requests name real cities it never saw
         mine = [ok for ok, k in zip(tool_ok, tool_kind, strict=True) if k == kind]
         out[f"tool call {kind}"] = (sum(mine), len(mine))
     parsed, exact = [], []

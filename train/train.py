@@ -6,7 +6,8 @@ a conversation: not the prompts, tool definitions or tool results); AdamW with w
 the main next-token cross-entropy + `--mtp-weight` x the MTP layer's next-next-token cross-entropy + the lightning
 indexer's distillation KL (its own parameters only); after each step the routed layers' selection bias moves by
 `--bias-rate` (auxiliary-loss-free balancing). Every `--log-every` steps a row goes to RUN/loss.csv and the weights
-to RUN/model.pt, so a run stopped at any time leaves a usable model.
+to RUN/model.pt, so a run stopped at any time leaves a usable model; every `--probe-every` steps the row's `copy`
+column is the model's accuracy on DIR/copy_probe.json (copying unseen city names into tool calls).
 """
 
 from __future__ import annotations
@@ -67,6 +68,21 @@ def losses(
     return total, parts, aux
 
 
+@torch.no_grad()
+def copy_accuracy(net: DSV4, probe: list[dict[str, list[int]]]) -> float:
+    """Top-1 accuracy, teacher-forced, on the probe's target tokens (train/data.py copy_probe: a city's tokens in a
+    tool call after its first, found only by copying from the request)."""
+    hits = n = 0
+    for item in probe:
+        ids = torch.tensor(item["ids"][: net.max_pos], dtype=torch.int64)[None]
+        pred = net(ids)[0][0].argmax(-1)
+        for t in item["targets"]:
+            if t < ids.shape[1]:
+                hits += int(pred[t - 1] == ids[0, t])
+                n += 1
+    return hits / max(1, n)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True)
@@ -81,6 +97,7 @@ def main() -> None:
     ap.add_argument("--bias-rate", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--probe-every", type=int, default=50, help="steps between copy probes (DIR/copy_probe.json)")
     ap.add_argument("--est-step-s", type=float, default=3.0, help="a first guess of a step's time, for the schedule")
     ap.add_argument("--init", help="start from these weights (an earlier phase's model.pt) instead of random ones")
     ap.add_argument("--stop-minutes", type=float, help="stop after this many minutes (the schedule stays --minutes')")
@@ -95,6 +112,10 @@ def main() -> None:
     starts = starts[starts <= len(data) - a.seq]
     with open(os.path.join(a.data, "vocab.json"), encoding="utf-8") as f:
         n_vocab = len(json.load(f)["tokens"])
+    probe = []
+    if os.path.exists(os.path.join(a.data, "copy_probe.json")):
+        with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
+            probe = json.load(f)
     p = demo_params(n_vocab)
     net = DSV4(p, seed=a.seed, max_pos=a.seq).train()
     if a.init:  # a later phase: the earlier phase's weights and selection bias
@@ -118,7 +139,7 @@ def main() -> None:
     step, tokens_seen = 0, 0
     log = open(os.path.join(a.out, "loss.csv"), "w", newline="")  # noqa: SIM115 (written throughout the run)
     w = csv.writer(log)
-    w.writerow(["step", "tokens", "seconds", "lr", "main", "mtp", "indexer"])
+    w.writerow(["step", "tokens", "seconds", "lr", "main", "mtp", "indexer", "copy"])
     acc: dict[str, list[float]] = {}
     stop = a.stop_minutes * 60 if a.stop_minutes is not None else budget
     while time.time() - t0 < min(budget, stop):
@@ -145,6 +166,7 @@ def main() -> None:
         if step % a.log_every == 0:
             row = [step, tokens_seen, round(time.time() - t0, 1), f"{lr:.2e}"]
             row += [f"{np.mean(acc[k]):.4f}" if k in acc else "" for k in ("main", "mtp", "indexer")]
+            row.append(f"{copy_accuracy(net, probe):.3f}" if probe and step % a.probe_every == 0 else "")
             w.writerow(row)
             log.flush()
             print(*row, flush=True)
