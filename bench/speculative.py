@@ -159,13 +159,16 @@ def llama_cpp_spec(a: argparse.Namespace, path: str, texts: list[str], n: int) -
         cmd = [a.llama_speculative, "-m", path, "-p", text, "-n", str(a.tokens), "--temp", "0", "--ignore-eos",
                "-t", str(a.threads), "-tb", str(a.threads), "-c", "2048", "--spec-type", "draft-mtp",
                "--spec-draft-n-max", str(n), *(["--no-repack"] if serve.has_amx() else [])]  # fmt: skip
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        out = r.stdout + r.stderr
-        got = {k: re.search(pat, out) for k, pat in (
-            ("enc", r"encoded\s+(\d+) tokens"), ("dec", r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds"),
-            ("drafted", r"n_drafted\s*=\s*(\d+)"), ("accept", r"n_accept\s*=\s*(\d+)"))}  # fmt: skip
-        if r.returncode != 0 or not all(got.values()):
-            raise RuntimeError(f"{a.llama_speculative} failed (exit {r.returncode}):\n{out[-3000:]}")
+        for attempt in range(3):  # its log thread now and then loses the last lines (the figures) at exit
+            r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
+            out = r.stdout + r.stderr
+            got = {k: re.search(pat, out) for k, pat in (
+                ("enc", r"encoded\s+(\d+) tokens"), ("dec", r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds"),
+                ("drafted", r"n_drafted\s*=\s*(\d+)"), ("accept", r"n_accept\s*=\s*(\d+)"))}  # fmt: skip
+            if r.returncode == 0 and all(got.values()):
+                break
+            if r.returncode != 0 or attempt == 2:
+                raise RuntimeError(f"{a.llama_speculative} failed (exit {r.returncode}):\n{out[-3000:]}")
         if n_first < 0:
             n_first = int(got["enc"].group(1))
         tokens += int(got["dec"].group(1))
