@@ -281,7 +281,9 @@ cdef T * attend(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const AttnW * A
             top = indexer_top(ctx, hp, st, cp, si.vis[c], tokens_3d(ctx, r.iq, sp), rows(ctx, r.iw, n, t0))
             if n == 1:  # decode: gather the selected entries (all visible to the one token), O(top_k) per token
                 sel = g.ggml_get_rows(ctx, rows(ctx, st.comp, cp.n_vis, 0), g.ggml_reshape_1d(ctx, top, top.ne[0]))
-                if hp.attn_f16 and keys.type == g.GGML_TYPE_F16:  # the type attention casts them to: same bytes
+                # on the CPU the entries join the f16 window (attention's type: the same bytes); device backends
+                # keep the f32 join every backend's concat implements
+                if hp.cpu_only and hp.attn_f16 and keys.type == g.GGML_TYPE_F16:
                     sel = g.ggml_cast(ctx, sel, g.GGML_TYPE_F16)
                 elif keys.type != g.GGML_TYPE_F32:
                     keys = g.ggml_cast(ctx, keys, g.GGML_TYPE_F32)
