@@ -192,11 +192,11 @@ cdef void compress(C * ctx, g.ggml_cgraph * gf, const Hparams * hp, const CompPl
         if cp.overlap:
             # entry m pools the first half of block m-1's channels and the second half of block m's: 2R slots
             vk = cat(ctx, hp, g.ggml_cont(ctx, g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk, 0)),
-                               g.ggml_cont(ctx, g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk,
-                                                               blk + width * sizeof(float))), 1)
+                     g.ggml_cont(ctx, g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk,
+                                                     blk + width * sizeof(float))), 1)
             vs = cat(ctx, hp, g.ggml_cont(ctx, g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk, 0)),
-                               g.ggml_cont(ctx, g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk,
-                                                               blk + width * sizeof(float))), 1)
+                     g.ggml_cont(ctx, g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk,
+                                                     blk + width * sizeof(float))), 1)
         else:
             vk = g.ggml_view_3d(ctx, xk, width, R, nb, xk.nb[1], blk, 0)
             vs = g.ggml_view_3d(ctx, xs, width, R, nb, xs.nb[1], blk, 0)
