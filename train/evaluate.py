@@ -38,7 +38,9 @@ from .train import demo_params
 def load_run(run: str, data_dir: str) -> tuple[DSV4, Any]:
     with open(os.path.join(data_dir, "vocab.json"), encoding="utf-8") as f:
         vocab = D.vocab_from_json(json.load(f))
-    net = DSV4(demo_params(vocab.n_tokens), max_pos=1024)
+    with open(os.path.join(run, "config.json")) as f:
+        n_head = json.load(f).get("n_head", 4)
+    net = DSV4(demo_params(vocab.n_tokens, n_head), max_pos=1024)
     net.load_state_dict(torch.load(os.path.join(run, "model.pt")), strict=False)
     return net.eval(), vocab
 

@@ -29,13 +29,13 @@ from llama_dsv4.model.params import DSV4Params
 from .model import DSV4, count_params
 
 
-def demo_params(n_vocab: int) -> DSV4Params:
+def demo_params(n_vocab: int, n_head: int = 4) -> DSV4Params:
     """The demo model: every deepseek4 path (a hash-routed sliding-window layer, CSA with the indexer, HCA, learned
     routing with the bias, an MTP layer), sized for a 2-core CPU; n_embd and expert_ff are multiples of 256 so the
-    Q8xQ5 variant (Q5_K experts) exists."""
+    Q8xQ5 variant (Q5_K experts) exists. n_head: query heads (4 in the shipped model; an experiment's knob)."""
     return DSV4Params(
         n_vocab=n_vocab, n_ctx_train=4096, n_embd=256, n_layer=4, n_nextn=1, compress_ratios=(0, 4, 128, 4, 0),
-        hash_layer_count=1, n_head=4, head_dim=64, rope_dim=16, q_lora_rank=64, o_group_count=2, o_lora_rank=64,
+        hash_layer_count=1, n_head=n_head, head_dim=64, rope_dim=16, q_lora_rank=64, o_group_count=2, o_lora_rank=64,
         sliding_window=64, indexer_n_head=2, indexer_head_dim=128, indexer_top_k=8, n_expert=8, n_expert_used=2,
         expert_ff=256, n_expert_shared=1, swiglu_clamp_exp=(10.0,), swiglu_clamp_shexp=(10.0,),
     )  # fmt: skip
@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     ap.add_argument("--bias-rate", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-head", type=int, default=4, help="query heads (the shipped model: 4)")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--probe-every", type=int, default=50, help="steps between copy probes (DIR/copy_probe.json)")
     ap.add_argument("--est-step-s", type=float, default=3.0, help="a first guess of a step's time, for the schedule")
@@ -116,7 +117,7 @@ def main() -> None:
     if os.path.exists(os.path.join(a.data, "copy_probe.json")):
         with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
             probe = json.load(f)
-    p = demo_params(n_vocab)
+    p = demo_params(n_vocab, a.n_head)
     net = DSV4(p, seed=a.seed, max_pos=a.seq).train()
     if a.init:  # a later phase: the earlier phase's weights and selection bias
         net.load_state_dict(torch.load(a.init), strict=False)
