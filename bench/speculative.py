@@ -152,8 +152,6 @@ def llama_cpp_spec(a: argparse.Namespace, path: str, texts: list[str], n: int) -
     `--tokens` tokens, --spec-type draft-mtp --spec-draft-n-max n, the end token banned (ours decodes past it too).
     Returns (decode tokens/s over all prompts, accepted / drafted, prompt tokens of the first prompt as it read
     them)."""
-    import serve
-
     tokens, seconds, drafted, accepted, n_first = 0, 0.0, 0, 0, -1
     for text in texts:
         cmd = [a.llama_speculative, "-m", path, "-p", text, "-n", str(a.tokens), "--temp", "0", "--ignore-eos",

@@ -122,6 +122,16 @@ cdef T * concat_all(C * ctx, const Hparams * hp, T ** parts, int m, int dim) noe
 
 # ------------------------------------------------------------------------------------------ hyper-connections
 
+cdef T * hc_gate(C * ctx, T * mix, T * scale, T * base, int64_t hc, int k, float eps) noexcept nogil:
+    """Gate k of the mixer's output in ggml ops (docs/architecture.md §7.1): sigmoid(mix[k*hc:(k+1)*hc] * scale[k] +
+    base[k*hc:(k+1)*hc]), then + eps for pre (k = 0) or x 2 for post (k = 1); dsv4_hc_gates_cpu's bytes."""
+    cdef T * x = g.ggml_view_2d(ctx, mix, hc, mix.ne[1], mix.nb[1], k * hc * sizeof(float))
+    x = g.ggml_add(ctx, g.ggml_mul(ctx, x, g.ggml_view_1d(ctx, scale, 1, k * sizeof(float))),
+                   g.ggml_view_1d(ctx, base, hc, k * hc * sizeof(float)))
+    x = g.ggml_sigmoid(ctx, x)
+    return g.ggml_scale_bias(ctx, x, 1.0, eps) if k == 0 else g.ggml_scale(ctx, x, 2.0)
+
+
 cdef T * hc_pre(C * ctx, const Hparams * hp, const HcW * W, T * S, T ** post, T ** comb, int il) noexcept nogil:
     """Mix the HC streams S [D, hc, n] into one [D, n]; also the post weights [hc, n] and the Sinkhorn-normalised
     combination [hc(dst), hc(src), n] that hc_post needs (docs/architecture.md §7.1)."""
@@ -130,19 +140,12 @@ cdef T * hc_pre(C * ctx, const Hparams * hp, const HcW * W, T * S, T ** post, T 
     named(mix, "hc_mixes", il)
     cdef T * gates = dsv4_hc_gates_cpu(ctx, mix, W.scale, W.base, <int> hc, 2, hp.hc_eps) if hp.cpu_only else NULL
     cdef T * pre
-    cdef T * p
     if gates != NULL:  # both gates in one CPU op, the same bytes (kernels/dsv4_hc.h)
         pre = g.ggml_view_2d(ctx, gates, hc, n, gates.nb[1], 0)
         post[0] = g.ggml_view_2d(ctx, gates, hc, n, gates.nb[1], gates.nb[2])
     else:
-        pre = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], 0)
-        pre = g.ggml_add(ctx, g.ggml_mul(ctx, pre, g.ggml_view_1d(ctx, W.scale, 1, 0)),
-                         g.ggml_view_1d(ctx, W.base, hc, 0))
-        pre = g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps)
-        p = g.ggml_view_2d(ctx, mix, hc, n, mix.nb[1], hc * sizeof(float))
-        p = g.ggml_add(ctx, g.ggml_mul(ctx, p, g.ggml_view_1d(ctx, W.scale, 1, sizeof(float))),
-                       g.ggml_view_1d(ctx, W.base, hc, hc * sizeof(float)))
-        post[0] = g.ggml_scale(ctx, g.ggml_sigmoid(ctx, p), 2.0)
+        pre = hc_gate(ctx, mix, W.scale, W.base, hc, 0, hp.hc_eps)
+        post[0] = hc_gate(ctx, mix, W.scale, W.base, hc, 1, hp.hc_eps)
     named(pre, "hc_pre", il)
     named(post[0], "hc_post", il)
     comb[0] = named(g.ggml_dsv4_hc_comb(ctx, mix, W.scale, W.base, hp.hc_eps, hp.hc_iters), "hc_comb", il)
@@ -157,8 +160,7 @@ cdef T * hc_head(C * ctx, const Hparams * hp, const GlobalW * gw, T * S) noexcep
     if pre != NULL:
         pre = g.ggml_reshape_2d(ctx, pre, hp.hc, S.ne[2])
     else:
-        pre = g.ggml_add(ctx, g.ggml_mul(ctx, mix, g.ggml_view_1d(ctx, gw.hc_scale, 1, 0)), gw.hc_base)
-        pre = g.ggml_scale_bias(ctx, g.ggml_sigmoid(ctx, pre), 1.0, hp.hc_eps)
+        pre = hc_gate(ctx, mix, gw.hc_scale, gw.hc_base, hp.hc, 0, hp.hc_eps)
     return g.ggml_dsv4_hc_pre(ctx, S, pre)
 
 # ------------------------------------------------------------------------------------------ compressors
