@@ -65,3 +65,25 @@ def test_trained_vocabulary_keeps_specials_and_single_digits() -> None:
     assert tok.detokenize(ids, special=True).decode() == chat
     digits = [vocab.tokens[i] for i in tok.tokenize(b"417285", add_bos=False)]
     assert digits == list("417285")
+
+
+def test_copy_weights_mark_what_is_copied_from_the_request() -> None:
+    rng = random.Random(3)
+    texts = [t for k in ("arith", "tool", "json") * 40 if (t := D.synthetic(rng, k)) is not None]
+    vocab = D.train_vocab(texts, 600)
+    tok = DSV4Tokenizer(vocab)
+    msgs, _ = D.weather_messages("Qwzxkvillo", random.Random(4))
+    ids = tok.tokenize(D.render_chat(msgs, tools=D.TOOLS).encode(), add_bos=False, special=True)
+    user, assistant = vocab.id_of("<｜User｜>"), vocab.id_of("<｜Assistant｜>")
+    mask = D.assistant_mask(ids, assistant, vocab.eos_id)
+    w = D.copy_weights(ids, mask, 4, user)
+    assert [bool(x) for x in w] == [bool(x) for x in mask]  # the targets stay the targets
+    assert set(w) == {0, 1, 4}
+    heavy = tok.detokenize([t for t, x in zip(ids, w, strict=True) if x == 4]).decode()
+    city = tok.tokenize(b"Qwzxkvillo", add_bos=False)
+    assert len(city) > 2  # a name the vocabulary splits
+    # every piece of the city after its first, in the call and in the answer, is weighted; no DSML markup is
+    rest = tok.detokenize(city[1:]).decode()
+    assert heavy.count(rest) == 2, heavy
+    assert "DSML" not in heavy and "get_weather" not in heavy
+    assert D.copy_weights(ids, mask, 4, -1) == mask  # no user turn: nothing copied

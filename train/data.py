@@ -500,6 +500,23 @@ def assistant_mask(ids: list[int], assistant: int, eos: int) -> list[int]:
     return out
 
 
+def copy_weights(ids: list[int], mask: list[int], weight: int, user: int) -> list[int]:
+    """`mask` with `weight` in place of 1 where the token the model writes continues a pair of tokens that a user
+    turn or a tool result holds (ids[i - 1], ids[i] seen there, untrained, after the first `user` token): the tokens
+    found only by copying from the request (a city's pieces after its first in a tool call, operands restated, a
+    tool result's figures), which the plain loss drowns among the tokens the model predicts from the template."""
+    seen: set[tuple[int, int]] = set()
+    out = list(mask)
+    start = ids.index(user) if user in ids else len(ids)
+    for i in range(start + 1, len(ids)):
+        pair = (ids[i - 1], ids[i])
+        if mask[i] and pair in seen:
+            out[i] = weight
+        elif not mask[i] and not mask[i - 1]:
+            seen.add(pair)
+    return out
+
+
 def build(
     out: str,
     wheel_dir: str,
@@ -510,8 +527,10 @@ def build(
     seq: int = 576,
     copy_names: bool = False,
     copy_items: int = 3,
+    copy_weight: int = 1,
 ) -> None:
-    """Writes train.bin (uint16 tokens), train_mask.bin (uint8: 1 where the token is a training target),
+    """Writes train.bin (uint16 tokens), train_mask.bin (uint8: the token's weight as a training target, 0 where it
+    is not one; `copy_weight` for the tokens copy_weights finds in conversations, 1 for the others),
     train_starts.bin (int64: window starts, the start of every document and every `seq` tokens inside text), the
     held-out text and problems and the vocabulary."""
     rng = random.Random(seed)
@@ -536,14 +555,15 @@ def build(
         vocab = train_vocab(text[:4000] + [c for _, c in convs[:20000]], vocab_size)
     tok = DSV4Tokenizer(vocab)
     bos, eos = vocab.bos_id, vocab.eos_id
-    assistant = vocab.tokens.index("<｜Assistant｜>")
+    assistant, user = vocab.tokens.index("<｜Assistant｜>"), vocab.tokens.index("<｜User｜>")
     docs: list[tuple[str, list[int], list[int]]] = []
     for t in text:
         ids = [bos, *tok.tokenize(t.encode(), add_bos=False, special=True), eos]
         docs.append(("text", ids, [1] * len(ids)))
     for kind, c in convs:
         ids = tok.tokenize(c.encode(), add_bos=False, special=True)
-        docs.append((kind, ids, assistant_mask(ids, assistant, eos)))
+        m = assistant_mask(ids, assistant, eos)
+        docs.append((kind, ids, copy_weights(ids, m, copy_weight, user) if copy_weight != 1 else m))
     rng.shuffle(docs)
     stream, mask, starts, per_kind = [], [], [], dict.fromkeys(["text", *counts], 0)
     for kind, ids, m in docs:
@@ -566,7 +586,8 @@ def build(
         json.dump(copy_probe(tok, seed + 2), f)
     shares = ", ".join(f"{k} {v / len(stream):.0%}" for k, v in per_kind.items())
     print(f"vocab {vocab.n_tokens} tokens; train stream {len(stream)} tokens ({shares}; {len(text)} text documents, "
-          f"{len(convs)} conversations; {sum(mask) / len(mask):.0%} of the tokens are targets); "
+          f"{len(convs)} conversations; {sum(map(bool, mask)) / len(mask):.0%} of the tokens are targets, "
+          f"{sum(x > 1 for x in mask) / max(1, sum(map(bool, mask))):.1%} of those weighted {copy_weight}); "
           f"held-out text {len(held)} tokens")  # fmt: skip
 
 
@@ -588,9 +609,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--vocab-json", help="use this vocabulary (an earlier phase's vocab.json) instead of training one")
     ap.add_argument("--seq", type=int, default=576, help="the training window (a long text gets a start every seq)")
+    ap.add_argument("--copy-weight", type=int, default=1, help="loss weight of the tokens copied from the context")
     a = ap.parse_args()
+    if not 1 <= a.copy_weight <= 255:
+        ap.error("--copy-weight must be 1 to 255 (train_mask.bin holds one byte per token)")
     counts = {"arith": a.arith, "tool": a.tool, "json": a.json, "copy": a.copy}
-    build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names, a.copy_items)
+    build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names, a.copy_items, a.copy_weight)
 
 
 if __name__ == "__main__":

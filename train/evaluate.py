@@ -39,8 +39,9 @@ def load_run(run: str, data_dir: str) -> tuple[DSV4, Any]:
     with open(os.path.join(data_dir, "vocab.json"), encoding="utf-8") as f:
         vocab = D.vocab_from_json(json.load(f))
     with open(os.path.join(run, "config.json")) as f:
-        n_head = json.load(f).get("n_head", 4)
-    net = DSV4(demo_params(vocab.n_tokens, n_head), max_pos=1024)
+        cfg = json.load(f)
+    shape = {k: cfg[k] for k in ("n_head", "head_dim", "indexer_head_dim") if k in cfg}
+    net = DSV4(demo_params(vocab.n_tokens, **shape), max_pos=1024)
     net.load_state_dict(torch.load(os.path.join(run, "model.pt")), strict=False)
     return net.eval(), vocab
 
@@ -136,7 +137,30 @@ def last_int(text: str) -> int | None:
     return int(m[-1]) if m else None
 
 
-def skills(path: str, held: dict[str, list[Any]], n: int) -> dict[str, Any]:
+def fresh_places(data_dir: str, vocab: Any, n: int = 16, seed: int = 99) -> list[str]:
+    """n invented places (the recipe's own kind of name) that appear nowhere in the training stream, with or
+    without a leading space: names the model can only write by copying them from the request."""
+    stream = np.fromfile(os.path.join(data_dir, "train.bin"), np.uint16)
+    tk = DSV4Tokenizer(vocab)
+    rng, out = random.Random(seed), []
+
+    def seen(ids: list[int]) -> bool:
+        hit = np.ones(len(stream) - len(ids) + 1, bool)
+        for k, t in enumerate(ids):
+            hit &= stream[k : len(stream) - len(ids) + 1 + k] == t
+        return bool(hit.any())
+
+    while len(out) < n:
+        name = D.invented_place(rng)
+        if name in out or any(seen(tk.tokenize(x.encode(), add_bos=False)) for x in (name, " " + name)):
+            continue
+        out.append(name)
+    return out
+
+
+def skills(path: str, held: dict[str, list[Any]], n: int, fresh: list[str] | None = None) -> dict[str, Any]:
+    """Held-out skills through llama_dsv4.Llama, greedy. Tool requests: the held-out ones (scored), then weather in
+    PROBE_CITIES and in `fresh` invented places (reported apart: copying names the model never saw)."""
     llm = Llama(model_path=path, n_ctx=1024, n_threads=2, verbose=False)
     out: dict[str, Any] = {}
     rng = random.Random(0)
@@ -152,9 +176,10 @@ def skills(path: str, held: dict[str, list[Any]], n: int) -> dict[str, Any]:
         out[f"arith {op}"] = (sum(v), len(v))
     tool_ok, tool_kind = [], []
     probes = [("probe", city) for city in D.PROBE_CITIES]  # weather in more real cities it never saw, reported apart
+    probes += [("fresh", name) for name in fresh or []]
     for prob in [*held["tool"][:n], *probes]:
         prob = tuple(prob)
-        msgs, call = D.tool_messages(("weather", prob[1]) if prob[0] == "probe" else prob, rng)
+        msgs, call = D.tool_messages(("weather", prob[1]) if prob[0] in ("probe", "fresh") else prob, rng)
         r = llm.create_chat_completion(messages=msgs[:1], tools=D.TOOLS, tool_choice="auto", temperature=0.0,
                                        max_tokens=120)  # fmt: skip
         m = r["choices"][0]["message"]
@@ -169,9 +194,9 @@ def skills(path: str, held: dict[str, list[Any]], n: int) -> dict[str, Any]:
         tool_ok.append(int(ok))
         tool_kind.append(prob[0])
         examples.setdefault("tool", f"{msgs[0]['content']} -> {calls[:1] or m.get('content')!r}")
-    scored = [ok for ok, k in zip(tool_ok, tool_kind, strict=True) if k != "probe"]
+    scored = [ok for ok, k in zip(tool_ok, tool_kind, strict=True) if k not in ("probe", "fresh")]
     out["tool call"] = (sum(scored), len(scored))
-    for kind in ("weather", "currency", "probe"):  # the held-out weather requests name real cities it never saw
+    for kind in ("weather", "currency", "probe", "fresh"):  # held-out weather requests name real cities it never saw
         mine = [ok for ok, k in zip(tool_ok, tool_kind, strict=True) if k == kind]
         out[f"tool call {kind}"] = (sum(mine), len(mine))
     parsed, exact = [], []
@@ -206,8 +231,10 @@ def main() -> None:
     ap.add_argument("--earlier", nargs="*", default=[], help="earlier phases' runs (their tokens and time count too)")
     a = ap.parse_args()
     if a.skills_only:
+        with open(os.path.join(a.data, "vocab.json"), encoding="utf-8") as f:
+            fresh = fresh_places(a.data, D.vocab_from_json(json.load(f)))
         with open(os.path.join(a.data, "heldout.json")) as f:
-            for k, v in skills(a.skills_only, json.load(f), a.n).items():
+            for k, v in skills(a.skills_only, json.load(f), a.n, fresh).items():
                 print(f"| {k} | {v} |" if k == "examples" else f"| {k} | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")
         return
     if not a.run:
@@ -248,7 +275,7 @@ def main() -> None:
     routes = routing(net, tok_held, cfg["seq"], hot=4)
     ppl_engine = {dt: engine_perplexity(p, tok_held, cfg["seq"]) for dt, p in paths.items()}
     auto = auto_residency(paths[a.variant], tok_held, cfg["seq"])
-    sk = skills(paths[a.variant], held, a.n)
+    sk = skills(paths[a.variant], held, a.n, fresh_places(a.data, vocab))
     res = {
         "params_total": total,
         "params_active": active,

@@ -2,7 +2,8 @@
 
 Windows of `--seq` tokens from DIR/train.bin (train/data.py), each starting at a document's start (or every `seq`
 tokens inside a long text), the loss on the tokens DIR/train_mask.bin marks (text, and what the assistant writes in
-a conversation: not the prompts, tool definitions or tool results); AdamW with warmup and cosine decay; the loss is
+a conversation: not the prompts, tool definitions or tool results), each weighted by its mask byte (1, or
+`train.data --copy-weight` for what is copied from the request); AdamW with warmup and cosine decay; the loss is
 the main next-token cross-entropy + `--mtp-weight` x the MTP layer's next-next-token cross-entropy + the lightning
 indexer's distillation KL (its own parameters only); after each step the routed layers' selection bias moves by
 `--bias-rate` (auxiliary-loss-free balancing). Every `--log-every` steps a row goes to RUN/loss.csv and the weights
@@ -29,24 +30,31 @@ from llama_dsv4.model.params import DSV4Params
 from .model import DSV4, count_params
 
 
-def demo_params(n_vocab: int, n_head: int = 4) -> DSV4Params:
+def demo_params(n_vocab: int, n_head: int = 4, head_dim: int = 64, indexer_head_dim: int = 128) -> DSV4Params:
     """The demo model: every deepseek4 path (a hash-routed sliding-window layer, CSA with the indexer, HCA, learned
     routing with the bias, an MTP layer), sized for a 2-core CPU; n_embd and expert_ff are multiples of 256 so the
-    Q8xQ5 variant (Q5_K experts) exists. n_head: query heads (4 in the shipped model; an experiment's knob)."""
+    Q8xQ5 variant (Q5_K experts) exists. n_head, head_dim (the one shared key/value latent per position) and
+    indexer_head_dim are an experiment's knobs; llama.cpp 0.3.36 needs indexer_head_dim != head_dim for its MTP
+    context and indexer_head_dim > 32."""
     return DSV4Params(
         n_vocab=n_vocab, n_ctx_train=4096, n_embd=256, n_layer=4, n_nextn=1, compress_ratios=(0, 4, 128, 4, 0),
-        hash_layer_count=1, n_head=n_head, head_dim=64, rope_dim=16, q_lora_rank=64, o_group_count=2, o_lora_rank=64,
-        sliding_window=64, indexer_n_head=2, indexer_head_dim=128, indexer_top_k=8, n_expert=8, n_expert_used=2,
-        expert_ff=256, n_expert_shared=1, swiglu_clamp_exp=(10.0,), swiglu_clamp_shexp=(10.0,),
+        hash_layer_count=1, n_head=n_head, head_dim=head_dim, rope_dim=16, q_lora_rank=64, o_group_count=2,
+        o_lora_rank=64, sliding_window=64, indexer_n_head=2, indexer_head_dim=indexer_head_dim, indexer_top_k=8,
+        n_expert=8, n_expert_used=2, expert_ff=256, n_expert_shared=1, swiglu_clamp_exp=(10.0,),
+        swiglu_clamp_shexp=(10.0,),
     )  # fmt: skip
 
 
-def _masked_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _masked_ce(
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the cross-entropy weighted by `mask`, the plain mean over the tokens it marks: what loss.csv reports)."""
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     if mask is None:
-        return ce.mean()
+        return ce.mean(), ce.mean()
     m = mask.reshape(-1).to(ce.dtype)
-    return (ce * m).sum() / m.sum().clamp(min=1)
+    on = (m > 0).to(ce.dtype)
+    return (ce * m).sum() / m.sum().clamp(min=1), (ce * on).sum() / on.sum().clamp(min=1)
 
 
 def losses(
@@ -55,13 +63,13 @@ def losses(
     """(total loss, its parts as floats, aux) for a batch [B, T]; `mask` [B, T] (1 where the token is a training
     target: text, and what the assistant writes in a conversation) restricts both heads' cross-entropy."""
     logits, mtp, aux = net(tokens, mtp=True)
-    main = _masked_ce(logits[:, :-1], tokens[:, 1:], None if mask is None else mask[:, 1:])
+    main, main_plain = _masked_ce(logits[:, :-1], tokens[:, 1:], None if mask is None else mask[:, 1:])
     total = main
-    parts = {"main": float(main.detach())}
+    parts = {"main": float(main_plain.detach())}
     if mtp is not None:
-        m = _masked_ce(mtp[:, :-1], tokens[:, 2:], None if mask is None else mask[:, 2:])
+        m, m_plain = _masked_ce(mtp[:, :-1], tokens[:, 2:], None if mask is None else mask[:, 2:])
         total = total + mtp_weight * m
-        parts["mtp"] = float(m.detach())
+        parts["mtp"] = float(m_plain.detach())
     if "indexer" in aux:
         total = total + aux["indexer"]
         parts["indexer"] = float(aux["indexer"].detach())
@@ -97,6 +105,8 @@ def main() -> None:
     ap.add_argument("--bias-rate", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-head", type=int, default=4, help="query heads (the shipped model: 4)")
+    ap.add_argument("--head-dim", type=int, default=64, help="width of the shared key/value latent (shipped: 64)")
+    ap.add_argument("--indexer-head-dim", type=int, default=128, help="the lightning indexer's head width")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--probe-every", type=int, default=50, help="steps between copy probes (DIR/copy_probe.json)")
     ap.add_argument("--est-step-s", type=float, default=3.0, help="a first guess of a step's time, for the schedule")
@@ -117,7 +127,7 @@ def main() -> None:
     if os.path.exists(os.path.join(a.data, "copy_probe.json")):
         with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
             probe = json.load(f)
-    p = demo_params(n_vocab, a.n_head)
+    p = demo_params(n_vocab, a.n_head, a.head_dim, a.indexer_head_dim)
     net = DSV4(p, seed=a.seed, max_pos=a.seq).train()
     if a.init:  # a later phase: the earlier phase's weights and selection bias
         net.load_state_dict(torch.load(a.init), strict=False)
