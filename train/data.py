@@ -585,9 +585,10 @@ def build(
     with open(os.path.join(out, "copy_probe.json"), "w", encoding="utf-8") as f:
         json.dump(copy_probe(tok, seed + 2), f)
     shares = ", ".join(f"{k} {v / len(stream):.0%}" for k, v in per_kind.items())
+    n_targets = max(1, sum(map(bool, mask)))
+    heavy = "" if copy_weight == 1 else f", {sum(x > 1 for x in mask) / n_targets:.1%} of them weighted {copy_weight}"
     print(f"vocab {vocab.n_tokens} tokens; train stream {len(stream)} tokens ({shares}; {len(text)} text documents, "
-          f"{len(convs)} conversations; {sum(map(bool, mask)) / len(mask):.0%} of the tokens are targets, "
-          f"{sum(x > 1 for x in mask) / max(1, sum(map(bool, mask))):.1%} of those weighted {copy_weight}); "
+          f"{len(convs)} conversations; {n_targets / len(mask):.0%} of the tokens are targets{heavy}); "
           f"held-out text {len(held)} tokens")  # fmt: skip
 
 
