@@ -150,17 +150,37 @@ def fresh_places(data_dir: str, vocab: Any, n: int = 16, seed: int = 99) -> list
             hit &= stream[k : len(stream) - len(ids) + 1 + k] == t
         return bool(hit.any())
 
-    while len(out) < n:
+    for _ in range(1000 * n):
+        if len(out) == n:
+            return out
         name = D.invented_place(rng)
-        if name in out or any(seen(tk.tokenize(x.encode(), add_bos=False)) for x in (name, " " + name)):
-            continue
-        out.append(name)
-    return out
+        if name not in out and not any(seen(tk.tokenize(x.encode(), add_bos=False)) for x in (name, " " + name)):
+            out.append(name)
+    raise ValueError(f"{data_dir}: found only {len(out)} of {n} invented places absent from the training stream")
+
+
+def copy_probe_accuracy(path: str, probe: list[dict[str, list[int]]]) -> tuple[int, int]:
+    """train.train's copy probe on an exported file: (hits, targets) of the engine's top-1, teacher-forced, on the
+    probe cities' tokens after their first (DATA/copy_probe.json)."""
+    llm = Llama(model_path=path, n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    hits = n = 0
+    for item in probe:
+        ids = item["ids"]
+        llm.reset()
+        llm.eval(ids)
+        scores = np.asarray(llm.scores[: len(ids)])
+        hits += sum(int(scores[t - 1].argmax() == ids[t]) for t in item["targets"])
+        n += len(item["targets"])
+    llm.close()
+    return hits, n
+
+
+APART = ("probe", "fresh")  # weather requests reported apart from the scored held-out ones
 
 
 def skills(path: str, held: dict[str, list[Any]], n: int, fresh: list[str] | None = None) -> dict[str, Any]:
     """Held-out skills through llama_dsv4.Llama, greedy. Tool requests: the held-out ones (scored), then weather in
-    PROBE_CITIES and in `fresh` invented places (reported apart: copying names the model never saw)."""
+    PROBE_CITIES and in `fresh` invented places (APART: copying names the model never saw)."""
     llm = Llama(model_path=path, n_ctx=1024, n_threads=2, verbose=False)
     out: dict[str, Any] = {}
     rng = random.Random(0)
@@ -179,7 +199,7 @@ def skills(path: str, held: dict[str, list[Any]], n: int, fresh: list[str] | Non
     probes += [("fresh", name) for name in fresh or []]
     for prob in [*held["tool"][:n], *probes]:
         prob = tuple(prob)
-        msgs, call = D.tool_messages(("weather", prob[1]) if prob[0] in ("probe", "fresh") else prob, rng)
+        msgs, call = D.tool_messages(("weather", prob[1]) if prob[0] in APART else prob, rng)
         r = llm.create_chat_completion(messages=msgs[:1], tools=D.TOOLS, tool_choice="auto", temperature=0.0,
                                        max_tokens=120)  # fmt: skip
         m = r["choices"][0]["message"]
@@ -194,7 +214,7 @@ def skills(path: str, held: dict[str, list[Any]], n: int, fresh: list[str] | Non
         tool_ok.append(int(ok))
         tool_kind.append(prob[0])
         examples.setdefault("tool", f"{msgs[0]['content']} -> {calls[:1] or m.get('content')!r}")
-    scored = [ok for ok, k in zip(tool_ok, tool_kind, strict=True) if k not in ("probe", "fresh")]
+    scored = [ok for ok, k in zip(tool_ok, tool_kind, strict=True) if k not in APART]
     out["tool call"] = (sum(scored), len(scored))
     for kind in ("weather", "currency", "probe", "fresh"):  # held-out weather requests name real cities it never saw
         mine = [ok for ok, k in zip(tool_ok, tool_kind, strict=True) if k == kind]
@@ -234,8 +254,11 @@ def main() -> None:
         with open(os.path.join(a.data, "vocab.json"), encoding="utf-8") as f:
             fresh = fresh_places(a.data, D.vocab_from_json(json.load(f)))
         with open(os.path.join(a.data, "heldout.json")) as f:
-            for k, v in skills(a.skills_only, json.load(f), a.n, fresh).items():
-                print(f"| {k} | {v} |" if k == "examples" else f"| {k} | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")
+            sk = skills(a.skills_only, json.load(f), a.n, fresh)
+        with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
+            sk["copy probe, teacher-forced tokens"] = copy_probe_accuracy(a.skills_only, json.load(f))
+        for k, v in sk.items():
+            print(f"| {k} | {v} |" if k == "examples" else f"| {k} | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")
         return
     if not a.run:
         ap.error("--run is required (or --skills-only)")
@@ -276,6 +299,8 @@ def main() -> None:
     ppl_engine = {dt: engine_perplexity(p, tok_held, cfg["seq"]) for dt, p in paths.items()}
     auto = auto_residency(paths[a.variant], tok_held, cfg["seq"])
     sk = skills(paths[a.variant], held, a.n, fresh_places(a.data, vocab))
+    with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
+        sk["copy probe, teacher-forced tokens"] = copy_probe_accuracy(paths[a.variant], json.load(f))
     res = {
         "params_total": total,
         "params_active": active,

@@ -60,8 +60,9 @@ def _masked_ce(
 def losses(
     net: DSV4, tokens: torch.Tensor, mtp_weight: float = 0.3, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, float], Any]:
-    """(total loss, its parts as floats, aux) for a batch [B, T]; `mask` [B, T] (1 where the token is a training
-    target: text, and what the assistant writes in a conversation) restricts both heads' cross-entropy."""
+    """(total loss, its parts as floats, aux) for a batch [B, T]; `mask` [B, T] (a token's weight as a training
+    target, 0 where it is none: text and what the assistant writes in a conversation are) weights both heads'
+    cross-entropy; the parts are plain means over the targets."""
     logits, mtp, aux = net(tokens, mtp=True)
     main, main_plain = _masked_ce(logits[:, :-1], tokens[:, 1:], None if mask is None else mask[:, 1:])
     total = main
