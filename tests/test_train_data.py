@@ -87,3 +87,23 @@ def test_copy_weights_mark_what_is_copied_from_the_request() -> None:
     assert heavy.count(rest) == 2, heavy
     assert "DSML" not in heavy and "get_weather" not in heavy
     assert D.copy_weights(ids, mask, 4, -1) == mask  # no user turn: nothing copied
+
+
+def test_copy_probe_targets_what_a_call_copies_from_the_request() -> None:
+    rng = random.Random(5)
+    texts = [t for k in ("arith", "tool", "json") * 40 if (t := D.synthetic(rng, k)) is not None]
+    tok = DSV4Tokenizer(D.train_vocab(texts, 600))
+    probe = D.copy_probe(tok, 19)
+    cities = [x for x in probe if x["kind"] == "city"]
+    currency = [x for x in probe if x["kind"] == "currency"]
+    assert len(cities) == len(D.PROBE_CITIES) and len(currency) == 16
+    for item, city in zip(cities, D.PROBE_CITIES, strict=True):  # a city's pieces after its first, in the call
+        pieces = tok.tokenize(city.encode(), add_bos=False)
+        assert tok.detokenize([item["ids"][t] for t in item["targets"]]).decode() == tok.detokenize(pieces[1:]).decode()
+    for item in currency:  # the from and to codes of a held-out conversion, as the call writes them
+        text = tok.detokenize(item["ids"], special=True).decode()
+        codes = re.search(r"(?:Convert|much is|What is|convert) \d+ ([A-Z]{3}) (?:to|in|into) ([A-Z]{3})", text)
+        assert codes is not None, text
+        assert "".join(tok.detokenize([item["ids"][t]]).decode() for t in item["targets"]) == "".join(codes.groups())
+        amount = int(re.search(r"\d+", codes.group(0)).group(0))
+        assert D.tool_is_heldout(("currency", amount, *codes.groups()))

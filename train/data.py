@@ -363,20 +363,47 @@ def synthetic(rng: random.Random, kind: str, names: Sequence[str] = (), copy_ite
     return render_chat(msgs, tools=TOOLS if rng.random() < 0.1 else None)
 
 
-def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, list[int]]]:
-    """Weather requests naming PROBE_CITIES, each with the positions of the city's tokens in the tool call after
-    its first one (tokens only found by copying from the request): train.train reports the model's top-1 accuracy
-    on them, teacher-forced, as it trains."""
+def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, Any]]:
+    """What a tool call copies from the request, on problems never trained: weather requests naming PROBE_CITIES
+    (kind "city": the positions of the city's tokens in the call after its first one, found only by copying) and 16
+    held-out currency conversions (kind "currency": the positions of the `from` and `to` codes in the call, written
+    without the space they have in the request, so a different token). train.train reports the model's top-1
+    accuracy on each kind, teacher-forced, as it trains; train.evaluate on an exported file."""
     rng = random.Random(seed)
-    out = []
+    out: list[dict[str, Any]] = []
+
+    def n_tokens(text: str) -> int:
+        return len(tok.tokenize(text.encode(), add_bos=False, special=True))
+
     for city in PROBE_CITIES:
         s = render_chat(weather_messages(city, rng)[0], tools=TOOLS)
         at = s.index(f'">{city}<') + 2
-        n0 = len(tok.tokenize(s[:at].encode(), add_bos=False, special=True))
-        n1 = len(tok.tokenize(s[: at + len(city)].encode(), add_bos=False, special=True))
         ids = tok.tokenize(s.encode(), add_bos=False, special=True)
-        out.append({"ids": ids, "targets": list(range(n0 + 1, n1))})
+        pieces = range(n_tokens(s[:at]) + 1, n_tokens(s[: at + len(city)]))
+        out.append({"kind": "city", "ids": ids, "targets": list(pieces)})
+    n_currency = 0
+    while n_currency < 16:
+        f, t = rng.sample(CURRENCIES, 2)
+        prob = ("currency", rng.randrange(1, 1000), f, t)
+        if not tool_is_heldout(prob):
+            continue
+        s = render_chat(currency_messages(*prob[1:], rng)[0], tools=TOOLS)
+        targets = []
+        for name, code in (("from", f), ("to", t)):
+            at = s.index(">", s.rindex(f'name="{name}"')) + 1
+            if s[at : at + len(code)] != code:
+                raise RuntimeError(f"the chat template no longer writes {name}={code!r} as this probe expects")
+            n0, n1 = n_tokens(s[:at]), n_tokens(s[: at + len(code)])
+            targets.extend(range(n0, n1))
+        ids = tok.tokenize(s.encode(), add_bos=False, special=True)
+        out.append({"kind": "currency", "ids": ids, "targets": targets})
+        n_currency += 1
     return out
+
+
+def write_copy_probe(out: str, tok: DSV4Tokenizer, seed: int) -> None:
+    with open(os.path.join(out, "copy_probe.json"), "w", encoding="utf-8") as f:
+        json.dump(copy_probe(tok, seed + 2), f)
 
 
 def heldout_problems(n: int, seed: int) -> dict[str, list[Any]]:
@@ -582,8 +609,7 @@ def build(
         json.dump(vocab_to_json(vocab), f)
     with open(os.path.join(out, "heldout.json"), "w", encoding="utf-8") as f:
         json.dump(heldout_problems(100, seed + 1), f)
-    with open(os.path.join(out, "copy_probe.json"), "w", encoding="utf-8") as f:
-        json.dump(copy_probe(tok, seed + 2), f)
+    write_copy_probe(out, tok, seed)
     shares = ", ".join(f"{k} {v / len(stream):.0%}" for k, v in per_kind.items())
     n_targets = max(1, sum(map(bool, mask)))
     heavy = "" if copy_weight == 1 else f", {sum(x > 1 for x in mask) / n_targets:.1%} of them weighted {copy_weight}"
@@ -595,7 +621,7 @@ def build(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--wheels", required=True, help="folder holding gensim's wheel (pip download gensim==4.4.0)")
+    ap.add_argument("--wheels", help="folder holding gensim's wheel (pip download gensim==4.4.0)")
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--arith", type=int, default=70000, help="arithmetic conversations")
     ap.add_argument("--tool", type=int, default=40000, help="tool-calling conversations")
@@ -611,7 +637,18 @@ def main() -> None:
     ap.add_argument("--vocab-json", help="use this vocabulary (an earlier phase's vocab.json) instead of training one")
     ap.add_argument("--seq", type=int, default=576, help="the training window (a long text gets a start every seq)")
     ap.add_argument("--copy-weight", type=int, default=1, help="loss weight of the tokens copied from the context")
+    ap.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="only (re)write OUT/copy_probe.json, with OUT/vocab.json (data written before the probe grew)",
+    )
     a = ap.parse_args()
+    if a.probe_only:
+        with open(os.path.join(a.out, "vocab.json"), encoding="utf-8") as f:
+            write_copy_probe(a.out, DSV4Tokenizer(vocab_from_json(json.load(f))), a.seed)
+        return
+    if not a.wheels:
+        ap.error("--wheels is required (or --probe-only)")
     if not 1 <= a.copy_weight <= 255:
         ap.error("--copy-weight must be 1 to 255 (train_mask.bin holds one byte per token)")
     counts = {"arith": a.arith, "tool": a.tool, "json": a.json, "copy": a.copy}

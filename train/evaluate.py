@@ -159,12 +159,15 @@ def fresh_places(data_dir: str, vocab: Any, n: int = 16, seed: int = 99) -> list
     raise ValueError(f"{data_dir}: found only {len(out)} of {n} invented places absent from the training stream")
 
 
-def copy_probe_accuracy(path: str, probe: list[dict[str, list[int]]]) -> tuple[int, int]:
+def copy_probe_accuracy(path: str, probe: list[dict[str, Any]], kind: str = "city") -> tuple[int, int]:
     """train.train's copy probe on an exported file: (hits, targets) of the engine's top-1, teacher-forced, on the
-    probe cities' tokens after their first (DATA/copy_probe.json)."""
+    probe's items of `kind` (DATA/copy_probe.json: "city", the probe cities' tokens after their first; "currency",
+    the codes in held-out conversions' calls)."""
     llm = Llama(model_path=path, n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
     hits = n = 0
     for item in probe:
+        if item.get("kind", "city") != kind:
+            continue
         ids = item["ids"]
         llm.reset()
         llm.eval(ids)
@@ -173,6 +176,14 @@ def copy_probe_accuracy(path: str, probe: list[dict[str, list[int]]]) -> tuple[i
         n += len(item["targets"])
     llm.close()
     return hits, n
+
+
+def probe_rows(path: str, data: str) -> dict[str, tuple[int, int]]:
+    """The copy probe's rows for a table of skills: each kind DATA/copy_probe.json holds."""
+    with open(os.path.join(data, "copy_probe.json"), encoding="utf-8") as f:
+        probe = json.load(f)
+    kinds = sorted({item.get("kind", "city") for item in probe})
+    return {f"copy probe, teacher-forced {k} tokens": copy_probe_accuracy(path, probe, k) for k in kinds}
 
 
 APART = ("probe", "fresh")  # weather requests reported apart from the scored held-out ones
@@ -255,8 +266,7 @@ def main() -> None:
             fresh = fresh_places(a.data, D.vocab_from_json(json.load(f)))
         with open(os.path.join(a.data, "heldout.json")) as f:
             sk = skills(a.skills_only, json.load(f), a.n, fresh)
-        with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
-            sk["copy probe, teacher-forced tokens"] = copy_probe_accuracy(a.skills_only, json.load(f))
+        sk.update(probe_rows(a.skills_only, a.data))
         for k, v in sk.items():
             print(f"| {k} | {v} |" if k == "examples" else f"| {k} | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")
         return
@@ -299,8 +309,7 @@ def main() -> None:
     ppl_engine = {dt: engine_perplexity(p, tok_held, cfg["seq"]) for dt, p in paths.items()}
     auto = auto_residency(paths[a.variant], tok_held, cfg["seq"])
     sk = skills(paths[a.variant], held, a.n, fresh_places(a.data, vocab))
-    with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
-        sk["copy probe, teacher-forced tokens"] = copy_probe_accuracy(paths[a.variant], json.load(f))
+    sk.update(probe_rows(paths[a.variant], a.data))
     res = {
         "params_total": total,
         "params_active": active,

@@ -22,7 +22,7 @@ def merged(paths: list[str]) -> list[dict[str, Any]]:
             out.append({"phase": phase, "step": base["step"] + int(r["step"]),
                         "tokens": base["tokens"] + int(r["tokens"]),
                         "seconds": round(base["seconds"] + float(r["seconds"]), 1),
-                        **{k: r.get(k, "") for k in ("lr", "main", "mtp", "indexer", "copy")}})  # fmt: skip
+                        **{k: r.get(k, "") for k in ("lr", "main", "mtp", "indexer", "copy", "currency")}})  # fmt: skip
         if out:
             base = {"step": out[-1]["step"], "tokens": out[-1]["tokens"], "seconds": out[-1]["seconds"]}
     return out

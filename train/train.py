@@ -8,7 +8,8 @@ the main next-token cross-entropy + `--mtp-weight` x the MTP layer's next-next-t
 indexer's distillation KL (its own parameters only); after each step the routed layers' selection bias moves by
 `--bias-rate` (auxiliary-loss-free balancing). Every `--log-every` steps a row goes to RUN/loss.csv and the weights
 to RUN/model.pt, so a run stopped at any time leaves a usable model; every `--probe-every` steps the row's `copy`
-column is the model's accuracy on DIR/copy_probe.json (copying unseen city names into tool calls).
+and `currency` columns are the model's accuracy on DIR/copy_probe.json (copying unseen city names into tool calls;
+the currency codes of held-out conversions).
 """
 
 from __future__ import annotations
@@ -78,11 +79,14 @@ def losses(
 
 
 @torch.no_grad()
-def copy_accuracy(net: DSV4, probe: list[dict[str, list[int]]]) -> float:
-    """Top-1 accuracy, teacher-forced, on the probe's target tokens (train/data.py copy_probe: a city's tokens in a
-    tool call after its first, found only by copying from the request)."""
+def copy_accuracy(net: DSV4, probe: list[dict[str, Any]], kind: str = "city") -> float:
+    """Top-1 accuracy, teacher-forced, on the target tokens of the probe's items of `kind` (train/data.py
+    copy_probe: "city", a city's tokens in a tool call after its first, found only by copying from the request;
+    "currency", the codes of a held-out conversion's call)."""
     hits = n = 0
     for item in probe:
+        if item.get("kind", "city") != kind:  # probes written before the currency items have cities only
+            continue
         ids = torch.tensor(item["ids"][: net.max_pos], dtype=torch.int64)[None]
         pred = net(ids)[0][0].argmax(-1)
         for t in item["targets"]:
@@ -128,6 +132,7 @@ def main() -> None:
     if os.path.exists(os.path.join(a.data, "copy_probe.json")):
         with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
             probe = json.load(f)
+    kinds = {item.get("kind", "city") for item in probe}
     p = demo_params(n_vocab, a.n_head, a.head_dim, a.indexer_head_dim)
     net = DSV4(p, seed=a.seed, max_pos=a.seq).train()
     if a.init:  # a later phase: the earlier phase's weights and selection bias
@@ -151,7 +156,7 @@ def main() -> None:
     step, tokens_seen = 0, 0
     log = open(os.path.join(a.out, "loss.csv"), "w", newline="")  # noqa: SIM115 (written throughout the run)
     w = csv.writer(log)
-    w.writerow(["step", "tokens", "seconds", "lr", "main", "mtp", "indexer", "copy"])
+    w.writerow(["step", "tokens", "seconds", "lr", "main", "mtp", "indexer", "copy", "currency"])
     acc: dict[str, list[float]] = {}
     stop = a.stop_minutes * 60 if a.stop_minutes is not None else budget
     while time.time() - t0 < min(budget, stop):
@@ -178,7 +183,9 @@ def main() -> None:
         if step % a.log_every == 0:
             row = [step, tokens_seen, round(time.time() - t0, 1), f"{lr:.2e}"]
             row += [f"{np.mean(acc[k]):.4f}" if k in acc else "" for k in ("main", "mtp", "indexer")]
-            row.append(f"{copy_accuracy(net, probe):.3f}" if probe and step % a.probe_every == 0 else "")
+            probing = step % a.probe_every == 0
+            for k in ("city", "currency"):
+                row.append(f"{copy_accuracy(net, probe, k):.3f}" if probing and k in kinds else "")
             w.writerow(row)
             log.flush()
             print(*row, flush=True)
