@@ -401,6 +401,14 @@ def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, Any]]:
     return out
 
 
+PROBE_KINDS = ("city", "currency")  # copy_probe's kinds, in train.train's loss.csv order (columns copy, currency)
+
+
+def probe_kind(item: dict[str, Any]) -> str:
+    """A copy-probe item's kind; probes written before the currency items hold cities only, without the key."""
+    return str(item.get("kind", "city"))
+
+
 def write_copy_probe(out: str, tok: DSV4Tokenizer, seed: int) -> None:
     with open(os.path.join(out, "copy_probe.json"), "w", encoding="utf-8") as f:
         json.dump(copy_probe(tok, seed + 2), f)

@@ -166,7 +166,7 @@ def copy_probe_accuracy(path: str, probe: list[dict[str, Any]], kind: str = "cit
     llm = Llama(model_path=path, n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
     hits = n = 0
     for item in probe:
-        if item.get("kind", "city") != kind:
+        if D.probe_kind(item) != kind:
             continue
         ids = item["ids"]
         llm.reset()
@@ -182,8 +182,12 @@ def probe_rows(path: str, data: str) -> dict[str, tuple[int, int]]:
     """The copy probe's rows for a table of skills: each kind DATA/copy_probe.json holds."""
     with open(os.path.join(data, "copy_probe.json"), encoding="utf-8") as f:
         probe = json.load(f)
-    kinds = sorted({item.get("kind", "city") for item in probe})
-    return {f"copy probe, teacher-forced {k} tokens": copy_probe_accuracy(path, probe, k) for k in kinds}
+    kinds = {D.probe_kind(item) for item in probe}
+    return {
+        f"copy probe, teacher-forced {k} tokens": copy_probe_accuracy(path, probe, k)
+        for k in D.PROBE_KINDS
+        if k in kinds
+    }
 
 
 APART = ("probe", "fresh")  # weather requests reported apart from the scored held-out ones

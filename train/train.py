@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from llama_dsv4.model.params import DSV4Params
 
+from .data import PROBE_KINDS, probe_kind
 from .model import DSV4, count_params
 
 
@@ -85,7 +86,7 @@ def copy_accuracy(net: DSV4, probe: list[dict[str, Any]], kind: str = "city") ->
     "currency", the codes of a held-out conversion's call)."""
     hits = n = 0
     for item in probe:
-        if item.get("kind", "city") != kind:  # probes written before the currency items have cities only
+        if probe_kind(item) != kind:
             continue
         ids = torch.tensor(item["ids"][: net.max_pos], dtype=torch.int64)[None]
         pred = net(ids)[0][0].argmax(-1)
@@ -132,7 +133,7 @@ def main() -> None:
     if os.path.exists(os.path.join(a.data, "copy_probe.json")):
         with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
             probe = json.load(f)
-    kinds = {item.get("kind", "city") for item in probe}
+    kinds = {probe_kind(item) for item in probe}
     p = demo_params(n_vocab, a.n_head, a.head_dim, a.indexer_head_dim)
     net = DSV4(p, seed=a.seed, max_pos=a.seq).train()
     if a.init:  # a later phase: the earlier phase's weights and selection bias
@@ -184,7 +185,7 @@ def main() -> None:
             row = [step, tokens_seen, round(time.time() - t0, 1), f"{lr:.2e}"]
             row += [f"{np.mean(acc[k]):.4f}" if k in acc else "" for k in ("main", "mtp", "indexer")]
             probing = step % a.probe_every == 0
-            for k in ("city", "currency"):
+            for k in PROBE_KINDS:
                 row.append(f"{copy_accuracy(net, probe, k):.3f}" if probing and k in kinds else "")
             w.writerow(row)
             log.flush()
