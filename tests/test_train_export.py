@@ -126,3 +126,57 @@ def test_training_step_reduces_the_loss_and_moves_the_bias() -> None:
         first = first or parts
     assert parts["main"] < first["main"] and parts["mtp"] < first["mtp"], (first, parts)
     assert not torch.equal(bias0, net.t("blk.1.exp_probs_b.bias"))
+
+
+def test_until_parses_a_probe_column_a_deadline_or_both() -> None:
+    """`--until` conditions: a probe column's threshold, minutes into the phase, or whichever comes first; a
+    misspelt condition is an error naming what is expected."""
+    from train.train import Until, parse_until
+
+    assert parse_until("currency>=0.75 or 50") == Until("currency", 0.75, 50.0)
+    assert parse_until("copy >= 0.6") == Until("copy", 0.6, None)
+    assert parse_until("20") == Until(None, 0.0, 20.0)
+    both = parse_until("copy>=0.6 or 20")
+    assert not both.reached({}, 19.9) and both.reached({}, 20.0)
+    assert not both.reached({"copy": 0.59, "currency": 1.0}, 5) and both.reached({"copy": 0.6}, 5)
+    for bad in ("cities>=0.5", "copy>0.5", "copy>=0.5 and 3", "", "3 or 4"):
+        with pytest.raises(ValueError, match="--until"):
+            parse_until(bad)
+
+
+def _tiny_data(path: str, n_vocab: int, seed: int) -> None:
+    """A data folder as train.data writes one, with random tokens (no probe)."""
+    import json
+
+    os.makedirs(path)
+    rng = np.random.default_rng(seed)
+    rng.integers(0, n_vocab, 4096).astype(np.uint16).tofile(os.path.join(path, "train.bin"))
+    np.ones(4096, np.uint8).tofile(os.path.join(path, "train_mask.bin"))
+    np.arange(0, 4096, 64, dtype=np.int64).tofile(os.path.join(path, "train_starts.bin"))
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump({"tokens": [f"t{i}" for i in range(n_vocab)]}, f)
+
+
+def test_a_curriculum_switches_data_within_one_run(tmp_path: os.PathLike[str]) -> None:
+    """`train.train --until M --then DIR2`: one run, whose loss.csv rows go from phase 1 to phase 2 when the
+    deadline passes; a second folder with another vocabulary is refused before training starts."""
+    import csv
+    import subprocess
+
+    first, second, other = (os.path.join(tmp_path, d) for d in ("a", "b", "c"))
+    _tiny_data(first, 300, 1)
+    _tiny_data(second, 300, 2)
+    _tiny_data(other, 301, 3)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "train.train", "--data", first, "--seq", "64", "--batch", "1", "--threads", "1",
+           "--log-every", "1", "--minutes", "0.25", "--until", "0.05"]  # fmt: skip
+    run = os.path.join(tmp_path, "run")
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([*cmd, "--then", second, "--out", run], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with open(os.path.join(run, "loss.csv"), newline="") as f:
+        phases = [int(r["phase"]) for r in csv.DictReader(f)]
+    assert phases[0] == 1 and phases[-1] == 2 and phases == sorted(phases), phases
+    bad = subprocess.run([*cmd, "--then", other, "--out", os.path.join(tmp_path, "bad")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode != 0 and "vocabulary" in bad.stderr, bad.stderr

@@ -1,7 +1,8 @@
 """Plot a training's loss curves, over its phases:
 `python -m train.plot run1/loss.csv run2/loss.csv --png docs/demo-model-loss.png --csv docs/demo-model-loss.csv`
 (the phases' rows one after another, steps, tokens and seconds counted from the start of the first; the CSV gets a
-`phase` column)."""
+`phase` column; a run that switched its data within itself, `train.train --until/--then`, brings its own phases).
+"""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ from typing import Any
 
 
 def merged(paths: list[str]) -> list[dict[str, Any]]:
-    """The rows of each phase's loss.csv, their step, tokens and seconds continuing from the previous phase's."""
+    """The rows of each phase's loss.csv, their step, tokens and seconds continuing from the previous phase's (and
+    the phases of a file that has a `phase` column numbered on from the previous file's)."""
     out: list[dict[str, Any]] = []
     base = {"step": 0, "tokens": 0, "seconds": 0.0}
-    for phase, path in enumerate(paths, 1):
+    phases = 0
+    for path in paths:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
+        first = phases
         for r in rows:
-            out.append({"phase": phase, "step": base["step"] + int(r["step"]),
+            phases = first + int(r.get("phase") or 1)
+            out.append({"phase": phases, "step": base["step"] + int(r["step"]),
                         "tokens": base["tokens"] + int(r["tokens"]),
                         "seconds": round(base["seconds"] + float(r["seconds"]), 1),
                         **{k: r.get(k, "") for k in ("lr", "main", "mtp", "indexer", "copy", "currency")}})  # fmt: skip

@@ -10,6 +10,12 @@ indexer's distillation KL (its own parameters only); after each step the routed 
 to RUN/model.pt, so a run stopped at any time leaves a usable model; every `--probe-every` steps the row's `copy`
 and `currency` columns are the model's accuracy on DIR/copy_probe.json (copying unseen city names into tool calls;
 the currency codes of held-out conversions).
+
+A curriculum in one run: `--until COND --then DIR2 [--until COND --then DIR3 ...]` trains on DIR until COND
+holds, then on DIR2, and so on, with one optimizer and one learning-rate schedule over `--minutes` (the `phase`
+column of loss.csv counts the data phases). COND is `KIND>=X` (a probe column reaching X), `M` (M minutes into
+the phase) or `KIND>=X or M`, whichever comes first; e.g. `--until "currency>=0.75 or 50" --then data_copy/
+--until "copy>=0.6 or 20" --then data/`. Every phase's data must share DIR's vocabulary; the probe is DIR's.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import csv
 import json
 import math
 import os
+import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,6 +87,10 @@ def losses(
     return total, parts, aux
 
 
+# loss.csv's column for each kind of probe item
+PROBE_COLUMNS = dict(zip(PROBE_KINDS, ("copy", "currency"), strict=True))
+
+
 @torch.no_grad()
 def copy_accuracy(net: DSV4, probe: list[dict[str, Any]], kind: str = "city") -> float:
     """Top-1 accuracy, teacher-forced, on the target tokens of the probe's items of `kind` (train/data.py
@@ -95,6 +107,47 @@ def copy_accuracy(net: DSV4, probe: list[dict[str, Any]], kind: str = "city") ->
                 hits += int(pred[t - 1] == ids[0, t])
                 n += 1
     return hits / max(1, n)
+
+
+@dataclass(frozen=True)
+class Until:
+    """When a data phase ends: a probe column (`column`, loss.csv's `copy` or `currency`) at or above `at_least`,
+    or `minutes` into the phase, whichever comes first (either may be absent, not both)."""
+
+    column: str | None = None
+    at_least: float = 0.0
+    minutes: float | None = None
+
+    def reached(self, probed: dict[str, float], phase_minutes: float) -> bool:
+        """Whether the phase ends, given this row's probe values (empty when the row was not probed)."""
+        if self.minutes is not None and phase_minutes >= self.minutes:
+            return True
+        return self.column is not None and self.column in probed and probed[self.column] >= self.at_least
+
+
+def parse_until(spec: str) -> Until:
+    """`"currency>=0.75 or 50"`, `"copy>=0.6"` or `"20"` -> Until; ValueError naming what is wrong otherwise."""
+    column, at_least, minutes = None, 0.0, None
+    for part in re.split(r"\s+or\s+", spec.strip()):
+        m = re.fullmatch(r"(\w+)\s*>=\s*([0-9.]+)", part)
+        if m and column is None:
+            if m.group(1) not in PROBE_COLUMNS.values():
+                names = ", ".join(PROBE_COLUMNS.values())
+                raise ValueError(f"--until {spec!r}: {m.group(1)!r} is not a probe column ({names})")
+            column, at_least = m.group(1), float(m.group(2))
+        elif re.fullmatch(r"[0-9.]+", part) and minutes is None:
+            minutes = float(part)
+        else:
+            raise ValueError(f"--until {spec!r}: expected 'KIND>=X', 'MINUTES' or 'KIND>=X or MINUTES'")
+    return Until(column, at_least, minutes)
+
+
+def _load_stream(path: str, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A data folder's tokens, loss mask and the window starts that fit `seq` tokens."""
+    data = np.fromfile(os.path.join(path, "train.bin"), np.uint16).astype(np.int64)
+    mask = np.fromfile(os.path.join(path, "train_mask.bin"), np.uint8)
+    starts = np.fromfile(os.path.join(path, "train_starts.bin"), np.int64)
+    return data, mask, starts[starts <= len(data) - seq]
 
 
 def main() -> None:
@@ -118,17 +171,30 @@ def main() -> None:
     ap.add_argument("--est-step-s", type=float, default=3.0, help="a first guess of a step's time, for the schedule")
     ap.add_argument("--init", help="start from these weights (an earlier phase's model.pt) instead of random ones")
     ap.add_argument("--stop-minutes", type=float, help="stop after this many minutes (the schedule stays --minutes')")
+    ap.add_argument("--until", action="append", default=[], help="when the current data phase ends (see above)")
+    ap.add_argument("--then", action="append", default=[], help="the next data phase's folder (see above)")
     a = ap.parse_args()
+    if len(a.until) != len(a.then):
+        ap.error("each --until needs its --then (the data that follows)")
+    try:
+        untils = [parse_until(u) for u in a.until]
+    except ValueError as e:
+        ap.error(str(e))
+    if any(u.column is not None for u in untils) and a.probe_every % a.log_every:
+        ap.error("--probe-every must be a multiple of --log-every for a probe condition")
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
-    data = np.fromfile(os.path.join(a.data, "train.bin"), np.uint16).astype(np.int64)
-    mask = np.fromfile(os.path.join(a.data, "train_mask.bin"), np.uint8)
-    starts = np.fromfile(os.path.join(a.data, "train_starts.bin"), np.int64)
-    starts = starts[starts <= len(data) - a.seq]
     with open(os.path.join(a.data, "vocab.json"), encoding="utf-8") as f:
-        n_vocab = len(json.load(f)["tokens"])
+        vocab_tokens = json.load(f)["tokens"]
+    n_vocab = len(vocab_tokens)
+    for d in a.then:
+        with open(os.path.join(d, "vocab.json"), encoding="utf-8") as f:
+            if json.load(f)["tokens"] != vocab_tokens:
+                ap.error(f"--then {d}: its vocabulary is not {a.data}'s (write it with train.data --vocab-json)")
+    phase = 0
+    data, mask, starts = _load_stream(a.data, a.seq)
     probe = []
     if os.path.exists(os.path.join(a.data, "copy_probe.json")):
         with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
@@ -157,9 +223,10 @@ def main() -> None:
     step, tokens_seen = 0, 0
     log = open(os.path.join(a.out, "loss.csv"), "w", newline="")  # noqa: SIM115 (written throughout the run)
     w = csv.writer(log)
-    w.writerow(["step", "tokens", "seconds", "lr", "main", "mtp", "indexer", "copy", "currency"])
+    w.writerow(["phase", "step", "tokens", "seconds", "lr", "main", "mtp", "indexer", *PROBE_COLUMNS.values()])
     acc: dict[str, list[float]] = {}
     stop = a.stop_minutes * 60 if a.stop_minutes is not None else budget
+    phase_t0 = t0
     while time.time() - t0 < min(budget, stop):
         elapsed = time.time() - t0
         if step >= 20:  # the cosine schedule follows the measured speed: it ends when the time does
@@ -182,17 +249,21 @@ def main() -> None:
         for k, v in parts.items():
             acc.setdefault(k, []).append(v)
         if step % a.log_every == 0:
-            row = [step, tokens_seen, round(time.time() - t0, 1), f"{lr:.2e}"]
+            row = [phase + 1, step, tokens_seen, round(time.time() - t0, 1), f"{lr:.2e}"]
             row += [f"{np.mean(acc[k]):.4f}" if k in acc else "" for k in ("main", "mtp", "indexer")]
             probing = step % a.probe_every == 0
-            for k in PROBE_KINDS:
-                row.append(f"{copy_accuracy(net, probe, k):.3f}" if probing and k in kinds else "")
+            probed = {c: copy_accuracy(net, probe, k) for k, c in PROBE_COLUMNS.items() if probing and k in kinds}
+            row += [f"{probed[c]:.3f}" if c in probed else "" for c in PROBE_COLUMNS.values()]
             w.writerow(row)
             log.flush()
             print(*row, flush=True)
             acc = {}
             torch.save(net.state_dict(), os.path.join(a.out, "model.pt.tmp"))
             os.replace(os.path.join(a.out, "model.pt.tmp"), os.path.join(a.out, "model.pt"))
+            if phase < len(untils) and untils[phase].reached(probed, (time.time() - phase_t0) / 60):
+                data, mask, starts = _load_stream(a.then[phase], a.seq)
+                phase, phase_t0 = phase + 1, time.time()
+                print(f"phase {phase + 1}: {a.then[phase - 1]} from step {step}", flush=True)
     torch.save(net.state_dict(), os.path.join(a.out, "model.pt"))
     with open(os.path.join(a.out, "done.json"), "w") as f:
         json.dump({"steps": step, "tokens": tokens_seen, "seconds": round(time.time() - t0, 1)}, f)
