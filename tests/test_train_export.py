@@ -139,7 +139,7 @@ def test_until_parses_a_probe_column_a_deadline_or_both() -> None:
     both = parse_until("copy>=0.6 or 20")
     assert not both.reached({}, 19.9) and both.reached({}, 20.0)
     assert not both.reached({"copy": 0.59, "currency": 1.0}, 5) and both.reached({"copy": 0.6}, 5)
-    for bad in ("cities>=0.5", "copy>0.5", "copy>=0.5 and 3", "", "3 or 4"):
+    for bad in ("cities>=0.5", "copy>0.5", "copy>=0.5 and 3", "", "3 or 4", "copy>=0.5.1", "1.2.3"):
         with pytest.raises(ValueError, match="--until"):
             parse_until(bad)
 
@@ -159,7 +159,8 @@ def _tiny_data(path: str, n_vocab: int, seed: int) -> None:
 
 def test_a_curriculum_switches_data_within_one_run(tmp_path: os.PathLike[str]) -> None:
     """`train.train --until M --then DIR2`: one run, whose loss.csv rows go from phase 1 to phase 2 when the
-    deadline passes; a second folder with another vocabulary is refused before training starts."""
+    deadline passes; a second folder with another vocabulary, or a condition on a column the data never probes, is
+    refused before training starts."""
     import csv
     import subprocess
 
@@ -177,6 +178,10 @@ def test_a_curriculum_switches_data_within_one_run(tmp_path: os.PathLike[str]) -
     with open(os.path.join(run, "loss.csv"), newline="") as f:
         phases = [int(r["phase"]) for r in csv.DictReader(f)]
     assert phases[0] == 1 and phases[-1] == 2 and phases == sorted(phases), phases
-    bad = subprocess.run([*cmd, "--then", other, "--out", os.path.join(tmp_path, "bad")], env=env,
+    bad_out = os.path.join(tmp_path, "bad")
+    bad = subprocess.run([*cmd, "--then", other, "--out", bad_out], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode != 0 and "vocabulary" in bad.stderr, bad.stderr
+    unprobed = subprocess.run([*cmd[:-2], "--until", "copy>=0.5", "--then", second, "--out", bad_out], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert unprobed.returncode != 0 and "no copy items" in unprobed.stderr, unprobed.stderr

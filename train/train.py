@@ -13,9 +13,10 @@ the currency codes of held-out conversions).
 
 A curriculum in one run: `--until COND --then DIR2 [--until COND --then DIR3 ...]` trains on DIR until COND
 holds, then on DIR2, and so on, with one optimizer and one learning-rate schedule over `--minutes` (the `phase`
-column of loss.csv counts the data phases). COND is `KIND>=X` (a probe column reaching X), `M` (M minutes into
-the phase) or `KIND>=X or M`, whichever comes first; e.g. `--until "currency>=0.75 or 50" --then data_copy/
---until "copy>=0.6 or 20" --then data/`. Every phase's data must share DIR's vocabulary; the probe is DIR's.
+column of loss.csv counts the data phases). COND is `KIND>=X` (a probe column, `copy` or `currency`, reaching X),
+`M` (M minutes into the phase) or `KIND>=X or M`, whichever comes first; e.g. `--until "currency>=0.75 or 50"
+--then data_copy/ --until "copy>=0.6 or 20" --then data/`. Every phase's data must share DIR's vocabulary; the
+probe is DIR's.
 """
 
 from __future__ import annotations
@@ -129,13 +130,13 @@ def parse_until(spec: str) -> Until:
     """`"currency>=0.75 or 50"`, `"copy>=0.6"` or `"20"` -> Until; ValueError naming what is wrong otherwise."""
     column, at_least, minutes = None, 0.0, None
     for part in re.split(r"\s+or\s+", spec.strip()):
-        m = re.fullmatch(r"(\w+)\s*>=\s*([0-9.]+)", part)
+        m = re.fullmatch(r"(\w+)\s*>=\s*(\d+(?:\.\d*)?)", part)
         if m and column is None:
             if m.group(1) not in PROBE_COLUMNS.values():
                 names = ", ".join(PROBE_COLUMNS.values())
                 raise ValueError(f"--until {spec!r}: {m.group(1)!r} is not a probe column ({names})")
             column, at_least = m.group(1), float(m.group(2))
-        elif re.fullmatch(r"[0-9.]+", part) and minutes is None:
+        elif re.fullmatch(r"\d+(?:\.\d*)?", part) and minutes is None:
             minutes = float(part)
         else:
             raise ValueError(f"--until {spec!r}: expected 'KIND>=X', 'MINUTES' or 'KIND>=X or MINUTES'")
@@ -200,6 +201,9 @@ def main() -> None:
         with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
             probe = json.load(f)
     kinds = {probe_kind(item) for item in probe}
+    for u in untils:  # a condition on a column this data never probes would hold a phase to its deadline or forever
+        if u.column is not None and not any(PROBE_COLUMNS[k] == u.column for k in kinds):
+            ap.error(f"--until {u.column}>=...: {a.data}/copy_probe.json has no {u.column} items")
     p = demo_params(n_vocab, a.n_head, a.head_dim, a.indexer_head_dim)
     net = DSV4(p, seed=a.seed, max_pos=a.seq).train()
     if a.init:  # a later phase: the earlier phase's weights and selection bias
