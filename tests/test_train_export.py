@@ -160,7 +160,7 @@ def _tiny_data(path: str, n_vocab: int, seed: int) -> None:
 def test_a_curriculum_switches_data_within_one_run(tmp_path: os.PathLike[str]) -> None:
     """`train.train --until M --then DIR2`: one run, whose loss.csv rows go from phase 1 to phase 2 when the
     deadline passes; a second folder with another vocabulary, or a condition on a column the data never probes, is
-    refused before training starts."""
+    refused before training starts; train.plot numbers a second file's phases on."""
     import csv
     import subprocess
 
@@ -178,6 +178,11 @@ def test_a_curriculum_switches_data_within_one_run(tmp_path: os.PathLike[str]) -
     with open(os.path.join(run, "loss.csv"), newline="") as f:
         phases = [int(r["phase"]) for r in csv.DictReader(f)]
     assert phases[0] == 1 and phases[-1] == 2 and phases == sorted(phases), phases
+    from train.plot import merged
+
+    twice = merged([os.path.join(run, "loss.csv")] * 2)  # a later file's phases are numbered on from the first's
+    assert [r["phase"] for r in twice] == phases + [p + 2 for p in phases]
+    assert twice[len(phases)]["step"] == twice[len(phases) - 1]["step"] + 1
     bad_out = os.path.join(tmp_path, "bad")
     bad = subprocess.run([*cmd, "--then", other, "--out", bad_out], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip

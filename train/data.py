@@ -401,7 +401,9 @@ def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, Any]]:
     return out
 
 
-PROBE_KINDS = ("city", "currency")  # copy_probe's kinds, in train.train's loss.csv order (columns copy, currency)
+# copy_probe's kinds, each with its column in train.train's loss.csv, in the columns' order
+PROBE_COLUMNS = {"city": "copy", "currency": "currency"}
+PROBE_KINDS = tuple(PROBE_COLUMNS)
 
 
 def probe_kind(item: dict[str, Any]) -> str:

@@ -24,10 +24,9 @@ def merged(paths: list[str]) -> list[dict[str, Any]]:
         first = phases
         for r in rows:
             phases = first + int(r.get("phase") or 1)
-            out.append({"phase": phases, "step": base["step"] + int(r["step"]),
+            out.append({**r, "phase": phases, "step": base["step"] + int(r["step"]),
                         "tokens": base["tokens"] + int(r["tokens"]),
-                        "seconds": round(base["seconds"] + float(r["seconds"]), 1),
-                        **{k: r.get(k, "") for k in ("lr", "main", "mtp", "indexer", "copy", "currency")}})  # fmt: skip
+                        "seconds": round(base["seconds"] + float(r["seconds"]), 1)})  # fmt: skip
         if out:
             base = {"step": out[-1]["step"], "tokens": out[-1]["tokens"], "seconds": out[-1]["seconds"]}
     return out
@@ -67,7 +66,8 @@ def main() -> None:
     rows = merged(a.csvs)
     if a.csv:
         with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            columns = list(dict.fromkeys(["phase", *(k for r in rows for k in r)]))  # every file's, first seen first
+            w = csv.DictWriter(f, fieldnames=columns, restval="")
             w.writeheader()
             w.writerows(rows)
     plot(rows, a.png)

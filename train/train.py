@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from llama_dsv4.model.params import DSV4Params
 
-from .data import PROBE_KINDS, probe_kind
+from .data import PROBE_COLUMNS, probe_kind
 from .model import DSV4, count_params
 
 
@@ -86,10 +86,6 @@ def losses(
         total = total + aux["indexer"]
         parts["indexer"] = float(aux["indexer"].detach())
     return total, parts, aux
-
-
-# loss.csv's column for each kind of probe item
-PROBE_COLUMNS = dict(zip(PROBE_KINDS, ("copy", "currency"), strict=True))
 
 
 @torch.no_grad()
@@ -191,6 +187,8 @@ def main() -> None:
         vocab_tokens = json.load(f)["tokens"]
     n_vocab = len(vocab_tokens)
     for d in a.then:
+        if not os.path.isfile(os.path.join(d, "vocab.json")):
+            ap.error(f"--then {d}: not a data folder written by train.data (no vocab.json)")
         with open(os.path.join(d, "vocab.json"), encoding="utf-8") as f:
             if json.load(f)["tokens"] != vocab_tokens:
                 ap.error(f"--then {d}: its vocabulary is not {a.data}'s (write it with train.data --vocab-json)")
