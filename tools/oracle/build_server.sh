@@ -42,7 +42,7 @@ fi
 if [ ! -f "$src/CMakeLists.txt" ]; then
   echo "unpacking llama-cpp-python $version's source distribution into $sdist" >&2
   mkdir -p "$sdist"
-  python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$sdist" >&2
+  python3 -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$sdist" >&2
   tar -xzf "$sdist/llama_cpp_python-$version.tar.gz" -C "$sdist"
 fi
 

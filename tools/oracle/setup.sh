@@ -30,7 +30,7 @@ python3 -m venv "$venv"
 "$python" -m pip install -q --upgrade pip >&2
 "$python" -m pip install -q numpy >&2
 # the source distribution, unpacked next to the venv (llama.cpp's sources are read from it)
-"$python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$sdist" >&2
+"$python" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$sdist" >&2
 tar -xzf "$sdist/llama_cpp_python-$version.tar.gz" -C "$sdist"
 # the library only, tuned for this CPU; no tests, examples, tools, server or multimodal projector
 # (DSV4_ORACLE_CMAKE_EXTRA: more CMake arguments, e.g. a build without AMX for "Speed", "Quantized files")
