@@ -128,6 +128,45 @@ def test_training_step_reduces_the_loss_and_moves_the_bias() -> None:
     assert not torch.equal(bias0, net.t("blk.1.exp_probs_b.bias"))
 
 
+@pytest.mark.parametrize("n_tokens", [37, 300])
+def test_the_window_in_blocks_equals_all_pairs(n_tokens: int) -> None:
+    """Training computes the sliding window in blocks of W queries (window_scores: [T, 2W] scores, not [T, T]);
+    the logits of both heads and every gradient equal those of the scores over all pairs, for lengths that are not a
+    multiple of the window (the last block padded), with HCA entries beside the window at 300 tokens."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, PARAMS.n_vocab, (2, n_tokens))
+    out = []
+    for dense in (False, True):
+        net = DSV4(PARAMS, seed=5).double().train()
+        net.dense_window = dense
+        logits, mtp, aux = net(tokens, mtp=True)
+        (logits.square().mean() + mtp.square().mean() + aux.get("indexer", 0)).backward()
+        out.append((logits.detach(), mtp.detach(), {n: w.grad for n, w in net.named_parameters()}))
+    (lb, mb, gb), (ld, md, gd) = out
+    assert torch.allclose(lb, ld, rtol=0, atol=1e-10) and torch.allclose(mb, md, rtol=0, atol=1e-10)
+    assert gb.keys() == gd.keys() and sum(g is not None for g in gb.values()) > 20
+    for name, g in gb.items():
+        assert (g is None) == (gd[name] is None), name
+        assert g is None or torch.allclose(g, gd[name], rtol=1e-8, atol=1e-12), name
+
+
+def test_step_time_prints_both_variants() -> None:
+    """`python -m train.step_time` (the training step's benchmark) runs and prints its table; bad sizes are an
+    argparse error."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    cmd = [sys.executable, "-m", "train.step_time", "--batch", "1", "--seq", "70", "--threads", "1"]
+    done = subprocess.run([*cmd, "--steps", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [r for r in done.stdout.splitlines() if r.startswith("| window")]
+    assert len(rows) == 2 and rows[1].endswith("| 1.00x |"), done.stdout
+    assert float(rows[0].split("|")[2]) > 0, rows
+    bad = subprocess.run([*cmd, "--steps", "0"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--steps" in bad.stderr, bad.stderr
+
+
 def test_until_parses_a_probe_column_a_deadline_or_both() -> None:
     """`--until` conditions: a probe column's threshold, minutes into the phase, or whichever comes first; a
     misspelt condition is an error naming what is expected."""
@@ -155,6 +194,36 @@ def _tiny_data(path: str, n_vocab: int, seed: int) -> None:
     np.arange(0, 4096, 64, dtype=np.int64).tofile(os.path.join(path, "train_starts.bin"))
     with open(os.path.join(path, "vocab.json"), "w") as f:
         json.dump({"tokens": [f"t{i}" for i in range(n_vocab)]}, f)
+
+
+def test_a_run_of_fixed_steps_repeats_itself(tmp_path: os.PathLike[str]) -> None:
+    """`train.train --steps N`: the schedule is fitted to N steps instead of the measured speed, so the same command
+    gives the same learning rates and losses, row for row (only the seconds differ), and stops at N steps."""
+    import csv
+    import json
+    import subprocess
+
+    data = os.path.join(tmp_path, "d")
+    _tiny_data(data, 300, 1)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "train.train", "--data", data, "--seq", "64", "--batch", "1", "--threads", "1",
+           "--log-every", "2", "--warmup", "2", "--minutes", "5"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": root}
+    rows = []
+    for run in ("r1", "r2"):
+        out = os.path.join(tmp_path, run)
+        done = subprocess.run([*cmd, "--steps", "6", "--out", out], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with open(os.path.join(out, "done.json")) as f:
+            assert json.load(f)["steps"] == 6
+        with open(os.path.join(out, "loss.csv"), newline="") as f:
+            rows.append([{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)])
+    assert len(rows[0]) == 3 and rows[0] == rows[1], rows
+    assert float(rows[0][-1]["lr"]) < float(rows[0][0]["lr"])  # the cosine ends with the steps, not the minutes
+    bad = subprocess.run([*cmd, "--steps", "0", "--out", os.path.join(tmp_path, "bad")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "--steps" in bad.stderr, bad.stderr
 
 
 def test_a_curriculum_switches_data_within_one_run(tmp_path: os.PathLike[str]) -> None:

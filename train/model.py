@@ -33,7 +33,7 @@ def _key(name: str) -> str:
 
 
 def rms(x: Tensor, eps: float) -> Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
 def rope_table(p: DSV4Params, il: int, n_pos: int) -> tuple[Tensor, Tensor]:
@@ -69,6 +69,31 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int, inverse: bool = False)
     return torch.cat((x[..., : d - n_rot], rot), dim=-1)
 
 
+def window_scores(q: Tensor, kv: Tensor, W: int, scale: float) -> tuple[Tensor, Tensor]:
+    """The sliding window's scores in blocks of W queries, each block seeing its own W keys and the W before them:
+    ([B, H, T, 2W] with -inf outside the window, the blocks' keys [B, T/W, 2W, d]) for q [B, T, H, d] and the
+    shared key/value latent kv [B, T, d]; the same softmax as scores over all [T, T] pairs, at 2W/T of the work."""
+    T = q.shape[1]
+    nblk = -(-T // W)
+    kb = F.pad(kv, (0, 0, 0, nblk * W - T)).unflatten(1, (nblk, W))  # [B, nblk, W, d]
+    kw = torch.cat((F.pad(kb[:, :-1], (0, 0, 0, 0, 1, 0)), kb), 2)  # [B, nblk, 2W, d]: the block before, this one
+    qb = F.pad(q, (0, 0, 0, 0, 0, nblk * W - T)).unflatten(1, (nblk, W))  # [B, nblk, W, H, d]
+    s = torch.einsum("bnwhd,bnkd->bhnwk", qb, kw) * scale
+    w, k = torch.arange(W)[:, None], torch.arange(2 * W)[None, :]
+    band = ((k > w) & (k <= W + w))[None].repeat(nblk, 1, 1)  # key k of block n is at (n - 1) W + k, query w at n W + w
+    band[0, :, :W] = False  # the block before the first is not there
+    return s.masked_fill(~band, -math.inf).flatten(2, 3)[:, :, :T], kw
+
+
+def window_values(prob: Tensor, kw: Tensor) -> Tensor:
+    """The window's share of the attention output [B, T, H, d] from its probabilities [B, H, T, 2W] and the blocks'
+    keys (which are the values) of window_scores."""
+    T = prob.shape[2]
+    nblk, W = kw.shape[1], kw.shape[2] // 2
+    pw = F.pad(prob, (0, 0, 0, nblk * W - T)).unflatten(2, (nblk, W))  # [B, H, nblk, W, 2W]
+    return torch.einsum("bhnwk,bnkd->bnwhd", pw, kw).flatten(1, 2)[:, :T]
+
+
 class DSV4(nn.Module):
     """The network; parameters named as the GGUF tensors (dots replaced by '__')."""
 
@@ -77,6 +102,7 @@ class DSV4(nn.Module):
         self.p = p
         self.max_pos = max_pos
         self.exact_top_k = False  # True: the indexer breaks ties as the engine does (slow; for agreement checks)
+        self.dense_window = False  # True: the window's scores over all [T, T] pairs (slow; for checks and timings)
         self.routes: dict[int, list[Tensor]] | None = None  # a dict: each layer's expert choices [N, k] recorded
         self.w = nn.ParameterDict()
         for spec in model_tensors(p):
@@ -128,7 +154,7 @@ class DSV4(nn.Module):
         for _ in range(p.hc_sinkhorn_iters - 1):
             C = C / (C.sum(-1, keepdim=True) + p.hc_eps)
             C = C / (C.sum(-2, keepdim=True) + p.hc_eps)
-        return torch.einsum("...sd,...s->...d", S, a), post, C
+        return (S * a[..., None]).sum(-2), post, C
 
     @staticmethod
     def hc_post(f: Tensor, res: Tensor, post: Tensor, C: Tensor) -> Tensor:
@@ -138,7 +164,7 @@ class DSV4(nn.Module):
         p = self.p
         mix = rms(S.flatten(-2), p.norm_eps) @ self.t("output_hc_fn.weight").T
         a = torch.sigmoid(mix * self.t("output_hc_scale.weight")[0] + self.t("output_hc_base.weight")) + p.hc_eps
-        return torch.einsum("...sd,...s->...d", S, a)
+        return (S * a[..., None]).sum(-2)
 
     # ---- compressors (docs/architecture.md §8.3): every complete block of the batch's sequences at once
     def compress(self, il: int, x: Tensor, pre: str, width: int) -> Tensor:
@@ -172,10 +198,13 @@ class DSV4(nn.Module):
         kv = rope(kv, cos, sin, p.rope_dim)  # [B, T, d]
         pos = torch.arange(T)
         scale = 1.0 / math.sqrt(d)
-        s = torch.einsum("bthd,bsd->bhts", q, kv) * scale
-        win = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < W)
-        s = s.masked_fill(~win, -math.inf)
-        keys, logits = [kv], [s]
+        if self.dense_window:
+            s = torch.einsum("bthd,bsd->bhts", q, kv) * scale
+            s = s.masked_fill(~((pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < W)), -math.inf)
+        else:
+            s, kw = window_scores(q, kv, W, scale)
+        logits = [s]
+        e = None
         if R and T // R:
             e = self.compress(il, x, b + "attn_compressor", d)  # [B, nb, d]
             nb = e.shape[1]
@@ -187,13 +216,16 @@ class DSV4(nn.Module):
                 mask = mask[:, None]
             else:
                 mask = vis[None, None]
-            keys.append(e)
             logits.append(sc.masked_fill(~mask, -math.inf))
         sink = self.t(b + "attn_sinks.weight")[None, :, None, None].expand(B, H, T, 1)
         prob = torch.softmax(torch.cat([*logits, sink], dim=-1), dim=-1)
-        o = torch.einsum("bhts,bsd->bthd", prob[..., :T], kv)
-        if len(keys) > 1:
-            o = o + torch.einsum("bhtn,bnd->bthd", prob[..., T:-1], keys[1])
+        n_win = s.shape[-1]
+        if self.dense_window:
+            o = torch.einsum("bhts,bsd->bthd", prob[..., :n_win], kv)
+        else:
+            o = window_values(prob[..., :n_win], kw)
+        if e is not None:
+            o = o + torch.einsum("bhtn,bnd->bthd", prob[..., n_win:-1], e)
         o = rope(o, cos, sin, p.rope_dim, inverse=True)
         G, Ro = p.o_group_count, p.o_lora_rank
         o_a = self.t(b + "attn_output_a.weight").unflatten(0, (G, Ro))  # [G, Ro, H*d/G]

@@ -9,7 +9,9 @@ indexer's distillation KL (its own parameters only); after each step the routed 
 `--bias-rate` (auxiliary-loss-free balancing). Every `--log-every` steps a row goes to RUN/loss.csv and the weights
 to RUN/model.pt, so a run stopped at any time leaves a usable model; every `--probe-every` steps the row's `copy`
 and `currency` columns are the model's accuracy on DIR/copy_probe.json (copying unseen city names into tool calls;
-the currency codes of held-out conversions).
+the currency codes of held-out conversions). The cosine schedule is fitted to `--minutes` by the measured speed,
+so two runs of one command differ from the first steps on; `--steps N` fits it to N steps instead (and stops there,
+or at `--minutes`), which repeats a run (its steps are in RUN/done.json) row for row on the same threads.
 
 A curriculum in one run: `--until COND --then DIR2 [--until COND --then DIR3 ...]` trains on DIR until COND
 holds, then on DIR2, and so on, with one optimizer and one learning-rate schedule over `--minutes` (the `phase`
@@ -166,6 +168,10 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--probe-every", type=int, default=50, help="steps between copy probes (DIR/copy_probe.json)")
     ap.add_argument("--est-step-s", type=float, default=3.0, help="a first guess of a step's time, for the schedule")
+    ap.add_argument(
+        "--steps", type=int, help="fit the schedule to this many steps, not to the measured speed, and stop there "
+        "(or at --minutes, whichever comes first): a run's steps (done.json) give its schedule again"
+    )  # fmt: skip
     ap.add_argument("--init", help="start from these weights (an earlier phase's model.pt) instead of random ones")
     ap.add_argument("--stop-minutes", type=float, help="stop after this many minutes (the schedule stays --minutes')")
     ap.add_argument("--until", action="append", default=[], help="when the current data phase ends (see above)")
@@ -177,6 +183,8 @@ def main() -> None:
         untils = [parse_until(u) for u in a.until]
     except ValueError as e:
         ap.error(str(e))
+    if a.steps is not None and a.steps < 1:
+        ap.error("--steps must be at least 1")
     if any(u.column is not None for u in untils) and a.probe_every % a.log_every:
         ap.error("--probe-every must be a multiple of --log-every for a probe condition")
 
@@ -221,7 +229,7 @@ def main() -> None:
         json.dump({**vars(a), "params_total": total_p, "params_active": active_p}, f, indent=1)
     budget = a.minutes * 60
     t0 = time.time()
-    est_steps = max(1, int(budget / a.est_step_s))
+    est_steps = a.steps or max(1, int(budget / a.est_step_s))
     step, tokens_seen = 0, 0
     log = open(os.path.join(a.out, "loss.csv"), "w", newline="")  # noqa: SIM115 (written throughout the run)
     w = csv.writer(log)
@@ -229,9 +237,9 @@ def main() -> None:
     acc: dict[str, list[float]] = {}
     stop = a.stop_minutes * 60 if a.stop_minutes is not None else budget
     phase_t0 = t0
-    while time.time() - t0 < min(budget, stop):
+    while time.time() - t0 < min(budget, stop) and (a.steps is None or step < a.steps):
         elapsed = time.time() - t0
-        if step >= 20:  # the cosine schedule follows the measured speed: it ends when the time does
+        if step >= 20 and a.steps is None:  # the cosine schedule follows the measured speed: it ends when the time does
             est_steps = max(step + 1, int(step * budget / elapsed))
         cosine = 0.5 * (1 + math.cos(math.pi * min(1, step / est_steps)))
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * cosine)
