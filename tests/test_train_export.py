@@ -224,6 +224,9 @@ def test_a_run_of_fixed_steps_repeats_itself(tmp_path: os.PathLike[str]) -> None
     bad = subprocess.run([*cmd, "--steps", "0", "--out", os.path.join(tmp_path, "bad")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "--steps" in bad.stderr, bad.stderr
+    short = subprocess.run([*cmd, "--seq", "5000", "--out", os.path.join(tmp_path, "bad")], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert short.returncode == 2 and "no window of 5000 tokens" in short.stderr, short.stderr
 
 
 def test_a_curriculum_switches_data_within_one_run(tmp_path: os.PathLike[str]) -> None:

@@ -11,7 +11,8 @@ to RUN/model.pt, so a run stopped at any time leaves a usable model; every `--pr
 and `currency` columns are the model's accuracy on DIR/copy_probe.json (copying unseen city names into tool calls;
 the currency codes of held-out conversions). The cosine schedule is fitted to `--minutes` by the measured speed,
 so two runs of one command differ from the first steps on; `--steps N` fits it to N steps instead (and stops there,
-or at `--minutes`), which repeats a run (its steps are in RUN/done.json) row for row on the same threads.
+or at `--minutes`), so that the same command repeats its run row for row on the same threads (minute deadlines
+of `--until` aside).
 
 A curriculum in one run: `--until COND --then DIR2 [--until COND --then DIR3 ...]` trains on DIR until COND
 holds, then on DIR2, and so on, with one optimizer and one learning-rate schedule over `--minutes` (the `phase`
@@ -90,6 +91,25 @@ def losses(
     return total, parts, aux
 
 
+def train_step(
+    net: DSV4,
+    opt: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mtp_weight: float = 0.3,
+    bias_rate: float = 1e-3,
+) -> dict[str, float]:
+    """One optimizer step on `batch` (losses, backward, gradient clipping at 1, the optimizer, the selection bias);
+    returns the loss parts."""
+    total, parts, aux = losses(net, batch, mtp_weight, mask)
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    net.update_bias(aux, bias_rate)
+    return parts
+
+
 @torch.no_grad()
 def copy_accuracy(net: DSV4, probe: list[dict[str, Any]], kind: str = "city") -> float:
     """Top-1 accuracy, teacher-forced, on the target tokens of the probe's items of `kind` (train/data.py
@@ -146,7 +166,10 @@ def _load_stream(path: str, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     data = np.fromfile(os.path.join(path, "train.bin"), np.uint16).astype(np.int64)
     mask = np.fromfile(os.path.join(path, "train_mask.bin"), np.uint8)
     starts = np.fromfile(os.path.join(path, "train_starts.bin"), np.int64)
-    return data, mask, starts[starts <= len(data) - seq]
+    starts = starts[(starts >= 0) & (starts <= len(data) - seq)]
+    if not len(starts) or len(mask) != len(data):
+        raise ValueError(f"{path}: no window of {seq} tokens fits its data, or its mask is not the tokens' length")
+    return data, mask, starts
 
 
 def main() -> None:
@@ -170,7 +193,7 @@ def main() -> None:
     ap.add_argument("--est-step-s", type=float, default=3.0, help="a first guess of a step's time, for the schedule")
     ap.add_argument(
         "--steps", type=int, help="fit the schedule to this many steps, not to the measured speed, and stop there "
-        "(or at --minutes, whichever comes first): a run's steps (done.json) give its schedule again"
+        "(or at --minutes, whichever comes first): the same command then repeats its run"
     )  # fmt: skip
     ap.add_argument("--init", help="start from these weights (an earlier phase's model.pt) instead of random ones")
     ap.add_argument("--stop-minutes", type=float, help="stop after this many minutes (the schedule stays --minutes')")
@@ -201,7 +224,12 @@ def main() -> None:
             if json.load(f)["tokens"] != vocab_tokens:
                 ap.error(f"--then {d}: its vocabulary is not {a.data}'s (write it with train.data --vocab-json)")
     phase = 0
-    data, mask, starts = _load_stream(a.data, a.seq)
+    try:
+        for d in a.then:  # every phase's data is usable before the run starts
+            _load_stream(d, a.seq)
+        data, mask, starts = _load_stream(a.data, a.seq)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
     probe = []
     if os.path.exists(os.path.join(a.data, "copy_probe.json")):
         with open(os.path.join(a.data, "copy_probe.json"), encoding="utf-8") as f:
@@ -248,12 +276,7 @@ def main() -> None:
         at = starts[rng.integers(0, len(starts), a.batch)]
         batch = torch.from_numpy(np.stack([data[s : s + a.seq] for s in at]))
         bmask = torch.from_numpy(np.stack([mask[s : s + a.seq] for s in at]))
-        total, parts, aux = losses(net, batch, a.mtp_weight, bmask)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        net.update_bias(aux, a.bias_rate)
+        parts = train_step(net, opt, batch, bmask, a.mtp_weight, a.bias_rate)
         step += 1
         tokens_seen += batch.numel()
         for k, v in parts.items():
