@@ -8,9 +8,10 @@ the tool's result, and JSON objects. Held-out problems (a fixed hash split of th
 never appear in training data.
 
 Vocabulary: a byte-level BPE trained on this corpus with DeepSeek V4's pre-tokenizer (llama_dsv4/tokenizer.py),
-digits kept one per token (merges of digits dropped, so arithmetic is digit by digit), and DeepSeek V4's special
-tokens. `python -m train.data --out DIR` writes DIR/vocab.json, DIR/train.bin, DIR/heldout_text.bin and
-DIR/heldout.json
+digits kept one per token (merges of digits dropped, so arithmetic is digit by digit), with --split-capitals no
+merge of a space with a capital letter (a name after a space is the same tokens as in a tool call), and DeepSeek
+V4's special tokens.
+`python -m train.data --out DIR` writes DIR/vocab.json, DIR/train.bin, DIR/heldout_text.bin and DIR/heldout.json
 (and DIR/train_mask.bin, DIR/train_starts.bin: which tokens are trained, where windows start).
 """
 
@@ -471,8 +472,17 @@ def stdlib_docstrings(limit_chars: int) -> list[str]:
 SPECIAL_TEXTS = (BOS_TEXT, EOS_TEXT, PAD_TEXT)
 
 
-def train_vocab(texts: list[str], size: int) -> Vocab:
-    """A byte-level BPE of `size` tokens trained on `texts` with DeepSeek V4's pre-tokenizer; digits stay single."""
+def _space_capital(a: str, b: str) -> bool:
+    """A merge of a space with a capitalised piece (`Ġ` + `JPY`, `Ġ` + `K`): dropped, so that a name or a currency
+    code after a space is the same tokens as in a tool call's argument (` JPY` -> `Ġ`, `JPY`; `">JPY` -> `">`,
+    `JPY`), and copying it is repeating tokens rather than mapping one token to another."""
+    return a == "\u0120" and "A" <= b[:1] <= "Z"
+
+
+def train_vocab(texts: list[str], size: int, split_capitals: bool = False) -> Vocab:
+    """A byte-level BPE of `size` tokens trained on `texts` with DeepSeek V4's pre-tokenizer; digits stay single,
+    and with `split_capitals` no merge joins a space to a capital letter (`_space_capital`; the shipped demo model's
+    vocabulary has them)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
@@ -500,6 +510,8 @@ def train_vocab(texts: list[str], size: int) -> Vocab:
     for m in merges:
         a, b = m.split(" ", 1)
         if digit & set(a + b) or a not in have or b not in have or a + b in have:
+            continue
+        if split_capitals and _space_capital(a, b):
             continue
         kept.append(m)
         products.append(a + b)
@@ -565,6 +577,7 @@ def build(
     copy_names: bool = False,
     copy_items: int = 3,
     copy_weight: int = 1,
+    split_capitals: bool = False,
 ) -> None:
     """Writes train.bin (uint16 tokens), train_mask.bin (uint8: the token's weight as a training target, 0 where it
     is not one; `copy_weight` for the tokens copy_weights finds in conversations, 1 for the others),
@@ -589,7 +602,7 @@ def build(
         with open(vocab_json, encoding="utf-8") as f:
             vocab = vocab_from_json(json.load(f))
     else:
-        vocab = train_vocab(text[:4000] + [c for _, c in convs[:20000]], vocab_size)
+        vocab = train_vocab(text[:4000] + [c for _, c in convs[:20000]], vocab_size, split_capitals)
     tok = DSV4Tokenizer(vocab)
     bos, eos = vocab.bos_id, vocab.eos_id
     assistant, user = vocab.tokens.index("<｜Assistant｜>"), vocab.tokens.index("<｜User｜>")
@@ -645,6 +658,11 @@ def main() -> None:
     ap.add_argument("--copy-items", type=int, default=3, help="copy drills name up to this many names")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--vocab-json", help="use this vocabulary (an earlier phase's vocab.json) instead of training one")
+    ap.add_argument(
+        "--split-capitals",
+        action="store_true",
+        help="no merge of a space with a capital letter: a name after a space is the tokens a tool call writes",
+    )
     ap.add_argument("--seq", type=int, default=576, help="the training window (a long text gets a start every seq)")
     ap.add_argument("--copy-weight", type=int, default=1, help="loss weight of the tokens copied from the context")
     ap.add_argument(
@@ -662,7 +680,8 @@ def main() -> None:
     if not 1 <= a.copy_weight <= 255:
         ap.error("--copy-weight must be 1 to 255 (train_mask.bin holds one byte per token)")
     counts = {"arith": a.arith, "tool": a.tool, "json": a.json, "copy": a.copy}
-    build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names, a.copy_items, a.copy_weight)
+    build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names, a.copy_items, a.copy_weight,
+          a.split_capitals)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -195,17 +195,21 @@ APART = ("probe", "fresh")  # weather requests reported apart from the scored he
 
 def skills(path: str, held: dict[str, list[Any]], n: int, fresh: list[str] | None = None) -> dict[str, Any]:
     """Held-out skills through llama_dsv4.Llama, greedy. Tool requests: the held-out ones (scored), then weather in
-    PROBE_CITIES and in `fresh` invented places (APART: copying names the model never saw)."""
+    PROBE_CITIES and in `fresh` invented places (APART: copying names the model never saw). `misses` lists the
+    arithmetic and tool requests it got wrong, with what it wrote."""
     llm = Llama(model_path=path, n_ctx=1024, n_threads=2, verbose=False)
     out: dict[str, Any] = {}
     rng = random.Random(0)
     per_op: dict[str, list[int]] = {"+": [], "-": [], "*": []}
     examples: dict[str, str] = {}
+    misses: list[str] = []
     for a, op, b in held["arith"][:n]:
         msgs, ans = D.arithmetic_messages(a, op, b, rng)
         r = llm.create_chat_completion(messages=msgs[:1], temperature=0.0, max_tokens=120)
         text = r["choices"][0]["message"]["content"] or ""
         per_op[op].append(int(last_int(text) == ans))
+        if not per_op[op][-1]:
+            misses.append(f"{msgs[0]['content']} -> {text!r}")
         examples.setdefault(f"arith {op}", f"{msgs[0]['content']} -> {text!r}")
     for op, v in per_op.items():
         out[f"arith {op}"] = (sum(v), len(v))
@@ -227,6 +231,8 @@ def skills(path: str, held: dict[str, list[Any]], n: int, fresh: list[str] | Non
             except ValueError:
                 ok = False
         tool_ok.append(int(ok))
+        if not ok:
+            misses.append(f"{prob[0]}: {msgs[0]['content']} -> {calls[:1] or m.get('content')!r}")
         tool_kind.append(prob[0])
         examples.setdefault("tool", f"{msgs[0]['content']} -> {calls[:1] or m.get('content')!r}")
     scored = [ok for ok, k in zip(tool_ok, tool_kind, strict=True) if k not in APART]
@@ -251,6 +257,7 @@ def skills(path: str, held: dict[str, list[Any]], n: int, fresh: list[str] | Non
     out["json parses"] = (sum(parsed), len(parsed))
     out["json exact"] = (sum(exact), len(exact))
     out["examples"] = examples
+    out["misses"] = misses
     llm.close()
     return out
 
@@ -264,6 +271,7 @@ def main() -> None:
     ap.add_argument("--variant", default="q8xq5", help="the exported variant the skills are measured on")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--earlier", nargs="*", default=[], help="earlier phases' runs (their tokens and time count too)")
+    ap.add_argument("--misses", action="store_true", help="print every arithmetic and tool request it got wrong")
     a = ap.parse_args()
     if a.skills_only:
         with open(os.path.join(a.data, "vocab.json"), encoding="utf-8") as f:
@@ -272,7 +280,10 @@ def main() -> None:
             sk = skills(a.skills_only, json.load(f), a.n, fresh)
         sk.update(probe_rows(a.skills_only, a.data))
         for k, v in sk.items():
-            print(f"| {k} | {v} |" if k == "examples" else f"| {k} | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")
+            if k != "misses":
+                print(f"| {k} | {v} |" if k == "examples" else f"| {k} | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")
+        for line in sk["misses"] if a.misses else []:
+            print(f"miss {line}")
         return
     if not a.run:
         ap.error("--run is required (or --skills-only)")
@@ -346,12 +357,14 @@ def main() -> None:
     print(f"| moe_hot_count=\"auto\" on held-out text: hot experts per layer (of {net.p.n_expert}); hit rate | "
           f"{auto['hot_per_layer']}; {auto['hit_rate']:.1%} |")  # fmt: skip
     for k, v in sk.items():
-        if k != "examples":
+        if k not in ("examples", "misses"):
             print(f"| {k} ({a.variant}, held out) | {v[0]}/{v[1]} = {v[0] / max(1, v[1]):.0%} |")
     for k, v in res["file_bytes"].items():
         print(f"| file size {k} | {v / 1e6:.1f} MB |")
     for k, v in sk["examples"].items():
         print(f"example {k}: {v}")
+    for line in sk["misses"] if a.misses else []:
+        print(f"miss {line}")
 
 
 if __name__ == "__main__":
