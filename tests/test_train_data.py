@@ -128,3 +128,15 @@ def test_copy_probe_targets_what_a_call_copies_from_the_request() -> None:
         assert "".join(tok.detokenize([item["ids"][t]]).decode() for t in item["targets"]) == "".join(codes.groups())
         amount = int(re.search(r"\d+", codes.group(0)).group(0))
         assert D.tool_is_heldout(("currency", amount, *codes.groups()))
+    subs = [x for x in probe if x["kind"] == "sub"]
+    assert len(subs) == 16
+    for item in subs:  # every digit the answer writes, the working and "So a - b = c", of a held-out subtraction
+        text = tok.detokenize(item["ids"], special=True).decode()
+        a, b, ans = map(int, re.search(r"So (\d+) - (\d+) = (-?\d+)", text).groups())
+        assert D.heldout(a, "-", b) and ans == a - b
+        answer = text[text.rindex("<｜Assistant｜>") :]
+        digits = "".join(tok.detokenize([item["ids"][t]]).decode() for t in item["targets"])
+        assert digits == "".join(c for c in answer if c.isdigit()), (digits, answer)
+    # a subtraction counts whole (one wrong digit is a wrong answer); a city or a code by its tokens
+    assert D.probe_score("sub", [True, False, True]) == (0, 1) and D.probe_score("sub", [True] * 3) == (1, 1)
+    assert D.probe_score("city", [True, False, True]) == (2, 3)

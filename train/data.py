@@ -368,8 +368,10 @@ def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, Any]]:
     """What a tool call copies from the request, on problems never trained: weather requests naming PROBE_CITIES
     (kind "city": the positions of the city's tokens in the call after its first one, found only by copying) and 16
     held-out currency conversions (kind "currency": the positions of the `from` and `to` codes in the call, written
-    without the space they have in the request, so a different token). train.train reports the model's top-1
-    accuracy on each kind, teacher-forced, as it trains; train.evaluate on an exported file."""
+    without the space they have in the request unless the vocabulary was trained with split_capitals) and 16
+    held-out subtractions (kind "sub": every digit of the working and the answer, thinking off; scored by the item,
+    PROBE_WHOLE). train.train reports the model's top-1 accuracy on each kind, teacher-forced, as it trains;
+    train.evaluate on an exported file."""
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
 
@@ -399,12 +401,33 @@ def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, Any]]:
         ids = tok.tokenize(s.encode(), add_bos=False, special=True)
         out.append({"kind": "currency", "ids": ids, "targets": targets})
         n_currency += 1
+    n_sub = 0
+    while n_sub < 16:  # held-out subtractions, answered with the working (thinking off): every digit it writes
+        a, b = rng.randrange(0, 1000), rng.randrange(0, 1000)
+        if not heldout(a, "-", b):
+            continue
+        msgs, _ = arithmetic_messages(a, "-", b, rng)
+        answer = msgs[1]["reasoning_content"] + " So " + msgs[1]["content"]
+        s = render_chat([msgs[0], {"role": "assistant", "content": answer}])
+        at = s.rindex(answer)
+        ids = tok.tokenize(s.encode(), add_bos=False, special=True)
+        targets = [n_tokens(s[: at + i]) for i, c in enumerate(answer) if c.isdigit()]
+        out.append({"kind": "sub", "ids": ids, "targets": targets})
+        n_sub += 1
     return out
 
 
 # copy_probe's kinds, each with its column in train.train's loss.csv, in the columns' order
-PROBE_COLUMNS = {"city": "copy", "currency": "currency"}
+PROBE_COLUMNS = {"city": "copy", "currency": "currency", "sub": "sub"}
 PROBE_KINDS = tuple(PROBE_COLUMNS)
+# kinds scored by the item (the share of items with every target right) rather than by the token: one wrong digit
+# in a subtraction's working is a wrong answer, and teacher-forced digits are otherwise right 99 % of the time
+PROBE_WHOLE = frozenset({"sub"})
+
+
+def probe_score(kind: str, right: list[bool]) -> tuple[int, int]:
+    """(hits, count) of one probe item whose targets came out `right`: per token, or per item for PROBE_WHOLE."""
+    return (int(all(right)), 1) if kind in PROBE_WHOLE else (sum(right), len(right))
 
 
 def probe_kind(item: dict[str, Any]) -> str:

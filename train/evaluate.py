@@ -162,7 +162,8 @@ def fresh_places(data_dir: str, vocab: Any, n: int = 16, seed: int = 99) -> list
 def copy_probe_accuracy(path: str, probe: list[dict[str, Any]], kind: str = "city") -> tuple[int, int]:
     """train.train's copy probe on an exported file: (hits, targets) of the engine's top-1, teacher-forced, on the
     probe's items of `kind` (DATA/copy_probe.json: "city", the probe cities' tokens after their first; "currency",
-    the codes in held-out conversions' calls)."""
+    the codes in held-out conversions' calls; "sub", held-out subtractions with every digit right, counted by the
+    item)."""
     llm = Llama(model_path=path, n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
     hits = n = 0
     for item in probe:
@@ -172,8 +173,8 @@ def copy_probe_accuracy(path: str, probe: list[dict[str, Any]], kind: str = "cit
         llm.reset()
         llm.eval(ids)
         scores = np.asarray(llm.scores[: len(ids)])
-        hits += sum(int(scores[t - 1].argmax() == ids[t]) for t in item["targets"])
-        n += len(item["targets"])
+        h, c = D.probe_score(kind, [bool(scores[t - 1].argmax() == ids[t]) for t in item["targets"]])
+        hits, n = hits + h, n + c
     llm.close()
     return hits, n
 
@@ -184,7 +185,9 @@ def probe_rows(path: str, data: str) -> dict[str, tuple[int, int]]:
         probe = json.load(f)
     kinds = {D.probe_kind(item) for item in probe}
     return {
-        f"copy probe, teacher-forced {k} tokens": copy_probe_accuracy(path, probe, k)
+        f"copy probe, teacher-forced {k} {'items' if k in D.PROBE_WHOLE else 'tokens'}": copy_probe_accuracy(
+            path, probe, k
+        )
         for k in D.PROBE_KINDS
         if k in kinds
     }

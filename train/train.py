@@ -7,16 +7,16 @@ a conversation: not the prompts, tool definitions or tool results), each weighte
 the main next-token cross-entropy + `--mtp-weight` x the MTP layer's next-next-token cross-entropy + the lightning
 indexer's distillation KL (its own parameters only); after each step the routed layers' selection bias moves by
 `--bias-rate` (auxiliary-loss-free balancing). Every `--log-every` steps a row goes to RUN/loss.csv and the weights
-to RUN/model.pt, so a run stopped at any time leaves a usable model; every `--probe-every` steps the row's `copy`
-and `currency` columns are the model's accuracy on DIR/copy_probe.json (copying unseen city names into tool calls;
-the currency codes of held-out conversions). The cosine schedule is fitted to `--minutes` by the measured speed,
-so two runs of one command differ from the first steps on; `--steps N` fits it to N steps instead (and stops there,
-or at `--minutes`), so that the same command repeats its run row for row on the same threads (minute deadlines
-of `--until` aside).
+to RUN/model.pt, so a run stopped at any time leaves a usable model; every `--probe-every` steps the row's `copy`,
+`currency` and `sub` columns are the model's accuracy on DIR/copy_probe.json (copying unseen city names into tool
+calls; the currency codes of held-out conversions; the digits of held-out subtractions' working). The cosine
+schedule is fitted to `--minutes` by the measured speed, so two runs of one command differ from the first steps
+on; `--steps N` fits it to N steps instead (and stops there, or at `--minutes`), so that the same command repeats
+its run row for row on the same threads (minute deadlines of `--until` aside).
 
 A curriculum in one run: `--until COND --then DIR2 [--until COND --then DIR3 ...]` trains on DIR until COND
 holds, then on DIR2, and so on, with one optimizer and one learning-rate schedule over `--minutes` (the `phase`
-column of loss.csv counts the data phases). COND is `KIND>=X` (a probe column, `copy` or `currency`, reaching X),
+column of loss.csv counts the data phases). COND is `KIND>=X` (a probe column, `copy`, `currency` or `sub`, reaching X),
 `M` (M minutes into the phase) or `KIND>=X or M`, whichever comes first; e.g. `--until "currency>=0.75 or 50"
 --then data_copy/ --until "copy>=0.6 or 20" --then data/`. Every phase's data must share DIR's vocabulary; the
 probe is DIR's.
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from llama_dsv4.model.params import DSV4Params
 
-from .data import PROBE_COLUMNS, probe_kind
+from .data import PROBE_COLUMNS, probe_kind, probe_score
 from .model import DSV4, count_params
 
 
@@ -114,23 +114,22 @@ def train_step(
 def copy_accuracy(net: DSV4, probe: list[dict[str, Any]], kind: str = "city") -> float:
     """Top-1 accuracy, teacher-forced, on the target tokens of the probe's items of `kind` (train/data.py
     copy_probe: "city", a city's tokens in a tool call after its first, found only by copying from the request;
-    "currency", the codes of a held-out conversion's call)."""
+    "currency", the codes of a held-out conversion's call; "sub", held-out subtractions with every digit right)."""
     hits = n = 0
     for item in probe:
         if probe_kind(item) != kind:
             continue
         ids = torch.tensor(item["ids"][: net.max_pos], dtype=torch.int64)[None]
         pred = net(ids)[0][0].argmax(-1)
-        for t in item["targets"]:
-            if t < ids.shape[1]:
-                hits += int(pred[t - 1] == ids[0, t])
-                n += 1
+        right = [bool(pred[t - 1] == ids[0, t]) for t in item["targets"] if t < ids.shape[1]]
+        h, c = probe_score(kind, right)
+        hits, n = hits + h, n + c
     return hits / max(1, n)
 
 
 @dataclass(frozen=True)
 class Until:
-    """When a data phase ends: a probe column (`column`, loss.csv's `copy` or `currency`) at or above `at_least`,
+    """When a data phase ends: a probe column (`column`, loss.csv's `copy`, `currency` or `sub`) at or above `at_least`,
     or `minutes` into the phase, whichever comes first (either may be absent, not both)."""
 
     column: str | None = None
