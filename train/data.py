@@ -184,6 +184,12 @@ def arithmetic_problem(rng: random.Random) -> tuple[int, str, int]:
     return rng.randrange(0, 1000), op, rng.randrange(0, 1000)
 
 
+def working_in_answer(reply: dict[str, Any]) -> dict[str, Any]:
+    """An arithmetic reply of arithmetic_messages as it is written when thinking is off: the working, then the
+    answer, both in the content."""
+    return {"role": "assistant", "content": reply["reasoning_content"] + " So " + reply["content"]}
+
+
 def arithmetic_messages(a: int, op: str, b: int, rng: random.Random) -> tuple[list[dict[str, Any]], int]:
     f, steps = OPS[op]
     ans = f(a, b)
@@ -341,7 +347,7 @@ def synthetic(rng: random.Random, kind: str, names: Sequence[str] = (), copy_ite
         msgs, _ = arithmetic_messages(a, op, b, rng)
         thinking = rng.random() < 0.5
         if not thinking:  # the working goes in the answer when thinking is off
-            msgs[1] = {"role": "assistant", "content": msgs[1]["reasoning_content"] + " So " + msgs[1]["content"]}
+            msgs[1] = working_in_answer(msgs[1])
         return render_chat(msgs, tools=TOOLS if rng.random() < 0.02 else None, thinking=thinking)
     if kind == "tool":
         prob = tool_problem(rng)
@@ -407,8 +413,9 @@ def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, Any]]:
         if not heldout(a, "-", b):
             continue
         msgs, _ = arithmetic_messages(a, "-", b, rng)
-        answer = msgs[1]["reasoning_content"] + " So " + msgs[1]["content"]
-        s = render_chat([msgs[0], {"role": "assistant", "content": answer}])
+        reply = working_in_answer(msgs[1])
+        answer = reply["content"]
+        s = render_chat([msgs[0], reply])
         at = s.rindex(answer)
         ids = tok.tokenize(s.encode(), add_bos=False, special=True)
         targets = [n_tokens(s[: at + i]) for i, c in enumerate(answer) if c.isdigit()]

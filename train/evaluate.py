@@ -184,10 +184,9 @@ def probe_rows(path: str, data: str) -> dict[str, tuple[int, int]]:
     with open(os.path.join(data, "copy_probe.json"), encoding="utf-8") as f:
         probe = json.load(f)
     kinds = {D.probe_kind(item) for item in probe}
+    unit = {k: "items" if k in D.PROBE_WHOLE else "tokens" for k in kinds}
     return {
-        f"copy probe, teacher-forced {k} {'items' if k in D.PROBE_WHOLE else 'tokens'}": copy_probe_accuracy(
-            path, probe, k
-        )
+        f"copy probe, teacher-forced {k} {unit[k]}": copy_probe_accuracy(path, probe, k)
         for k in D.PROBE_KINDS
         if k in kinds
     }
