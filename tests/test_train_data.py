@@ -9,6 +9,8 @@ import random
 import re
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama_dsv4.model.vocab import CHAT_TOKENS
 from llama_dsv4.tokenizer import DSV4Tokenizer
@@ -34,6 +36,41 @@ def test_worked_arithmetic_reaches_the_answer() -> None:
         assert column_digits(steps) == abs(ans), (a, op, b, steps)
         assert int(re.findall(r"so far (\d+)", steps)[-1]) == abs(ans), steps  # the running answer ends on it
         assert msgs[1]["content"].endswith(f"= {ans}")
+
+
+def test_sub_compare_chooses_its_path_with_a_word_after_both_operands(tmp_path: os.PathLike[str]) -> None:
+    """--sub-compare: every subtraction's working begins `Compare a with b: a is `, the same tokens on both paths,
+    then `less than` or `not less than` chooses; the digit steps that follow are the plain working's. A data folder
+    says so in format.json, and evaluation and the probe read it (data without one is the shipped model's form)."""
+    rng = random.Random(3)
+    seen = set()
+    for _ in range(400):
+        a, b = rng.randrange(0, 1000), rng.randrange(0, 1000)
+        msgs, ans = D.arithmetic_messages(a, "-", b, random.Random(0), sub_compare=True)
+        steps = msgs[1]["reasoning_content"]
+        head = f"Compare {a} with {b}: {a} is "
+        assert steps.startswith(head), steps
+        plain = D.arithmetic_messages(a, "-", b, random.Random(0))[0][1]["reasoning_content"]
+        if a < b:  # the plain working already restates: `a is less than b, so compute b - a and negate. ...`
+            assert steps == f"Compare {a} with {b}: " + plain, steps
+        else:
+            assert steps == head + f"not less than {b}. " + plain, steps
+        assert column_digits(steps.split("negate. " if a < b else f"than {b}. ", 1)[1]) == abs(ans)
+        seen.add(a < b)
+        assert msgs[1]["content"] == f"{a} - {b} = {ans}"
+    assert seen == {True, False}
+    for op_args in ((12, "+", 5), (7, "*", 3)):  # only subtraction changes
+        assert D.arithmetic_messages(*op_args, random.Random(0), sub_compare=True) == D.arithmetic_messages(
+            *op_args, random.Random(0)
+        )
+    assert D.data_format(str(tmp_path)) == {"sub_compare": False}
+    with open(os.path.join(tmp_path, "format.json"), "w") as f:
+        f.write('{"sub_compare": true}')
+    assert D.data_format(str(tmp_path)) == {"sub_compare": True}
+    with open(os.path.join(tmp_path, "format.json"), "w") as f:
+        f.write('{"sub_compare": "yes"}')
+    with pytest.raises(ValueError, match=r"format\.json"):
+        D.data_format(str(tmp_path))
 
 
 def test_held_out_problems_are_never_training_data() -> None:

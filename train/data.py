@@ -147,8 +147,16 @@ def add_steps(a: int, b: int) -> str:
     return " ".join(out)
 
 
-def sub_steps(a: int, b: int) -> str:
-    """As add_steps, with a borrow: `2 - 9 = 3 borrow 1, so far 3. ...`; a < b is worked as -(b - a)."""
+def sub_steps(a: int, b: int, compare: bool = False) -> str:
+    """As add_steps, with a borrow: `2 - 9 = 3 borrow 1, so far 3. ...`; a < b is worked as -(b - a). With `compare`
+    the working first restates both operands and says which path it takes (`Compare 366 with 117: 366 is not less
+    than 117. 6 - 7 = ...`), so its first tokens are the same on both paths and the choice is a word read after both
+    numbers; without it the first token already chooses (a's first digit for a < b, a's last for the digit steps)."""
+    if compare:
+        head = f"Compare {a} with {b}: {a} is "
+        if a < b:
+            return head + f"less than {b}, so compute {b} - {a} and negate. " + sub_steps(b, a)
+        return head + f"not less than {b}. " + sub_steps(a, b)
     if a < b:
         return f"{a} is less than {b}, so compute {b} - {a} and negate. " + sub_steps(b, a)
     da, db, borrow, out, far = digits(a), digits(b), 0, [], ""
@@ -190,13 +198,17 @@ def working_in_answer(reply: dict[str, Any]) -> dict[str, Any]:
     return {"role": "assistant", "content": reply["reasoning_content"] + " So " + reply["content"]}
 
 
-def arithmetic_messages(a: int, op: str, b: int, rng: random.Random) -> tuple[list[dict[str, Any]], int]:
+def arithmetic_messages(
+    a: int, op: str, b: int, rng: random.Random, sub_compare: bool = False
+) -> tuple[list[dict[str, Any]], int]:
+    """A question and its worked answer (the working as reasoning); `sub_compare`: sub_steps' `compare` form."""
     f, steps = OPS[op]
     ans = f(a, b)
     q = rng.choice(QUESTIONS).format(a=a, op=op, b=b)
+    working = sub_steps(a, b, compare=True) if op == "-" and sub_compare else steps(a, b)
     return [
         {"role": "user", "content": q},
-        {"role": "assistant", "reasoning_content": steps(a, b), "content": f"{a} {op} {b} = {ans}"},
+        {"role": "assistant", "reasoning_content": working, "content": f"{a} {op} {b} = {ans}"},
     ], ans
 
 
@@ -337,14 +349,16 @@ def copy_messages(rng: random.Random, names: Sequence[str], items: int = 3) -> l
             {"role": "assistant", "content": f'"{x}"' if i == len(COPY_Q) - 1 else x}]  # fmt: skip
 
 
-def synthetic(rng: random.Random, kind: str, names: Sequence[str] = (), copy_items: int = 3) -> str | None:
+def synthetic(
+    rng: random.Random, kind: str, names: Sequence[str] = (), copy_items: int = 3, sub_compare: bool = False
+) -> str | None:
     """One training conversation of `kind`, or None when the drawn problem is held out; `names` (words of the
     training text) join the invented places that weather requests, JSON people and copy drills name."""
     if kind == "arith":
         a, op, b = arithmetic_problem(rng)
         if heldout(a, op, b):
             return None
-        msgs, _ = arithmetic_messages(a, op, b, rng)
+        msgs, _ = arithmetic_messages(a, op, b, rng, sub_compare)
         thinking = rng.random() < 0.5
         if not thinking:  # the working goes in the answer when thinking is off
             msgs[1] = working_in_answer(msgs[1])
@@ -370,7 +384,7 @@ def synthetic(rng: random.Random, kind: str, names: Sequence[str] = (), copy_ite
     return render_chat(msgs, tools=TOOLS if rng.random() < 0.1 else None)
 
 
-def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, Any]]:
+def copy_probe(tok: DSV4Tokenizer, seed: int, sub_compare: bool = False) -> list[dict[str, Any]]:
     """What a tool call copies from the request, on problems never trained: weather requests naming PROBE_CITIES
     (kind "city": the positions of the city's tokens in the call after its first one, found only by copying) and 16
     held-out currency conversions (kind "currency": the positions of the `from` and `to` codes in the call, written
@@ -412,7 +426,7 @@ def copy_probe(tok: DSV4Tokenizer, seed: int) -> list[dict[str, Any]]:
         a, b = rng.randrange(0, 1000), rng.randrange(0, 1000)
         if not heldout(a, "-", b):
             continue
-        msgs, _ = arithmetic_messages(a, "-", b, rng)
+        msgs, _ = arithmetic_messages(a, "-", b, rng, sub_compare)
         reply = working_in_answer(msgs[1])
         answer = reply["content"]
         s = render_chat([msgs[0], reply])
@@ -444,7 +458,27 @@ def probe_kind(item: dict[str, Any]) -> str:
 
 def write_copy_probe(out: str, tok: DSV4Tokenizer, seed: int) -> None:
     with open(os.path.join(out, "copy_probe.json"), "w", encoding="utf-8") as f:
-        json.dump(copy_probe(tok, seed + 2), f)
+        json.dump(copy_probe(tok, seed + 2, data_format(out)["sub_compare"]), f)
+
+
+FORMAT_DEFAULTS = {"sub_compare": False}  # the shipped demo model's data
+
+
+def data_format(folder: str) -> dict[str, Any]:
+    """How the conversations in a data folder are written (its format.json, from build; FORMAT_DEFAULTS for data
+    written before there was one): train.evaluate renders its held-out conversations the same way."""
+    path = os.path.join(folder, "format.json")
+    if not os.path.exists(path):
+        return dict(FORMAT_DEFAULTS)
+    with open(path, encoding="utf-8") as f:
+        got = json.load(f)
+    if (
+        not isinstance(got, dict)
+        or set(got) - set(FORMAT_DEFAULTS)
+        or not all(isinstance(v, bool) for v in got.values())
+    ):
+        raise ValueError(f"{path}: expected an object with boolean keys among {sorted(FORMAT_DEFAULTS)}, got {got!r}")
+    return {**FORMAT_DEFAULTS, **got}
 
 
 def heldout_problems(n: int, seed: int) -> dict[str, list[Any]]:
@@ -608,6 +642,7 @@ def build(
     copy_items: int = 3,
     copy_weight: int = 1,
     split_capitals: bool = False,
+    sub_compare: bool = False,
 ) -> None:
     """Writes train.bin (uint16 tokens), train_mask.bin (uint8: the token's weight as a training target, 0 where it
     is not one; `copy_weight` for the tokens copy_weights finds in conversations, 1 for the others),
@@ -623,7 +658,7 @@ def build(
     for kind, n in counts.items():
         made = 0
         while made < n:
-            c = synthetic(rng, kind, names, copy_items)
+            c = synthetic(rng, kind, names, copy_items, sub_compare)
             if c is not None:
                 convs.append((kind, c))
                 made += 1
@@ -662,6 +697,8 @@ def build(
         json.dump(vocab_to_json(vocab), f)
     with open(os.path.join(out, "heldout.json"), "w", encoding="utf-8") as f:
         json.dump(heldout_problems(100, seed + 1), f)
+    with open(os.path.join(out, "format.json"), "w", encoding="utf-8") as f:
+        json.dump({"sub_compare": sub_compare}, f)
     write_copy_probe(out, tok, seed)
     shares = ", ".join(f"{k} {v / len(stream):.0%}" for k, v in per_kind.items())
     n_targets = max(1, sum(map(bool, mask)))
@@ -693,6 +730,12 @@ def main() -> None:
         action="store_true",
         help="no merge of a space with a capital letter: a name after a space is the tokens a tool call writes",
     )
+    ap.add_argument(
+        "--sub-compare",
+        action="store_true",
+        help="subtraction's working first restates both operands and says which is less (the same first tokens on "
+        "both paths)",
+    )
     ap.add_argument("--seq", type=int, default=576, help="the training window (a long text gets a start every seq)")
     ap.add_argument("--copy-weight", type=int, default=1, help="loss weight of the tokens copied from the context")
     ap.add_argument(
@@ -711,7 +754,7 @@ def main() -> None:
         ap.error("--copy-weight must be 1 to 255 (train_mask.bin holds one byte per token)")
     counts = {"arith": a.arith, "tool": a.tool, "json": a.json, "copy": a.copy}
     build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names, a.copy_items, a.copy_weight,
-          a.split_capitals)  # fmt: skip
+          a.split_capitals, a.sub_compare)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -314,8 +314,9 @@ def main() -> None:
     tk = DSV4Tokenizer(vocab)
     rng = random.Random(1)
     convs = []
+    sub_compare = D.data_format(a.data)["sub_compare"]
     for p in held["arith"][: a.n]:
-        convs.append(D.render_chat(D.arithmetic_messages(*p, rng)[0], thinking=True))
+        convs.append(D.render_chat(D.arithmetic_messages(*p, rng, sub_compare)[0], thinking=True))
     for p in held["tool"][: a.n]:
         convs.append(D.render_chat(D.tool_messages(tuple(p), rng)[0], tools=D.TOOLS))
     conv_docs = [np.array(tk.tokenize(c.encode(), add_bos=False, special=True)) for c in convs]
