@@ -71,6 +71,10 @@ def test_sub_compare_chooses_its_path_with_a_word_after_both_operands(tmp_path: 
         f.write('{"sub_compare": "yes"}')
     with pytest.raises(ValueError, match=r"format\.json"):
         D.data_format(str(tmp_path))
+    with open(os.path.join(tmp_path, "format.json"), "w") as f:
+        f.write('{"sub_compare": tr')
+    with pytest.raises(ValueError, match=r"format\.json: not a JSON object"):
+        D.data_format(str(tmp_path))
 
 
 def test_held_out_problems_are_never_training_data() -> None:

@@ -152,11 +152,8 @@ def sub_steps(a: int, b: int, compare: bool = False) -> str:
     the working first restates both operands and says which path it takes (`Compare 366 with 117: 366 is not less
     than 117. 6 - 7 = ...`), so its first tokens are the same on both paths and the choice is a word read after both
     numbers; without it the first token already chooses (a's first digit for a < b, a's last for the digit steps)."""
-    if compare:
-        head = f"Compare {a} with {b}: {a} is "
-        if a < b:
-            return head + f"less than {b}, so compute {b} - {a} and negate. " + sub_steps(b, a)
-        return head + f"not less than {b}. " + sub_steps(a, b)
+    if compare:  # for a < b the plain working already says so: `a is less than b, so compute ...`
+        return f"Compare {a} with {b}: " + ("" if a < b else f"{a} is not less than {b}. ") + sub_steps(a, b)
     if a < b:
         return f"{a} is less than {b}, so compute {b} - {a} and negate. " + sub_steps(b, a)
     da, db, borrow, out, far = digits(a), digits(b), 0, [], ""
@@ -470,8 +467,11 @@ def data_format(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "format.json")
     if not os.path.exists(path):
         return dict(FORMAT_DEFAULTS)
-    with open(path, encoding="utf-8") as f:
-        got = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            got = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON object ({e})") from None
     if (
         not isinstance(got, dict)
         or set(got) - set(FORMAT_DEFAULTS)
