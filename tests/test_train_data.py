@@ -38,41 +38,74 @@ def test_worked_arithmetic_reaches_the_answer() -> None:
         assert msgs[1]["content"].endswith(f"= {ans}")
 
 
-def test_sub_compare_chooses_its_path_with_a_word_after_both_operands(tmp_path: os.PathLike[str]) -> None:
-    """--sub-compare: every subtraction's working begins `Compare a with b: a is `, the same tokens on both paths,
-    then `less than` or `not less than` chooses; the digit steps that follow are the plain working's. A data folder
-    says so in format.json, and evaluation and the probe read it (data without one is the shipped model's form)."""
-    rng = random.Random(3)
-    seen = set()
-    for _ in range(400):
+def sub_workings(form: str, seed: int, n: int) -> list[tuple[int, int, int, str, str]]:
+    """n random subtractions below 1000 as (a, b, answer, working in `form`, plain working), both signs among them;
+    the answer line is `a - b = answer` in every form."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
         a, b = rng.randrange(0, 1000), rng.randrange(0, 1000)
-        msgs, ans = D.arithmetic_messages(a, "-", b, random.Random(0), sub_compare=True)
-        steps = msgs[1]["reasoning_content"]
+        msgs, ans = D.arithmetic_messages(a, "-", b, random.Random(0), form)
+        assert msgs[1]["content"] == f"{a} - {b} = {ans}"
+        plain = D.arithmetic_messages(a, "-", b, random.Random(0))[0][1]["reasoning_content"]
+        out.append((a, b, ans, msgs[1]["reasoning_content"], plain))
+    assert {a < b for a, b, *_ in out} == {True, False}
+    return out
+
+
+def test_sub_compare_chooses_its_path_with_a_word_after_both_operands() -> None:
+    """--subtraction compare: every subtraction's working begins `Compare a with b: a is `, the same tokens on both
+    paths, then `less than` or `not less than` chooses; the digit steps that follow are the plain working's."""
+    for a, b, ans, steps, plain in sub_workings("compare", 3, 400):
         head = f"Compare {a} with {b}: {a} is "
         assert steps.startswith(head), steps
-        plain = D.arithmetic_messages(a, "-", b, random.Random(0))[0][1]["reasoning_content"]
         if a < b:  # the plain working already restates: `a is less than b, so compute b - a and negate. ...`
             assert steps == f"Compare {a} with {b}: " + plain, steps
         else:
             assert steps == head + f"not less than {b}. " + plain, steps
         assert column_digits(steps.split("negate. " if a < b else f"than {b}. ", 1)[1]) == abs(ans)
-        seen.add(a < b)
-        assert msgs[1]["content"] == f"{a} - {b} = {ans}"
-    assert seen == {True, False}
-    for op_args in ((12, "+", 5), (7, "*", 3)):  # only subtraction changes
-        assert D.arithmetic_messages(*op_args, random.Random(0), sub_compare=True) == D.arithmetic_messages(
-            *op_args, random.Random(0)
-        )
-    assert D.data_format(str(tmp_path)) == {"sub_compare": False}
-    with open(os.path.join(tmp_path, "format.json"), "w") as f:
-        f.write('{"sub_compare": true}')
-    assert D.data_format(str(tmp_path)) == {"sub_compare": True}
-    with open(os.path.join(tmp_path, "format.json"), "w") as f:
-        f.write('{"sub_compare": "yes"}')
-    with pytest.raises(ValueError, match=r"format\.json"):
-        D.data_format(str(tmp_path))
-    with open(os.path.join(tmp_path, "format.json"), "w") as f:
-        f.write('{"sub_compare": tr')
+
+
+def test_sub_borrow_decides_the_sign_from_the_last_borrow() -> None:
+    """--subtraction borrow: the digit steps of a - b always come first, over the longer operand's digits (a's
+    units digit is the first token on both paths), and only a borrow left after the last column says a < b; then the
+    digit steps of b - a. No operand is restated, and for a >= b the working is the plain one."""
+    for a, b, _, steps, plain in sub_workings("borrow", 4, 600):
+        assert steps.startswith(f"{a % 10} - {b % 10} "), steps
+        first, turn, second = steps.partition(" A borrow is left, so the answer is negative: subtract the other way ")
+        assert bool(turn) == (a < b), steps
+        width = max(len(str(a)), len(str(b)))
+        assert first.count(" = ") == width
+        assert column_digits(first) == (a - b) % 10**width  # the columns of a - b, whatever its sign
+        if a < b:
+            assert second.startswith("round. ") and column_digits(second[7:]) == b - a
+            assert not re.search(r"\d\d", re.sub(r"so far \d+", "", steps)), steps  # no operand restated
+        else:
+            assert steps == plain
+    with pytest.raises(ValueError, match="subtraction form 'minus'"):
+        D.sub_steps(3, 2, "minus")
+
+
+def test_data_format_names_the_subtraction_form(tmp_path: os.PathLike[str]) -> None:
+    """A data folder says how it works subtraction in format.json; evaluation and the probe read it (data without one
+    is the shipped model's form, the first form of the file still reads); a bad file is named, not half-read."""
+    for form in D.SUB_FORMS[1:]:  # only subtraction changes
+        for op_args in ((12, "+", 5), (7, "*", 3)):
+            assert D.arithmetic_messages(*op_args, random.Random(0), form) == D.arithmetic_messages(
+                *op_args, random.Random(0)
+            )
+    assert D.data_format(str(tmp_path)) == {"subtraction": "plain"}
+    path = os.path.join(tmp_path, "format.json")
+    for text, want in (('{"subtraction": "borrow"}', "borrow"), ('{"sub_compare": true}', "compare"), ("{}", "plain")):
+        with open(path, "w") as f:
+            f.write(text)
+        assert D.data_format(str(tmp_path)) == {"subtraction": want}
+    for bad in ('{"subtraction": "yes"}', '{"sub_compare": "yes"}', '{"subtraction": ["plain"]}', "[1]", '{"x": 1}'):
+        with open(path, "w") as f:
+            f.write(bad)
+        with pytest.raises(ValueError, match=r"format\.json: expected an object"):
+            D.data_format(str(tmp_path))
+    with open(path, "w") as f:
+        f.write('{"subtraction": tr')
     with pytest.raises(ValueError, match=r"format\.json: not a JSON object"):
         D.data_format(str(tmp_path))
 

@@ -147,24 +147,45 @@ def add_steps(a: int, b: int) -> str:
     return " ".join(out)
 
 
-def sub_steps(a: int, b: int, compare: bool = False) -> str:
-    """As add_steps, with a borrow: `2 - 9 = 3 borrow 1, so far 3. ...`; a < b is worked as -(b - a). With `compare`
-    the working first restates both operands and says which path it takes (`Compare 366 with 117: 366 is not less
-    than 117. 6 - 7 = ...`), so its first tokens are the same on both paths and the choice is a word read after both
-    numbers; without it the first token already chooses (a's first digit for a < b, a's last for the digit steps)."""
-    if compare:  # for a < b the plain working already says so: `a is less than b, so compute ...`
-        return f"Compare {a} with {b}: " + ("" if a < b else f"{a} is not less than {b}. ") + sub_steps(a, b)
-    if a < b:
-        return f"{a} is less than {b}, so compute {b} - {a} and negate. " + sub_steps(b, a)
+SUB_FORMS = ("plain", "compare", "borrow")  # how a subtraction is worked: sub_steps' `form`; "plain" is shipped
+
+
+def sub_digits(a: int, b: int) -> tuple[list[str], int]:
+    """a - b column by column from the units, over the longer operand's digits (a missing digit is 0): the steps
+    (`2 - 9 = 3 borrow 1, so far 3.`) and the borrow left after the last column (1 exactly when a < b)."""
     da, db, borrow, out, far = digits(a), digits(b), 0, [], ""
-    for i in range(len(da)):
-        x, y, b_in = da[i], db[i] if i < len(db) else 0, borrow
+    for i in range(max(len(da), len(db))):
+        x, y, b_in = da[i] if i < len(da) else 0, db[i] if i < len(db) else 0, borrow
         s = x - y - b_in
         borrow = 1 if s < 0 else 0
         far = str(s + 10 * borrow) + far
         out.append(f"{x} - {y}" + (" - 1" if b_in else "") + f" = {s + 10 * borrow}" + (" borrow 1" if borrow else "")
                    + f", so far {far}.")  # fmt: skip
-    return " ".join(out)
+    return out, borrow
+
+
+def sub_steps(a: int, b: int, form: str = "plain") -> str:
+    """As add_steps, with a borrow: `2 - 9 = 3 borrow 1, so far 3. ...`. Each form works a < b as -(b - a) and
+    differs in where it decides that a < b:
+    - "plain": the first token already decides (`501 is less than 941, so compute 941 - 501 and negate. ...`: a's
+      first digit for a < b, a's last digit for the digit steps of a >= b);
+    - "compare": the working first restates both operands (`Compare 366 with 117: 366 is not less than 117. 6 - 7 =
+      ...`, `Compare 501 with 941: 501 is less than 941, so compute ...`), so its first tokens are the same on both
+      paths and the choice is a word read after both numbers;
+    - "borrow": no comparison at all: the digit steps of a - b always come first (the first token is a's units
+      digit, found before the `-`), and a borrow left after the last column is what says a < b: `A borrow is left,
+      so the answer is negative: subtract the other way round.` and the digit steps of b - a (no operand restated).
+      For a >= b this is the plain working."""
+    if form not in SUB_FORMS:
+        raise ValueError(f"subtraction form {form!r}: expected one of {SUB_FORMS}")
+    if form == "compare":  # for a < b the plain working already says so: `a is less than b, so compute ...`
+        return f"Compare {a} with {b}: " + ("" if a < b else f"{a} is not less than {b}. ") + sub_steps(a, b)
+    if form == "plain" and a < b:
+        return f"{a} is less than {b}, so compute {b} - {a} and negate. " + sub_steps(b, a)
+    steps, borrow = sub_digits(a, b)
+    if borrow:  # form "borrow", a < b
+        steps += ["A borrow is left, so the answer is negative: subtract the other way round.", *sub_digits(b, a)[0]]
+    return " ".join(steps)
 
 
 def mul_steps(a: int, b: int) -> str:
@@ -196,13 +217,13 @@ def working_in_answer(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 def arithmetic_messages(
-    a: int, op: str, b: int, rng: random.Random, sub_compare: bool = False
+    a: int, op: str, b: int, rng: random.Random, subtraction: str = "plain"
 ) -> tuple[list[dict[str, Any]], int]:
-    """A question and its worked answer (the working as reasoning); `sub_compare`: sub_steps' `compare` form."""
+    """A question and its worked answer (the working as reasoning); `subtraction`: sub_steps' form (SUB_FORMS)."""
     f, steps = OPS[op]
     ans = f(a, b)
     q = rng.choice(QUESTIONS).format(a=a, op=op, b=b)
-    working = sub_steps(a, b, compare=True) if op == "-" and sub_compare else steps(a, b)
+    working = sub_steps(a, b, subtraction) if op == "-" else steps(a, b)
     return [
         {"role": "user", "content": q},
         {"role": "assistant", "reasoning_content": working, "content": f"{a} {op} {b} = {ans}"},
@@ -347,7 +368,7 @@ def copy_messages(rng: random.Random, names: Sequence[str], items: int = 3) -> l
 
 
 def synthetic(
-    rng: random.Random, kind: str, names: Sequence[str] = (), copy_items: int = 3, sub_compare: bool = False
+    rng: random.Random, kind: str, names: Sequence[str] = (), copy_items: int = 3, subtraction: str = "plain"
 ) -> str | None:
     """One training conversation of `kind`, or None when the drawn problem is held out; `names` (words of the
     training text) join the invented places that weather requests, JSON people and copy drills name."""
@@ -355,7 +376,7 @@ def synthetic(
         a, op, b = arithmetic_problem(rng)
         if heldout(a, op, b):
             return None
-        msgs, _ = arithmetic_messages(a, op, b, rng, sub_compare)
+        msgs, _ = arithmetic_messages(a, op, b, rng, subtraction)
         thinking = rng.random() < 0.5
         if not thinking:  # the working goes in the answer when thinking is off
             msgs[1] = working_in_answer(msgs[1])
@@ -381,7 +402,7 @@ def synthetic(
     return render_chat(msgs, tools=TOOLS if rng.random() < 0.1 else None)
 
 
-def copy_probe(tok: DSV4Tokenizer, seed: int, sub_compare: bool = False) -> list[dict[str, Any]]:
+def copy_probe(tok: DSV4Tokenizer, seed: int, subtraction: str = "plain") -> list[dict[str, Any]]:
     """What a tool call copies from the request, on problems never trained: weather requests naming PROBE_CITIES
     (kind "city": the positions of the city's tokens in the call after its first one, found only by copying) and 16
     held-out currency conversions (kind "currency": the positions of the `from` and `to` codes in the call, written
@@ -423,7 +444,7 @@ def copy_probe(tok: DSV4Tokenizer, seed: int, sub_compare: bool = False) -> list
         a, b = rng.randrange(0, 1000), rng.randrange(0, 1000)
         if not heldout(a, "-", b):
             continue
-        msgs, _ = arithmetic_messages(a, "-", b, rng, sub_compare)
+        msgs, _ = arithmetic_messages(a, "-", b, rng, subtraction)
         reply = working_in_answer(msgs[1])
         answer = reply["content"]
         s = render_chat([msgs[0], reply])
@@ -455,15 +476,17 @@ def probe_kind(item: dict[str, Any]) -> str:
 
 def write_copy_probe(out: str, tok: DSV4Tokenizer, seed: int) -> None:
     with open(os.path.join(out, "copy_probe.json"), "w", encoding="utf-8") as f:
-        json.dump(copy_probe(tok, seed + 2, data_format(out)["sub_compare"]), f)
+        json.dump(copy_probe(tok, seed + 2, data_format(out)["subtraction"]), f)
 
 
-FORMAT_DEFAULTS = {"sub_compare": False}  # the shipped demo model's data
+FORMAT_DEFAULTS = {"subtraction": "plain"}  # the shipped demo model's data
+FORMAT_CHOICES = {"subtraction": SUB_FORMS}
 
 
 def data_format(folder: str) -> dict[str, Any]:
     """How the conversations in a data folder are written (its format.json, from build; FORMAT_DEFAULTS for data
-    written before there was one): train.evaluate renders its held-out conversations the same way."""
+    written before there was one): train.evaluate renders its held-out conversations the same way. Data written
+    with the first form of the file, `{"sub_compare": true/false}`, reads as subtraction "compare"/"plain"."""
     path = os.path.join(folder, "format.json")
     if not os.path.exists(path):
         return dict(FORMAT_DEFAULTS)
@@ -472,12 +495,11 @@ def data_format(folder: str) -> dict[str, Any]:
             got = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a JSON object ({e})") from None
-    if (
-        not isinstance(got, dict)
-        or set(got) - set(FORMAT_DEFAULTS)
-        or not all(isinstance(v, bool) for v in got.values())
-    ):
-        raise ValueError(f"{path}: expected an object with boolean keys among {sorted(FORMAT_DEFAULTS)}, got {got!r}")
+    if isinstance(got, dict) and set(got) == {"sub_compare"} and isinstance(got["sub_compare"], bool):
+        got = {"subtraction": "compare" if got["sub_compare"] else "plain"}
+    known = isinstance(got, dict) and not set(got) - set(FORMAT_DEFAULTS)
+    if not known or any(got.get(k, FORMAT_DEFAULTS[k]) not in choices for k, choices in FORMAT_CHOICES.items()):
+        raise ValueError(f"{path}: expected an object with keys among {FORMAT_CHOICES}, got {got!r}")
     return {**FORMAT_DEFAULTS, **got}
 
 
@@ -642,7 +664,7 @@ def build(
     copy_items: int = 3,
     copy_weight: int = 1,
     split_capitals: bool = False,
-    sub_compare: bool = False,
+    subtraction: str = "plain",
 ) -> None:
     """Writes train.bin (uint16 tokens), train_mask.bin (uint8: the token's weight as a training target, 0 where it
     is not one; `copy_weight` for the tokens copy_weights finds in conversations, 1 for the others),
@@ -658,7 +680,7 @@ def build(
     for kind, n in counts.items():
         made = 0
         while made < n:
-            c = synthetic(rng, kind, names, copy_items, sub_compare)
+            c = synthetic(rng, kind, names, copy_items, subtraction)
             if c is not None:
                 convs.append((kind, c))
                 made += 1
@@ -698,7 +720,7 @@ def build(
     with open(os.path.join(out, "heldout.json"), "w", encoding="utf-8") as f:
         json.dump(heldout_problems(100, seed + 1), f)
     with open(os.path.join(out, "format.json"), "w", encoding="utf-8") as f:
-        json.dump({"sub_compare": sub_compare}, f)
+        json.dump({"subtraction": subtraction}, f)
     write_copy_probe(out, tok, seed)
     shares = ", ".join(f"{k} {v / len(stream):.0%}" for k, v in per_kind.items())
     n_targets = max(1, sum(map(bool, mask)))
@@ -731,10 +753,14 @@ def main() -> None:
         help="no merge of a space with a capital letter: a name after a space is the tokens a tool call writes",
     )
     ap.add_argument(
-        "--sub-compare",
-        action="store_true",
-        help="subtraction's working first restates both operands and says which is less (the same first tokens on "
-        "both paths)",
+        "--subtraction",
+        choices=SUB_FORMS,
+        default="plain",
+        help="how a subtraction is worked (train.data.sub_steps): plain (the shipped model's), compare (first "
+        "restates both operands and says which is less), borrow (the digit steps first; a borrow left means a < b)",
+    )
+    ap.add_argument(
+        "--sub-compare", dest="subtraction", action="store_const", const="compare", help="--subtraction compare"
     )
     ap.add_argument("--seq", type=int, default=576, help="the training window (a long text gets a start every seq)")
     ap.add_argument("--copy-weight", type=int, default=1, help="loss weight of the tokens copied from the context")
@@ -754,7 +780,7 @@ def main() -> None:
         ap.error("--copy-weight must be 1 to 255 (train_mask.bin holds one byte per token)")
     counts = {"arith": a.arith, "tool": a.tool, "json": a.json, "copy": a.copy}
     build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names, a.copy_items, a.copy_weight,
-          a.split_capitals, a.sub_compare)  # fmt: skip
+          a.split_capitals, a.subtraction)  # fmt: skip
 
 
 if __name__ == "__main__":
