@@ -767,10 +767,13 @@ def main() -> None:
     ap.add_argument(
         "--probe-only",
         action="store_true",
-        help="only (re)write OUT/copy_probe.json, with OUT/vocab.json (data written before the probe grew)",
+        help="only (re)write OUT/copy_probe.json, with OUT/vocab.json and the subtraction form of OUT/format.json "
+        "(data written before the probe grew)",
     )
     a = ap.parse_args()
     if a.probe_only:
+        if a.subtraction != "plain":  # the probe must match the data it probes, so the folder says the form
+            ap.error("--probe-only takes the subtraction form from OUT/format.json, not from --subtraction")
         with open(os.path.join(a.out, "vocab.json"), encoding="utf-8") as f:
             write_copy_probe(a.out, DSV4Tokenizer(vocab_from_json(json.load(f))), a.seed)
         return
