@@ -150,6 +150,31 @@ def test_the_window_in_blocks_equals_all_pairs(n_tokens: int) -> None:
         assert g is None or torch.allclose(g, gd[name], rtol=1e-8, atol=1e-12), name
 
 
+def test_the_compiled_step_equals_the_eager_one() -> None:
+    """`train.train --compile`: torch.compile traces the whole network as one graph (fullgraph, the MoE's per-expert
+    row counts as data-dependent sizes) and its losses, expert loads and every gradient equal eager's. The AOT
+    autograd backend checks the traced graph without inductor's code generation (minutes on this machine)."""
+    from train.train import compiled, losses
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, PARAMS.n_vocab, (2, 136))  # past the first HCA block (128)
+    mask = (torch.rand(2, 136) > 0.3).to(torch.uint8)
+    out = []
+    for compile_ in (False, True):
+        net = DSV4(PARAMS, seed=3).double().train()
+        total, parts, aux = losses(compiled(net, "aot_eager") if compile_ else net, tokens, 0.3, mask)
+        total.backward()
+        out.append((parts, aux, {n: w.grad for n, w in net.named_parameters()}))
+    (pe, ae, ge), (pc, ac, gc) = out
+    assert pe.keys() == pc.keys() == {"main", "mtp", "indexer"}
+    assert all(abs(pe[k] - pc[k]) <= 1e-12 * abs(pe[k]) for k in pe), (pe, pc)
+    assert ae.keys() == ac.keys() and all(torch.equal(ae[k], ac[k]) for k in ae if k.startswith("load"))
+    assert sum(g is not None for g in ge.values()) > 20
+    for name, g in ge.items():
+        assert (g is None) == (gc[name] is None), name
+        assert g is None or torch.allclose(g, gc[name], rtol=1e-9, atol=1e-14), name
+
+
 def test_step_time_prints_both_variants() -> None:
     """`python -m train.step_time` (the training step's benchmark) runs and prints its table; bad sizes are an
     argparse error."""

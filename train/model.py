@@ -264,7 +264,8 @@ class DSV4(nn.Module):
             target = target * vis[None] / target.sum(-1, keepdim=True)
             logq = torch.log_softmax(score, -1)
             kl = (target * (torch.log(target.clamp_min(1e-12)) - logq)).sum(-1)
-            aux["indexer"] = aux.get("indexer", 0) + kl[:, any_vis].mean()
+            kl = torch.where(any_vis, kl, 0.0)  # the mean over tokens that see something, without a boolean index
+            aux["indexer"] = aux.get("indexer", 0) + kl.sum() / (kl.shape[0] * any_vis.sum())
         return sel
 
     # ---- mixture of experts (docs/architecture.md §9)
@@ -280,7 +281,8 @@ class DSV4(nn.Module):
         else:
             sel = torch.topk(prob.detach() + self.t(b + "exp_probs_b.bias"), k, dim=-1).indices
             if self.training:
-                aux[f"load{il}"] = torch.bincount(sel.reshape(-1), minlength=p.n_expert)
+                flat = sel.reshape(-1)  # bincount's counts, with a shape that does not depend on the data
+                aux[f"load{il}"] = torch.zeros(p.n_expert, dtype=torch.int64).index_add_(0, flat, torch.ones_like(flat))
         if self.routes is not None:
             self.routes.setdefault(il, []).append(sel.detach())
         wts = prob.gather(1, sel)
@@ -297,10 +299,9 @@ class DSV4(nn.Module):
         gate, up, down = (self.t(b + f"ffn_{n}_exps.weight") for n in ("gate", "up", "down"))
         y = torch.zeros_like(x)
         for e in range(p.n_expert):
-            rows, slot = torch.nonzero(sel == e, as_tuple=True)
-            if rows.numel():
-                h = ffn(x[rows], gate[e], up[e], down[e], p.clamp_exp(il))
-                y = y.index_add(0, rows, h * wts[rows, slot, None])
+            rows, slot = torch.nonzero(sel == e, as_tuple=True)  # no branch on rows.numel(): torch.compile traces it
+            h = ffn(x[rows], gate[e], up[e], down[e], p.clamp_exp(il))
+            y = y.index_add(0, rows, h * wts[rows, slot, None])
         sh = ffn(x, *(self.t(b + f"ffn_{n}_shexp.weight") for n in ("gate", "up", "down")), p.clamp_shexp(il))
         return (y + sh).reshape(shape)
 

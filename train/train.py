@@ -12,7 +12,10 @@ to RUN/model.pt, so a run stopped at any time leaves a usable model; every `--pr
 calls; the currency codes of held-out conversions; the digits of held-out subtractions' working). The cosine
 schedule is fitted to `--minutes` by the measured speed, so two runs of one command differ from the first steps
 on; `--steps N` fits it to N steps instead (and stops there, or at `--minutes`), so that the same command repeats
-its run row for row on the same threads (minute deadlines of `--until` aside).
+its run row for row on the same threads (minute deadlines of `--until` aside). `--compile` runs the training step
+through torch.compile (`compiled`): the first step compiles (5-8 minutes on this 2-core machine, seconds when
+inductor's cache in /tmp already holds the graph), counted in `--minutes`; the steps after it take 0.6-0.7 of
+eager's time (`python -m train.step_time --compile`).
 
 A curriculum in one run: `--until COND --then DIR2 [--until COND --then DIR3 ...]` trains on DIR until COND
 holds, then on DIR2, and so on, with one optimizer and one learning-rate schedule over `--minutes` (the `phase`
@@ -110,6 +113,17 @@ def train_step(
     return parts
 
 
+def compiled(net: DSV4, backend: str = "inductor") -> torch.nn.Module:
+    """`net` compiled by torch.compile for training steps, as one graph (fullgraph: the MoE's per-expert row counts
+    are traced as data-dependent sizes, not graph breaks); the module shares `net`'s parameters, `net` itself stays
+    eager (the probes, which see other lengths, use it). With inductor the first step compiles, 5-8 minutes here."""
+    import torch._dynamo.config as dynamo
+
+    dynamo.capture_dynamic_output_shape_ops = True  # torch.nonzero in the MoE's dispatch
+    dynamo.capture_scalar_outputs = True
+    return torch.compile(net, backend=backend, fullgraph=True)
+
+
 @torch.no_grad()
 def copy_accuracy(net: DSV4, probe: list[dict[str, Any]], kind: str = "city") -> float:
     """Top-1 accuracy, teacher-forced, on the target tokens of the probe's items of `kind` (train/data.py
@@ -196,6 +210,9 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--init", help="start from these weights (an earlier phase's model.pt) instead of random ones")
     ap.add_argument("--stop-minutes", type=float, help="stop after this many minutes (the schedule stays --minutes')")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile the training step (its compile counts in --minutes)"
+    )
     ap.add_argument("--until", action="append", default=[], help="when the current data phase ends (see above)")
     ap.add_argument("--then", action="append", default=[], help="the next data phase's folder (see above)")
     a = ap.parse_args()
@@ -247,6 +264,7 @@ def main() -> None:
                 net.t(f"blk.{il}.exp_probs_b.bias").zero_()
     decay = [w for w in net.parameters() if w.dim() >= 2]
     other = [w for w in net.parameters() if w.dim() < 2]
+    step_net = compiled(net) if a.compile else net
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95)
     )
@@ -264,10 +282,12 @@ def main() -> None:
     acc: dict[str, list[float]] = {}
     stop = a.stop_minutes * 60 if a.stop_minutes is not None else budget
     phase_t0 = t0
+    t1 = t0  # when the first step ended (a compiled run's first step is its compile)
     while time.time() - t0 < min(budget, stop) and (a.steps is None or step < a.steps):
         elapsed = time.time() - t0
         if step >= 20 and a.steps is None:  # the cosine schedule follows the measured speed: it ends when the time does
-            est_steps = max(step + 1, int(step * budget / elapsed))
+            per_step = (time.time() - t1) / (step - 1)
+            est_steps = max(step + 1, step + int((budget - elapsed) / per_step))
         cosine = 0.5 * (1 + math.cos(math.pi * min(1, step / est_steps)))
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * cosine)
         for g in opt.param_groups:
@@ -275,8 +295,10 @@ def main() -> None:
         at = starts[rng.integers(0, len(starts), a.batch)]
         batch = torch.from_numpy(np.stack([data[s : s + a.seq] for s in at]))
         bmask = torch.from_numpy(np.stack([mask[s : s + a.seq] for s in at]))
-        parts = train_step(net, opt, batch, bmask, a.mtp_weight, a.bias_rate)
+        parts = train_step(step_net, opt, batch, bmask, a.mtp_weight, a.bias_rate)
         step += 1
+        if step == 1:
+            t1 = time.time()
         tokens_seen += batch.numel()
         for k, v in parts.items():
             acc.setdefault(k, []).append(v)
