@@ -116,7 +116,9 @@ def train_step(
 def compiled(net: DSV4, backend: str = "inductor") -> torch.nn.Module:
     """`net` compiled by torch.compile for training steps, as one graph (fullgraph: the MoE's per-expert row counts
     are traced as data-dependent sizes, not graph breaks); the module shares `net`'s parameters, `net` itself stays
-    eager (the probes, which see other lengths, use it). With inductor the first step compiles, 5-8 minutes here."""
+    eager (the probes, which see other lengths, use it). With inductor the first step compiles, 5-8 minutes here.
+    Sets two of torch._dynamo's options for the whole process (capturing data-dependent output shapes and scalars),
+    (nothing else in the recipe uses torch.compile)."""
     import torch._dynamo.config as dynamo
 
     dynamo.capture_dynamic_output_shape_ops = True  # torch.nonzero in the MoE's dispatch
