@@ -214,3 +214,17 @@ def test_copy_probe_targets_what_a_call_copies_from_the_request() -> None:
     # a subtraction counts whole (one wrong digit is a wrong answer); a city or a code by its tokens
     assert D.probe_score("sub", [True, False, True]) == (0, 1) and D.probe_score("sub", [True] * 3) == (1, 1)
     assert D.probe_score("city", [True, False, True]) == (2, 3)
+
+
+@pytest.mark.parametrize("flag", [["--subtraction", "plain"], ["--subtraction", "borrow"], ["--sub-compare"]])
+def test_probe_only_refuses_a_subtraction_form(
+    flag: list[str], tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train.data --probe-only` takes the form from OUT/format.json (the probe must match the data it probes): any
+    --subtraction given, the default's name included, is an argparse error naming why, and nothing is written."""
+    monkeypatch.setattr(sys, "argv", ["train.data", "--out", str(tmp_path), "--probe-only", *flag])
+    with pytest.raises(SystemExit) as e:
+        D.main()
+    assert e.value.code == 2
+    assert "takes the subtraction form from OUT/format.json" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

@@ -479,8 +479,8 @@ def write_copy_probe(out: str, tok: DSV4Tokenizer, seed: int) -> None:
         json.dump(copy_probe(tok, seed + 2, data_format(out)["subtraction"]), f)
 
 
-FORMAT_DEFAULTS = {"subtraction": "plain"}  # the shipped demo model's data
-FORMAT_CHOICES = {"subtraction": SUB_FORMS}
+FORMAT_CHOICES = {"subtraction": SUB_FORMS}  # a format.json key's values; the first is the shipped model's data
+FORMAT_DEFAULTS = {k: v[0] for k, v in FORMAT_CHOICES.items()}
 
 
 def data_format(folder: str) -> dict[str, Any]:
@@ -755,7 +755,7 @@ def main() -> None:
     ap.add_argument(
         "--subtraction",
         choices=SUB_FORMS,
-        default="plain",
+        default=None,
         help="how a subtraction is worked (train.data.sub_steps): plain (the shipped model's), compare (first "
         "restates both operands and says which is less), borrow (the digit steps first; a borrow left means a < b)",
     )
@@ -772,7 +772,7 @@ def main() -> None:
     )
     a = ap.parse_args()
     if a.probe_only:
-        if a.subtraction != "plain":  # the probe must match the data it probes, so the folder says the form
+        if a.subtraction is not None:  # the probe must match the data it probes, so the folder says the form
             ap.error("--probe-only takes the subtraction form from OUT/format.json, not from --subtraction")
         with open(os.path.join(a.out, "vocab.json"), encoding="utf-8") as f:
             write_copy_probe(a.out, DSV4Tokenizer(vocab_from_json(json.load(f))), a.seed)
@@ -783,7 +783,7 @@ def main() -> None:
         ap.error("--copy-weight must be 1 to 255 (train_mask.bin holds one byte per token)")
     counts = {"arith": a.arith, "tool": a.tool, "json": a.json, "copy": a.copy}
     build(a.out, a.wheels, a.seed, counts, a.vocab, a.vocab_json, a.seq, a.copy_names, a.copy_items, a.copy_weight,
-          a.split_capitals, a.subtraction)  # fmt: skip
+          a.split_capitals, a.subtraction or SUB_FORMS[0])  # fmt: skip
 
 
 if __name__ == "__main__":

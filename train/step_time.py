@@ -67,14 +67,14 @@ def main() -> None:
         nets[name] = compiled(net) if name == compiled_name else net
         opts[name] = torch.optim.AdamW(net.parameters(), lr=1e-3)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    first: dict[str, float] = {}
+    compile_s = 0.0
     for name in variants:  # one variant after the other: alternating steps cost both a third more here
         for i in range(a.steps + 1):
             t = step_seconds(nets[name], opts[name], torch.randint(0, a.vocab, (a.batch, a.seq)))
             if i:  # the first step warms up allocations (and compiles)
                 times[name].append(t)
-            else:
-                first[name] = t
+            elif name == compiled_name:
+                compile_s = t
     print(f"{cpu_name()}, {a.threads} threads, torch {torch.__version__}; "
           f"batch {a.batch} x {a.seq} tokens, {a.steps} steps each (medians)")  # fmt: skip
     print("| variant | s/step | tokens/s | vs all pairs |")
@@ -84,7 +84,7 @@ def main() -> None:
         m = statistics.median(times[name])
         print(f"| {name} | {m:.3f} | {a.batch * a.seq / m:,.0f} | {base / m:.2f}x |")
     if a.compile:
-        print(f"the compiled variant's first step (the compile): {first[compiled_name]:.0f} s")
+        print(f"the compiled variant's first step (the compile): {compile_s:.0f} s")
 
 
 if __name__ == "__main__":

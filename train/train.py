@@ -117,8 +117,8 @@ def compiled(net: DSV4, backend: str = "inductor") -> torch.nn.Module:
     """`net` compiled by torch.compile for training steps, as one graph (fullgraph: the MoE's per-expert row counts
     are traced as data-dependent sizes, not graph breaks); the module shares `net`'s parameters, `net` itself stays
     eager (the probes, which see other lengths, use it). With inductor the first step compiles, 5-8 minutes here.
-    Sets two of torch._dynamo's options for the whole process (capturing data-dependent output shapes and scalars),
-    (nothing else in the recipe uses torch.compile)."""
+    Sets two of torch._dynamo's options for the whole process (capturing data-dependent output shapes and scalars;
+    nothing else in the recipe uses torch.compile)."""
     import torch._dynamo.config as dynamo
 
     dynamo.capture_dynamic_output_shape_ops = True  # torch.nonzero in the MoE's dispatch
@@ -286,9 +286,10 @@ def main() -> None:
     phase_t0 = t0
     t1 = t0  # when the first step ended (a compiled run's first step is its compile)
     while time.time() - t0 < min(budget, stop) and (a.steps is None or step < a.steps):
-        elapsed = time.time() - t0
+        now = time.time()
+        elapsed = now - t0
         if step >= 20 and a.steps is None:  # the cosine schedule follows the measured speed: it ends when the time does
-            per_step = (time.time() - t1) / (step - 1)
+            per_step = (now - t1) / (step - 1)
             est_steps = max(step + 1, step + int((budget - elapsed) / per_step))
         cosine = 0.5 * (1 + math.cos(math.pi * min(1, step / est_steps)))
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * cosine)
