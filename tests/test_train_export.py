@@ -193,17 +193,34 @@ def test_step_time_prints_both_variants() -> None:
 
 
 def test_until_parses_a_probe_column_a_deadline_or_both() -> None:
-    """`--until` conditions: a probe column's threshold, minutes into the phase, or whichever comes first; a
-    misspelt condition is an error naming what is expected."""
+    """`--until` conditions: probe columns' thresholds (all of them, joined by `and`), minutes into the phase, or
+    whichever comes first; a misspelt condition is an error naming what is expected."""
     from train.train import Until, parse_until
 
-    assert parse_until("currency>=0.75 or 50") == Until("currency", 0.75, 50.0)
-    assert parse_until("copy >= 0.6") == Until("copy", 0.6, None)
-    assert parse_until("20") == Until(None, 0.0, 20.0)
+    assert parse_until("currency>=0.75 or 50") == Until((("currency", 0.75),), 50.0)
+    assert parse_until("copy >= 0.6") == Until((("copy", 0.6),), None)
+    assert parse_until("20") == Until((), 20.0)
     both = parse_until("copy>=0.6 or 20")
     assert not both.reached({}, 19.9) and both.reached({}, 20.0)
     assert not both.reached({"copy": 0.59, "currency": 1.0}, 5) and both.reached({"copy": 0.6}, 5)
-    for bad in ("cities>=0.5", "copy>0.5", "copy>=0.5 and 3", "", "3 or 4", "copy>=0.5.1", "1.2.3"):
+    every = parse_until("copy>=0.85 and currency>=0.75 or 24")
+    assert every == Until((("copy", 0.85), ("currency", 0.75)), 24.0)
+    assert not every.reached({"copy": 0.9, "currency": 0.7}, 5) and not every.reached({"copy": 0.8, "currency": 1}, 5)
+    assert every.reached({"copy": 0.85, "currency": 0.75}, 5) and every.reached({}, 24.0)
+    assert not parse_until("20").reached({"copy": 1.0}, 19.9)
+    for bad in (
+        "cities>=0.5",
+        "copy>0.5",
+        "copy>=0.5 and 3",
+        "",
+        "3 or 4",
+        "copy>=0.5.1",
+        "1.2.3",
+        "copy>=0.5 or currency>=0.5",
+        "copy>=0.5 or 3 or 4",
+        "copy>=0.5 and copy>=0.6",
+        "copy>=0.5 and",
+    ):
         with pytest.raises(ValueError, match="--until"):
             parse_until(bad)
 

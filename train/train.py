@@ -20,9 +20,11 @@ eager's time (`python -m train.step_time --compile`).
 A curriculum in one run: `--until COND --then DIR2 [--until COND --then DIR3 ...]` trains on DIR until COND
 holds, then on DIR2, and so on, with one optimizer and one learning-rate schedule over `--minutes` (the `phase`
 column of loss.csv counts the data phases). COND is `KIND>=X` (a probe column, `copy`, `currency` or `sub`, reaching X),
-`M` (M minutes into the phase) or `KIND>=X or M`, whichever comes first; e.g. `--until "currency>=0.75 or 50"
---then data_copy/ --until "copy>=0.6 or 20" --then data/`. Every phase's data must share DIR's vocabulary; the
-probe is DIR's.
+several joined by `and` (all in one probed row), `M` (M minutes into the phase) or `KIND>=X [and ...] or M`,
+whichever comes first; e.g. `--until "currency>=0.75 or 50" --then data_copy/ --until "copy>=0.85 and
+currency>=0.75 or 24" --then data/`. A condition that already holds when its phase starts ends the phase at the
+phase's first probe (so a phase meant to teach a skill names that skill's column). Every phase's data must share
+DIR's vocabulary; the probe is DIR's.
 """
 
 from __future__ import annotations
@@ -145,35 +147,42 @@ def copy_accuracy(net: DSV4, probe: list[dict[str, Any]], kind: str = "city") ->
 
 @dataclass(frozen=True)
 class Until:
-    """When a data phase ends: a probe column (`column`, loss.csv's `copy`, `currency` or `sub`) at or above `at_least`,
-    or `minutes` into the phase, whichever comes first (either may be absent, not both)."""
+    """When a data phase ends: every probe column of `needs` (loss.csv's `copy`, `currency` or `sub`, each with its
+    threshold) at or above its threshold in one probed row, or `minutes` into the phase, whichever comes first
+    (either may be absent, not both)."""
 
-    column: str | None = None
-    at_least: float = 0.0
+    needs: tuple[tuple[str, float], ...] = ()
     minutes: float | None = None
 
     def reached(self, probed: dict[str, float], phase_minutes: float) -> bool:
         """Whether the phase ends, given this row's probe values (empty when the row was not probed)."""
         if self.minutes is not None and phase_minutes >= self.minutes:
             return True
-        return self.column is not None and self.column in probed and probed[self.column] >= self.at_least
+        return bool(self.needs) and all(c in probed and probed[c] >= x for c, x in self.needs)
 
 
 def parse_until(spec: str) -> Until:
-    """`"currency>=0.75 or 50"`, `"copy>=0.6"` or `"20"` -> Until; ValueError naming what is wrong otherwise."""
-    column, at_least, minutes = None, 0.0, None
-    for part in re.split(r"\s+or\s+", spec.strip()):
-        m = re.fullmatch(r"(\w+)\s*>=\s*(\d+(?:\.\d*)?)", part)
-        if m and column is None:
-            if m.group(1) not in PROBE_COLUMNS.values():
-                names = ", ".join(PROBE_COLUMNS.values())
-                raise ValueError(f"--until {spec!r}: {m.group(1)!r} is not a probe column ({names})")
-            column, at_least = m.group(1), float(m.group(2))
-        elif re.fullmatch(r"\d+(?:\.\d*)?", part) and minutes is None:
-            minutes = float(part)
-        else:
-            raise ValueError(f"--until {spec!r}: expected 'KIND>=X', 'MINUTES' or 'KIND>=X or MINUTES'")
-    return Until(column, at_least, minutes)
+    """`"currency>=0.75 or 50"`, `"copy>=0.85 and currency>=0.75 or 24"`, `"copy>=0.6"` or `"20"` -> Until;
+    ValueError naming what is wrong otherwise."""
+    expected = "expected 'KIND>=X', 'MINUTES' or 'KIND>=X [and KIND>=Y ...] or MINUTES'"
+    parts = re.split(r"\s+or\s+", spec.strip())
+    minutes = None
+    if re.fullmatch(r"\d+(?:\.\d*)?", parts[-1]) and len(parts) <= 2:
+        minutes = float(parts.pop())
+    if len(parts) > 1 or (minutes is None and not parts[0]):
+        raise ValueError(f"--until {spec!r}: {expected}")
+    needs: list[tuple[str, float]] = []
+    for term in re.split(r"\s+and\s+", parts[0]) if parts else []:
+        m = re.fullmatch(r"(\w+)\s*>=\s*(\d+(?:\.\d*)?)", term)
+        if not m:
+            raise ValueError(f"--until {spec!r}: {expected}")
+        if m.group(1) not in PROBE_COLUMNS.values():
+            names = ", ".join(PROBE_COLUMNS.values())
+            raise ValueError(f"--until {spec!r}: {m.group(1)!r} is not a probe column ({names})")
+        if any(c == m.group(1) for c, _ in needs):
+            raise ValueError(f"--until {spec!r}: {m.group(1)!r} is named twice")
+        needs.append((m.group(1), float(m.group(2))))
+    return Until(tuple(needs), minutes)
 
 
 def _load_stream(path: str, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,7 +235,7 @@ def main() -> None:
         ap.error(str(e))
     if a.steps is not None and a.steps < 1:
         ap.error("--steps must be at least 1")
-    if any(u.column is not None for u in untils) and a.probe_every % a.log_every:
+    if any(u.needs for u in untils) and a.probe_every % a.log_every:
         ap.error("--probe-every must be a multiple of --log-every for a probe condition")
 
     torch.set_num_threads(a.threads)
@@ -254,8 +263,9 @@ def main() -> None:
             probe = json.load(f)
     kinds = {probe_kind(item) for item in probe}
     for u in untils:  # a condition on a column this data never probes would hold a phase to its deadline or forever
-        if u.column is not None and not any(PROBE_COLUMNS[k] == u.column for k in kinds):
-            ap.error(f"--until {u.column}>=...: {a.data}/copy_probe.json has no {u.column} items")
+        for column, _ in u.needs:
+            if not any(PROBE_COLUMNS[k] == column for k in kinds):
+                ap.error(f"--until {column}>=...: {a.data}/copy_probe.json has no {column} items")
     p = demo_params(n_vocab, a.n_head, a.head_dim, a.indexer_head_dim)
     net = DSV4(p, seed=a.seed, max_pos=a.seq).train()
     if a.init:  # a later phase: the earlier phase's weights and selection bias
